@@ -1,0 +1,20 @@
+//! herd-storage: the replicated model and where it lives.
+//!
+//! ```text
+//!   model/      pure State + Command + apply (no IO, no clock)
+//!   types.rs    the openraft type config (declared here: the stores implement against it)
+//!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
+//!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
+//!   mem_store   the same behaviour in memory, for the deterministic simulation
+//! ```
+//!
+//! **Architecture invariant:** only this crate imports `sled`; only `model` decides.
+
+pub mod mem_store;
+pub mod model;
+pub mod sled_store;
+pub mod sm;
+pub mod types;
+
+pub use model::{NodeId, Request, Response, State};
+pub use types::TypeConfig;

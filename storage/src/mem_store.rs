@@ -1,0 +1,153 @@
+//! In-memory log store and state-machine backend, for the deterministic simulation.
+//!
+//! Behaviour matches the sled store (both pass openraft's storage suite). A handle is `Clone`
+//! and shares its data, so a simulation can keep the "disk" outside a crashed node and give it
+//! to the restarted one. The state-machine backend is volatile like a cache: after a restart
+//! openraft rebuilds the applied state from the kept snapshot and the committed log.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::io;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::BoxFuture;
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::RaftLogReader;
+
+use crate::model::ObjectKey;
+use crate::sm::{Backend, SmState, StoredSnapshot};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+#[derive(Default)]
+struct MemLog {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+    log: BTreeMap<u64, Entry>,
+}
+
+/// The Raft log, vote and committed index, in memory.
+#[derive(Clone, Default)]
+pub struct MemLogStore {
+    inner: Arc<Mutex<MemLog>>,
+}
+
+impl MemLogStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemLog> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for MemLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self.lock().log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().vote.clone())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for MemLogStore {
+    type LogReader = MemLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let g = self.lock();
+        let last = g.log.values().next_back().map(|e| e.log_id.clone()).or_else(|| g.last_purged.clone());
+        Ok(LogState { last_purged_log_id: g.last_purged.clone(), last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.lock().vote = Some(vote.clone());
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().committed.clone())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut g = self.lock();
+            for e in entries {
+                g.log.insert(e.log_id.index, e);
+            }
+        }
+        callback.io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        self.lock().log.split_off(&from);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut g = self.lock();
+        let keep = g.log.split_off(&(log_id.index + 1));
+        g.log = keep;
+        g.last_purged = Some(log_id);
+        Ok(())
+    }
+}
+
+/// A volatile state-machine backend that keeps only the latest snapshot.
+#[derive(Clone, Default)]
+pub struct MemBackend {
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+}
+
+impl MemBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Backend for MemBackend {
+    fn load(&self) -> io::Result<SmState> {
+        Ok(SmState::default())
+    }
+
+    fn persist(&self, _sm: &SmState, _changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn replace_all(&self, _sm: &SmState) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
+        Ok(())
+    }
+
+    fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
+        Ok(self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn flush(&self) -> BoxFuture<'static, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,279 @@
+//! The pure, deterministic transition function of the replicated model.
+
+use std::collections::BTreeSet;
+
+use super::types::*;
+
+/// The event log keeps this many entries; older ones are dropped.
+pub const MAX_EVENTS: usize = 512;
+/// Request ids remembered for deduplication. A retry arrives within seconds; 4096 writes at
+/// the cluster's write rate (a keepalive per node every few seconds) covers minutes.
+pub const MAX_REMEMBERED_REQUESTS: usize = 4096;
+/// Bound on names and addresses, so a bad client cannot bloat the state.
+const MAX_NAME_LEN: usize = 253;
+const MAX_OPS: usize = 64;
+
+/// What one applied entry produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub response: Response,
+    /// The persisted objects this entry changed (empty for a deduplicated retry).
+    pub changed: BTreeSet<ObjectKey>,
+}
+
+/// Applies the request at log `index` to `state`.
+///
+/// Deterministic: the result depends only on `state`, `index` and `req`. All operations of the
+/// request take effect, or none (the state is left untouched on any refusal). A request id
+/// seen before returns the remembered result and changes nothing.
+pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
+    let mut changed = BTreeSet::new();
+    if let Some(seen) = state.requests.get(&req.id) {
+        return Applied {
+            response: Response { index, result: seen.result.clone() },
+            changed,
+        };
+    }
+
+    let now = state.clock_ms.max(req.time_ms);
+    if now != state.clock_ms {
+        state.clock_ms = now;
+        changed.insert(ObjectKey::Clock);
+    }
+
+    let result = apply_ops(state, index, now, &req.ops, &mut changed);
+
+    remember(state, index, now, req, &result, &mut changed);
+    Applied { response: Response { index, result }, changed }
+}
+
+fn apply_ops(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    ops: &[Op],
+    changed: &mut BTreeSet<ObjectKey>,
+) -> Result<Reply, ApplyError> {
+    if ops.is_empty() || ops.len() > MAX_OPS {
+        return Err(ApplyError::Invalid(format!("a request carries 1 to {MAX_OPS} operations")));
+    }
+    if let [op] = ops {
+        // One operation validates fully before it mutates: no copy needed.
+        return apply_op(state, index, now, op, changed);
+    }
+    let backup = state.clone();
+    let mut op_changed = BTreeSet::new();
+    let mut reply = Reply::Done;
+    for op in ops {
+        match apply_op(state, index, now, op, &mut op_changed) {
+            Ok(r) => reply = r,
+            Err(e) => {
+                *state = backup;
+                return Err(e);
+            }
+        }
+    }
+    changed.extend(op_changed);
+    Ok(reply)
+}
+
+fn check_revision(object: String, actual: u64, op: &Op) -> Result<(), ApplyError> {
+    match op.expect_revision {
+        Some(expected) if expected != actual => {
+            Err(ApplyError::RevisionMismatch { object, expected, actual })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn node_revision(state: &State, name: &str) -> u64 {
+    state.nodes.get(name).map_or(0, |n| n.revision)
+}
+
+fn validate_new_node(state: &State, node: &NewNode) -> Result<(), ApplyError> {
+    validate_name(&node.name)?;
+    if node.cluster_addr.is_empty() || node.cluster_addr.len() > MAX_NAME_LEN {
+        return Err(ApplyError::Invalid("cluster address must be 1 to 253 bytes".into()));
+    }
+    if let Some(existing) = state.nodes.get(&node.name) {
+        return Err(ApplyError::NodeExists { name: existing.name.clone(), id: existing.id });
+    }
+    if let Some(other) = state.nodes.values().find(|n| n.cluster_addr == node.cluster_addr) {
+        return Err(ApplyError::AddressInUse {
+            addr: node.cluster_addr.clone(),
+            name: other.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Node names: 1–253 bytes of ASCII letters, digits, `-`, `_` and `.` (host-name-like).
+pub(crate) fn validate_name(name: &str) -> Result<(), ApplyError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApplyError::Invalid(format!(
+            "node name {name:?}: use 1 to 253 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn new_record(node: &NewNode, id: NodeId, index: u64, now: u64) -> NodeRecord {
+    NodeRecord {
+        id,
+        name: node.name.clone(),
+        role: node.role,
+        cluster_addr: node.cluster_addr.clone(),
+        daemon_state: DaemonState::Init,
+        domain_state: DomainState::Ready,
+        router_state: RouterState::initial(node.role),
+        return_by_ms: None,
+        stats: NodeStats::default(),
+        last_keepalive_ms: None,
+        joined_ms: now,
+        revision: index,
+    }
+}
+
+fn apply_op(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    changed: &mut BTreeSet<ObjectKey>,
+) -> Result<Reply, ApplyError> {
+    match &op.cmd {
+        Command::InitCluster { cluster_id, token_hash, node } => {
+            check_revision("cluster".into(), state.meta.as_ref().map_or(0, |m| m.revision), op)?;
+            if state.meta.is_some() {
+                return Err(ApplyError::AlreadyInitialized);
+            }
+            if cluster_id.is_empty() || cluster_id.len() > MAX_NAME_LEN {
+                return Err(ApplyError::Invalid("cluster id must be 1 to 253 bytes".into()));
+            }
+            validate_new_node(state, node)?;
+            let id = 1;
+            state.meta = Some(ClusterMeta {
+                cluster_id: cluster_id.clone(),
+                created_ms: now,
+                maintenance: false,
+                join_token_hashes: BTreeSet::from([token_hash.clone()]),
+                next_node_id: id + 1,
+                revision: index,
+            });
+            state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
+            changed.insert(ObjectKey::Meta);
+            changed.insert(ObjectKey::Node(node.name.clone()));
+            push_event(state, index, now, "cluster-init", Some(&node.name), format!("cluster {cluster_id} created"), changed);
+            Ok(Reply::NodeRegistered { id })
+        }
+        Command::RegisterNode { node, token_hash } => {
+            check_revision(format!("node {}", node.name), node_revision(state, &node.name), op)?;
+            let meta = state.meta.as_ref().ok_or(ApplyError::NotInitialized)?;
+            if !meta.join_token_hashes.contains(token_hash) {
+                return Err(ApplyError::BadToken);
+            }
+            validate_new_node(state, node)?;
+            let id = meta.next_node_id;
+            if let Some(meta) = state.meta.as_mut() {
+                meta.next_node_id = id + 1;
+                meta.revision = index;
+            }
+            state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
+            changed.insert(ObjectKey::Meta);
+            changed.insert(ObjectKey::Node(node.name.clone()));
+            push_event(state, index, now, "node-join", Some(&node.name), format!("{} joined as {} with id {id}", node.name, node.role), changed);
+            Ok(Reply::NodeRegistered { id })
+        }
+        Command::RemoveNode { name } => {
+            let node = state.nodes.get(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            let id = node.id;
+            state.nodes.remove(name);
+            changed.insert(ObjectKey::Node(name.clone()));
+            push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"), changed);
+            Ok(Reply::Done)
+        }
+        Command::Keepalive { name, stats } => {
+            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            node.stats = stats.clone();
+            node.last_keepalive_ms = Some(now);
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            Ok(Reply::Done)
+        }
+        Command::SetDaemonState { name, state: new, return_by_ms } => {
+            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            if *new == DaemonState::Stop && return_by_ms.is_none() {
+                return Err(ApplyError::Invalid("daemon_state stop needs a return_by deadline".into()));
+            }
+            let old = node.daemon_state;
+            node.daemon_state = *new;
+            node.return_by_ms = if *new == DaemonState::Stop { *return_by_ms } else { None };
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            if old != *new {
+                push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"), changed);
+            }
+            Ok(Reply::Done)
+        }
+        Command::SetMaintenance { on } => {
+            let meta = state.meta.as_mut().ok_or(ApplyError::NotInitialized)?;
+            check_revision("cluster".into(), meta.revision, op)?;
+            let was = meta.maintenance;
+            meta.maintenance = *on;
+            meta.revision = index;
+            changed.insert(ObjectKey::Meta);
+            if was != *on {
+                let word = if *on { "on" } else { "off" };
+                push_event(state, index, now, "maintenance", None, format!("maintenance {word}"), changed);
+            }
+            Ok(Reply::Done)
+        }
+    }
+}
+
+fn push_event(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    kind: &str,
+    node: Option<&String>,
+    message: String,
+    changed: &mut BTreeSet<ObjectKey>,
+) {
+    while state.events.len() >= MAX_EVENTS {
+        state.events.pop_front();
+    }
+    state.events.push_back(Event { index, time_ms: now, kind: kind.into(), node: node.cloned(), message });
+    changed.insert(ObjectKey::Events);
+}
+
+fn remember(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    req: &Request,
+    result: &Result<Reply, ApplyError>,
+    changed: &mut BTreeSet<ObjectKey>,
+) {
+    if state.requests.len() >= MAX_REMEMBERED_REQUESTS {
+        // Forget the oldest (smallest index); ties cannot happen, one entry per index.
+        if let Some(oldest) = state
+            .requests
+            .iter()
+            .min_by_key(|(_, r)| r.index)
+            .map(|(id, _)| id.clone())
+        {
+            state.requests.remove(&oldest);
+            changed.insert(ObjectKey::Request(oldest));
+        }
+    }
+    state.requests.insert(req.id.clone(), RequestRecord { index, time_ms: now, result: result.clone() });
+    changed.insert(ObjectKey::Request(req.id.clone()));
+}

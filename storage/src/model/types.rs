@@ -1,0 +1,346 @@
+//! The objects of the replicated model and the commands that change them.
+//!
+//! State names are PVC's (`daemon_state`, `domain_state`, `router_state`), so that PVC users
+//! read `herd` output without a glossary. Every type here is versioned by serde defaults:
+//! new fields get `#[serde(default)]` so that older entries and snapshots still decode.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Raft's numeric node id, allocated by the leader from [`ClusterMeta::next_node_id`].
+pub type NodeId = u64;
+
+/// What a node does in the cluster. It comes from the node's own config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// A Raft voter (up to five); runs the heartbeat agent; the leader is the primary.
+    Coordinator,
+    /// A Raft learner: receives all state, runs VMs, never votes.
+    Hypervisor,
+}
+
+macro_rules! state_names {
+    ($ty:ident { $($variant:ident = $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The PVC-compatible name of this state.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(format!(
+                        "unknown {} {other:?}; expected one of: {}",
+                        stringify!($ty),
+                        [$($name),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+state_names!(Role { Coordinator = "coordinator", Hypervisor = "hypervisor" });
+
+/// The node daemon's lifecycle (PVC `daemonstate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DaemonState {
+    Init,
+    Run,
+    Shutdown,
+    /// The service stopped (not the host): VMs keep running, the node returns by `return_by_ms`.
+    Stop,
+    Dead,
+    Fenced,
+}
+state_names!(DaemonState { Init = "init", Run = "run", Shutdown = "shutdown", Stop = "stop", Dead = "dead", Fenced = "fenced" });
+
+/// Whether a node takes VMs (PVC `domainstate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    Ready,
+    Flush,
+    Flushed,
+    Unflush,
+    FenceFlush,
+}
+state_names!(DomainState { Ready = "ready", Flush = "flush", Flushed = "flushed", Unflush = "unflush", FenceFlush = "fence-flush" });
+
+/// The coordinator role (PVC `routerstate`); hypervisors are `client`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterState {
+    Primary,
+    Secondary,
+    Takeover,
+    Relinquish,
+    Client,
+}
+state_names!(RouterState { Primary = "primary", Secondary = "secondary", Takeover = "takeover", Relinquish = "relinquish", Client = "client" });
+
+impl RouterState {
+    /// The router state a node of `role` starts with.
+    pub fn initial(role: Role) -> Self {
+        match role {
+            Role::Coordinator => RouterState::Secondary,
+            Role::Hypervisor => RouterState::Client,
+        }
+    }
+}
+
+/// Resource figures a node reports in its keepalive. Fixed-point integers, not floats, so the
+/// model stays `Eq` and bit-for-bit deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeStats {
+    pub cpu_count: u32,
+    /// 1-minute load average × 1000.
+    pub load_milli: u64,
+    pub mem_total_mib: u64,
+    pub mem_used_mib: u64,
+    pub vms_running: u32,
+    /// Set when a collector missed its deadline and these figures are the last known ones.
+    pub stale: bool,
+}
+
+/// What a node tells the leader about itself when it joins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewNode {
+    pub name: String,
+    pub role: Role,
+    /// Address the cluster transport reaches this node on (`host:port`).
+    pub cluster_addr: String,
+}
+
+/// A node as the cluster records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub role: Role,
+    pub cluster_addr: String,
+    pub daemon_state: DaemonState,
+    pub domain_state: DomainState,
+    pub router_state: RouterState,
+    /// With `daemon_state = stop`: the leader time by which the daemon promised to be back.
+    #[serde(default)]
+    pub return_by_ms: Option<u64>,
+    #[serde(default)]
+    pub stats: NodeStats,
+    /// Leader time of the last committed keepalive.
+    #[serde(default)]
+    pub last_keepalive_ms: Option<u64>,
+    pub joined_ms: u64,
+    /// Log index of the command that last changed this record.
+    pub revision: u64,
+}
+
+/// Cluster-wide metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub cluster_id: String,
+    pub created_ms: u64,
+    /// While on: no fencing and no recovery (honoured by the fencing work).
+    pub maintenance: bool,
+    /// SHA-256 (hex) of the join tokens; the tokens themselves are never stored.
+    pub join_token_hashes: BTreeSet<String>,
+    /// The next Raft node id to hand out. Ids are never reused.
+    pub next_node_id: NodeId,
+    pub revision: u64,
+}
+
+/// One line of the bounded cluster event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub index: u64,
+    pub time_ms: u64,
+    pub kind: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    pub message: String,
+}
+
+/// The outcome of a request, remembered for deduplication of retries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub index: u64,
+    pub time_ms: u64,
+    pub result: Result<Reply, ApplyError>,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// `None` until `init-cluster`.
+    pub meta: Option<ClusterMeta>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Monotonic leader time: the largest `time_ms` applied so far.
+    pub clock_ms: u64,
+    pub events: VecDeque<Event>,
+    /// Recently applied request ids and their results (bounded).
+    pub requests: BTreeMap<String, RequestRecord>,
+}
+
+impl State {
+    /// The node with Raft id `id`, if any.
+    pub fn node_by_id(&self, id: NodeId) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.id == id)
+    }
+
+    /// Checks the structural invariants of the model. Used after every apply in tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut ids = BTreeSet::new();
+        for (name, node) in &self.nodes {
+            if name != &node.name {
+                return Err(format!("node keyed {name} is named {}", node.name));
+            }
+            if !ids.insert(node.id) {
+                return Err(format!("node id {} used twice", node.id));
+            }
+            match &self.meta {
+                Some(meta) if node.id < meta.next_node_id => {}
+                _ => return Err(format!("node {name} has id {} not below next_node_id", node.id)),
+            }
+            if node.revision == 0 {
+                return Err(format!("node {name} has revision 0"));
+            }
+        }
+        if self.events.len() > super::MAX_EVENTS {
+            return Err("event log over its bound".into());
+        }
+        if self.requests.len() > super::MAX_REMEMBERED_REQUESTS {
+            return Err("request memory over its bound".into());
+        }
+        Ok(())
+    }
+}
+
+/// A key naming one persisted object; `apply` reports which ones it changed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKey {
+    Meta,
+    Clock,
+    Events,
+    Node(String),
+    Request(String),
+}
+
+/// A replicated write: one or more operations applied atomically, identified by a client
+/// request id so that a retry applies once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Unique per logical write; retries reuse it.
+    pub id: String,
+    /// Leader wall-clock time in ms since the Unix epoch, stamped when the leader proposes it.
+    pub time_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "req {} @{}:", self.id, self.time_ms)?;
+        for op in &self.ops {
+            write!(f, " {}", op.cmd.name())?;
+            if let Some(rev) = op.expect_revision {
+                write!(f, "(rev={rev})")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One command with an optional compare-and-set on the revision of the object it targets.
+/// `expect_revision = Some(0)` means "the object must not exist".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub cmd: Command,
+    #[serde(default)]
+    pub expect_revision: Option<u64>,
+}
+
+impl From<Command> for Op {
+    fn from(cmd: Command) -> Self {
+        Op { cmd, expect_revision: None }
+    }
+}
+
+/// Every change to cluster state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create the cluster and register its first node (id 1).
+    InitCluster { cluster_id: String, token_hash: String, node: NewNode },
+    /// Admit a node presenting a join token; allocates its id.
+    RegisterNode { node: NewNode, token_hash: String },
+    /// Forget a node (after it left the Raft membership).
+    RemoveNode { name: String },
+    /// A node's periodic report; also proves it can get writes committed.
+    Keepalive { name: String, stats: NodeStats },
+    SetDaemonState { name: String, state: DaemonState, return_by_ms: Option<u64> },
+    SetMaintenance { on: bool },
+}
+
+impl Command {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::InitCluster { .. } => "init-cluster",
+            Command::RegisterNode { .. } => "register-node",
+            Command::RemoveNode { .. } => "remove-node",
+            Command::Keepalive { .. } => "keepalive",
+            Command::SetDaemonState { .. } => "set-daemon-state",
+            Command::SetMaintenance { .. } => "set-maintenance",
+        }
+    }
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    NodeRegistered { id: NodeId },
+}
+
+/// Why `apply` refused a request. Refusals are values recorded in the log's outcome, never panics.
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("revision mismatch on {object}: expected {expected}, found {actual}")]
+    RevisionMismatch { object: String, expected: u64, actual: u64 },
+    #[error("no node named {0:?}")]
+    NoSuchNode(String),
+    #[error("a node named {name:?} is already a member (id {id}); remove it first")]
+    NodeExists { name: String, id: NodeId },
+    #[error("the address {addr} is already used by node {name:?}")]
+    AddressInUse { addr: String, name: String },
+    #[error("the cluster is already initialised")]
+    AlreadyInitialized,
+    #[error("the cluster is not initialised")]
+    NotInitialized,
+    #[error("join token refused")]
+    BadToken,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// The state machine's answer to one log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Log index of the entry.
+    pub index: u64,
+    pub result: Result<Reply, ApplyError>,
+}

@@ -1,0 +1,379 @@
+//! Persistence on sled 0.34.7: the Raft log store, the state-machine backend and the node's
+//! local identity, all in one `sled::Db` per process.
+//!
+//! Trees and keys (every value rmp-serde with field names, so fields can be added):
+//!
+//! | tree       | keys                                                        |
+//! |------------|-------------------------------------------------------------|
+//! | `local`    | `format` (u32), `identity` ([`Identity`])                   |
+//! | `raft_log` | log index, big-endian u64 → `Entry`                         |
+//! | `raft_meta`| `vote`, `committed`, `last_purged`                           |
+//! | `sm_data`  | `meta`, `clock`, `events`, `node/<name>`, `req/<id>`        |
+//! | `sm_meta`  | `last_applied`, `membership`, `snapshot`                    |
+//!
+//! Durability: `append` and `save_vote` flush before they report; `purge` records
+//! `last_purged` before deleting (never a hole); a snapshot is flushed before `build_snapshot`
+//! returns; applied state is written with its `last_applied` in one transaction and made
+//! durable by the next log flush (openraft re-applies from the committed log otherwise).
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+use futures::future::BoxFuture;
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::RaftLogReader;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::model::{ObjectKey, State};
+use crate::sm::{Backend, SmState, StoredSnapshot};
+use crate::types::{Entry, LogId, StoredMembership, TypeConfig, Vote};
+
+/// The on-disk format this build reads and writes. Bump it with a migration.
+pub const FORMAT_VERSION: u32 = 1;
+/// sled's page cache bound (bytes).
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the database in {path}: {source}")]
+    Sled { path: String, source: sled::Error },
+    #[error("the database in {path} has format {found}; this herd reads format {FORMAT_VERSION}")]
+    Format { path: String, found: u32 },
+    #[error("the database in {path} is unreadable: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+fn sled_err(e: sled::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    rmp_serde::to_vec_named(v).map_err(io::Error::other)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> io::Result<Option<T>> {
+    tree.get(key).map_err(sled_err)?.map(|v| decode(&v)).transpose()
+}
+
+/// Who this node is in its cluster, written once it has an id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub name: String,
+}
+
+/// Everything a node keeps on disk.
+pub struct SledStores {
+    pub log: SledLogStore,
+    pub sm: SledBackend,
+    pub local: LocalStore,
+}
+
+/// Opens (or creates) the node's database under `dir` and checks its format.
+pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
+    let path = dir.display().to_string();
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_CAPACITY)
+        .mode(sled::Mode::LowSpace)
+        .open()
+        .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+    let tree = |name: &str| db.open_tree(name).map_err(|source| OpenError::Sled { path: path.clone(), source });
+    let local = LocalStore { db: db.clone(), tree: tree("local")? };
+    let io_err = |source| OpenError::Io { path: path.clone(), source };
+    match get::<u32>(&local.tree, b"format").map_err(io_err)? {
+        Some(FORMAT_VERSION) => {}
+        Some(found) => return Err(OpenError::Format { path, found }),
+        None => {
+            local.tree.insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?).map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+        }
+    }
+    Ok(SledStores {
+        log: SledLogStore { db: db.clone(), log: tree("raft_log")?, meta: tree("raft_meta")? },
+        sm: SledBackend { db: db.clone(), data: tree("sm_data")?, meta: tree("sm_meta")? },
+        local,
+    })
+}
+
+/// The node's own identity (not replicated).
+#[derive(Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl LocalStore {
+    pub fn identity(&self) -> io::Result<Option<Identity>> {
+        get(&self.tree, b"identity")
+    }
+
+    /// Records the identity durably.
+    pub async fn set_identity(&self, id: &Identity) -> io::Result<()> {
+        self.tree.insert(b"identity", encode(id)?).map_err(sled_err)?;
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
+    }
+}
+
+/// The Raft log, vote and committed index on sled.
+#[derive(Clone)]
+pub struct SledLogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn index_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+fn map_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
+    match b {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl SledLogStore {
+    async fn flush(&self) -> io::Result<()> {
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for SledLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let r = (map_bound(range.start_bound()), map_bound(range.end_bound()));
+        let mut out = Vec::new();
+        for item in self.log.range(r) {
+            let (_, v) = item.map_err(sled_err)?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        get(&self.meta, b"vote")
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for SledLogStore {
+    type LogReader = SledLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged: Option<LogId> = get(&self.meta, b"last_purged")?;
+        let last = match self.log.last().map_err(sled_err)? {
+            Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
+            None => last_purged.clone(),
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.meta.insert(b"vote", encode(vote)?).map_err(sled_err)?;
+        self.flush().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.meta.insert(b"committed", encode(&committed)?).map_err(sled_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(get::<Option<LogId>>(&self.meta, b"committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&index_key(e.log_id.index), encode(&e)?);
+        }
+        self.log.apply_batch(batch).map_err(sled_err)?;
+        let result = self.flush().await;
+        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(report);
+        result
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        // Delete from the end backwards, so a crash midway leaves no hole.
+        let keys: Vec<_> = self.log.range(index_key(from)..).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        for k in keys.iter().rev() {
+            self.log.remove(k).map_err(sled_err)?;
+        }
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point first, then delete from the front: never a hole.
+        self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
+        self.flush().await?;
+        let keys: Vec<_> = self.log.range(..=index_key(log_id.index)).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(sled_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The state-machine backend on sled: one key per object.
+pub struct SledBackend {
+    db: sled::Db,
+    data: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn object_key(k: &ObjectKey) -> Vec<u8> {
+    match k {
+        ObjectKey::Meta => b"meta".to_vec(),
+        ObjectKey::Clock => b"clock".to_vec(),
+        ObjectKey::Events => b"events".to_vec(),
+        ObjectKey::Node(n) => [b"node/".as_slice(), n.as_bytes()].concat(),
+        ObjectKey::Request(id) => [b"req/".as_slice(), id.as_bytes()].concat(),
+    }
+}
+
+/// The encoded value of an object, `None` when it does not exist (delete it).
+fn object_value(state: &State, k: &ObjectKey) -> io::Result<Option<Vec<u8>>> {
+    match k {
+        ObjectKey::Meta => state.meta.as_ref().map(encode).transpose(),
+        ObjectKey::Clock => encode(&state.clock_ms).map(Some),
+        ObjectKey::Events => encode(&state.events).map(Some),
+        ObjectKey::Node(n) => state.nodes.get(n).map(encode).transpose(),
+        ObjectKey::Request(id) => state.requests.get(id).map(encode).transpose(),
+    }
+}
+
+fn all_keys(state: &State) -> BTreeSet<ObjectKey> {
+    let mut keys = BTreeSet::from([ObjectKey::Meta, ObjectKey::Clock, ObjectKey::Events]);
+    keys.extend(state.nodes.keys().cloned().map(ObjectKey::Node));
+    keys.extend(state.requests.keys().cloned().map(ObjectKey::Request));
+    keys
+}
+
+type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+impl SledBackend {
+    fn meta_writes(sm: &SmState) -> io::Result<Writes> {
+        Ok(vec![
+            (b"last_applied".to_vec(), Some(encode(&sm.last_applied)?)),
+            (b"membership".to_vec(), Some(encode(&sm.membership)?)),
+        ])
+    }
+
+    /// Applies data and meta writes in one cross-tree transaction.
+    fn commit(&self, data: &Writes, meta: &Writes) -> io::Result<()> {
+        (&self.data, &self.meta)
+            .transaction(|(d, m)| {
+                for (tree, writes) in [(d, data), (m, meta)] {
+                    for (k, v) in writes {
+                        match v {
+                            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
+                            None => tree.remove(k.as_slice())?,
+                        };
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => sled_err(e),
+                TransactionError::Abort(()) => io::Error::other("state-machine transaction aborted"),
+            })
+    }
+}
+
+impl Backend for SledBackend {
+    fn load(&self) -> io::Result<SmState> {
+        let mut state = State::default();
+        for item in self.data.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            match &*k {
+                b"meta" => state.meta = Some(decode(&v)?),
+                b"clock" => state.clock_ms = decode(&v)?,
+                b"events" => state.events = decode(&v)?,
+                k if k.starts_with(b"node/") => {
+                    let rec: crate::model::NodeRecord = decode(&v)?;
+                    state.nodes.insert(rec.name.clone(), rec);
+                }
+                k if k.starts_with(b"req/") => {
+                    let id = String::from_utf8_lossy(&k[4..]).into_owned();
+                    state.requests.insert(id, decode(&v)?);
+                }
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unknown state-machine key {:?}", String::from_utf8_lossy(other)),
+                    ))
+                }
+            }
+        }
+        let last_applied: Option<LogId> = get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
+        let membership: StoredMembership = get(&self.meta, b"membership")?.unwrap_or_default();
+        Ok(SmState { state, last_applied, membership })
+    }
+
+    fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
+        let data = changed
+            .iter()
+            .map(|k| Ok((object_key(k), object_value(&sm.state, k)?)))
+            .collect::<io::Result<Writes>>()?;
+        self.commit(&data, &Self::meta_writes(sm)?)
+    }
+
+    fn replace_all(&self, sm: &SmState) -> io::Result<()> {
+        let mut data: Writes = Vec::new();
+        let keep: BTreeSet<Vec<u8>> = all_keys(&sm.state).iter().map(object_key).collect();
+        for k in self.data.iter().keys() {
+            let k = k.map_err(sled_err)?.to_vec();
+            if !keep.contains(&k) {
+                data.push((k, None));
+            }
+        }
+        for k in all_keys(&sm.state) {
+            data.push((object_key(&k), object_value(&sm.state, &k)?));
+        }
+        self.commit(&data, &Self::meta_writes(sm)?)
+    }
+
+    fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
+        self.meta.insert(b"snapshot", encode(snapshot)?).map_err(sled_err)?;
+        Ok(())
+    }
+
+    fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
+        get(&self.meta, b"snapshot")
+    }
+
+    fn flush(&self) -> BoxFuture<'static, io::Result<()>> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            db.flush_async().await.map_err(sled_err)?;
+            Ok(())
+        })
+    }
+}

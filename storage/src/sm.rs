@@ -1,0 +1,221 @@
+//! The openraft state machine, shared by the sled and in-memory stores.
+//!
+//! It decodes each committed entry, hands it to the pure [`model::apply`], persists what
+//! changed through a [`Backend`], then answers the waiting client. The applied state is also
+//! published as a [`StateView`]: the daemon's local reads and watches are fed from it, never by
+//! polling the store.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::io::Cursor;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::EntryPayload;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{self, ObjectKey, Reply, Response, State};
+use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// The applied state and where it stands in the log.
+#[derive(Clone, Debug, Default)]
+pub struct SmState {
+    pub state: State,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+/// A snapshot as it rests in the store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub meta: SnapshotMeta,
+    pub data: Vec<u8>,
+}
+
+/// Where a state machine keeps its applied state. Implementations do plain IO, no decisions.
+pub trait Backend: Send + Sync + 'static {
+    /// The state as last persisted (empty for a volatile backend).
+    fn load(&self) -> io::Result<SmState>;
+    /// Writes the objects named in `changed` plus the applied position, atomically.
+    fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()>;
+    /// Replaces everything (snapshot installation), atomically.
+    fn replace_all(&self, sm: &SmState) -> io::Result<()>;
+    fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()>;
+    fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> BoxFuture<'static, io::Result<()>>;
+}
+
+/// A cheap, cloneable read handle on the applied state, with a notification per applied batch.
+#[derive(Clone)]
+pub struct StateView {
+    inner: Arc<RwLock<SmState>>,
+    applied: watch::Sender<u64>,
+}
+
+impl StateView {
+    fn new(sm: SmState) -> Self {
+        let index = sm.last_applied.as_ref().map_or(0, |l| l.index);
+        StateView { inner: Arc::new(RwLock::new(sm)), applied: watch::Sender::new(index) }
+    }
+
+    /// Reads the applied state. Never hold the guard across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, SmState> {
+        // A panic while holding the lock aborts the daemon (panic = abort policy), so a poisoned
+        // lock can only be seen in tests; the data is still consistent per apply batch.
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, SmState> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watch the last applied log index (a local watch, fed by this node's own apply).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn publish(&self, index: u64) {
+        self.applied.send_replace(index);
+    }
+}
+
+/// herd's openraft state machine over a [`Backend`].
+pub struct StateMachine<B: Backend> {
+    backend: Arc<B>,
+    view: StateView,
+}
+
+impl<B: Backend> StateMachine<B> {
+    /// Opens the state machine from what the backend holds.
+    pub fn open(backend: B) -> io::Result<Self> {
+        let sm = backend.load()?;
+        Ok(StateMachine { backend: Arc::new(backend), view: StateView::new(sm) })
+    }
+
+    /// The read handle the daemon serves local reads from.
+    pub fn view(&self) -> StateView {
+        self.view.clone()
+    }
+}
+
+fn decode_snapshot_state(data: &[u8]) -> io::Result<State> {
+    rmp_serde::from_slice(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder<B>;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let g = self.view.read();
+        Ok((g.last_applied.clone(), g.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        let mut batch = Vec::new();
+        while let Some(item) = entries.next().await {
+            batch.push(item?);
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let last_index;
+        {
+            let mut g = self.view.write();
+            let mut changed = BTreeSet::new();
+            for (entry, responder) in batch {
+                let index = entry.log_id.index;
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
+                    EntryPayload::Normal(req) => {
+                        let applied = model::apply(&mut g.state, index, &req);
+                        match &applied.response.result {
+                            Ok(_) if req.ops.iter().all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) => {
+                                tracing::debug!(index, "applied {req}")
+                            }
+                            Ok(_) => tracing::info!(index, "applied {req}"),
+                            Err(e) => tracing::info!(index, "refused {req}: {e}"),
+                        }
+                        changed.extend(applied.changed);
+                        applied.response
+                    }
+                    EntryPayload::Membership(m) => {
+                        tracing::info!(index, "membership {m}");
+                        g.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        Response { index, result: Ok(Reply::Done) }
+                    }
+                };
+                g.last_applied = Some(entry.log_id);
+                replies.push((responder, response));
+            }
+            self.backend.persist(&g, &changed)?;
+            last_index = g.last_applied.as_ref().map_or(0, |l| l.index);
+        }
+        self.view.publish(last_index);
+        for (responder, response) in replies {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { backend: self.backend.clone(), view: self.view.clone() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let state = decode_snapshot_state(&data)?;
+        let index;
+        {
+            let mut g = self.view.write();
+            g.state = state;
+            g.last_applied = meta.last_log_id.clone();
+            g.membership = meta.last_membership.clone();
+            self.backend.replace_all(&g)?;
+            index = g.last_applied.as_ref().map_or(0, |l| l.index);
+        }
+        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        self.backend.flush().await?;
+        tracing::info!(index, "installed snapshot");
+        self.view.publish(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(self
+            .backend
+            .load_snapshot()?
+            .map(|s| Snapshot { meta: s.meta, snapshot: Cursor::new(s.data) }))
+    }
+}
+
+/// Builds a snapshot from a point-in-time copy of the applied state (it runs concurrently
+/// with `apply`), and makes it durable before returning, since openraft purges the log next.
+pub struct SnapshotBuilder<B: Backend> {
+    backend: Arc<B>,
+    view: StateView,
+}
+
+impl<B: Backend> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<B> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (meta, data) = {
+            let g = self.view.read();
+            let data = rmp_serde::to_vec_named(&g.state).map_err(io::Error::other)?;
+            let meta = SnapshotMeta { last_log_id: g.last_applied.clone(), last_membership: g.membership.clone() };
+            (meta, data)
+        };
+        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        self.backend.flush().await?;
+        tracing::info!(index = meta.last_log_id.as_ref().map_or(0, |l| l.index), bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+    }
+}
