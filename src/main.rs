@@ -1,1 +1,135 @@
-fn main() {}
+//! `herd`: one binary for the node daemon and the operator's commands.
+//!
+//! ```text
+//!   main.rs    parse the command line; run the daemon or one admin request
+//!   cli.rs     clap definitions, admin-socket client, tables
+//!   config.rs  strict TOML config, validated once
+//!   daemon.rs  node lifecycle: stores, ports, membership, keepalive, SIGTERM
+//!   admin.rs   the admin socket (JSON lines), bounded
+//!   stats.rs   host figures with a deadline
+//! ```
+
+mod admin;
+mod cli;
+mod config;
+mod daemon;
+mod stats;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::admin::AdminRequest;
+use crate::cli::{ClusterCommand, Command, NodeCommand};
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match args.command {
+        Command::Daemon { ref config } => run_daemon(config),
+        _ => match run_client(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_daemon(path: &std::path::Path) -> ExitCode {
+    let config = match config::Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")
+            }),
+        )
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+    // Crash, don't limp: a panic outside the third-party panic boundaries aborts the daemon.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("panic: {info}");
+        default_hook(info);
+        std::process::abort();
+    }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("herd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
+    let (req, timeout) = match &args.command {
+        Command::Daemon { .. } => return Err(cli::CliError::Usage("unreachable".into())),
+        Command::InitCluster => (AdminRequest::InitCluster, Duration::from_secs(30)),
+        Command::JoinCluster(j) => {
+            let token = cli::read_token(j)?;
+            (
+                AdminRequest::JoinCluster {
+                    peer: j.peer.clone(),
+                    token,
+                    role: j.role,
+                },
+                Duration::from_secs(150),
+            )
+        }
+        Command::Status => (AdminRequest::Status, Duration::from_secs(10)),
+        Command::Node(NodeCommand::List) => (AdminRequest::NodeList, Duration::from_secs(10)),
+        Command::Node(NodeCommand::Info { name, local }) => (
+            AdminRequest::NodeInfo {
+                name: name.clone(),
+                local: *local,
+            },
+            Duration::from_secs(10),
+        ),
+        Command::Node(NodeCommand::Remove { name, force }) => (
+            AdminRequest::NodeRemove {
+                name: name.clone(),
+                force: *force,
+            },
+            Duration::from_secs(60),
+        ),
+        Command::Cluster(ClusterCommand::Maintenance { state }) => (
+            AdminRequest::Maintenance { on: state == "on" },
+            Duration::from_secs(20),
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| cli::CliError::Usage(format!("cannot start the async runtime: {e}")))?;
+    let value = runtime.block_on(cli::call(&args.socket, &req, timeout))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    } else {
+        println!("{}", cli::render(&args.command, &value));
+    }
+    Ok(())
+}

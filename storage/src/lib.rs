@@ -10,6 +10,7 @@
 //!
 //! **Architecture invariant:** only this crate imports `sled`; only `model` decides.
 
+pub mod identity;
 pub mod mem_store;
 pub mod model;
 pub mod sled_store;

@@ -48,7 +48,12 @@ impl RaftLogReader<TypeConfig> for MemLogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        Ok(self.lock().log.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .lock()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -61,8 +66,16 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let g = self.lock();
-        let last = g.log.values().next_back().map(|e| e.log_id.clone()).or_else(|| g.last_purged.clone());
-        Ok(LogState { last_purged_log_id: g.last_purged.clone(), last_log_id: last })
+        let last = g
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id.clone())
+            .or_else(|| g.last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: g.last_purged.clone(),
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -83,7 +96,11 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         Ok(self.lock().committed.clone())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -144,7 +161,11 @@ impl Backend for MemBackend {
     }
 
     fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
-        Ok(self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
 
     fn flush(&self) -> BoxFuture<'static, io::Result<()>> {

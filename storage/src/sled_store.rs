@@ -26,10 +26,11 @@ use futures::future::BoxFuture;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::identity::{Identity, IdentityStore};
 use crate::model::{ObjectKey, State};
 use crate::sm::{Backend, SmState, StoredSnapshot};
 use crate::types::{Entry, LogId, StoredMembership, TypeConfig, Vote};
@@ -63,15 +64,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> io::Result<Option<T>> {
-    tree.get(key).map_err(sled_err)?.map(|v| decode(&v)).transpose()
-}
-
-/// Who this node is in its cluster, written once it has an id.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub node_id: u64,
-    pub cluster_id: String,
-    pub name: String,
+    tree.get(key)
+        .map_err(sled_err)?
+        .map(|v| decode(&v))
+        .transpose()
 }
 
 /// Everything a node keeps on disk.
@@ -89,20 +85,48 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
         .cache_capacity(CACHE_CAPACITY)
         .mode(sled::Mode::LowSpace)
         .open()
-        .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
-    let tree = |name: &str| db.open_tree(name).map_err(|source| OpenError::Sled { path: path.clone(), source });
-    let local = LocalStore { db: db.clone(), tree: tree("local")? };
-    let io_err = |source| OpenError::Io { path: path.clone(), source };
+        .map_err(|source| OpenError::Sled {
+            path: path.clone(),
+            source,
+        })?;
+    let tree = |name: &str| {
+        db.open_tree(name).map_err(|source| OpenError::Sled {
+            path: path.clone(),
+            source,
+        })
+    };
+    let local = LocalStore {
+        db: db.clone(),
+        tree: tree("local")?,
+    };
+    let io_err = |source| OpenError::Io {
+        path: path.clone(),
+        source,
+    };
     match get::<u32>(&local.tree, b"format").map_err(io_err)? {
         Some(FORMAT_VERSION) => {}
         Some(found) => return Err(OpenError::Format { path, found }),
         None => {
-            local.tree.insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?).map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+            local
+                .tree
+                .insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?)
+                .map_err(|source| OpenError::Sled {
+                    path: path.clone(),
+                    source,
+                })?;
         }
     }
     Ok(SledStores {
-        log: SledLogStore { db: db.clone(), log: tree("raft_log")?, meta: tree("raft_meta")? },
-        sm: SledBackend { db: db.clone(), data: tree("sm_data")?, meta: tree("sm_meta")? },
+        log: SledLogStore {
+            db: db.clone(),
+            log: tree("raft_log")?,
+            meta: tree("raft_meta")?,
+        },
+        sm: SledBackend {
+            db: db.clone(),
+            data: tree("sm_data")?,
+            meta: tree("sm_meta")?,
+        },
         local,
     })
 }
@@ -114,16 +138,18 @@ pub struct LocalStore {
     tree: sled::Tree,
 }
 
-impl LocalStore {
-    pub fn identity(&self) -> io::Result<Option<Identity>> {
+impl IdentityStore for LocalStore {
+    fn load(&self) -> io::Result<Option<Identity>> {
         get(&self.tree, b"identity")
     }
 
-    /// Records the identity durably.
-    pub async fn set_identity(&self, id: &Identity) -> io::Result<()> {
-        self.tree.insert(b"identity", encode(id)?).map_err(sled_err)?;
-        self.db.flush_async().await.map_err(sled_err)?;
-        Ok(())
+    fn save(&self, id: &Identity) -> BoxFuture<'_, io::Result<()>> {
+        let bytes = encode(id);
+        Box::pin(async move {
+            self.tree.insert(b"identity", bytes?).map_err(sled_err)?;
+            self.db.flush_async().await.map_err(sled_err)?;
+            Ok(())
+        })
     }
 }
 
@@ -182,7 +208,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
             None => last_purged.clone(),
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -195,7 +224,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.meta.insert(b"committed", encode(&committed)?).map_err(sled_err)?;
+        self.meta
+            .insert(b"committed", encode(&committed)?)
+            .map_err(sled_err)?;
         Ok(())
     }
 
@@ -203,7 +234,11 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         Ok(get::<Option<LogId>>(&self.meta, b"committed")?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -214,7 +249,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         }
         self.log.apply_batch(batch).map_err(sled_err)?;
         let result = self.flush().await;
-        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        let report = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(report);
         result
     }
@@ -222,7 +260,12 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
         // Delete from the end backwards, so a crash midway leaves no hole.
-        let keys: Vec<_> = self.log.range(index_key(from)..).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        let keys: Vec<_> = self
+            .log
+            .range(index_key(from)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
         for k in keys.iter().rev() {
             self.log.remove(k).map_err(sled_err)?;
         }
@@ -231,9 +274,16 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first, then delete from the front: never a hole.
-        self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
+        self.meta
+            .insert(b"last_purged", encode(&log_id)?)
+            .map_err(sled_err)?;
         self.flush().await?;
-        let keys: Vec<_> = self.log.range(..=index_key(log_id.index)).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
         for k in keys {
             self.log.remove(k).map_err(sled_err)?;
         }
@@ -302,7 +352,9 @@ impl SledBackend {
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => sled_err(e),
-                TransactionError::Abort(()) => io::Error::other("state-machine transaction aborted"),
+                TransactionError::Abort(()) => {
+                    io::Error::other("state-machine transaction aborted")
+                }
             })
     }
 }
@@ -327,14 +379,23 @@ impl Backend for SledBackend {
                 other => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("unknown state-machine key {:?}", String::from_utf8_lossy(other)),
+                        format!(
+                            "unknown state-machine key {:?}",
+                            String::from_utf8_lossy(other)
+                        ),
                     ))
                 }
             }
         }
-        let last_applied: Option<LogId> = get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
+        let last_applied: Option<LogId> =
+            get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
         let membership: StoredMembership = get(&self.meta, b"membership")?.unwrap_or_default();
-        Ok(SmState { state, last_applied, membership })
+        Ok(SmState {
+            state,
+            last_applied,
+            membership,
+            membership_history: Default::default(),
+        })
     }
 
     fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
@@ -361,7 +422,9 @@ impl Backend for SledBackend {
     }
 
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
-        self.meta.insert(b"snapshot", encode(snapshot)?).map_err(sled_err)?;
+        self.meta
+            .insert(b"snapshot", encode(snapshot)?)
+            .map_err(sled_err)?;
         Ok(())
     }
 

@@ -26,7 +26,20 @@ pub struct SmState {
     pub state: State,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
+    /// The membership configurations this node applied from its log, oldest first (bounded,
+    /// not persisted): `[[1,2],[1,2,3]]` is a joint configuration. For diagnosis and tests.
+    pub membership_history: std::collections::VecDeque<MembershipChange>,
 }
+
+/// One applied membership entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    pub index: u64,
+    pub configs: Vec<Vec<u64>>,
+    pub learners: Vec<u64>,
+}
+
+const MAX_MEMBERSHIP_HISTORY: usize = 64;
 
 /// A snapshot as it rests in the store.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,7 +72,10 @@ pub struct StateView {
 impl StateView {
     fn new(sm: SmState) -> Self {
         let index = sm.last_applied.as_ref().map_or(0, |l| l.index);
-        StateView { inner: Arc::new(RwLock::new(sm)), applied: watch::Sender::new(index) }
+        StateView {
+            inner: Arc::new(RwLock::new(sm)),
+            applied: watch::Sender::new(index),
+        }
     }
 
     /// Reads the applied state. Never hold the guard across an `.await`.
@@ -84,16 +100,19 @@ impl StateView {
 }
 
 /// herd's openraft state machine over a [`Backend`].
-pub struct StateMachine<B: Backend> {
-    backend: Arc<B>,
+pub struct StateMachine {
+    backend: Arc<dyn Backend>,
     view: StateView,
 }
 
-impl<B: Backend> StateMachine<B> {
+impl StateMachine {
     /// Opens the state machine from what the backend holds.
-    pub fn open(backend: B) -> io::Result<Self> {
+    pub fn open(backend: Arc<dyn Backend>) -> io::Result<Self> {
         let sm = backend.load()?;
-        Ok(StateMachine { backend: Arc::new(backend), view: StateView::new(sm) })
+        Ok(StateMachine {
+            backend,
+            view: StateView::new(sm),
+        })
     }
 
     /// The read handle the daemon serves local reads from.
@@ -106,9 +125,9 @@ fn decode_snapshot_state(data: &[u8]) -> io::Result<State> {
     rmp_serde::from_slice(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
+impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
-    type SnapshotBuilder = SnapshotBuilder<B>;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let g = self.view.read();
@@ -131,11 +150,19 @@ impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
             for (entry, responder) in batch {
                 let index = entry.log_id.index;
                 let response = match entry.payload {
-                    EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
+                    EntryPayload::Blank => Response {
+                        index,
+                        result: Ok(Reply::Done),
+                    },
                     EntryPayload::Normal(req) => {
                         let applied = model::apply(&mut g.state, index, &req);
                         match &applied.response.result {
-                            Ok(_) if req.ops.iter().all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) => {
+                            Ok(_)
+                                if req
+                                    .ops
+                                    .iter()
+                                    .all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) =>
+                            {
                                 tracing::debug!(index, "applied {req}")
                             }
                             Ok(_) => tracing::info!(index, "applied {req}"),
@@ -146,8 +173,23 @@ impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
                     }
                     EntryPayload::Membership(m) => {
                         tracing::info!(index, "membership {m}");
+                        if g.membership_history.len() >= MAX_MEMBERSHIP_HISTORY {
+                            g.membership_history.pop_front();
+                        }
+                        g.membership_history.push_back(MembershipChange {
+                            index,
+                            configs: m
+                                .get_joint_config()
+                                .iter()
+                                .map(|c| c.iter().copied().collect())
+                                .collect(),
+                            learners: m.learner_ids().collect(),
+                        });
                         g.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
-                        Response { index, result: Ok(Reply::Done) }
+                        Response {
+                            index,
+                            result: Ok(Reply::Done),
+                        }
                     }
                 };
                 g.last_applied = Some(entry.log_id);
@@ -166,10 +208,17 @@ impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { backend: self.backend.clone(), view: self.view.clone() }
+        SnapshotBuilder {
+            backend: self.backend.clone(),
+            view: self.view.clone(),
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         let state = decode_snapshot_state(&data)?;
         let index;
@@ -181,7 +230,10 @@ impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
             self.backend.replace_all(&g)?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
-        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        self.backend.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })?;
         self.backend.flush().await?;
         tracing::info!(index, "installed snapshot");
         self.view.publish(index);
@@ -189,33 +241,46 @@ impl<B: Backend> RaftStateMachine<TypeConfig> for StateMachine<B> {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self
-            .backend
-            .load_snapshot()?
-            .map(|s| Snapshot { meta: s.meta, snapshot: Cursor::new(s.data) }))
+        Ok(self.backend.load_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Cursor::new(s.data),
+        }))
     }
 }
 
 /// Builds a snapshot from a point-in-time copy of the applied state (it runs concurrently
 /// with `apply`), and makes it durable before returning, since openraft purges the log next.
-pub struct SnapshotBuilder<B: Backend> {
-    backend: Arc<B>,
+pub struct SnapshotBuilder {
+    backend: Arc<dyn Backend>,
     view: StateView,
 }
 
-impl<B: Backend> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<B> {
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let (meta, data) = {
             let g = self.view.read();
             let data = rmp_serde::to_vec_named(&g.state).map_err(io::Error::other)?;
-            let meta = SnapshotMeta { last_log_id: g.last_applied.clone(), last_membership: g.membership.clone() };
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied.clone(),
+                last_membership: g.membership.clone(),
+            };
             (meta, data)
         };
-        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        self.backend.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })?;
         self.backend.flush().await?;
-        tracing::info!(index = meta.last_log_id.as_ref().map_or(0, |l| l.index), bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
+        tracing::info!(
+            index = meta.last_log_id.as_ref().map_or(0, |l| l.index),
+            bytes = data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
     }
 }

@@ -215,7 +215,12 @@ impl State {
             }
             match &self.meta {
                 Some(meta) if node.id < meta.next_node_id => {}
-                _ => return Err(format!("node {name} has id {} not below next_node_id", node.id)),
+                _ => {
+                    return Err(format!(
+                        "node {name} has id {} not below next_node_id",
+                        node.id
+                    ))
+                }
             }
             if node.revision == 0 {
                 return Err(format!("node {name} has revision 0"));
@@ -276,7 +281,10 @@ pub struct Op {
 
 impl From<Command> for Op {
     fn from(cmd: Command) -> Self {
-        Op { cmd, expect_revision: None }
+        Op {
+            cmd,
+            expect_revision: None,
+        }
     }
 }
 
@@ -284,15 +292,33 @@ impl From<Command> for Op {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Create the cluster and register its first node (id 1).
-    InitCluster { cluster_id: String, token_hash: String, node: NewNode },
+    InitCluster {
+        cluster_id: String,
+        token_hash: String,
+        node: NewNode,
+    },
     /// Admit a node presenting a join token; allocates its id.
-    RegisterNode { node: NewNode, token_hash: String },
+    RegisterNode {
+        node: NewNode,
+        token_hash: String,
+    },
     /// Forget a node (after it left the Raft membership).
-    RemoveNode { name: String },
+    RemoveNode {
+        name: String,
+    },
     /// A node's periodic report; also proves it can get writes committed.
-    Keepalive { name: String, stats: NodeStats },
-    SetDaemonState { name: String, state: DaemonState, return_by_ms: Option<u64> },
-    SetMaintenance { on: bool },
+    Keepalive {
+        name: String,
+        stats: NodeStats,
+    },
+    SetDaemonState {
+        name: String,
+        state: DaemonState,
+        return_by_ms: Option<u64>,
+    },
+    SetMaintenance {
+        on: bool,
+    },
 }
 
 impl Command {
@@ -320,7 +346,11 @@ pub enum Reply {
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyError {
     #[error("revision mismatch on {object}: expected {expected}, found {actual}")]
-    RevisionMismatch { object: String, expected: u64, actual: u64 },
+    RevisionMismatch {
+        object: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("no node named {0:?}")]
     NoSuchNode(String),
     #[error("a node named {name:?} is already a member (id {id}); remove it first")]

@@ -1,0 +1,314 @@
+//! The cluster protocol on the wire: length-prefixed rmp-serde frames.
+//!
+//! ```text
+//!   ┌──────────────┬────────────────────────────────────┐
+//!   │ u32 BE length│ rmp-serde body (≤ max_frame bytes) │
+//!   └──────────────┴────────────────────────────────────┘
+//!   request body:  RequestFrame { version, cluster_id, to, body: Rpc }
+//!   response body: Result<RpcReply, RpcError>
+//! ```
+//!
+//! Reading never trusts the peer: the length is checked against the limit before any
+//! allocation, every read has a deadline, and a body that does not decode is an error value.
+
+use std::io;
+use std::time::Duration;
+
+use herd_storage::model::{NodeId, Request, Response, Role};
+use herd_storage::types::{SnapshotMeta, TypeConfig, Vote};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bumped on any incompatible change of the frames below.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default bound on one frame (a whole snapshot travels in one frame).
+pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024 * 1024;
+
+/// What a request frame carries.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub version: u16,
+    /// Empty before the sender belongs to a cluster (a join).
+    pub cluster_id: String,
+    /// The node the sender means to reach, when it knows its id.
+    pub to: Option<NodeId>,
+    pub body: Rpc,
+}
+
+/// A join, phase one: the leader checks the token and allocates an id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub name: String,
+    pub role: Role,
+    pub cluster_addr: String,
+    /// Request id for deduplication of retries.
+    pub request_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+}
+
+/// A join, phase two: the joiner runs Raft under its new id; the leader adds it as a learner,
+/// waits for it to catch up and promotes a coordinator to voter.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddMemberRequest {
+    pub token: String,
+    pub node_id: NodeId,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddMemberReply {
+    pub voter: bool,
+}
+
+/// Every request on the cluster port.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Rpc {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    },
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// Work only the leader does; a follower that receives it answers `NotLeader`.
+    Leader(LeaderOp),
+    /// The leader tells a removed node to stop participating.
+    Removed,
+}
+
+/// Operations executed by the leader, forwarded from any node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderOp {
+    /// A replicated write; the leader stamps its time.
+    Write(Request),
+    /// The leader's read index for a linearizable follower read.
+    ReadIndex,
+    Join(JoinRequest),
+    AddMember(AddMemberRequest),
+    RemoveNode {
+        name: String,
+        force: bool,
+    },
+}
+
+impl LeaderOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LeaderOp::Write(_) => "write",
+            LeaderOp::ReadIndex => "read-index",
+            LeaderOp::Join(_) => "join",
+            LeaderOp::AddMember(_) => "add-member",
+            LeaderOp::RemoveNode { .. } => "remove-node",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcReply {
+    AppendEntries(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
+    Written(Response),
+    ReadIndex(u64),
+    Joined(JoinReply),
+    MemberAdded(AddMemberReply),
+    Done,
+}
+
+/// Errors that travel back to the caller. Plain data, so any version can read them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RpcError {
+    #[error("this is node {actual:?}, not node {expected}")]
+    WrongNode {
+        expected: NodeId,
+        actual: Option<NodeId>,
+    },
+    #[error("this node belongs to cluster {actual:?}, not {expected:?}")]
+    WrongCluster { expected: String, actual: String },
+    #[error("unsupported protocol version {0}")]
+    Version(u16),
+    #[error("this node is not a cluster member")]
+    NotMember,
+    #[error("not the leader (leader: {leader_addr:?})")]
+    NotLeader {
+        leader_id: Option<NodeId>,
+        leader_addr: Option<String>,
+    },
+    #[error("join token refused")]
+    BadToken,
+    #[error("{0}")]
+    Refused(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// Transport failures while framing.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: u32, max: u32 },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("unencodable frame: {0}")]
+    Encode(String),
+}
+
+impl FrameError {
+    /// Whether the stream is still in a usable state (only a bad body leaves it in sync).
+    pub fn stream_usable(&self) -> bool {
+        matches!(self, FrameError::Decode(_))
+    }
+}
+
+/// Encodes a value as one frame body (compact rmp-serde: both ends ship together).
+pub fn encode<T: Serialize>(v: &T, max: u32) -> Result<Vec<u8>, FrameError> {
+    let body = rmp_serde::to_vec(v).map_err(|e| FrameError::Encode(e.to_string()))?;
+    match u32::try_from(body.len()) {
+        Ok(len) if len <= max => Ok(body),
+        _ => Err(FrameError::TooLarge {
+            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+            max,
+        }),
+    }
+}
+
+/// Writes one frame within `deadline`.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    body: &[u8],
+    deadline: Duration,
+) -> Result<(), FrameError> {
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    let fut = async {
+        w.write_all(&len.to_be_bytes()).await?;
+        w.write_all(body).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(deadline, fut)
+        .await
+        .map_err(|_| FrameError::Timeout(deadline))??;
+    Ok(())
+}
+
+/// Reads one frame: waits up to `idle` for it to start, then up to `deadline` for the rest.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    idle: Duration,
+    deadline: Duration,
+) -> Result<Vec<u8>, FrameError> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(idle, r.read(&mut first))
+        .await
+        .map_err(|_| FrameError::Timeout(idle))??;
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    let rest = async {
+        let mut more = [0u8; 3];
+        r.read_exact(&mut more).await?;
+        let len = u32::from_be_bytes([first[0], more[0], more[1], more[2]]);
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        let mut body = vec![0u8; len as usize];
+        r.read_exact(&mut body).await?;
+        Ok(body)
+    };
+    match tokio::time::timeout(deadline, rest).await {
+        Err(_) => Err(FrameError::Timeout(deadline)),
+        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(FrameError::Closed)
+        }
+        Ok(r) => r,
+    }
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocating() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let write = async move {
+            let _ = a.write_all(&u32::MAX.to_be_bytes()).await;
+            a
+        };
+        let (_a, res) = tokio::join!(
+            write,
+            read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1))
+        );
+        assert!(
+            matches!(
+                res,
+                Err(FrameError::TooLarge {
+                    len: u32::MAX,
+                    max: 1024
+                })
+            ),
+            "{res:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_body_times_out_or_closes() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&10u32.to_be_bytes()).await.expect("write");
+        a.write_all(b"abc").await.expect("write");
+        drop(a);
+        let res = read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1)).await;
+        assert!(matches!(res, Err(FrameError::Closed)), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_round_trips() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let body = encode(&RpcError::NotMember, 1024).expect("encode");
+        write_frame(&mut a, &body, Duration::from_secs(1))
+            .await
+            .expect("write");
+        let got = read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1))
+            .await
+            .expect("read");
+        assert_eq!(
+            decode::<RpcError>(&got).expect("decode"),
+            RpcError::NotMember
+        );
+    }
+
+    #[test]
+    fn garbage_does_not_decode_into_a_request() {
+        assert!(decode::<RequestFrame>(&[0xc1, 0xff, 0x00, 0x13]).is_err());
+    }
+}

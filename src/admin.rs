@@ -1,0 +1,179 @@
+//! The admin socket: a Unix socket, one JSON request per line, one JSON response per line.
+//! The protocol is documented in `docs/admin-protocol.md`; keep the two in step.
+//!
+//! Bounds: a request line is at most [`MAX_LINE`] bytes; a connection idle for
+//! [`IDLE_TIMEOUT`] is closed; at most [`MAX_CONNECTIONS`] are served at once.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_storage::model::Role;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::daemon::Daemon;
+
+pub const MAX_LINE: usize = 64 * 1024;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A request on the admin socket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Status,
+    InitCluster,
+    JoinCluster {
+        peer: String,
+        token: String,
+        #[serde(default)]
+        role: Option<Role>,
+    },
+    NodeList,
+    NodeInfo {
+        name: String,
+        /// Answer from local state at once instead of a linearizable read.
+        #[serde(default)]
+        local: bool,
+    },
+    NodeRemove {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Maintenance {
+        on: bool,
+    },
+}
+
+/// A response on the admin socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AdminResponse {
+    pub fn from_result(r: Result<Value, String>) -> Self {
+        match r {
+            Ok(v) => AdminResponse {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// Errors setting up the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: a file that is not a socket is in the way")]
+    NotASocket { path: String },
+}
+
+/// Binds the socket (mode 0600), replacing a stale socket file left by a previous run.
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let p = path.display().to_string();
+    let io = |source| BindError::Io {
+        path: p.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => return Err(BindError::NotASocket { path: p }),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves the admin socket until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("admin socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("admin socket: {MAX_CONNECTIONS} connections open, refusing another");
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            connection(stream, &daemon).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, daemon: &Daemon) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await
+        {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let too_long =
+            line.len() > MAX_LINE || (line.last() != Some(&b'\n') && line.len() == MAX_LINE + 1);
+        let response = if too_long {
+            AdminResponse::from_result(Err(format!("request line longer than {MAX_LINE} bytes")))
+        } else {
+            match serde_json::from_slice::<AdminRequest>(&line) {
+                Ok(req) => AdminResponse::from_result(daemon.handle(req).await),
+                Err(e) => AdminResponse::from_result(Err(format!("bad request: {e}"))),
+            }
+        };
+        let mut out = match serde_json::to_vec(&response) {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || too_long {
+            return;
+        }
+    }
+}

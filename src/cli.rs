@@ -1,0 +1,306 @@
+//! The command line: clap definitions, the admin-socket client, and human output.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use herd_storage::model::Role;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::admin::{AdminRequest, AdminResponse};
+
+pub const DEFAULT_SOCKET: &str = "/run/herd/admin.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herd",
+    version,
+    about = "Keeps virtual machines running on a cluster of hypervisors"
+)]
+pub struct Cli {
+    /// The daemon's admin socket.
+    #[arg(long, global = true, env = "HERD_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Daemon {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bootstrap a new cluster on this (fresh) node and print its join token.
+    InitCluster,
+    /// Join this (fresh) node to the cluster that PEER belongs to.
+    JoinCluster(JoinArgs),
+    /// Cluster overview from this node's local state (answers on a minority node too).
+    Status,
+    /// Node commands.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// host:port of any cluster member's cluster address.
+    #[arg(long)]
+    pub peer: String,
+    /// File holding the join token (else it is read from standard input).
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// The token itself (visible in the process list: for demos only).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Must agree with the role in this node's config.
+    #[arg(long)]
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// All nodes, from local state.
+    List,
+    /// One node (a linearizable read unless --local).
+    Info {
+        name: String,
+        #[arg(long)]
+        local: bool,
+    },
+    /// Remove a node from the cluster (joint consensus).
+    Remove {
+        name: String,
+        /// Allow leaving fewer than 3 voters.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// While on, no fencing and no recovery.
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+}
+
+/// Errors of the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "cannot reach the herd daemon at {path}: {source} (is `herd daemon` running? see --socket)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {0}", path = .1)]
+    Io(std::io::Error, String),
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Daemon(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Sends one request and returns the daemon's result.
+pub async fn call(socket: &Path, req: &AdminRequest, timeout: Duration) -> Result<Value, CliError> {
+    let path = socket.display().to_string();
+    let fut = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| CliError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(req).map_err(|e| CliError::Usage(e.to_string()))?;
+        line.push(b'\n');
+        write
+            .write_all(&line)
+            .await
+            .map_err(|e| CliError::Io(e, path.clone()))?;
+        let mut answer = String::new();
+        BufReader::new(read)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| CliError::Io(e, path.clone()))?;
+        let resp: AdminResponse = serde_json::from_str(&answer)
+            .map_err(|e| CliError::Daemon(format!("unreadable answer from the daemon: {e}")))?;
+        match (resp.ok, resp.result, resp.error) {
+            (true, Some(v), _) => Ok(v),
+            (true, None, _) => Ok(Value::Null),
+            (false, _, e) => Err(CliError::Daemon(
+                e.unwrap_or_else(|| "unknown error".into()),
+            )),
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| CliError::Timeout(timeout))?
+}
+
+/// Reads the join token from the file, the flag (with a warning) or standard input.
+pub fn read_token(args: &JoinArgs) -> Result<String, CliError> {
+    if let Some(t) = &args.token {
+        eprintln!("herd: warning: --token is visible in the process list; prefer --token-file");
+        return Ok(t.trim().to_string());
+    }
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| CliError::Usage(format!("cannot read token file {}: {e}", f.display())))?,
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("herd: reading the join token from standard input");
+            }
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| CliError::Usage(format!("cannot read the token: {e}")))?;
+            line
+        }
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(CliError::Usage("the join token is empty".into()));
+    }
+    Ok(token)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows as an aligned table.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_uppercase()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn members_table(members: &Value) -> String {
+    let rows: Vec<Vec<String>> = members
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    let voter = if m["voter"].as_bool() == Some(true) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    let age = m["last_keepalive_age_ms"]
+                        .as_u64()
+                        .map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0));
+                    vec![
+                        s(&m["name"]),
+                        s(&m["id"]),
+                        s(&m["role"]),
+                        voter.into(),
+                        s(&m["daemon_state"]),
+                        s(&m["domain_state"]),
+                        s(&m["router_state"]),
+                        age,
+                        s(&m["address"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "name",
+            "id",
+            "role",
+            "raft",
+            "daemon",
+            "domain",
+            "router",
+            "keepalive",
+            "address",
+        ],
+        &rows,
+    )
+}
+
+/// Human output for each command.
+pub fn render(command: &Command, v: &Value) -> String {
+    match command {
+        Command::Status => {
+            let mut out = format!(
+                "cluster {}  node {} ({})  leader {}  term {}  quorum {}  applied {}{}\n",
+                s(&v["cluster_id"]),
+                s(&v["node"]),
+                s(&v["state"]),
+                s(&v["leader"]),
+                s(&v["term"]),
+                if v["quorum"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "NO"
+                },
+                s(&v["applied_index"]),
+                if v["maintenance"].as_bool() == Some(true) {
+                    "  MAINTENANCE"
+                } else {
+                    ""
+                },
+            );
+            out.push_str(&members_table(&v["members"]));
+            out
+        }
+        Command::Node(NodeCommand::List) => members_table(v),
+        Command::InitCluster => format!(
+            "cluster {} created\njoin token: {}",
+            s(&v["cluster_id"]),
+            s(&v["token"])
+        ),
+        Command::JoinCluster(_) => format!(
+            "joined cluster {} as node {} ({})",
+            s(&v["cluster_id"]),
+            s(&v["node_id"]),
+            if v["voter"].as_bool() == Some(true) {
+                "voter"
+            } else {
+                "learner"
+            }
+        ),
+        Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
+        Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),
+        _ => serde_json::to_string_pretty(v).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,286 @@
+//! The daemon's TOML configuration: parsed strictly (unknown keys refused), validated once,
+//! and every error names the key it is about.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use herd_storage::model::Role;
+use serde::Deserialize;
+
+/// A configuration error: one line naming the file, the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unique node name.
+    pub name: String,
+    pub role: Role,
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub keepalive: KeepaliveSection,
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Address the cluster RPC port binds to.
+    pub listen: String,
+    /// Address peers reach this node on; defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: [u64; 2],
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_ms: 50,
+            election_timeout_ms: [150, 300],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveSection {
+    pub interval_ms: u64,
+}
+
+impl Default for KeepaliveSection {
+    fn default() -> Self {
+        KeepaliveSection { interval_ms: 5000 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleSection {
+    /// On a service stop (not a host shutdown) the node promises to be back within this.
+    pub return_by_ms: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        LifecycleSection {
+            return_by_ms: 60_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: p.clone(),
+            message,
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: p,
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let de = toml::Deserializer::parse(text).map_err(|e| one_line(&e.to_string()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = one_line(&e.into_inner().to_string());
+            if path == "." {
+                inner
+            } else {
+                format!("key `{path}`: {inner}")
+            }
+        })
+    }
+
+    /// The cluster address peers use.
+    pub fn advertise(&self) -> &str {
+        self.cluster
+            .advertise
+            .as_deref()
+            .unwrap_or(&self.cluster.listen)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.cluster
+            .listen
+            .parse()
+            .map_err(|e| format!("{:?} is not an IP:port address ({e})", self.cluster.listen))
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: String| Err((key.to_string(), msg));
+        if let Err(e) = herd_storage::model::validate_node_name(&self.name) {
+            return err("name", e.to_string());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return err("data_dir", "must not be empty".into());
+        }
+        if self.admin_socket.as_os_str().is_empty() {
+            return err("admin_socket", "must not be empty".into());
+        }
+        if let Err(e) = self.listen_addr() {
+            return err("cluster.listen", e);
+        }
+        if let Some(a) = &self.cluster.advertise {
+            match a.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+                _ => {
+                    return err(
+                        "cluster.advertise",
+                        format!("{a:?} is not a host:port address"),
+                    )
+                }
+            }
+        }
+        let listen = self
+            .listen_addr()
+            .map_err(|e| ("cluster.listen".to_string(), e))?;
+        if listen.port() == 0 {
+            return err(
+                "cluster.listen",
+                "port 0 is not allowed: peers must know the port".into(),
+            );
+        }
+        if self.cluster.advertise.is_none() && listen.ip().is_unspecified() {
+            return err(
+                "cluster.advertise",
+                format!("required when listen is the wildcard address {listen}"),
+            );
+        }
+        let [min, max] = self.raft.election_timeout_ms;
+        if self.raft.heartbeat_ms == 0 {
+            return err("raft.heartbeat_ms", "must be > 0".into());
+        }
+        if !(min > self.raft.heartbeat_ms && max > min) {
+            return err(
+                "raft.election_timeout_ms",
+                format!(
+                    "needs heartbeat_ms ({}) < min ({min}) < max ({max})",
+                    self.raft.heartbeat_ms
+                ),
+            );
+        }
+        if max > 60_000 {
+            return err(
+                "raft.election_timeout_ms",
+                "max above 60000 ms makes failover take minutes".into(),
+            );
+        }
+        if !(100..=3_600_000).contains(&self.keepalive.interval_ms) {
+            return err(
+                "keepalive.interval_ms",
+                "must be between 100 and 3600000".into(),
+            );
+        }
+        if !(1_000..=3_600_000).contains(&self.lifecycle.return_by_ms) {
+            return err(
+                "lifecycle.return_by_ms",
+                "must be between 1000 and 3600000".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "hv1"
+role = "coordinator"
+data_dir = "/tmp/x"
+admin_socket = "/tmp/x/admin.sock"
+[cluster]
+listen = "127.0.0.11:7400"
+"#;
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let c = Config::parse(GOOD).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.raft.heartbeat_ms, 50);
+        assert_eq!(c.raft.election_timeout_ms, [150, 300]);
+        assert_eq!(c.keepalive.interval_ms, 5000);
+        assert_eq!(c.advertise(), "127.0.0.11:7400");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let text = GOOD.replace("listen =", "lisen = \"x\"\nlisten =");
+        let e = Config::parse(&text).expect_err("refused");
+        assert!(e.contains("cluster") && e.contains("lisen"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = Config::parse(&format!("colour = 1\n{GOOD}")).expect_err("refused");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (from, to, key) in [
+            ("127.0.0.11:7400", "not-an-address", "cluster.listen"),
+            ("\"hv1\"", "\"bad name\"", "name"),
+        ] {
+            let c = Config::parse(&GOOD.replace(from, to)).expect("parses");
+            let (k, _) = c.validate().expect_err("invalid");
+            assert_eq!(k, key);
+        }
+        let c = Config::parse(&format!("{GOOD}[raft]\nelection_timeout_ms = [300, 150]\n"))
+            .expect("parses");
+        assert_eq!(
+            c.validate().expect_err("invalid").0,
+            "raft.election_timeout_ms"
+        );
+        let e = Config::parse(&GOOD.replace("\"coordinator\"", "\"king\"")).expect_err("refused");
+        assert!(e.contains("role"), "{e}");
+    }
+}

@@ -1,0 +1,389 @@
+//! `herd daemon`: brings a node up, serves the cluster port and the admin socket, keeps its
+//! keepalive going, and on SIGTERM records `stop` with a `return_by` deadline before exiting.
+//!
+//! ```text
+//!  start: config ─▶ sled open ─▶ bind cluster port + admin socket ─▶ resume Raft (if joined)
+//!                                                                   └▶ member tasks:
+//!                                                                      daemon_state run, keepalive
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_raft::network::Limits;
+use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
+use herd_raft::server::{self, Handler};
+use herd_raft::transport::{TcpConnector, TcpListener};
+use herd_storage::model::{Command, DaemonState, NodeStats};
+use herd_storage::sled_store::{self, SledLogStore};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::ServerState;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+
+use crate::admin::{self, AdminRequest};
+use crate::config::Config;
+use crate::stats;
+
+/// Timeouts of admin operations.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] sled_store::OpenError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Admin(#[from] admin::BindError),
+    #[error("cannot resume cluster membership: {0}")]
+    Resume(NodeError),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// The running daemon: what the admin socket talks to.
+pub struct Daemon {
+    pub config: Config,
+    pub node: Arc<ClusterNode<SledLogStore>>,
+    /// Woken when this node becomes a member (init, join or resume).
+    member_started: Notify,
+}
+
+fn json_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Daemon {
+    /// Answers one admin request.
+    pub async fn handle(&self, req: AdminRequest) -> Result<Value, String> {
+        match req {
+            AdminRequest::Status => Ok(self.status().await),
+            AdminRequest::NodeList => Ok(self.status().await["members"].clone()),
+            AdminRequest::InitCluster => {
+                let out = self
+                    .node
+                    .init_cluster(WRITE_TIMEOUT)
+                    .await
+                    .map_err(json_err)?;
+                self.member_started.notify_one();
+                Ok(json!({ "cluster_id": out.cluster_id, "token": out.token }))
+            }
+            AdminRequest::JoinCluster { peer, token, role } => {
+                if let Some(r) = role {
+                    if r != self.config.role {
+                        return Err(format!(
+                            "--role {r} disagrees with this node's configured role {}",
+                            self.config.role
+                        ));
+                    }
+                }
+                let out = self
+                    .node
+                    .join_cluster(&peer, token.trim(), JOIN_TIMEOUT)
+                    .await
+                    .map_err(json_err)?;
+                self.member_started.notify_one();
+                Ok(
+                    json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter }),
+                )
+            }
+            AdminRequest::NodeInfo { name, local } => {
+                let index = if local {
+                    None
+                } else {
+                    Some(
+                        self.node
+                            .read_barrier(READ_TIMEOUT)
+                            .await
+                            .map_err(json_err)?,
+                    )
+                };
+                let member = self
+                    .node
+                    .member()
+                    .ok_or_else(|| NodeError::NotMember.to_string())?;
+                let record = member
+                    .view
+                    .read()
+                    .state
+                    .nodes
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| format!("no node named {name:?}"))?;
+                let voters = member
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .voter_ids()
+                    .collect::<Vec<_>>();
+                let mut v = serde_json::to_value(&record).map_err(json_err)?;
+                v["voter"] = json!(voters.contains(&record.id));
+                v["last_keepalive_age_ms"] = json!(record
+                    .last_keepalive_ms
+                    .map(|t| herd_raft::clock::wall_ms().saturating_sub(t)));
+                v["read_index"] = json!(index);
+                v["linearizable"] = json!(!local);
+                Ok(v)
+            }
+            AdminRequest::NodeRemove { name, force } => {
+                self.node
+                    .remove_node(&name, force, WRITE_TIMEOUT * 3)
+                    .await
+                    .map_err(json_err)?;
+                Ok(json!({ "removed": name }))
+            }
+            AdminRequest::Maintenance { on } => {
+                self.node
+                    .write(vec![Command::SetMaintenance { on }.into()], WRITE_TIMEOUT)
+                    .await
+                    .map_err(json_err)?;
+                Ok(json!({ "maintenance": on }))
+            }
+        }
+    }
+
+    /// The local picture, at once (no quorum needed), with how fresh it is.
+    pub async fn status(&self) -> Value {
+        let quorum = self.node.quorum().await;
+        let Some(member) = self.node.member() else {
+            let state = if self.node.is_removed() {
+                "removed"
+            } else {
+                "not-member"
+            };
+            return json!({
+                "node": self.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
+                "quorum": false, "members": [],
+            });
+        };
+        let m = member.raft.metrics().borrow_watched().clone();
+        let lease_confirmed = m.state == ServerState::Leader && quorum;
+        let now = herd_raft::clock::wall_ms();
+        let g = member.view.read();
+        let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+        let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
+        let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
+        let members: Vec<Value> = g
+            .state
+            .nodes
+            .values()
+            .map(|n| {
+                json!({
+                    "name": n.name, "id": n.id, "role": n.role, "voter": voters.contains(&n.id),
+                    "raft_member": voters.contains(&n.id) || learners.contains(&n.id),
+                    "daemon_state": n.daemon_state, "domain_state": n.domain_state, "router_state": n.router_state,
+                    "last_keepalive_age_ms": n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
+                    "address": n.cluster_addr,
+                    "stats": n.stats,
+                })
+            })
+            .collect();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        json!({
+            "node": self.config.name,
+            "node_id": member.id,
+            "cluster_id": member.cluster_id,
+            "state": state,
+            "leader": m.current_leader.and_then(name_of),
+            "leader_id": m.current_leader,
+            "term": m.current_term,
+            "quorum": quorum,
+            "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),
+            "lease_confirmed": lease_confirmed,
+            "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
+            "members": members,
+            "raft": {
+                "voters": voters,
+                "learners": learners,
+                "membership_index": m.membership_config.log_id().as_ref().map(|l| l.index),
+                "joint": m.membership_config.membership().get_joint_config().len() > 1,
+                "membership_history": g.membership_history,
+                "last_log_index": m.last_log_index,
+                "committed": m.local_committed.as_ref().map(|l| l.index),
+                "snapshot": m.snapshot.as_ref().map(|l| l.index),
+            },
+        })
+    }
+
+    /// Marks this node `run`, then writes a keepalive every interval, forever.
+    async fn member_tasks(self: Arc<Self>) {
+        loop {
+            if self.node.member().is_some() {
+                break;
+            }
+            self.member_started.notified().await;
+        }
+        let name = self.config.name.clone();
+        let interval = Duration::from_millis(self.config.keepalive.interval_ms);
+        // `init` → `run` once this node can get a write of its own committed.
+        loop {
+            let cmd = Command::SetDaemonState {
+                name: name.clone(),
+                state: DaemonState::Run,
+                return_by_ms: None,
+            };
+            match self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+                Ok(_) => {
+                    tracing::info!("daemon_state run");
+                    break;
+                }
+                Err(NodeError::Removed) => return,
+                Err(e) => {
+                    tracing::warn!("cannot record daemon_state run yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let mut last = NodeStats::default();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if self.node.is_removed() {
+                return;
+            }
+            last = stats::collect(&last, interval / 4).await;
+            let cmd = Command::Keepalive {
+                name: name.clone(),
+                stats: last.clone(),
+            };
+            if let Err(e) = self.node.write(vec![cmd.into()], interval).await {
+                tracing::warn!("keepalive not committed: {e}");
+            }
+        }
+    }
+
+    /// Records `daemon_state = stop` with a `return_by` deadline (a service stop, not a host
+    /// shutdown: VMs keep running and the node must not be fenced before the deadline).
+    async fn record_stop(&self) {
+        if self.node.member().is_none() {
+            return;
+        }
+        let return_by = herd_raft::clock::wall_ms() + self.config.lifecycle.return_by_ms;
+        let cmd = Command::SetDaemonState {
+            name: self.config.name.clone(),
+            state: DaemonState::Stop,
+            return_by_ms: Some(return_by),
+        };
+        match self
+            .node
+            .write(vec![cmd.into()], Duration::from_secs(3))
+            .await
+        {
+            Ok(_) => tracing::info!(return_by_ms = return_by, "daemon_state stop recorded"),
+            Err(e) => tracing::warn!("could not record daemon_state stop: {e}"),
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let listen = config.listen_addr().map_err(StartError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+    let stores = sled_store::open(&config.data_dir.join("db"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    let admin_listener = admin::bind(&config.admin_socket)?;
+
+    let settings = NodeSettings {
+        name: config.name.clone(),
+        role: config.role,
+        advertise: config.advertise().to_string(),
+        heartbeat_ms: config.raft.heartbeat_ms,
+        election_timeout_ms: (
+            config.raft.election_timeout_ms[0],
+            config.raft.election_timeout_ms[1],
+        ),
+        limits: Limits::default(),
+    };
+    let node = ClusterNode::new(
+        settings,
+        Arc::new(TcpConnector),
+        stores.log,
+        Arc::new(stores.sm),
+        Arc::new(stores.local),
+    );
+    let daemon = Arc::new(Daemon {
+        config: config.clone(),
+        node: node.clone(),
+        member_started: Notify::new(),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
+    let cluster_server = tokio::spawn(server::serve(
+        Arc::new(listener),
+        handler,
+        Limits::default(),
+        shutdown_rx.clone(),
+    ));
+    let admin_server = tokio::spawn(admin::serve(
+        admin_listener,
+        daemon.clone(),
+        shutdown_rx.clone(),
+    ));
+    tracing::info!(name = %config.name, role = %config.role, listen = %listen, socket = %config.admin_socket.display(), "herd daemon started");
+
+    let resumed = node.resume().await.map_err(StartError::Resume)?;
+    if resumed {
+        tracing::info!("resumed cluster membership from disk");
+    } else if node.is_removed() {
+        tracing::warn!(
+            "this node was removed from its cluster; wipe {} to join again",
+            config.data_dir.display()
+        );
+    } else {
+        tracing::info!("not a cluster member yet: run `herd init-cluster` or `herd join-cluster`");
+    }
+    let tasks = tokio::spawn(daemon.clone().member_tasks());
+    if resumed {
+        daemon.member_started.notify_one();
+    }
+
+    wait_for_signal().await;
+    tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
+    tasks.abort();
+    daemon.record_stop().await;
+    let _ = shutdown_tx.send(true);
+    node.shutdown().await;
+    let _ = cluster_server.await;
+    let _ = admin_server.await;
+    let _ = std::fs::remove_file(&config.admin_socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

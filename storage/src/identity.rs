@@ -1,0 +1,42 @@
+//! The node's own identity: its Raft id and cluster, kept locally (never replicated).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::model::NodeId;
+
+/// Who this node is in its cluster, written once it has an id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub name: String,
+    /// Set when the cluster removed this node: it must not take part again under this id.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// Where the identity rests.
+pub trait IdentityStore: Send + Sync + 'static {
+    fn load(&self) -> io::Result<Option<Identity>>;
+    /// Saves durably before returning.
+    fn save(&self, id: &Identity) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// An in-memory identity store for the simulation.
+#[derive(Clone, Default)]
+pub struct MemIdentity(Arc<Mutex<Option<Identity>>>);
+
+impl IdentityStore for MemIdentity {
+    fn load(&self) -> io::Result<Option<Identity>> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn save(&self, id: &Identity) -> BoxFuture<'_, io::Result<()>> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
