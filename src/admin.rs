@@ -1,8 +1,8 @@
 //! The admin socket: a Unix socket, one JSON request per line, one JSON response per line.
 //! The protocol is documented in `docs/admin-protocol.md`; keep the two in step.
 //!
-//! Bounds: a request line is at most [`MAX_LINE`] bytes; a connection idle for
-//! [`IDLE_TIMEOUT`] is closed; at most [`MAX_CONNECTIONS`] are served at once.
+//! Bounds: a request line is at most [`MAX_LINE`] bytes; a connection idle for the configured
+//! `limits.admin_idle_timeout_ms` is closed; at most [`MAX_CONNECTIONS`] are served at once.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -19,7 +19,6 @@ use tokio::sync::{watch, Semaphore};
 use crate::daemon::Daemon;
 
 pub const MAX_LINE: usize = 64 * 1024;
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// A request on the admin socket.
@@ -64,16 +63,8 @@ pub struct AdminResponse {
 impl AdminResponse {
     pub fn from_result(r: Result<Value, String>) -> Self {
         match r {
-            Ok(v) => AdminResponse {
-                ok: true,
-                result: Some(v),
-                error: None,
-            },
-            Err(e) => AdminResponse {
-                ok: false,
-                result: None,
-                error: Some(e),
-            },
+            Ok(v) => AdminResponse { ok: true, result: Some(v), error: None },
+            Err(e) => AdminResponse { ok: false, result: None, error: Some(e) },
         }
     }
 }
@@ -82,10 +73,7 @@ impl AdminResponse {
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     #[error("admin socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("admin socket {path}: a file that is not a socket is in the way")]
     NotASocket { path: String },
 }
@@ -93,10 +81,7 @@ pub enum BindError {
 /// Binds the socket (mode 0600), replacing a stale socket file left by a previous run.
 pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     let p = path.display().to_string();
-    let io = |source| BindError::Io {
-        path: p.clone(),
-        source,
-    };
+    let io = |source| BindError::Io { path: p.clone(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -111,11 +96,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 }
 
 /// Serves the admin socket until `shutdown` turns true.
-pub async fn serve(
-    listener: UnixListener,
-    daemon: Arc<Daemon>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -137,28 +118,26 @@ pub async fn serve(
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            connection(stream, &daemon).await;
+            connection(stream, &daemon, idle).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(stream: UnixStream, daemon: &Daemon) {
+async fn connection(stream: UnixStream, daemon: &Daemon, idle: Duration) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
         let mut line = Vec::new();
         let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await
-        {
+        let n = match tokio::time::timeout(idle, limited.read_until(b'\n', &mut line)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) | Err(_) => return,
         };
         if n == 0 {
             return;
         }
-        let too_long =
-            line.len() > MAX_LINE || (line.last() != Some(&b'\n') && line.len() == MAX_LINE + 1);
+        let too_long = line.len() > MAX_LINE || (line.last() != Some(&b'\n') && line.len() == MAX_LINE + 1);
         let response = if too_long {
             AdminResponse::from_result(Err(format!("request line longer than {MAX_LINE} bytes")))
         } else {

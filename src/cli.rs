@@ -15,11 +15,7 @@ use crate::admin::{AdminRequest, AdminResponse};
 pub const DEFAULT_SOCKET: &str = "/run/herd/admin.sock";
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "herd",
-    version,
-    about = "Keeps virtual machines running on a cluster of hypervisors"
-)]
+#[command(name = "herd", version, about = "Keeps virtual machines running on a cluster of hypervisors")]
 pub struct Cli {
     /// The daemon's admin socket.
     #[arg(long, global = true, env = "HERD_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -99,13 +95,8 @@ pub enum ClusterCommand {
 /// Errors of the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error(
-        "cannot reach the herd daemon at {path}: {source} (is `herd daemon` running? see --socket)"
-    )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot reach the herd daemon at {path}: {source} (is `herd daemon` running? see --socket)")]
+    Connect { path: String, source: std::io::Error },
     #[error("admin socket {path}: {0}", path = .1)]
     Io(std::io::Error, String),
     #[error("the daemon did not answer within {0:?}")]
@@ -120,37 +111,23 @@ pub enum CliError {
 pub async fn call(socket: &Path, req: &AdminRequest, timeout: Duration) -> Result<Value, CliError> {
     let path = socket.display().to_string();
     let fut = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| CliError::Connect {
-                path: path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(socket).await.map_err(|source| CliError::Connect { path: path.clone(), source })?;
         let (read, mut write) = stream.into_split();
         let mut line = serde_json::to_vec(req).map_err(|e| CliError::Usage(e.to_string()))?;
         line.push(b'\n');
-        write
-            .write_all(&line)
-            .await
-            .map_err(|e| CliError::Io(e, path.clone()))?;
+        write.write_all(&line).await.map_err(|e| CliError::Io(e, path.clone()))?;
         let mut answer = String::new();
-        BufReader::new(read)
-            .read_line(&mut answer)
-            .await
-            .map_err(|e| CliError::Io(e, path.clone()))?;
+        BufReader::new(read).read_line(&mut answer).await.map_err(|e| CliError::Io(e, path.clone()))?;
         let resp: AdminResponse = serde_json::from_str(&answer)
             .map_err(|e| CliError::Daemon(format!("unreadable answer from the daemon: {e}")))?;
         match (resp.ok, resp.result, resp.error) {
             (true, Some(v), _) => Ok(v),
             (true, None, _) => Ok(Value::Null),
-            (false, _, e) => Err(CliError::Daemon(
-                e.unwrap_or_else(|| "unknown error".into()),
-            )),
+            (false, _, e) => Err(CliError::Daemon(e.unwrap_or_else(|| "unknown error".into()))),
         }
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| CliError::Timeout(timeout))?
+    tokio::time::timeout(timeout, fut).await.map_err(|_| CliError::Timeout(timeout))?
 }
 
 /// Reads the join token from the file, the flag (with a warning) or standard input.
@@ -198,14 +175,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
     };
     let mut out = vec![line(headers.iter().map(|h| h.to_uppercase()).collect())];
     out.extend(rows.iter().map(|r| line(r.clone())));
@@ -218,11 +188,7 @@ fn members_table(members: &Value) -> String {
         .map(|a| {
             a.iter()
                 .map(|m| {
-                    let voter = if m["voter"].as_bool() == Some(true) {
-                        "voter"
-                    } else {
-                        "learner"
-                    };
+                    let voter = if m["voter"].as_bool() == Some(true) { "voter" } else { "learner" };
                     let age = m["last_keepalive_age_ms"]
                         .as_u64()
                         .map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0));
@@ -241,20 +207,7 @@ fn members_table(members: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    table(
-        &[
-            "name",
-            "id",
-            "role",
-            "raft",
-            "daemon",
-            "domain",
-            "router",
-            "keepalive",
-            "address",
-        ],
-        &rows,
-    )
+    table(&["name", "id", "role", "raft", "daemon", "domain", "router", "keepalive", "address"], &rows)
 }
 
 /// Human output for each command.
@@ -268,36 +221,20 @@ pub fn render(command: &Command, v: &Value) -> String {
                 s(&v["state"]),
                 s(&v["leader"]),
                 s(&v["term"]),
-                if v["quorum"].as_bool() == Some(true) {
-                    "yes"
-                } else {
-                    "NO"
-                },
+                if v["quorum"].as_bool() == Some(true) { "yes" } else { "NO" },
                 s(&v["applied_index"]),
-                if v["maintenance"].as_bool() == Some(true) {
-                    "  MAINTENANCE"
-                } else {
-                    ""
-                },
+                if v["maintenance"].as_bool() == Some(true) { "  MAINTENANCE" } else { "" },
             );
             out.push_str(&members_table(&v["members"]));
             out
         }
         Command::Node(NodeCommand::List) => members_table(v),
-        Command::InitCluster => format!(
-            "cluster {} created\njoin token: {}",
-            s(&v["cluster_id"]),
-            s(&v["token"])
-        ),
+        Command::InitCluster => format!("cluster {} created\njoin token: {}", s(&v["cluster_id"]), s(&v["token"])),
         Command::JoinCluster(_) => format!(
             "joined cluster {} as node {} ({})",
             s(&v["cluster_id"]),
             s(&v["node_id"]),
-            if v["voter"].as_bool() == Some(true) {
-                "voter"
-            } else {
-                "learner"
-            }
+            if v["voter"].as_bool() == Some(true) { "voter" } else { "learner" }
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
         Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),

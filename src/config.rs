@@ -11,18 +11,11 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: key `{key}`: {message}")]
-    Invalid {
-        path: String,
-        key: String,
-        message: String,
-    },
+    Invalid { path: String, key: String, message: String },
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -40,6 +33,8 @@ pub struct Config {
     pub keepalive: KeepaliveSection,
     #[serde(default)]
     pub lifecycle: LifecycleSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -61,10 +56,7 @@ pub struct RaftSection {
 
 impl Default for RaftSection {
     fn default() -> Self {
-        RaftSection {
-            heartbeat_ms: 50,
-            election_timeout_ms: [150, 300],
-        }
+        RaftSection { heartbeat_ms: 50, election_timeout_ms: [150, 300] }
     }
 }
 
@@ -89,8 +81,30 @@ pub struct LifecycleSection {
 
 impl Default for LifecycleSection {
     fn default() -> Self {
-        LifecycleSection {
-            return_by_ms: 60_000,
+        LifecycleSection { return_by_ms: 60_000 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest frame accepted on the cluster port (a whole snapshot travels in one frame).
+    pub max_frame_bytes: u32,
+    /// A cluster connection silent this long is closed.
+    pub cluster_idle_timeout_ms: u64,
+    /// An admin connection silent this long is closed.
+    pub admin_idle_timeout_ms: u64,
+    /// Concurrent connections on the cluster port; more are refused.
+    pub max_cluster_connections: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_frame_bytes: 64 * 1024 * 1024,
+            cluster_idle_timeout_ms: 30_000,
+            admin_idle_timeout_ms: 120_000,
+            max_cluster_connections: 256,
         }
     }
 }
@@ -99,21 +113,9 @@ impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: p.clone(),
-            source,
-        })?;
-        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: p.clone(),
-            message,
-        })?;
-        config
-            .validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
-                path: p,
-                key,
-                message,
-            })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse { path: p.clone(), message })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid { path: p, key, message })?;
         Ok(config)
     }
 
@@ -132,17 +134,11 @@ impl Config {
 
     /// The cluster address peers use.
     pub fn advertise(&self) -> &str {
-        self.cluster
-            .advertise
-            .as_deref()
-            .unwrap_or(&self.cluster.listen)
+        self.cluster.advertise.as_deref().unwrap_or(&self.cluster.listen)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.cluster
-            .listen
-            .parse()
-            .map_err(|e| format!("{:?} is not an IP:port address ({e})", self.cluster.listen))
+        self.cluster.listen.parse().map_err(|e| format!("{:?} is not an IP:port address ({e})", self.cluster.listen))
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -161,30 +157,16 @@ impl Config {
         }
         if let Some(a) = &self.cluster.advertise {
             match a.rsplit_once(':') {
-                Some((host, port))
-                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-                _ => {
-                    return err(
-                        "cluster.advertise",
-                        format!("{a:?} is not a host:port address"),
-                    )
-                }
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+                _ => return err("cluster.advertise", format!("{a:?} is not a host:port address")),
             }
         }
-        let listen = self
-            .listen_addr()
-            .map_err(|e| ("cluster.listen".to_string(), e))?;
+        let listen = self.listen_addr().map_err(|e| ("cluster.listen".to_string(), e))?;
         if listen.port() == 0 {
-            return err(
-                "cluster.listen",
-                "port 0 is not allowed: peers must know the port".into(),
-            );
+            return err("cluster.listen", "port 0 is not allowed: peers must know the port".into());
         }
         if self.cluster.advertise.is_none() && listen.ip().is_unspecified() {
-            return err(
-                "cluster.advertise",
-                format!("required when listen is the wildcard address {listen}"),
-            );
+            return err("cluster.advertise", format!("required when listen is the wildcard address {listen}"));
         }
         let [min, max] = self.raft.election_timeout_ms;
         if self.raft.heartbeat_ms == 0 {
@@ -193,29 +175,29 @@ impl Config {
         if !(min > self.raft.heartbeat_ms && max > min) {
             return err(
                 "raft.election_timeout_ms",
-                format!(
-                    "needs heartbeat_ms ({}) < min ({min}) < max ({max})",
-                    self.raft.heartbeat_ms
-                ),
+                format!("needs heartbeat_ms ({}) < min ({min}) < max ({max})", self.raft.heartbeat_ms),
             );
         }
         if max > 60_000 {
-            return err(
-                "raft.election_timeout_ms",
-                "max above 60000 ms makes failover take minutes".into(),
-            );
+            return err("raft.election_timeout_ms", "max above 60000 ms makes failover take minutes".into());
         }
         if !(100..=3_600_000).contains(&self.keepalive.interval_ms) {
-            return err(
-                "keepalive.interval_ms",
-                "must be between 100 and 3600000".into(),
-            );
+            return err("keepalive.interval_ms", "must be between 100 and 3600000".into());
+        }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.limits.max_frame_bytes) {
+            return err("limits.max_frame_bytes", "must be between 65536 and 1073741824".into());
+        }
+        if !(100..=3_600_000).contains(&self.limits.cluster_idle_timeout_ms) {
+            return err("limits.cluster_idle_timeout_ms", "must be between 100 and 3600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.limits.admin_idle_timeout_ms) {
+            return err("limits.admin_idle_timeout_ms", "must be between 100 and 3600000".into());
+        }
+        if !(8..=65_536).contains(&self.limits.max_cluster_connections) {
+            return err("limits.max_cluster_connections", "must be between 8 and 65536".into());
         }
         if !(1_000..=3_600_000).contains(&self.lifecycle.return_by_ms) {
-            return err(
-                "lifecycle.return_by_ms",
-                "must be between 1000 and 3600000".into(),
-            );
+            return err("lifecycle.return_by_ms", "must be between 1000 and 3600000".into());
         }
         Ok(())
     }
@@ -224,9 +206,7 @@ impl Config {
 fn one_line(s: &str) -> String {
     s.split('\n')
         .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
-        })
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -266,20 +246,15 @@ listen = "127.0.0.11:7400"
 
     #[test]
     fn bad_values_name_the_key() {
-        for (from, to, key) in [
-            ("127.0.0.11:7400", "not-an-address", "cluster.listen"),
-            ("\"hv1\"", "\"bad name\"", "name"),
-        ] {
+        for (from, to, key) in
+            [("127.0.0.11:7400", "not-an-address", "cluster.listen"), ("\"hv1\"", "\"bad name\"", "name")]
+        {
             let c = Config::parse(&GOOD.replace(from, to)).expect("parses");
             let (k, _) = c.validate().expect_err("invalid");
             assert_eq!(k, key);
         }
-        let c = Config::parse(&format!("{GOOD}[raft]\nelection_timeout_ms = [300, 150]\n"))
-            .expect("parses");
-        assert_eq!(
-            c.validate().expect_err("invalid").0,
-            "raft.election_timeout_ms"
-        );
+        let c = Config::parse(&format!("{GOOD}[raft]\nelection_timeout_ms = [300, 150]\n")).expect("parses");
+        assert_eq!(c.validate().expect_err("invalid").0, "raft.election_timeout_ms");
         let e = Config::parse(&GOOD.replace("\"coordinator\"", "\"king\"")).expect_err("refused");
         assert!(e.contains("role"), "{e}");
     }

@@ -36,10 +36,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] sled_store::OpenError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Admin(#[from] admin::BindError),
     #[error("cannot resume cluster membership: {0}")]
@@ -67,11 +64,7 @@ impl Daemon {
             AdminRequest::Status => Ok(self.status().await),
             AdminRequest::NodeList => Ok(self.status().await["members"].clone()),
             AdminRequest::InitCluster => {
-                let out = self
-                    .node
-                    .init_cluster(WRITE_TIMEOUT)
-                    .await
-                    .map_err(json_err)?;
+                let out = self.node.init_cluster(WRITE_TIMEOUT).await.map_err(json_err)?;
                 self.member_started.notify_one();
                 Ok(json!({ "cluster_id": out.cluster_id, "token": out.token }))
             }
@@ -84,31 +77,14 @@ impl Daemon {
                         ));
                     }
                 }
-                let out = self
-                    .node
-                    .join_cluster(&peer, token.trim(), JOIN_TIMEOUT)
-                    .await
-                    .map_err(json_err)?;
+                let out = self.node.join_cluster(&peer, token.trim(), JOIN_TIMEOUT).await.map_err(json_err)?;
                 self.member_started.notify_one();
-                Ok(
-                    json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter }),
-                )
+                Ok(json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter }))
             }
             AdminRequest::NodeInfo { name, local } => {
-                let index = if local {
-                    None
-                } else {
-                    Some(
-                        self.node
-                            .read_barrier(READ_TIMEOUT)
-                            .await
-                            .map_err(json_err)?,
-                    )
-                };
-                let member = self
-                    .node
-                    .member()
-                    .ok_or_else(|| NodeError::NotMember.to_string())?;
+                let index =
+                    if local { None } else { Some(self.node.read_barrier(READ_TIMEOUT).await.map_err(json_err)?) };
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
                 let record = member
                     .view
                     .read()
@@ -117,34 +93,21 @@ impl Daemon {
                     .get(&name)
                     .cloned()
                     .ok_or_else(|| format!("no node named {name:?}"))?;
-                let voters = member
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .voter_ids()
-                    .collect::<Vec<_>>();
+                let voters = member.raft.metrics().borrow_watched().membership_config.voter_ids().collect::<Vec<_>>();
                 let mut v = serde_json::to_value(&record).map_err(json_err)?;
                 v["voter"] = json!(voters.contains(&record.id));
-                v["last_keepalive_age_ms"] = json!(record
-                    .last_keepalive_ms
-                    .map(|t| herd_raft::clock::wall_ms().saturating_sub(t)));
+                v["last_keepalive_age_ms"] =
+                    json!(record.last_keepalive_ms.map(|t| herd_raft::clock::wall_ms().saturating_sub(t)));
                 v["read_index"] = json!(index);
                 v["linearizable"] = json!(!local);
                 Ok(v)
             }
             AdminRequest::NodeRemove { name, force } => {
-                self.node
-                    .remove_node(&name, force, WRITE_TIMEOUT * 3)
-                    .await
-                    .map_err(json_err)?;
+                self.node.remove_node(&name, force, WRITE_TIMEOUT * 3).await.map_err(json_err)?;
                 Ok(json!({ "removed": name }))
             }
             AdminRequest::Maintenance { on } => {
-                self.node
-                    .write(vec![Command::SetMaintenance { on }.into()], WRITE_TIMEOUT)
-                    .await
-                    .map_err(json_err)?;
+                self.node.write(vec![Command::SetMaintenance { on }.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
                 Ok(json!({ "maintenance": on }))
             }
         }
@@ -154,11 +117,7 @@ impl Daemon {
     pub async fn status(&self) -> Value {
         let quorum = self.node.quorum().await;
         let Some(member) = self.node.member() else {
-            let state = if self.node.is_removed() {
-                "removed"
-            } else {
-                "not-member"
-            };
+            let state = if self.node.is_removed() { "removed" } else { "not-member" };
             return json!({
                 "node": self.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
                 "quorum": false, "members": [],
@@ -231,11 +190,7 @@ impl Daemon {
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         // `init` → `run` once this node can get a write of its own committed.
         loop {
-            let cmd = Command::SetDaemonState {
-                name: name.clone(),
-                state: DaemonState::Run,
-                return_by_ms: None,
-            };
+            let cmd = Command::SetDaemonState { name: name.clone(), state: DaemonState::Run, return_by_ms: None };
             match self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
                 Ok(_) => {
                     tracing::info!("daemon_state run");
@@ -257,10 +212,7 @@ impl Daemon {
                 return;
             }
             last = stats::collect(&last, interval / 4).await;
-            let cmd = Command::Keepalive {
-                name: name.clone(),
-                stats: last.clone(),
-            };
+            let cmd = Command::Keepalive { name: name.clone(), stats: last.clone() };
             if let Err(e) = self.node.write(vec![cmd.into()], interval).await {
                 tracing::warn!("keepalive not committed: {e}");
             }
@@ -279,11 +231,7 @@ impl Daemon {
             state: DaemonState::Stop,
             return_by_ms: Some(return_by),
         };
-        match self
-            .node
-            .write(vec![cmd.into()], Duration::from_secs(3))
-            .await
-        {
+        match self.node.write(vec![cmd.into()], Duration::from_secs(3)).await {
             Ok(_) => tracing::info!(return_by_ms = return_by, "daemon_state stop recorded"),
             Err(e) => tracing::warn!("could not record daemon_state stop: {e}"),
         }
@@ -296,49 +244,35 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
     let stores = sled_store::open(&config.data_dir.join("db"))?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
     let admin_listener = admin::bind(&config.admin_socket)?;
 
+    let limits = Limits {
+        max_frame: config.limits.max_frame_bytes,
+        idle_timeout: Duration::from_millis(config.limits.cluster_idle_timeout_ms),
+        max_connections: config.limits.max_cluster_connections,
+        ..Limits::default()
+    };
     let settings = NodeSettings {
         name: config.name.clone(),
         role: config.role,
         advertise: config.advertise().to_string(),
         heartbeat_ms: config.raft.heartbeat_ms,
-        election_timeout_ms: (
-            config.raft.election_timeout_ms[0],
-            config.raft.election_timeout_ms[1],
-        ),
-        limits: Limits::default(),
+        election_timeout_ms: (config.raft.election_timeout_ms[0], config.raft.election_timeout_ms[1]),
+        limits: limits.clone(),
     };
-    let node = ClusterNode::new(
-        settings,
-        Arc::new(TcpConnector),
-        stores.log,
-        Arc::new(stores.sm),
-        Arc::new(stores.local),
-    );
-    let daemon = Arc::new(Daemon {
-        config: config.clone(),
-        node: node.clone(),
-        member_started: Notify::new(),
-    });
+    let node =
+        ClusterNode::new(settings, Arc::new(TcpConnector), stores.log, Arc::new(stores.sm), Arc::new(stores.local));
+    let daemon = Arc::new(Daemon { config: config.clone(), node: node.clone(), member_started: Notify::new() });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
-    let cluster_server = tokio::spawn(server::serve(
-        Arc::new(listener),
-        handler,
-        Limits::default(),
-        shutdown_rx.clone(),
-    ));
+    let cluster_server = tokio::spawn(server::serve(Arc::new(listener), handler, limits, shutdown_rx.clone()));
     let admin_server = tokio::spawn(admin::serve(
         admin_listener,
         daemon.clone(),
+        Duration::from_millis(config.limits.admin_idle_timeout_ms),
         shutdown_rx.clone(),
     ));
     tracing::info!(name = %config.name, role = %config.role, listen = %listen, socket = %config.admin_socket.display(), "herd daemon started");
@@ -347,10 +281,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if resumed {
         tracing::info!("resumed cluster membership from disk");
     } else if node.is_removed() {
-        tracing::warn!(
-            "this node was removed from its cluster; wipe {} to join again",
-            config.data_dir.display()
-        );
+        tracing::warn!("this node was removed from its cluster; wipe {} to join again", config.data_dir.display());
     } else {
         tracing::info!("not a cluster member yet: run `herd init-cluster` or `herd join-cluster`");
     }
@@ -374,10 +305,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;

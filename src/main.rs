@@ -47,9 +47,8 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")
-            }),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")),
         )
         .with_target(false)
         .with_ansi(false)
@@ -61,11 +60,7 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
         default_hook(info);
         std::process::abort();
     }));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("herd: cannot start the async runtime: {e}");
@@ -88,35 +83,19 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::InitCluster => (AdminRequest::InitCluster, Duration::from_secs(30)),
         Command::JoinCluster(j) => {
             let token = cli::read_token(j)?;
-            (
-                AdminRequest::JoinCluster {
-                    peer: j.peer.clone(),
-                    token,
-                    role: j.role,
-                },
-                Duration::from_secs(150),
-            )
+            (AdminRequest::JoinCluster { peer: j.peer.clone(), token, role: j.role }, Duration::from_secs(150))
         }
         Command::Status => (AdminRequest::Status, Duration::from_secs(10)),
         Command::Node(NodeCommand::List) => (AdminRequest::NodeList, Duration::from_secs(10)),
-        Command::Node(NodeCommand::Info { name, local }) => (
-            AdminRequest::NodeInfo {
-                name: name.clone(),
-                local: *local,
-            },
-            Duration::from_secs(10),
-        ),
-        Command::Node(NodeCommand::Remove { name, force }) => (
-            AdminRequest::NodeRemove {
-                name: name.clone(),
-                force: *force,
-            },
-            Duration::from_secs(60),
-        ),
-        Command::Cluster(ClusterCommand::Maintenance { state }) => (
-            AdminRequest::Maintenance { on: state == "on" },
-            Duration::from_secs(20),
-        ),
+        Command::Node(NodeCommand::Info { name, local }) => {
+            (AdminRequest::NodeInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
+        }
+        Command::Node(NodeCommand::Remove { name, force }) => {
+            (AdminRequest::NodeRemove { name: name.clone(), force: *force }, Duration::from_secs(60))
+        }
+        Command::Cluster(ClusterCommand::Maintenance { state }) => {
+            (AdminRequest::Maintenance { on: state == "on" }, Duration::from_secs(20))
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,10 +103,7 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         .map_err(|e| cli::CliError::Usage(format!("cannot start the async runtime: {e}")))?;
     let value = runtime.block_on(cli::call(&args.socket, &req, timeout))?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
     } else {
         println!("{}", cli::render(&args.command, &value));
     }

@@ -9,8 +9,8 @@ use herd_storage::types::{Snapshot, SnapshotData, TypeConfig, Vote};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkV2};
 use tokio::time::Instant;
@@ -73,14 +73,7 @@ impl PeerClient {
         cluster_id: String,
         limits: Limits,
     ) -> Self {
-        PeerClient {
-            connector,
-            addr,
-            target,
-            cluster_id,
-            limits,
-            conn: None,
-        }
+        PeerClient { connector, addr, target, cluster_id, limits, conn: None }
     }
 
     pub fn addr(&self) -> &str {
@@ -90,18 +83,10 @@ impl PeerClient {
     /// Sends `body` and waits for the reply, all within `timeout`. A failure on a reused
     /// connection (the peer may have closed it while idle) is retried once on a fresh one.
     pub async fn call(&mut self, body: Rpc, timeout: Duration) -> Result<RpcReply, CallError> {
-        let frame = RequestFrame {
-            version: PROTOCOL_VERSION,
-            cluster_id: self.cluster_id.clone(),
-            to: self.target,
-            body,
-        };
-        let transport = |addr: &str, source| CallError::Transport {
-            addr: addr.to_string(),
-            source,
-        };
-        let bytes =
-            wire::encode(&frame, self.limits.max_frame).map_err(|e| transport(&self.addr, e))?;
+        let frame =
+            RequestFrame { version: PROTOCOL_VERSION, cluster_id: self.cluster_id.clone(), to: self.target, body };
+        let transport = |addr: &str, source| CallError::Transport { addr: addr.to_string(), source };
+        let bytes = wire::encode(&frame, self.limits.max_frame).map_err(|e| transport(&self.addr, e))?;
         let deadline = Instant::now() + timeout;
         for attempt in 0..2 {
             let reused = self.conn.is_some();
@@ -122,8 +107,7 @@ impl PeerClient {
                 Err(_) => FrameError::Timeout(timeout),
             };
             self.conn = None;
-            let retry =
-                reused && attempt == 0 && matches!(err, FrameError::Closed | FrameError::Io(_));
+            let retry = reused && attempt == 0 && matches!(err, FrameError::Closed | FrameError::Io(_));
             if !retry {
                 return Err(transport(&self.addr, err));
             }
@@ -181,22 +165,12 @@ fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
 }
 
 fn unexpected(addr: &str, reply: RpcReply) -> CallError {
-    CallError::Unexpected {
-        addr: addr.to_string(),
-        reply: format!("{reply:?}").chars().take(120).collect(),
-    }
+    CallError::Unexpected { addr: addr.to_string(), reply: format!("{reply:?}").chars().take(120).collect() }
 }
 
 impl PeerNetwork {
-    async fn call(
-        &mut self,
-        rpc: Rpc,
-        option: &RPCOption,
-    ) -> Result<RpcReply, RPCError<TypeConfig>> {
-        self.client
-            .call(rpc, option.soft_ttl())
-            .await
-            .map_err(to_rpc_error)
+    async fn call(&mut self, rpc: Rpc, option: &RPCOption) -> Result<RpcReply, RPCError<TypeConfig>> {
+        self.client.call(rpc, option.soft_ttl()).await.map_err(to_rpc_error)
     }
 }
 
@@ -245,11 +219,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let rpc = Rpc::Snapshot {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot.into_inner(),
-        };
+        let rpc = Rpc::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot.into_inner() };
         let addr = self.client.addr().to_string();
         let call = self.client.call(rpc, option.soft_ttl());
         tokio::select! {
@@ -277,8 +247,6 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 
     /// Reconnect with exponential backoff: 50 ms doubling to 1 s.
     fn backoff(&self) -> Option<Backoff> {
-        Some(Backoff::new((0..).map(|i: u32| {
-            Duration::from_millis(50u64 << i.min(4)).min(Duration::from_secs(1))
-        })))
+        Some(Backoff::new((0..).map(|i: u32| Duration::from_millis(50u64 << i.min(4)).min(Duration::from_secs(1)))))
     }
 }

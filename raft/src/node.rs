@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herd_storage::identity::{Identity, IdentityStore};
-use herd_storage::model::{
-    ApplyError, Command, NewNode, NodeId, Op, Reply, Request, Response, Role,
-};
+use herd_storage::model::{ApplyError, Command, NewNode, NodeId, Op, Reply, Request, Response, Role};
 use herd_storage::sm::{Backend, StateMachine, StateView};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
@@ -35,8 +33,7 @@ use crate::network::{CallError, Limits, NetworkFactory, PeerClient};
 use crate::server::Handler;
 use crate::transport::Connector;
 use crate::wire::{
-    AddMemberReply, AddMemberRequest, JoinReply, JoinRequest, LeaderOp, RequestFrame, Rpc,
-    RpcError, RpcReply,
+    AddMemberReply, AddMemberRequest, JoinReply, JoinRequest, LeaderOp, RequestFrame, Rpc, RpcError, RpcReply,
 };
 
 /// herd's Raft handle.
@@ -181,10 +178,7 @@ where
 
     /// The running member, if this node has joined.
     pub fn member(&self) -> Option<Arc<Member>> {
-        self.member
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.member.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn require_member(&self) -> Result<Arc<Member>, NodeError> {
@@ -223,11 +217,7 @@ where
             enable_pre_vote: Some(true),
             ..Default::default()
         };
-        Ok(Arc::new(
-            config
-                .validate()
-                .map_err(|e| NodeError::Raft(e.to_string()))?,
-        ))
+        Ok(Arc::new(config.validate().map_err(|e| NodeError::Raft(e.to_string()))?))
     }
 
     async fn start_raft(&self, id: NodeId, cluster_id: String) -> Result<Arc<Member>, NodeError> {
@@ -239,15 +229,9 @@ where
         };
         let sm = StateMachine::open(self.backend.clone())?;
         let view = sm.view();
-        let raft = Raft::new(id, config, network, self.log.clone(), sm)
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let member = Arc::new(Member {
-            id,
-            cluster_id,
-            raft,
-            view,
-        });
+        let raft =
+            Raft::new(id, config, network, self.log.clone(), sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        let member = Arc::new(Member { id, cluster_id, raft, view });
         *self.member.write().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
         tracing::info!(node_id = id, cluster = %member.cluster_id, "raft started");
         Ok(member)
@@ -255,6 +239,11 @@ where
 
     /// Bootstraps a one-voter cluster on this fresh node and returns its join token.
     pub async fn init_cluster(&self, timeout: Duration) -> Result<InitOutcome, NodeError> {
+        if self.settings.role != Role::Coordinator {
+            return Err(NodeError::Refused(
+                "init-cluster runs on a coordinator (this node is a hypervisor: join it to a cluster instead)".into(),
+            ));
+        }
         self.ensure_fresh()?;
         let cluster_id = random_hex(8);
         let token = format!("herd-{}", random_hex(24));
@@ -268,21 +257,13 @@ where
             .await?;
         let member = self.start_raft(1, cluster_id.clone()).await?;
         let nodes = BTreeMap::from([(1, BasicNode::new(&self.settings.advertise))]);
-        member
-            .raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        member.raft.initialize(nodes).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         let node = NewNode {
             name: self.settings.name.clone(),
             role: self.settings.role,
             cluster_addr: self.settings.advertise.clone(),
         };
-        let cmd = Command::InitCluster {
-            cluster_id: cluster_id.clone(),
-            token_hash: token_hash(&token),
-            node,
-        };
+        let cmd = Command::InitCluster { cluster_id: cluster_id.clone(), token_hash: token_hash(&token), node };
         self.write(vec![cmd.into()], timeout).await?;
         tracing::info!(cluster = %cluster_id, "cluster initialised");
         Ok(InitOutcome { cluster_id, token })
@@ -302,12 +283,7 @@ where
     }
 
     /// Joins the cluster that `peer` belongs to.
-    pub async fn join_cluster(
-        &self,
-        peer: &str,
-        token: &str,
-        timeout: Duration,
-    ) -> Result<JoinOutcome, NodeError> {
+    pub async fn join_cluster(&self, peer: &str, token: &str, timeout: Duration) -> Result<JoinOutcome, NodeError> {
         self.ensure_fresh()?;
         let deadline = Instant::now() + timeout;
         let mut client = PeerClient::new(
@@ -324,16 +300,9 @@ where
             cluster_addr: self.settings.advertise.clone(),
             request_id: request_id(),
         };
-        let joined = match self
-            .call_with_retry(&mut client, LeaderOp::Join(join), deadline)
-            .await?
-        {
+        let joined = match self.call_with_retry(&mut client, LeaderOp::Join(join), deadline).await? {
             RpcReply::Joined(j) => j,
-            other => {
-                return Err(NodeError::Refused(format!(
-                    "unexpected join reply {other:?}"
-                )))
-            }
+            other => return Err(NodeError::Refused(format!("unexpected join reply {other:?}"))),
         };
         tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
         self.identity
@@ -344,28 +313,13 @@ where
                 removed: false,
             })
             .await?;
-        self.start_raft(joined.node_id, joined.cluster_id.clone())
-            .await?;
-        let add = AddMemberRequest {
-            token: token.to_string(),
-            node_id: joined.node_id,
-        };
-        let voter = match self
-            .call_with_retry(&mut client, LeaderOp::AddMember(add), deadline)
-            .await?
-        {
+        self.start_raft(joined.node_id, joined.cluster_id.clone()).await?;
+        let add = AddMemberRequest { token: token.to_string(), node_id: joined.node_id };
+        let voter = match self.call_with_retry(&mut client, LeaderOp::AddMember(add), deadline).await? {
             RpcReply::MemberAdded(AddMemberReply { voter }) => voter,
-            other => {
-                return Err(NodeError::Refused(format!(
-                    "unexpected add-member reply {other:?}"
-                )))
-            }
+            other => return Err(NodeError::Refused(format!("unexpected add-member reply {other:?}"))),
         };
-        Ok(JoinOutcome {
-            node_id: joined.node_id,
-            cluster_id: joined.cluster_id,
-            voter,
-        })
+        Ok(JoinOutcome { node_id: joined.node_id, cluster_id: joined.cluster_id, voter })
     }
 
     /// Calls a peer (which forwards to the leader), retrying `NotLeader` and transport errors.
@@ -386,10 +340,7 @@ where
                 Err(e) => return Err(e.into()),
             };
             if Instant::now() + pause >= deadline {
-                return Err(NodeError::NoLeader(
-                    deadline.saturating_duration_since(Instant::now()),
-                    err,
-                ));
+                return Err(NodeError::NoLeader(deadline.saturating_duration_since(Instant::now()), err));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
@@ -398,16 +349,10 @@ where
 
     /// Replicates `ops` as one atomic request; returns the applied result.
     pub async fn write(&self, ops: Vec<Op>, timeout: Duration) -> Result<Reply, NodeError> {
-        let req = Request {
-            id: request_id(),
-            time_ms: 0,
-            ops,
-        };
+        let req = Request { id: request_id(), time_ms: 0, ops };
         match self.leader_call(LeaderOp::Write(req), timeout).await? {
             RpcReply::Written(Response { result, .. }) => Ok(result?),
-            other => Err(NodeError::Refused(format!(
-                "unexpected write reply {other:?}"
-            ))),
+            other => Err(NodeError::Refused(format!("unexpected write reply {other:?}"))),
         }
     }
 
@@ -418,11 +363,7 @@ where
         let deadline = Instant::now() + timeout;
         let index = match self.leader_call(LeaderOp::ReadIndex, timeout).await? {
             RpcReply::ReadIndex(i) => i,
-            other => {
-                return Err(NodeError::Refused(format!(
-                    "unexpected read-index reply {other:?}"
-                )))
-            }
+            other => return Err(NodeError::Refused(format!("unexpected read-index reply {other:?}"))),
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         member
@@ -435,36 +376,16 @@ where
     }
 
     /// Removes a node from the Raft membership and the model.
-    pub async fn remove_node(
-        &self,
-        name: &str,
-        force: bool,
-        timeout: Duration,
-    ) -> Result<(), NodeError> {
-        match self
-            .leader_call(
-                LeaderOp::RemoveNode {
-                    name: name.to_string(),
-                    force,
-                },
-                timeout,
-            )
-            .await?
-        {
+    pub async fn remove_node(&self, name: &str, force: bool, timeout: Duration) -> Result<(), NodeError> {
+        match self.leader_call(LeaderOp::RemoveNode { name: name.to_string(), force }, timeout).await? {
             RpcReply::Done => Ok(()),
-            other => Err(NodeError::Refused(format!(
-                "unexpected remove reply {other:?}"
-            ))),
+            other => Err(NodeError::Refused(format!("unexpected remove reply {other:?}"))),
         }
     }
 
     /// Runs `op` on the leader: locally if this node leads, else forwarded; retries while no
     /// leader is known or the leader is not ready, until `timeout`.
-    pub async fn leader_call(
-        &self,
-        op: LeaderOp,
-        timeout: Duration,
-    ) -> Result<RpcReply, NodeError> {
+    pub async fn leader_call(&self, op: LeaderOp, timeout: Duration) -> Result<RpcReply, NodeError> {
         let member = self.require_member()?;
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(20);
@@ -496,20 +417,11 @@ where
         let remaining = deadline.saturating_duration_since(Instant::now());
         let leader = member.raft.metrics().borrow_watched().current_leader;
         match leader {
-            Some(l) if l == member.id => {
-                tokio::time::timeout(remaining, self.execute(member, op.clone(), remaining))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(RpcError::Refused(format!(
-                            "transport: timed out after {remaining:?}"
-                        )))
-                    })
-            }
+            Some(l) if l == member.id => tokio::time::timeout(remaining, self.execute(member, op.clone(), remaining))
+                .await
+                .unwrap_or_else(|_| Err(RpcError::Refused(format!("transport: timed out after {remaining:?}")))),
             Some(l) => self.forward(member, l, op.clone(), remaining).await,
-            None => Err(RpcError::NotLeader {
-                leader_id: None,
-                leader_addr: None,
-            }),
+            None => Err(RpcError::NotLeader { leader_id: None, leader_addr: None }),
         }
     }
 
@@ -521,19 +433,11 @@ where
         timeout: Duration,
     ) -> Result<RpcReply, RpcError> {
         let addr = {
-            let m = member
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .clone();
+            let m = member.raft.metrics().borrow_watched().membership_config.clone();
             m.get_node(&leader).map(|n| n.addr.clone())
         };
         let Some(addr) = addr else {
-            return Err(RpcError::NotLeader {
-                leader_id: Some(leader),
-                leader_addr: None,
-            });
+            return Err(RpcError::NotLeader { leader_id: Some(leader), leader_addr: None });
         };
         let mut cached = self.leader_client.lock().await;
         if cached.as_ref().is_none_or(|c| c.addr() != addr) {
@@ -545,10 +449,7 @@ where
                 self.settings.limits.clone(),
             ));
         }
-        let client = cached.as_mut().ok_or(RpcError::NotLeader {
-            leader_id: Some(leader),
-            leader_addr: Some(addr),
-        })?;
+        let client = cached.as_mut().ok_or(RpcError::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) })?;
         match client.call(Rpc::Leader(op), timeout).await {
             Ok(r) => Ok(r),
             Err(CallError::Remote(e)) => Err(e),
@@ -557,51 +458,35 @@ where
     }
 
     /// Executes a leader operation on this node, which believes it leads.
-    async fn execute(
-        &self,
-        member: &Member,
-        op: LeaderOp,
-        timeout: Duration,
-    ) -> Result<RpcReply, RpcError> {
+    async fn execute(&self, member: &Member, op: LeaderOp, timeout: Duration) -> Result<RpcReply, RpcError> {
         match op {
             LeaderOp::Write(mut req) => {
                 req.time_ms = clock::wall_ms();
                 Ok(RpcReply::Written(self.propose(member, req).await?))
             }
             LeaderOp::ReadIndex => {
-                let read = member
-                    .raft
-                    .ensure_linearizable(ReadPolicy::ReadIndex)
-                    .await
-                    .map_err(|e| match e.forward_to_leader() {
+                let read = member.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| {
+                    match e.forward_to_leader() {
                         Some(f) => RpcError::NotLeader {
                             leader_id: f.leader_id,
                             leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
                         },
                         None => RpcError::Raft(e.to_string()),
-                    })?;
+                    }
+                })?;
                 Ok(RpcReply::ReadIndex(read.index()))
             }
             LeaderOp::Join(j) => {
-                let node = NewNode {
-                    name: j.name.clone(),
-                    role: j.role,
-                    cluster_addr: j.cluster_addr.clone(),
-                };
+                let node = NewNode { name: j.name.clone(), role: j.role, cluster_addr: j.cluster_addr.clone() };
                 let req = Request {
                     id: j.request_id,
                     time_ms: clock::wall_ms(),
-                    ops: vec![Command::RegisterNode {
-                        node,
-                        token_hash: token_hash(&j.token),
-                    }
-                    .into()],
+                    ops: vec![Command::RegisterNode { node, token_hash: token_hash(&j.token) }.into()],
                 };
                 match self.propose(member, req).await?.result {
-                    Ok(Reply::NodeRegistered { id }) => Ok(RpcReply::Joined(JoinReply {
-                        node_id: id,
-                        cluster_id: member.cluster_id.clone(),
-                    })),
+                    Ok(Reply::NodeRegistered { id }) => {
+                        Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id: member.cluster_id.clone() }))
+                    }
                     Ok(other) => Err(RpcError::Refused(format!("unexpected reply {other:?}"))),
                     Err(ApplyError::BadToken) => Err(RpcError::BadToken),
                     Err(e) => Err(RpcError::Refused(e.to_string())),
@@ -613,91 +498,55 @@ where
     }
 
     async fn propose(&self, member: &Member, req: Request) -> Result<Response, RpcError> {
-        member
-            .raft
-            .client_write(req)
-            .await
-            .map(|r| r.data)
-            .map_err(|e| match e.forward_to_leader() {
-                Some(f) => RpcError::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-                },
-                None => RpcError::Raft(e.to_string()),
-            })
-    }
-
-    async fn add_member(
-        &self,
-        member: &Member,
-        a: AddMemberRequest,
-        timeout: Duration,
-    ) -> Result<RpcReply, RpcError> {
-        let record = {
-            let g = member.view.read();
-            let meta = g
-                .state
-                .meta
-                .as_ref()
-                .ok_or_else(|| RpcError::Refused("cluster not initialised".into()))?;
-            if !meta.join_token_hashes.contains(&token_hash(&a.token)) {
-                return Err(RpcError::BadToken);
-            }
-            g.state.node_by_id(a.node_id).cloned().ok_or_else(|| {
-                RpcError::Refused(format!("no registered node has id {}", a.node_id))
-            })?
-        };
-        let _guard = self.membership_lock.lock().await;
-        let raft_err = |e: openraft::errors::RaftError<
-            TypeConfig,
-            openraft::errors::ClientWriteError<TypeConfig>,
-        >| match e.forward_to_leader() {
+        member.raft.client_write(req).await.map(|r| r.data).map_err(|e| match e.forward_to_leader() {
             Some(f) => RpcError::NotLeader {
                 leader_id: f.leader_id,
                 leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
             },
             None => RpcError::Raft(e.to_string()),
+        })
+    }
+
+    async fn add_member(&self, member: &Member, a: AddMemberRequest, timeout: Duration) -> Result<RpcReply, RpcError> {
+        let record = {
+            let g = member.view.read();
+            let meta = g.state.meta.as_ref().ok_or_else(|| RpcError::Refused("cluster not initialised".into()))?;
+            if !meta.join_token_hashes.contains(&token_hash(&a.token)) {
+                return Err(RpcError::BadToken);
+            }
+            g.state
+                .node_by_id(a.node_id)
+                .cloned()
+                .ok_or_else(|| RpcError::Refused(format!("no registered node has id {}", a.node_id)))?
         };
-        let membership = member
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let _guard = self.membership_lock.lock().await;
+        let raft_err =
+            |e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>| match e
+                .forward_to_leader()
+            {
+                Some(f) => RpcError::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
+                },
+                None => RpcError::Raft(e.to_string()),
+            };
+        let membership = member.raft.metrics().borrow_watched().membership_config.clone();
         if membership.get_node(&a.node_id).is_none() {
             tracing::info!(node = %record.name, id = a.node_id, "adding learner; waiting for it to catch up");
-            let add =
-                member
-                    .raft
-                    .add_learner(a.node_id, BasicNode::new(&record.cluster_addr), true);
+            let add = member.raft.add_learner(a.node_id, BasicNode::new(&record.cluster_addr), true);
             tokio::time::timeout(timeout, add)
                 .await
                 .map_err(|_| {
-                    RpcError::Refused(format!(
-                        "transport: {} did not catch up within {timeout:?}",
-                        record.name
-                    ))
+                    RpcError::Refused(format!("transport: {} did not catch up within {timeout:?}", record.name))
                 })?
                 .map_err(raft_err)?;
         }
-        let voters: BTreeSet<NodeId> = member
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .voter_ids()
-            .collect();
-        let voter = if record.role == Role::Coordinator
-            && !voters.contains(&a.node_id)
-            && voters.len() < MAX_VOTERS
-        {
+        let voters: BTreeSet<NodeId> = member.raft.metrics().borrow_watched().membership_config.voter_ids().collect();
+        let voter = if record.role == Role::Coordinator && !voters.contains(&a.node_id) && voters.len() < MAX_VOTERS {
             tracing::info!(node = %record.name, id = a.node_id, "promoting to voter");
             member
                 .raft
-                .change_membership(
-                    ChangeMembers::AddVoterIds(BTreeSet::from([a.node_id])),
-                    false,
-                )
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([a.node_id])), false)
                 .await
                 .map_err(raft_err)?;
             true
@@ -707,12 +556,7 @@ where
         Ok(RpcReply::MemberAdded(AddMemberReply { voter }))
     }
 
-    async fn remove_member(
-        &self,
-        member: &Member,
-        name: &str,
-        force: bool,
-    ) -> Result<RpcReply, RpcError> {
+    async fn remove_member(&self, member: &Member, name: &str, force: bool) -> Result<RpcReply, RpcError> {
         let record = member
             .view
             .read()
@@ -722,22 +566,17 @@ where
             .cloned()
             .ok_or_else(|| RpcError::Refused(format!("no node named {name:?}")))?;
         let _guard = self.membership_lock.lock().await;
-        let raft_err = |e: openraft::errors::RaftError<
-            TypeConfig,
-            openraft::errors::ClientWriteError<TypeConfig>,
-        >| match e.forward_to_leader() {
-            Some(f) => RpcError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-            },
-            None => RpcError::Raft(e.to_string()),
-        };
-        let membership = member
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let raft_err =
+            |e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>| match e
+                .forward_to_leader()
+            {
+                Some(f) => RpcError::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
+                },
+                None => RpcError::Raft(e.to_string()),
+            };
+        let membership = member.raft.metrics().borrow_watched().membership_config.clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.contains(&record.id) {
             let left = voters.len() - 1;
@@ -747,40 +586,26 @@ where
                 )));
             }
             if left == 0 {
-                return Err(RpcError::Refused(format!(
-                    "{name} is the last voter; it cannot be removed"
-                )));
+                return Err(RpcError::Refused(format!("{name} is the last voter; it cannot be removed")));
             }
             member
                 .raft
-                .change_membership(
-                    ChangeMembers::RemoveVoters(BTreeSet::from([record.id])),
-                    false,
-                )
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([record.id])), false)
                 .await
                 .map_err(raft_err)?;
         } else if membership.get_node(&record.id).is_some() {
             member
                 .raft
-                .change_membership(
-                    ChangeMembers::RemoveNodes(BTreeSet::from([record.id])),
-                    false,
-                )
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([record.id])), false)
                 .await
                 .map_err(raft_err)?;
         }
         let req = Request {
             id: request_id(),
             time_ms: clock::wall_ms(),
-            ops: vec![Command::RemoveNode {
-                name: name.to_string(),
-            }
-            .into()],
+            ops: vec![Command::RemoveNode { name: name.to_string() }.into()],
         };
-        self.propose(member, req)
-            .await?
-            .result
-            .map_err(|e| RpcError::Refused(e.to_string()))?;
+        self.propose(member, req).await?.result.map_err(|e| RpcError::Refused(e.to_string()))?;
         // Tell the removed node to stop taking part (best effort: it may be down).
         if record.id != member.id {
             let mut c = PeerClient::new(
@@ -800,21 +625,12 @@ where
 
     /// Stops Raft for good on this node after the cluster removed it.
     pub async fn leave(&self) -> Result<(), NodeError> {
-        let member = self
-            .member
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let member = self.member.write().unwrap_or_else(|p| p.into_inner()).take();
         *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         if let Some(m) = member {
             let name = self.settings.name.clone();
             self.identity
-                .save(&Identity {
-                    node_id: m.id,
-                    cluster_id: m.cluster_id.clone(),
-                    name,
-                    removed: true,
-                })
+                .save(&Identity { node_id: m.id, cluster_id: m.cluster_id.clone(), name, removed: true })
                 .await?;
             if let Err(e) = m.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
@@ -832,18 +648,12 @@ where
         };
         let state = member.raft.metrics().borrow_watched().state;
         match state {
-            ServerState::Leader => member
-                .raft
-                .ensure_linearizable(ReadPolicy::LeaseRead)
-                .await
-                .is_ok(),
+            ServerState::Leader => member.raft.ensure_linearizable(ReadPolicy::LeaseRead).await.is_ok(),
             _ => self
                 .leader_contact
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .is_some_and(|t| {
-                    t.elapsed() < Duration::from_millis(2 * self.settings.election_timeout_ms.1)
-                }),
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(2 * self.settings.election_timeout_ms.1)),
         }
     }
 
@@ -862,57 +672,32 @@ where
             (None, _) => return Err(RpcError::NotMember),
         };
         if !frame.cluster_id.is_empty() && frame.cluster_id != member.cluster_id {
-            return Err(RpcError::WrongCluster {
-                expected: frame.cluster_id,
-                actual: member.cluster_id.clone(),
-            });
+            return Err(RpcError::WrongCluster { expected: frame.cluster_id, actual: member.cluster_id.clone() });
         }
         if let Some(to) = frame.to {
             if to != member.id {
-                return Err(RpcError::WrongNode {
-                    expected: to,
-                    actual: Some(member.id),
-                });
+                return Err(RpcError::WrongNode { expected: to, actual: Some(member.id) });
             }
         }
         let raft = &member.raft;
         let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
         match frame.body {
             Rpc::AppendEntries(req) => {
-                let resp = raft
-                    .append_entries(req)
-                    .await
-                    .map_err(|e| RpcError::Raft(e.to_string()))?;
-                *self
-                    .leader_contact
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(e.to_string()))?;
+                *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 Ok(RpcReply::AppendEntries(resp))
             }
-            Rpc::Vote(req) => Ok(RpcReply::Vote(
-                raft.vote(req)
-                    .await
-                    .map_err(|e| RpcError::Raft(e.to_string()))?,
-            )),
-            Rpc::PreVote(req) => Ok(RpcReply::Vote(
-                raft.pre_vote(req)
-                    .await
-                    .map_err(|e| RpcError::Raft(e.to_string()))?,
-            )),
-            Rpc::Snapshot { vote, meta, data } => {
-                let snapshot = herd_storage::types::Snapshot {
-                    meta,
-                    snapshot: std::io::Cursor::new(data),
-                };
-                Ok(RpcReply::Snapshot(
-                    raft.install_full_snapshot(vote, snapshot)
-                        .await
-                        .map_err(fatal)?,
-                ))
+            Rpc::Vote(req) => Ok(RpcReply::Vote(raft.vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?)),
+            Rpc::PreVote(req) => {
+                Ok(RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?))
             }
-            Rpc::TransferLeader(req) => Ok(RpcReply::TransferLeader(
-                raft.handle_transfer_leader(req).await.map_err(fatal)?,
-            )),
+            Rpc::Snapshot { vote, meta, data } => {
+                let snapshot = herd_storage::types::Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+                Ok(RpcReply::Snapshot(raft.install_full_snapshot(vote, snapshot).await.map_err(fatal)?))
+            }
+            Rpc::TransferLeader(req) => {
+                Ok(RpcReply::TransferLeader(raft.handle_transfer_leader(req).await.map_err(fatal)?))
+            }
             Rpc::Removed => {
                 let node = self.clone();
                 // Reply first; stopping Raft must not wait on this very connection.
@@ -931,18 +716,12 @@ where
                 } else if frame.to.is_some() {
                     // Already forwarded once: do not forward again (no loops).
                     let leader = raft.metrics().borrow_watched().current_leader;
-                    Err(RpcError::NotLeader {
-                        leader_id: leader,
-                        leader_addr: None,
-                    })
+                    Err(RpcError::NotLeader { leader_id: leader, leader_addr: None })
                 } else {
                     let leader = raft.metrics().borrow_watched().current_leader;
                     match leader {
                         Some(l) => self.forward(&member, l, op, Duration::from_secs(60)).await,
-                        None => Err(RpcError::NotLeader {
-                            leader_id: None,
-                            leader_addr: None,
-                        }),
+                        None => Err(RpcError::NotLeader { leader_id: None, leader_addr: None }),
                     }
                 }
             }

@@ -77,17 +77,12 @@ async fn connection(
         };
         let (reply, keep) = match wire::decode::<RequestFrame>(&body) {
             Err(e) => (Err(RpcError::BadRequest(e.to_string())), false),
-            Ok(frame) if frame.version != PROTOCOL_VERSION => {
-                (Err(RpcError::Version(frame.version)), false)
-            }
+            Ok(frame) if frame.version != PROTOCOL_VERSION => (Err(RpcError::Version(frame.version)), false),
             Ok(frame) => (handler.handle(frame).await, true),
         };
         let bytes = match wire::encode(&reply, limits.max_frame) {
             Ok(b) => b,
-            Err(e) => match wire::encode(
-                &Err::<RpcReply, _>(RpcError::Refused(e.to_string())),
-                limits.max_frame,
-            ) {
+            Err(e) => match wire::encode(&Err::<RpcReply, _>(RpcError::Refused(e.to_string())), limits.max_frame) {
                 Ok(b) => b,
                 Err(_) => return,
             },

@@ -17,8 +17,8 @@ use std::time::Duration;
 use herd_storage::model::{NodeId, Request, Response, Role};
 use herd_storage::types::{SnapshotMeta, TypeConfig, Vote};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -133,10 +133,7 @@ pub enum RpcReply {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum RpcError {
     #[error("this is node {actual:?}, not node {expected}")]
-    WrongNode {
-        expected: NodeId,
-        actual: Option<NodeId>,
-    },
+    WrongNode { expected: NodeId, actual: Option<NodeId> },
     #[error("this node belongs to cluster {actual:?}, not {expected:?}")]
     WrongCluster { expected: String, actual: String },
     #[error("unsupported protocol version {0}")]
@@ -144,10 +141,7 @@ pub enum RpcError {
     #[error("this node is not a cluster member")]
     NotMember,
     #[error("not the leader (leader: {leader_addr:?})")]
-    NotLeader {
-        leader_id: Option<NodeId>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { leader_id: Option<NodeId>, leader_addr: Option<String> },
     #[error("join token refused")]
     BadToken,
     #[error("{0}")]
@@ -187,31 +181,19 @@ pub fn encode<T: Serialize>(v: &T, max: u32) -> Result<Vec<u8>, FrameError> {
     let body = rmp_serde::to_vec(v).map_err(|e| FrameError::Encode(e.to_string()))?;
     match u32::try_from(body.len()) {
         Ok(len) if len <= max => Ok(body),
-        _ => Err(FrameError::TooLarge {
-            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
-            max,
-        }),
+        _ => Err(FrameError::TooLarge { len: u32::try_from(body.len()).unwrap_or(u32::MAX), max }),
     }
 }
 
 /// Writes one frame within `deadline`.
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    body: &[u8],
-    deadline: Duration,
-) -> Result<(), FrameError> {
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max: u32::MAX,
-    })?;
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8], deadline: Duration) -> Result<(), FrameError> {
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge { len: u32::MAX, max: u32::MAX })?;
     let fut = async {
         w.write_all(&len.to_be_bytes()).await?;
         w.write_all(body).await?;
         w.flush().await
     };
-    tokio::time::timeout(deadline, fut)
-        .await
-        .map_err(|_| FrameError::Timeout(deadline))??;
+    tokio::time::timeout(deadline, fut).await.map_err(|_| FrameError::Timeout(deadline))??;
     Ok(())
 }
 
@@ -223,9 +205,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     deadline: Duration,
 ) -> Result<Vec<u8>, FrameError> {
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(idle, r.read(&mut first))
-        .await
-        .map_err(|_| FrameError::Timeout(idle))??;
+    let n = tokio::time::timeout(idle, r.read(&mut first)).await.map_err(|_| FrameError::Timeout(idle))??;
     if n == 0 {
         return Err(FrameError::Closed);
     }
@@ -242,9 +222,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     };
     match tokio::time::timeout(deadline, rest).await {
         Err(_) => Err(FrameError::Timeout(deadline)),
-        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err(FrameError::Closed)
-        }
+        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
         Ok(r) => r,
     }
 }
@@ -265,20 +243,8 @@ mod tests {
             let _ = a.write_all(&u32::MAX.to_be_bytes()).await;
             a
         };
-        let (_a, res) = tokio::join!(
-            write,
-            read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1))
-        );
-        assert!(
-            matches!(
-                res,
-                Err(FrameError::TooLarge {
-                    len: u32::MAX,
-                    max: 1024
-                })
-            ),
-            "{res:?}"
-        );
+        let (_a, res) = tokio::join!(write, read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1)));
+        assert!(matches!(res, Err(FrameError::TooLarge { len: u32::MAX, max: 1024 })), "{res:?}");
     }
 
     #[tokio::test]
@@ -295,16 +261,9 @@ mod tests {
     async fn a_frame_round_trips() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let body = encode(&RpcError::NotMember, 1024).expect("encode");
-        write_frame(&mut a, &body, Duration::from_secs(1))
-            .await
-            .expect("write");
-        let got = read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1))
-            .await
-            .expect("read");
-        assert_eq!(
-            decode::<RpcError>(&got).expect("decode"),
-            RpcError::NotMember
-        );
+        write_frame(&mut a, &body, Duration::from_secs(1)).await.expect("write");
+        let got = read_frame(&mut b, 1024, Duration::from_secs(1), Duration::from_secs(1)).await.expect("read");
+        assert_eq!(decode::<RpcError>(&got).expect("decode"), RpcError::NotMember);
     }
 
     #[test]

@@ -48,16 +48,11 @@ impl RaftLogReader<TypeConfig> for MemLogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        Ok(self
-            .lock()
-            .log
-            .range(range)
-            .map(|(_, e)| e.clone())
-            .collect())
+        Ok(self.lock().log.range(range).map(|(_, e)| e.clone()).collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.lock().vote.clone())
+        Ok(self.lock().vote)
     }
 }
 
@@ -66,16 +61,8 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let g = self.lock();
-        let last = g
-            .log
-            .values()
-            .next_back()
-            .map(|e| e.log_id.clone())
-            .or_else(|| g.last_purged.clone());
-        Ok(LogState {
-            last_purged_log_id: g.last_purged.clone(),
-            last_log_id: last,
-        })
+        let last = g.log.values().next_back().map(|e| e.log_id).or_else(|| g.last_purged);
+        Ok(LogState { last_purged_log_id: g.last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -83,7 +70,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.lock().vote = Some(vote.clone());
+        self.lock().vote = Some(*vote);
         Ok(())
     }
 
@@ -93,14 +80,10 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.lock().committed.clone())
+        Ok(self.lock().committed)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: IOFlushed<TypeConfig>,
-    ) -> Result<(), io::Error>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -161,11 +144,7 @@ impl Backend for MemBackend {
     }
 
     fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
-        Ok(self
-            .snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone())
+        Ok(self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     fn flush(&self) -> BoxFuture<'static, io::Result<()>> {

@@ -64,10 +64,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> io::Result<Option<T>> {
-    tree.get(key)
-        .map_err(sled_err)?
-        .map(|v| decode(&v))
-        .transpose()
+    tree.get(key).map_err(sled_err)?.map(|v| decode(&v)).transpose()
 }
 
 /// Everything a node keeps on disk.
@@ -85,24 +82,10 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
         .cache_capacity(CACHE_CAPACITY)
         .mode(sled::Mode::LowSpace)
         .open()
-        .map_err(|source| OpenError::Sled {
-            path: path.clone(),
-            source,
-        })?;
-    let tree = |name: &str| {
-        db.open_tree(name).map_err(|source| OpenError::Sled {
-            path: path.clone(),
-            source,
-        })
-    };
-    let local = LocalStore {
-        db: db.clone(),
-        tree: tree("local")?,
-    };
-    let io_err = |source| OpenError::Io {
-        path: path.clone(),
-        source,
-    };
+        .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+    let tree = |name: &str| db.open_tree(name).map_err(|source| OpenError::Sled { path: path.clone(), source });
+    let local = LocalStore { db: db.clone(), tree: tree("local")? };
+    let io_err = |source| OpenError::Io { path: path.clone(), source };
     match get::<u32>(&local.tree, b"format").map_err(io_err)? {
         Some(FORMAT_VERSION) => {}
         Some(found) => return Err(OpenError::Format { path, found }),
@@ -110,23 +93,12 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
             local
                 .tree
                 .insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?)
-                .map_err(|source| OpenError::Sled {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
         }
     }
     Ok(SledStores {
-        log: SledLogStore {
-            db: db.clone(),
-            log: tree("raft_log")?,
-            meta: tree("raft_meta")?,
-        },
-        sm: SledBackend {
-            db: db.clone(),
-            data: tree("sm_data")?,
-            meta: tree("sm_meta")?,
-        },
+        log: SledLogStore { db: db.clone(), log: tree("raft_log")?, meta: tree("raft_meta")? },
+        sm: SledBackend { db: db.clone(), data: tree("sm_data")?, meta: tree("sm_meta")? },
         local,
     })
 }
@@ -206,12 +178,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         let last_purged: Option<LogId> = get(&self.meta, b"last_purged")?;
         let last = match self.log.last().map_err(sled_err)? {
             Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
-            None => last_purged.clone(),
+            None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -224,9 +193,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.meta
-            .insert(b"committed", encode(&committed)?)
-            .map_err(sled_err)?;
+        self.meta.insert(b"committed", encode(&committed)?).map_err(sled_err)?;
         Ok(())
     }
 
@@ -234,11 +201,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         Ok(get::<Option<LogId>>(&self.meta, b"committed")?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: IOFlushed<TypeConfig>,
-    ) -> Result<(), io::Error>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -249,10 +212,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         }
         self.log.apply_batch(batch).map_err(sled_err)?;
         let result = self.flush().await;
-        let report = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(report);
         result
     }
@@ -260,12 +220,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
         // Delete from the end backwards, so a crash midway leaves no hole.
-        let keys: Vec<_> = self
-            .log
-            .range(index_key(from)..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
+        let keys: Vec<_> = self.log.range(index_key(from)..).keys().collect::<Result<_, _>>().map_err(sled_err)?;
         for k in keys.iter().rev() {
             self.log.remove(k).map_err(sled_err)?;
         }
@@ -274,16 +229,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first, then delete from the front: never a hole.
-        self.meta
-            .insert(b"last_purged", encode(&log_id)?)
-            .map_err(sled_err)?;
+        self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
         self.flush().await?;
-        let keys: Vec<_> = self
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
+        let keys: Vec<_> =
+            self.log.range(..=index_key(log_id.index)).keys().collect::<Result<_, _>>().map_err(sled_err)?;
         for k in keys {
             self.log.remove(k).map_err(sled_err)?;
         }
@@ -352,9 +301,7 @@ impl SledBackend {
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => sled_err(e),
-                TransactionError::Abort(()) => {
-                    io::Error::other("state-machine transaction aborted")
-                }
+                TransactionError::Abort(()) => io::Error::other("state-machine transaction aborted"),
             })
     }
 }
@@ -379,30 +326,19 @@ impl Backend for SledBackend {
                 other => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!(
-                            "unknown state-machine key {:?}",
-                            String::from_utf8_lossy(other)
-                        ),
+                        format!("unknown state-machine key {:?}", String::from_utf8_lossy(other)),
                     ))
                 }
             }
         }
-        let last_applied: Option<LogId> =
-            get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
+        let last_applied: Option<LogId> = get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
         let membership: StoredMembership = get(&self.meta, b"membership")?.unwrap_or_default();
-        Ok(SmState {
-            state,
-            last_applied,
-            membership,
-            membership_history: Default::default(),
-        })
+        Ok(SmState { state, last_applied, membership, membership_history: Default::default() })
     }
 
     fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
-        let data = changed
-            .iter()
-            .map(|k| Ok((object_key(k), object_value(&sm.state, k)?)))
-            .collect::<io::Result<Writes>>()?;
+        let data =
+            changed.iter().map(|k| Ok((object_key(k), object_value(&sm.state, k)?))).collect::<io::Result<Writes>>()?;
         self.commit(&data, &Self::meta_writes(sm)?)
     }
 
@@ -422,9 +358,7 @@ impl Backend for SledBackend {
     }
 
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
-        self.meta
-            .insert(b"snapshot", encode(snapshot)?)
-            .map_err(sled_err)?;
+        self.meta.insert(b"snapshot", encode(snapshot)?).map_err(sled_err)?;
         Ok(())
     }
 

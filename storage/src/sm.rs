@@ -72,10 +72,7 @@ pub struct StateView {
 impl StateView {
     fn new(sm: SmState) -> Self {
         let index = sm.last_applied.as_ref().map_or(0, |l| l.index);
-        StateView {
-            inner: Arc::new(RwLock::new(sm)),
-            applied: watch::Sender::new(index),
-        }
+        StateView { inner: Arc::new(RwLock::new(sm)), applied: watch::Sender::new(index) }
     }
 
     /// Reads the applied state. Never hold the guard across an `.await`.
@@ -109,10 +106,7 @@ impl StateMachine {
     /// Opens the state machine from what the backend holds.
     pub fn open(backend: Arc<dyn Backend>) -> io::Result<Self> {
         let sm = backend.load()?;
-        Ok(StateMachine {
-            backend,
-            view: StateView::new(sm),
-        })
+        Ok(StateMachine { backend, view: StateView::new(sm) })
     }
 
     /// The read handle the daemon serves local reads from.
@@ -131,7 +125,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let g = self.view.read();
-        Ok((g.last_applied.clone(), g.membership.clone()))
+        Ok((g.last_applied, g.membership.clone()))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
@@ -150,19 +144,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for (entry, responder) in batch {
                 let index = entry.log_id.index;
                 let response = match entry.payload {
-                    EntryPayload::Blank => Response {
-                        index,
-                        result: Ok(Reply::Done),
-                    },
+                    EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
                     EntryPayload::Normal(req) => {
                         let applied = model::apply(&mut g.state, index, &req);
                         match &applied.response.result {
-                            Ok(_)
-                                if req
-                                    .ops
-                                    .iter()
-                                    .all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) =>
-                            {
+                            Ok(_) if req.ops.iter().all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) => {
                                 tracing::debug!(index, "applied {req}")
                             }
                             Ok(_) => tracing::info!(index, "applied {req}"),
@@ -178,18 +164,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         g.membership_history.push_back(MembershipChange {
                             index,
-                            configs: m
-                                .get_joint_config()
-                                .iter()
-                                .map(|c| c.iter().copied().collect())
-                                .collect(),
+                            configs: m.get_joint_config().iter().map(|c| c.iter().copied().collect()).collect(),
                             learners: m.learner_ids().collect(),
                         });
-                        g.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
-                        Response {
-                            index,
-                            result: Ok(Reply::Done),
-                        }
+                        g.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Response { index, result: Ok(Reply::Done) }
                     }
                 };
                 g.last_applied = Some(entry.log_id);
@@ -208,32 +187,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            backend: self.backend.clone(),
-            view: self.view.clone(),
-        }
+        SnapshotBuilder { backend: self.backend.clone(), view: self.view.clone() }
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: SnapshotData,
-    ) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         let state = decode_snapshot_state(&data)?;
         let index;
         {
             let mut g = self.view.write();
             g.state = state;
-            g.last_applied = meta.last_log_id.clone();
+            g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
             self.backend.replace_all(&g)?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
-        self.backend.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })?;
+        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         self.backend.flush().await?;
         tracing::info!(index, "installed snapshot");
         self.view.publish(index);
@@ -241,10 +210,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.backend.load_snapshot()?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Cursor::new(s.data),
-        }))
+        Ok(self.backend.load_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Cursor::new(s.data) }))
     }
 }
 
@@ -262,25 +228,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (meta, data) = {
             let g = self.view.read();
             let data = rmp_serde::to_vec_named(&g.state).map_err(io::Error::other)?;
-            let meta = SnapshotMeta {
-                last_log_id: g.last_applied.clone(),
-                last_membership: g.membership.clone(),
-            };
+            let meta = SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone() };
             (meta, data)
         };
-        self.backend.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })?;
+        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.backend.flush().await?;
-        tracing::info!(
-            index = meta.last_log_id.as_ref().map_or(0, |l| l.index),
-            bytes = data.len(),
-            "built snapshot"
-        );
-        Ok(Snapshot {
-            meta,
-            snapshot: Cursor::new(data),
-        })
+        tracing::info!(index = meta.last_log_id.as_ref().map_or(0, |l| l.index), bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Cursor::new(data) })
     }
 }

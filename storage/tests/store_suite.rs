@@ -21,8 +21,7 @@ struct MemBuilder;
 
 impl StoreBuilder<TypeConfig, MemLogStore, StateMachine, ()> for MemBuilder {
     async fn build(&self) -> Result<((), MemLogStore, StateMachine), StorageError<TypeConfig>> {
-        let sm =
-            StateMachine::open(std::sync::Arc::new(MemBackend::new())).map_err(|e| read_err(&e))?;
+        let sm = StateMachine::open(std::sync::Arc::new(MemBackend::new())).map_err(|e| read_err(&e))?;
         Ok(((), MemLogStore::new(), sm))
     }
 }
@@ -30,9 +29,7 @@ impl StoreBuilder<TypeConfig, MemLogStore, StateMachine, ()> for MemBuilder {
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, SledLogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, SledLogStore, StateMachine), StorageError<TypeConfig>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, SledLogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().map_err(|e| read_err(&e))?;
         let stores = sled_store::open(dir.path()).map_err(|e| read_err(&io::Error::other(e)))?;
         let sm = StateMachine::open(std::sync::Arc::new(stores.sm)).map_err(|e| read_err(&e))?;
@@ -54,28 +51,16 @@ fn log_id(term: u64, index: u64) -> LogId {
     openraft::testing::log_id::<TypeConfig>(term, 1, index)
 }
 
-fn entry(
-    term: u64,
-    index: u64,
-    payload: EntryPayload<herd_storage::Request, u64, BasicNode>,
-) -> Entry {
+fn entry(term: u64, index: u64, payload: EntryPayload<herd_storage::Request, u64, BasicNode>) -> Entry {
     Entry::new(log_id(term, index), payload)
 }
 
 fn node(name: &str) -> NewNode {
-    NewNode {
-        name: name.into(),
-        role: Role::Coordinator,
-        cluster_addr: format!("{name}:7400"),
-    }
+    NewNode { name: name.into(), role: Role::Coordinator, cluster_addr: format!("{name}:7400") }
 }
 
 fn req(id: &str, cmd: Command) -> EntryPayload<Request, u64, BasicNode> {
-    EntryPayload::Normal(Request {
-        id: id.into(),
-        time_ms: 1_000,
-        ops: vec![Op::from(cmd)],
-    })
+    EntryPayload::Normal(Request { id: id.into(), time_ms: 1_000, ops: vec![Op::from(cmd)] })
 }
 
 async fn append(log: &mut SledLogStore, entries: Vec<Entry>) -> io::Result<()> {
@@ -89,11 +74,8 @@ async fn append(log: &mut SledLogStore, entries: Vec<Entry>) -> io::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
-    let members = Membership::new(
-        vec![BTreeSet::from([1u64])],
-        BTreeMap::from([(1u64, BasicNode::new("a:7400"))]),
-    )
-    .map_err(io::Error::other)?;
+    let members = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, BasicNode::new("a:7400"))]))
+        .map_err(io::Error::other)?;
     let vote = openraft::type_config::alias::VoteOf::<TypeConfig>::new(3, 1);
     let before: SmState;
     {
@@ -106,38 +88,11 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
             entry(
                 1,
                 2,
-                req(
-                    "r1",
-                    Command::InitCluster {
-                        cluster_id: "c1".into(),
-                        token_hash: "h".into(),
-                        node: node("a"),
-                    },
-                ),
+                req("r1", Command::InitCluster { cluster_id: "c1".into(), token_hash: "h".into(), node: node("a") }),
             ),
-            entry(
-                1,
-                3,
-                req(
-                    "r2",
-                    Command::RegisterNode {
-                        node: node("b"),
-                        token_hash: "h".into(),
-                    },
-                ),
-            ),
+            entry(1, 3, req("r2", Command::RegisterNode { node: node("b"), token_hash: "h".into() })),
             entry(2, 4, req("r3", Command::SetMaintenance { on: true })),
-            entry(
-                2,
-                5,
-                req(
-                    "r4",
-                    Command::RegisterNode {
-                        node: node("c"),
-                        token_hash: "h".into(),
-                    },
-                ),
-            ),
+            entry(2, 5, req("r4", Command::RegisterNode { node: node("c"), token_hash: "h".into() })),
         ];
         append(&mut log, entries.clone()).await?;
         log.save_committed(Some(log_id(2, 5))).await?;
@@ -148,8 +103,7 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
         let snap = builder.build_snapshot().await?;
         assert_eq!(snap.meta.last_log_id, Some(log_id(2, 4)));
         log.purge(log_id(2, 4)).await?;
-        sm.apply(futures::stream::iter(vec![Ok((entries[4].clone(), None))]))
-            .await?;
+        sm.apply(futures::stream::iter(vec![Ok((entries[4].clone(), None))])).await?;
         before = sm.view().read().clone();
         assert_eq!(before.state.nodes.len(), 3);
         assert!(before.state.meta.as_ref().is_some_and(|m| m.maintenance));
@@ -164,18 +118,12 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
     assert_eq!(state.last_purged_log_id, Some(log_id(2, 4)));
     assert_eq!(state.last_log_id, Some(log_id(2, 5)));
     let remaining = log.try_get_log_entries(0..100).await?;
-    assert_eq!(
-        remaining.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-        vec![5]
-    );
+    assert_eq!(remaining.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5]);
     let (applied, membership) = sm.applied_state().await?;
     assert_eq!(applied, Some(log_id(2, 5)));
     assert_eq!(membership.membership(), &members);
     assert_eq!(sm.view().read().state, before.state);
-    let snap = sm
-        .get_current_snapshot()
-        .await?
-        .ok_or_else(|| io::Error::other("snapshot lost"))?;
+    let snap = sm.get_current_snapshot().await?.ok_or_else(|| io::Error::other("snapshot lost"))?;
     assert_eq!(snap.meta.last_log_id, Some(log_id(2, 4)));
     // A snapshot installed over it replaces the state exactly.
     let mut fresh_dir_sm = {
@@ -183,16 +131,9 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
         let s2 = sled_store::open(d2.path()).map_err(io::Error::other)?;
         (d2, StateMachine::open(std::sync::Arc::new(s2.sm))?)
     };
-    fresh_dir_sm
-        .1
-        .install_snapshot(&snap.meta, snap.snapshot)
-        .await?;
+    fresh_dir_sm.1.install_snapshot(&snap.meta, snap.snapshot).await?;
     let installed = fresh_dir_sm.1.view().read().state.clone();
-    assert_eq!(
-        installed.nodes.len(),
-        2,
-        "the snapshot holds the state as of index 4"
-    );
+    assert_eq!(installed.nodes.len(), 2, "the snapshot holds the state as of index 4");
     Ok(())
 }
 
@@ -201,8 +142,7 @@ fn a_database_of_another_format_is_refused() -> Result<(), Box<dyn std::error::E
     let dir = tempfile::tempdir()?;
     {
         let db = sled::open(dir.path())?;
-        db.open_tree("local")?
-            .insert(b"format", rmp_serde::to_vec_named(&99u32)?)?;
+        db.open_tree("local")?.insert(b"format", rmp_serde::to_vec_named(&99u32)?)?;
         db.flush()?;
     }
     match sled_store::open(dir.path()) {

@@ -29,13 +29,7 @@ pub struct Applied {
 pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
     let mut changed = BTreeSet::new();
     if let Some(seen) = state.requests.get(&req.id) {
-        return Applied {
-            response: Response {
-                index,
-                result: seen.result.clone(),
-            },
-            changed,
-        };
+        return Applied { response: Response { index, result: seen.result.clone() }, changed };
     }
 
     let now = state.clock_ms.max(req.time_ms);
@@ -47,10 +41,7 @@ pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
     let result = apply_ops(state, index, now, &req.ops, &mut changed);
 
     remember(state, index, now, req, &result, &mut changed);
-    Applied {
-        response: Response { index, result },
-        changed,
-    }
+    Applied { response: Response { index, result }, changed }
 }
 
 fn apply_ops(
@@ -61,9 +52,7 @@ fn apply_ops(
     changed: &mut BTreeSet<ObjectKey>,
 ) -> Result<Reply, ApplyError> {
     if ops.is_empty() || ops.len() > MAX_OPS {
-        return Err(ApplyError::Invalid(format!(
-            "a request carries 1 to {MAX_OPS} operations"
-        )));
+        return Err(ApplyError::Invalid(format!("a request carries 1 to {MAX_OPS} operations")));
     }
     if let [op] = ops {
         // One operation validates fully before it mutates: no copy needed.
@@ -87,11 +76,7 @@ fn apply_ops(
 
 fn check_revision(object: String, actual: u64, op: &Op) -> Result<(), ApplyError> {
     match op.expect_revision {
-        Some(expected) if expected != actual => Err(ApplyError::RevisionMismatch {
-            object,
-            expected,
-            actual,
-        }),
+        Some(expected) if expected != actual => Err(ApplyError::RevisionMismatch { object, expected, actual }),
         _ => Ok(()),
     }
 }
@@ -103,25 +88,13 @@ fn node_revision(state: &State, name: &str) -> u64 {
 fn validate_new_node(state: &State, node: &NewNode) -> Result<(), ApplyError> {
     validate_name(&node.name)?;
     if node.cluster_addr.is_empty() || node.cluster_addr.len() > MAX_NAME_LEN {
-        return Err(ApplyError::Invalid(
-            "cluster address must be 1 to 253 bytes".into(),
-        ));
+        return Err(ApplyError::Invalid("cluster address must be 1 to 253 bytes".into()));
     }
     if let Some(existing) = state.nodes.get(&node.name) {
-        return Err(ApplyError::NodeExists {
-            name: existing.name.clone(),
-            id: existing.id,
-        });
+        return Err(ApplyError::NodeExists { name: existing.name.clone(), id: existing.id });
     }
-    if let Some(other) = state
-        .nodes
-        .values()
-        .find(|n| n.cluster_addr == node.cluster_addr)
-    {
-        return Err(ApplyError::AddressInUse {
-            addr: node.cluster_addr.clone(),
-            name: other.name.clone(),
-        });
+    if let Some(other) = state.nodes.values().find(|n| n.cluster_addr == node.cluster_addr) {
+        return Err(ApplyError::AddressInUse { addr: node.cluster_addr.clone(), name: other.name.clone() });
     }
     Ok(())
 }
@@ -130,15 +103,11 @@ fn validate_new_node(state: &State, node: &NewNode) -> Result<(), ApplyError> {
 pub fn validate_name(name: &str) -> Result<(), ApplyError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
-        Err(ApplyError::Invalid(format!(
-            "node name {name:?}: use 1 to 253 letters, digits, '-', '_' or '.'"
-        )))
+        Err(ApplyError::Invalid(format!("node name {name:?}: use 1 to 253 letters, digits, '-', '_' or '.'")))
     }
 }
 
@@ -167,23 +136,13 @@ fn apply_op(
     changed: &mut BTreeSet<ObjectKey>,
 ) -> Result<Reply, ApplyError> {
     match &op.cmd {
-        Command::InitCluster {
-            cluster_id,
-            token_hash,
-            node,
-        } => {
-            check_revision(
-                "cluster".into(),
-                state.meta.as_ref().map_or(0, |m| m.revision),
-                op,
-            )?;
+        Command::InitCluster { cluster_id, token_hash, node } => {
+            check_revision("cluster".into(), state.meta.as_ref().map_or(0, |m| m.revision), op)?;
             if state.meta.is_some() {
                 return Err(ApplyError::AlreadyInitialized);
             }
             if cluster_id.is_empty() || cluster_id.len() > MAX_NAME_LEN {
-                return Err(ApplyError::Invalid(
-                    "cluster id must be 1 to 253 bytes".into(),
-                ));
+                return Err(ApplyError::Invalid("cluster id must be 1 to 253 bytes".into()));
             }
             validate_new_node(state, node)?;
             let id = 1;
@@ -195,9 +154,7 @@ fn apply_op(
                 next_node_id: id + 1,
                 revision: index,
             });
-            state
-                .nodes
-                .insert(node.name.clone(), new_record(node, id, index, now));
+            state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
             changed.insert(ObjectKey::Meta);
             changed.insert(ObjectKey::Node(node.name.clone()));
             push_event(
@@ -212,11 +169,7 @@ fn apply_op(
             Ok(Reply::NodeRegistered { id })
         }
         Command::RegisterNode { node, token_hash } => {
-            check_revision(
-                format!("node {}", node.name),
-                node_revision(state, &node.name),
-                op,
-            )?;
+            check_revision(format!("node {}", node.name), node_revision(state, &node.name), op)?;
             let meta = state.meta.as_ref().ok_or(ApplyError::NotInitialized)?;
             if !meta.join_token_hashes.contains(token_hash) {
                 return Err(ApplyError::BadToken);
@@ -227,9 +180,7 @@ fn apply_op(
                 meta.next_node_id = id + 1;
                 meta.revision = index;
             }
-            state
-                .nodes
-                .insert(node.name.clone(), new_record(node, id, index, now));
+            state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
             changed.insert(ObjectKey::Meta);
             changed.insert(ObjectKey::Node(node.name.clone()));
             push_event(
@@ -244,30 +195,16 @@ fn apply_op(
             Ok(Reply::NodeRegistered { id })
         }
         Command::RemoveNode { name } => {
-            let node = state
-                .nodes
-                .get(name)
-                .ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+            let node = state.nodes.get(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
             check_revision(format!("node {name}"), node.revision, op)?;
             let id = node.id;
             state.nodes.remove(name);
             changed.insert(ObjectKey::Node(name.clone()));
-            push_event(
-                state,
-                index,
-                now,
-                "node-remove",
-                Some(name),
-                format!("{name} (id {id}) removed"),
-                changed,
-            );
+            push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"), changed);
             Ok(Reply::Done)
         }
         Command::Keepalive { name, stats } => {
-            let node = state
-                .nodes
-                .get_mut(name)
-                .ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
             check_revision(format!("node {name}"), node.revision, op)?;
             node.stats = stats.clone();
             node.last_keepalive_ms = Some(now);
@@ -275,40 +212,19 @@ fn apply_op(
             changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
-        Command::SetDaemonState {
-            name,
-            state: new,
-            return_by_ms,
-        } => {
-            let node = state
-                .nodes
-                .get_mut(name)
-                .ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+        Command::SetDaemonState { name, state: new, return_by_ms } => {
+            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
             check_revision(format!("node {name}"), node.revision, op)?;
             if *new == DaemonState::Stop && return_by_ms.is_none() {
-                return Err(ApplyError::Invalid(
-                    "daemon_state stop needs a return_by deadline".into(),
-                ));
+                return Err(ApplyError::Invalid("daemon_state stop needs a return_by deadline".into()));
             }
             let old = node.daemon_state;
             node.daemon_state = *new;
-            node.return_by_ms = if *new == DaemonState::Stop {
-                *return_by_ms
-            } else {
-                None
-            };
+            node.return_by_ms = if *new == DaemonState::Stop { *return_by_ms } else { None };
             node.revision = index;
             changed.insert(ObjectKey::Node(name.clone()));
             if old != *new {
-                push_event(
-                    state,
-                    index,
-                    now,
-                    "daemon-state",
-                    Some(name),
-                    format!("{name}: {old} -> {new}"),
-                    changed,
-                );
+                push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"), changed);
             }
             Ok(Reply::Done)
         }
@@ -321,15 +237,7 @@ fn apply_op(
             changed.insert(ObjectKey::Meta);
             if was != *on {
                 let word = if *on { "on" } else { "off" };
-                push_event(
-                    state,
-                    index,
-                    now,
-                    "maintenance",
-                    None,
-                    format!("maintenance {word}"),
-                    changed,
-                );
+                push_event(state, index, now, "maintenance", None, format!("maintenance {word}"), changed);
             }
             Ok(Reply::Done)
         }
@@ -348,13 +256,7 @@ fn push_event(
     while state.events.len() >= MAX_EVENTS {
         state.events.pop_front();
     }
-    state.events.push_back(Event {
-        index,
-        time_ms: now,
-        kind: kind.into(),
-        node: node.cloned(),
-        message,
-    });
+    state.events.push_back(Event { index, time_ms: now, kind: kind.into(), node: node.cloned(), message });
     changed.insert(ObjectKey::Events);
 }
 
@@ -368,23 +270,11 @@ fn remember(
 ) {
     if state.requests.len() >= MAX_REMEMBERED_REQUESTS {
         // Forget the oldest (smallest index); ties cannot happen, one entry per index.
-        if let Some(oldest) = state
-            .requests
-            .iter()
-            .min_by_key(|(_, r)| r.index)
-            .map(|(id, _)| id.clone())
-        {
+        if let Some(oldest) = state.requests.iter().min_by_key(|(_, r)| r.index).map(|(id, _)| id.clone()) {
             state.requests.remove(&oldest);
             changed.insert(ObjectKey::Request(oldest));
         }
     }
-    state.requests.insert(
-        req.id.clone(),
-        RequestRecord {
-            index,
-            time_ms: now,
-            result: result.clone(),
-        },
-    );
+    state.requests.insert(req.id.clone(), RequestRecord { index, time_ms: now, result: result.clone() });
     changed.insert(ObjectKey::Request(req.id.clone()));
 }

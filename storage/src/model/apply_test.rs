@@ -20,11 +20,7 @@ const GOOD: &str = "good";
 const BAD: &str = "bad";
 
 fn new_node(name: &str, role: Role, addr: &str) -> NewNode {
-    NewNode {
-        name: name.into(),
-        role,
-        cluster_addr: addr.into(),
-    }
+    NewNode { name: name.into(), role, cluster_addr: addr.into() }
 }
 
 fn init_as(name: &str, role: Role) -> Command {
@@ -40,10 +36,7 @@ fn init() -> Command {
 }
 
 fn register_with(name: &str, addr: &str, token: &str) -> Command {
-    Command::RegisterNode {
-        node: new_node(name, Role::Hypervisor, addr),
-        token_hash: token.into(),
-    }
+    Command::RegisterNode { node: new_node(name, Role::Hypervisor, addr), token_hash: token.into() }
 }
 
 fn register(name: &str) -> Command {
@@ -55,29 +48,15 @@ fn remove(name: &str) -> Command {
 }
 
 fn keepalive(name: &str) -> Command {
-    Command::Keepalive {
-        name: name.into(),
-        stats: sample_stats(),
-    }
+    Command::Keepalive { name: name.into(), stats: sample_stats() }
 }
 
 fn sample_stats() -> NodeStats {
-    NodeStats {
-        cpu_count: 8,
-        load_milli: 1250,
-        mem_total_mib: 32768,
-        mem_used_mib: 4096,
-        vms_running: 3,
-        stale: false,
-    }
+    NodeStats { cpu_count: 8, load_milli: 1250, mem_total_mib: 32768, mem_used_mib: 4096, vms_running: 3, stale: false }
 }
 
 fn set_daemon(name: &str, state: DaemonState, return_by_ms: Option<u64>) -> Command {
-    Command::SetDaemonState {
-        name: name.into(),
-        state,
-        return_by_ms,
-    }
+    Command::SetDaemonState { name: name.into(), state, return_by_ms }
 }
 
 fn maintenance(on: bool) -> Command {
@@ -89,18 +68,11 @@ fn op(cmd: Command) -> Op {
 }
 
 fn op_rev(cmd: Command, rev: u64) -> Op {
-    Op {
-        cmd,
-        expect_revision: Some(rev),
-    }
+    Op { cmd, expect_revision: Some(rev) }
 }
 
 fn request(id: &str, time_ms: u64, ops: Vec<Op>) -> Request {
-    Request {
-        id: id.into(),
-        time_ms,
-        ops,
-    }
+    Request { id: id.into(), time_ms, ops }
 }
 
 /// Applies each op as its own request at indexes 1, 2, ... (time 1000 × index) and asserts that
@@ -112,14 +84,8 @@ fn build(setup: &[Op]) -> (State, u64) {
         index += 1;
         let req = request(&format!("setup-{index}"), 1000 * index, vec![o.clone()]);
         let applied = apply(&mut state, index, &req);
-        assert!(
-            applied.response.result.is_ok(),
-            "setup step {index} ({req}) refused: {:?}",
-            applied.response.result
-        );
-        state
-            .check_invariants()
-            .expect("invariants after setup step");
+        assert!(applied.response.result.is_ok(), "setup step {index} ({req}) refused: {:?}", applied.response.result);
+        state.check_invariants().expect("invariants after setup step");
     }
     (state, index)
 }
@@ -129,31 +95,19 @@ fn build(setup: &[Op]) -> (State, u64) {
 fn after_refusal(before: &State, index: u64, req: &Request, err: &ApplyError) -> State {
     let mut expected = before.clone();
     expected.clock_ms = before.clock_ms.max(req.time_ms);
-    expected.requests.insert(
-        req.id.clone(),
-        RequestRecord {
-            index,
-            time_ms: expected.clock_ms,
-            result: Err(err.clone()),
-        },
-    );
+    expected
+        .requests
+        .insert(req.id.clone(), RequestRecord { index, time_ms: expected.clock_ms, result: Err(err.clone()) });
     expected
 }
 
 /// The state without what every applied request records (its id and the clock).
 fn without_bookkeeping(state: &State) -> State {
-    State {
-        requests: Default::default(),
-        clock_ms: 0,
-        ..state.clone()
-    }
+    State { requests: Default::default(), clock_ms: 0, ..state.clone() }
 }
 
 fn node<'a>(state: &'a State, name: &str) -> &'a NodeRecord {
-    state
-        .nodes
-        .get(name)
-        .unwrap_or_else(|| panic!("node {name} missing"))
+    state.nodes.get(name).unwrap_or_else(|| panic!("node {name} missing"))
 }
 
 fn meta(state: &State) -> &ClusterMeta {
@@ -190,23 +144,11 @@ struct Case {
 fn no_check(_: &State, _: &State, _: u64) {}
 
 fn refused(name: &'static str, setup: Vec<Op>, ops: Vec<Op>, err: ApplyError) -> Case {
-    Case {
-        name,
-        setup,
-        ops,
-        expect: Expect::Err(err),
-        check: no_check,
-    }
+    Case { name, setup, ops, expect: Expect::Err(err), check: no_check }
 }
 
 fn invalid(name: &'static str, setup: Vec<Op>, ops: Vec<Op>) -> Case {
-    Case {
-        name,
-        setup,
-        ops,
-        expect: Expect::Invalid,
-        check: no_check,
-    }
+    Case { name, setup, ops, expect: Expect::Invalid, check: no_check }
 }
 
 fn cases() -> Vec<Case> {
@@ -238,10 +180,7 @@ fn cases() -> Vec<Case> {
                 assert_eq!(n.return_by_ms, None);
                 assert_eq!(s.clock_ms, T);
                 let e = last_event(s);
-                assert_eq!(
-                    (e.kind.as_str(), e.index, e.time_ms),
-                    ("cluster-init", i, T)
-                );
+                assert_eq!((e.kind.as_str(), e.index, e.time_ms), ("cluster-init", i, T));
                 assert_eq!(e.node.as_deref(), Some("n1"));
             },
         },
@@ -272,21 +211,14 @@ fn cases() -> Vec<Case> {
                 node: new_node("n1", Role::Coordinator, "a:1"),
             })]
         }),
-        invalid("init-cluster with an invalid node name", vec![], {
-            vec![op(init_as("bad name", Role::Coordinator))]
-        }),
+        invalid("init-cluster with an invalid node name", vec![], vec![op(init_as("bad name", Role::Coordinator))]),
         refused(
             "register-node with a wrong token hash",
             vec![op(init())],
             vec![op(register_with("n2", "n2.addr:7000", BAD))],
             ApplyError::BadToken,
         ),
-        refused(
-            "register-node before init",
-            vec![],
-            vec![op(register("n2"))],
-            ApplyError::NotInitialized,
-        ),
+        refused("register-node before init", vec![], vec![op(register("n2"))], ApplyError::NotInitialized),
         Case {
             name: "register-node allocates id 2 after init",
             setup: vec![op(init())],
@@ -304,10 +236,7 @@ fn cases() -> Vec<Case> {
                 assert_eq!((n.revision, n.joined_ms), (i, T));
                 assert_eq!(node(s, "n1"), node(before, "n1"), "n1 untouched");
                 let e = last_event(s);
-                assert_eq!(
-                    (e.kind.as_str(), e.node.as_deref()),
-                    ("node-join", Some("n2"))
-                );
+                assert_eq!((e.kind.as_str(), e.node.as_deref()), ("node-join", Some("n2")));
             },
         },
         Case {
@@ -316,10 +245,7 @@ fn cases() -> Vec<Case> {
             ops: vec![op(register("n4"))],
             expect: Expect::Reply(Reply::NodeRegistered { id: 4 }),
             check: |_, s, _| {
-                let ids: Vec<_> = ["n1", "n2", "n3", "n4"]
-                    .iter()
-                    .map(|n| node(s, n).id)
-                    .collect();
+                let ids: Vec<_> = ["n1", "n2", "n3", "n4"].iter().map(|n| node(s, n).id).collect();
                 assert_eq!(ids, vec![1, 2, 3, 4]);
                 assert_eq!(meta(s).next_node_id, 5);
             },
@@ -328,25 +254,15 @@ fn cases() -> Vec<Case> {
             "register-node with an existing name",
             vec![op(init())],
             vec![op(register_with("n1", "elsewhere:7000", GOOD))],
-            ApplyError::NodeExists {
-                name: "n1".into(),
-                id: 1,
-            },
+            ApplyError::NodeExists { name: "n1".into(), id: 1 },
         ),
         refused(
             "register-node with an address already in use",
             vec![op(init()), op(register("n2"))],
             vec![op(register_with("n3", "n2.addr:7000", GOOD))],
-            ApplyError::AddressInUse {
-                addr: "n2.addr:7000".into(),
-                name: "n2".into(),
-            },
+            ApplyError::AddressInUse { addr: "n2.addr:7000".into(), name: "n2".into() },
         ),
-        invalid(
-            "register-node with an empty name",
-            vec![op(init())],
-            vec![op(register(""))],
-        ),
+        invalid("register-node with an empty name", vec![op(init())], vec![op(register(""))]),
         invalid(
             "register-node with a name containing spaces",
             vec![op(init())],
@@ -362,11 +278,7 @@ fn cases() -> Vec<Case> {
             vec![op(init())],
             vec![op(register_with(&"a".repeat(254), "x:1", GOOD))],
         ),
-        invalid(
-            "register-node with an empty address",
-            vec![op(init())],
-            vec![op(register_with("n2", "", GOOD))],
-        ),
+        invalid("register-node with an empty address", vec![op(init())], vec![op(register_with("n2", "", GOOD))]),
         Case {
             name: "register-node accepts a 253-character name",
             setup: vec![op(init())],
@@ -442,10 +354,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "set-daemon-state run clears return_by",
-            setup: vec![
-                op(init()),
-                op(set_daemon("n1", DaemonState::Stop, Some(99))),
-            ],
+            setup: vec![op(init()), op(set_daemon("n1", DaemonState::Stop, Some(99)))],
             ops: vec![op(set_daemon("n1", DaemonState::Run, Some(77)))],
             expect: Expect::Reply(Reply::Done),
             check: |_, s, _| {
@@ -460,12 +369,7 @@ fn cases() -> Vec<Case> {
             vec![op(set_daemon("ghost", DaemonState::Run, None))],
             ApplyError::NoSuchNode("ghost".into()),
         ),
-        refused(
-            "set-maintenance before init",
-            vec![],
-            vec![op(maintenance(true))],
-            ApplyError::NotInitialized,
-        ),
+        refused("set-maintenance before init", vec![], vec![op(maintenance(true))], ApplyError::NotInitialized),
         Case {
             name: "set-maintenance on",
             setup: vec![op(init())],
@@ -482,21 +386,13 @@ fn cases() -> Vec<Case> {
             "expect_revision mismatch on keepalive",
             vec![op(init())],
             vec![op_rev(keepalive("n1"), 99)],
-            ApplyError::RevisionMismatch {
-                object: "node n1".into(),
-                expected: 99,
-                actual: 1,
-            },
+            ApplyError::RevisionMismatch { object: "node n1".into(), expected: 99, actual: 1 },
         ),
         refused(
             "expect_revision mismatch on set-maintenance",
             vec![op(init()), op(register("n2"))],
             vec![op_rev(maintenance(true), 1)],
-            ApplyError::RevisionMismatch {
-                object: "cluster".into(),
-                expected: 1,
-                actual: 2,
-            },
+            ApplyError::RevisionMismatch { object: "cluster".into(), expected: 1, actual: 2 },
         ),
         Case {
             name: "expect_revision matching the node's revision succeeds",
@@ -516,11 +412,7 @@ fn cases() -> Vec<Case> {
             "expect_revision Some(0) on register-node of an existing name",
             vec![op(init()), op(register("n2"))],
             vec![op_rev(register_with("n2", "new.addr:1", GOOD), 0)],
-            ApplyError::RevisionMismatch {
-                object: "node n2".into(),
-                expected: 0,
-                actual: 2,
-            },
+            ApplyError::RevisionMismatch { object: "node n2".into(), expected: 0, actual: 2 },
         ),
         refused(
             "several ops where the last fails change nothing",
@@ -539,11 +431,7 @@ fn cases() -> Vec<Case> {
             "several ops where a revision check fails change nothing",
             vec![op(init())],
             vec![op(register("n2")), op_rev(keepalive("n2"), 1)],
-            ApplyError::RevisionMismatch {
-                object: "node n2".into(),
-                expected: 1,
-                actual: 2,
-            },
+            ApplyError::RevisionMismatch { object: "node n2".into(), expected: 1, actual: 2 },
         ),
         Case {
             name: "several ops apply together and reply with the last reply",
@@ -559,11 +447,7 @@ fn cases() -> Vec<Case> {
         },
         invalid("empty ops", vec![op(init())], vec![]),
         invalid("empty ops before init", vec![], vec![]),
-        invalid(
-            "more than 64 ops",
-            vec![op(init())],
-            vec![op(keepalive("n1")); 65],
-        ),
+        invalid("more than 64 ops", vec![op(init())], vec![op(keepalive("n1")); 65]),
     ]
 }
 
@@ -578,9 +462,7 @@ fn table() {
         let name = case.name;
 
         assert_eq!(applied.response.index, index, "{name}: response index");
-        state
-            .check_invariants()
-            .unwrap_or_else(|e| panic!("{name}: invariant broken: {e}"));
+        state.check_invariants().unwrap_or_else(|e| panic!("{name}: invariant broken: {e}"));
         let result = &applied.response.result;
         match (&case.expect, result) {
             (Expect::Reply(want), Ok(got)) => assert_eq!(got, want, "{name}: reply"),
@@ -589,15 +471,8 @@ fn table() {
             (_, got) => panic!("{name}: unexpected result {got:?}"),
         }
         // The outcome is remembered in every case.
-        let record = state
-            .requests
-            .get(&req.id)
-            .unwrap_or_else(|| panic!("{name}: no record"));
-        assert_eq!(
-            (record.index, record.time_ms, &record.result),
-            (index, T, result),
-            "{name}: request record"
-        );
+        let record = state.requests.get(&req.id).unwrap_or_else(|| panic!("{name}: no record"));
+        assert_eq!((record.index, record.time_ms, &record.result), (index, T, result), "{name}: request record");
         match result {
             Ok(_) => (case.check)(&before, &state, index),
             Err(err) => {
@@ -606,8 +481,7 @@ fn table() {
                     after_refusal(&before, index, &req, err),
                     "{name}: a refusal must change nothing but the clock and the request record"
                 );
-                let expected_changed =
-                    BTreeSet::from([ObjectKey::Clock, ObjectKey::Request(req.id.clone())]);
+                let expected_changed = BTreeSet::from([ObjectKey::Clock, ObjectKey::Request(req.id.clone())]);
                 assert_eq!(applied.changed, expected_changed, "{name}: changed keys");
             }
         }
@@ -663,18 +537,10 @@ fn the_clock_never_moves_back() {
     assert_eq!(state.clock_ms, 5_000);
 
     // An older leader time (e.g. a new leader with a slower clock).
-    let b = apply(
-        &mut state,
-        2,
-        &request("b", 3_000, vec![op(register("n2"))]),
-    );
+    let b = apply(&mut state, 2, &request("b", 3_000, vec![op(register("n2"))]));
     assert_eq!(b.response.result, Ok(Reply::NodeRegistered { id: 2 }));
     assert_eq!(state.clock_ms, 5_000);
-    assert!(
-        !b.changed.contains(&ObjectKey::Clock),
-        "changed: {:?}",
-        b.changed
-    );
+    assert!(!b.changed.contains(&ObjectKey::Clock), "changed: {:?}", b.changed);
     assert_eq!(state.requests["b"].time_ms, 5_000);
     assert_eq!(node(&state, "n2").joined_ms, 5_000);
     assert_eq!(last_event(&state).time_ms, 5_000);
@@ -685,21 +551,13 @@ fn the_clock_never_moves_back() {
     assert_eq!(state.requests["c"].time_ms, 5_000);
 
     // A refused request with an older time does not move it back either.
-    let d = apply(
-        &mut state,
-        4,
-        &request("d", 2, vec![op(keepalive("ghost"))]),
-    );
+    let d = apply(&mut state, 4, &request("d", 2, vec![op(keepalive("ghost"))]));
     assert!(d.response.result.is_err());
     assert_eq!(state.clock_ms, 5_000);
     assert_eq!(state.requests["d"].time_ms, 5_000);
 
     // A newer time moves it forward.
-    let e = apply(
-        &mut state,
-        5,
-        &request("e", 8_000, vec![op(keepalive("n2"))]),
-    );
+    let e = apply(&mut state, 5, &request("e", 8_000, vec![op(keepalive("n2"))]));
     assert!(e.changed.contains(&ObjectKey::Clock));
     assert_eq!(state.clock_ms, 8_000);
     assert_eq!(node(&state, "n2").last_keepalive_ms, Some(8_000));
@@ -719,53 +577,29 @@ fn request_memory_and_event_log_stay_bounded() {
     assert!(first.response.result.is_ok());
     for i in 2..=total {
         // Toggling maintenance logs one event per request.
-        let applied = apply(
-            &mut state,
-            i,
-            &request(&id(i), i, vec![op(maintenance(i % 2 == 0))]),
-        );
+        let applied = apply(&mut state, i, &request(&id(i), i, vec![op(maintenance(i % 2 == 0))]));
         assert_eq!(applied.response.result, Ok(Reply::Done), "step {i}");
-        assert!(
-            state.events.len() <= MAX_EVENTS,
-            "step {i}: {} events",
-            state.events.len()
-        );
+        assert!(state.events.len() <= MAX_EVENTS, "step {i}: {} events", state.events.len());
         assert!(state.requests.len() <= MAX_REMEMBERED_REQUESTS, "step {i}");
         if i > MAX_REMEMBERED_REQUESTS as u64 {
             let forgotten = ObjectKey::Request(id(i - MAX_REMEMBERED_REQUESTS as u64));
-            assert!(
-                applied.changed.contains(&forgotten),
-                "step {i}: {:?}",
-                applied.changed
-            );
+            assert!(applied.changed.contains(&forgotten), "step {i}: {:?}", applied.changed);
         }
     }
     state.check_invariants().expect("invariants");
 
     assert_eq!(state.requests.len(), MAX_REMEMBERED_REQUESTS);
     for i in 1..=extra {
-        assert!(
-            !state.requests.contains_key(&id(i)),
-            "{} should be forgotten",
-            id(i)
-        );
+        assert!(!state.requests.contains_key(&id(i)), "{} should be forgotten", id(i));
     }
     for i in extra + 1..=total {
-        assert_eq!(
-            state.requests.get(&id(i)).map(|r| r.index),
-            Some(i),
-            "{}",
-            id(i)
-        );
+        assert_eq!(state.requests.get(&id(i)).map(|r| r.index), Some(i), "{}", id(i));
     }
 
     assert_eq!(state.events.len(), MAX_EVENTS);
     let indexes: Vec<u64> = state.events.iter().map(|e| e.index).collect();
     let newest: Vec<u64> = (total - MAX_EVENTS as u64 + 1..=total).collect();
-    assert_eq!(
-        indexes, newest,
-        "the event log keeps the newest events, in order"
-    );
+    assert_eq!(indexes, newest, "the event log keeps the newest events, in order");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -774,11 +608,7 @@ fn request_memory_and_event_log_stay_bounded() {
 
 fn config() -> ProptestConfig {
     // No failure persistence: it would write a regressions file next to this one.
-    ProptestConfig {
-        cases: 256,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 fn name_strategy() -> impl Strategy<Value = String> {
@@ -811,24 +641,16 @@ fn new_node_strategy() -> impl Strategy<Value = NewNode> {
 }
 
 fn stats_strategy() -> impl Strategy<Value = NodeStats> {
-    (
-        any::<u32>(),
-        any::<u64>(),
-        any::<u64>(),
-        any::<u64>(),
-        any::<u32>(),
-        any::<bool>(),
+    (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
+        |(cpu_count, load_milli, mem_total_mib, mem_used_mib, vms_running, stale)| NodeStats {
+            cpu_count,
+            load_milli,
+            mem_total_mib,
+            mem_used_mib,
+            vms_running,
+            stale,
+        },
     )
-        .prop_map(
-            |(cpu_count, load_milli, mem_total_mib, mem_used_mib, vms_running, stale)| NodeStats {
-                cpu_count,
-                load_milli,
-                mem_total_mib,
-                mem_used_mib,
-                vms_running,
-                stale,
-            },
-        )
 }
 
 fn daemon_state_strategy() -> impl Strategy<Value = DaemonState> {
@@ -864,10 +686,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     let expect = prop_oneof![5 => Just(None), 1 => (0..12u64).prop_map(Some)];
-    (command_strategy(), expect).prop_map(|(cmd, expect_revision)| Op {
-        cmd,
-        expect_revision,
-    })
+    (command_strategy(), expect).prop_map(|(cmd, expect_revision)| Op { cmd, expect_revision })
 }
 
 /// A request id from a small pool, so that retries (dedup) happen too.
@@ -877,20 +696,13 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         2 => proptest::collection::vec(op_strategy(), 2..=4),
         1 => Just(Vec::new()),
     ];
-    (0..100u32, 0..100_000u64, ops).prop_map(|(id, time_ms, ops)| Request {
-        id: format!("r{id}"),
-        time_ms,
-        ops,
-    })
+    (0..100u32, 0..100_000u64, ops).prop_map(|(id, time_ms, ops)| Request { id: format!("r{id}"), time_ms, ops })
 }
 
 /// Random requests, usually starting with a good init-cluster so that most steps do something.
 fn sequence_strategy() -> impl Strategy<Value = Vec<Request>> {
-    (
-        proptest::bool::weighted(0.85),
-        proptest::collection::vec(request_strategy(), 0..40),
-    )
-        .prop_map(|(start_with_init, mut reqs)| {
+    (proptest::bool::weighted(0.85), proptest::collection::vec(request_strategy(), 0..40)).prop_map(
+        |(start_with_init, mut reqs)| {
             if start_with_init {
                 let init = Command::InitCluster {
                     cluster_id: "c1".into(),
@@ -900,7 +712,8 @@ fn sequence_strategy() -> impl Strategy<Value = Vec<Request>> {
                 reqs.insert(0, request("init", 0, vec![op(init)]));
             }
             reqs
-        })
+        },
+    )
 }
 
 /// One step of a run: the state before and after the request applied at `index`.
@@ -923,13 +736,7 @@ fn run(
         let index = i as u64 + 1;
         let before = state.clone();
         let applied = apply(&mut state, index, req);
-        let step = Step {
-            index,
-            req,
-            before,
-            after: state.clone(),
-            applied,
-        };
+        let step = Step { index, req, before, after: state.clone(), applied };
         check(&step)?;
         outcomes.push(step.applied);
     }

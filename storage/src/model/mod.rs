@@ -16,7 +16,5 @@ mod types;
 #[cfg(test)]
 mod apply_test;
 
-pub use apply::{
-    apply, validate_name as validate_node_name, Applied, MAX_EVENTS, MAX_REMEMBERED_REQUESTS,
-};
+pub use apply::{apply, validate_name as validate_node_name, Applied, MAX_EVENTS, MAX_REMEMBERED_REQUESTS};
 pub use types::*;

@@ -215,12 +215,7 @@ impl State {
             }
             match &self.meta {
                 Some(meta) if node.id < meta.next_node_id => {}
-                _ => {
-                    return Err(format!(
-                        "node {name} has id {} not below next_node_id",
-                        node.id
-                    ))
-                }
+                _ => return Err(format!("node {name} has id {} not below next_node_id", node.id)),
             }
             if node.revision == 0 {
                 return Err(format!("node {name} has revision 0"));
@@ -281,10 +276,7 @@ pub struct Op {
 
 impl From<Command> for Op {
     fn from(cmd: Command) -> Self {
-        Op {
-            cmd,
-            expect_revision: None,
-        }
+        Op { cmd, expect_revision: None }
     }
 }
 
@@ -346,11 +338,7 @@ pub enum Reply {
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyError {
     #[error("revision mismatch on {object}: expected {expected}, found {actual}")]
-    RevisionMismatch {
-        object: String,
-        expected: u64,
-        actual: u64,
-    },
+    RevisionMismatch { object: String, expected: u64, actual: u64 },
     #[error("no node named {0:?}")]
     NoSuchNode(String),
     #[error("a node named {name:?} is already a member (id {id}); remove it first")]
