@@ -25,15 +25,16 @@ pub const MAX_CONNECTIONS: usize = 64;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum AdminRequest {
-    Status,
-    InitCluster,
+    // Unit-like variants are written `{}` so that unknown fields are refused for them too.
+    Status {},
+    InitCluster {},
     JoinCluster {
         peer: String,
         token: String,
         #[serde(default)]
         role: Option<Role>,
     },
-    NodeList,
+    NodeList {},
     NodeInfo {
         name: String,
         /// Answer from local state at once instead of a linearizable read.
@@ -47,6 +48,11 @@ pub enum AdminRequest {
     },
     Maintenance {
         on: bool,
+    },
+    ClusterInfo {
+        /// Answer from local state at once instead of a linearizable read.
+        #[serde(default)]
+        local: bool,
     },
 }
 
@@ -98,6 +104,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 /// Serves the admin socket until `shutdown` turns true.
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Refusals are logged at most every 10 s, with a count.
+    let (mut refused, mut last_warning) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -113,7 +121,12 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, 
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("admin socket: {MAX_CONNECTIONS} connections open, refusing another");
+            refused += 1;
+            if last_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(refused, "admin socket: {MAX_CONNECTIONS} connections open, refusing more");
+                last_warning = Some(tokio::time::Instant::now());
+                refused = 0;
+            }
             continue;
         };
         let daemon = daemon.clone();

@@ -85,6 +85,11 @@ pub enum NodeCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
+    /// Cluster metadata (a linearizable read unless --local).
+    Info {
+        #[arg(long)]
+        local: bool,
+    },
     /// While on, no fencing and no recovery.
     Maintenance {
         #[arg(value_parser = ["on", "off"])]
@@ -238,6 +243,13 @@ pub fn render(command: &Command, v: &Value) -> String {
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
         Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),
+        Command::Cluster(ClusterCommand::Info { .. }) => format!(
+            "cluster {}  nodes {}  maintenance {}  applied {}",
+            s(&v["cluster_id"]),
+            s(&v["nodes"]),
+            if v["maintenance"].as_bool() == Some(true) { "on" } else { "off" },
+            s(&v["applied_index"])
+        ),
         _ => serde_json::to_string_pretty(v).unwrap_or_default(),
     }
 }

@@ -61,9 +61,9 @@ impl Daemon {
     /// Answers one admin request.
     pub async fn handle(&self, req: AdminRequest) -> Result<Value, String> {
         match req {
-            AdminRequest::Status => Ok(self.status().await),
-            AdminRequest::NodeList => Ok(self.status().await["members"].clone()),
-            AdminRequest::InitCluster => {
+            AdminRequest::Status {} => Ok(self.status().await),
+            AdminRequest::NodeList {} => Ok(self.status().await["members"].clone()),
+            AdminRequest::InitCluster {} => {
                 let out = self.node.init_cluster(WRITE_TIMEOUT).await.map_err(json_err)?;
                 self.member_started.notify_one();
                 Ok(json!({ "cluster_id": out.cluster_id, "token": out.token }))
@@ -81,9 +81,25 @@ impl Daemon {
                 self.member_started.notify_one();
                 Ok(json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter }))
             }
+            AdminRequest::ClusterInfo { local } => {
+                let index = self.read_index(local).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let g = member.view.read();
+                let meta = g.state.meta.as_ref().ok_or("the cluster is not initialised")?;
+                Ok(json!({
+                    "cluster_id": meta.cluster_id,
+                    "created_ms": meta.created_ms,
+                    "maintenance": meta.maintenance,
+                    "next_node_id": meta.next_node_id,
+                    "revision": meta.revision,
+                    "nodes": g.state.nodes.len(),
+                    "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),
+                    "read_index": index,
+                    "linearizable": !local,
+                }))
+            }
             AdminRequest::NodeInfo { name, local } => {
-                let index =
-                    if local { None } else { Some(self.node.read_barrier(READ_TIMEOUT).await.map_err(json_err)?) };
+                let index = self.read_index(local).await?;
                 let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
                 let record = member
                     .view
@@ -111,6 +127,14 @@ impl Daemon {
                 Ok(json!({ "maintenance": on }))
             }
         }
+    }
+
+    /// For a linearizable read: the read index this node has applied up to; `None` for --local.
+    async fn read_index(&self, local: bool) -> Result<Option<u64>, String> {
+        if local {
+            return Ok(None);
+        }
+        self.node.read_barrier(READ_TIMEOUT).await.map(Some).map_err(json_err)
     }
 
     /// The local picture, at once (no quorum needed), with how fresh it is.

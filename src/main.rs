@@ -80,18 +80,21 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
 fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
     let (req, timeout) = match &args.command {
         Command::Daemon { .. } => return Err(cli::CliError::Usage("unreachable".into())),
-        Command::InitCluster => (AdminRequest::InitCluster, Duration::from_secs(30)),
+        Command::InitCluster => (AdminRequest::InitCluster {}, Duration::from_secs(30)),
         Command::JoinCluster(j) => {
             let token = cli::read_token(j)?;
             (AdminRequest::JoinCluster { peer: j.peer.clone(), token, role: j.role }, Duration::from_secs(150))
         }
-        Command::Status => (AdminRequest::Status, Duration::from_secs(10)),
-        Command::Node(NodeCommand::List) => (AdminRequest::NodeList, Duration::from_secs(10)),
+        Command::Status => (AdminRequest::Status {}, Duration::from_secs(10)),
+        Command::Node(NodeCommand::List) => (AdminRequest::NodeList {}, Duration::from_secs(10)),
         Command::Node(NodeCommand::Info { name, local }) => {
             (AdminRequest::NodeInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
         }
         Command::Node(NodeCommand::Remove { name, force }) => {
             (AdminRequest::NodeRemove { name: name.clone(), force: *force }, Duration::from_secs(60))
+        }
+        Command::Cluster(ClusterCommand::Info { local }) => {
+            (AdminRequest::ClusterInfo { local: *local }, Duration::from_secs(10))
         }
         Command::Cluster(ClusterCommand::Maintenance { state }) => {
             (AdminRequest::Maintenance { on: state == "on" }, Duration::from_secs(20))

@@ -24,6 +24,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Refusals are logged at most every 10 s, with a count: a flood must not flood the log.
+    let (mut refused, mut last_warning) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -40,7 +42,12 @@ pub async fn serve(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "cluster port: {} connections open, refusing another", limits.max_connections);
+            refused += 1;
+            if last_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                tracing::warn!(%peer, refused, "cluster port: {} connections open, refusing more", limits.max_connections);
+                last_warning = Some(tokio::time::Instant::now());
+                refused = 0;
+            }
             drop(stream);
             continue;
         };

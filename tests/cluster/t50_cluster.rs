@@ -1,0 +1,206 @@
+//! The cluster core end to end: 3 coordinators + 1 hypervisor as separate processes.
+//! Writes and reads go through the hypervisor's admin socket (so forwarding is exercised)
+//! except where a test needs another node's view.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_until, Cluster, Node};
+
+const SPECS: &[(&str, &str, &str)] = &[
+    ("hv1", "coordinator", "127.0.1.1:7400"),
+    ("hv2", "coordinator", "127.0.1.2:7400"),
+    ("hv3", "coordinator", "127.0.1.3:7400"),
+    ("hv4", "hypervisor", "127.0.1.4:7400"),
+    ("hv5", "coordinator", "127.0.1.5:7400"),
+];
+
+/// A long keepalive interval keeps the cluster quiescent between steps, so the durability
+/// check can compare exact applied indexes.
+const EXTRA: &str = "[keepalive]\ninterval_ms = 600000\n";
+
+fn members(status: &Value) -> Vec<Value> {
+    status["members"].as_array().cloned().unwrap_or_default()
+}
+
+fn ids(v: &Value) -> BTreeSet<u64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+}
+
+/// The cluster seen from `node` is formed: 4 members in `run`, 3 voters, 1 learner, a leader.
+fn formed(node: &Node) -> Option<Value> {
+    let s = node.try_admin(&json!({"op": "status"})).ok()?;
+    let ms = members(&s);
+    let all_run = ms.len() == 4 && ms.iter().all(|m| m["daemon_state"] == "run");
+    let shape = ids(&s["raft"]["voters"]).len() == 3 && ids(&s["raft"]["learners"]).len() == 1;
+    (all_run && shape && s["leader"].is_string() && s["quorum"] == true).then_some(s)
+}
+
+fn leader_name(node: &Node) -> Option<String> {
+    let s = node.try_admin(&json!({"op": "status"})).ok()?;
+    (s["quorum"] == true).then(|| s["leader"].as_str().map(str::to_string)).flatten()
+}
+
+#[test]
+fn cluster_lifecycle() {
+    let mut c = Cluster::new(SPECS, EXTRA);
+    for name in ["hv1", "hv2", "hv3", "hv4"] {
+        c.node(name).start();
+    }
+
+    // --- Formation: init on hv1, hv4 joins through hv1, hv2 and hv3 join *through hv4*. ---
+    let init = c.node("hv1").admin(json!({"op": "init-cluster"}));
+    let token = init["token"].as_str().expect("token").to_string();
+    let cluster_id = init["cluster_id"].clone();
+    let joined = c.node("hv4").admin(json!({"op": "join-cluster", "peer": "127.0.1.1:7400", "token": token}));
+    assert_eq!(joined["voter"], false, "a hypervisor stays a learner");
+    let token_file = c.token_file(&token);
+    for name in ["hv2", "hv3"] {
+        // Through the CLI, with the token from a file.
+        let out = c.node(name).cli(&[
+            "join-cluster",
+            "--peer",
+            "127.0.1.4:7400",
+            "--token-file",
+            token_file.to_str().expect("utf-8 path"),
+            "--role",
+            "coordinator",
+        ]);
+        assert!(out.status.success(), "{name} join: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let status = wait_until("3 voters + 1 learner, all run, one leader", Duration::from_secs(30), || formed(c.node("hv4")));
+    assert_eq!(status["cluster_id"], cluster_id);
+    let by_name = |s: &Value, n: &str| members(s).into_iter().find(|m| m["name"] == n).expect("member");
+    assert_eq!(by_name(&status, "hv4")["voter"], false);
+    assert_eq!(by_name(&status, "hv4")["router_state"], "client");
+    assert_eq!(by_name(&status, "hv2")["router_state"], "secondary");
+    // openraft's own membership: 3 voters, reached through a joint configuration; 1 learner.
+    let history = status["raft"]["membership_history"].as_array().cloned().unwrap_or_default();
+    assert!(
+        history.iter().any(|h| h["configs"].as_array().is_some_and(|c| c.len() == 2)),
+        "no joint configuration among {history:?}"
+    );
+    let id_of = |n: &str| by_name(&status, n)["id"].as_u64().expect("id");
+    let voter_ids = BTreeSet::from([id_of("hv1"), id_of("hv2"), id_of("hv3")]);
+    let learner_ids = BTreeSet::from([id_of("hv4")]);
+    let last = history.last().expect("membership history");
+    assert_eq!(last["configs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(ids(&last["configs"][0]), voter_ids);
+    assert_eq!(ids(&last["learners"]), learner_ids);
+    // A role that disagrees with the config is refused.
+    let err = c.node("hv5").try_admin(&json!({"op": "status"}));
+    assert!(err.is_err(), "hv5 is not started yet");
+
+    // --- A wrong join token is refused and membership is unchanged. ---
+    c.node("hv5").start();
+    let wrong = c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.4:7400", "token": "herd-wrong"}));
+    assert!(wrong.as_ref().is_err_and(|e| e.contains("token refused")), "{wrong:?}");
+    let role = c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.1:7400", "token": token, "role": "hypervisor"}));
+    assert!(role.as_ref().is_err_and(|e| e.contains("disagrees")), "{role:?}");
+    let after = c.node("hv4").status();
+    assert_eq!(members(&after).len(), 4);
+    assert_eq!(ids(&after["raft"]["voters"]), voter_ids);
+    assert_eq!(ids(&after["raft"]["learners"]), learner_ids);
+    c.node("hv5").kill9();
+
+    // --- Read-your-writes across nodes: acknowledged through one, read on another. ---
+    for i in 0..10 {
+        let on = i % 2 == 0;
+        let (writer, reader) = if i % 3 == 0 { ("hv2", "hv4") } else { ("hv4", ["hv2", "hv3"][i % 2]) };
+        c.node(writer).admin(json!({"op": "maintenance", "on": on}));
+        let info = c.node(reader).admin(json!({"op": "cluster-info"}));
+        assert_eq!(info["maintenance"], on, "write {i} through {writer} not seen by {reader}");
+        assert_eq!(info["linearizable"], true);
+    }
+
+    // --- Kill the leader; a new one is elected; the first write after goes through hv4. ---
+    let old_leader = leader_name(c.node("hv4")).expect("a leader");
+    c.node(&old_leader).kill9();
+    let new_leader = wait_until("a new leader", Duration::from_secs(15), || {
+        leader_name(c.node("hv4")).filter(|l| *l != old_leader)
+    });
+    c.node("hv4").admin(json!({"op": "maintenance", "on": false}));
+    let info = c.node("hv4").admin(json!({"op": "cluster-info"}));
+    assert_eq!(info["maintenance"], false);
+    eprintln!("leader {old_leader} killed; new leader {new_leader}");
+
+    // --- The killed node restarts from disk and catches up. ---
+    c.node(&old_leader).start();
+    let target = c.node("hv4").status()["applied_index"].as_u64().expect("applied");
+    wait_until("restarted node catches up", Duration::from_secs(20), || {
+        let s = c.node(&old_leader).try_admin(&json!({"op": "status"})).ok()?;
+        (s["applied_index"].as_u64()? >= target && s["quorum"] == true).then_some(())
+    });
+    let seen = c.node(&old_leader).admin(json!({"op": "cluster-info"}));
+    assert_eq!(seen["maintenance"], false);
+
+    // --- SIGTERM is a service stop: the node records `stop` with a deadline, and exits 0. ---
+    let follower = ["hv1", "hv2", "hv3"].into_iter().find(|n| *n != new_leader).expect("a follower").to_string();
+    let exit = c.node(&follower).terminate(Duration::from_secs(10)).expect("exits on SIGTERM");
+    assert!(exit.success(), "{follower} exit {exit}");
+    let rec = c.node("hv4").admin(json!({"op": "node-info", "name": follower}));
+    assert_eq!(rec["daemon_state"], "stop");
+    assert!(rec["return_by_ms"].as_u64().is_some(), "{rec}");
+    c.node(&follower).start();
+    wait_until("restarted node back in run", Duration::from_secs(20), || {
+        let r = c.node("hv4").try_admin(&json!({"op": "node-info", "name": follower})).ok()?;
+        (r["daemon_state"] == "run").then_some(())
+    });
+
+    // --- Removal: a voter is protected; a learner is removed, wiped and rejoins with a new id. ---
+    let refused = c.node("hv4").try_admin(&json!({"op": "node-remove", "name": "hv3"}));
+    assert!(refused.as_ref().is_err_and(|e| e.contains("--force")), "{refused:?}");
+    let old_id = c.node("hv2").admin(json!({"op": "node-info", "name": "hv4"}))["id"].as_u64().expect("id");
+    c.node("hv2").admin(json!({"op": "node-remove", "name": "hv4"}));
+    wait_until("hv4 learns it was removed", Duration::from_secs(10), || {
+        (c.node("hv4").status()["state"] == "removed").then_some(())
+    });
+    let s = c.node("hv2").status();
+    assert!(members(&s).iter().all(|m| m["name"] != "hv4"));
+    assert!(!ids(&s["raft"]["learners"]).contains(&old_id));
+    let again = c.node("hv4").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.2:7400", "token": token}));
+    assert!(again.is_err(), "a removed node must not rejoin under its old identity");
+    c.node("hv4").kill9();
+    std::fs::remove_dir_all(c.node("hv4").data_dir()).expect("wipe hv4");
+    c.node("hv4").start();
+    let rejoined = c.node("hv4").admin(json!({"op": "join-cluster", "peer": "127.0.1.2:7400", "token": token}));
+    let new_id = rejoined["node_id"].as_u64().expect("new id");
+    assert!(new_id > old_id, "rejoined under id {new_id}, was {old_id}: ids are never reused");
+    wait_until("cluster formed again", Duration::from_secs(30), || formed(c.node("hv4")));
+
+    // --- Durability, not catch-up: stop all, start each alone, compare with before. ---
+    let names = ["hv1", "hv2", "hv3", "hv4"];
+    let before: Vec<Value> = wait_until("all nodes applied the same index", Duration::from_secs(20), || {
+        let all: Vec<Value> = names.iter().map(|n| c.node(n).try_admin(&json!({"op": "status"})).ok()).collect::<Option<_>>()?;
+        let first = all[0]["applied_index"].clone();
+        all.iter().all(|s| s["applied_index"] == first).then_some(all)
+    });
+    for n in names {
+        c.node(n).kill9();
+    }
+    for (n, was) in names.iter().zip(&before) {
+        c.node(n).start();
+        let now = c.node(n).status();
+        assert_eq!(now["applied_index"], was["applied_index"], "{n}: applied index from disk");
+        assert_eq!(now["members"].as_array().map(Vec::len), was["members"].as_array().map(Vec::len), "{n}");
+        for (a, b) in members(&now).iter().zip(members(was).iter()) {
+            for key in ["name", "id", "role", "address", "daemon_state", "domain_state", "router_state"] {
+                assert_eq!(a[key], b[key], "{n}: member field {key}");
+            }
+        }
+        assert_eq!(ids(&now["raft"]["voters"]), ids(&was["raft"]["voters"]), "{n}: voters");
+        assert_eq!(ids(&now["raft"]["learners"]), ids(&was["raft"]["learners"]), "{n}: learners");
+        let info = c.node(n).admin(json!({"op": "cluster-info", "local": true}));
+        assert_eq!(info["cluster_id"], cluster_id);
+        c.node(n).kill9();
+    }
+    for n in names {
+        c.node(n).start();
+    }
+    let leader = wait_until("a leader after a full restart", Duration::from_secs(30), || leader_name(c.node("hv4")));
+    c.node("hv4").admin(json!({"op": "maintenance", "on": true}));
+    assert_eq!(c.node("hv1").admin(json!({"op": "cluster-info"}))["maintenance"], true);
+    eprintln!("full restart: leader {leader}");
+}
