@@ -127,6 +127,8 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, 
                 last_warning = Some(tokio::time::Instant::now());
                 refused = 0;
             }
+            // Say why before closing (best effort, never blocking the accept loop).
+            let _ = stream.try_write(b"{\"ok\":false,\"error\":\"too many admin connections\"}\n");
             continue;
         };
         let daemon = daemon.clone();

@@ -7,6 +7,7 @@
 //!                                                                      daemon_state run, keepalive
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub struct Daemon {
     pub node: Arc<ClusterNode<SledLogStore>>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
+    /// Set once the node has resumed (or found no) membership from disk.
+    resumed: AtomicBool,
 }
 
 fn json_err(e: impl std::fmt::Display) -> String {
@@ -141,7 +144,13 @@ impl Daemon {
     pub async fn status(&self) -> Value {
         let quorum = self.node.quorum().await;
         let Some(member) = self.node.member() else {
-            let state = if self.node.is_removed() { "removed" } else { "not-member" };
+            let state = if !self.resumed.load(Ordering::Acquire) {
+                "starting"
+            } else if self.node.is_removed() {
+                "removed"
+            } else {
+                "not-member"
+            };
             return json!({
                 "node": self.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
                 "quorum": false, "members": [],
@@ -288,7 +297,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let node =
         ClusterNode::new(settings, Arc::new(TcpConnector), stores.log, Arc::new(stores.sm), Arc::new(stores.local));
-    let daemon = Arc::new(Daemon { config: config.clone(), node: node.clone(), member_started: Notify::new() });
+    let daemon = Arc::new(Daemon {
+        config: config.clone(),
+        node: node.clone(),
+        member_started: Notify::new(),
+        resumed: AtomicBool::new(false),
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
@@ -302,6 +316,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(name = %config.name, role = %config.role, listen = %listen, socket = %config.admin_socket.display(), "herd daemon started");
 
     let resumed = node.resume().await.map_err(StartError::Resume)?;
+    daemon.resumed.store(true, Ordering::Release);
     if resumed {
         tracing::info!("resumed cluster membership from disk");
     } else if node.is_removed() {

@@ -85,9 +85,10 @@ impl Node {
             .expect("spawn herd daemon");
         self.child = Some(child);
         let name = self.name.clone();
+        // Up once the admin socket answers and the node has finished resuming from disk.
         wait_until(&format!("{name} admin socket"), Duration::from_secs(20), || {
             self.assert_alive();
-            self.try_admin(&json!({"op": "status"})).ok()
+            self.try_admin(&json!({"op": "status"})).ok().filter(|s| s["state"] != "starting")
         });
     }
 
@@ -111,9 +112,8 @@ impl Node {
     /// SIGTERM, then wait for the exit (SIGKILL after `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let pid = i32::try_from(c.id()).expect("pid");
-        // SAFETY-free: kill(2) through the `kill` command keeps this crate free of unsafe.
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = c.try_wait() {

@@ -70,7 +70,8 @@ fn cluster_lifecycle() {
         ]);
         assert!(out.status.success(), "{name} join: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let status = wait_until("3 voters + 1 learner, all run, one leader", Duration::from_secs(30), || formed(c.node("hv4")));
+    let status =
+        wait_until("3 voters + 1 learner, all run, one leader", Duration::from_secs(30), || formed(c.node("hv4")));
     assert_eq!(status["cluster_id"], cluster_id);
     let by_name = |s: &Value, n: &str| members(s).into_iter().find(|m| m["name"] == n).expect("member");
     assert_eq!(by_name(&status, "hv4")["voter"], false);
@@ -95,9 +96,12 @@ fn cluster_lifecycle() {
 
     // --- A wrong join token is refused and membership is unchanged. ---
     c.node("hv5").start();
-    let wrong = c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.4:7400", "token": "herd-wrong"}));
+    let wrong =
+        c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.4:7400", "token": "herd-wrong"}));
     assert!(wrong.as_ref().is_err_and(|e| e.contains("token refused")), "{wrong:?}");
-    let role = c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.1:7400", "token": token, "role": "hypervisor"}));
+    let role = c
+        .node("hv5")
+        .try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.1:7400", "token": token, "role": "hypervisor"}));
     assert!(role.as_ref().is_err_and(|e| e.contains("disagrees")), "{role:?}");
     let after = c.node("hv4").status();
     assert_eq!(members(&after).len(), 4);
@@ -118,9 +122,8 @@ fn cluster_lifecycle() {
     // --- Kill the leader; a new one is elected; the first write after goes through hv4. ---
     let old_leader = leader_name(c.node("hv4")).expect("a leader");
     c.node(&old_leader).kill9();
-    let new_leader = wait_until("a new leader", Duration::from_secs(15), || {
-        leader_name(c.node("hv4")).filter(|l| *l != old_leader)
-    });
+    let new_leader =
+        wait_until("a new leader", Duration::from_secs(15), || leader_name(c.node("hv4")).filter(|l| *l != old_leader));
     c.node("hv4").admin(json!({"op": "maintenance", "on": false}));
     let info = c.node("hv4").admin(json!({"op": "cluster-info"}));
     assert_eq!(info["maintenance"], false);
@@ -157,9 +160,12 @@ fn cluster_lifecycle() {
     wait_until("hv4 learns it was removed", Duration::from_secs(10), || {
         (c.node("hv4").status()["state"] == "removed").then_some(())
     });
-    let s = c.node("hv2").status();
-    assert!(members(&s).iter().all(|m| m["name"] != "hv4"));
-    assert!(!ids(&s["raft"]["learners"]).contains(&old_id));
+    let gone = c.node("hv2").try_admin(&json!({"op": "node-info", "name": "hv4"}));
+    assert!(gone.as_ref().is_err_and(|e| e.contains("no node named")), "{gone:?}");
+    wait_until("hv2 applied the removal", Duration::from_secs(10), || {
+        let s = c.node("hv2").status();
+        (members(&s).iter().all(|m| m["name"] != "hv4") && !ids(&s["raft"]["learners"]).contains(&old_id)).then_some(())
+    });
     let again = c.node("hv4").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.2:7400", "token": token}));
     assert!(again.is_err(), "a removed node must not rejoin under its old identity");
     c.node("hv4").kill9();
@@ -173,7 +179,8 @@ fn cluster_lifecycle() {
     // --- Durability, not catch-up: stop all, start each alone, compare with before. ---
     let names = ["hv1", "hv2", "hv3", "hv4"];
     let before: Vec<Value> = wait_until("all nodes applied the same index", Duration::from_secs(20), || {
-        let all: Vec<Value> = names.iter().map(|n| c.node(n).try_admin(&json!({"op": "status"})).ok()).collect::<Option<_>>()?;
+        let all: Vec<Value> =
+            names.iter().map(|n| c.node(n).try_admin(&json!({"op": "status"})).ok()).collect::<Option<_>>()?;
         let first = all[0]["applied_index"].clone();
         all.iter().all(|s| s["applied_index"] == first).then_some(all)
     });
