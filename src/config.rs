@@ -225,6 +225,14 @@ listen = "127.0.0.11:7400"
 "#;
 
     #[test]
+    fn the_example_config_documents_valid_keys() {
+        let c = Config::parse(include_str!("../deploy/herd.example.toml")).expect("example parses");
+        c.validate().expect("example is valid");
+        assert_eq!(c.limits.max_frame_bytes, LimitsSection::default().max_frame_bytes);
+        assert_eq!(c.raft.election_timeout_ms, RaftSection::default().election_timeout_ms);
+    }
+
+    #[test]
     fn a_minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).expect("parses");
         c.validate().expect("valid");

@@ -1,0 +1,32 @@
+# The two commands README.md gives a newcomer: `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: demo demo-stop test deps fmt lint unit cluster
+
+# A local cluster: 3 coordinators + 1 hypervisor on loopback, then `herd status`.
+demo: deps
+	$(CARGO) build --bin herd
+	deploy/demo.sh
+
+demo-stop:
+	deploy/demo.sh stop
+
+# Everything CI runs: system packages if missing, formatting, lints, every test layer.
+test: deps fmt lint
+	$(CARGO) test --workspace --all-targets
+
+deps:
+	deploy/install-deps.sh
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Single layers, for a quicker loop while working.
+unit:
+	$(CARGO) test --workspace --lib --bins
+cluster:
+	$(CARGO) test --test cluster

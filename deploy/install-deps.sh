@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages herd's build, tests and demo need, if any is missing.
+# Idempotent and quiet when everything is there; needs root (or sudo) only to install.
+set -euo pipefail
+# gcc/libc6-dev: C toolchain some -sys crates build with; pkg-config: finding system libraries;
+# iproute2: `ip`, which the network-namespace cluster tests of the next issues use.
+PACKAGES=(gcc libc6-dev pkg-config iproute2)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup) first" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
