@@ -15,7 +15,7 @@ use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
 use herd_raft::transport::{TcpConnector, TcpListener};
-use herd_storage::model::{Command, DaemonState, NodeStats};
+use herd_storage::model::{ApplyError, Command, DaemonState, NodeStats};
 use herd_storage::sled_store::{self, SledLogStore};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
@@ -219,13 +219,22 @@ impl Daemon {
             }
             self.member_started.notified().await;
         }
-        let name = self.config.name.clone();
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         // `init` → `run` once this node can get a write of its own committed.
         loop {
-            let cmd = Command::SetDaemonState { name: name.clone(), state: DaemonState::Run, return_by_ms: None };
-            match self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
-                Ok(_) => {
+            match self
+                .own_write(
+                    |name, node_id| Command::SetDaemonState {
+                        name,
+                        state: DaemonState::Run,
+                        return_by_ms: None,
+                        node_id,
+                    },
+                    WRITE_TIMEOUT,
+                )
+                .await
+            {
+                Ok(()) => {
                     tracing::info!("daemon_state run");
                     break;
                 }
@@ -241,14 +250,34 @@ impl Daemon {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            if self.node.is_removed() {
-                return;
-            }
             last = stats::collect(&last, interval / 4).await;
-            let cmd = Command::Keepalive { name: name.clone(), stats: last.clone() };
-            if let Err(e) = self.node.write(vec![cmd.into()], interval).await {
-                tracing::warn!("keepalive not committed: {e}");
+            let stats = last.clone();
+            match self.own_write(|name, node_id| Command::Keepalive { name, stats, node_id }, interval).await {
+                Ok(()) => {}
+                Err(NodeError::Removed) => return,
+                Err(e) => tracing::warn!("keepalive not committed: {e}"),
             }
+        }
+    }
+
+    /// Writes a command about this node itself, naming its id. If the cluster no longer has a
+    /// record of this node under this id, it was removed while this daemon was away: leave.
+    async fn own_write(
+        &self,
+        cmd: impl FnOnce(String, Option<u64>) -> Command,
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
+        let member =
+            self.node.member().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
+        let cmd = cmd(self.config.name.clone(), Some(member.id));
+        match self.node.write(vec![cmd.into()], timeout).await {
+            Ok(_) => Ok(()),
+            Err(NodeError::Apply(ApplyError::NoSuchNode(_))) => {
+                tracing::warn!(node_id = member.id, "the cluster has no record of this node: it was removed");
+                self.node.leave().await?;
+                Err(NodeError::Removed)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -259,12 +288,13 @@ impl Daemon {
             return;
         }
         let return_by = herd_raft::clock::wall_ms() + self.config.lifecycle.return_by_ms;
-        let cmd = Command::SetDaemonState {
-            name: self.config.name.clone(),
+        let stop = |name, node_id| Command::SetDaemonState {
+            name,
             state: DaemonState::Stop,
             return_by_ms: Some(return_by),
+            node_id,
         };
-        match self.node.write(vec![cmd.into()], Duration::from_secs(3)).await {
+        match self.own_write(stop, Duration::from_secs(3)).await {
             Ok(_) => tracing::info!(return_by_ms = return_by, "daemon_state stop recorded"),
             Err(e) => tracing::warn!("could not record daemon_state stop: {e}"),
         }

@@ -157,6 +157,23 @@ impl Node {
         self.admin(json!({"op": "status"}))
     }
 
+    /// Runs the `herd` CLI against this node's socket, feeding `input` on standard input.
+    pub fn cli_with_stdin(&self, args: &[&str], input: &str) -> std::process::Output {
+        let mut child = Command::new(HERD)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run herd cli");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("herd cli output")
+    }
+
     /// Runs the `herd` CLI against this node's socket.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(HERD).arg("--socket").arg(self.socket()).args(args).output().expect("run herd cli")

@@ -203,8 +203,8 @@ fn apply_op(
             push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"), changed);
             Ok(Reply::Done)
         }
-        Command::Keepalive { name, stats } => {
-            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+        Command::Keepalive { name, stats, node_id } => {
+            let node = own_record(state, name, *node_id)?;
             check_revision(format!("node {name}"), node.revision, op)?;
             node.stats = stats.clone();
             node.last_keepalive_ms = Some(now);
@@ -212,8 +212,8 @@ fn apply_op(
             changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
-        Command::SetDaemonState { name, state: new, return_by_ms } => {
-            let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+        Command::SetDaemonState { name, state: new, return_by_ms, node_id } => {
+            let node = own_record(state, name, *node_id)?;
             check_revision(format!("node {name}"), node.revision, op)?;
             if *new == DaemonState::Stop && return_by_ms.is_none() {
                 return Err(ApplyError::Invalid("daemon_state stop needs a return_by deadline".into()));
@@ -241,6 +241,15 @@ fn apply_op(
             }
             Ok(Reply::Done)
         }
+    }
+}
+
+/// The record a node writes about itself: it must exist and, when the writer names its id,
+/// carry that id.
+fn own_record<'a>(state: &'a mut State, name: &str, node_id: Option<NodeId>) -> Result<&'a mut NodeRecord, ApplyError> {
+    match state.nodes.get_mut(name) {
+        Some(node) if node_id.is_none_or(|id| id == node.id) => Ok(node),
+        _ => Err(ApplyError::NoSuchNode(name.to_string())),
     }
 }
 

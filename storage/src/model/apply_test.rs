@@ -48,7 +48,7 @@ fn remove(name: &str) -> Command {
 }
 
 fn keepalive(name: &str) -> Command {
-    Command::Keepalive { name: name.into(), stats: sample_stats() }
+    Command::Keepalive { name: name.into(), stats: sample_stats(), node_id: None }
 }
 
 fn sample_stats() -> NodeStats {
@@ -56,7 +56,7 @@ fn sample_stats() -> NodeStats {
 }
 
 fn set_daemon(name: &str, state: DaemonState, return_by_ms: Option<u64>) -> Command {
-    Command::SetDaemonState { name: name.into(), state, return_by_ms }
+    Command::SetDaemonState { name: name.into(), state, return_by_ms, node_id: None }
 }
 
 fn maintenance(on: bool) -> Command {
@@ -673,12 +673,13 @@ fn command_strategy() -> impl Strategy<Value = Command> {
             .prop_map(|(node, token_hash)| Command::RegisterNode { node, token_hash }),
         1 => name_strategy().prop_map(|name| Command::RemoveNode { name }),
         4 => (name_strategy(), stats_strategy())
-            .prop_map(|(name, stats)| Command::Keepalive { name, stats }),
+            .prop_map(|(name, stats)| Command::Keepalive { name, stats, node_id: None }),
         3 => (name_strategy(), daemon_state_strategy(), proptest::option::of(0..1_000_000u64))
             .prop_map(|(name, state, return_by_ms)| Command::SetDaemonState {
                 name,
                 state,
-                return_by_ms
+                return_by_ms,
+                node_id: None
             }),
         1 => any::<bool>().prop_map(|on| Command::SetMaintenance { on }),
     ]
@@ -899,4 +900,25 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[test]
+fn a_write_naming_another_id_is_refused() {
+    let mut state = State::default();
+    let init = Command::InitCluster {
+        cluster_id: "c".into(),
+        token_hash: "h".into(),
+        node: NewNode { name: "a".into(), role: Role::Coordinator, cluster_addr: "a:1".into() },
+    };
+    apply(&mut state, 1, &Request { id: "r1".into(), time_ms: 1, ops: vec![init.into()] });
+    let before = state.clone();
+    let stale = Command::Keepalive { name: "a".into(), stats: NodeStats::default(), node_id: Some(7) };
+    let out = apply(&mut state, 2, &Request { id: "r2".into(), time_ms: 2, ops: vec![stale.into()] });
+    assert_eq!(out.response.result, Err(ApplyError::NoSuchNode("a".into())));
+    assert_eq!(state.nodes, before.nodes);
+    let own =
+        Command::SetDaemonState { name: "a".into(), state: DaemonState::Run, return_by_ms: None, node_id: Some(1) };
+    let out = apply(&mut state, 3, &Request { id: "r3".into(), time_ms: 3, ops: vec![own.into()] });
+    assert_eq!(out.response.result, Ok(Reply::Done));
+    assert_eq!(state.nodes["a"].daemon_state, DaemonState::Run);
 }

@@ -298,15 +298,22 @@ pub enum Command {
     RemoveNode {
         name: String,
     },
-    /// A node's periodic report; also proves it can get writes committed.
+    /// A node's periodic report; also proves it can get writes committed. With `node_id`, it is
+    /// refused unless the record under `name` has that id: the daemon of a removed node cannot
+    /// write over the record of a new node that took its name.
     Keepalive {
         name: String,
         stats: NodeStats,
+        #[serde(default)]
+        node_id: Option<NodeId>,
     },
+    /// A node's own lifecycle state; `node_id` as for `Keepalive`.
     SetDaemonState {
         name: String,
         state: DaemonState,
         return_by_ms: Option<u64>,
+        #[serde(default)]
+        node_id: Option<NodeId>,
     },
     SetMaintenance {
         on: bool,
