@@ -1,27 +1,13 @@
-//! `herd`: one binary for the node daemon and the operator's commands.
-//!
-//! ```text
-//!   main.rs    parse the command line; run the daemon or one admin request
-//!   cli.rs     clap definitions, admin-socket client, tables
-//!   config.rs  strict TOML config, validated once
-//!   daemon.rs  node lifecycle: stores, ports, membership, keepalive, SIGTERM
-//!   admin.rs   the admin socket (JSON lines), bounded
-//!   stats.rs   host figures with a deadline
-//! ```
-
-mod admin;
-mod cli;
-mod config;
-mod daemon;
-mod stats;
+//! `herd`: one binary for the node daemon and the operator's commands. The logic lives in the
+//! `herd` library (src/lib.rs); this file only parses the command line and hands over.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-
-use crate::admin::AdminRequest;
-use crate::cli::{ClusterCommand, Command, NodeCommand};
+use herd::admin::AdminRequest;
+use herd::cli::{self, ClusterCommand, Command, NodeCommand};
+use herd::{config, daemon};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

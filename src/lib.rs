@@ -1,0 +1,18 @@
+//! The `herd` node: daemon, CLI, admin socket and the node-side subsystems.
+//!
+//! ```text
+//!   cli.rs     clap definitions, admin-socket client, tables      (used by main.rs)
+//!   config.rs  strict TOML config, validated once
+//!   daemon.rs  node lifecycle: stores, ports, membership, keepalive, SIGTERM
+//!   admin.rs   the admin socket (JSON lines), bounded
+//!   stats.rs   host figures with a deadline
+//! ```
+//!
+//! A library (not only a binary) so that the deterministic simulation can run the same daemon
+//! logic.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod stats;
