@@ -233,7 +233,12 @@ pub fn render(command: &Command, v: &Value) -> String {
             out.push_str(&members_table(&v["members"]));
             out
         }
-        Command::Node(NodeCommand::List) => members_table(v),
+        Command::Node(NodeCommand::List) => format!(
+            "{}\n(local state at applied index {}; quorum {})",
+            members_table(&v["members"]),
+            s(&v["applied_index"]),
+            if v["quorum"].as_bool() == Some(true) { "yes" } else { "NO" }
+        ),
         Command::InitCluster => format!("cluster {} created\njoin token: {}", s(&v["cluster_id"]), s(&v["token"])),
         Command::JoinCluster(_) => format!(
             "joined cluster {} as node {} ({})",

@@ -92,6 +92,8 @@ pub struct LimitsSection {
     pub max_frame_bytes: u32,
     /// A cluster connection silent this long is closed.
     pub cluster_idle_timeout_ms: u64,
+    /// Once a frame has started on the cluster port, the rest must arrive within this.
+    pub cluster_frame_timeout_ms: u64,
     /// An admin connection silent this long is closed.
     pub admin_idle_timeout_ms: u64,
     /// Concurrent connections on the cluster port; more are refused.
@@ -103,6 +105,7 @@ impl Default for LimitsSection {
         LimitsSection {
             max_frame_bytes: 64 * 1024 * 1024,
             cluster_idle_timeout_ms: 30_000,
+            cluster_frame_timeout_ms: 10_000,
             admin_idle_timeout_ms: 120_000,
             max_cluster_connections: 256,
         }
@@ -189,6 +192,9 @@ impl Config {
         }
         if !(100..=3_600_000).contains(&self.limits.cluster_idle_timeout_ms) {
             return err("limits.cluster_idle_timeout_ms", "must be between 100 and 3600000".into());
+        }
+        if !(100..=600_000).contains(&self.limits.cluster_frame_timeout_ms) {
+            return err("limits.cluster_frame_timeout_ms", "must be between 100 and 600000".into());
         }
         if !(100..=3_600_000).contains(&self.limits.admin_idle_timeout_ms) {
             return err("limits.admin_idle_timeout_ms", "must be between 100 and 3600000".into());

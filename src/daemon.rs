@@ -65,7 +65,16 @@ impl Daemon {
     pub async fn handle(&self, req: AdminRequest) -> Result<Value, String> {
         match req {
             AdminRequest::Status {} => Ok(self.status().await),
-            AdminRequest::NodeList {} => Ok(self.status().await["members"].clone()),
+            AdminRequest::NodeList {} => {
+                // The members, and how fresh this local answer is.
+                let s = self.status().await;
+                Ok(json!({
+                    "applied_index": s["applied_index"],
+                    "quorum": s["quorum"],
+                    "leader": s["leader"],
+                    "members": s["members"],
+                }))
+            }
             AdminRequest::InitCluster {} => {
                 let out = self.node.init_cluster(WRITE_TIMEOUT).await.map_err(json_err)?;
                 self.member_started.notify_one();
@@ -142,7 +151,7 @@ impl Daemon {
 
     /// The local picture, at once (no quorum needed), with how fresh it is.
     pub async fn status(&self) -> Value {
-        let quorum = self.node.quorum().await;
+        let quorum = self.node.quorum();
         let Some(member) = self.node.member() else {
             let state = if !self.resumed.load(Ordering::Acquire) {
                 "starting"
@@ -153,7 +162,7 @@ impl Daemon {
             };
             return json!({
                 "node": self.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
-                "quorum": false, "members": [],
+                "quorum": false, "applied_index": 0, "members": [],
             });
         };
         let m = member.raft.metrics().borrow_watched().clone();
@@ -196,6 +205,7 @@ impl Daemon {
             "quorum": quorum,
             "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),
             "lease_confirmed": lease_confirmed,
+            "join_pending": self.node.join_pending(),
             "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
             "members": members,
             "raft": {
@@ -315,6 +325,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_frame: config.limits.max_frame_bytes,
         idle_timeout: Duration::from_millis(config.limits.cluster_idle_timeout_ms),
         max_connections: config.limits.max_cluster_connections,
+        frame_timeout: Duration::from_millis(config.limits.cluster_frame_timeout_ms),
         ..Limits::default()
     };
     let settings = NodeSettings {
@@ -368,7 +379,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = cluster_server.await;
     let _ = admin_server.await;
     let _ = std::fs::remove_file(&config.admin_socket);
-    tracing::info!("stopped");
+    let applied = node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
+    tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
     Ok(())
 }
 

@@ -28,6 +28,12 @@ pub struct Limits {
     /// Once a frame has started, the rest must arrive within this.
     pub frame_timeout: Duration,
     pub max_connections: usize,
+    /// Connections from one peer address; a flood from one host cannot lock the others out.
+    pub max_per_peer: usize,
+    /// All frame bodies being read at once, across connections.
+    pub max_buffered_bytes: u64,
+    /// A request is never worked on longer than this, whatever timeout its sender gave.
+    pub max_request_time: Duration,
 }
 
 impl Default for Limits {
@@ -38,6 +44,9 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             frame_timeout: Duration::from_secs(10),
             max_connections: 256,
+            max_per_peer: 32,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            max_request_time: Duration::from_secs(120),
         }
     }
 }
@@ -61,6 +70,7 @@ pub struct PeerClient {
     addr: String,
     target: Option<NodeId>,
     cluster_id: String,
+    from: Option<NodeId>,
     limits: Limits,
     conn: Option<BoxStream>,
 }
@@ -73,18 +83,35 @@ impl PeerClient {
         cluster_id: String,
         limits: Limits,
     ) -> Self {
-        PeerClient { connector, addr, target, cluster_id, limits, conn: None }
+        PeerClient { connector, addr, target, cluster_id, from: None, limits, conn: None }
+    }
+
+    /// Names the sending node in every frame.
+    pub fn from(mut self, from: Option<NodeId>) -> Self {
+        self.from = from;
+        self
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
+    pub fn target(&self) -> Option<NodeId> {
+        self.target
+    }
+
     /// Sends `body` and waits for the reply, all within `timeout`. A failure on a reused
     /// connection (the peer may have closed it while idle) is retried once on a fresh one.
     pub async fn call(&mut self, body: Rpc, timeout: Duration) -> Result<RpcReply, CallError> {
-        let frame =
-            RequestFrame { version: PROTOCOL_VERSION, cluster_id: self.cluster_id.clone(), to: self.target, body };
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let frame = RequestFrame {
+            version: PROTOCOL_VERSION,
+            cluster_id: self.cluster_id.clone(),
+            to: self.target,
+            from: self.from,
+            timeout_ms,
+            body,
+        };
         let transport = |addr: &str, source| CallError::Transport { addr: addr.to_string(), source };
         let bytes = wire::encode(&frame, self.limits.max_frame).map_err(|e| transport(&self.addr, e))?;
         let deadline = Instant::now() + timeout;
@@ -134,6 +161,8 @@ pub struct NetworkFactory {
     pub connector: Arc<dyn Connector>,
     pub limits: Limits,
     pub cluster_id: String,
+    /// This node's id.
+    pub me: NodeId,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -147,7 +176,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 Some(target),
                 self.cluster_id.clone(),
                 self.limits.clone(),
-            ),
+            )
+            .from(Some(self.me)),
         }
     }
 }

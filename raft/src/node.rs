@@ -143,8 +143,19 @@ pub struct ClusterNode<LS> {
     membership_lock: tokio::sync::Mutex<()>,
     /// When this node last accepted AppendEntries from a leader.
     leader_contact: Mutex<Option<Instant>>,
-    /// A cached connection to the leader for forwarding.
+    /// A cached connection to the leader for forwarding (a busy one is not waited for).
     leader_client: tokio::sync::Mutex<Option<PeerClient>>,
+}
+
+fn not_leader(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> RpcError {
+    RpcError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()) }
+}
+
+fn write_err(e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>) -> RpcError {
+    match e.forward_to_leader() {
+        Some(f) => not_leader(f),
+        None => RpcError::Raft(e.to_string()),
+    }
 }
 
 impl<LS> ClusterNode<LS>
@@ -192,6 +203,16 @@ where
         *self.removed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether this node has an id but has not finished joining (a repeated join resumes it).
+    pub fn join_pending(&self) -> bool {
+        self.identity.load().ok().flatten().is_some_and(|id| id.pending_join)
+    }
+
+    fn client(&self, addr: String, target: Option<NodeId>, cluster_id: String) -> PeerClient {
+        let me = self.member().map(|m| m.id);
+        PeerClient::new(self.connector.clone(), addr, target, cluster_id, self.settings.limits.clone()).from(me)
+    }
+
     /// Restarts Raft from disk if this node already has an identity. Returns whether it did.
     pub async fn resume(&self) -> Result<bool, NodeError> {
         match self.identity.load()? {
@@ -201,6 +222,8 @@ where
                 Ok(false)
             }
             Some(id) => {
+                // With a join pending, Raft runs so that the leader can still add this node; a
+                // repeated `join-cluster` finishes the second phase.
                 self.start_raft(id.node_id, id.cluster_id).await?;
                 Ok(true)
             }
@@ -215,17 +238,23 @@ where
             election_timeout_min: min,
             election_timeout_max: max,
             enable_pre_vote: Some(true),
+            // A whole snapshot travels in one frame and is installed and flushed inside the RPC.
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         Ok(Arc::new(config.validate().map_err(|e| NodeError::Raft(e.to_string()))?))
     }
 
     async fn start_raft(&self, id: NodeId, cluster_id: String) -> Result<Arc<Member>, NodeError> {
+        if let Some(m) = self.member() {
+            return Ok(m);
+        }
         let config = self.raft_config()?;
         let network = NetworkFactory {
             connector: self.connector.clone(),
             limits: self.settings.limits.clone(),
             cluster_id: cluster_id.clone(),
+            me: id,
         };
         let sm = StateMachine::open(self.backend.clone())?;
         let view = sm.view();
@@ -244,17 +273,17 @@ where
                 "init-cluster runs on a coordinator (this node is a hypervisor: join it to a cluster instead)".into(),
             ));
         }
-        self.ensure_fresh()?;
+        self.ensure_fresh(false)?;
         let cluster_id = random_hex(8);
         let token = format!("herd-{}", random_hex(24));
-        self.identity
-            .save(&Identity {
-                node_id: 1,
-                cluster_id: cluster_id.clone(),
-                name: self.settings.name.clone(),
-                removed: false,
-            })
-            .await?;
+        let identity = Identity {
+            node_id: 1,
+            cluster_id: cluster_id.clone(),
+            name: self.settings.name.clone(),
+            removed: false,
+            pending_join: false,
+        };
+        self.identity.save(&identity).await?;
         let member = self.start_raft(1, cluster_id.clone()).await?;
         let nodes = BTreeMap::from([(1, BasicNode::new(&self.settings.advertise))]);
         member.raft.initialize(nodes).await.map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -269,60 +298,72 @@ where
         Ok(InitOutcome { cluster_id, token })
     }
 
-    fn ensure_fresh(&self) -> Result<(), NodeError> {
+    /// Refuses unless this node has no cluster (or, with `resume_join`, only a pending join).
+    fn ensure_fresh(&self, resume_join: bool) -> Result<Option<Identity>, NodeError> {
         if self.is_removed() {
             return Err(NodeError::Removed);
         }
-        if let Some(m) = self.member() {
-            return Err(NodeError::AlreadyMember(m.cluster_id.clone()));
+        match self.identity.load()? {
+            None => Ok(None),
+            Some(id) if resume_join && id.pending_join => Ok(Some(id)),
+            Some(id) => Err(NodeError::AlreadyMember(id.cluster_id)),
         }
-        if let Some(id) = self.identity.load()? {
-            return Err(NodeError::AlreadyMember(id.cluster_id));
-        }
-        Ok(())
     }
 
     /// Joins the cluster that `peer` belongs to.
     pub async fn join_cluster(&self, peer: &str, token: &str, timeout: Duration) -> Result<JoinOutcome, NodeError> {
-        self.ensure_fresh()?;
+        let pending = self.ensure_fresh(true)?;
         let deadline = Instant::now() + timeout;
-        let mut client = PeerClient::new(
-            self.connector.clone(),
-            peer.to_string(),
-            None,
-            String::new(),
-            self.settings.limits.clone(),
-        );
-        let join = JoinRequest {
-            token: token.to_string(),
-            name: self.settings.name.clone(),
-            role: self.settings.role,
-            cluster_addr: self.settings.advertise.clone(),
-            request_id: request_id(),
+        let (node_id, cluster_id) = match pending {
+            Some(id) => {
+                tracing::info!(node_id = id.node_id, "resuming an unfinished join");
+                (id.node_id, id.cluster_id)
+            }
+            None => {
+                let mut client = self.client(peer.to_string(), None, String::new());
+                let join = JoinRequest {
+                    token: token.to_string(),
+                    name: self.settings.name.clone(),
+                    role: self.settings.role,
+                    cluster_addr: self.settings.advertise.clone(),
+                    request_id: request_id(),
+                };
+                let joined = match self.call_with_retry(&mut client, LeaderOp::Join(join), deadline).await? {
+                    RpcReply::Joined(j) => j,
+                    other => return Err(NodeError::Refused(format!("unexpected join reply {other:?}"))),
+                };
+                tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
+                let identity = Identity {
+                    node_id: joined.node_id,
+                    cluster_id: joined.cluster_id.clone(),
+                    name: self.settings.name.clone(),
+                    removed: false,
+                    pending_join: true,
+                };
+                self.identity.save(&identity).await?;
+                (joined.node_id, joined.cluster_id)
+            }
         };
-        let joined = match self.call_with_retry(&mut client, LeaderOp::Join(join), deadline).await? {
-            RpcReply::Joined(j) => j,
-            other => return Err(NodeError::Refused(format!("unexpected join reply {other:?}"))),
-        };
-        tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
-        self.identity
-            .save(&Identity {
-                node_id: joined.node_id,
-                cluster_id: joined.cluster_id.clone(),
-                name: self.settings.name.clone(),
-                removed: false,
-            })
-            .await?;
-        self.start_raft(joined.node_id, joined.cluster_id.clone()).await?;
-        let add = AddMemberRequest { token: token.to_string(), node_id: joined.node_id };
+        self.start_raft(node_id, cluster_id.clone()).await?;
+        let mut client = self.client(peer.to_string(), None, cluster_id.clone());
+        let add = AddMemberRequest { token: token.to_string(), node_id };
         let voter = match self.call_with_retry(&mut client, LeaderOp::AddMember(add), deadline).await? {
             RpcReply::MemberAdded(AddMemberReply { voter }) => voter,
             other => return Err(NodeError::Refused(format!("unexpected add-member reply {other:?}"))),
         };
-        Ok(JoinOutcome { node_id: joined.node_id, cluster_id: joined.cluster_id, voter })
+        let identity = Identity {
+            node_id,
+            cluster_id: cluster_id.clone(),
+            name: self.settings.name.clone(),
+            removed: false,
+            pending_join: false,
+        };
+        self.identity.save(&identity).await?;
+        Ok(JoinOutcome { node_id, cluster_id, voter })
     }
 
-    /// Calls a peer (which forwards to the leader), retrying `NotLeader` and transport errors.
+    /// Calls a peer (which forwards to the leader), retrying retryable errors and transport
+    /// failures with backoff until `deadline`.
     async fn call_with_retry(
         &self,
         client: &mut PeerClient,
@@ -334,7 +375,7 @@ where
             let remaining = deadline.saturating_duration_since(Instant::now());
             let err = match client.call(Rpc::Leader(op.clone()), remaining).await {
                 Ok(r) => return Ok(r),
-                Err(CallError::Remote(RpcError::NotLeader { .. })) => "no leader yet".to_string(),
+                Err(CallError::Remote(e)) if e.is_retryable() => e.to_string(),
                 Err(e @ CallError::Transport { .. }) => e.to_string(),
                 Err(CallError::Remote(e)) => return Err(e.into()),
                 Err(e) => return Err(e.into()),
@@ -384,19 +425,15 @@ where
     }
 
     /// Runs `op` on the leader: locally if this node leads, else forwarded; retries while no
-    /// leader is known or the leader is not ready, until `timeout`.
+    /// leader is known, the leader is not ready or cannot be reached, until `timeout`.
     pub async fn leader_call(&self, op: LeaderOp, timeout: Duration) -> Result<RpcReply, NodeError> {
         let member = self.require_member()?;
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(20);
         loop {
-            let attempt = self.leader_attempt(&member, &op, deadline).await;
-            let why = match attempt {
+            let why = match self.leader_attempt(&member, &op, deadline).await {
                 Ok(r) => return Ok(r),
-                Err(RpcError::NotLeader { leader_addr, .. }) => {
-                    format!("not leader (leader: {leader_addr:?})")
-                }
-                Err(RpcError::Refused(m)) if m.starts_with("transport:") => m,
+                Err(e) if e.is_retryable() => e.to_string(),
                 Err(e) => return Err(e.into()),
             };
             if Instant::now() + pause >= deadline {
@@ -419,7 +456,7 @@ where
         match leader {
             Some(l) if l == member.id => tokio::time::timeout(remaining, self.execute(member, op.clone(), remaining))
                 .await
-                .unwrap_or_else(|_| Err(RpcError::Refused(format!("transport: timed out after {remaining:?}")))),
+                .unwrap_or_else(|_| Err(RpcError::Unavailable(format!("no result within {remaining:?}")))),
             Some(l) => self.forward(member, l, op.clone(), remaining).await,
             None => Err(RpcError::NotLeader { leader_id: None, leader_addr: None }),
         }
@@ -439,21 +476,33 @@ where
         let Some(addr) = addr else {
             return Err(RpcError::NotLeader { leader_id: Some(leader), leader_addr: None });
         };
-        let mut cached = self.leader_client.lock().await;
-        if cached.as_ref().is_none_or(|c| c.addr() != addr) {
-            *cached = Some(PeerClient::new(
-                self.connector.clone(),
-                addr.clone(),
-                Some(leader),
-                member.cluster_id.clone(),
-                self.settings.limits.clone(),
-            ));
-        }
-        let client = cached.as_mut().ok_or(RpcError::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) })?;
+        // The cached connection serves one call at a time; a caller that finds it busy uses a
+        // connection of its own rather than waiting behind, say, a minute-long join.
+        let mut cached = self.leader_client.try_lock().ok();
+        let mut own = None;
+        let client = match cached.as_deref_mut() {
+            Some(slot) => {
+                if slot.as_ref().is_none_or(|c| c.addr() != addr || c.target() != Some(leader)) {
+                    *slot = Some(self.client(addr.clone(), Some(leader), member.cluster_id.clone()));
+                }
+                slot.as_mut()
+            }
+            None => own.insert(self.client(addr.clone(), Some(leader), member.cluster_id.clone())).into(),
+        };
+        let Some(client) = client else {
+            return Err(RpcError::Unavailable("no connection to the leader".into()));
+        };
         match client.call(Rpc::Leader(op), timeout).await {
             Ok(r) => Ok(r),
-            Err(CallError::Remote(e)) => Err(e),
-            Err(e) => Err(RpcError::Refused(format!("transport: {e}"))),
+            Err(CallError::Remote(e)) => {
+                if matches!(e, RpcError::WrongNode { .. }) {
+                    if let Some(slot) = cached.as_deref_mut() {
+                        *slot = None;
+                    }
+                }
+                Err(e)
+            }
+            Err(e) => Err(RpcError::Unavailable(e.to_string())),
         }
     }
 
@@ -467,10 +516,7 @@ where
             LeaderOp::ReadIndex => {
                 let read = member.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| {
                     match e.forward_to_leader() {
-                        Some(f) => RpcError::NotLeader {
-                            leader_id: f.leader_id,
-                            leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-                        },
+                        Some(f) => not_leader(f),
                         None => RpcError::Raft(e.to_string()),
                     }
                 })?;
@@ -498,13 +544,7 @@ where
     }
 
     async fn propose(&self, member: &Member, req: Request) -> Result<Response, RpcError> {
-        member.raft.client_write(req).await.map(|r| r.data).map_err(|e| match e.forward_to_leader() {
-            Some(f) => RpcError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-            },
-            None => RpcError::Raft(e.to_string()),
-        })
+        member.raft.client_write(req).await.map(|r| r.data).map_err(write_err)
     }
 
     async fn add_member(&self, member: &Member, a: AddMemberRequest, timeout: Duration) -> Result<RpcReply, RpcError> {
@@ -520,26 +560,14 @@ where
                 .ok_or_else(|| RpcError::Refused(format!("no registered node has id {}", a.node_id)))?
         };
         let _guard = self.membership_lock.lock().await;
-        let raft_err =
-            |e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>| match e
-                .forward_to_leader()
-            {
-                Some(f) => RpcError::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-                },
-                None => RpcError::Raft(e.to_string()),
-            };
         let membership = member.raft.metrics().borrow_watched().membership_config.clone();
         if membership.get_node(&a.node_id).is_none() {
             tracing::info!(node = %record.name, id = a.node_id, "adding learner; waiting for it to catch up");
             let add = member.raft.add_learner(a.node_id, BasicNode::new(&record.cluster_addr), true);
             tokio::time::timeout(timeout, add)
                 .await
-                .map_err(|_| {
-                    RpcError::Refused(format!("transport: {} did not catch up within {timeout:?}", record.name))
-                })?
-                .map_err(raft_err)?;
+                .map_err(|_| RpcError::Unavailable(format!("{} did not catch up within {timeout:?}", record.name)))?
+                .map_err(write_err)?;
         }
         let voters: BTreeSet<NodeId> = member.raft.metrics().borrow_watched().membership_config.voter_ids().collect();
         let voter = if record.role == Role::Coordinator && !voters.contains(&a.node_id) && voters.len() < MAX_VOTERS {
@@ -548,7 +576,7 @@ where
                 .raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([a.node_id])), false)
                 .await
-                .map_err(raft_err)?;
+                .map_err(write_err)?;
             true
         } else {
             voters.contains(&a.node_id)
@@ -566,20 +594,10 @@ where
             .cloned()
             .ok_or_else(|| RpcError::Refused(format!("no node named {name:?}")))?;
         let _guard = self.membership_lock.lock().await;
-        let raft_err =
-            |e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>| match e
-                .forward_to_leader()
-            {
-                Some(f) => RpcError::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
-                },
-                None => RpcError::Raft(e.to_string()),
-            };
         let membership = member.raft.metrics().borrow_watched().membership_config.clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.contains(&record.id) {
-            let left = voters.len() - 1;
+            let left = voters.len().saturating_sub(1);
             if left < MIN_SAFE_VOTERS && !force {
                 return Err(RpcError::Refused(format!(
                     "removing {name} would leave {left} voter(s); a cluster needs {MIN_SAFE_VOTERS} to survive a failure (use --force)"
@@ -588,17 +606,26 @@ where
             if left == 0 {
                 return Err(RpcError::Refused(format!("{name} is the last voter; it cannot be removed")));
             }
+            if record.id == member.id {
+                // A leader removing itself could not finish (it steps down halfway): hand the
+                // leadership to another voter and let the caller retry there.
+                if let Some(to) = voters.iter().copied().find(|v| *v != member.id) {
+                    tracing::info!(to, "removing the leader itself: transferring leadership first");
+                    member.raft.trigger().transfer_leader(to).await.map_err(|e| RpcError::Raft(e.to_string()))?;
+                }
+                return Err(RpcError::NotLeader { leader_id: None, leader_addr: None });
+            }
             member
                 .raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([record.id])), false)
                 .await
-                .map_err(raft_err)?;
+                .map_err(write_err)?;
         } else if membership.get_node(&record.id).is_some() {
             member
                 .raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([record.id])), false)
                 .await
-                .map_err(raft_err)?;
+                .map_err(write_err)?;
         }
         let req = Request {
             id: request_id(),
@@ -606,21 +633,38 @@ where
             ops: vec![Command::RemoveNode { name: name.to_string() }.into()],
         };
         self.propose(member, req).await?.result.map_err(|e| RpcError::Refused(e.to_string()))?;
-        // Tell the removed node to stop taking part (best effort: it may be down).
-        if record.id != member.id {
-            let mut c = PeerClient::new(
-                self.connector.clone(),
-                record.cluster_addr.clone(),
-                Some(record.id),
-                member.cluster_id.clone(),
-                self.settings.limits.clone(),
-            );
-            if let Err(e) = c.call(Rpc::Removed, Duration::from_secs(2)).await {
-                tracing::warn!(node = %name, "could not tell the removed node to stop: {e}");
-            }
+        self.promote_standby(member).await;
+        // Tell the removed node to stop taking part (best effort: it may be down; if it comes
+        // back, its first own write finds no record and it leaves then).
+        let mut c = self.client(record.cluster_addr.clone(), Some(record.id), member.cluster_id.clone());
+        if let Err(e) = c.call(Rpc::Removed, Duration::from_secs(2)).await {
+            tracing::warn!(node = %name, "could not tell the removed node to stop: {e}");
         }
         tracing::info!(node = %name, id = record.id, "node removed");
         Ok(RpcReply::Done)
+    }
+
+    /// Promotes a standby coordinator (a learner) while there are fewer than five voters.
+    async fn promote_standby(&self, member: &Member) {
+        let membership = member.raft.metrics().borrow_watched().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.len() >= MAX_VOTERS {
+            return;
+        }
+        let standby = {
+            let g = member.view.read();
+            membership
+                .membership()
+                .learner_ids()
+                .find(|id| g.state.node_by_id(*id).is_some_and(|n| n.role == Role::Coordinator))
+        };
+        if let Some(id) = standby {
+            tracing::info!(id, "promoting a standby coordinator to voter");
+            if let Err(e) = member.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await
+            {
+                tracing::warn!(id, "standby promotion failed: {e}");
+            }
+        }
     }
 
     /// Stops Raft for good on this node after the cluster removed it.
@@ -628,10 +672,14 @@ where
         let member = self.member.write().unwrap_or_else(|p| p.into_inner()).take();
         *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         if let Some(m) = member {
-            let name = self.settings.name.clone();
-            self.identity
-                .save(&Identity { node_id: m.id, cluster_id: m.cluster_id.clone(), name, removed: true })
-                .await?;
+            let identity = Identity {
+                node_id: m.id,
+                cluster_id: m.cluster_id.clone(),
+                name: self.settings.name.clone(),
+                removed: true,
+                pending_join: false,
+            };
+            self.identity.save(&identity).await?;
             if let Err(e) = m.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
             }
@@ -640,47 +688,65 @@ where
         Ok(())
     }
 
-    /// Whether this node is in contact with a quorum: the leader checks its lease; a follower
-    /// whether it accepted AppendEntries from a leader within two election timeouts.
-    pub async fn quorum(&self) -> bool {
-        let Some(member) = self.member() else {
-            return false;
+    /// Whether this node is in contact with a quorum: a leader whose quorum acknowledged it
+    /// within the lease; a follower that accepted AppendEntries within two election timeouts.
+    /// Answers from local metrics at once (never waits on Raft).
+    pub fn quorum(&self) -> bool {
+        let Some(member) = self.member() else { return false };
+        let metrics = member.raft.metrics();
+        let (state, acked, alone) = {
+            let m = metrics.borrow_watched();
+            let voters: Vec<NodeId> = m.membership_config.voter_ids().collect();
+            (m.state, m.last_quorum_acked.as_ref().map(|t| openraft::Instant::elapsed(&**t)), voters == [member.id])
         };
-        let state = member.raft.metrics().borrow_watched().state;
+        let lease_ms = self.settings.election_timeout_ms.1;
         match state {
-            ServerState::Leader => member.raft.ensure_linearizable(ReadPolicy::LeaseRead).await.is_ok(),
+            // A sole voter is its own quorum (it sends no heartbeats to be acknowledged).
+            ServerState::Leader if alone => true,
+            ServerState::Leader => acked.is_some_and(|d| d < Duration::from_millis(lease_ms)),
             _ => self
                 .leader_contact
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .is_some_and(|t| t.elapsed() < Duration::from_millis(2 * self.settings.election_timeout_ms.1)),
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(2 * lease_ms)),
         }
     }
 
-    /// Orderly stop of Raft (daemon exit).
+    /// Orderly stop of Raft (daemon exit), then everything made durable.
     pub async fn shutdown(&self) {
         if let Some(m) = self.member() {
+            // Apply what is already committed first, so a restart from disk finds exactly the
+            // state this process last showed.
+            let committed = m.raft.metrics().borrow_watched().local_committed.map(|l| l.index);
+            if let Err(e) = m.raft.wait(Some(Duration::from_secs(2))).applied_index_at_least(committed, "drain").await {
+                tracing::warn!("stopping with committed entries not yet applied: {e}");
+            }
             if let Err(e) = m.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
             }
         }
+        if let Err(e) = self.backend.flush().await {
+            tracing::error!("final flush failed: {e}");
+        }
     }
 
     async fn handle_frame(self: Arc<Self>, frame: RequestFrame) -> Result<RpcReply, RpcError> {
-        let member = match (self.member(), &frame.body) {
-            (Some(m), _) => m,
-            (None, _) => return Err(RpcError::NotMember),
-        };
-        if !frame.cluster_id.is_empty() && frame.cluster_id != member.cluster_id {
+        let Some(member) = self.member() else { return Err(RpcError::NotMember) };
+        // Only a join's first phase may come without the cluster id (the joiner does not know
+        // it yet); everything else must name this cluster, and Raft traffic this very node.
+        let first_join = matches!(&frame.body, Rpc::Leader(LeaderOp::Join(_))) && frame.cluster_id.is_empty();
+        if !first_join && frame.cluster_id != member.cluster_id {
             return Err(RpcError::WrongCluster { expected: frame.cluster_id, actual: member.cluster_id.clone() });
         }
-        if let Some(to) = frame.to {
-            if to != member.id {
-                return Err(RpcError::WrongNode { expected: to, actual: Some(member.id) });
-            }
+        let raft_rpc = !matches!(frame.body, Rpc::Leader(_));
+        match frame.to {
+            Some(to) if to != member.id => return Err(RpcError::WrongNode { expected: to, actual: Some(member.id) }),
+            None if raft_rpc => return Err(RpcError::BadRequest("raft traffic must name its target node".into())),
+            _ => {}
         }
         let raft = &member.raft;
         let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
+        let timeout = Duration::from_millis(frame.timeout_ms).min(self.settings.limits.max_request_time);
         match frame.body {
             Rpc::AppendEntries(req) => {
                 let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(e.to_string()))?;
@@ -699,6 +765,10 @@ where
                 Ok(RpcReply::TransferLeader(raft.handle_transfer_leader(req).await.map_err(fatal)?))
             }
             Rpc::Removed => {
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if frame.from.is_none() || frame.from != leader {
+                    return Err(RpcError::Refused("only the current leader may retire a node".into()));
+                }
                 let node = self.clone();
                 // Reply first; stopping Raft must not wait on this very connection.
                 tokio::spawn(async move {
@@ -709,18 +779,15 @@ where
                 Ok(RpcReply::Done)
             }
             Rpc::Leader(op) => {
-                let is_leader = raft.metrics().borrow_watched().current_leader == Some(member.id);
-                if is_leader {
-                    let timeout = Duration::from_secs(60);
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if leader == Some(member.id) {
                     self.execute(&member, op, timeout).await
                 } else if frame.to.is_some() {
                     // Already forwarded once: do not forward again (no loops).
-                    let leader = raft.metrics().borrow_watched().current_leader;
                     Err(RpcError::NotLeader { leader_id: leader, leader_addr: None })
                 } else {
-                    let leader = raft.metrics().borrow_watched().current_leader;
                     match leader {
-                        Some(l) => self.forward(&member, l, op, Duration::from_secs(60)).await,
+                        Some(l) => self.forward(&member, l, op, timeout).await,
                         None => Err(RpcError::NotLeader { leader_id: None, leader_addr: None }),
                     }
                 }

@@ -1,11 +1,16 @@
-//! The server side of the cluster protocol: an accept loop with a connection limit, and one
-//! task per connection reading frames under an idle timeout and a per-frame deadline.
-//! No byte sequence a peer sends can do more than close its own connection.
+//! The server side of the cluster protocol: an accept loop with a connection limit (in total and
+//! per peer address), and one task per connection reading frames under an idle timeout and a
+//! per-frame deadline. Frame bodies draw on a shared byte budget, so many connections cannot
+//! together allocate more than `Limits::max_buffered_bytes`. No byte sequence a peer sends can
+//! do more than close its own connection.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 
 use crate::network::Limits;
 use crate::transport::{BoxStream, Listener};
@@ -16,6 +21,43 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, frame: RequestFrame) -> BoxFuture<'_, Result<RpcReply, RpcError>>;
 }
 
+/// The byte budget is counted in KiB permits.
+const KIB: u64 = 1024;
+
+/// Connections per peer address, shared by the accept loop and the connection tasks.
+#[derive(Default)]
+struct PeerCounts(Mutex<BTreeMap<String, usize>>);
+
+impl PeerCounts {
+    fn try_add(&self, peer: &str, max: usize) -> bool {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(peer.to_string()).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn remove(&self, peer: &str) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.remove(peer);
+            }
+        }
+    }
+}
+
+/// The host part of `host:port` (the whole string if it has no port).
+fn peer_host(peer: &str) -> &str {
+    match peer.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => peer,
+    }
+}
+
 /// Serves connections until `shutdown` turns true.
 pub async fn serve(
     listener: Arc<dyn Listener>,
@@ -24,8 +66,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let budget_kib = usize::try_from(limits.max_buffered_bytes / KIB).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+    let budget = Arc::new(Semaphore::new(budget_kib));
+    let per_peer = Arc::new(PeerCounts::default());
     // Refusals are logged at most every 10 s, with a count: a flood must not flood the log.
-    let (mut refused, mut last_warning) = (0u64, None);
+    let (mut refused, mut last_warning) = (0u64, None::<Instant>);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -37,42 +82,55 @@ pub async fn serve(
             Err(e) => {
                 // Out of file descriptors and the like: wait a little rather than spin.
                 tracing::warn!("cluster port accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let host = peer_host(&peer).to_string();
+        let permit = slots.clone().try_acquire_owned().ok().filter(|_| per_peer.try_add(&host, limits.max_per_peer));
+        let Some(permit) = permit else {
             refused += 1;
-            if last_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= std::time::Duration::from_secs(10)) {
-                tracing::warn!(%peer, refused, "cluster port: {} connections open, refusing more", limits.max_connections);
-                last_warning = Some(tokio::time::Instant::now());
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(%peer, refused, "cluster port: connection limit reached ({} in all, {} per peer), refusing", limits.max_connections, limits.max_per_peer);
+                last_warning = Some(Instant::now());
                 refused = 0;
             }
             drop(stream);
             continue;
         };
-        let handler = handler.clone();
-        let limits = limits.clone();
-        let shutdown = shutdown.clone();
+        let (handler, limits, shutdown, budget, per_peer) =
+            (handler.clone(), limits.clone(), shutdown.clone(), budget.clone(), per_peer.clone());
         tokio::spawn(async move {
-            connection(stream, &peer, handler, limits, shutdown).await;
+            connection(stream, &peer, handler, &limits, &budget, shutdown).await;
+            per_peer.remove(&host);
             drop(permit);
         });
     }
+}
+
+async fn read_request(stream: &mut BoxStream, limits: &Limits, budget: &Arc<Semaphore>) -> Result<Vec<u8>, FrameError> {
+    let len = wire::read_len(stream, limits.max_frame, limits.idle_timeout, limits.frame_timeout).await?;
+    let kib = u32::try_from(u64::from(len).div_ceil(KIB)).unwrap_or(u32::MAX).max(1);
+    let reserve = tokio::time::timeout(limits.frame_timeout, budget.clone().acquire_many_owned(kib)).await;
+    let Ok(Ok(_reserved)) = reserve else {
+        return Err(FrameError::Timeout(limits.frame_timeout));
+    };
+    wire::read_body(stream, len, limits.frame_timeout).await
 }
 
 async fn connection(
     mut stream: BoxStream,
     peer: &str,
     handler: Arc<dyn Handler>,
-    limits: Limits,
+    limits: &Limits,
+    budget: &Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let read = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => return,
-            r = wire::read_frame(&mut stream, limits.max_frame, limits.idle_timeout, limits.frame_timeout) => r,
+            r = read_request(&mut stream, limits, budget) => r,
         };
         let body = match read {
             Ok(b) => b,
@@ -85,8 +143,16 @@ async fn connection(
         let (reply, keep) = match wire::decode::<RequestFrame>(&body) {
             Err(e) => (Err(RpcError::BadRequest(e.to_string())), false),
             Ok(frame) if frame.version != PROTOCOL_VERSION => (Err(RpcError::Version(frame.version)), false),
-            Ok(frame) => (handler.handle(frame).await, true),
+            Ok(frame) => {
+                // The sender stops waiting after its timeout: do no work past it.
+                let within = Duration::from_millis(frame.timeout_ms).min(limits.max_request_time);
+                match tokio::time::timeout(within, handler.handle(frame)).await {
+                    Ok(r) => (r, true),
+                    Err(_) => (Err(RpcError::Unavailable(format!("no result within {within:?}"))), true),
+                }
+            }
         };
+        drop(body);
         let bytes = match wire::encode(&reply, limits.max_frame) {
             Ok(b) => b,
             Err(e) => match wire::encode(&Err::<RpcReply, _>(RpcError::Refused(e.to_string())), limits.max_frame) {
@@ -102,5 +168,23 @@ async fn connection(
             tracing::debug!(%peer, "cluster connection closed after a bad request");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_counted_by_host_not_by_port() {
+        assert_eq!(peer_host("127.0.0.1:4000"), "127.0.0.1");
+        assert_eq!(peer_host("[::1]:4000"), "[::1]");
+        assert_eq!(peer_host("sim-node"), "sim-node");
+        let c = PeerCounts::default();
+        assert!(c.try_add("a", 2) && c.try_add("a", 2));
+        assert!(!c.try_add("a", 2));
+        assert!(c.try_add("b", 2));
+        c.remove("a");
+        assert!(c.try_add("a", 2));
     }
 }

@@ -34,10 +34,14 @@ pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RequestFrame {
     pub version: u16,
-    /// Empty before the sender belongs to a cluster (a join).
+    /// Empty only before the sender belongs to a cluster (a join's first phase).
     pub cluster_id: String,
     /// The node the sender means to reach, when it knows its id.
     pub to: Option<NodeId>,
+    /// The sender's node id, when it has one.
+    pub from: Option<NodeId>,
+    /// How long the sender will wait for the reply: the receiver bounds its work by it.
+    pub timeout_ms: u64,
     pub body: Rpc,
 }
 
@@ -150,6 +154,17 @@ pub enum RpcError {
     Raft(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The leader could not be reached from the forwarding node, or did not answer in time:
+    /// worth retrying until the caller's deadline.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl RpcError {
+    /// Whether a caller should retry (elsewhere or later) within its deadline.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RpcError::NotLeader { .. } | RpcError::Unavailable(_) | RpcError::WrongNode { .. })
+    }
 }
 
 /// Transport failures while framing.
@@ -197,6 +212,44 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8], deadline
     Ok(())
 }
 
+/// Reads a frame's length: waits up to `idle` for it to start, then `deadline` for the rest of
+/// the four bytes; refuses a length over `max` before anything is allocated.
+pub async fn read_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    idle: Duration,
+    deadline: Duration,
+) -> Result<u32, FrameError> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(idle, r.read(&mut first)).await.map_err(|_| FrameError::Timeout(idle))??;
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    let mut more = [0u8; 3];
+    match tokio::time::timeout(deadline, r.read_exact(&mut more)).await {
+        Err(_) => return Err(FrameError::Timeout(deadline)),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(_)) => {}
+    }
+    let len = u32::from_be_bytes([first[0], more[0], more[1], more[2]]);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Reads a body of `len` bytes within `deadline`.
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: u32, deadline: Duration) -> Result<Vec<u8>, FrameError> {
+    let mut body = vec![0u8; len as usize];
+    match tokio::time::timeout(deadline, r.read_exact(&mut body)).await {
+        Err(_) => Err(FrameError::Timeout(deadline)),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) => Ok(body),
+    }
+}
+
 /// Reads one frame: waits up to `idle` for it to start, then up to `deadline` for the rest.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -204,27 +257,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     idle: Duration,
     deadline: Duration,
 ) -> Result<Vec<u8>, FrameError> {
-    let mut first = [0u8; 1];
-    let n = tokio::time::timeout(idle, r.read(&mut first)).await.map_err(|_| FrameError::Timeout(idle))??;
-    if n == 0 {
-        return Err(FrameError::Closed);
-    }
-    let rest = async {
-        let mut more = [0u8; 3];
-        r.read_exact(&mut more).await?;
-        let len = u32::from_be_bytes([first[0], more[0], more[1], more[2]]);
-        if len > max {
-            return Err(FrameError::TooLarge { len, max });
-        }
-        let mut body = vec![0u8; len as usize];
-        r.read_exact(&mut body).await?;
-        Ok(body)
-    };
-    match tokio::time::timeout(deadline, rest).await {
-        Err(_) => Err(FrameError::Timeout(deadline)),
-        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
-        Ok(r) => r,
-    }
+    let len = read_len(r, max, idle, deadline).await?;
+    read_body(r, len, deadline).await
 }
 
 /// Decodes a frame body.

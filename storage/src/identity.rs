@@ -17,6 +17,10 @@ pub struct Identity {
     /// Set when the cluster removed this node: it must not take part again under this id.
     #[serde(default)]
     pub removed: bool,
+    /// Set between a join's two phases: the id is allocated, the node not yet a Raft member.
+    /// A repeated `join-cluster` resumes the second phase under the same id.
+    #[serde(default)]
+    pub pending_join: bool,
 }
 
 /// Where the identity rests.

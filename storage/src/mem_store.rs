@@ -61,7 +61,9 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let g = self.lock();
-        let last = g.log.values().next_back().map(|e| e.log_id).or_else(|| g.last_purged);
+        // A purge may reach past the last entry (after a snapshot install): the purge point then
+        // is the last log id.
+        let last = g.log.values().next_back().map(|e| e.log_id).max(g.last_purged);
         Ok(LogState { last_purged_log_id: g.last_purged, last_log_id: last })
     }
 

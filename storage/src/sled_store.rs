@@ -176,10 +176,13 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogId> = get(&self.meta, b"last_purged")?;
-        let last = match self.log.last().map_err(sled_err)? {
+        let last_entry = match self.log.last().map_err(sled_err)? {
             Some((_, v)) => Some(decode::<Entry>(&v)?.log_id),
-            None => last_purged,
+            None => None,
         };
+        // A purge may reach past the last entry (a follower purging up to an installed snapshot;
+        // a crash between recording the purge point and deleting leaves entries below it).
+        let last = last_entry.max(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 

@@ -200,9 +200,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
             self.backend.replace_all(&g)?;
+            self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
-        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         self.backend.flush().await?;
         tracing::info!(index, "installed snapshot");
         self.view.publish(index);
@@ -226,12 +226,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let (meta, data) = {
+            // Saved under the lock: an `install_snapshot` running concurrently (it takes the write
+            // lock) either happened before — and this snapshot includes it — or waits, so an older
+            // snapshot never overwrites a newer one.
             let g = self.view.read();
             let data = rmp_serde::to_vec_named(&g.state).map_err(io::Error::other)?;
             let meta = SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone() };
+            self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
             (meta, data)
         };
-        self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.backend.flush().await?;
         tracing::info!(index = meta.last_log_id.as_ref().map_or(0, |l| l.index), bytes = data.len(), "built snapshot");
         Ok(Snapshot { meta, snapshot: Cursor::new(data) })

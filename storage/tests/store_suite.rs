@@ -151,3 +151,73 @@ fn a_database_of_another_format_is_refused() -> Result<(), Box<dyn std::error::E
     }
     Ok(())
 }
+
+const CRASH_DIR: &str = "HERD_TEST_CRASH_CHILD_DIR";
+
+/// The child half of `sled_log_vote_and_purge_survive_an_abort`: write, then die without any
+/// destructor running (no drop-time flush can help).
+async fn crash_child(dir: &std::path::Path) -> io::Result<()> {
+    let stores = sled_store::open(dir).map_err(io::Error::other)?;
+    let mut log = stores.log;
+    log.save_vote(&openraft::type_config::alias::VoteOf::<TypeConfig>::new(7, 1)).await?;
+    let entries: Vec<Entry> = (1..=5).map(|i| entry(7, i, EntryPayload::Blank)).collect();
+    append(&mut log, entries).await?;
+    log.purge(log_id(7, 2)).await?;
+    std::fs::write(dir.join("reached-abort"), b"")?;
+    std::process::abort();
+}
+
+/// Vote, appended entries and the purge point are durable when their calls return: a process
+/// that aborts right after finds them on reopen.
+#[test]
+fn sled_log_vote_and_purge_survive_an_abort() -> io::Result<()> {
+    if let Some(dir) = std::env::var_os(CRASH_DIR) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(crash_child(std::path::Path::new(&dir)));
+    }
+    let dir = tempfile::tempdir()?;
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "sled_log_vote_and_purge_survive_an_abort", "--test-threads=1"])
+        .env(CRASH_DIR, dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    assert!(!status.success(), "the child must die by abort");
+    assert!(dir.path().join("reached-abort").exists(), "the child failed before its abort");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let stores = sled_store::open(dir.path()).map_err(io::Error::other)?;
+        let mut log = stores.log;
+        assert_eq!(log.read_vote().await?, Some(openraft::type_config::alias::VoteOf::<TypeConfig>::new(7, 1)));
+        let state = log.get_log_state().await?;
+        assert_eq!(state.last_purged_log_id, Some(log_id(7, 2)));
+        assert_eq!(state.last_log_id, Some(log_id(7, 5)));
+        let left: Vec<u64> = log.try_get_log_entries(0..100).await?.iter().map(|e| e.log_id.index).collect();
+        assert!(left.ends_with(&[3, 4, 5]) && left.iter().all(|i| *i >= 1), "{left:?}");
+        Ok(())
+    })
+}
+
+/// A follower that installs a snapshot purges up to it, past its last entry; the log state
+/// must then report the purge point as the last log id (else the next start fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_past_the_last_entry_leaves_a_consistent_log_state() -> io::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stores = sled_store::open(dir.path()).map_err(io::Error::other)?;
+    let mut sled_log = stores.log;
+    append(&mut sled_log, (1..=3).map(|i| entry(1, i, EntryPayload::Blank)).collect()).await?;
+    sled_log.purge(log_id(2, 9)).await?;
+    let state = sled_log.get_log_state().await?;
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(2, 9)), Some(log_id(2, 9))));
+
+    let mut mem_log = MemLogStore::new();
+    use openraft::async_runtime::Oneshot;
+    let (tx, rx) = <openraft::type_config::alias::OneshotOf<TypeConfig> as Oneshot>::channel();
+    mem_log
+        .append((1..=3).map(|i| entry(1, i, EntryPayload::Blank)).collect::<Vec<_>>(), IOFlushed::signal(tx))
+        .await?;
+    rx.await.map_err(io::Error::other)??;
+    mem_log.purge(log_id(2, 9)).await?;
+    let state = mem_log.get_log_state().await?;
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(2, 9)), Some(log_id(2, 9))));
+    Ok(())
+}

@@ -111,9 +111,27 @@ impl Node {
 
     /// SIGTERM, then wait for the exit (SIGKILL after `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.signal_term();
+        self.wait_exit(timeout)
+    }
+
+    pub fn signal_term(&self) {
+        if let Some(c) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    /// The applied index the daemon reported in its last "stopped" log line.
+    pub fn stopped_applied_index(&self) -> Option<u64> {
+        let log = fs::read_to_string(self.log_path()).ok()?;
+        let line = log.lines().rev().find(|l| l.contains(" stopped") && l.contains("applied_index="))?;
+        line.split("applied_index=").nth(1)?.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Waits for the process to exit (SIGKILL after `timeout`, then `None`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = c.try_wait() {

@@ -13,7 +13,7 @@ use crate::harness::{wait_until, Cluster, Node};
 const ADDR: &str = "127.0.2.1:7400";
 const MAX_FRAME: u32 = 65536;
 /// Small limits so the test can outlast them.
-const EXTRA: &str = "[limits]\nmax_frame_bytes = 65536\ncluster_idle_timeout_ms = 1000\nadmin_idle_timeout_ms = 1000\nmax_cluster_connections = 64\n";
+const EXTRA: &str = "[limits]\nmax_frame_bytes = 65536\ncluster_idle_timeout_ms = 1000\ncluster_frame_timeout_ms = 1000\nadmin_idle_timeout_ms = 1000\nmax_cluster_connections = 64\n";
 
 /// Reads until the peer closes (Ok) or `within` passes (Err).
 fn closed_within<S: Read>(s: &mut S, within: Duration) -> Result<(), String> {
@@ -74,12 +74,13 @@ fn hostile_input_on_both_ports() {
         s.write_all(&len.to_be_bytes()).expect("write prefix");
         closed_within(&mut s, Duration::from_secs(3)).unwrap_or_else(|e| panic!("prefix {len}: {e}"));
     }
-    // A truncated body: the prefix promises 100 bytes, 10 arrive, then silence.
+    // A truncated body: the prefix promises 100 bytes, 10 arrive, then silence: the frame
+    // deadline (1 s here) closes the connection.
     {
         let mut s = tcp();
         s.write_all(&100u32.to_be_bytes()).expect("write");
         s.write_all(&[0u8; 10]).expect("write");
-        // The per-frame deadline (10 s by default) closes it; we do not wait for that here.
+        closed_within(&mut s, Duration::from_secs(5)).expect("truncated frame: connection closed");
     }
     // A silent half-open connection is closed once the idle timeout (1 s) passes.
     {

@@ -76,6 +76,18 @@ fn cluster_lifecycle() {
     assert_eq!(reply["voter"], true, "{reply}");
     let status =
         wait_until("3 voters + 1 learner, all run, one leader", Duration::from_secs(30), || formed(c.node("hv4")));
+    // Every node, asked through the CLI, names the same leader in the same term.
+    let views: Vec<Value> = ["hv1", "hv2", "hv3", "hv4"]
+        .iter()
+        .map(|n| {
+            let out = c.node(n).cli(&["status", "--json"]);
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{n} status --json: {e}"))
+        })
+        .collect();
+    for v in &views {
+        assert_eq!((&v["leader"], &v["term"]), (&status["leader"], &status["term"]), "{v}");
+    }
+    assert_eq!(views.iter().filter(|v| v["state"] == "leader").count(), 1);
     assert_eq!(status["cluster_id"], cluster_id);
     let by_name = |s: &Value, n: &str| members(s).into_iter().find(|m| m["name"] == n).expect("member");
     assert_eq!(by_name(&status, "hv4")["voter"], false);
@@ -100,7 +112,8 @@ fn cluster_lifecycle() {
     for args in [&["--json", "node", "list"][..], &["node", "list", "--json"][..]] {
         let out = c.node("hv4").cli(args);
         let list: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        assert_eq!(list.as_array().map(Vec::len), Some(4), "{args:?}");
+        assert_eq!(list["members"].as_array().map(Vec::len), Some(4), "{args:?}");
+        assert!(list["applied_index"].as_u64().is_some_and(|i| i > 0), "{list}");
     }
     let out = c.node("hv4").cli(&["node", "info", "nosuch"]);
     assert!(!out.status.success());
@@ -136,9 +149,10 @@ fn cluster_lifecycle() {
     c.node(&old_leader).kill9();
     let new_leader =
         wait_until("a new leader", Duration::from_secs(15), || leader_name(c.node("hv4")).filter(|l| *l != old_leader));
-    c.node("hv4").admin(json!({"op": "maintenance", "on": false}));
+    // The loop above left maintenance off: this write must turn it on to be seen.
+    c.node("hv4").admin(json!({"op": "maintenance", "on": true}));
     let info = c.node("hv4").admin(json!({"op": "cluster-info"}));
-    assert_eq!(info["maintenance"], false);
+    assert_eq!(info["maintenance"], true);
     eprintln!("leader {old_leader} killed; new leader {new_leader}");
 
     // --- The killed node restarts from disk and catches up. ---
@@ -149,7 +163,7 @@ fn cluster_lifecycle() {
         (s["applied_index"].as_u64()? >= target && s["quorum"] == true).then_some(())
     });
     let seen = c.node(&old_leader).admin(json!({"op": "cluster-info"}));
-    assert_eq!(seen["maintenance"], false);
+    assert_eq!(seen["maintenance"], true);
 
     // --- SIGTERM is a service stop: the node records `stop` with a deadline, and exits 0. ---
     let follower = ["hv1", "hv2", "hv3"].into_iter().find(|n| *n != new_leader).expect("a follower").to_string();
@@ -188,7 +202,7 @@ fn cluster_lifecycle() {
     assert!(new_id > old_id, "rejoined under id {new_id}, was {old_id}: ids are never reused");
     wait_until("cluster formed again", Duration::from_secs(30), || formed(c.node("hv4")));
 
-    // --- Durability, not catch-up: stop all, start each alone, compare with before. ---
+    // --- Durability, not catch-up: stop all four, start each alone, compare with before. ---
     let names = ["hv1", "hv2", "hv3", "hv4"];
     let before: Vec<Value> = wait_until("all nodes applied the same index", Duration::from_secs(20), || {
         let all: Vec<Value> =
@@ -196,23 +210,34 @@ fn cluster_lifecycle() {
         let first = all[0]["applied_index"].clone();
         all.iter().all(|s| s["applied_index"] == first).then_some(all)
     });
+    // Stop all four at once (SIGTERM: each tries to record `stop`, which may or may not commit
+    // while the others go down too), and note the applied index each one stopped at.
     for n in names {
-        c.node(n).kill9();
+        c.node(n).signal_term();
     }
-    for (n, was) in names.iter().zip(&before) {
+    let mut stopped_at = Vec::new();
+    for n in names {
+        let exit = c.node(n).wait_exit(Duration::from_secs(15)).expect("exits on SIGTERM");
+        assert!(exit.success(), "{n}: {exit}");
+        stopped_at.push(c.node(n).stopped_applied_index().expect("the daemon logs where it stopped"));
+    }
+    for ((n, was), at) in names.iter().zip(&before).zip(&stopped_at) {
         c.node(n).start();
         let now = c.node(n).status();
-        assert_eq!(now["applied_index"], was["applied_index"], "{n}: applied index from disk");
+        assert_eq!(now["applied_index"].as_u64(), Some(*at), "{n}: applied index from disk");
+        assert!(*at >= was["applied_index"].as_u64().unwrap_or(u64::MAX), "{n}: went back in time");
         assert_eq!(now["members"].as_array().map(Vec::len), was["members"].as_array().map(Vec::len), "{n}");
         for (a, b) in members(&now).iter().zip(members(was).iter()) {
-            for key in ["name", "id", "role", "address", "daemon_state", "domain_state", "router_state"] {
+            for key in ["name", "id", "role", "address", "domain_state", "router_state"] {
                 assert_eq!(a[key], b[key], "{n}: member field {key}");
             }
+            assert!(a["daemon_state"] == b["daemon_state"] || a["daemon_state"] == "stop", "{n}: {a}");
         }
         assert_eq!(ids(&now["raft"]["voters"]), ids(&was["raft"]["voters"]), "{n}: voters");
         assert_eq!(ids(&now["raft"]["learners"]), ids(&was["raft"]["learners"]), "{n}: learners");
         let info = c.node(n).admin(json!({"op": "cluster-info", "local": true}));
         assert_eq!(info["cluster_id"], cluster_id);
+        assert_eq!(info["maintenance"], true);
         c.node(n).kill9();
     }
     for n in names {

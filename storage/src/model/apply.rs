@@ -9,6 +9,8 @@ pub const MAX_EVENTS: usize = 512;
 /// Request ids remembered for deduplication. A retry arrives within seconds; 4096 writes at
 /// the cluster's write rate (a keepalive per node every few seconds) covers minutes.
 pub const MAX_REMEMBERED_REQUESTS: usize = 4096;
+/// Bound on request ids (they are kept in the state for deduplication).
+pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// Bound on names and addresses, so a bad client cannot bloat the state.
 const MAX_NAME_LEN: usize = 253;
 const MAX_OPS: usize = 64;
@@ -28,6 +30,11 @@ pub struct Applied {
 /// seen before returns the remembered result and changes nothing.
 pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
     let mut changed = BTreeSet::new();
+    if req.id.is_empty() || req.id.len() > MAX_REQUEST_ID_LEN {
+        // Not remembered: an id that cannot be stored cannot deduplicate anything.
+        let result = Err(ApplyError::Invalid(format!("a request id is 1 to {MAX_REQUEST_ID_LEN} bytes")));
+        return Applied { response: Response { index, result }, changed };
+    }
     if let Some(seen) = state.requests.get(&req.id) {
         return Applied { response: Response { index, result: seen.result.clone() }, changed };
     }
