@@ -54,6 +54,13 @@ pub enum AdminRequest {
         #[serde(default)]
         local: bool,
     },
+    /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
+    Heartbeat {},
+    /// The newest entries of the replicated event log (local read).
+    Events {
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 /// A response on the admin socket.

@@ -46,6 +46,14 @@ pub enum Command {
     /// Cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Heartbeat: per coordinator and network, each host's state; peer views; MNFA; verdicts.
+    Heartbeat,
+    /// The cluster's event log (newest last).
+    Events {
+        /// How many of the newest events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +213,7 @@ fn members_table(members: &Value) -> String {
                         s(&m["daemon_state"]),
                         s(&m["domain_state"]),
                         s(&m["router_state"]),
+                        s(&m["heartbeat"]),
                         age,
                         s(&m["address"]),
                     ]
@@ -212,7 +221,7 @@ fn members_table(members: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    table(&["name", "id", "role", "raft", "daemon", "domain", "router", "keepalive", "address"], &rows)
+    table(&["name", "id", "role", "raft", "daemon", "domain", "router", "heartbeat", "keepalive", "address"], &rows)
 }
 
 /// Human output for each command.
@@ -247,6 +256,18 @@ pub fn render(command: &Command, v: &Value) -> String {
             if v["voter"].as_bool() == Some(true) { "voter" } else { "learner" }
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
+        Command::Heartbeat => render_heartbeat(v),
+        Command::Events { .. } => {
+            let rows: Vec<Vec<String>> = v["events"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| vec![s(&e["index"]), s(&e["time_ms"]), s(&e["kind"]), s(&e["node"]), s(&e["message"])])
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["index", "time_ms", "kind", "node", "message"], &rows)
+        }
         Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),
         Command::Cluster(ClusterCommand::Info { .. }) => format!(
             "cluster {}  nodes {}  maintenance {}  applied {}",
@@ -257,4 +278,78 @@ pub fn render(command: &Command, v: &Value) -> String {
         ),
         _ => serde_json::to_string_pretty(v).unwrap_or_default(),
     }
+}
+
+fn render_heartbeat(v: &Value) -> String {
+    let mut out = Vec::new();
+    let mnfa: Vec<String> = v["mnfa"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(n, on)| format!("{n}={}", if on.as_bool() == Some(true) { "ACTIVE" } else { "off" }))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push(format!(
+        "node {} ({})  MNFA: {}",
+        s(&v["node"]),
+        s(&v["role"]),
+        if mnfa.is_empty() { "-".into() } else { mnfa.join(" ") }
+    ));
+    let verdicts: Vec<Vec<String>> = v["verdicts"]
+        .as_object()
+        .map(|m| {
+            m.iter().map(|(h, x)| vec![h.clone(), s(&x["verdict"]), s(&x["lost_for_ms"]), s(&x["reason"])]).collect()
+        })
+        .unwrap_or_default();
+    out.push(table(&["host", "verdict", "lost_for_ms", "reason"], &verdicts));
+    if let Some(own) = v["own_view"].as_object() {
+        out.push(format!("\nown view ({}, period {})", s(&own["coordinator"]), s(&own["seq"])));
+        let mut rows = Vec::new();
+        for n in own["nets"].as_array().into_iter().flatten() {
+            for h in n["hosts"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&n["net"]),
+                    s(&h["host"]),
+                    s(&h["state"]),
+                    s(&h["misses"]),
+                    s(&h["last_heard_age_ms"]),
+                    format!(
+                        "{}{}",
+                        if n["isolated"].as_bool() == Some(true) { "isolated " } else { "" },
+                        if n["mnfa"].as_bool() == Some(true) { "mnfa" } else { "" }
+                    ),
+                ]);
+            }
+        }
+        out.push(table(&["net", "host", "state", "misses", "last_heard_ms", "net_flags"], &rows));
+    }
+    let peers = v["peer_views"].as_array().cloned().unwrap_or_default();
+    if !peers.is_empty() {
+        out.push("\npeer views (through the criss-cross)".to_string());
+        let rows: Vec<Vec<String>> = peers
+            .iter()
+            .flat_map(|p| {
+                p["nets"].as_array().cloned().unwrap_or_default().into_iter().map(move |n| {
+                    let missing: Vec<String> = n["missing"]
+                        .as_array()
+                        .map(|m| m.iter().map(|x| format!("{}:{}", s(&x["host"]), s(&x["state"]))).collect())
+                        .unwrap_or_default();
+                    vec![
+                        s(&p["coordinator"]),
+                        format!(
+                            "{}{}",
+                            s(&p["age_ms"]),
+                            if p["stale"].as_bool() == Some(true) { " STALE" } else { "" }
+                        ),
+                        s(&n["net"]),
+                        format!("{}/{}", s(&n["responding"]), s(&n["enabled"])),
+                        if missing.is_empty() { "-".into() } else { missing.join(" ") },
+                    ]
+                })
+            })
+            .collect();
+        out.push(table(&["coordinator", "age_ms", "net", "answering", "missing"], &rows));
+    }
+    out.join("\n")
 }

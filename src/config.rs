@@ -1,11 +1,14 @@
 //! The daemon's TOML configuration: parsed strictly (unknown keys refused), validated once,
 //! and every error names the key it is about.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use herd_storage::model::Role;
 use serde::Deserialize;
+
+use crate::heartbeat::Params;
 
 /// A configuration error: one line naming the file, the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,51 @@ pub struct Config {
     pub lifecycle: LifecycleSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub heartbeat: HeartbeatSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatSection {
+    pub interval_ms: u64,
+    /// Consecutive misses before a link is `degraded`.
+    pub degraded_after: u32,
+    /// Consecutive misses before a link is `lost`.
+    pub lost_after: u32,
+    /// Length of the cluster-history window; also how long a peer view stays fresh.
+    pub history_ms: u64,
+    /// Hosts; the effective threshold is max(this, a third of the hosts).
+    pub mnfa_threshold: usize,
+    /// Network name → this node's UDP address on it. Empty: one network `mgmt` on the cluster
+    /// listen address, port + 1.
+    pub networks: BTreeMap<String, String>,
+}
+
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        let p = Params::default();
+        HeartbeatSection {
+            interval_ms: p.interval_ms,
+            degraded_after: p.degraded_after,
+            lost_after: p.lost_after,
+            history_ms: p.history_ms,
+            mnfa_threshold: p.mnfa_threshold,
+            networks: BTreeMap::new(),
+        }
+    }
+}
+
+impl HeartbeatSection {
+    pub fn params(&self) -> Params {
+        Params {
+            interval_ms: self.interval_ms,
+            degraded_after: self.degraded_after,
+            lost_after: self.lost_after,
+            history_ms: self.history_ms,
+            mnfa_threshold: self.mnfa_threshold,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -140,6 +188,34 @@ impl Config {
         self.cluster.advertise.as_deref().unwrap_or(&self.cluster.listen)
     }
 
+    /// The heartbeat networks with their addresses (the default when none is configured).
+    pub fn heartbeat_networks(&self) -> Result<BTreeMap<String, SocketAddr>, (String, String)> {
+        if self.heartbeat.networks.is_empty() {
+            let listen = self.listen_addr().map_err(|e| ("cluster.listen".to_string(), e))?;
+            let port = listen.port().checked_add(1).ok_or_else(|| {
+                (
+                    "heartbeat.networks".to_string(),
+                    "cannot default to the cluster port + 1 (65535): configure it".to_string(),
+                )
+            })?;
+            return Ok(BTreeMap::from([("mgmt".to_string(), SocketAddr::new(listen.ip(), port))]));
+        }
+        let mut out = BTreeMap::new();
+        for (net, addr) in &self.heartbeat.networks {
+            let key = format!("heartbeat.networks.{net}");
+            if herd_storage::model::validate_node_name(net).is_err() {
+                return Err((key, "network names use letters, digits, '-', '_' and '.'".into()));
+            }
+            let a: SocketAddr =
+                addr.parse().map_err(|e| (key.clone(), format!("{addr:?} is not an IP:port address ({e})")))?;
+            if a.port() == 0 || a.ip().is_unspecified() {
+                return Err((key, format!("{a} must be a concrete address and port: other nodes send to it")));
+            }
+            out.insert(net.clone(), a);
+        }
+        Ok(out)
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
         self.cluster.listen.parse().map_err(|e| format!("{:?} is not an IP:port address ({e})", self.cluster.listen))
     }
@@ -202,6 +278,32 @@ impl Config {
         if !(8..=65_536).contains(&self.limits.max_cluster_connections) {
             return err("limits.max_cluster_connections", "must be between 8 and 65536".into());
         }
+        let hb = &self.heartbeat;
+        if !(10..=10_000).contains(&hb.interval_ms) {
+            return err("heartbeat.interval_ms", "must be between 10 and 10000".into());
+        }
+        if !(1 <= hb.degraded_after && hb.degraded_after < hb.lost_after && hb.lost_after <= 1000) {
+            return err(
+                "heartbeat.lost_after",
+                format!("needs 1 <= degraded_after ({}) < lost_after ({}) <= 1000", hb.degraded_after, hb.lost_after),
+            );
+        }
+        if hb.history_ms < hb.interval_ms * u64::from(hb.lost_after) || hb.history_ms > 600_000 {
+            return err(
+                "heartbeat.history_ms",
+                format!(
+                    "must cover lost_after pulses ({} ms) and be at most 600000",
+                    hb.interval_ms * u64::from(hb.lost_after)
+                ),
+            );
+        }
+        if hb.mnfa_threshold == 0 {
+            return err("heartbeat.mnfa_threshold", "must be at least 1".into());
+        }
+        if hb.networks.len() > 8 {
+            return err("heartbeat.networks", "at most 8 networks".into());
+        }
+        self.heartbeat_networks()?;
         if !(1_000..=3_600_000).contains(&self.lifecycle.return_by_ms) {
             return err("lifecycle.return_by_ms", "must be between 1000 and 3600000".into());
         }

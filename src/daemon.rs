@@ -2,11 +2,13 @@
 //! keepalive going, and on SIGTERM records `stop` with a `return_by` deadline before exiting.
 //!
 //! ```text
-//!  start: config ─▶ sled open ─▶ bind cluster port + admin socket ─▶ resume Raft (if joined)
-//!                                                                   └▶ member tasks:
-//!                                                                      daemon_state run, keepalive
+//!  start: config ─▶ sled open ─▶ heartbeat responder (first: a restarted daemon answers pulses
+//!         at once) ─▶ cluster port + admin socket ─▶ resume Raft (if joined) ─▶ member tasks:
+//!         publish heartbeat addresses + daemon_state run, keepalive, heartbeat targets from the
+//!         replicated node records (a local watch), MNFA notices into the event log
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +22,12 @@ use herd_storage::sled_store::{self, SledLogStore};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminRequest};
 use crate::config::Config;
+use crate::heartbeat::agent::{Agent, Notice, Target};
+use crate::heartbeat::verdict::Verdict;
 use crate::stats;
 
 /// Timeouts of admin operations.
@@ -44,12 +48,17 @@ pub enum StartError {
     Resume(NodeError),
     #[error("config: {0}")]
     Config(String),
+    #[error("heartbeat: {0}")]
+    Heartbeat(std::io::Error),
+    #[error(transparent)]
+    Identity(std::io::Error),
 }
 
 /// The running daemon: what the admin socket talks to.
 pub struct Daemon {
     pub config: Config,
     pub node: Arc<ClusterNode<SledLogStore>>,
+    pub agent: Arc<Agent>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
@@ -134,6 +143,14 @@ impl Daemon {
                 self.node.remove_node(&name, force, WRITE_TIMEOUT * 3).await.map_err(json_err)?;
                 Ok(json!({ "removed": name }))
             }
+            AdminRequest::Heartbeat {} => Ok(self.agent.report()),
+            AdminRequest::Events { limit } => {
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let g = member.view.read();
+                let skip = g.state.events.len().saturating_sub(limit.unwrap_or(100));
+                let events: Vec<&herd_storage::model::Event> = g.state.events.iter().skip(skip).collect();
+                Ok(json!({ "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index), "events": events }))
+            }
             AdminRequest::Maintenance { on } => {
                 self.node.write(vec![Command::SetMaintenance { on }.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
                 Ok(json!({ "maintenance": on }))
@@ -172,6 +189,12 @@ impl Daemon {
         let voters: Vec<u64> = m.membership_config.voter_ids().collect();
         let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
         let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
+        let verdicts = self.agent.verdicts();
+        let heartbeat = |id: u64| match verdicts.get(&id) {
+            Some(v) if v.verdict == Verdict::Lost => json!(format!("lost {:.1}s", v.lost_for_ms as f64 / 1000.0)),
+            Some(_) => json!("alive"),
+            None => Value::Null,
+        };
         let members: Vec<Value> = g
             .state
             .nodes
@@ -183,6 +206,7 @@ impl Daemon {
                     "daemon_state": n.daemon_state, "domain_state": n.domain_state, "router_state": n.router_state,
                     "last_keepalive_age_ms": n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
                     "address": n.cluster_addr,
+                    "heartbeat": heartbeat(n.id),
                     "stats": n.stats,
                 })
             })
@@ -221,29 +245,32 @@ impl Daemon {
         })
     }
 
-    /// Marks this node `run`, then writes a keepalive every interval, forever.
+    /// Publishes this node's heartbeat addresses and marks it `run`, then writes a keepalive
+    /// every interval, forever. Also keeps the heartbeat agent's targets in step with the
+    /// replicated node records.
     async fn member_tasks(self: Arc<Self>) {
-        loop {
-            if self.node.member().is_some() {
-                break;
+        let member = loop {
+            if let Some(m) = self.node.member() {
+                break m;
             }
             self.member_started.notified().await;
-        }
+        };
+        self.agent.set_identity(member.id, &member.cluster_id);
+        tokio::spawn(self.clone().follow_targets(member.clone()));
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
-        // `init` → `run` once this node can get a write of its own committed.
+        let addrs: BTreeMap<String, String> =
+            self.agent.addrs().iter().map(|(n, a)| (n.clone(), a.to_string())).collect();
+        // `init` → `run` once this node can get a write of its own committed; the heartbeat
+        // addresses go in the same atomic request.
         loop {
-            match self
-                .own_write(
-                    |name, node_id| Command::SetDaemonState {
-                        name,
-                        state: DaemonState::Run,
-                        return_by_ms: None,
-                        node_id,
-                    },
-                    WRITE_TIMEOUT,
-                )
-                .await
-            {
+            let addrs = addrs.clone();
+            let run = |name: String, node_id| {
+                vec![
+                    Command::SetHeartbeatAddrs { name: name.clone(), addrs, node_id },
+                    Command::SetDaemonState { name, state: DaemonState::Run, return_by_ms: None, node_id },
+                ]
+            };
+            match self.own_write(run, WRITE_TIMEOUT).await {
                 Ok(()) => {
                     tracing::info!("daemon_state run");
                     break;
@@ -262,10 +289,53 @@ impl Daemon {
             ticker.tick().await;
             last = stats::collect(&last, interval / 4).await;
             let stats = last.clone();
-            match self.own_write(|name, node_id| Command::Keepalive { name, stats, node_id }, interval).await {
+            match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {
                 Ok(()) => {}
                 Err(NodeError::Removed) => return,
                 Err(e) => tracing::warn!("keepalive not committed: {e}"),
+            }
+        }
+    }
+
+    /// Feeds the heartbeat agent the nodes to pulse, from the replicated records: a local watch
+    /// on this node's applied state, never a poll of the store.
+    async fn follow_targets(self: Arc<Self>, member: Arc<herd_raft::Member>) {
+        let mut applied = member.view.subscribe();
+        let mut current: Vec<Target> = Vec::new();
+        loop {
+            let targets: Vec<Target> = {
+                let g = member.view.read();
+                g.state
+                    .nodes
+                    .values()
+                    .map(|n| Target {
+                        id: n.id,
+                        name: n.name.clone(),
+                        role: n.role,
+                        addrs: n.heartbeat.iter().filter_map(|(net, a)| Some((net.clone(), a.parse().ok()?))).collect(),
+                    })
+                    .collect()
+            };
+            if targets != current {
+                self.agent.set_targets(targets.clone());
+                current = targets;
+            }
+            if applied.changed().await.is_err() || self.node.is_removed() {
+                return;
+            }
+        }
+    }
+
+    /// Writes this coordinator's MNFA transitions into the cluster's event log.
+    async fn record_notices(self: Arc<Self>, mut notices: mpsc::Receiver<Notice>) {
+        while let Some(n) = notices.recv().await {
+            let cmd = Command::RecordEvent {
+                kind: n.kind.to_string(),
+                node: Some(self.config.name.clone()),
+                message: n.message,
+            };
+            if let Err(e) = self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+                tracing::warn!("could not record a heartbeat event: {e}");
             }
         }
     }
@@ -274,13 +344,13 @@ impl Daemon {
     /// record of this node under this id, it was removed while this daemon was away: leave.
     async fn own_write(
         &self,
-        cmd: impl FnOnce(String, Option<u64>) -> Command,
+        cmds: impl FnOnce(String, Option<u64>) -> Vec<Command>,
         timeout: Duration,
     ) -> Result<(), NodeError> {
         let member =
             self.node.member().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
-        let cmd = cmd(self.config.name.clone(), Some(member.id));
-        match self.node.write(vec![cmd.into()], timeout).await {
+        let ops = cmds(self.config.name.clone(), Some(member.id)).into_iter().map(Into::into).collect();
+        match self.node.write(ops, timeout).await {
             Ok(_) => Ok(()),
             Err(NodeError::Apply(ApplyError::NoSuchNode(_))) => {
                 tracing::warn!(node_id = member.id, "the cluster has no record of this node: it was removed");
@@ -298,11 +368,8 @@ impl Daemon {
             return;
         }
         let return_by = herd_raft::clock::wall_ms() + self.config.lifecycle.return_by_ms;
-        let stop = |name, node_id| Command::SetDaemonState {
-            name,
-            state: DaemonState::Stop,
-            return_by_ms: Some(return_by),
-            node_id,
+        let stop = |name, node_id| {
+            vec![Command::SetDaemonState { name, state: DaemonState::Stop, return_by_ms: Some(return_by), node_id }]
         };
         match self.own_write(stop, Duration::from_secs(3)).await {
             Ok(_) => tracing::info!(return_by_ms = return_by, "daemon_state stop recorded"),
@@ -317,6 +384,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
     let stores = sled_store::open(&config.data_dir.join("db"))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // The heartbeat responder comes up first: a daemon restarted after a crash answers pulses
+    // before anything else, so it is not taken for dead while it recovers.
+    let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
+    let (agent, notices) = Agent::bind(&config.name, config.role, config.heartbeat.params(), &networks)
+        .await
+        .map_err(StartError::Heartbeat)?;
+    match herd_storage::identity::IdentityStore::load(&stores.local).map_err(StartError::Identity)? {
+        Some(id) if !id.removed => agent.set_identity(id.node_id, &id.cluster_id),
+        _ => {}
+    }
+    agent.spawn(shutdown_rx.clone());
     let listener =
         TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
     let admin_listener = admin::bind(&config.admin_socket)?;
@@ -341,11 +421,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         node: node.clone(),
+        agent: agent.clone(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
     });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
     let cluster_server = tokio::spawn(server::serve(Arc::new(listener), handler, limits, shutdown_rx.clone()));
     let admin_server = tokio::spawn(admin::serve(
@@ -366,6 +445,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::info!("not a cluster member yet: run `herd init-cluster` or `herd join-cluster`");
     }
     let tasks = tokio::spawn(daemon.clone().member_tasks());
+    let notice_task = tokio::spawn(daemon.clone().record_notices(notices));
     if resumed {
         daemon.member_started.notify_one();
     }
@@ -373,6 +453,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     wait_for_signal().await;
     tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
     tasks.abort();
+    notice_task.abort();
     daemon.record_stop().await;
     let _ = shutdown_tx.send(true);
     node.shutdown().await;

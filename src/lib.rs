@@ -6,6 +6,7 @@
 //!   daemon.rs  node lifecycle: stores, ports, membership, keepalive, SIGTERM
 //!   admin.rs   the admin socket (JSON lines), bounded
 //!   stats.rs   host figures with a deadline
+//!   heartbeat/ the active-active heartbeat: pulses, views, criss-cross, verdicts, MNFA
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
@@ -15,4 +16,5 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod heartbeat;
 pub mod stats;

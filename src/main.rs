@@ -34,7 +34,7 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error,sled=warn")),
         )
         .with_target(false)
         .with_ansi(false)
@@ -79,6 +79,8 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::Node(NodeCommand::Remove { name, force }) => {
             (AdminRequest::NodeRemove { name: name.clone(), force: *force }, Duration::from_secs(60))
         }
+        Command::Heartbeat => (AdminRequest::Heartbeat {}, Duration::from_secs(10)),
+        Command::Events { limit } => (AdminRequest::Events { limit: Some(*limit) }, Duration::from_secs(10)),
         Command::Cluster(ClusterCommand::Info { local }) => {
             (AdminRequest::ClusterInfo { local: *local }, Duration::from_secs(10))
         }

@@ -103,11 +103,13 @@ mod tests {
         c.store(s(1, 1), 0, 1000);
         c.store(s(2, 1), 0, 1000);
         c.store(s(3, 1), 0, 0);
-        let to_1: Vec<NodeId> = (0..4).filter_map(|seq| c.pick_for(1, seq, 5000, 1000)).map(|r| r.summary.coordinator).collect();
+        let to_1: Vec<NodeId> =
+            (0..4).filter_map(|seq| c.pick_for(1, seq, 5000, 1000)).map(|r| r.summary.coordinator).collect();
         assert!(!to_1.contains(&1));
         assert!(to_1.contains(&2) && to_1.contains(&3));
         // At 6000, 3's view (made at 0) is stale; 2's (made at 1000) is not.
-        let late: Vec<NodeId> = (0..4).filter_map(|seq| c.pick_for(1, seq, 5000, 5500)).map(|r| r.summary.coordinator).collect();
+        let late: Vec<NodeId> =
+            (0..4).filter_map(|seq| c.pick_for(1, seq, 5000, 5500)).map(|r| r.summary.coordinator).collect();
         assert_eq!(late, vec![2, 2, 2, 2]);
         assert_eq!(c.pick_for(1, 0, 5000, 5500).map(|r| r.age_ms), Some(4500));
         assert!(c.pick_for(2, 0, 5000, 7000).is_none());

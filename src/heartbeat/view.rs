@@ -123,7 +123,12 @@ impl OwnView {
             if k.0 == self.me {
                 continue;
             }
-            self.links.entry(k.clone()).or_insert(Link { misses: 0, state: LinkState::Ok, last_heard_ms: None, state_since_ms: now_ms });
+            self.links.entry(k.clone()).or_insert(Link {
+                misses: 0,
+                state: LinkState::Ok,
+                last_heard_ms: None,
+                state_since_ms: now_ms,
+            });
         }
         let nets: BTreeSet<&NetName> = self.links.keys().map(|(_, n)| n).collect();
         self.mnfa.retain(|n, _| nets.contains(n));
@@ -283,7 +288,8 @@ impl OwnView {
                 )
             })
             .collect();
-        missing.sort_by(|a, b| b.1.state.cmp(&a.1.state).then(b.1.misses.cmp(&a.1.misses)).then(a.1.host.cmp(&b.1.host)));
+        missing
+            .sort_by(|a, b| b.1.state.cmp(&a.1.state).then(b.1.misses.cmp(&a.1.misses)).then(a.1.host.cmp(&b.1.host)));
         let truncated_nets: BTreeSet<NetName> = missing.iter().skip(cap).map(|(n, _)| (*n).clone()).collect();
         missing.truncate(cap);
         let nets = self
@@ -349,7 +355,10 @@ mod tests {
         let ev = run(&mut v, &mut now, 6, &[(3, "mgmt")]);
         assert_eq!(ev, vec![Event::Link { host: 2, net: "mgmt".into(), from: LinkState::Ok, to: LinkState::Degraded }]);
         let ev = run(&mut v, &mut now, 4, &[(3, "mgmt")]);
-        assert_eq!(ev, vec![Event::Link { host: 2, net: "mgmt".into(), from: LinkState::Degraded, to: LinkState::Lost }]);
+        assert_eq!(
+            ev,
+            vec![Event::Link { host: 2, net: "mgmt".into(), from: LinkState::Degraded, to: LinkState::Lost }]
+        );
         assert_eq!(v.links()[&(2, "mgmt".into())].misses, 10);
         let ev = run(&mut v, &mut now, 1, &both);
         assert_eq!(ev, vec![Event::Link { host: 2, net: "mgmt".into(), from: LinkState::Lost, to: LinkState::Ok }]);
@@ -416,7 +425,8 @@ mod tests {
         let all: Vec<(NodeId, &str)> = hosts.iter().flat_map(|h| [(*h, "mgmt"), (*h, "storage")]).collect();
         run(&mut v, &mut now, 5, &all);
         // Two hosts lose storage: under the threshold.
-        let some: Vec<(NodeId, &str)> = all.iter().copied().filter(|(h, n)| !(*n == "storage" && (*h == 2 || *h == 3))).collect();
+        let some: Vec<(NodeId, &str)> =
+            all.iter().copied().filter(|(h, n)| !(*n == "storage" && (*h == 2 || *h == 3))).collect();
         run(&mut v, &mut now, 12, &some);
         assert!(!v.mnfa_active("storage"));
         // A third one within the window: MNFA on storage only.

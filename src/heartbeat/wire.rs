@@ -115,7 +115,7 @@ pub fn decode(bytes: &[u8], cluster_id: &str) -> Result<Datagram, DropReason> {
     }
     let nets = match &d.body {
         Body::Pulse { summary, .. } => Some(summary),
-        Body::Answer { relayed, .. } => relayed.as_ref().map(|r| &r.summary),
+        Body::Answer { relayed, .. } => relayed.as_ref().map(|r: &Relayed| &r.summary),
     };
     if let Some(s) = nets {
         if s.nets.len() > MAX_NETS || s.nets.iter().any(|n| n.missing.len() > MAX_MISSING) {
@@ -131,14 +131,36 @@ mod tests {
 
     fn summary(missing: usize) -> Summary {
         let m = (0..missing as u64)
-            .map(|h| Missing { host: 1000 + h, state: LinkState::Lost, misses: 99, last_heard_ago_ms: Some(123_456), state_for_ms: 99_999 })
+            .map(|h| Missing {
+                host: 1000 + h,
+                state: LinkState::Lost,
+                misses: 99,
+                last_heard_ago_ms: Some(123_456),
+                state_for_ms: 99_999,
+            })
             .collect();
         Summary {
             coordinator: 3,
             seq: u64::MAX / 3,
             nets: vec![
-                NetSummary { net: "mgmt".into(), enabled: 1000, responding: 990, isolated: false, mnfa: true, missing: m, truncated: true },
-                NetSummary { net: "storage".into(), enabled: 1000, responding: 1000, isolated: false, mnfa: false, missing: vec![], truncated: false },
+                NetSummary {
+                    net: "mgmt".into(),
+                    enabled: 1000,
+                    responding: 990,
+                    isolated: false,
+                    mnfa: true,
+                    missing: m,
+                    truncated: true,
+                },
+                NetSummary {
+                    net: "storage".into(),
+                    enabled: 1000,
+                    responding: 1000,
+                    isolated: false,
+                    mnfa: false,
+                    missing: vec![],
+                    truncated: false,
+                },
             ],
         }
     }

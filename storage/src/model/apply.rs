@@ -14,6 +14,8 @@ pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// Bound on names and addresses, so a bad client cannot bloat the state.
 const MAX_NAME_LEN: usize = 253;
 const MAX_OPS: usize = 64;
+/// Heartbeat networks per node.
+const MAX_NETWORKS: usize = 8;
 
 /// What one applied entry produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +132,7 @@ fn new_record(node: &NewNode, id: NodeId, index: u64, now: u64) -> NodeRecord {
         return_by_ms: None,
         stats: NodeStats::default(),
         last_keepalive_ms: None,
+        heartbeat: Default::default(),
         joined_ms: now,
         revision: index,
     }
@@ -233,6 +236,34 @@ fn apply_op(
             if old != *new {
                 push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"), changed);
             }
+            Ok(Reply::Done)
+        }
+        Command::SetHeartbeatAddrs { name, addrs, node_id } => {
+            if addrs.len() > MAX_NETWORKS {
+                return Err(ApplyError::Invalid(format!("at most {MAX_NETWORKS} heartbeat networks")));
+            }
+            for (net, addr) in addrs {
+                validate_name(net).map_err(|_| ApplyError::Invalid(format!("heartbeat network name {net:?}")))?;
+                if addr.is_empty() || addr.len() > MAX_NAME_LEN {
+                    return Err(ApplyError::Invalid(format!("heartbeat address for {net}: 1 to 253 bytes")));
+                }
+            }
+            let node = own_record(state, name, *node_id)?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            node.heartbeat = addrs.clone();
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            Ok(Reply::Done)
+        }
+        Command::RecordEvent { kind, node, message } => {
+            if kind.is_empty()
+                || kind.len() > 64
+                || message.len() > 1024
+                || node.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN)
+            {
+                return Err(ApplyError::Invalid("event: kind 1 to 64 bytes, message up to 1024".into()));
+            }
+            push_event(state, index, now, kind, node.as_ref(), message.clone(), changed);
             Ok(Reply::Done)
         }
         Command::SetMaintenance { on } => {

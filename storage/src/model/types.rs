@@ -144,6 +144,9 @@ pub struct NodeRecord {
     /// Leader time of the last committed keepalive.
     #[serde(default)]
     pub last_keepalive_ms: Option<u64>,
+    /// This node's heartbeat address (`ip:port`) on each heartbeat network, by network name.
+    #[serde(default)]
+    pub heartbeat: BTreeMap<String, String>,
     pub joined_ms: u64,
     /// Log index of the command that last changed this record.
     pub revision: u64,
@@ -318,6 +321,20 @@ pub enum Command {
     SetMaintenance {
         on: bool,
     },
+    /// A node publishes its heartbeat addresses (`node_id` as for `Keepalive`).
+    SetHeartbeatAddrs {
+        name: String,
+        addrs: BTreeMap<String, String>,
+        #[serde(default)]
+        node_id: Option<NodeId>,
+    },
+    /// Something the cluster's event log should show (MNFA entry and exit, ...).
+    RecordEvent {
+        kind: String,
+        #[serde(default)]
+        node: Option<String>,
+        message: String,
+    },
 }
 
 impl Command {
@@ -330,6 +347,8 @@ impl Command {
             Command::Keepalive { .. } => "keepalive",
             Command::SetDaemonState { .. } => "set-daemon-state",
             Command::SetMaintenance { .. } => "set-maintenance",
+            Command::SetHeartbeatAddrs { .. } => "set-heartbeat-addrs",
+            Command::RecordEvent { .. } => "record-event",
         }
     }
 }

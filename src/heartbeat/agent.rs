@@ -1,0 +1,487 @@
+//! The heartbeat's IO: one UDP socket per heartbeat network, answering pulses (every node) and
+//! sending them each period and collecting answers (coordinators).
+//!
+//! Sockets sit behind [`DatagramSocket`] so the simulation can swap in turmoil's UDP. Time is a
+//! `tokio::time::Instant` turned into milliseconds since the agent started. The state lock is
+//! a short synchronous section: no IO and no `.await` while it is held.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herd_storage::model::{NodeId, Role};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::relay::ViewCache;
+use super::verdict::{self, HostVerdict, ViewInput};
+use super::view::{Event, OwnView};
+use super::wire::{self, Body, Datagram, DropReason, Summary, MAGIC, MAX_DATAGRAM, VERSION};
+use super::{LinkState, NetName, Params};
+
+/// A datagram socket (tokio's UDP in production, turmoil's in the simulation).
+pub trait DatagramSocket: Send + Sync + 'static {
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>>;
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>>;
+}
+
+impl DatagramSocket for tokio::net::UdpSocket {
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>> {
+        Box::pin(tokio::net::UdpSocket::send_to(self, buf, to))
+    }
+
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(tokio::net::UdpSocket::recv_from(self, buf))
+    }
+}
+
+/// A node the agent pulses (coordinators) and names in reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub id: NodeId,
+    pub name: String,
+    pub role: Role,
+    pub addrs: BTreeMap<NetName, SocketAddr>,
+}
+
+/// What arrived and what was dropped, for `herd heartbeat`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub pulses_sent: u64,
+    pub pulses_received: u64,
+    pub answers_sent: u64,
+    pub answers_received: u64,
+    pub malformed: u64,
+    pub foreign: u64,
+    pub send_errors: u64,
+}
+
+/// A notable change, for the daemon to record in the cluster's event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+struct Inner {
+    me: Option<(NodeId, String)>,
+    view: Option<OwnView>,
+    cache: ViewCache,
+    targets: BTreeMap<NodeId, Target>,
+    counters: Counters,
+}
+
+/// The heartbeat agent of one node.
+pub struct Agent {
+    name: String,
+    role: Role,
+    params: Params,
+    sockets: BTreeMap<NetName, Arc<dyn DatagramSocket>>,
+    addrs: BTreeMap<NetName, SocketAddr>,
+    started: Instant,
+    inner: Mutex<Inner>,
+    notices: mpsc::Sender<Notice>,
+}
+
+impl Agent {
+    /// Binds one UDP socket per network. Returns the agent and the receiver of its notices.
+    pub async fn bind(
+        name: &str,
+        role: Role,
+        params: Params,
+        networks: &BTreeMap<NetName, SocketAddr>,
+    ) -> io::Result<(Arc<Agent>, mpsc::Receiver<Notice>)> {
+        let mut sockets: BTreeMap<NetName, Arc<dyn DatagramSocket>> = BTreeMap::new();
+        for (net, addr) in networks {
+            let s = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("heartbeat network {net} ({addr}): {e}")))?;
+            sockets.insert(net.clone(), Arc::new(s));
+        }
+        Ok(Self::with_sockets(name, role, params, sockets, networks.clone()))
+    }
+
+    /// An agent over sockets the caller made (the simulation's).
+    pub fn with_sockets(
+        name: &str,
+        role: Role,
+        params: Params,
+        sockets: BTreeMap<NetName, Arc<dyn DatagramSocket>>,
+        addrs: BTreeMap<NetName, SocketAddr>,
+    ) -> (Arc<Agent>, mpsc::Receiver<Notice>) {
+        let (tx, rx) = mpsc::channel(64);
+        let agent = Agent {
+            name: name.to_string(),
+            role,
+            params,
+            sockets,
+            addrs,
+            started: Instant::now(),
+            inner: Mutex::new(Inner {
+                me: None,
+                view: None,
+                cache: ViewCache::new(None),
+                targets: BTreeMap::new(),
+                counters: Counters::default(),
+            }),
+            notices: tx,
+        };
+        (Arc::new(agent), rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// This node's own heartbeat addresses (published in its replicated record).
+    pub fn addrs(&self) -> &BTreeMap<NetName, SocketAddr> {
+        &self.addrs
+    }
+
+    /// Sets this node's id and cluster (after init, join or resume): from then on it answers
+    /// pulses of that cluster, and a coordinator starts its own view.
+    pub fn set_identity(&self, node_id: NodeId, cluster_id: &str) {
+        let mut g = self.lock();
+        g.me = Some((node_id, cluster_id.to_string()));
+        g.cache.set_me(node_id);
+        if self.role == Role::Coordinator && g.view.as_ref().is_none_or(|v| v.me() != node_id) {
+            g.view = Some(OwnView::new(node_id, self.params.clone()));
+        }
+        let targets = g.targets.clone();
+        drop(g);
+        self.set_targets(targets.into_values().collect());
+    }
+
+    /// Sets the nodes to watch (from the replicated node records).
+    pub fn set_targets(&self, targets: Vec<Target>) {
+        let now = self.now_ms();
+        let mut g = self.lock();
+        let pairs: BTreeSet<(NodeId, NetName)> = targets
+            .iter()
+            .flat_map(|t| t.addrs.keys().filter(|n| self.sockets.contains_key(*n)).map(move |n| (t.id, n.clone())))
+            .collect();
+        if let Some(v) = g.view.as_mut() {
+            v.set_targets(&pairs, now);
+        }
+        g.targets = targets.into_iter().map(|t| (t.id, t)).collect();
+    }
+
+    /// Starts the receive loops (every node) and the pulse loop (coordinators).
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+        for (net, socket) in &self.sockets {
+            tokio::spawn(self.clone().receive(net.clone(), socket.clone(), shutdown.clone()));
+        }
+        if self.role == Role::Coordinator {
+            tokio::spawn(self.clone().pulse(shutdown));
+        }
+    }
+
+    async fn receive(
+        self: Arc<Self>,
+        net: NetName,
+        socket: Arc<dyn DatagramSocket>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        loop {
+            let got = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return,
+                r = socket.recv_from(&mut buf) => r,
+            };
+            let (n, src) = match got {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors surface here on some systems; never spin on them.
+                    tracing::debug!(%net, "heartbeat receive: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let reply = self.handle(&net, &buf[..n], n > MAX_DATAGRAM);
+            if let Some(bytes) = reply {
+                let sent = socket.send_to(&bytes, src).await;
+                let mut g = self.lock();
+                match sent {
+                    Ok(_) => g.counters.answers_sent += 1,
+                    Err(_) => g.counters.send_errors += 1,
+                }
+            }
+        }
+    }
+
+    /// Handles one datagram; returns the answer to send back, if any.
+    fn handle(&self, net: &str, bytes: &[u8], oversized: bool) -> Option<Vec<u8>> {
+        let now = self.now_ms();
+        let mut events = Vec::new();
+        let reply = {
+            let mut g = self.lock();
+            let Some((me, cluster_id)) = g.me.clone() else {
+                g.counters.foreign += 1;
+                return None;
+            };
+            let d = if oversized { Err(DropReason::Malformed) } else { wire::decode(bytes, &cluster_id) };
+            let d = match d {
+                Ok(d) => d,
+                Err(DropReason::Malformed) => {
+                    g.counters.malformed += 1;
+                    return None;
+                }
+                Err(DropReason::Foreign) => {
+                    g.counters.foreign += 1;
+                    return None;
+                }
+            };
+            match d.body {
+                Body::Pulse { from, net: pulse_net, seq, summary } => {
+                    if pulse_net != net || summary.coordinator != from {
+                        g.counters.malformed += 1;
+                        return None;
+                    }
+                    g.counters.pulses_received += 1;
+                    g.cache.store(summary, 0, now);
+                    let relayed = g.cache.pick_for(from, seq, self.params.history_ms, now);
+                    let answer = Datagram {
+                        magic: MAGIC,
+                        version: VERSION,
+                        cluster_id,
+                        body: Body::Answer { from: me, to: from, net: net.to_string(), seq, relayed },
+                    };
+                    wire::encode(&answer)
+                }
+                Body::Answer { from, to, net: answer_net, seq, relayed } => {
+                    if to != me || answer_net != net {
+                        g.counters.foreign += 1;
+                        return None;
+                    }
+                    g.counters.answers_received += 1;
+                    if let Some(v) = g.view.as_mut() {
+                        events.extend(v.on_answer(from, net, seq, now));
+                    }
+                    if let Some(r) = relayed {
+                        g.cache.store(r.summary, r.age_ms, now);
+                    }
+                    None
+                }
+            }
+        };
+        self.log_events(&events);
+        reply
+    }
+
+    async fn pulse(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.params.interval_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = ticker.tick() => {}
+            }
+            let now = self.now_ms();
+            let (events, batches) = {
+                let mut g = self.lock();
+                let Some((me, cluster_id)) = g.me.clone() else { continue };
+                let Some(view) = g.view.as_mut() else { continue };
+                let events = view.tick(now);
+                let seq = view.seq();
+                let summary = view.wire_summary(now);
+                let mut batches = Vec::new();
+                for net in self.sockets.keys() {
+                    let pulse = Datagram {
+                        magic: MAGIC,
+                        version: VERSION,
+                        cluster_id: cluster_id.clone(),
+                        body: Body::Pulse { from: me, net: net.clone(), seq, summary: summary.clone() },
+                    };
+                    let Some(bytes) = wire::encode(&pulse) else { continue };
+                    let to: Vec<SocketAddr> =
+                        g.targets.values().filter(|t| t.id != me).filter_map(|t| t.addrs.get(net).copied()).collect();
+                    batches.push((net.clone(), bytes, to));
+                }
+                (events, batches)
+            };
+            self.log_events(&events);
+            let (mut sent, mut failed) = (0u64, 0u64);
+            for (net, bytes, to) in &batches {
+                let Some(socket) = self.sockets.get(net) else { continue };
+                for addr in to {
+                    match socket.send_to(bytes, *addr).await {
+                        Ok(_) => sent += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            let mut g = self.lock();
+            g.counters.pulses_sent += sent;
+            g.counters.send_errors += failed;
+        }
+    }
+
+    fn name_of(&self, id: NodeId) -> String {
+        self.lock().targets.get(&id).map_or_else(|| format!("node {id}"), |t| t.name.clone())
+    }
+
+    /// One log line per transition, never per pulse; MNFA changes also become notices.
+    fn log_events(&self, events: &[Event]) {
+        for e in events {
+            match e {
+                Event::Link { host, net, from, to } => {
+                    let host = self.name_of(*host);
+                    if *to == LinkState::Ok {
+                        tracing::info!("heartbeat: {host} on {net}: {} -> {}", from.as_str(), to.as_str());
+                    } else {
+                        tracing::warn!("heartbeat: {host} on {net}: {} -> {}", from.as_str(), to.as_str());
+                    }
+                }
+                Event::Isolated { net, isolated } => {
+                    if *isolated {
+                        tracing::warn!("heartbeat: this coordinator hears no host on {net}: isolated there");
+                    } else {
+                        tracing::info!("heartbeat: this coordinator hears hosts on {net} again");
+                    }
+                }
+                Event::Mnfa { net, active, hosts, threshold } => {
+                    let message = if *active {
+                        format!("MNFA entered on {net}: {hosts} hosts failed within one window (threshold {threshold}); failure verdicts suspended")
+                    } else {
+                        format!("MNFA left on {net}: {hosts} hosts still failing (threshold {threshold})")
+                    };
+                    tracing::warn!("heartbeat: {message}");
+                    let kind = if *active { "mnfa-enter" } else { "mnfa-exit" };
+                    if self.notices.try_send(Notice { kind, message }).is_err() {
+                        tracing::warn!("heartbeat: notice queue full; an MNFA event was not recorded");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every view this node holds, its own (if a coordinator) first.
+    fn inputs(g: &Inner, now: u64) -> (Option<Summary>, Vec<(&Summary, u64)>) {
+        let own = g.view.as_ref().map(|v| v.summary(now, usize::MAX));
+        (own, g.cache.views(now))
+    }
+
+    /// The verdict for every known node (by id).
+    pub fn verdicts(&self) -> BTreeMap<NodeId, HostVerdict> {
+        let now = self.now_ms();
+        let g = self.lock();
+        let (own, peers) = Self::inputs(&g, now);
+        let mut inputs: Vec<ViewInput<'_>> =
+            peers.iter().map(|(s, age)| ViewInput { summary: s, age_ms: *age }).collect();
+        if let Some(o) = own.as_ref() {
+            inputs.push(ViewInput { summary: o, age_ms: 0 });
+        }
+        let hosts: BTreeMap<NodeId, BTreeSet<NetName>> =
+            g.targets.values().map(|t| (t.id, t.addrs.keys().cloned().collect())).collect();
+        verdict::verdicts(&hosts, &inputs, &self.params)
+    }
+
+    /// The whole picture for `herd heartbeat`.
+    pub fn report(&self) -> serde_json::Value {
+        let now = self.now_ms();
+        let verdicts = self.verdicts();
+        let g = self.lock();
+        let name = |id: NodeId| g.targets.get(&id).map_or_else(|| format!("node {id}"), |t| t.name.clone());
+        let own = g.view.as_ref().map(|v| {
+            let nets: BTreeSet<&NetName> = v.links().keys().map(|(_, n)| n).collect();
+            let nets: Vec<serde_json::Value> = nets
+                .into_iter()
+                .map(|net| {
+                    let hosts: Vec<serde_json::Value> = v
+                        .links()
+                        .iter()
+                        .filter(|((_, n), _)| n == net)
+                        .map(|((h, _), l)| {
+                            serde_json::json!({
+                                "host": name(*h), "id": h, "state": l.state, "misses": l.misses,
+                                "last_heard_age_ms": l.last_heard_ms.map(|t| now.saturating_sub(t)),
+                            })
+                        })
+                        .collect();
+                    let periods: Vec<_> = v.history().iter().filter_map(|p| p.nets.get(net)).collect();
+                    let mut missed: BTreeMap<String, usize> = BTreeMap::new();
+                    for p in v.history() {
+                        if let Some(pn) = p.nets.get(net) {
+                            for (h, _) in v.links().keys().filter(|(_, n)| n == net) {
+                                if !pn.responding.contains(h) {
+                                    *missed.entry(name(*h)).or_default() += 1;
+                                }
+                            }
+                        }
+                    }
+                    serde_json::json!({
+                        "net": net,
+                        "isolated": v.is_isolated(net),
+                        "mnfa": v.mnfa_active(net),
+                        "hosts": hosts,
+                        "history": {
+                            "periods": periods.len(),
+                            "window_ms": self.params.history_ms,
+                            "min_responding": periods.iter().map(|p| p.responding.len()).min(),
+                            "max_responding": periods.iter().map(|p| p.responding.len()).max(),
+                            "missed_periods": missed,
+                        },
+                    })
+                })
+                .collect();
+            serde_json::json!({ "coordinator": name(v.me()), "id": v.me(), "seq": v.seq(), "late_answers": v.late, "nets": nets })
+        });
+        let peers: Vec<serde_json::Value> = g
+            .cache
+            .views(now)
+            .into_iter()
+            .map(|(s, age)| {
+                let nets: Vec<serde_json::Value> = s
+                    .nets
+                    .iter()
+                    .map(|n| {
+                        let missing: Vec<serde_json::Value> = n
+                            .missing
+                            .iter()
+                            .map(|m| serde_json::json!({"host": name(m.host), "id": m.host, "state": m.state, "misses": m.misses, "last_heard_ago_ms": m.last_heard_ago_ms}))
+                            .collect();
+                        serde_json::json!({"net": n.net, "enabled": n.enabled, "responding": n.responding, "isolated": n.isolated, "mnfa": n.mnfa, "truncated": n.truncated, "missing": missing})
+                    })
+                    .collect();
+                serde_json::json!({
+                    "coordinator": name(s.coordinator), "id": s.coordinator, "seq": s.seq, "age_ms": age,
+                    "stale": age >= self.params.history_ms, "nets": nets,
+                })
+            })
+            .collect();
+        let (own_summary, peer_inputs) = Self::inputs(&g, now);
+        let mut inputs: Vec<ViewInput<'_>> =
+            peer_inputs.iter().map(|(s, age)| ViewInput { summary: s, age_ms: *age }).collect();
+        if let Some(o) = own_summary.as_ref() {
+            inputs.push(ViewInput { summary: o, age_ms: 0 });
+        }
+        let mnfa = verdict::mnfa_networks(&inputs, &self.params);
+        let verdicts: BTreeMap<String, &HostVerdict> = verdicts.iter().map(|(id, v)| (name(*id), v)).collect();
+        serde_json::json!({
+            "node": self.name,
+            "node_id": g.me.as_ref().map(|(id, _)| *id),
+            "role": self.role,
+            "networks": self.addrs,
+            "params": self.params,
+            "counters": g.counters,
+            "own_view": own,
+            "peer_views": peers,
+            "mnfa": mnfa,
+            "verdicts": verdicts,
+        })
+    }
+}
