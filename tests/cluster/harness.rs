@@ -37,6 +37,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub child: Option<Child>,
     pub extra_config: String,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -74,7 +76,16 @@ impl Node {
         assert!(self.child.is_none(), "{} already running", self.name);
         self.write_config();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open log");
-        let child = Command::new(HERD)
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, HERD]);
+                c
+            }
+            None => Command::new(HERD),
+        };
+        let child = cmd
             .args(["daemon", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "info,openraft=warn")
@@ -220,6 +231,7 @@ impl Cluster {
                     dir: d,
                     child: None,
                     extra_config: extra_config.to_string(),
+                    netns: None,
                 }
             })
             .collect();
