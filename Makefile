@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-stop test deps fmt lint unit cluster
+.PHONY: demo demo-stop test deps fmt lint unit cluster bench
 
 # A local cluster: 3 coordinators + 1 hypervisor on loopback, then `herd status`.
 demo: deps
@@ -30,3 +30,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 cluster:
 	$(CARGO) test --test cluster
+
+# Benchmarks measure (never part of `make test`): a table on stdout, JSON in target/bench/.
+bench:
+	$(CARGO) run --release -p herd-bench -- heartbeat

@@ -1,0 +1,200 @@
+//! `herd-bench SCENARIO`: benchmarks measure, tests assert. Each scenario prints a table and
+//! writes `target/bench/<scenario>-<unix time>.json` with the machine, the commit and every
+//! figure.
+//!
+//! Scenarios:
+//! - `heartbeat`: CPU time one coordinator spends per second on pulses and answers for 10, 100
+//!   and 1000 simulated hosts × 2 networks, at the default 100 ms interval. The hosts are real
+//!   heartbeat agents (the responder code of every node) in a child process, on loopback; the
+//!   coordinator's process CPU time is measured with getrusage over a steady window.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use herd::heartbeat::agent::{Agent, Target};
+use herd::heartbeat::Params;
+use herd_storage::model::Role;
+use serde_json::{json, Value};
+
+const CLUSTER: &str = "bench";
+const NETS: [&str; 2] = ["mgmt", "storage"];
+/// Coordinator id; hosts are 100.. so they never collide.
+const COORDINATOR: u64 = 1;
+
+fn host_addr(h: usize, net: usize, base_port: u16) -> SocketAddr {
+    // One loopback address per host (127.77.x.y), one port per network.
+    let ip = Ipv4Addr::new(127, 77, u8::try_from(h / 250).unwrap_or(255), u8::try_from(h % 250 + 1).unwrap_or(255));
+    SocketAddr::new(IpAddr::V4(ip), base_port + u16::try_from(net).unwrap_or(0))
+}
+
+fn raise_fd_limit() -> Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard).context("raising the open-file limit")?;
+    Ok(())
+}
+
+/// Child mode: `hosts` responders, until stdin closes.
+async fn responders(hosts: usize, base_port: u16) -> Result<()> {
+    raise_fd_limit()?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut agents = Vec::new();
+    for h in 0..hosts {
+        let nets: BTreeMap<String, SocketAddr> =
+            NETS.iter().enumerate().map(|(k, n)| (n.to_string(), host_addr(h, k, base_port))).collect();
+        let (agent, _notices) = Agent::bind(&format!("host{h}"), Role::Hypervisor, Params::default(), &nets).await?;
+        agent.set_identity(100 + h as u64, CLUSTER);
+        agent.spawn(rx.clone());
+        agents.push(agent);
+    }
+    println!("ready");
+    // Parent closes our stdin to stop us.
+    let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    let _ = tx.send(true);
+    Ok(())
+}
+
+fn cpu_seconds() -> Result<f64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF)?;
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    Ok(t(u.user_time()) + t(u.system_time()))
+}
+
+/// One measurement: a coordinator pulsing `hosts` hosts.
+async fn heartbeat_run(hosts: usize, warmup: Duration, window: Duration) -> Result<Value> {
+    let base_port = 17_000;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["responders", &hosts.to_string(), &base_port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the responders")?;
+    let stdout = child.stdout.take().context("responder stdout")?;
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await??;
+    if ready.trim() != "ready" {
+        bail!("responders did not start");
+    }
+    let nets: BTreeMap<String, SocketAddr> = NETS
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (n.to_string(), SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 78, 0, 1)), base_port + k as u16)))
+        .collect();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (agent, _notices) = Agent::bind("coordinator", Role::Coordinator, Params::default(), &nets).await?;
+    agent.set_identity(COORDINATOR, CLUSTER);
+    agent.set_targets(
+        (0..hosts)
+            .map(|h| Target {
+                id: 100 + h as u64,
+                name: format!("host{h}"),
+                role: Role::Hypervisor,
+                addrs: NETS.iter().enumerate().map(|(k, n)| (n.to_string(), host_addr(h, k, base_port))).collect(),
+            })
+            .collect(),
+    );
+    agent.spawn(rx);
+    tokio::time::sleep(warmup).await;
+    let before = agent.report()["counters"].clone();
+    let (cpu0, t0) = (cpu_seconds()?, Instant::now());
+    tokio::time::sleep(window).await;
+    let (cpu1, elapsed) = (cpu_seconds()?, t0.elapsed());
+    let report = agent.report();
+    let delta = |k: &str| report["counters"][k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
+    let per_s = |k: &str| delta(k) as f64 / elapsed.as_secs_f64();
+    let _ = tx.send(true);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let lost = report["verdicts"].as_object().map_or(0, |m| m.values().filter(|v| v["verdict"] == "lost").count());
+    let ok_links = report["own_view"]["nets"].as_array().map_or(0, |n| {
+        n.iter().flat_map(|n| n["hosts"].as_array().cloned().unwrap_or_default()).filter(|h| h["state"] == "ok").count()
+    });
+    let cpu_per_s = (cpu1 - cpu0) / elapsed.as_secs_f64();
+    Ok(json!({
+        "hosts": hosts,
+        "networks": NETS.len(),
+        "interval_ms": Params::default().interval_ms,
+        "window_s": elapsed.as_secs_f64(),
+        "cpu_s_per_s": cpu_per_s,
+        "cpu_percent_of_one_core": cpu_per_s * 100.0,
+        "pulses_per_s": per_s("pulses_sent"),
+        "answers_per_s": per_s("answers_received"),
+        "links_ok": ok_links,
+        "links_total": hosts * NETS.len(),
+        "hosts_lost": lost,
+    }))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+        c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "commit": commit,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+fn write_json(scenario: &str, v: &Value) -> Result<String> {
+    let dir = std::path::Path::new("target/bench");
+    std::fs::create_dir_all(dir)?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let path = dir.join(format!("{scenario}-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
+    Ok(path.display().to_string())
+}
+
+async fn heartbeat(sizes: &[usize]) -> Result<()> {
+    raise_fd_limit()?;
+    let mut rows = Vec::new();
+    println!(
+        "{:>6} {:>9} {:>14} {:>10} {:>10} {:>10} {:>6}",
+        "hosts", "networks", "coord CPU %", "pulses/s", "answers/s", "links ok", "lost"
+    );
+    for &hosts in sizes {
+        let r = heartbeat_run(hosts, Duration::from_secs(2), Duration::from_secs(5)).await?;
+        println!(
+            "{:>6} {:>9} {:>13.2}% {:>10.0} {:>10.0} {:>10} {:>6}",
+            hosts,
+            NETS.len(),
+            r["cpu_percent_of_one_core"].as_f64().unwrap_or(0.0),
+            r["pulses_per_s"].as_f64().unwrap_or(0.0),
+            r["answers_per_s"].as_f64().unwrap_or(0.0),
+            format!("{}/{}", r["links_ok"], r["links_total"]),
+            r["hosts_lost"]
+        );
+        rows.push(r);
+    }
+    let out = json!({ "scenario": "heartbeat", "machine": machine(), "results": rows, "target": "1000 hosts x 2 networks at 100 ms within 15 % of one core" });
+    println!("wrote {}", write_json("heartbeat", &out)?);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["heartbeat"] => rt.block_on(heartbeat(&[10, 100, 1000])),
+        ["heartbeat", sizes @ ..] => {
+            let sizes: Vec<usize> = sizes.iter().map(|s| s.parse()).collect::<Result<_, _>>().context("host counts")?;
+            rt.block_on(heartbeat(&sizes))
+        }
+        ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
+        _ => bail!("usage: herd-bench heartbeat [HOSTS...]"),
+    }
+}
