@@ -450,7 +450,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         daemon.member_started.notify_one();
     }
 
+    // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
+    let dump_task = tokio::spawn(dump_heartbeat_on_sigusr2(agent.clone()));
     wait_for_signal().await;
+    dump_task.abort();
     tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
     tasks.abort();
     notice_task.abort();
@@ -463,6 +466,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let applied = node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
     tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
     Ok(())
+}
+
+async fn dump_heartbeat_on_sigusr2(agent: Arc<Agent>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::warn!("cannot install the SIGUSR2 handler");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        tracing::info!(heartbeat = %agent.report(), "heartbeat picture (SIGUSR2)");
+    }
 }
 
 async fn wait_for_signal() {

@@ -156,6 +156,16 @@ fn heartbeat_verdicts_criss_cross_and_mnfa_in_namespaces() {
     wait_until("MNFA left on storage", Duration::from_secs(10), || {
         hb(c.node("c1")).filter(|v| v["mnfa"]["storage"] == false && verdict(v, "h1").as_deref() == Some("alive"))
     });
+    // SIGUSR2 writes the same picture to the log.
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(c.node("c2").child.as_ref().expect("running").id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2).expect("SIGUSR2");
+    wait_until("the heartbeat picture in c2's log", Duration::from_secs(10), || {
+        std::fs::read_to_string(c.node("c2").log_path())
+            .ok()
+            .filter(|l| l.contains("heartbeat picture (SIGUSR2)") && l.contains("\"verdicts\""))
+            .map(|_| ())
+    });
     let events = c.node("h2").admin(json!({"op": "events"}));
     let kinds: Vec<&str> =
         events["events"].as_array().into_iter().flatten().filter_map(|e| e["kind"].as_str()).collect();
