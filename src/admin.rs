@@ -54,6 +54,15 @@ pub enum AdminRequest {
         #[serde(default)]
         local: bool,
     },
+    /// Move the primary role to `name` (or away from `name` with `secondary`); with `wait`,
+    /// answer once the new primary holds its duties.
+    NodePrimary {
+        name: String,
+        #[serde(default)]
+        secondary: bool,
+        #[serde(default)]
+        wait: bool,
+    },
     /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
     Heartbeat {},
     /// The newest entries of the replicated event log (local read).

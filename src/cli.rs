@@ -34,6 +34,11 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Give up this node's floating addresses (no daemon needed: the unit's stop-post step).
+    Release {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Bootstrap a new cluster on this (fresh) node and print its join token.
     InitCluster,
     /// Join this (fresh) node to the cluster that PEER belongs to.
@@ -81,6 +86,19 @@ pub enum NodeCommand {
         name: String,
         #[arg(long)]
         local: bool,
+    },
+    /// Make NAME the primary coordinator (the current one relinquishes first).
+    Primary {
+        name: String,
+        /// Return once the new primary holds its duties, printing how long it took.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Make NAME, the primary, step down (another voter takes over).
+    Secondary {
+        name: String,
+        #[arg(long)]
+        wait: bool,
     },
     /// Remove a node from the cluster (joint consensus).
     Remove {
@@ -229,11 +247,12 @@ pub fn render(command: &Command, v: &Value) -> String {
     match command {
         Command::Status => {
             let mut out = format!(
-                "cluster {}  node {} ({})  leader {}  term {}  quorum {}  applied {}{}\n",
+                "cluster {}  node {} ({})  leader {}  primary {}  term {}  quorum {}  applied {}{}\n",
                 s(&v["cluster_id"]),
                 s(&v["node"]),
                 s(&v["state"]),
                 s(&v["leader"]),
+                s(&v["primary"]),
                 s(&v["term"]),
                 if v["quorum"].as_bool() == Some(true) { "yes" } else { "NO" },
                 s(&v["applied_index"]),
@@ -257,6 +276,10 @@ pub fn render(command: &Command, v: &Value) -> String {
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
         Command::Heartbeat => render_heartbeat(v),
+        Command::Node(NodeCommand::Primary { .. } | NodeCommand::Secondary { .. }) => match v["took_ms"].as_u64() {
+            Some(ms) => format!("primary: {} (was {}), after {ms} ms", s(&v["primary"]), s(&v["previous"])),
+            None => "hand-over requested".to_string(),
+        },
         Command::Events { .. } => {
             let rows: Vec<Vec<String>> = v["events"]
                 .as_array()

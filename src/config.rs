@@ -9,6 +9,7 @@ use herd_storage::model::Role;
 use serde::Deserialize;
 
 use crate::heartbeat::Params;
+use crate::primary::duties::{Duties, FloatingIp};
 
 /// A configuration error: one line naming the file, the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,53 @@ pub struct Config {
     pub limits: LimitsSection,
     #[serde(default)]
     pub heartbeat: HeartbeatSection,
+    #[serde(default)]
+    pub primary: PrimarySection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrimarySection {
+    /// `ADDRESS/PREFIX dev INTERFACE`, held by the primary only.
+    pub floating_ips: Vec<String>,
+    /// Executables run as `HOOK start|stop|status` (primary-only services) and `*.notify` hooks.
+    pub hooks_dir: Option<PathBuf>,
+    /// Extra delay before a new primary takes its duties.
+    pub takeover_delay_ms: u64,
+    pub hook_timeout_ms: u64,
+    /// How long a new primary waits for survivors to acknowledge a notification.
+    pub notify_timeout_ms: u64,
+    pub status_interval_ms: u64,
+}
+
+impl Default for PrimarySection {
+    fn default() -> Self {
+        PrimarySection {
+            floating_ips: Vec::new(),
+            hooks_dir: None,
+            takeover_delay_ms: 0,
+            hook_timeout_ms: 30_000,
+            notify_timeout_ms: 1_000,
+            status_interval_ms: 10_000,
+        }
+    }
+}
+
+impl PrimarySection {
+    /// The duties this config describes (the floating addresses validated).
+    pub fn duties(&self) -> Result<Duties, (String, String)> {
+        let ips = self
+            .floating_ips
+            .iter()
+            .enumerate()
+            .map(|(i, s)| FloatingIp::parse(s).map_err(|e| (format!("primary.floating_ips[{i}]"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Duties {
+            ips,
+            hooks_dir: self.hooks_dir.clone(),
+            hook_timeout: std::time::Duration::from_millis(self.hook_timeout_ms),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -304,6 +352,23 @@ impl Config {
             return err("heartbeat.networks", "at most 8 networks".into());
         }
         self.heartbeat_networks()?;
+        let p = &self.primary;
+        if p.floating_ips.len() > 64 {
+            return err("primary.floating_ips", "at most 64 addresses".into());
+        }
+        p.duties()?;
+        if p.takeover_delay_ms > 600_000 {
+            return err("primary.takeover_delay_ms", "at most 600000".into());
+        }
+        if !(100..=3_600_000).contains(&p.hook_timeout_ms) {
+            return err("primary.hook_timeout_ms", "must be between 100 and 3600000".into());
+        }
+        if !(10..=600_000).contains(&p.notify_timeout_ms) {
+            return err("primary.notify_timeout_ms", "must be between 10 and 600000".into());
+        }
+        if !(100..=3_600_000).contains(&p.status_interval_ms) {
+            return err("primary.status_interval_ms", "must be between 100 and 3600000".into());
+        }
         if !(1_000..=3_600_000).contains(&self.lifecycle.return_by_ms) {
             return err("lifecycle.return_by_ms", "must be between 1000 and 3600000".into());
         }

@@ -28,6 +28,7 @@ use crate::admin::{self, AdminRequest};
 use crate::config::Config;
 use crate::heartbeat::agent::{Agent, Notice, Target};
 use crate::heartbeat::verdict::Verdict;
+use crate::primary::manager::{self as primary, Manager, ManagerExtension};
 use crate::stats;
 
 /// Timeouts of admin operations.
@@ -59,6 +60,7 @@ pub struct Daemon {
     pub config: Config,
     pub node: Arc<ClusterNode<SledLogStore>>,
     pub agent: Arc<Agent>,
+    pub primary: Arc<Manager>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
@@ -144,6 +146,7 @@ impl Daemon {
                 Ok(json!({ "removed": name }))
             }
             AdminRequest::Heartbeat {} => Ok(self.agent.report()),
+            AdminRequest::NodePrimary { name, secondary, wait } => self.move_primary(name, secondary, wait).await,
             AdminRequest::Events { limit } => {
                 let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
                 let g = member.view.read();
@@ -154,6 +157,50 @@ impl Daemon {
             AdminRequest::Maintenance { on } => {
                 self.node.write(vec![Command::SetMaintenance { on }.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
                 Ok(json!({ "maintenance": on }))
+            }
+        }
+    }
+
+    /// `herd node primary|secondary NAME [--wait]`.
+    async fn move_primary(&self, name: String, secondary: bool, wait: bool) -> Result<Value, String> {
+        let started = tokio::time::Instant::now();
+        let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+        let current = || {
+            let g = member.view.read();
+            g.state
+                .nodes
+                .values()
+                .find(|n| n.router_state == herd_storage::model::RouterState::Primary)
+                .map(|n| n.name.clone())
+        };
+        if !member.view.read().state.nodes.contains_key(&name) {
+            return Err(format!("no node named {name:?}"));
+        }
+        let before = current();
+        if secondary && before.as_deref() != Some(name.as_str()) {
+            return Err(format!("{name} is not the primary (the primary is {})", before.as_deref().unwrap_or("none")));
+        }
+        let to = if secondary { None } else { Some(name.clone()) };
+        self.node.leader_call(herd_raft::wire::LeaderOp::MovePrimary { to }, WRITE_TIMEOUT).await.map_err(json_err)?;
+        if !wait {
+            return Ok(json!({ "requested": true }));
+        }
+        let deadline = started + Duration::from_secs(30);
+        let mut applied = member.view.subscribe();
+        loop {
+            let now = current();
+            let done = match (&now, secondary) {
+                (Some(p), false) => *p == name,
+                (Some(p), true) => *p != name,
+                (None, _) => false,
+            };
+            if done {
+                return Ok(
+                    json!({ "primary": now, "previous": before, "took_ms": started.elapsed().as_millis() as u64 }),
+                );
+            }
+            if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                return Err(format!("no new primary within 30 s (primary now: {})", now.as_deref().unwrap_or("none")));
             }
         }
     }
@@ -231,6 +278,8 @@ impl Daemon {
             "lease_confirmed": lease_confirmed,
             "join_pending": self.node.join_pending(),
             "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
+            "primary": g.state.nodes.values().find(|n| n.router_state == herd_storage::model::RouterState::Primary).map(|n| n.name.clone()),
+            "holding_duties": self.primary.holding(),
             "members": members,
             "raft": {
                 "voters": voters,
@@ -418,10 +467,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let node =
         ClusterNode::new(settings, Arc::new(TcpConnector), stores.log, Arc::new(stores.sm), Arc::new(stores.local));
+    let duties = config.primary.duties().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
+    let primary_settings = primary::Settings {
+        name: config.name.clone(),
+        role: config.role,
+        lease_ms: config.raft.election_timeout_ms[1],
+        takeover_delay_ms: config.primary.takeover_delay_ms,
+        notify_timeout: Duration::from_millis(config.primary.notify_timeout_ms),
+        status_interval: Duration::from_millis(config.primary.status_interval_ms),
+    };
+    let manager = Manager::new(primary_settings, node.clone(), duties);
+    node.set_extension(Arc::new(ManagerExtension(manager.clone())));
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         node: node.clone(),
         agent: agent.clone(),
+        primary: manager.clone(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
     });
@@ -450,6 +511,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         daemon.member_started.notify_one();
     }
 
+    let (duty_stop_tx, duty_stop_rx) = watch::channel(false);
+    let duty_task = tokio::spawn(manager.clone().run(duty_stop_rx));
     // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
     let dump_task = tokio::spawn(dump_heartbeat_on_sigusr2(agent.clone()));
     wait_for_signal().await;
@@ -457,6 +520,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
     tasks.abort();
     notice_task.abort();
+    // Duties go first: the addresses must be off before this node stops being able to act.
+    let _ = duty_stop_tx.send(true);
+    let _ = duty_task.await;
     daemon.record_stop().await;
     let _ = shutdown_tx.send(true);
     node.shutdown().await;

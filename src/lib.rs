@@ -7,6 +7,7 @@
 //!   admin.rs   the admin socket (JSON lines), bounded
 //!   stats.rs   host figures with a deadline
 //!   heartbeat/ the active-active heartbeat: pulses, views, criss-cross, verdicts, MNFA
+//!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
@@ -17,4 +18,5 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod heartbeat;
+pub mod primary;
 pub mod stats;

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match args.command {
         Command::Daemon { ref config } => run_daemon(config),
+        Command::Release { ref config } => release(config),
         _ => match run_client(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -63,9 +64,39 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `herd release`: removes the floating addresses of this node's config, daemon or not.
+fn release(path: &std::path::Path) -> ExitCode {
+    let result = config::Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        let duties = c.primary.duties().map_err(|(k, e)| format!("{k}: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let errors = rt.block_on(duties.remove_ips());
+        if errors.is_empty() {
+            Ok(duties.ips.len())
+        } else {
+            Err(errors.join("; "))
+        }
+    });
+    match result {
+        Ok(n) => {
+            println!("released {n} floating address(es)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("herd: release: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
     let (req, timeout) = match &args.command {
-        Command::Daemon { .. } => return Err(cli::CliError::Usage("unreachable".into())),
+        Command::Daemon { .. } | Command::Release { .. } => return Err(cli::CliError::Usage("unreachable".into())),
+        Command::Node(NodeCommand::Primary { name, wait }) => {
+            (AdminRequest::NodePrimary { name: name.clone(), secondary: false, wait: *wait }, Duration::from_secs(45))
+        }
+        Command::Node(NodeCommand::Secondary { name, wait }) => {
+            (AdminRequest::NodePrimary { name: name.clone(), secondary: true, wait: *wait }, Duration::from_secs(45))
+        }
         Command::InitCluster => (AdminRequest::InitCluster {}, Duration::from_secs(30)),
         Command::JoinCluster(j) => {
             let token = cli::read_token(j)?;

@@ -130,6 +130,15 @@ pub fn request_id() -> String {
     random_hex(16)
 }
 
+/// What the daemon adds to the cluster protocol: the primary's hand-over and notifications.
+pub trait Extension: Send + Sync + 'static {
+    /// On the leader: move the primary role to `to` (another voter if `None`) — relinquish this
+    /// node's duties, then transfer leadership.
+    fn move_primary(&self, to: Option<NodeId>) -> BoxFuture<'_, Result<(), String>>;
+    /// On any node: a notification from the primary; `Ok` is the acknowledgement.
+    fn notify(&self, kind: String, args: Vec<String>) -> BoxFuture<'_, Result<(), String>>;
+}
+
 /// This node's place in the cluster.
 pub struct ClusterNode<LS> {
     settings: NodeSettings,
@@ -145,6 +154,7 @@ pub struct ClusterNode<LS> {
     leader_contact: Mutex<Option<Instant>>,
     /// A cached connection to the leader for forwarding (a busy one is not waited for).
     leader_client: tokio::sync::Mutex<Option<PeerClient>>,
+    extension: std::sync::OnceLock<Arc<dyn Extension>>,
 }
 
 fn not_leader(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> RpcError {
@@ -180,7 +190,36 @@ where
             membership_lock: tokio::sync::Mutex::new(()),
             leader_contact: Mutex::new(None),
             leader_client: tokio::sync::Mutex::new(None),
+            extension: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the daemon's extension (once).
+    pub fn set_extension(&self, ext: Arc<dyn Extension>) {
+        let _ = self.extension.set(ext);
+    }
+
+    /// Hands leadership to `to` (openraft's TransferLeader).
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
+        let member = self.require_member()?;
+        member.raft.trigger().transfer_leader(to).await.map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Sends a notification to node `id` at `addr` and waits for its acknowledgement.
+    pub async fn notify(
+        &self,
+        id: NodeId,
+        addr: &str,
+        kind: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
+        let member = self.require_member()?;
+        let mut c = self.client(addr.to_string(), Some(id), member.cluster_id.clone());
+        match c.call(Rpc::Notify { kind: kind.to_string(), args: args.to_vec() }, timeout).await? {
+            RpcReply::Done => Ok(()),
+            other => Err(NodeError::Refused(format!("unexpected notify reply {other:?}"))),
+        }
     }
 
     pub fn settings(&self) -> &NodeSettings {
@@ -540,6 +579,29 @@ where
             }
             LeaderOp::AddMember(a) => self.add_member(member, a, timeout).await,
             LeaderOp::RemoveNode { name, force } => self.remove_member(member, &name, force).await,
+            LeaderOp::MovePrimary { to } => {
+                let to_id = match to {
+                    None => None,
+                    Some(name) => {
+                        let id = member.view.read().state.nodes.get(&name).map(|n| n.id);
+                        let id = id.ok_or_else(|| RpcError::Refused(format!("no node named {name:?}")))?;
+                        let voters: Vec<NodeId> =
+                            member.raft.metrics().borrow_watched().membership_config.voter_ids().collect();
+                        if !voters.contains(&id) {
+                            return Err(RpcError::Refused(format!(
+                                "{name} is not a voting coordinator: it cannot be primary"
+                            )));
+                        }
+                        Some(id)
+                    }
+                };
+                let ext = self
+                    .extension
+                    .get()
+                    .ok_or_else(|| RpcError::Refused("primary duties are not available here".into()))?;
+                ext.move_primary(to_id).await.map_err(RpcError::Refused)?;
+                Ok(RpcReply::Done)
+            }
         }
     }
 
@@ -776,6 +838,11 @@ where
                         tracing::error!("leaving the cluster: {e}");
                     }
                 });
+                Ok(RpcReply::Done)
+            }
+            Rpc::Notify { kind, args } => {
+                let ext = self.extension.get().ok_or_else(|| RpcError::Refused("no notify handler".into()))?;
+                ext.notify(kind, args).await.map_err(RpcError::Refused)?;
                 Ok(RpcReply::Done)
             }
             Rpc::Leader(op) => {

@@ -91,6 +91,12 @@ pub enum Rpc {
     Leader(LeaderOp),
     /// The leader tells a removed node to stop participating.
     Removed,
+    /// The primary tells a node about a cluster change (its notify hooks run); the reply is
+    /// the acknowledgement.
+    Notify {
+        kind: String,
+        args: Vec<String>,
+    },
 }
 
 /// Operations executed by the leader, forwarded from any node.
@@ -106,6 +112,11 @@ pub enum LeaderOp {
         name: String,
         force: bool,
     },
+    /// Move the primary role to `to` (any other voter if `None`): the primary relinquishes its
+    /// duties first, then hands leadership over.
+    MovePrimary {
+        to: Option<String>,
+    },
 }
 
 impl LeaderOp {
@@ -116,6 +127,7 @@ impl LeaderOp {
             LeaderOp::Join(_) => "join",
             LeaderOp::AddMember(_) => "add-member",
             LeaderOp::RemoveNode { .. } => "remove-node",
+            LeaderOp::MovePrimary { .. } => "move-primary",
         }
     }
 }

@@ -255,6 +255,55 @@ fn apply_op(
             changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
+        Command::Takeover { name, node_id } => {
+            let node = own_record(state, name, *node_id)?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            if node.role != Role::Coordinator {
+                return Err(ApplyError::Invalid(format!("{name} is not a coordinator")));
+            }
+            node.router_state = RouterState::Takeover;
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            let mut deposed = Vec::new();
+            for other in state.nodes.values_mut().filter(|n| n.name != *name && n.role == Role::Coordinator) {
+                if other.router_state != RouterState::Secondary {
+                    deposed.push(format!("{} ({})", other.name, other.router_state));
+                    other.router_state = RouterState::Secondary;
+                    other.revision = index;
+                    changed.insert(ObjectKey::Node(other.name.clone()));
+                }
+            }
+            let was =
+                if deposed.is_empty() { String::new() } else { format!("; set to secondary: {}", deposed.join(", ")) };
+            push_event(
+                state,
+                index,
+                now,
+                "primary-takeover",
+                Some(name),
+                format!("{name} takes over the primary role{was}"),
+                changed,
+            );
+            Ok(Reply::Done)
+        }
+        Command::SetRouterState { name, state: to, node_id } => {
+            let node = own_record(state, name, *node_id)?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            if node.role != Role::Coordinator {
+                return Err(ApplyError::Invalid(format!("{name} is a hypervisor: its router state is client")));
+            }
+            let from = node.router_state;
+            if !from.may_become(*to) {
+                return Err(ApplyError::Invalid(format!("router state {from} cannot become {to}")));
+            }
+            node.router_state = *to;
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            if from != *to && matches!(to, RouterState::Primary | RouterState::Secondary) {
+                push_event(state, index, now, "router-state", Some(name), format!("{name}: {from} -> {to}"), changed);
+            }
+            Ok(Reply::Done)
+        }
         Command::RecordEvent { kind, node, message } => {
             if kind.is_empty()
                 || kind.len() > 64

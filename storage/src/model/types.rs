@@ -93,6 +93,19 @@ pub enum RouterState {
 state_names!(RouterState { Primary = "primary", Secondary = "secondary", Takeover = "takeover", Relinquish = "relinquish", Client = "client" });
 
 impl RouterState {
+    /// Whether a coordinator may move from `self` to `to` on its own.
+    pub fn may_become(self, to: RouterState) -> bool {
+        use RouterState::*;
+        matches!(
+            (self, to),
+            (Takeover, Primary)
+                | (Primary, Relinquish)
+                | (Takeover, Relinquish)
+                | (Relinquish, Secondary)
+                | (Secondary, Secondary)
+        )
+    }
+
     /// The router state a node of `role` starts with.
     pub fn initial(role: Role) -> Self {
         match role {
@@ -328,6 +341,22 @@ pub enum Command {
         #[serde(default)]
         node_id: Option<NodeId>,
     },
+    /// The new leader takes the primary role: it becomes `takeover`, and every other
+    /// coordinator that held (or was taking or leaving) the role becomes `secondary` — a deposed
+    /// leader cannot commit its own relinquish, so the new one does it for it.
+    Takeover {
+        name: String,
+        #[serde(default)]
+        node_id: Option<NodeId>,
+    },
+    /// A coordinator's own step: `takeover → primary`, `primary → relinquish`,
+    /// `relinquish → secondary` (also `takeover → relinquish` when taking over fails).
+    SetRouterState {
+        name: String,
+        state: RouterState,
+        #[serde(default)]
+        node_id: Option<NodeId>,
+    },
     /// Something the cluster's event log should show (MNFA entry and exit, ...).
     RecordEvent {
         kind: String,
@@ -349,6 +378,8 @@ impl Command {
             Command::SetMaintenance { .. } => "set-maintenance",
             Command::SetHeartbeatAddrs { .. } => "set-heartbeat-addrs",
             Command::RecordEvent { .. } => "record-event",
+            Command::Takeover { .. } => "takeover",
+            Command::SetRouterState { .. } => "set-router-state",
         }
     }
 }
