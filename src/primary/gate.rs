@@ -112,6 +112,13 @@ impl Gate {
         Decision::TakeOver
     }
 
+    /// Between the steps of a takeover: is the lease still valid? (No pause check: the steps
+    /// themselves take time; the loop's own ticks watch for pauses.)
+    pub fn confirm(&mut self, o: Observation) -> bool {
+        self.last_step_ms = Some(o.now_ms);
+        self.lease_valid(&o)
+    }
+
     /// The duties were given up outside `step` (a failed takeover, a hand-over).
     pub fn released(&mut self) {
         self.holding = false;
@@ -187,6 +194,16 @@ mod tests {
         assert_eq!(g.step(leader(60, 0)), Decision::TakeOver);
         // SIGSTOP for 3 s; on resume the metrics may not have caught up yet: drop anyway.
         assert!(matches!(g.step(leader(3060, 0)), Decision::Drop(_)));
+    }
+
+    #[test]
+    fn a_long_takeover_step_is_not_a_pause_but_a_lost_lease_stops_it() {
+        let mut g = Gate::new(P);
+        g.step(leader(0, 0));
+        assert_eq!(g.step(leader(60, 0)), Decision::TakeOver);
+        assert!(g.confirm(leader(600, 10)), "500 ms notifying survivors is fine with a fresh ack");
+        assert_eq!(g.step(leader(620, 10)), Decision::Keep);
+        assert!(!g.confirm(leader(700, 280)));
     }
 
     #[test]

@@ -96,10 +96,10 @@ impl Manager {
         Observation { now_ms, is_leader, quorum_ack_age_ms: age }
     }
 
-    /// Asks the gate; `false` means stop whatever is under way and drop the duties.
+    /// Asks the gate between takeover steps; `false` means stop and drop the duties.
     fn still_allowed(&self) -> bool {
         let o = self.observe();
-        !matches!(self.gate().step(o), Decision::Drop(_))
+        self.gate().confirm(o)
     }
 
     /// The loop; coordinators only. Drops addresses left over from an earlier life first.

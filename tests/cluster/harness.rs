@@ -88,7 +88,7 @@ impl Node {
         let child = cmd
             .args(["daemon", "--config"])
             .arg(self.config_path())
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", "info,openraft=error")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -257,7 +257,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for n in &self.nodes {
                 let log = fs::read_to_string(n.log_path()).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 eprintln!("---- last lines of {} log ----", n.name);
                 for l in tail.iter().rev() {
                     eprintln!("{l}");

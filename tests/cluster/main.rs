@@ -2,7 +2,8 @@
 //!
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
 //! t10 config handling, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
-//! heartbeat in network namespaces (root only; skipped loudly otherwise).
+//! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
+//! otherwise).
 
 mod harness;
 mod netns;
@@ -10,3 +11,4 @@ mod t10_config;
 mod t20_robustness;
 mod t50_cluster;
 mod t60_heartbeat;
+mod t70_primary;
