@@ -922,3 +922,71 @@ fn a_write_naming_another_id_is_refused() {
     assert_eq!(out.response.result, Ok(Reply::Done));
     assert_eq!(state.nodes["a"].daemon_state, DaemonState::Run);
 }
+
+fn cluster_of(nodes: &[(&str, Role)]) -> State {
+    let mut state = State::default();
+    let (first, rest) = nodes.split_first().expect("a node");
+    let init = Command::InitCluster {
+        cluster_id: "c".into(),
+        token_hash: "h".into(),
+        node: NewNode { name: first.0.into(), role: first.1, cluster_addr: format!("{}:1", first.0) },
+    };
+    apply(&mut state, 1, &Request { id: "init".into(), time_ms: 1, ops: vec![init.into()] });
+    for (i, (name, role)) in rest.iter().enumerate() {
+        let reg = Command::RegisterNode {
+            node: NewNode { name: (*name).into(), role: *role, cluster_addr: format!("{name}:1") },
+            token_hash: "h".into(),
+        };
+        apply(&mut state, 2 + i as u64, &Request { id: format!("reg-{name}"), time_ms: 2, ops: vec![reg.into()] });
+    }
+    state
+}
+
+fn router(state: &State, name: &str) -> RouterState {
+    state.nodes[name].router_state
+}
+
+#[test]
+fn router_states_follow_takeover_and_relinquish() {
+    let mut s = cluster_of(&[("a", Role::Coordinator), ("b", Role::Coordinator), ("h", Role::Hypervisor)]);
+    assert_eq!((router(&s, "a"), router(&s, "h")), (RouterState::Secondary, RouterState::Client));
+    let mut i = 10;
+    let mut step = |s: &mut State, cmd: Command| {
+        i += 1;
+        apply(s, i, &Request { id: format!("r{i}"), time_ms: i, ops: vec![cmd.into()] }).response.result
+    };
+    let set = |name: &str, state| Command::SetRouterState { name: name.into(), state, node_id: None };
+    // secondary cannot jump to primary on its own.
+    assert!(matches!(step(&mut s, set("a", RouterState::Primary)), Err(ApplyError::Invalid(_))));
+    assert_eq!(step(&mut s, Command::Takeover { name: "a".into(), node_id: None }), Ok(Reply::Done));
+    assert_eq!(router(&s, "a"), RouterState::Takeover);
+    assert_eq!(step(&mut s, set("a", RouterState::Primary)), Ok(Reply::Done));
+    // A new leader's takeover sets the deposed primary to secondary in the same entry.
+    assert_eq!(step(&mut s, Command::Takeover { name: "b".into(), node_id: None }), Ok(Reply::Done));
+    assert_eq!((router(&s, "a"), router(&s, "b")), (RouterState::Secondary, RouterState::Takeover));
+    assert!(s.events.iter().any(|e| e.kind == "primary-takeover" && e.message.contains("a (primary)")));
+    assert_eq!(step(&mut s, set("b", RouterState::Primary)), Ok(Reply::Done));
+    assert_eq!(step(&mut s, set("b", RouterState::Relinquish)), Ok(Reply::Done));
+    assert_eq!(step(&mut s, set("b", RouterState::Secondary)), Ok(Reply::Done));
+    // Hypervisors never take the role.
+    assert!(matches!(step(&mut s, Command::Takeover { name: "h".into(), node_id: None }), Err(ApplyError::Invalid(_))));
+    assert!(matches!(step(&mut s, set("h", RouterState::Secondary)), Err(ApplyError::Invalid(_))));
+    assert_eq!(router(&s, "h"), RouterState::Client);
+}
+
+#[test]
+fn a_takeover_naming_another_id_is_refused() {
+    let mut s = cluster_of(&[("a", Role::Coordinator)]);
+    let before = s.nodes.clone();
+    let out = apply(
+        &mut s,
+        9,
+        &Request {
+            id: "x".into(),
+            time_ms: 9,
+            ops: vec![Command::Takeover { name: "a".into(), node_id: Some(5) }.into()],
+        },
+    );
+    assert_eq!(out.response.result, Err(ApplyError::NoSuchNode("a".into())));
+    assert_eq!(s.nodes, before);
+}
