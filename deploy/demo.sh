@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# A local herd cluster on loopback: 3 coordinators + 1 hypervisor, joined, then `herd status`.
+# A local herd cluster: 3 coordinators + 1 hypervisor, joined, then `herd status`.
 #   deploy/demo.sh          start (or restart) the demo cluster and print its status
-#   deploy/demo.sh stop     stop it and remove its files
+#   deploy/demo.sh stop     stop it and remove its files (and namespaces)
+#
+# As root (with iproute2), each node runs in a network namespace of its own on a demo bridge
+# (10.211.0.0/24, inside namespaces this script creates), the coordinators share a floating
+# address 10.211.0.100, and the demo kills the primary to show the address move. Otherwise the
+# nodes run on loopback addresses 127.0.0.11-14 and the floating address part is skipped.
 # Everything lives under $HERD_DEMO_DIR (default /tmp/herd-demo); nothing else is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${HERD_DEMO_DIR:-/tmp/herd-demo}
-BIN=${HERD_BIN:-target/debug/herd}
-NODES=(hv1:coordinator:127.0.0.11 hv2:coordinator:127.0.0.12 hv3:coordinator:127.0.0.13 hv4:hypervisor:127.0.0.14)
+BIN=$(realpath "${HERD_BIN:-target/debug/herd}" 2>/dev/null || echo target/debug/herd)
+NODES=(hv1:coordinator:1 hv2:coordinator:2 hv3:coordinator:3 hv4:hypervisor:4)
+FLOAT=10.211.0.100
+NS_PREFIX=herddemo
+
+use_netns() { [ "$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; }
 
 stop() {
   for pidfile in "$DIR"/*/herd.pid; do
@@ -20,29 +29,64 @@ stop() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
+  if use_netns; then
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$NS_PREFIX" || true); do ip netns del "$ns"; done
+  fi
   rm -rf "$DIR"
 }
 
 if [ "${1:-}" = stop ]; then stop; echo "demo cluster stopped"; exit 0; fi
 
-[ -x "$BIN" ] || cargo build --bin herd
+[ -x "$BIN" ] || { cargo build --bin herd; BIN=$(realpath target/debug/herd); }
 stop
 mkdir -p "$DIR"
+
+if use_netns; then
+  MODE=netns
+  ip netns add ${NS_PREFIX}sw
+  ip -n ${NS_PREFIX}sw link add br0 type bridge
+  ip -n ${NS_PREFIX}sw link set br0 up
+else
+  MODE=loopback
+fi
+
+addr_of() { if [ $MODE = netns ]; then echo "10.211.0.$1"; else echo "127.0.0.1$1"; fi; }
+# The command prefix that runs a program on node $1 (`ip netns exec` execs it: same pid).
+on_node() { if [ $MODE = netns ]; then echo "ip netns exec ${NS_PREFIX}$1"; fi; }
+
 for spec in "${NODES[@]}"; do
-  IFS=: read -r name role ip <<<"$spec"
+  IFS=: read -r name role i <<<"$spec"
   mkdir -p "$DIR/$name"
+  ip_addr=$(addr_of "$i")
+  extra=""
+  if [ $MODE = netns ]; then
+    ns=${NS_PREFIX}$i
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n ${NS_PREFIX}sw link add "s$i" type veth peer name "eth0" netns "$ns"
+    ip -n ${NS_PREFIX}sw link set "s$i" master br0
+    ip -n ${NS_PREFIX}sw link set "s$i" up
+    ip -n "$ns" addr add "$ip_addr/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    [ "$role" = coordinator ] && extra="[primary]
+floating_ips = [\"$FLOAT/24 dev eth0\"]
+notify_timeout_ms = 500"
+  fi
   cat >"$DIR/$name/herd.toml" <<TOML
 name = "$name"
 role = "$role"
 data_dir = "$DIR/$name/data"
 admin_socket = "$DIR/$name/admin.sock"
 [cluster]
-listen = "$ip:7400"
+listen = "$ip_addr:7400"
 [keepalive]
 interval_ms = 1000
+$extra
 TOML
-  "$BIN" daemon --config "$DIR/$name/herd.toml" >"$DIR/$name/herd.log" 2>&1 &
+  # shellcheck disable=SC2046  # the prefix is meant to split into words
+  $(on_node "$i") "$BIN" daemon --config "$DIR/$name/herd.toml" >"$DIR/$name/herd.log" 2>&1 &
   echo $! >"$DIR/$name/herd.pid"
+  disown
 done
 # Wait for each admin socket to answer (a condition with a deadline, not a fixed sleep).
 for spec in "${NODES[@]}"; do
@@ -57,18 +101,56 @@ done
 chmod 600 "$DIR/token"
 for spec in "${NODES[@]:1}"; do
   IFS=: read -r name role _ <<<"$spec"
-  "$BIN" --socket "$DIR/$name/admin.sock" join-cluster --peer 127.0.0.11:7400 --token-file "$DIR/token" --role "$role"
+  "$BIN" --socket "$DIR/$name/admin.sock" join-cluster --peer "$(addr_of 1):7400" --token-file "$DIR/token" --role "$role"
 done
-# Every node reports `run` once its first write has committed.
+# Every node reports `run` once its first write has committed; a primary holds its duties.
 for i in $(seq 100); do
-  [ "$("$BIN" --socket "$DIR/hv4/admin.sock" --json status | grep -c '"daemon_state": "run"')" = 4 ] && break
+  s=$("$BIN" --socket "$DIR/hv4/admin.sock" --json status)
+  [ "$(grep -c '"daemon_state": "run"' <<<"$s")" = 4 ] && grep -q '"primary": "hv' <<<"$s" && break
   sleep 0.1
 done
 "$BIN" --socket "$DIR/hv4/admin.sock" status
+
+holder() {
+  for spec in "${NODES[@]}"; do
+    IFS=: read -r name _ i <<<"$spec"
+    if ip -n ${NS_PREFIX}$i -brief addr show dev eth0 2>/dev/null | grep -q "$FLOAT/"; then echo "$name"; fi
+  done
+  return 0
+}
+
+if [ $MODE = netns ]; then
+  old=$(holder)
+  echo
+  echo "floating address $FLOAT is on: $old"
+  oldi=${old#hv}
+  echo "killing the primary ($old) with SIGKILL, then the unit's stop-post step (herd release) ..."
+  kill -9 "$(cat "$DIR/$old/herd.pid")"
+  $(on_node "$oldi") "$BIN" release --config "$DIR/$old/herd.toml" >/dev/null
+  start=$(date +%s%N)
+  new=""
+  for _ in $(seq 200); do
+    new=$(holder)
+    [ -n "$new" ] && [ "$new" != "$old" ] && break
+    sleep 0.02
+  done
+  echo "floating address $FLOAT moved to: $new after $(( ($(date +%s%N) - start) / 1000000 )) ms (polled every 20 ms)"
+  "$BIN" --socket "$DIR/hv4/admin.sock" status
+  echo "restarting $old: it rejoins as a secondary"
+  $(on_node "$oldi") "$BIN" daemon --config "$DIR/$old/herd.toml" >>"$DIR/$old/herd.log" 2>&1 &
+  echo $! >"$DIR/$old/herd.pid"
+  disown
+else
+  echo
+  echo "(not root, or no network namespaces: the floating-address part of the demo is skipped;"
+  echo " as root, the demo runs every node in a namespace of its own and moves the address)"
+fi
 cat <<MSG
 
-The demo cluster keeps running. Try:
+The demo cluster keeps running ($MODE). Try:
   $BIN --socket $DIR/hv4/admin.sock node list
-  kill -9 \$(cat $DIR/hv1/herd.pid); $BIN --socket $DIR/hv4/admin.sock status
+  $BIN --socket $DIR/hv4/admin.sock heartbeat
+  $BIN --socket $DIR/hv4/admin.sock node primary hv3 --wait
+  $BIN --socket $DIR/hv4/admin.sock events
 Logs: $DIR/*/herd.log      Stop: deploy/demo.sh stop
 MSG
