@@ -34,6 +34,10 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) for `man -l -`.
+    Man,
     /// Give up this node's floating addresses (no daemon needed: the unit's stop-post step).
     Release {
         #[arg(long)]

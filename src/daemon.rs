@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::heartbeat::agent::{Agent, Notice, Target};
 use crate::heartbeat::verdict::Verdict;
 use crate::primary::manager::{self as primary, Manager, ManagerExtension};
+use crate::service::{self, Progress};
 use crate::stats;
 
 /// Timeouts of admin operations.
@@ -61,6 +62,8 @@ pub struct Daemon {
     pub node: Arc<ClusterNode<SledLogStore>>,
     pub agent: Arc<Agent>,
     pub primary: Arc<Manager>,
+    /// The main loops' heartbeat for systemd's watchdog.
+    pub progress: Arc<Progress>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
@@ -299,10 +302,12 @@ impl Daemon {
     /// replicated node records.
     async fn member_tasks(self: Arc<Self>) {
         let member = loop {
+            self.progress.mark();
             if let Some(m) = self.node.member() {
                 break m;
             }
-            self.member_started.notified().await;
+            // Waiting for init/join is healthy: wake up now and then to say so.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.member_started.notified()).await;
         };
         self.agent.set_identity(member.id, &member.cluster_id);
         tokio::spawn(self.clone().follow_targets(member.clone()));
@@ -319,6 +324,7 @@ impl Daemon {
                     Command::SetDaemonState { name, state: DaemonState::Run, return_by_ms: None, node_id },
                 ]
             };
+            self.progress.mark();
             match self.own_write(run, WRITE_TIMEOUT).await {
                 Ok(()) => {
                     tracing::info!("daemon_state run");
@@ -336,6 +342,7 @@ impl Daemon {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            self.progress.mark();
             last = stats::collect(&last, interval / 4).await;
             let stats = last.clone();
             match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {
@@ -372,6 +379,38 @@ impl Daemon {
             if applied.changed().await.is_err() || self.node.is_removed() {
                 return;
             }
+        }
+    }
+
+    /// One line for systemd's STATUS=.
+    fn service_status(&self) -> String {
+        match self.node.member() {
+            None if self.node.is_removed() => "removed from the cluster: wipe data_dir to join again".into(),
+            None => "not a cluster member: run herd init-cluster or herd join-cluster".into(),
+            Some(m) => {
+                let leader = m.raft.metrics().borrow_watched().current_leader;
+                let name_of = |id| m.view.read().state.node_by_id(id).map(|n| n.name.clone());
+                match (self.node.quorum(), leader.and_then(name_of)) {
+                    (true, Some(l)) => {
+                        format!("member {}, leader {l}{}", m.id, if self.primary.holding() { ", primary" } else { "" })
+                    }
+                    _ => format!("member {}, waiting for quorum", m.id),
+                }
+            }
+        }
+    }
+
+    /// Sends STATUS= whenever the one-line status changes.
+    async fn report_status(self: Arc<Self>) {
+        let mut last = String::new();
+        loop {
+            let now = self.service_status();
+            if now != last {
+                service::status(&now);
+                tracing::info!(status = %now, "service status");
+                last = now;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -483,6 +522,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         node: node.clone(),
         agent: agent.clone(),
         primary: manager.clone(),
+        progress: Progress::new(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
     });
@@ -506,6 +546,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::info!("not a cluster member yet: run `herd init-cluster` or `herd join-cluster`");
     }
     let tasks = tokio::spawn(daemon.clone().member_tasks());
+    // Local state recovered, heartbeat responder and admin socket up: ready (quorum or not).
+    service::ready(&daemon.service_status());
+    let status_task = tokio::spawn(daemon.clone().report_status());
+    let watchdog_task = tokio::spawn(service::watchdog(daemon.progress.clone(), shutdown_rx.clone()));
     let notice_task = tokio::spawn(daemon.clone().record_notices(notices));
     if resumed {
         daemon.member_started.notify_one();
@@ -517,6 +561,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let dump_task = tokio::spawn(dump_heartbeat_on_sigusr2(agent.clone()));
     wait_for_signal().await;
     dump_task.abort();
+    service::stopping();
+    status_task.abort();
+    watchdog_task.abort();
     tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
     tasks.abort();
     notice_task.abort();

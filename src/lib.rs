@@ -8,6 +8,7 @@
 //!   stats.rs   host figures with a deadline
 //!   heartbeat/ the active-active heartbeat: pulses, views, criss-cross, verdicts, MNFA
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
+//!   service.rs systemd readiness, status, stopping and watchdog
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
@@ -19,4 +20,5 @@ pub mod config;
 pub mod daemon;
 pub mod heartbeat;
 pub mod primary;
+pub mod service;
 pub mod stats;

@@ -14,6 +14,21 @@ fn main() -> ExitCode {
     match args.command {
         Command::Daemon { ref config } => run_daemon(config),
         Command::Release { ref config } => release(config),
+        Command::Completions { shell } => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "herd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <cli::Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herd: man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         _ => match run_client(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -90,7 +105,9 @@ fn release(path: &std::path::Path) -> ExitCode {
 
 fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
     let (req, timeout) = match &args.command {
-        Command::Daemon { .. } | Command::Release { .. } => return Err(cli::CliError::Usage("unreachable".into())),
+        Command::Daemon { .. } | Command::Release { .. } | Command::Completions { .. } | Command::Man => {
+            return Err(cli::CliError::Usage("unreachable".into()))
+        }
         Command::Node(NodeCommand::Primary { name, wait }) => {
             (AdminRequest::NodePrimary { name: name.clone(), secondary: false, wait: *wait }, Duration::from_secs(45))
         }

@@ -1,13 +1,14 @@
 //! Integration tests with real `herd daemon` processes on loopback addresses.
 //!
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
-//! t10 config handling, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
+//! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise).
 
 mod harness;
 mod netns;
 mod t10_config;
+mod t15_service;
 mod t20_robustness;
 mod t50_cluster;
 mod t60_heartbeat;
