@@ -436,6 +436,21 @@ where
         }
     }
 
+    /// Proposes `ops` only if this node leads right now: no forwarding, no retry. For decisions a
+    /// leader takes about itself (taking over the primary role): if it was deposed meanwhile, the
+    /// write must fail rather than be committed by someone else on its behalf.
+    pub async fn write_local(&self, ops: Vec<Op>, timeout: Duration) -> Result<Reply, NodeError> {
+        let member = self.require_member()?;
+        if member.raft.metrics().borrow_watched().current_leader != Some(member.id) {
+            return Err(RpcError::NotLeader { leader_id: None, leader_addr: None }.into());
+        }
+        let req = Request { id: request_id(), time_ms: clock::wall_ms(), ops };
+        let response = tokio::time::timeout(timeout, self.propose(&member, req))
+            .await
+            .map_err(|_| NodeError::Refused(format!("not committed within {timeout:?}")))??;
+        Ok(response.result?)
+    }
+
     /// Waits until this node's state machine reflects every write acknowledged before the call
     /// (a linearizable read barrier, ReadIndex through the leader).
     pub async fn read_barrier(&self, timeout: Duration) -> Result<u64, NodeError> {
@@ -670,10 +685,19 @@ where
             }
             if record.id == member.id {
                 // A leader removing itself could not finish (it steps down halfway): hand the
-                // leadership to another voter and let the caller retry there.
+                // leadership to another voter and let the caller retry there. Through the
+                // daemon's hand-over, so the primary duties are given up first.
                 if let Some(to) = voters.iter().copied().find(|v| *v != member.id) {
-                    tracing::info!(to, "removing the leader itself: transferring leadership first");
-                    member.raft.trigger().transfer_leader(to).await.map_err(|e| RpcError::Raft(e.to_string()))?;
+                    tracing::info!(to, "removing the leader itself: handing leadership over first");
+                    match self.extension.get() {
+                        Some(ext) => ext.move_primary(Some(to)).await.map_err(RpcError::Refused)?,
+                        None => member
+                            .raft
+                            .trigger()
+                            .transfer_leader(to)
+                            .await
+                            .map_err(|e| RpcError::Raft(e.to_string()))?,
+                    }
                 }
                 return Err(RpcError::NotLeader { leader_id: None, leader_addr: None });
             }
@@ -841,6 +865,10 @@ where
                 Ok(RpcReply::Done)
             }
             Rpc::Notify { kind, args } => {
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if frame.from.is_none() || frame.from != leader {
+                    return Err(RpcError::Refused("only the current leader sends notifications".into()));
+                }
                 let ext = self.extension.get().ok_or_else(|| RpcError::Refused("no notify handler".into()))?;
                 ext.notify(kind, args).await.map_err(RpcError::Refused)?;
                 Ok(RpcReply::Done)

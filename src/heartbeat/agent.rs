@@ -145,6 +145,7 @@ pub struct Notice {
     pub message: String,
 }
 
+#[derive(Clone)]
 struct Inner {
     me: Option<(NodeId, String)>,
     view: Option<OwnView>,
@@ -334,6 +335,12 @@ impl Agent {
                         g.counters.malformed += 1;
                         return None;
                     }
+                    // Only coordinators of this cluster's records pulse: anything else is not
+                    // answered (no reflection) and never enters the view cache.
+                    if g.targets.get(&from).is_none_or(|t| t.role != Role::Coordinator) {
+                        g.counters.foreign += 1;
+                        return None;
+                    }
                     g.counters.pulses_received += 1;
                     g.cache.store(summary, 0, now);
                     let relayed = g.cache.pick_for(from, seq, self.params.history_ms, now);
@@ -355,7 +362,9 @@ impl Agent {
                         events.extend(v.on_answer(from, net, seq, now));
                     }
                     if let Some(r) = relayed {
-                        g.cache.store(r.summary, r.age_ms, now);
+                        if g.targets.get(&r.summary.coordinator).is_some_and(|t| t.role == Role::Coordinator) {
+                            g.cache.store(r.summary, r.age_ms, now);
+                        }
                     }
                     None
                 }
@@ -475,7 +484,8 @@ impl Agent {
     pub fn report(&self) -> serde_json::Value {
         let now = self.now_ms();
         let verdicts = self.verdicts();
-        let g = self.lock();
+        // Work on a copy: a report over 1000 hosts must not hold up pulses and answers.
+        let g = self.lock().clone();
         let name = |id: NodeId| g.targets.get(&id).map_or_else(|| format!("node {id}"), |t| t.name.clone());
         let own = g.view.as_ref().map(|v| {
             let nets: BTreeSet<&NetName> = v.links().keys().map(|(_, n)| n).collect();
@@ -497,8 +507,9 @@ impl Agent {
                     let mut missed: BTreeMap<String, usize> = BTreeMap::new();
                     for p in v.history() {
                         if let Some(pn) = p.nets.get(net) {
+                            let answered: BTreeSet<NodeId> = pn.responding.iter().copied().collect();
                             for (h, _) in v.links().keys().filter(|(_, n)| n == net) {
-                                if !pn.responding.contains(h) {
+                                if !answered.contains(h) {
                                     *missed.entry(name(*h)).or_default() += 1;
                                 }
                             }

@@ -1,9 +1,10 @@
 //! The verdict: is a host alive? Pure, over every fresh coordinator view (used by fencing).
 //!
 //! A host is `alive` while any fresh view has it not `lost` on some network; it is `lost` when
-//! every fresh view that can judge it has it `lost` on every network, and `lost_for_ms` counts
-//! from the moment the last of those became true. A view *cannot judge* a host when it is
-//! isolated on every network the host has (it hears nobody there: the fault is the observer's).
+//! every fresh view that can judge it has it `lost` on every network it can judge, and
+//! `lost_for_ms` counts from the moment the last of those became true. A view does not judge a
+//! network it is isolated on (it hears nobody there: the fault is the observer's), and cannot
+//! judge a host at all when it is isolated on every network the host has.
 //! A view is fresh while younger than `history_ms`; stale views are never used. While MNFA is
 //! active on any network in any fresh view, no `lost` verdict is given at all.
 
@@ -42,7 +43,8 @@ pub fn mnfa_networks(views: &[ViewInput<'_>], params: &Params) -> BTreeMap<NetNa
     let mut out = BTreeMap::new();
     for v in views.iter().filter(|v| v.age_ms < params.history_ms) {
         for n in &v.summary.nets {
-            *out.entry(n.net.clone()).or_insert(false) |= n.mnfa;
+            // An isolated view's MNFA says nothing about the hosts (the observer is the fault).
+            *out.entry(n.net.clone()).or_insert(false) |= n.mnfa && !n.isolated;
         }
     }
     out

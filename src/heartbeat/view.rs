@@ -252,9 +252,19 @@ impl OwnView {
                 .filter(|((_, n), l)| *n == net && l.state != LinkState::Ok)
                 .map(|((h, _), _)| *h)
                 .collect();
+            let isolated = self.isolated.contains(&net);
             let m = self.mnfa.entry(net.clone()).or_default();
             while m.went_bad.front().is_some_and(|(t, _)| *t < window_start) {
                 m.went_bad.pop_front();
+            }
+            // An observer that hears nobody on a network is the fault itself: it must not
+            // suspend suspicion cluster-wide (one broken NIC would switch fencing off).
+            if isolated {
+                if m.active {
+                    m.active = false;
+                    events.push(Event::Mnfa { net, active: false, hosts: bad_now.len(), threshold });
+                }
+                continue;
             }
             let recent: BTreeSet<NodeId> = m.went_bad.iter().map(|(_, h)| *h).filter(|h| bad_now.contains(h)).collect();
             if !m.active && recent.len() >= threshold {
@@ -288,8 +298,17 @@ impl OwnView {
                 )
             })
             .collect();
-        missing
-            .sort_by(|a, b| b.1.state.cmp(&a.1.state).then(b.1.misses.cmp(&a.1.misses)).then(a.1.host.cmp(&b.1.host)));
+        // Worst first: lost before degraded; among the lost, the most recent failures first, so a
+        // new failure is always reported even when long-dead hosts would fill the list.
+        missing.sort_by(|a, b| {
+            b.1.state
+                .cmp(&a.1.state)
+                .then_with(|| match a.1.state {
+                    LinkState::Lost => a.1.state_for_ms.cmp(&b.1.state_for_ms),
+                    _ => b.1.misses.cmp(&a.1.misses),
+                })
+                .then(a.1.host.cmp(&b.1.host))
+        });
         let truncated_nets: BTreeSet<NetName> = missing.iter().skip(cap).map(|(n, _)| (*n).clone()).collect();
         missing.truncate(cap);
         let nets = self
@@ -470,6 +489,33 @@ mod tests {
         assert_eq!(mgmt.responding, 200);
         assert!(mgmt.missing.iter().all(|m| m.misses == 3 && m.host < 100));
         assert_eq!(v.summary(now, usize::MAX).net("mgmt").map(|n| n.missing.len()), Some(98));
+    }
+
+    /// Long-dead hosts must not crowd a new failure out of the bounded summary.
+    #[test]
+    fn a_new_loss_is_listed_even_when_old_losses_fill_the_summary() {
+        let hosts: Vec<NodeId> = (2..102).collect();
+        let (mut v, mut now) = view(&hosts, &["mgmt"]);
+        // 60 hosts dead long ago.
+        let mut answering: Vec<(NodeId, &str)> = hosts.iter().filter(|h| **h >= 62).map(|h| (*h, "mgmt")).collect();
+        run(&mut v, &mut now, 50, &answering);
+        // Then host 90 dies.
+        answering.retain(|(h, _)| *h != 90);
+        run(&mut v, &mut now, 12, &answering);
+        let s = v.wire_summary(now);
+        let mgmt = s.net("mgmt").expect("mgmt");
+        assert!(mgmt.truncated);
+        assert_eq!(mgmt.missing.first().map(|m| (m.host, m.state)), Some((90, LinkState::Lost)));
+    }
+
+    #[test]
+    fn an_isolated_coordinator_does_not_enter_mnfa() {
+        let (mut v, mut now) = view(&[2, 3, 4, 5, 6, 7], &["mgmt", "storage"]);
+        let mgmt_only: Vec<(NodeId, &str)> = (2..8).map(|h| (h, "mgmt")).collect();
+        let ev = run(&mut v, &mut now, 15, &mgmt_only);
+        assert!(v.is_isolated("storage"));
+        assert!(!v.mnfa_active("storage"), "{ev:?}");
+        assert!(v.wire_summary(now).net("storage").is_some_and(|n| !n.mnfa && n.isolated));
     }
 
     #[test]

@@ -112,11 +112,16 @@ impl Gate {
         Decision::TakeOver
     }
 
-    /// Between the steps of a takeover: is the lease still valid? (No pause check: the steps
-    /// themselves take time; the loop's own ticks watch for pauses.)
-    pub fn confirm(&mut self, o: Observation) -> bool {
-        self.last_step_ms = Some(o.now_ms);
-        self.lease_valid(&o)
+    /// Between the steps of a takeover: still holding, and is the lease still valid? (No pause
+    /// bookkeeping: only the guard's own ticks measure pauses.)
+    pub fn confirm(&self, o: Observation) -> bool {
+        self.holding && self.lease_valid(&o)
+    }
+
+    /// Gives the duties up now (a hand-over, a notification naming another primary); returns
+    /// whether they were held.
+    pub fn force_release(&mut self) -> bool {
+        std::mem::replace(&mut self.holding, false)
     }
 
     /// The duties were given up outside `step` (a failed takeover, a hand-over).
@@ -201,9 +206,14 @@ mod tests {
         let mut g = Gate::new(P);
         g.step(leader(0, 0));
         assert_eq!(g.step(leader(60, 0)), Decision::TakeOver);
-        assert!(g.confirm(leader(600, 10)), "500 ms notifying survivors is fine with a fresh ack");
-        assert_eq!(g.step(leader(620, 10)), Decision::Keep);
+        // The guard ticks on while the takeover's steps run; a 500 ms step is no pause.
+        for t in (80..=600).step_by(20) {
+            assert_eq!(g.step(leader(t, 10)), Decision::Keep, "at {t}");
+        }
+        assert!(g.confirm(leader(600, 10)));
         assert!(!g.confirm(leader(700, 280)));
+        assert!(g.force_release());
+        assert!(!g.confirm(leader(710, 10)), "released: no more steps");
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! The primary manager: every coordinator runs it; the leader takes the duties.
 //!
+//! Two tasks:
 //! ```text
-//!  every 20 ms: observe Raft ─▶ gate.step ─▶ TakeOver: Takeover in the log ─▶ notify survivors
-//!                                                   (acknowledged, with a deadline) ─▶ addresses
-//!                                                   ─▶ hooks start ─▶ router_state primary
-//!                                        └▶ Drop: addresses off first ─▶ hooks stop ─▶
-//!                                                   relinquish/secondary (best effort)
+//!  guard (every 20 ms, never waits on anything slow): observe Raft ─▶ gate.step
+//!     TakeOver ─▶ wake the actor          Drop ─▶ addresses off at once, then wake the actor
+//!     not holding but addresses up ─▶ take them off (reconcile: a failed or cancelled removal)
+//!  actor: takeover sequence — Takeover proposed locally (never forwarded) ─▶ survivors notified
+//!         (acknowledged, with a deadline) ─▶ addresses ─▶ hooks start ─▶ router_state primary;
+//!         every slow step races the guard's drop signal and is abandoned (hook children killed)
+//!         when the lease goes; after a drop: hooks stop, relinquish recorded when possible;
+//!         `status` hooks while holding.
 //! ```
-//! Between the steps of a takeover the gate is asked again: a lease lost halfway stops it.
+//! Addresses are added and removed under one lock, and added only while the gate holds: the
+//! guard can always take them off within one `ip` command of losing the lease.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +24,7 @@ use herd_storage::model::{Command, NodeId, Role, RouterState};
 use herd_storage::sled_store::SledLogStore;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::duties::Duties;
@@ -39,16 +44,30 @@ pub struct Settings {
     pub status_interval: Duration,
 }
 
+#[derive(Default)]
+struct Pending {
+    takeover: bool,
+    dropped: Option<String>,
+}
+
 pub struct Manager {
     settings: Settings,
     node: Arc<ClusterNode<SledLogStore>>,
     duties: Duties,
     gate: Mutex<Gate>,
     started: Instant,
-    /// Whether this node holds the duties now.
-    holding: AtomicBool,
-    /// Serialises acquiring and releasing.
+    /// The floating addresses are (believed) present on this node.
+    ips_up: AtomicBool,
+    /// The service hooks were started and not stopped.
+    hooks_up: AtomicBool,
+    /// Serialises adding and removing addresses.
+    ips_lock: tokio::sync::Mutex<()>,
+    /// Serialises the actor's sequences (takeover, release, hand-over).
     act: tokio::sync::Mutex<()>,
+    pending: Mutex<Pending>,
+    wake: Notify,
+    /// Bumped by every drop: slow steps race it.
+    drops: watch::Sender<u64>,
 }
 
 impl Manager {
@@ -60,8 +79,13 @@ impl Manager {
             duties,
             gate: Mutex::new(gate),
             started: Instant::now(),
-            holding: AtomicBool::new(false),
+            ips_up: AtomicBool::new(false),
+            hooks_up: AtomicBool::new(false),
+            ips_lock: tokio::sync::Mutex::new(()),
             act: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+            drops: watch::Sender::new(0),
         })
     }
 
@@ -69,12 +93,17 @@ impl Manager {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Whether this node holds the duties now.
     pub fn holding(&self) -> bool {
-        self.holding.load(Ordering::Acquire)
+        self.gate().holding()
     }
 
     fn observe(&self) -> Observation {
@@ -96,48 +125,130 @@ impl Manager {
         Observation { now_ms, is_leader, quorum_ack_age_ms: age }
     }
 
-    /// Asks the gate between takeover steps; `false` means stop and drop the duties.
-    fn still_allowed(&self) -> bool {
-        let o = self.observe();
-        self.gate().confirm(o)
-    }
-
-    /// The loop; coordinators only. Drops addresses left over from an earlier life first.
+    /// Starts the guard and the actor; coordinators only. Addresses left over from an earlier
+    /// life go first.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if self.settings.role != Role::Coordinator {
             return;
         }
-        for e in self.duties.remove_ips().await {
-            tracing::warn!("removing leftover floating addresses: {e}");
-        }
-        let mut status_at = Instant::now() + self.settings.status_interval;
+        self.ips_up.store(true, Ordering::Release);
+        self.remove_ips("removing addresses left from an earlier run").await;
+        let actor = tokio::spawn(self.clone().actor());
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(TICK) => {}
             }
-            let o = self.observe();
-            let decision = self.gate().step(o);
-            match decision {
-                Decision::TakeOver => self.take_over().await,
-                Decision::Drop(why) => self.release(why, false).await,
-                Decision::Keep if Instant::now() >= status_at => {
-                    status_at = Instant::now() + self.settings.status_interval;
-                    for e in self.duties.run_hooks("status").await {
-                        self.record("hook-status", e).await;
-                    }
-                }
-                Decision::Keep | Decision::Idle => {}
-            }
+            self.guard_tick().await;
         }
-        if self.holding() {
-            self.release("the daemon is stopping", true).await;
+        // Stopping: off with the duties, whatever the lease says.
+        self.drop_duties("the daemon is stopping").await;
+        actor.abort();
+        let _act = self.act.lock().await;
+        self.finish_release("the daemon is stopping", Duration::from_millis(500)).await;
+    }
+
+    async fn guard_tick(&self) {
+        let o = self.observe();
+        let decision = self.gate().step(o);
+        match decision {
+            Decision::TakeOver => {
+                self.pending().takeover = true;
+                self.wake.notify_one();
+            }
+            Decision::Drop(why) => self.drop_duties(why).await,
+            Decision::Keep => {}
+            Decision::Idle => {
+                if self.ips_up.load(Ordering::Acquire) {
+                    self.remove_ips("not the primary, but addresses are up").await;
+                }
+            }
         }
     }
 
+    /// Takes the addresses off now and leaves the rest (hooks, log) to the actor.
+    async fn drop_duties(&self, why: &str) {
+        self.gate().force_release();
+        self.drops.send_modify(|n| *n += 1);
+        tracing::warn!("dropping the primary duties: {why}");
+        self.remove_ips(why).await;
+        self.pending().dropped = Some(why.to_string());
+        self.wake.notify_one();
+    }
+
+    async fn remove_ips(&self, why: &str) {
+        let _ips = self.ips_lock.lock().await;
+        let errors = self.duties.remove_ips().await;
+        if errors.is_empty() {
+            self.ips_up.store(false, Ordering::Release);
+        } else {
+            for e in errors {
+                tracing::error!("floating address not removed ({why}): {e}");
+            }
+        }
+    }
+
+    /// Adds the addresses, only while the gate holds (checked under the address lock).
+    async fn add_ips(&self) -> bool {
+        let _ips = self.ips_lock.lock().await;
+        if !self.gate().holding() {
+            return false;
+        }
+        self.ips_up.store(true, Ordering::Release);
+        for e in self.duties.add_ips().await {
+            self.record("floating-ip-failed", e).await;
+        }
+        true
+    }
+
+    async fn actor(self: Arc<Self>) {
+        let mut status_at = Instant::now() + self.settings.status_interval;
+        loop {
+            let _ = tokio::time::timeout_at(status_at, self.wake.notified()).await;
+            let (takeover, dropped) = {
+                let mut p = self.pending();
+                (std::mem::take(&mut p.takeover), p.dropped.take())
+            };
+            if let Some(why) = dropped {
+                let _act = self.act.lock().await;
+                self.finish_release(&why, WRITE_TIMEOUT).await;
+            }
+            if takeover {
+                self.take_over().await;
+            }
+            if Instant::now() >= status_at {
+                status_at = Instant::now() + self.settings.status_interval;
+                if self.gate().holding() && self.hooks_up.load(Ordering::Acquire) {
+                    if let Some(errors) = self.unless_dropped(self.duties.run_hooks("status")).await {
+                        for e in errors {
+                            self.record("hook-status", e).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `fut` unless (or until) the duties are dropped; `None` if they were (the future is
+    /// dropped, which kills any hook child it ran).
+    async fn unless_dropped<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut drops = self.drops.subscribe();
+        let seen = *drops.borrow_and_update();
+        if !self.gate().holding() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            _ = drops.wait_for(|n| *n != seen) => None,
+            r = fut => Some(r),
+        }
+    }
+
+    /// A write about this node's own role: proposed here only, never forwarded (a deposed
+    /// leader's takeover must fail, not be committed by the new leader on its behalf).
     async fn own_write(&self, cmd: Command, timeout: Duration) -> Result<(), NodeError> {
-        self.node.write(vec![cmd.into()], timeout).await.map(|_| ())
+        self.node.write_local(vec![cmd.into()], timeout).await.map(|_| ())
     }
 
     fn my_id(&self) -> Option<NodeId> {
@@ -146,13 +257,16 @@ impl Manager {
 
     async fn record(&self, kind: &str, message: String) {
         let cmd = Command::RecordEvent { kind: kind.into(), node: Some(self.settings.name.clone()), message };
-        if let Err(e) = self.own_write(cmd, WRITE_TIMEOUT).await {
+        if let Err(e) = self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
             tracing::warn!("could not record a {kind} event: {e}");
         }
     }
 
     async fn take_over(&self) {
         let _act = self.act.lock().await;
+        if !self.gate().holding() {
+            return;
+        }
         let name = self.settings.name.clone();
         let started = Instant::now();
         let previous = self.node.member().and_then(|m| {
@@ -164,74 +278,63 @@ impl Manager {
                 .map(|n| n.name.clone())
         });
         tracing::info!("leader with a valid lease: taking over the primary role");
-        // The takeover is a decision: it goes through the log (a deposed leader cannot commit it).
-        if let Err(e) =
-            self.own_write(Command::Takeover { name: name.clone(), node_id: self.my_id() }, WRITE_TIMEOUT).await
-        {
-            tracing::warn!("takeover not committed: {e}");
-            self.gate().released();
-            return;
+        let takeover = self.own_write(Command::Takeover { name: name.clone(), node_id: self.my_id() }, WRITE_TIMEOUT);
+        match self.unless_dropped(takeover).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!("takeover not committed: {e}");
+                self.gate().force_release();
+                return;
+            }
+            None => return,
         }
         // Survivors are told first; the addresses move last.
-        self.notify_survivors("primary-change", vec![previous.unwrap_or_else(|| "-".into()), name.clone()]).await;
-        if !self.still_allowed() {
-            return self.abort_takeover("the lease was lost while notifying").await;
+        let notify =
+            self.notify_survivors("primary-change", vec![previous.unwrap_or_else(|| "-".into()), name.clone()]);
+        if self.unless_dropped(notify).await.is_none() || !self.add_ips().await {
+            return;
         }
-        self.holding.store(true, Ordering::Release);
-        for e in self.duties.add_ips().await {
-            self.record("floating-ip-failed", e).await;
-        }
-        if !self.still_allowed() {
-            return self.abort_takeover("the lease was lost while adding addresses").await;
-        }
-        for e in self.duties.run_hooks("start").await {
-            self.record("hook-failed", e).await;
-        }
-        if !self.still_allowed() {
-            return self.abort_takeover("the lease was lost while starting hooks").await;
+        self.hooks_up.store(true, Ordering::Release);
+        match self.unless_dropped(self.duties.run_hooks("start")).await {
+            Some(errors) => {
+                for e in errors {
+                    self.record("hook-failed", e).await;
+                }
+            }
+            None => return,
         }
         let primary = Command::SetRouterState { name, state: RouterState::Primary, node_id: self.my_id() };
-        match self.own_write(primary, WRITE_TIMEOUT).await {
-            Ok(()) => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "primary: holding the duties"),
-            Err(e) => tracing::warn!("router_state primary not recorded: {e}"),
+        match self.unless_dropped(self.own_write(primary, WRITE_TIMEOUT)).await {
+            Some(Ok(())) => {
+                tracing::info!(took_ms = started.elapsed().as_millis() as u64, "primary: holding the duties")
+            }
+            Some(Err(e)) => tracing::warn!("router_state primary not recorded: {e}"),
+            None => {}
         }
     }
 
-    async fn abort_takeover(&self, why: &'static str) {
-        self.gate().released();
-        self.release_now(why).await;
-    }
-
-    /// Drops the duties: addresses first (what another node will take), then hooks.
-    async fn release_now(&self, why: &str) {
-        let held = self.holding.swap(false, Ordering::AcqRel);
-        tracing::warn!("dropping the primary duties: {why}");
-        for e in self.duties.remove_ips().await {
-            tracing::error!("floating address not removed: {e}");
+    /// After a drop: stop the hooks, record the relinquish if this node can still write.
+    async fn finish_release(&self, why: &str, timeout: Duration) {
+        if self.gate().holding() {
+            return; // taken over again meanwhile
         }
-        if held {
+        if self.hooks_up.swap(false, Ordering::AcqRel) {
             for e in self.duties.run_hooks("stop").await {
                 tracing::warn!("{e}");
             }
         }
-    }
-
-    /// Drops the duties and records the relinquish if this node can still write.
-    async fn release(&self, why: &str, leaving: bool) {
-        let _act = self.act.lock().await;
-        self.release_now(why).await;
+        // Best effort: a deposed leader cannot commit; the next takeover sets us secondary anyway.
         let id = self.my_id();
         let name = self.settings.name.clone();
-        let timeout = if leaving { Duration::from_millis(500) } else { WRITE_TIMEOUT };
-        // Best effort: a deposed leader cannot commit; the next takeover sets us secondary anyway.
         let relinquish = Command::SetRouterState { name: name.clone(), state: RouterState::Relinquish, node_id: id };
         if self.own_write(relinquish, timeout).await.is_ok() {
             let secondary = Command::SetRouterState { name, state: RouterState::Secondary, node_id: id };
             let _ = self.own_write(secondary, timeout).await;
+            tracing::info!("relinquished the primary role ({why})");
         }
     }
 
-    /// Tells every other node and waits (with a deadline) for their acknowledgements; the
+    /// Tells every other member and waits (with a deadline) for their acknowledgements; the
     /// missing ones are recorded, and the takeover goes on (the fence made it safe).
     async fn notify_survivors(&self, kind: &str, args: Vec<String>) {
         let Some(member) = self.node.member() else { return };
@@ -264,7 +367,8 @@ impl Manager {
 
     /// Hands the role to `to` (or any other voter): relinquish first, then transfer leadership
     /// (openraft grants transfer votes even inside a valid lease, so the lease alone would not
-    /// protect a hand-over).
+    /// protect a hand-over). Safe to cancel: the gate is released first and the guard takes off
+    /// any address a cancelled removal left.
     async fn hand_over(&self, to: Option<NodeId>) -> Result<(), String> {
         let member = self.node.member().ok_or("not a member")?;
         let voters: Vec<NodeId> = member.raft.metrics().borrow_watched().membership_config.voter_ids().collect();
@@ -275,14 +379,13 @@ impl Manager {
         if target == member.id {
             return Ok(());
         }
-        let suppress = self.now_ms() + 3 * self.settings.lease_ms + 1000;
-        {
-            let mut g = self.gate();
-            g.released();
-            g.suppress_until(suppress);
-        }
+        self.gate().suppress_until(self.now_ms() + 3 * self.settings.lease_ms + 1000);
         tracing::info!(to = target, "handing the primary role over");
-        self.release("handing the primary role over", false).await;
+        self.drop_duties("handing the primary role over").await;
+        {
+            let _act = self.act.lock().await;
+            self.finish_release("handing the primary role over", WRITE_TIMEOUT).await;
+        }
         self.node.transfer_leader(target).await.map_err(|e| e.to_string())
     }
 }
@@ -298,6 +401,11 @@ impl Extension for ManagerExtension {
     fn notify(&self, kind: String, args: Vec<String>) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             tracing::info!("notified: {kind} {}", args.join(" "));
+            // A barrier: a node told that another node takes the role holds nothing once it
+            // acknowledges.
+            if kind == "primary-change" && args.get(1) != Some(&self.0.settings.name) && self.0.holding() {
+                self.0.drop_duties("another node is taking over the primary role").await;
+            }
             self.0.duties.run_notify(&kind, &args).await
         })
     }

@@ -153,13 +153,24 @@ fn never_two_primaries_in_namespaces() {
         NAMES.iter().enumerate().map(|(k, n)| (n.to_string(), format!("{}:7400", topo.addr(k + 1, 0)))).collect();
     let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, a)| (n.as_str(), "coordinator", a.as_str())).collect();
     let mut c = Cluster::new(&refs, "");
+    let test_start = now_stamp();
     for (k, name) in NAMES.iter().enumerate() {
         let i = k + 1;
         let node = c.node(name);
+        // A primary-only service and a notify hook, each logging what it is asked to do.
+        let hooks = node.dir.join("hooks");
+        std::fs::create_dir_all(&hooks).expect("hooks dir");
+        for (hook, log) in [("10-svc", "svc.log"), ("20-tell.notify", "notify.log")] {
+            let path = hooks.join(hook);
+            std::fs::write(&path, format!("#!/bin/sh\necho \"$*\" >> {}\n", node.dir.join(log).display()))
+                .expect("hook");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        }
         node.netns = Some(topo.ns(i));
         node.extra_config = format!(
-            "[primary]\nfloating_ips = [\"{FLOATING}/24 dev {}\"]\nnotify_timeout_ms = 500\n[heartbeat.networks]\nmgmt = \"{}:7401\"\n",
+            "[primary]\nfloating_ips = [\"{FLOATING}/24 dev {}\"]\nnotify_timeout_ms = 500\nhooks_dir = \"{}\"\nstatus_interval_ms = 500\n[heartbeat.networks]\nmgmt = \"{}:7401\"\n",
             topo.ifname(i, 0),
+            hooks.display(),
             topo.addr(i, 0)
         );
         node.start();
@@ -249,4 +260,34 @@ fn never_two_primaries_in_namespaces() {
     assert!(!first_after.added, "(d) the resumed node's first address action must be the removal");
     let (p, _) = settled(&mut c, &mon, NAMES[new - 1]);
     assert_ne!(p, primary, "the stopped node must not take the role back at once");
+
+    // Over the whole run (restarts and heals included): two holders only during the SIGSTOP.
+    for (t, h) in mon.overlaps(test_start) {
+        assert!(t >= stopped && t < dropped, "two holders {h:?} at {t}, outside the SIGSTOP window");
+    }
+    // The service hook runs on the primary only: its last start/stop is `start` there and
+    // `stop` (or nothing) elsewhere; survivors were told of every change.
+    let dirs: std::collections::BTreeMap<&str, std::path::PathBuf> =
+        NAMES.iter().map(|n| (*n, c.node(n).dir.clone())).collect();
+    wait_until("the service hook ran `start` on the primary", Duration::from_secs(10), || {
+        let last = |n: &str| {
+            let log = std::fs::read_to_string(dirs[n].join("svc.log")).unwrap_or_default();
+            log.lines().rev().find(|l| *l == "start" || *l == "stop").map(str::to_string)
+        };
+        NAMES
+            .iter()
+            .all(|n| if *n == p { last(n).as_deref() == Some("start") } else { last(n).as_deref() != Some("start") })
+            .then_some(())
+    });
+    let told: usize = NAMES
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(c.node(n).dir.join("notify.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("primary-change"))
+                .count()
+        })
+        .sum();
+    assert!(told >= 4, "survivors were notified {told} times");
 }
