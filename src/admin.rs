@@ -98,10 +98,13 @@ pub enum BindError {
     Io { path: String, source: std::io::Error },
     #[error("admin socket {path}: a file that is not a socket is in the way")]
     NotASocket { path: String },
+    #[error("admin socket {path}: no group named {group:?} (admin_socket_group)")]
+    NoGroup { path: String, group: String },
 }
 
-/// Binds the socket (mode 0600), replacing a stale socket file left by a previous run.
-pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// Binds the socket (mode 0600; 0660 owned by `group` when given), replacing a stale socket
+/// file left by a previous run.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError> {
     let p = path.display().to_string();
     let io = |source| BindError::Io { path: p.clone(), source };
     if let Some(dir) = path.parent() {
@@ -113,7 +116,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .map_err(|e| io(std::io::Error::from(e)))?
+                .ok_or_else(|| BindError::NoGroup { path: p.clone(), group: name.to_string() })?
+                .gid;
+            nix::unistd::chown(path, None, Some(gid)).map_err(|e| io(std::io::Error::from(e)))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     Ok(listener)
 }
 

@@ -33,6 +33,9 @@ pub enum Command {
     Daemon {
         #[arg(long)]
         config: PathBuf,
+        /// Log lines as text or JSON (overrides the config's log_format).
+        #[arg(long)]
+        log_format: Option<crate::config::LogFormat>,
     },
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },

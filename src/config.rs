@@ -43,6 +43,38 @@ pub struct Config {
     pub heartbeat: HeartbeatSection,
     #[serde(default)]
     pub primary: PrimarySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Log lines as `text` (default) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Group that may use the admin socket (mode 0660); unset: root only (0600).
+    #[serde(default)]
+    pub admin_socket_group: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// `IP:port` of the Prometheus text endpoint (`GET /metrics`); unset: off.
+    pub listen: Option<String>,
+}
+
+impl MetricsSection {
+    pub fn addr(&self) -> Result<Option<SocketAddr>, String> {
+        self.listen
+            .as_ref()
+            .map(|a| a.parse().map_err(|e| format!("{a:?} is not an IP:port address ({e})")))
+            .transpose()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -352,6 +384,14 @@ impl Config {
             return err("heartbeat.networks", "at most 8 networks".into());
         }
         self.heartbeat_networks()?;
+        if let Err(e) = self.metrics.addr() {
+            return err("metrics.listen", e);
+        }
+        if let Some(g) = &self.admin_socket_group {
+            if g.is_empty() || g.len() > 64 || !g.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                return err("admin_socket_group", format!("{g:?} is not a group name"));
+            }
+        }
         let p = &self.primary;
         if p.floating_ips.len() > 64 {
             return err("primary.floating_ips", "at most 64 addresses".into());

@@ -64,6 +64,7 @@ pub struct Daemon {
     pub primary: Arc<Manager>,
     /// The main loops' heartbeat for systemd's watchdog.
     pub progress: Arc<Progress>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
@@ -487,7 +488,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     agent.spawn(shutdown_rx.clone());
     let listener =
         TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
-    let admin_listener = admin::bind(&config.admin_socket)?;
+    let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
 
     let limits = Limits {
         max_frame: config.limits.max_frame_bytes,
@@ -523,6 +524,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         agent: agent.clone(),
         primary: manager.clone(),
         progress: Progress::new(),
+        metrics: crate::metrics::Metrics::new(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
     });
@@ -555,6 +557,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         daemon.member_started.notify_one();
     }
 
+    {
+        let m = daemon.metrics.clone();
+        node.set_write_observer(Arc::new(move |d| m.proposal_seconds.observe(d.as_secs_f64())));
+        let m = daemon.metrics.clone();
+        agent.set_rtt_observer(Arc::new(move |d| m.pulse_rtt_seconds.observe(d.as_secs_f64())));
+    }
+    if let Some(addr) = config.metrics.addr().map_err(StartError::Config)? {
+        let listener =
+            crate::metrics::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_string(), source })?;
+        tokio::spawn(crate::metrics::serve(listener, daemon.clone(), shutdown_rx.clone()));
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let (duty_stop_tx, duty_stop_rx) = watch::channel(false);
     let duty_task = tokio::spawn(manager.clone().run(duty_stop_rx));
     // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.

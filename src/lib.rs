@@ -9,6 +9,7 @@
 //!   heartbeat/ the active-active heartbeat: pulses, views, criss-cross, verdicts, MNFA
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
 //!   service.rs systemd readiness, status, stopping and watchdog
+//!   metrics.rs Prometheus text endpoint
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod heartbeat;
+pub mod metrics;
 pub mod primary;
 pub mod service;
 pub mod stats;

@@ -12,7 +12,7 @@ use herd::{config, daemon};
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match args.command {
-        Command::Daemon { ref config } => run_daemon(config),
+        Command::Daemon { ref config, log_format } => run_daemon(config, log_format),
         Command::Release { ref config } => release(config),
         Command::Completions { shell } => {
             let mut cmd = <cli::Cli as clap::CommandFactory>::command();
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_daemon(path: &std::path::Path) -> ExitCode {
+fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> ExitCode {
     let config = match config::Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -47,14 +47,22 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error,sled=warn")),
         )
         .with_target(false)
-        .with_ansi(false)
-        .init();
+        // Colours only on a terminal (journald and files get plain text).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match log_format.unwrap_or(config.log_format) {
+        config::LogFormat::Text => fmt.init(),
+        config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
+    // Every line carries the node name: a span entered for good on every runtime thread.
+    let name = config.name.clone();
+    let node_span = move || tracing::info_span!("herd", node = %name);
+    std::mem::forget(node_span().entered());
     // Crash, don't limp: a panic outside the third-party panic boundaries aborts the daemon.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -62,7 +70,13 @@ fn run_daemon(path: &std::path::Path) -> ExitCode {
         default_hook(info);
         std::process::abort();
     }));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let on_start = node_span.clone();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(on_start().entered()))
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("herd: cannot start the async runtime: {e}");

@@ -155,6 +155,8 @@ pub struct ClusterNode<LS> {
     /// A cached connection to the leader for forwarding (a busy one is not waited for).
     leader_client: tokio::sync::Mutex<Option<PeerClient>>,
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
+    /// Told how long each successful write took (metrics).
+    write_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
 }
 
 fn not_leader(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> RpcError {
@@ -191,7 +193,13 @@ where
             leader_contact: Mutex::new(None),
             leader_client: tokio::sync::Mutex::new(None),
             extension: std::sync::OnceLock::new(),
+            write_observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the observer of write latencies (once).
+    pub fn set_write_observer(&self, f: Arc<dyn Fn(Duration) + Send + Sync>) {
+        let _ = self.write_observer.set(f);
     }
 
     /// Installs the daemon's extension (once).
@@ -430,8 +438,14 @@ where
     /// Replicates `ops` as one atomic request; returns the applied result.
     pub async fn write(&self, ops: Vec<Op>, timeout: Duration) -> Result<Reply, NodeError> {
         let req = Request { id: request_id(), time_ms: 0, ops };
+        let started = Instant::now();
         match self.leader_call(LeaderOp::Write(req), timeout).await? {
-            RpcReply::Written(Response { result, .. }) => Ok(result?),
+            RpcReply::Written(Response { result, .. }) => {
+                if let Some(f) = self.write_observer.get() {
+                    f(started.elapsed());
+                }
+                Ok(result?)
+            }
             other => Err(NodeError::Refused(format!("unexpected write reply {other:?}"))),
         }
     }

@@ -152,6 +152,8 @@ struct Inner {
     cache: ViewCache,
     targets: BTreeMap<NodeId, Target>,
     counters: Counters,
+    /// When the current period's pulses went out.
+    period_started: Option<Instant>,
 }
 
 /// The heartbeat agent of one node.
@@ -164,9 +166,15 @@ pub struct Agent {
     started: Instant,
     inner: Mutex<Inner>,
     notices: mpsc::Sender<Notice>,
+    rtt_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
 }
 
 impl Agent {
+    /// Installs the observer of pulse round trips (metrics; once).
+    pub fn set_rtt_observer(&self, f: Arc<dyn Fn(Duration) + Send + Sync>) {
+        let _ = self.rtt_observer.set(f);
+    }
+
     /// Binds one UDP socket per network. Returns the agent and the receiver of its notices.
     pub async fn bind(
         name: &str,
@@ -205,8 +213,10 @@ impl Agent {
                 cache: ViewCache::new(None),
                 targets: BTreeMap::new(),
                 counters: Counters::default(),
+                period_started: None,
             }),
             notices: tx,
+            rtt_observer: std::sync::OnceLock::new(),
         };
         (Arc::new(agent), rx)
     }
@@ -311,6 +321,7 @@ impl Agent {
     fn handle(&self, net: &str, bytes: &[u8], oversized: bool) -> Option<Vec<u8>> {
         let now = self.now_ms();
         let mut events = Vec::new();
+        let mut rtt = None;
         let reply = {
             let mut g = self.lock();
             let Some((me, cluster_id)) = g.me.clone() else {
@@ -358,7 +369,11 @@ impl Agent {
                         return None;
                     }
                     g.counters.answers_received += 1;
+                    let started = g.period_started;
                     if let Some(v) = g.view.as_mut() {
+                        if seq == v.seq() {
+                            rtt = started.map(|t| t.elapsed());
+                        }
                         events.extend(v.on_answer(from, net, seq, now));
                     }
                     if let Some(r) = relayed {
@@ -371,6 +386,9 @@ impl Agent {
             }
         };
         self.log_events(&events);
+        if let (Some(d), Some(f)) = (rtt, self.rtt_observer.get()) {
+            f(d);
+        }
         reply
     }
 
@@ -407,6 +425,7 @@ impl Agent {
                 (events, batches)
             };
             self.log_events(&events);
+            self.lock().period_started = Some(Instant::now());
             let (mut sent, mut failed) = (0u64, 0u64);
             for (net, bytes, to) in &batches {
                 let Some(socket) = self.sockets.get(net) else { continue };

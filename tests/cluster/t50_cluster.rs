@@ -38,6 +38,25 @@ fn formed(node: &Node) -> Option<Value> {
     (all_run && shape && s["leader"].is_string() && s["quorum"] == true).then_some(s)
 }
 
+/// `GET /metrics` over a plain TCP connection.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: herd\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of an unlabelled series in a scrape.
+fn value(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
 fn leader_name(node: &Node) -> Option<String> {
     let s = node.try_admin(&json!({"op": "status"})).ok()?;
     (s["quorum"] == true).then(|| s["leader"].as_str().map(str::to_string)).flatten()
@@ -46,6 +65,10 @@ fn leader_name(node: &Node) -> Option<String> {
 #[test]
 fn cluster_lifecycle() {
     let mut c = Cluster::new(SPECS, EXTRA);
+    for (name, _, addr) in SPECS {
+        let ip = addr.split(':').next().expect("ip");
+        c.node(name).extra_config.push_str(&format!("[metrics]\nlisten = \"{ip}:9464\"\n"));
+    }
     for name in ["hv1", "hv2", "hv3", "hv4"] {
         c.node(name).start();
     }
@@ -88,6 +111,25 @@ fn cluster_lifecycle() {
         assert_eq!((&v["leader"], &v["term"]), (&status["leader"], &status["term"]), "{v}");
     }
     assert_eq!(views.iter().filter(|v| v["state"] == "leader").count(), 1);
+    // Each node's Prometheus endpoint: one leader between them, the same term, a bounded apply
+    // lag, heartbeat states for every other host on the coordinators, write latencies recorded.
+    let scrapes: Vec<String> =
+        SPECS[..4].iter().map(|(_, _, a)| scrape(&format!("{}:9464", a.split(':').next().unwrap_or("")))).collect();
+    let leaders: i64 = scrapes.iter().map(|s| value(s, "herd_raft_is_leader").unwrap_or(0.0) as i64).sum();
+    assert_eq!(leaders, 1, "{scrapes:?}");
+    let terms: BTreeSet<i64> = scrapes.iter().filter_map(|s| value(s, "herd_raft_term")).map(|t| t as i64).collect();
+    assert_eq!(terms.len(), 1, "{terms:?}");
+    for s in &scrapes {
+        assert!(value(s, "herd_raft_apply_lag_entries").is_some_and(|l| l < 100.0), "{s}");
+        assert_eq!(value(s, "herd_raft_quorum"), Some(1.0));
+    }
+    for (i, name) in ["hv1", "hv2", "hv3"].iter().enumerate() {
+        for other in ["hv1", "hv2", "hv3", "hv4"].iter().filter(|o| *o != name) {
+            let series = format!("herd_heartbeat_link_state{{host=\"{other}\",network=\"mgmt\"}}");
+            assert!(scrapes[i].contains(&series), "{name} lacks {series}");
+        }
+    }
+    assert!(scrapes.iter().any(|s| value(s, "herd_raft_proposal_duration_seconds_count").is_some_and(|n| n > 0.0)));
     assert_eq!(status["cluster_id"], cluster_id);
     let by_name = |s: &Value, n: &str| members(s).into_iter().find(|m| m["name"] == n).expect("member");
     assert_eq!(by_name(&status, "hv4")["voter"], false);

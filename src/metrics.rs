@@ -1,0 +1,257 @@
+//! Prometheus metrics: a text endpoint (`[metrics] listen`, off when unset) served by hyper.
+//!
+//! Gauges are refreshed from their sources at each scrape (Raft metrics, the heartbeat agent,
+//! the primary manager, the replicated state); histograms are fed as events happen (proposal
+//! latency by the cluster node's write path, pulse round trips by the heartbeat agent). Names
+//! follow Prometheus conventions: `herd_` prefix, units in names.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::ServerState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::sync::{watch, Semaphore};
+
+use crate::daemon::Daemon;
+use crate::heartbeat::verdict::Verdict;
+use crate::heartbeat::LinkState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostNet {
+    host: String,
+    network: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Host {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Network {
+    network: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric herd exports.
+pub struct Metrics {
+    registry: Registry,
+    raft_term: Gauge,
+    raft_is_leader: Gauge,
+    raft_leader_id: Gauge,
+    raft_commit_index: Gauge,
+    raft_applied_index: Gauge,
+    raft_apply_lag: Gauge,
+    raft_quorum: Gauge,
+    pub proposal_seconds: Histogram,
+    heartbeat_link_state: Family<HostNet, Gauge>,
+    heartbeat_lost: Family<Host, Gauge>,
+    heartbeat_mnfa: Family<Network, Gauge>,
+    pub pulse_rtt_seconds: Histogram,
+    primary_holding: Gauge,
+    nodes: Family<State, Gauge>,
+    keepalive_age_seconds: Family<Host, FloatGauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("herd");
+        let m = Metrics {
+            raft_term: Gauge::default(),
+            raft_is_leader: Gauge::default(),
+            raft_leader_id: Gauge::default(),
+            raft_commit_index: Gauge::default(),
+            raft_applied_index: Gauge::default(),
+            raft_apply_lag: Gauge::default(),
+            raft_quorum: Gauge::default(),
+            proposal_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
+            heartbeat_link_state: Family::default(),
+            heartbeat_lost: Family::default(),
+            heartbeat_mnfa: Family::default(),
+            pulse_rtt_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            primary_holding: Gauge::default(),
+            nodes: Family::default(),
+            keepalive_age_seconds: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("raft_term", "Current Raft term", m.raft_term.clone());
+        registry.register("raft_is_leader", "1 if this node is the Raft leader", m.raft_is_leader.clone());
+        registry.register("raft_leader_id", "Node id of the current leader (-1: none known)", m.raft_leader_id.clone());
+        registry.register("raft_commit_index", "Last log index known committed", m.raft_commit_index.clone());
+        registry.register(
+            "raft_applied_index",
+            "Last log index applied to the state machine",
+            m.raft_applied_index.clone(),
+        );
+        registry.register("raft_apply_lag_entries", "Committed but not yet applied entries", m.raft_apply_lag.clone());
+        registry.register("raft_quorum", "1 if this node is in contact with a quorum", m.raft_quorum.clone());
+        registry.register(
+            "raft_proposal_duration_seconds",
+            "Time from proposing a write to its applied result",
+            m.proposal_seconds.clone(),
+        );
+        registry.register(
+            "heartbeat_link_state",
+            "This coordinator's view of a host on a network: 0 ok, 1 degraded, 2 lost",
+            m.heartbeat_link_state.clone(),
+        );
+        registry.register(
+            "heartbeat_host_lost",
+            "1 if the heartbeat verdict for the host is lost",
+            m.heartbeat_lost.clone(),
+        );
+        registry.register("heartbeat_mnfa_active", "1 while MNFA is active on the network", m.heartbeat_mnfa.clone());
+        registry.register("heartbeat_pulse_rtt_seconds", "Pulse to answer round trip", m.pulse_rtt_seconds.clone());
+        registry.register(
+            "primary_holding_duties",
+            "1 while this node holds the primary duties",
+            m.primary_holding.clone(),
+        );
+        registry.register("nodes", "Nodes by daemon_state", m.nodes.clone());
+        registry.register(
+            "keepalive_age_seconds",
+            "Age of each node's last committed keepalive",
+            m.keepalive_age_seconds.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Refreshes the gauges from their sources and renders the text format.
+    fn render(&self, daemon: &Daemon) -> String {
+        self.primary_holding.set(i64::from(daemon.primary.holding()));
+        self.raft_quorum.set(i64::from(daemon.node.quorum()));
+        if let Some(member) = daemon.node.member() {
+            let metrics = member.raft.metrics();
+            let (term, leader, state, committed) = {
+                let m = metrics.borrow_watched();
+                (m.current_term, m.current_leader, m.state, m.local_committed.map(|l| l.index))
+            };
+            let applied = member.view.read().last_applied.map_or(0, |l| l.index);
+            let committed = committed.unwrap_or(0);
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.raft_term.set(gauge(term));
+            self.raft_is_leader.set(i64::from(state == ServerState::Leader));
+            self.raft_leader_id.set(leader.map_or(-1, gauge));
+            self.raft_commit_index.set(gauge(committed));
+            self.raft_applied_index.set(gauge(applied));
+            self.raft_apply_lag.set(gauge(committed.saturating_sub(applied)));
+            let now = herd_raft::clock::wall_ms();
+            let g = member.view.read();
+            self.nodes.clear();
+            self.keepalive_age_seconds.clear();
+            for n in g.state.nodes.values() {
+                self.nodes.get_or_create(&State { state: n.daemon_state.to_string() }).inc();
+                if let Some(t) = n.last_keepalive_ms {
+                    self.keepalive_age_seconds
+                        .get_or_create(&Host { host: n.name.clone() })
+                        .set(now.saturating_sub(t) as f64 / 1000.0);
+                }
+            }
+        }
+        let report = daemon.agent.report();
+        self.heartbeat_link_state.clear();
+        for net in report["own_view"]["nets"].as_array().into_iter().flatten() {
+            for h in net["hosts"].as_array().into_iter().flatten() {
+                let state = match h["state"].as_str() {
+                    Some(s) if s == LinkState::Lost.as_str() => 2,
+                    Some(s) if s == LinkState::Degraded.as_str() => 1,
+                    _ => 0,
+                };
+                let labels = HostNet {
+                    host: h["host"].as_str().unwrap_or_default().to_string(),
+                    network: net["net"].as_str().unwrap_or_default().to_string(),
+                };
+                self.heartbeat_link_state.get_or_create(&labels).set(state);
+            }
+        }
+        self.heartbeat_mnfa.clear();
+        for (net, on) in report["mnfa"].as_object().into_iter().flatten() {
+            self.heartbeat_mnfa
+                .get_or_create(&Network { network: net.clone() })
+                .set(i64::from(on.as_bool() == Some(true)));
+        }
+        self.heartbeat_lost.clear();
+        let names: std::collections::BTreeMap<u64, String> = daemon
+            .node
+            .member()
+            .map(|m| m.view.read().state.nodes.values().map(|n| (n.id, n.name.clone())).collect())
+            .unwrap_or_default();
+        for (id, v) in daemon.agent.verdicts() {
+            let host = names.get(&id).cloned().unwrap_or_else(|| format!("node {id}"));
+            self.heartbeat_lost.get_or_create(&Host { host }).set(i64::from(v.verdict == Verdict::Lost));
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!("metrics encoding failed: {e}");
+        }
+        out
+    }
+}
+
+/// At most this many scrapes are served at once; each has this long to send its request.
+const MAX_SCRAPES: usize = 16;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `addr` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let daemon = daemon.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &daemon)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, daemon: &Daemon) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+        (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", daemon.metrics.render(daemon))
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain", "not found: GET /metrics\n".to_string())
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Binds the endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
