@@ -145,6 +145,38 @@ pub enum CliError {
     Usage(String),
 }
 
+/// A spinner with `message` on a terminal (stderr); a hidden one otherwise.
+pub fn spinner(message: Option<String>) -> indicatif::ProgressBar {
+    match message {
+        Some(m) if std::io::stderr().is_terminal() => {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_message(m);
+            pb.enable_steady_tick(std::time::Duration::from_millis(100));
+            pb
+        }
+        _ => indicatif::ProgressBar::hidden(),
+    }
+}
+
+/// Colours a state name on a terminal (nothing is coloured in pipes or files).
+fn paint(text: String) -> String {
+    use anstyle::{AnsiColor, Style};
+    if !std::io::stdout().is_terminal() {
+        return text;
+    }
+    let style = match text.as_str() {
+        "run" | "ready" | "alive" | "primary" | "voter" => Style::new().fg_color(Some(AnsiColor::Green.into())),
+        "init" | "takeover" | "relinquish" | "flush" | "unflush" | "stop" | "shutdown" => {
+            Style::new().fg_color(Some(AnsiColor::Yellow.into()))
+        }
+        t if t.starts_with("lost") || t == "dead" || t == "fenced" || t == "fence-flush" => {
+            Style::new().fg_color(Some(AnsiColor::Red.into())).bold()
+        }
+        _ => return text,
+    };
+    format!("{style}{text}{style:#}")
+}
+
 /// Sends one request and returns the daemon's result.
 pub async fn call(socket: &Path, req: &AdminRequest, timeout: Duration) -> Result<Value, CliError> {
     let path = socket.display().to_string();
@@ -209,15 +241,50 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
+            *w = (*w).max(visible_len(c));
         }
     }
     let line = |cells: Vec<String>| {
-        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w.saturating_sub(visible_len(c)))))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     let mut out = vec![line(headers.iter().map(|h| h.to_uppercase()).collect())];
     out.extend(rows.iter().map(|r| line(r.clone())));
     out.join("\n")
+}
+
+/// Width on screen: ANSI colour sequences take none.
+fn visible_len(s: &str) -> usize {
+    let (mut n, mut in_escape) = (0, false);
+    for ch in s.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, _) => n += 1,
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_codes_do_not_break_alignment() {
+        let red = format!("{}lost{}", "\u{1b}[31m", "\u{1b}[0m");
+        assert_eq!(visible_len(&red), 4);
+        let t = table(&["a", "b"], &[vec![red, "x".into()], vec!["alive".into(), "y".into()]]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
+    }
 }
 
 fn members_table(members: &Value) -> String {
@@ -234,11 +301,11 @@ fn members_table(members: &Value) -> String {
                         s(&m["name"]),
                         s(&m["id"]),
                         s(&m["role"]),
-                        voter.into(),
-                        s(&m["daemon_state"]),
-                        s(&m["domain_state"]),
-                        s(&m["router_state"]),
-                        s(&m["heartbeat"]),
+                        paint(voter.into()),
+                        paint(s(&m["daemon_state"])),
+                        paint(s(&m["domain_state"])),
+                        paint(s(&m["router_state"])),
+                        paint(s(&m["heartbeat"])),
                         age,
                         s(&m["address"]),
                     ]

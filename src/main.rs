@@ -154,7 +154,20 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         .enable_all()
         .build()
         .map_err(|e| cli::CliError::Usage(format!("cannot start the async runtime: {e}")))?;
-    let value = runtime.block_on(cli::call(&args.socket, &req, timeout))?;
+    // Long waits show a spinner on a terminal; nothing otherwise (scripts, --json).
+    let waiting = match &args.command {
+        Command::JoinCluster(j) => Some(format!("joining the cluster through {}", j.peer)),
+        Command::Node(NodeCommand::Primary { name, wait: true }) => Some(format!("moving the primary role to {name}")),
+        Command::Node(NodeCommand::Secondary { name, wait: true }) => {
+            Some(format!("moving the primary role away from {name}"))
+        }
+        Command::InitCluster => Some("creating the cluster".to_string()),
+        _ => None,
+    };
+    let spinner = cli::spinner(waiting.filter(|_| !args.json));
+    let value = runtime.block_on(cli::call(&args.socket, &req, timeout));
+    spinner.finish_and_clear();
+    let value = value?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
     } else {
