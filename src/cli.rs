@@ -273,20 +273,6 @@ fn visible_len(s: &str) -> usize {
     n
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn colour_codes_do_not_break_alignment() {
-        let red = format!("{}lost{}", "\u{1b}[31m", "\u{1b}[0m");
-        assert_eq!(visible_len(&red), 4);
-        let t = table(&["a", "b"], &[vec![red, "x".into()], vec!["alive".into(), "y".into()]]);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
-    }
-}
-
 fn members_table(members: &Value) -> String {
     let rows: Vec<Vec<String>> = members
         .as_array()
@@ -449,4 +435,18 @@ fn render_heartbeat(v: &Value) -> String {
         out.push(table(&["coordinator", "age_ms", "net", "answering", "missing"], &rows));
     }
     out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_codes_do_not_break_alignment() {
+        let red = format!("{}lost{}", "\u{1b}[31m", "\u{1b}[0m");
+        assert_eq!(visible_len(&red), 4);
+        let t = table(&["a", "b"], &[vec![red, "x".into()], vec!["alive".into(), "y".into()]]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
+    }
 }
