@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-stop test deps fmt lint unit cluster bench
+.PHONY: demo demo-stop test deps fmt lint unit cluster bench deb
 
 # A local cluster: 3 coordinators + 1 hypervisor on loopback, then `herd status`.
 demo: deps
@@ -34,3 +34,15 @@ cluster:
 # Benchmarks measure (never part of `make test`): a table on stdout, JSON in target/bench/.
 bench:
 	$(CARGO) run --release -p herd-bench -- heartbeat
+
+# A Debian package (installs cargo-deb from crates.io if missing).
+deb:
+	command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) build --release --bin herd
+	mkdir -p target/assets
+	target/release/herd completions bash > target/assets/herd.bash
+	target/release/herd completions zsh > target/assets/_herd
+	target/release/herd completions fish > target/assets/herd.fish
+	target/release/herd man > target/assets/herd.1
+	$(CARGO) deb --no-build -p herd
+	dpkg-deb -c target/debian/herd_*.deb
