@@ -48,12 +48,12 @@ fn sd_notify_ready_watchdog_and_stopping_for_a_node_alone() {
     // As systemd does: WATCHDOG_PID names the daemon itself (`exec` keeps the shell's pid).
     let child = Command::new("sh")
         .arg("-c")
-        .arg("WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\"")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\" --log-format json")
         .arg(HERD)
         .arg(&config)
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "2000000")
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("log.json")).expect("log file"))
         .stderr(Stdio::null())
         .spawn()
         .expect("daemon");
@@ -70,6 +70,13 @@ fn sd_notify_ready_watchdog_and_stopping_for_a_node_alone() {
     assert!(got.iter().any(|m| m.contains("STOPPING=1")), "no STOPPING=1 in {got:?}");
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "{status}");
+    // --log-format json: one JSON object a line, each naming the node.
+    let log = std::fs::read_to_string(dir.path().join("log.json")).expect("log");
+    assert!(log.lines().count() >= 3, "{log}");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(v["span"]["node"], "s1", "{line}");
+    }
 }
 
 #[test]
