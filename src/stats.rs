@@ -29,8 +29,10 @@ fn read_now() -> NodeStats {
         load_milli,
         mem_total_mib: total_kib / 1024,
         mem_used_mib: total_kib.saturating_sub(avail_kib) / 1024,
+        // VM figures come from the hypervisor (not yet wired: zero).
         vms_running: 0,
         stale: false,
+        ..NodeStats::default()
     }
 }
 

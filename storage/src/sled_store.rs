@@ -257,6 +257,7 @@ fn object_key(k: &ObjectKey) -> Vec<u8> {
         ObjectKey::Events => b"events".to_vec(),
         ObjectKey::Node(n) => [b"node/".as_slice(), n.as_bytes()].concat(),
         ObjectKey::Request(id) => [b"req/".as_slice(), id.as_bytes()].concat(),
+        ObjectKey::Vm(n) => [b"vm/".as_slice(), n.as_bytes()].concat(),
     }
 }
 
@@ -268,6 +269,7 @@ fn object_value(state: &State, k: &ObjectKey) -> io::Result<Option<Vec<u8>>> {
         ObjectKey::Events => encode(&state.events).map(Some),
         ObjectKey::Node(n) => state.nodes.get(n).map(encode).transpose(),
         ObjectKey::Request(id) => state.requests.get(id).map(encode).transpose(),
+        ObjectKey::Vm(n) => state.vms.get(n).map(encode).transpose(),
     }
 }
 
@@ -275,6 +277,7 @@ fn all_keys(state: &State) -> BTreeSet<ObjectKey> {
     let mut keys = BTreeSet::from([ObjectKey::Meta, ObjectKey::Clock, ObjectKey::Events]);
     keys.extend(state.nodes.keys().cloned().map(ObjectKey::Node));
     keys.extend(state.requests.keys().cloned().map(ObjectKey::Request));
+    keys.extend(state.vms.keys().cloned().map(ObjectKey::Vm));
     keys
 }
 
@@ -321,6 +324,10 @@ impl Backend for SledBackend {
                 k if k.starts_with(b"node/") => {
                     let rec: crate::model::NodeRecord = decode(&v)?;
                     state.nodes.insert(rec.name.clone(), rec);
+                }
+                k if k.starts_with(b"vm/") => {
+                    let vm: crate::model::VmRecord = decode(&v)?;
+                    state.vms.insert(vm.spec.name.clone(), vm);
                 }
                 k if k.starts_with(b"req/") => {
                     let id = String::from_utf8_lossy(&k[4..]).into_owned();

@@ -207,6 +207,14 @@ fn apply_op(
         Command::RemoveNode { name } => {
             let node = state.nodes.get(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
             check_revision(format!("node {name}"), node.revision, op)?;
+            let assigned: Vec<&str> =
+                state.vms.values().filter(|v| v.node == *name).map(|v| v.spec.name.as_str()).collect();
+            if !assigned.is_empty() {
+                return Err(ApplyError::Invalid(format!(
+                    "{name} still has VMs ({}): move them first",
+                    assigned.join(", ")
+                )));
+            }
             let id = node.id;
             state.nodes.remove(name);
             changed.insert(ObjectKey::Node(name.clone()));
@@ -304,6 +312,12 @@ fn apply_op(
             }
             Ok(Reply::Done)
         }
+        Command::DefineVm { .. }
+        | Command::ModifyVm { .. }
+        | Command::SetVmState { .. }
+        | Command::MigrateVm { .. }
+        | Command::UndefineVm { .. }
+        | Command::ReportVm { .. } => super::vm::apply_vm_op(state, index, now, op, changed),
         Command::RecordEvent { kind, node, message } => {
             if kind.is_empty()
                 || kind.len() > 64
@@ -340,7 +354,7 @@ fn own_record<'a>(state: &'a mut State, name: &str, node_id: Option<NodeId>) -> 
     }
 }
 
-fn push_event(
+pub(crate) fn push_event(
     state: &mut State,
     index: u64,
     now: u64,

@@ -52,7 +52,15 @@ fn keepalive(name: &str) -> Command {
 }
 
 fn sample_stats() -> NodeStats {
-    NodeStats { cpu_count: 8, load_milli: 1250, mem_total_mib: 32768, mem_used_mib: 4096, vms_running: 3, stale: false }
+    NodeStats {
+        cpu_count: 8,
+        load_milli: 1250,
+        mem_total_mib: 32768,
+        mem_used_mib: 4096,
+        vms_running: 3,
+        stale: false,
+        ..NodeStats::default()
+    }
 }
 
 fn set_daemon(name: &str, state: DaemonState, return_by_ms: Option<u64>) -> Command {
@@ -649,6 +657,7 @@ fn stats_strategy() -> impl Strategy<Value = NodeStats> {
             mem_used_mib,
             vms_running,
             stale,
+            ..NodeStats::default()
         },
     )
 }

@@ -12,9 +12,11 @@
 
 mod apply;
 mod types;
+mod vm;
 
 #[cfg(test)]
 mod apply_test;
 
 pub use apply::{apply, validate_name as validate_node_name, Applied, MAX_EVENTS, MAX_REMEMBERED_REQUESTS};
 pub use types::*;
+pub use vm::{place, MAX_XML_BYTES};

@@ -115,6 +115,112 @@ impl RouterState {
     }
 }
 
+/// What a VM should be doing (PVC's VM states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Start,
+    Restart,
+    Shutdown,
+    Stop,
+    Disable,
+    Fail,
+    Migrate,
+    MigrateLive,
+    Unmigrate,
+}
+state_names!(VmState {
+    Start = "start", Restart = "restart", Shutdown = "shutdown", Stop = "stop", Disable = "disable",
+    Fail = "fail", Migrate = "migrate", MigrateLive = "migrate-live", Unmigrate = "unmigrate"
+});
+
+impl VmState {
+    /// States in which the VM should be running (or about to run) on its node.
+    pub fn wants_running(self) -> bool {
+        matches!(self, VmState::Start | VmState::Restart | VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate)
+    }
+}
+
+/// How a VM moves (`none`: live where possible, else shut down and start elsewhere).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMethod {
+    Live,
+    Shutdown,
+    #[default]
+    None,
+}
+state_names!(MigrationMethod { Live = "live", Shutdown = "shutdown", None = "none" });
+
+/// How a target node is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selector {
+    /// Most free memory.
+    #[default]
+    Mem,
+    /// Most memory left after everything assigned to the node (running or not).
+    Memprov,
+    /// Lowest load.
+    Load,
+    /// Fewest allocated vCPUs.
+    Vcpus,
+    /// Fewest running VMs.
+    Vms,
+}
+state_names!(Selector { Mem = "mem", Memprov = "memprov", Load = "load", Vcpus = "vcpus", Vms = "vms" });
+
+/// What libvirt last reported for a VM on its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActualState {
+    Running,
+    Paused,
+    Shutoff,
+    Crashed,
+    Missing,
+    #[default]
+    Unknown,
+}
+state_names!(ActualState { Running = "running", Paused = "paused", Shutoff = "shutoff", Crashed = "crashed", Missing = "missing", Unknown = "unknown" });
+
+/// What `vm define` asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub uuid: String,
+    pub name: String,
+    /// The domain XML of record.
+    pub xml: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    /// Nodes the VM may run on (empty: any).
+    #[serde(default)]
+    pub node_limit: Vec<String>,
+    #[serde(default)]
+    pub autostart: bool,
+    #[serde(default)]
+    pub migration_method: MigrationMethod,
+}
+
+/// A VM as the cluster records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// The node it is assigned to.
+    pub node: String,
+    /// Where it lived before a temporary migration (`unmigrate` goes back there).
+    #[serde(default)]
+    pub last_node: Option<String>,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub actual: ActualState,
+    pub revision: u64,
+}
+
 /// Resource figures a node reports in its keepalive. Fixed-point integers, not floats, so the
 /// model stays `Eq` and bit-for-bit deterministic.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +232,12 @@ pub struct NodeStats {
     pub mem_total_mib: u64,
     pub mem_used_mib: u64,
     pub vms_running: u32,
+    /// Memory of the running VMs on the node.
+    pub mem_allocated_mib: u64,
+    /// Memory of every VM assigned to the node, running or not.
+    pub mem_provisioned_mib: u64,
+    /// vCPUs of the running VMs on the node.
+    pub vcpus_allocated: u32,
     /// Set when a collector missed its deadline and these figures are the last known ones.
     pub stale: bool,
 }
@@ -211,6 +323,8 @@ pub struct State {
     pub events: VecDeque<Event>,
     /// Recently applied request ids and their results (bounded).
     pub requests: BTreeMap<String, RequestRecord>,
+    /// VMs by name.
+    pub vms: BTreeMap<String, VmRecord>,
 }
 
 impl State {
@@ -237,6 +351,17 @@ impl State {
                 return Err(format!("node {name} has revision 0"));
             }
         }
+        for (name, vm) in &self.vms {
+            if name != &vm.spec.name {
+                return Err(format!("VM keyed {name} is named {}", vm.spec.name));
+            }
+            if !self.nodes.contains_key(&vm.node) {
+                return Err(format!("VM {name} is assigned to unknown node {}", vm.node));
+            }
+            if vm.last_node.as_ref() == Some(&vm.node) {
+                return Err(format!("VM {name}'s last_node is its node"));
+            }
+        }
         if self.events.len() > super::MAX_EVENTS {
             return Err("event log over its bound".into());
         }
@@ -255,6 +380,7 @@ pub enum ObjectKey {
     Events,
     Node(String),
     Request(String),
+    Vm(String),
 }
 
 /// A replicated write: one or more operations applied atomically, identified by a client
@@ -357,6 +483,42 @@ pub enum Command {
         #[serde(default)]
         node_id: Option<NodeId>,
     },
+    /// Define a VM on `node` (chosen by the leader's placement, or given by the operator).
+    DefineVm {
+        spec: VmSpec,
+        node: String,
+    },
+    /// Replace a VM's domain XML of record (takes effect at its next start).
+    ModifyVm {
+        name: String,
+        xml: String,
+    },
+    /// An operator's state change: start, stop, shutdown, restart, disable.
+    SetVmState {
+        name: String,
+        state: VmState,
+    },
+    /// Move a VM: `migrate`/`migrate-live` (temporary: remember `last_node`), `unmigrate` (back
+    /// to `last_node`), or a permanent move (`permanent`: forget `last_node`).
+    MigrateVm {
+        name: String,
+        to: String,
+        state: VmState,
+        #[serde(default)]
+        permanent: bool,
+    },
+    /// Forget a VM (it must be stopped, disabled or failed).
+    UndefineVm {
+        name: String,
+    },
+    /// A node reports what libvirt says of a VM assigned to it; `failure` puts it in `fail`.
+    ReportVm {
+        name: String,
+        node: String,
+        actual: ActualState,
+        #[serde(default)]
+        failure: Option<String>,
+    },
     /// Something the cluster's event log should show (MNFA entry and exit, ...).
     RecordEvent {
         kind: String,
@@ -379,6 +541,12 @@ impl Command {
             Command::SetHeartbeatAddrs { .. } => "set-heartbeat-addrs",
             Command::RecordEvent { .. } => "record-event",
             Command::Takeover { .. } => "takeover",
+            Command::DefineVm { .. } => "define-vm",
+            Command::ModifyVm { .. } => "modify-vm",
+            Command::SetVmState { .. } => "set-vm-state",
+            Command::MigrateVm { .. } => "migrate-vm",
+            Command::UndefineVm { .. } => "undefine-vm",
+            Command::ReportVm { .. } => "report-vm",
             Command::SetRouterState { .. } => "set-router-state",
         }
     }
@@ -410,6 +578,12 @@ pub enum ApplyError {
     BadToken,
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("no VM named {0:?}")]
+    NoSuchVm(String),
+    #[error("a VM named {name:?} or with uuid {uuid} already exists")]
+    VmExists { name: String, uuid: String },
+    #[error("no node fits: {0}")]
+    NoNodeFits(String),
 }
 
 /// The state machine's answer to one log entry.

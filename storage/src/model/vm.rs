@@ -1,0 +1,533 @@
+//! VM commands of the replicated model, and placement. Pure, like the rest of `model`.
+
+use std::collections::BTreeSet;
+
+use super::apply::{push_event, validate_name};
+use super::types::*;
+
+/// The domain XML of record is bounded: it lives in the replicated state.
+pub const MAX_XML_BYTES: usize = 256 * 1024;
+
+/// Picks the node a VM goes to: candidates are nodes in `daemon_state run` and `domain_state
+/// ready`, inside `limit` (when not empty), other than `exclude`; the best by `selector` wins,
+/// ties go to the smallest name (deterministic).
+pub fn place(state: &State, selector: Selector, limit: &[String], exclude: Option<&str>) -> Result<String, ApplyError> {
+    let candidates: Vec<&NodeRecord> = state
+        .nodes
+        .values()
+        .filter(|n| n.daemon_state == DaemonState::Run && n.domain_state == DomainState::Ready)
+        .filter(|n| limit.is_empty() || limit.contains(&n.name))
+        .filter(|n| Some(n.name.as_str()) != exclude)
+        .collect();
+    let score = |n: &NodeRecord| -> i128 {
+        let s = &n.stats;
+        match selector {
+            Selector::Mem => i128::from(s.mem_total_mib) - i128::from(s.mem_used_mib),
+            Selector::Memprov => i128::from(s.mem_total_mib) - i128::from(s.mem_provisioned_mib),
+            Selector::Load => -i128::from(s.load_milli),
+            Selector::Vcpus => -i128::from(s.vcpus_allocated),
+            Selector::Vms => -i128::from(s.vms_running),
+        }
+    };
+    // max_by keeps the last of equal elements: iterate names in reverse so ties go to the smallest.
+    candidates.iter().rev().max_by_key(|n| score(n)).map(|n| n.name.clone()).ok_or_else(|| {
+        let running: Vec<&str> = state
+            .nodes
+            .values()
+            .filter(|n| n.daemon_state == DaemonState::Run && n.domain_state == DomainState::Ready)
+            .map(|n| n.name.as_str())
+            .collect();
+        ApplyError::NoNodeFits(format!(
+            "nodes in run/ready: [{}]; node_limit: [{}]; excluded: {}",
+            running.join(", "),
+            limit.join(", "),
+            exclude.unwrap_or("-")
+        ))
+    })
+}
+
+fn validate_spec(state: &State, spec: &VmSpec) -> Result<(), ApplyError> {
+    validate_name(&spec.name).map_err(|_| ApplyError::Invalid(format!("VM name {:?}", spec.name)))?;
+    let uuid_ok = spec.uuid.len() == 36
+        && spec.uuid.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
+    if !uuid_ok {
+        return Err(ApplyError::Invalid(format!("uuid {:?} is not a UUID", spec.uuid)));
+    }
+    if spec.xml.is_empty() || spec.xml.len() > MAX_XML_BYTES {
+        return Err(ApplyError::Invalid(format!("domain XML must be 1 to {MAX_XML_BYTES} bytes")));
+    }
+    if spec.memory_mib == 0 || spec.vcpus == 0 {
+        return Err(ApplyError::Invalid("a VM needs memory and at least one vCPU".into()));
+    }
+    if let Some(unknown) = spec.node_limit.iter().find(|n| !state.nodes.contains_key(*n)) {
+        return Err(ApplyError::NoSuchNode(unknown.clone()));
+    }
+    Ok(())
+}
+
+fn vm_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut VmRecord, ApplyError> {
+    let vm = state.vms.get_mut(name).ok_or_else(|| ApplyError::NoSuchVm(name.to_string()))?;
+    if let Some(expected) = op.expect_revision {
+        if expected != vm.revision {
+            return Err(ApplyError::RevisionMismatch { object: format!("vm {name}"), expected, actual: vm.revision });
+        }
+    }
+    Ok(vm)
+}
+
+/// Applies one VM command.
+pub(crate) fn apply_vm_op(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    changed: &mut BTreeSet<ObjectKey>,
+) -> Result<Reply, ApplyError> {
+    match &op.cmd {
+        Command::DefineVm { spec, node } => {
+            if let Some(expected) = op.expect_revision {
+                let actual = state.vms.get(&spec.name).map_or(0, |v| v.revision);
+                if expected != actual {
+                    return Err(ApplyError::RevisionMismatch { object: format!("vm {}", spec.name), expected, actual });
+                }
+            }
+            validate_spec(state, spec)?;
+            if state.vms.values().any(|v| v.spec.name == spec.name || v.spec.uuid == spec.uuid) {
+                return Err(ApplyError::VmExists { name: spec.name.clone(), uuid: spec.uuid.clone() });
+            }
+            if !state.nodes.contains_key(node) {
+                return Err(ApplyError::NoSuchNode(node.clone()));
+            }
+            if !spec.node_limit.is_empty() && !spec.node_limit.contains(node) {
+                return Err(ApplyError::Invalid(format!("{node} is outside the VM's node_limit")));
+            }
+            let vm = VmRecord {
+                spec: spec.clone(),
+                state: VmState::Start,
+                node: node.clone(),
+                last_node: None,
+                failure_reason: None,
+                actual: ActualState::Unknown,
+                revision: index,
+            };
+            state.vms.insert(spec.name.clone(), vm);
+            changed.insert(ObjectKey::Vm(spec.name.clone()));
+            push_event(state, index, now, "vm-define", Some(node), format!("{} defined on {node}", spec.name), changed);
+            Ok(Reply::Done)
+        }
+        Command::ModifyVm { name, xml } => {
+            if xml.is_empty() || xml.len() > MAX_XML_BYTES {
+                return Err(ApplyError::Invalid(format!("domain XML must be 1 to {MAX_XML_BYTES} bytes")));
+            }
+            let vm = vm_mut(state, name, op)?;
+            vm.spec.xml = xml.clone();
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
+            Ok(Reply::Done)
+        }
+        Command::SetVmState { name, state: to } => {
+            if !matches!(to, VmState::Start | VmState::Stop | VmState::Shutdown | VmState::Restart | VmState::Disable) {
+                return Err(ApplyError::Invalid(format!("{to} is not an operator state (use migrate/unmigrate/move)")));
+            }
+            let vm = vm_mut(state, name, op)?;
+            if *to == VmState::Restart && !vm.state.wants_running() {
+                return Err(ApplyError::Invalid(format!("{name} is not running ({}): start it", vm.state)));
+            }
+            vm.state = *to;
+            if *to == VmState::Start {
+                vm.failure_reason = None;
+            }
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
+            Ok(Reply::Done)
+        }
+        Command::MigrateVm { name, to, state: how, permanent } => {
+            if !matches!(how, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate) {
+                return Err(ApplyError::Invalid(format!("{how} is not a migration")));
+            }
+            if !state.nodes.contains_key(to) {
+                return Err(ApplyError::NoSuchNode(to.clone()));
+            }
+            let vm = vm_mut(state, name, op)?;
+            // PVC once migrated a VM "to itself": never.
+            if vm.node == *to {
+                return Err(ApplyError::Invalid(format!("{name} is already on {to}")));
+            }
+            if !vm.spec.node_limit.is_empty() && !vm.spec.node_limit.contains(to) {
+                return Err(ApplyError::Invalid(format!("{to} is outside {name}'s node_limit")));
+            }
+            if *how == VmState::Unmigrate && vm.last_node.as_deref() != Some(to.as_str()) {
+                return Err(ApplyError::Invalid(format!("{name} was not migrated away from {to}")));
+            }
+            let from = std::mem::replace(&mut vm.node, to.clone());
+            vm.last_node = match (how, permanent) {
+                (_, true) | (VmState::Unmigrate, _) => None,
+                _ => vm.last_node.take().or(Some(from.clone())),
+            };
+            // A VM that is not running just changes node; a running one moves.
+            if vm.state.wants_running() {
+                vm.state = *how;
+            }
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
+            push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"), changed);
+            Ok(Reply::Done)
+        }
+        Command::UndefineVm { name } => {
+            let vm = vm_mut(state, name, op)?;
+            if !matches!(vm.state, VmState::Stop | VmState::Disable | VmState::Fail) {
+                return Err(ApplyError::Invalid(format!("{name} is {}: stop it first", vm.state)));
+            }
+            state.vms.remove(name);
+            changed.insert(ObjectKey::Vm(name.clone()));
+            push_event(state, index, now, "vm-undefine", None, format!("{name} undefined"), changed);
+            Ok(Reply::Done)
+        }
+        Command::ReportVm { name, node, actual, failure } => {
+            let vm = vm_mut(state, name, op)?;
+            if vm.node != *node {
+                // A report from a node the VM has left: stale, ignored by refusal.
+                return Err(ApplyError::Invalid(format!("{name} is assigned to {}, not {node}", vm.node)));
+            }
+            vm.actual = *actual;
+            let before = vm.state;
+            match (failure, vm.state, actual) {
+                (Some(reason), _, _) => {
+                    vm.state = VmState::Fail;
+                    vm.failure_reason = Some(reason.clone());
+                }
+                // A finished move or restart is a running VM again.
+                (
+                    None,
+                    VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate | VmState::Restart,
+                    ActualState::Running,
+                ) => vm.state = VmState::Start,
+                (None, VmState::Shutdown, ActualState::Shutoff) => vm.state = VmState::Stop,
+                _ => {}
+            }
+            let after = vm.state;
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
+            if after == VmState::Fail && before != VmState::Fail {
+                let reason = failure.clone().unwrap_or_default();
+                push_event(
+                    state,
+                    index,
+                    now,
+                    "vm-fail",
+                    Some(node),
+                    format!("{name} failed on {node}: {reason}"),
+                    changed,
+                );
+            }
+            Ok(Reply::Done)
+        }
+        other => Err(ApplyError::Invalid(format!("{} is not a VM command", other.name()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::apply;
+    use proptest::prelude::*;
+
+    fn node(name: &str, state: DaemonState, domain: DomainState, stats: NodeStats) -> NodeRecord {
+        NodeRecord {
+            id: 1,
+            name: name.into(),
+            role: Role::Hypervisor,
+            cluster_addr: format!("{name}:1"),
+            daemon_state: state,
+            domain_state: domain,
+            router_state: RouterState::Client,
+            return_by_ms: None,
+            stats,
+            last_keepalive_ms: None,
+            heartbeat: Default::default(),
+            joined_ms: 0,
+            revision: 1,
+        }
+    }
+
+    fn stats(free: u64, prov: u64, load: u64, vcpus: u32, vms: u32) -> NodeStats {
+        NodeStats {
+            cpu_count: 8,
+            load_milli: load,
+            mem_total_mib: 64_000,
+            mem_used_mib: 64_000 - free,
+            vms_running: vms,
+            mem_allocated_mib: 0,
+            mem_provisioned_mib: prov,
+            vcpus_allocated: vcpus,
+            stale: false,
+        }
+    }
+
+    fn three() -> State {
+        let mut s = State::default();
+        s.nodes.insert("a".into(), node("a", DaemonState::Run, DomainState::Ready, stats(10_000, 30_000, 500, 4, 3)));
+        s.nodes.insert("b".into(), node("b", DaemonState::Run, DomainState::Ready, stats(20_000, 50_000, 900, 2, 5)));
+        s.nodes.insert("c".into(), node("c", DaemonState::Run, DomainState::Ready, stats(5_000, 10_000, 100, 8, 1)));
+        s
+    }
+
+    #[test]
+    fn each_selector_picks_its_best_node() {
+        let s = three();
+        for (sel, want) in [
+            (Selector::Mem, "b"),
+            (Selector::Memprov, "c"),
+            (Selector::Load, "c"),
+            (Selector::Vcpus, "b"),
+            (Selector::Vms, "c"),
+        ] {
+            assert_eq!(place(&s, sel, &[], None), Ok(want.to_string()), "{sel}");
+        }
+    }
+
+    #[test]
+    fn placement_honours_state_limit_and_exclusion() {
+        let mut s = three();
+        assert_eq!(place(&s, Selector::Mem, &["a".into(), "c".into()], None), Ok("a".into()));
+        assert_eq!(place(&s, Selector::Mem, &[], Some("b")), Ok("a".into()));
+        if let Some(n) = s.nodes.get_mut("b") {
+            n.domain_state = DomainState::Flushed;
+        }
+        if let Some(n) = s.nodes.get_mut("a") {
+            n.daemon_state = DaemonState::Dead;
+        }
+        assert_eq!(place(&s, Selector::Mem, &[], None), Ok("c".into()));
+        let e = place(&s, Selector::Mem, &[], Some("c"));
+        assert!(matches!(e, Err(ApplyError::NoNodeFits(ref m)) if m.contains("run/ready: [c]")), "{e:?}");
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_name() {
+        let mut s = State::default();
+        for n in ["z", "m", "b"] {
+            s.nodes.insert(n.into(), node(n, DaemonState::Run, DomainState::Ready, stats(1, 1, 1, 1, 1)));
+        }
+        assert_eq!(place(&s, Selector::Vms, &[], None), Ok("b".into()));
+    }
+
+    fn spec(name: &str, uuid_tail: u8) -> VmSpec {
+        VmSpec {
+            uuid: format!("00000000-0000-0000-0000-0000000000{uuid_tail:02x}"),
+            name: name.into(),
+            xml: "<domain type='test'/>".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            selector: None,
+            node_limit: vec![],
+            autostart: false,
+            migration_method: MigrationMethod::None,
+        }
+    }
+
+    fn run(s: &mut State, index: u64, cmd: Command) -> Result<Reply, ApplyError> {
+        apply(s, index, &Request { id: format!("r{index}"), time_ms: index, ops: vec![cmd.into()] }).response.result
+    }
+
+    #[test]
+    fn vm_lifecycle_and_migrations() {
+        let mut s = three();
+        assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+        assert_eq!(s.vms["web"].state, VmState::Start);
+        // Name or uuid clash; unknown node; bad uuid; empty XML: refused, nothing changed.
+        let before = s.vms.clone();
+        assert!(matches!(
+            run(&mut s, 2, Command::DefineVm { spec: spec("web", 9), node: "b".into() }),
+            Err(ApplyError::VmExists { .. })
+        ));
+        assert!(matches!(
+            run(&mut s, 3, Command::DefineVm { spec: spec("db", 1), node: "b".into() }),
+            Err(ApplyError::VmExists { .. })
+        ));
+        assert!(matches!(
+            run(&mut s, 4, Command::DefineVm { spec: spec("db", 2), node: "x".into() }),
+            Err(ApplyError::NoSuchNode(_))
+        ));
+        let mut bad = spec("db", 2);
+        bad.uuid = "not-a-uuid".into();
+        assert!(matches!(
+            run(&mut s, 5, Command::DefineVm { spec: bad, node: "b".into() }),
+            Err(ApplyError::Invalid(_))
+        ));
+        let mut empty = spec("db", 2);
+        empty.xml.clear();
+        assert!(matches!(
+            run(&mut s, 6, Command::DefineVm { spec: empty, node: "b".into() }),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert_eq!(s.vms, before);
+        // Migrate: never to its own node; remembers home; unmigrate goes back and forgets it.
+        assert!(matches!(
+            run(
+                &mut s,
+                7,
+                Command::MigrateVm { name: "web".into(), to: "a".into(), state: VmState::Migrate, permanent: false }
+            ),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert_eq!(
+            run(
+                &mut s,
+                8,
+                Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: false }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(
+            (s.vms["web"].node.as_str(), s.vms["web"].last_node.as_deref(), s.vms["web"].state),
+            ("b", Some("a"), VmState::Migrate)
+        );
+        // A second temporary migration keeps the original home.
+        assert_eq!(
+            run(
+                &mut s,
+                9,
+                Command::MigrateVm { name: "web".into(), to: "c".into(), state: VmState::Migrate, permanent: false }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(s.vms["web"].last_node.as_deref(), Some("a"));
+        // A stale report from the node it left is refused; the new node's report ends the move.
+        assert!(run(
+            &mut s,
+            10,
+            Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Running, failure: None }
+        )
+        .is_err());
+        assert_eq!(
+            run(
+                &mut s,
+                11,
+                Command::ReportVm { name: "web".into(), node: "c".into(), actual: ActualState::Running, failure: None }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(s.vms["web"].state, VmState::Start);
+        assert!(
+            run(
+                &mut s,
+                12,
+                Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Unmigrate, permanent: false }
+            )
+            .is_err(),
+            "unmigrate only to last_node"
+        );
+        assert_eq!(
+            run(
+                &mut s,
+                13,
+                Command::MigrateVm { name: "web".into(), to: "a".into(), state: VmState::Unmigrate, permanent: false }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!((s.vms["web"].node.as_str(), s.vms["web"].last_node.as_deref()), ("a", None));
+        // A permanent move forgets the home.
+        assert_eq!(
+            run(
+                &mut s,
+                14,
+                Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: true }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(s.vms["web"].last_node, None);
+        // Undefine only when stopped; a failure report puts it in fail with the reason.
+        assert!(run(&mut s, 15, Command::UndefineVm { name: "web".into() }).is_err());
+        assert_eq!(
+            run(
+                &mut s,
+                16,
+                Command::ReportVm {
+                    name: "web".into(),
+                    node: "b".into(),
+                    actual: ActualState::Shutoff,
+                    failure: Some("libvirt: no such disk".into())
+                }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(
+            (s.vms["web"].state, s.vms["web"].failure_reason.as_deref()),
+            (VmState::Fail, Some("libvirt: no such disk"))
+        );
+        assert!(s.events.iter().any(|e| e.kind == "vm-fail"));
+        assert_eq!(run(&mut s, 17, Command::SetVmState { name: "web".into(), state: VmState::Start }), Ok(Reply::Done));
+        assert_eq!(s.vms["web"].failure_reason, None);
+        assert_eq!(
+            run(&mut s, 18, Command::SetVmState { name: "web".into(), state: VmState::Shutdown }),
+            Ok(Reply::Done)
+        );
+        assert_eq!(
+            run(
+                &mut s,
+                19,
+                Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Shutoff, failure: None }
+            ),
+            Ok(Reply::Done)
+        );
+        assert_eq!(s.vms["web"].state, VmState::Stop);
+        assert!(matches!(
+            run(&mut s, 20, Command::SetVmState { name: "web".into(), state: VmState::Migrate }),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert_eq!(run(&mut s, 21, Command::UndefineVm { name: "web".into() }), Ok(Reply::Done));
+        assert!(s.vms.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever the nodes, placement returns an eligible node, the best by the selector, or
+        /// fails exactly when no node is eligible.
+        #[test]
+        fn placement_is_eligible_and_best(
+            nodes in proptest::collection::vec((0u8..3, 0u8..2, 0u64..64_000, 0u64..10_000, 0u32..16, 0u32..40), 0..8),
+            sel in 0u8..5,
+            limit_mask in 0u8..=255,
+            exclude in proptest::option::of(0usize..8),
+        ) {
+            let mut s = State::default();
+            for (i, (d, dom, free, load, vcpus, vms)) in nodes.iter().enumerate() {
+                let d = [DaemonState::Run, DaemonState::Dead, DaemonState::Init][*d as usize];
+                let dom = [DomainState::Ready, DomainState::Flushed][*dom as usize];
+                let name = format!("n{i}");
+                s.nodes.insert(name.clone(), node(&name, d, dom, stats(*free, *free / 2, *load, *vcpus, *vms)));
+            }
+            let selector = [Selector::Mem, Selector::Memprov, Selector::Load, Selector::Vcpus, Selector::Vms][sel as usize];
+            let limit: Vec<String> = (0..8).filter(|i| limit_mask & (1 << i) != 0).map(|i| format!("n{i}")).collect();
+            let exclude = exclude.map(|i| format!("n{i}"));
+            let eligible: Vec<&NodeRecord> = s.nodes.values()
+                .filter(|n| n.daemon_state == DaemonState::Run && n.domain_state == DomainState::Ready)
+                .filter(|n| limit.is_empty() || limit.contains(&n.name))
+                .filter(|n| Some(&n.name) != exclude.as_ref())
+                .collect();
+            match place(&s, selector, &limit, exclude.as_deref()) {
+                Ok(chosen) => {
+                    let c = eligible.iter().find(|n| n.name == chosen);
+                    prop_assert!(c.is_some(), "chose an ineligible node {}", chosen);
+                    let key = |n: &NodeRecord| match selector {
+                        Selector::Mem => i128::from(n.stats.mem_total_mib) - i128::from(n.stats.mem_used_mib),
+                        Selector::Memprov => i128::from(n.stats.mem_total_mib) - i128::from(n.stats.mem_provisioned_mib),
+                        Selector::Load => -i128::from(n.stats.load_milli),
+                        Selector::Vcpus => -i128::from(n.stats.vcpus_allocated),
+                        Selector::Vms => -i128::from(n.stats.vms_running),
+                    };
+                    let best = eligible.iter().map(|n| key(n)).max();
+                    prop_assert_eq!(c.map(|n| key(n)), best);
+                }
+                Err(_) => prop_assert!(eligible.is_empty()),
+            }
+        }
+    }
+}
