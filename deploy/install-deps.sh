@@ -3,8 +3,9 @@
 # Idempotent and quiet when everything is there; needs root (or sudo) only to install.
 set -euo pipefail
 # gcc/libc6-dev: C toolchain some -sys crates build with; pkg-config: finding system libraries;
-# iproute2: `ip` (floating addresses, network-namespace tests); iputils-arping: gratuitous ARP.
-PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping)
+# iproute2: `ip` (floating addresses, network-namespace tests); iputils-arping: gratuitous ARP;
+# libvirt-dev: the virt crate links libvirt (its test driver serves the VM tests).
+PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,16 +10,20 @@
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
 //!   service.rs systemd readiness, status, stopping and watchdog
 //!   metrics.rs Prometheus text endpoint
+//!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
+//!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
 //! logic.
 
 pub mod admin;
+pub mod boundary;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod heartbeat;
+pub mod hypervisor;
 pub mod metrics;
 pub mod primary;
 pub mod service;

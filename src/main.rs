@@ -66,6 +66,11 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
     // Crash, don't limp: a panic outside the third-party panic boundaries aborts the daemon.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if herd::boundary::inside() {
+            // A third-party library behind the panic boundary: that call's failure, not ours.
+            tracing::error!("panic inside a third-party call (contained): {info}");
+            return;
+        }
         tracing::error!("panic: {info}");
         default_hook(info);
         std::process::abort();

@@ -1,0 +1,48 @@
+//! The hypervisor seam: what the reconciler needs from libvirt, behind a trait, so the same
+//! daemon logic runs against libvirt ([`libvirt::Libvirt`]) and in the simulation
+//! ([`memory::MemoryHypervisor`]).
+//!
+//! **Architecture invariant:** only this module talks to libvirt; every libvirt call runs behind
+//! the panic boundary on a blocking thread with a deadline.
+
+pub mod libvirt;
+pub mod memory;
+
+use futures::future::BoxFuture;
+use herd_storage::model::ActualState;
+use serde::Serialize;
+
+/// A domain as the hypervisor reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Domain {
+    pub name: String,
+    pub uuid: String,
+    pub state: ActualState,
+    /// The hypervisor's id of a running domain (stable while it runs: adoption keeps it).
+    pub id: Option<u32>,
+}
+
+/// Why a hypervisor call failed: a plain value, recorded as the VM's `failure_reason`.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum HypervisorError {
+    #[error("no domain named {0:?}")]
+    NoDomain(String),
+    #[error("{op} {name}: {message}")]
+    Refused { op: &'static str, name: String, message: String },
+    #[error("hypervisor unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the reconciler does to a node's hypervisor.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Every domain the hypervisor knows (managed by herd or not).
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Domain>, HypervisorError>>;
+    /// Defines (or redefines) a persistent domain from `xml`.
+    fn define<'a>(&'a self, xml: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    fn start<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    /// Asks the guest to shut down (ACPI); the reconciler destroys after its timeout.
+    fn shutdown<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    /// Pulls the plug.
+    fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+}
