@@ -10,6 +10,7 @@
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
 //!   service.rs systemd readiness, status, stopping and watchdog
 //!   metrics.rs Prometheus text endpoint
+//!   reconcile.rs converges the hypervisor to the VMs of record, reports back
 //!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
 //!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
 //! ```
@@ -26,5 +27,6 @@ pub mod heartbeat;
 pub mod hypervisor;
 pub mod metrics;
 pub mod primary;
+pub mod reconcile;
 pub mod service;
 pub mod stats;

@@ -1,0 +1,396 @@
+//! The reconciler: every node converges its hypervisor to the replicated desired state of the
+//! VMs assigned to it, and writes what it sees back.
+//!
+//! ```text
+//!  plan(me, VMs of record, domains, can_start) ─▶ actions (define, start, shutdown, destroy)
+//!                                              └▶ reports (actual state), unmanaged domains
+//! ```
+//! `plan` is pure and unit-tested; [`Reconciler`] runs it on every applied change (a local
+//! watch) and every `interval` (a crashed VM is restarted), executes the actions one by one,
+//! and reports through Raft. Rules: a domain that is running is adopted, never restarted; a
+//! domain the cluster does not know is reported and never touched; a node without recent quorum
+//! contact only stops VMs and never starts one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herd_storage::model::{ActualState, Command, VmRecord, VmSpec, VmState};
+use tokio::time::Instant;
+
+use crate::hypervisor::{Domain, Hypervisor, HypervisorError};
+
+/// One step on the hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Define from the XML of record (also refreshes a changed XML before a start).
+    Define {
+        vm: String,
+        xml: String,
+    },
+    Start {
+        vm: String,
+    },
+    /// Ask the guest to shut down (`graceful`), or pull the plug.
+    Shutdown {
+        vm: String,
+    },
+    Destroy {
+        vm: String,
+    },
+}
+
+impl Action {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Define { .. } => "define",
+            Action::Start { .. } => "start",
+            Action::Shutdown { .. } => "shutdown",
+            Action::Destroy { .. } => "destroy",
+        }
+    }
+}
+
+/// What one round decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// VMs whose observed state differs from the one on record.
+    pub reports: Vec<(String, ActualState)>,
+    /// Domains the cluster does not know: reported, never touched.
+    pub unmanaged: Vec<String>,
+}
+
+/// Local memory of the reconciler between rounds.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// (VM, revision) whose restart was carried out.
+    pub restarted: BTreeSet<(String, u64)>,
+    /// When a graceful shutdown was asked for, by VM.
+    pub shutdown_asked: BTreeMap<String, u64>,
+}
+
+/// Decides one round for node `me`. `now_ms` and `shutdown_timeout_ms` bound graceful
+/// shutdowns (then destroy).
+pub fn plan(
+    me: &str,
+    vms: &BTreeMap<String, VmRecord>,
+    domains: &[Domain],
+    can_start: bool,
+    memory: &mut Memory,
+    now_ms: u64,
+    shutdown_timeout_ms: u64,
+) -> Plan {
+    let mut p = Plan::default();
+    let by_name: BTreeMap<&str, &Domain> = domains.iter().map(|d| (d.name.as_str(), d)).collect();
+    for (name, vm) in vms.iter().filter(|(_, v)| v.node == me) {
+        let d = by_name.get(name.as_str());
+        let observed = d.map_or(ActualState::Missing, |d| d.state);
+        let running = matches!(observed, ActualState::Running | ActualState::Paused);
+        match vm.state {
+            VmState::Restart if running && !memory.restarted.contains(&(name.clone(), vm.revision)) => {
+                memory.restarted.insert((name.clone(), vm.revision));
+                p.actions.push(Action::Destroy { vm: name.clone() });
+                if can_start {
+                    p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
+                    p.actions.push(Action::Start { vm: name.clone() });
+                }
+            }
+            s if s.wants_running() && !running && can_start => {
+                p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
+                p.actions.push(Action::Start { vm: name.clone() });
+            }
+            VmState::Stop | VmState::Disable if running => p.actions.push(Action::Destroy { vm: name.clone() }),
+            VmState::Shutdown if running => match memory.shutdown_asked.get(name) {
+                None => {
+                    memory.shutdown_asked.insert(name.clone(), now_ms);
+                    p.actions.push(Action::Shutdown { vm: name.clone() });
+                }
+                Some(asked) if now_ms.saturating_sub(*asked) >= shutdown_timeout_ms => {
+                    p.actions.push(Action::Destroy { vm: name.clone() })
+                }
+                Some(_) => {}
+            },
+            _ => {}
+        }
+        if !running {
+            memory.shutdown_asked.remove(name);
+        }
+        if observed != vm.actual {
+            p.reports.push((name.clone(), observed));
+        }
+    }
+    for d in domains {
+        match vms.get(&d.name) {
+            // Assigned elsewhere but running here: it must not run in two places.
+            Some(vm) if vm.node != me && matches!(d.state, ActualState::Running | ActualState::Paused) => {
+                p.actions.push(Action::Destroy { vm: d.name.clone() })
+            }
+            Some(_) => {}
+            None => p.unmanaged.push(d.name.clone()),
+        }
+    }
+    memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
+    p
+}
+
+/// Reads what `vm define` needs from a libvirt domain XML.
+pub fn spec_from_xml(xml: &str) -> Result<VmSpec, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("invalid domain XML: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" {
+        return Err(format!("invalid domain XML: the root element is <{}>, not <domain>", root.tag_name().name()));
+    }
+    let child = |tag: &str| root.children().find(|n| n.has_tag_name(tag));
+    let text = |tag: &str| child(tag).and_then(|n| n.text()).map(str::trim).filter(|t| !t.is_empty());
+    let name = text("name").ok_or("invalid domain XML: no <name>")?.to_string();
+    let uuid = text("uuid").ok_or("invalid domain XML: no <uuid> (herd keeps VMs by uuid)")?.to_lowercase();
+    let memory = child("memory").ok_or("invalid domain XML: no <memory>")?;
+    let amount: u64 = memory
+        .text()
+        .map(str::trim)
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| "invalid domain XML: <memory> is not a number")?;
+    let memory_mib = match memory.attribute("unit").unwrap_or("KiB") {
+        "b" | "bytes" => amount / (1024 * 1024),
+        "KiB" | "k" => amount / 1024,
+        "MiB" | "M" => amount,
+        "GiB" | "G" => amount * 1024,
+        other => return Err(format!("invalid domain XML: memory unit {other:?}")),
+    };
+    let vcpus: u32 = text("vcpu").unwrap_or("1").parse().map_err(|_| "invalid domain XML: <vcpu> is not a number")?;
+    Ok(VmSpec {
+        uuid,
+        name,
+        xml: xml.to_string(),
+        memory_mib,
+        vcpus,
+        selector: None,
+        node_limit: vec![],
+        autostart: false,
+        migration_method: Default::default(),
+    })
+}
+
+/// Runs the reconciler of one node.
+pub struct Reconciler {
+    pub me: String,
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub shutdown_timeout: Duration,
+    memory: Mutex<Memory>,
+    /// Domains the cluster does not know, as last seen (for `node info`).
+    unmanaged: Mutex<Vec<String>>,
+    started: Instant,
+}
+
+/// What one executed round produced, for the caller to write through Raft.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub commands: Vec<Command>,
+    /// Running VMs and their footprint, for the keepalive.
+    pub running: u32,
+}
+
+impl Reconciler {
+    pub fn new(me: String, hypervisor: Arc<dyn Hypervisor>, shutdown_timeout: Duration) -> Reconciler {
+        Reconciler {
+            me,
+            hypervisor,
+            shutdown_timeout,
+            memory: Mutex::new(Memory::default()),
+            unmanaged: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn unmanaged(&self) -> Vec<String> {
+        self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One round: observe, plan, act, and return the reports to write.
+    pub async fn round(&self, vms: &BTreeMap<String, VmRecord>, can_start: bool) -> Result<Outcome, HypervisorError> {
+        let domains = self.hypervisor.list().await?;
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms = u64::try_from(self.shutdown_timeout.as_millis()).unwrap_or(u64::MAX);
+        let p = {
+            let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            plan(&self.me, vms, &domains, can_start, &mut m, now_ms, timeout_ms)
+        };
+        *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        for a in &p.actions {
+            let (vm, r) = match a {
+                Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
+                Action::Start { vm } if failures.contains_key(vm) => continue,
+                Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
+                Action::Shutdown { vm } => (vm, self.hypervisor.shutdown(vm).await),
+                Action::Destroy { vm } => (vm, self.hypervisor.destroy(vm).await),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(vm = %vm, "hypervisor: {}", a.verb())
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, "{e}");
+                    failures.insert(vm.clone(), e.to_string());
+                }
+            }
+        }
+        // Report what the hypervisor shows now (after the actions), plus refusals as failures.
+        let after = if p.actions.is_empty() { domains } else { self.hypervisor.list().await? };
+        let state_of = |n: &str| after.iter().find(|d| d.name == n).map_or(ActualState::Missing, |d| d.state);
+        let mut commands = Vec::new();
+        for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
+            let observed = state_of(name);
+            let failure = failures.remove(name);
+            if observed != vm.actual || failure.is_some() {
+                commands.push(Command::ReportVm {
+                    name: name.clone(),
+                    node: self.me.clone(),
+                    actual: observed,
+                    failure,
+                });
+            }
+        }
+        let running = after
+            .iter()
+            .filter(|d| d.state == ActualState::Running && vms.get(&d.name).is_some_and(|v| v.node == self.me))
+            .count();
+        Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                uuid: "00000000-0000-0000-0000-000000000001".into(),
+                name: name.into(),
+                xml: format!("<domain><name>{name}</name></domain>"),
+                memory_mib: 256,
+                vcpus: 1,
+                selector: None,
+                node_limit: vec![],
+                autostart: false,
+                migration_method: Default::default(),
+            },
+            state,
+            node: node.into(),
+            last_node: None,
+            failure_reason: None,
+            actual,
+            revision: 7,
+        }
+    }
+
+    fn dom(name: &str, state: ActualState) -> Domain {
+        Domain { name: name.into(), uuid: String::new(), state, id: (state == ActualState::Running).then_some(3) }
+    }
+
+    fn vms(list: Vec<VmRecord>) -> BTreeMap<String, VmRecord> {
+        list.into_iter().map(|v| (v.spec.name.clone(), v)).collect()
+    }
+
+    #[test]
+    fn starts_what_should_run_and_adopts_what_runs() {
+        let v = vms(vec![
+            vm("a", "me", VmState::Start, ActualState::Unknown),
+            vm("b", "me", VmState::Start, ActualState::Unknown),
+        ]);
+        let p = plan("me", &v, &[dom("b", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+        assert_eq!(
+            p.actions,
+            vec![Action::Define { vm: "a".into(), xml: v["a"].spec.xml.clone() }, Action::Start { vm: "a".into() }]
+        );
+        assert_eq!(p.reports, vec![("a".into(), ActualState::Missing), ("b".into(), ActualState::Running)]);
+    }
+
+    #[test]
+    fn without_quorum_contact_it_stops_but_never_starts() {
+        let v = vms(vec![
+            vm("a", "me", VmState::Start, ActualState::Shutoff),
+            vm("b", "me", VmState::Stop, ActualState::Running),
+        ]);
+        let p = plan(
+            "me",
+            &v,
+            &[dom("a", ActualState::Shutoff), dom("b", ActualState::Running)],
+            false,
+            &mut Memory::default(),
+            0,
+            1000,
+        );
+        assert_eq!(p.actions, vec![Action::Destroy { vm: "b".into() }]);
+    }
+
+    #[test]
+    fn a_crashed_vm_that_should_run_is_restarted() {
+        let v = vms(vec![vm("a", "me", VmState::Start, ActualState::Running)]);
+        let p = plan("me", &v, &[dom("a", ActualState::Crashed)], true, &mut Memory::default(), 0, 1000);
+        assert!(p.actions.contains(&Action::Start { vm: "a".into() }));
+        assert_eq!(p.reports, vec![("a".into(), ActualState::Crashed)]);
+    }
+
+    #[test]
+    fn unknown_domains_are_reported_and_left_alone() {
+        let p =
+            plan("me", &BTreeMap::new(), &[dom("test", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.unmanaged, vec!["test".to_string()]);
+    }
+
+    #[test]
+    fn graceful_shutdown_then_destroy_after_the_timeout() {
+        let v = vms(vec![vm("a", "me", VmState::Shutdown, ActualState::Running)]);
+        let mut m = Memory::default();
+        let running = [dom("a", ActualState::Running)];
+        assert_eq!(plan("me", &v, &running, true, &mut m, 0, 1000).actions, vec![Action::Shutdown { vm: "a".into() }]);
+        assert!(plan("me", &v, &running, true, &mut m, 500, 1000).actions.is_empty(), "waits for the guest");
+        assert_eq!(
+            plan("me", &v, &running, true, &mut m, 1000, 1000).actions,
+            vec![Action::Destroy { vm: "a".into() }]
+        );
+    }
+
+    #[test]
+    fn a_restart_happens_once_per_request() {
+        let v = vms(vec![vm("a", "me", VmState::Restart, ActualState::Running)]);
+        let mut m = Memory::default();
+        let running = [dom("a", ActualState::Running)];
+        let first = plan("me", &v, &running, true, &mut m, 0, 1000);
+        assert_eq!(first.actions.first(), Some(&Action::Destroy { vm: "a".into() }));
+        assert!(plan("me", &v, &running, true, &mut m, 10, 1000).actions.is_empty(), "not again for the same request");
+    }
+
+    #[test]
+    fn a_vm_assigned_elsewhere_is_not_left_running_here() {
+        let v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
+        let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+        assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
+        assert!(p.reports.is_empty(), "only the assigned node reports");
+    }
+
+    #[test]
+    fn domain_xml_is_read_or_refused_clearly() {
+        let s = spec_from_xml("<domain type='test'><name>web</name><uuid>11111111-2222-3333-4444-555555555555</uuid><memory unit='MiB'>256</memory><vcpu>2</vcpu></domain>").expect("parses");
+        assert_eq!((s.name.as_str(), s.memory_mib, s.vcpus), ("web", 256, 2));
+        let kib = spec_from_xml(
+            "<domain><name>x</name><uuid>11111111-2222-3333-4444-555555555555</uuid><memory>524288</memory></domain>",
+        )
+        .expect("parses");
+        assert_eq!(kib.memory_mib, 512);
+        for (bad, why) in [
+            ("<domain", "invalid domain XML"),
+            ("<vm/>", "<vm>"),
+            ("<domain><uuid>u</uuid><memory>1</memory></domain>", "<name>"),
+            ("<domain><name>x</name><memory>1</memory></domain>", "<uuid>"),
+        ] {
+            let e = spec_from_xml(bad).expect_err("refused");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}
