@@ -72,6 +72,12 @@ for spec in "${NODES[@]}"; do
 floating_ips = [\"$FLOAT/24 dev eth0\"]
 notify_timeout_ms = 500"
   fi
+  # Each node's hypervisor: libvirt's test driver on a node file of its own (in-process: the
+  # node's VMs live as long as its daemon).
+  cat >"$DIR/$name/node.xml" <<XML
+<?xml version="1.0"?>
+<node><cpu><mhz>2400</mhz><model>x86_64</model><active>8</active><nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu><memory>16777216</memory></node>
+XML
   cat >"$DIR/$name/herd.toml" <<TOML
 name = "$name"
 role = "$role"
@@ -81,6 +87,9 @@ admin_socket = "$DIR/$name/admin.sock"
 listen = "$ip_addr:7400"
 [keepalive]
 interval_ms = 1000
+[hypervisor]
+uri = "test://$DIR/$name/node.xml"
+shutdown_timeout_ms = 5000
 $extra
 TOML
   # shellcheck disable=SC2046  # the prefix is meant to split into words
@@ -118,6 +127,19 @@ holder() {
   done
   return 0
 }
+
+# A few VMs, placed by the cluster (selector: fewest VMs), started by each node's reconciler.
+for n in 1 2 3 4 5; do
+  cat >"$DIR/vm$n.xml" <<XML
+<domain type='test'><name>vm$n</name><uuid>00000000-0000-4000-8000-00000000000$n</uuid><memory unit='MiB'>$((256 * n))</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>
+XML
+  "$BIN" --socket "$DIR/hv4/admin.sock" vm define "$DIR/vm$n.xml" --selector vms
+done
+for i in $(seq 100); do
+  [ "$("$BIN" --socket "$DIR/hv4/admin.sock" --json vm list | grep -c '"actual": "running"')" = 5 ] && break
+  sleep 0.1
+done
+"$BIN" --socket "$DIR/hv4/admin.sock" vm list
 
 if [ $MODE = netns ]; then
   old=$(holder)

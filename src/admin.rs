@@ -63,6 +63,36 @@ pub enum AdminRequest {
         #[serde(default)]
         wait: bool,
     },
+    /// Define a VM from its libvirt domain XML, on `node` or where the selector places it.
+    VmDefine {
+        xml: String,
+        #[serde(default)]
+        node: Option<String>,
+        #[serde(default)]
+        selector: Option<herd_storage::model::Selector>,
+        #[serde(default)]
+        limit: Vec<String>,
+        #[serde(default)]
+        autostart: bool,
+        #[serde(default)]
+        method: Option<herd_storage::model::MigrationMethod>,
+    },
+    /// Every VM (local read).
+    VmList {},
+    /// One VM (linearizable unless `local`).
+    VmInfo {
+        name: String,
+        #[serde(default)]
+        local: bool,
+    },
+    /// start, stop, shutdown, restart or disable.
+    VmState {
+        name: String,
+        state: herd_storage::model::VmState,
+    },
+    VmUndefine {
+        name: String,
+    },
     /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
     Heartbeat {},
     /// The newest entries of the replicated event log (local read).

@@ -58,6 +58,9 @@ pub enum Command {
     /// Cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Heartbeat: per coordinator and network, each host's state; peer views; MNFA; verdicts.
     Heartbeat,
     /// The cluster's event log (newest last).
@@ -113,6 +116,56 @@ pub enum NodeCommand {
         /// Allow leaving fewer than 3 voters.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM from a libvirt domain XML file (it starts where it is placed).
+    Define {
+        file: PathBuf,
+        /// Put it on this node (else the selector chooses).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, value_parser = ["mem", "memprov", "load", "vcpus", "vms"])]
+        selector: Option<String>,
+        /// Nodes it may run on, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        limit: Vec<String>,
+        #[arg(long)]
+        autostart: bool,
+        #[arg(long, value_parser = ["live", "shutdown", "none"])]
+        method: Option<String>,
+    },
+    /// Every VM with its state, node and what libvirt last reported.
+    List,
+    /// One VM.
+    Info {
+        name: String,
+        #[arg(long)]
+        local: bool,
+    },
+    Start {
+        name: String,
+    },
+    /// Pull the plug.
+    Stop {
+        name: String,
+    },
+    /// Ask the guest to shut down (destroyed after hypervisor.shutdown_timeout_ms).
+    Shutdown {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
+    /// Stop it and keep it stopped.
+    Disable {
+        name: String,
+    },
+    /// Forget it (it must be stopped, disabled or failed).
+    Undefine {
+        name: String,
     },
 }
 
@@ -336,6 +389,28 @@ pub fn render(command: &Command, v: &Value) -> String {
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
         Command::Heartbeat => render_heartbeat(v),
+        Command::Vm(VmCommand::List) => {
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|m| {
+                            vec![
+                                s(&m["name"]),
+                                paint(s(&m["state"])),
+                                s(&m["node"]),
+                                s(&m["last_node"]),
+                                paint(s(&m["actual"])),
+                                s(&m["failure_reason"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["name", "state", "node", "last_node", "actual", "failure"], &rows)
+        }
+        Command::Vm(VmCommand::Info { .. }) => serde_json::to_string_pretty(v).unwrap_or_default(),
+        Command::Vm(_) => s(&v["message"]),
         Command::Node(NodeCommand::Primary { .. } | NodeCommand::Secondary { .. }) => match v["took_ms"].as_u64() {
             Some(ms) => format!("primary: {} (was {}), after {ms} ms", s(&v["primary"]), s(&v["previous"])),
             None => "hand-over requested".to_string(),

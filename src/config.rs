@@ -45,6 +45,8 @@ pub struct Config {
     pub primary: PrimarySection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub hypervisor: HypervisorSection,
     /// Log lines as `text` (default) or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -59,6 +61,31 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorSection {
+    /// libvirt URI of this node's hypervisor (`qemu:///system`; tests and the demo use
+    /// `test:///<absolute path>/node.xml`). Unset: this node runs no VMs.
+    pub uri: Option<String>,
+    /// Template for live-migration targets (`{node}` is replaced); used once live migration lands.
+    pub migrate_uri: String,
+    /// A graceful shutdown that has not finished by then is followed by a destroy.
+    pub shutdown_timeout_ms: u64,
+    /// The reconciler also runs this often without any change (a crashed VM is restarted).
+    pub reconcile_interval_ms: u64,
+}
+
+impl Default for HypervisorSection {
+    fn default() -> Self {
+        HypervisorSection {
+            uri: None,
+            migrate_uri: "qemu+tcp://{node}/system".into(),
+            shutdown_timeout_ms: 60_000,
+            reconcile_interval_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -384,6 +411,15 @@ impl Config {
             return err("heartbeat.networks", "at most 8 networks".into());
         }
         self.heartbeat_networks()?;
+        if self.hypervisor.uri.as_ref().is_some_and(|u| u.is_empty() || u.len() > 1024) {
+            return err("hypervisor.uri", "must be 1 to 1024 bytes".into());
+        }
+        if !(1_000..=3_600_000).contains(&self.hypervisor.shutdown_timeout_ms) {
+            return err("hypervisor.shutdown_timeout_ms", "must be between 1000 and 3600000".into());
+        }
+        if !(100..=600_000).contains(&self.hypervisor.reconcile_interval_ms) {
+            return err("hypervisor.reconcile_interval_ms", "must be between 100 and 600000".into());
+        }
         if let Err(e) = self.metrics.addr() {
             return err("metrics.listen", e);
         }

@@ -65,6 +65,13 @@ pub struct Daemon {
     /// The main loops' heartbeat for systemd's watchdog.
     pub progress: Arc<Progress>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This node's reconciler (when it has a hypervisor).
+    pub reconciler: Option<Arc<crate::reconcile::Reconciler>>,
+    /// When a write of this node's own was last committed (ms since start; 0: never): a node
+    /// without recent quorum contact starts no VMs.
+    last_own_commit_ms: std::sync::atomic::AtomicU64,
+    started: tokio::time::Instant,
+    vms_running: std::sync::atomic::AtomicU32,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
@@ -150,6 +157,63 @@ impl Daemon {
                 Ok(json!({ "removed": name }))
             }
             AdminRequest::Heartbeat {} => Ok(self.agent.report()),
+            AdminRequest::VmDefine { xml, node, selector, limit, autostart, method } => {
+                let mut spec = crate::reconcile::spec_from_xml(&xml)?;
+                spec.selector = selector;
+                spec.node_limit = limit;
+                spec.autostart = autostart;
+                spec.migration_method = method.unwrap_or_default();
+                // Place on an up-to-date view of the cluster (a linearizable read first).
+                self.read_index(false).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let target = match node {
+                    Some(n) => n,
+                    None => {
+                        let g = member.view.read();
+                        herd_storage::model::place(&g.state, spec.selector.unwrap_or_default(), &spec.node_limit, None)
+                            .map_err(json_err)?
+                    }
+                };
+                let name = spec.name.clone();
+                let define = Command::DefineVm { spec, node: target.clone() };
+                self.node.write(vec![define.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                Ok(json!({ "name": name, "node": target, "message": format!("{name} defined on {target}") }))
+            }
+            AdminRequest::VmList {} => {
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let g = member.view.read();
+                Ok(Value::Array(g.state.vms.values().map(vm_json).collect()))
+            }
+            AdminRequest::VmInfo { name, local } => {
+                self.read_index(local).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let g = member.view.read();
+                let vm = g.state.vms.get(&name).ok_or_else(|| format!("no VM named {name:?}"))?;
+                let mut v = vm_json(vm);
+                v["xml"] = json!(vm.spec.xml);
+                v["memory_mib"] = json!(vm.spec.memory_mib);
+                v["vcpus"] = json!(vm.spec.vcpus);
+                v["node_limit"] = json!(vm.spec.node_limit);
+                v["selector"] = json!(vm.spec.selector);
+                v["autostart"] = json!(vm.spec.autostart);
+                v["migration_method"] = json!(vm.spec.migration_method);
+                v["revision"] = json!(vm.revision);
+                Ok(v)
+            }
+            AdminRequest::VmState { name, state } => {
+                self.node
+                    .write(vec![Command::SetVmState { name: name.clone(), state }.into()], WRITE_TIMEOUT)
+                    .await
+                    .map_err(json_err)?;
+                Ok(json!({ "name": name, "state": state, "message": format!("{name}: {state}") }))
+            }
+            AdminRequest::VmUndefine { name } => {
+                self.node
+                    .write(vec![Command::UndefineVm { name: name.clone() }.into()], WRITE_TIMEOUT)
+                    .await
+                    .map_err(json_err)?;
+                Ok(json!({ "name": name, "message": format!("{name} undefined") }))
+            }
             AdminRequest::NodePrimary { name, secondary, wait } => self.move_primary(name, secondary, wait).await,
             AdminRequest::Events { limit } => {
                 let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
@@ -284,6 +348,7 @@ impl Daemon {
             "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
             "primary": g.state.nodes.values().find(|n| n.router_state == herd_storage::model::RouterState::Primary).map(|n| n.name.clone()),
             "holding_duties": self.primary.holding(),
+            "unmanaged_domains": self.reconciler.as_ref().map(|r| r.unmanaged()),
             "members": members,
             "raft": {
                 "voters": voters,
@@ -296,6 +361,18 @@ impl Daemon {
                 "snapshot": m.snapshot.as_ref().map(|l| l.index),
             },
         })
+    }
+
+    /// The VM side of the keepalive: what runs here and what is assigned here.
+    fn vm_figures(&self, stats: &mut NodeStats) {
+        let Some(member) = self.node.member() else { return };
+        let g = member.view.read();
+        let mine = || g.state.vms.values().filter(|v| v.node == self.config.name);
+        let running = || mine().filter(|v| v.actual == herd_storage::model::ActualState::Running);
+        stats.vms_running = self.vms_running.load(Ordering::Acquire);
+        stats.mem_allocated_mib = running().map(|v| v.spec.memory_mib).sum();
+        stats.mem_provisioned_mib = mine().map(|v| v.spec.memory_mib).sum();
+        stats.vcpus_allocated = running().map(|v| v.spec.vcpus).sum();
     }
 
     /// Publishes this node's heartbeat addresses and marks it `run`, then writes a keepalive
@@ -315,6 +392,12 @@ impl Daemon {
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         let addrs: BTreeMap<String, String> =
             self.agent.addrs().iter().map(|(n, a)| (n.clone(), a.to_string())).collect();
+        // Reconcile before reporting `run`: domains already running are adopted, not restarted
+        // (no starts yet: this node has not shown quorum contact).
+        if self.reconciler.is_some() {
+            self.reconcile_once().await;
+            tokio::spawn(self.clone().reconcile_loop());
+        }
         // `init` → `run` once this node can get a write of its own committed; the heartbeat
         // addresses go in the same atomic request.
         loop {
@@ -345,7 +428,8 @@ impl Daemon {
             ticker.tick().await;
             self.progress.mark();
             last = stats::collect(&last, interval / 4).await;
-            let stats = last.clone();
+            let mut stats = last.clone();
+            self.vm_figures(&mut stats);
             match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {
                 Ok(()) => {}
                 Err(NodeError::Removed) => return,
@@ -378,6 +462,59 @@ impl Daemon {
                 current = targets;
             }
             if applied.changed().await.is_err() || self.node.is_removed() {
+                return;
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Whether a write of this node's own was committed lately (three keepalive intervals).
+    fn quorum_contact(&self) -> bool {
+        let last = self.last_own_commit_ms.load(Ordering::Acquire);
+        last != 0 && self.now_ms().saturating_sub(last) < 3 * self.config.keepalive.interval_ms.max(1000)
+    }
+
+    /// One reconcile round; its reports go through Raft.
+    async fn reconcile_once(&self) -> Option<u32> {
+        let r = self.reconciler.as_ref()?;
+        let member = self.node.member()?;
+        let vms = member.view.read().state.vms.clone();
+        match r.round(&vms, self.quorum_contact()).await {
+            Ok(out) => {
+                if !out.commands.is_empty() {
+                    let ops = out.commands.into_iter().map(Into::into).collect();
+                    if let Err(e) = self.node.write(ops, WRITE_TIMEOUT).await {
+                        tracing::warn!("VM reports not committed: {e}");
+                    }
+                }
+                Some(out.running)
+            }
+            Err(e) => {
+                tracing::warn!("reconcile: {e}");
+                None
+            }
+        }
+    }
+
+    /// Reconciles on every applied change (a local watch) and every interval.
+    async fn reconcile_loop(self: Arc<Self>) {
+        if self.reconciler.is_none() {
+            return;
+        }
+        let interval = Duration::from_millis(self.config.hypervisor.reconcile_interval_ms);
+        loop {
+            let Some(member) = self.node.member() else {
+                tokio::time::sleep(interval).await;
+                continue;
+            };
+            let mut applied = member.view.subscribe();
+            let running = self.reconcile_once().await;
+            self.vms_running.store(running.unwrap_or(0), Ordering::Release);
+            let _ = tokio::time::timeout(interval, applied.changed()).await;
+            if self.node.is_removed() {
                 return;
             }
         }
@@ -440,7 +577,10 @@ impl Daemon {
             self.node.member().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
         let ops = cmds(self.config.name.clone(), Some(member.id)).into_iter().map(Into::into).collect();
         match self.node.write(ops, timeout).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.last_own_commit_ms.store(self.now_ms(), Ordering::Release);
+                Ok(())
+            }
             Err(NodeError::Apply(ApplyError::NoSuchNode(_))) => {
                 tracing::warn!(node_id = member.id, "the cluster has no record of this node: it was removed");
                 self.node.leave().await?;
@@ -518,6 +658,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let manager = Manager::new(primary_settings, node.clone(), duties);
     node.set_extension(Arc::new(ManagerExtension(manager.clone())));
+    let reconciler = match &config.hypervisor.uri {
+        None => None,
+        Some(uri) => {
+            let hv = crate::hypervisor::libvirt::Libvirt::open(uri)
+                .await
+                .map_err(|e| StartError::Config(format!("hypervisor.uri: {e}")))?;
+            let timeout = Duration::from_millis(config.hypervisor.shutdown_timeout_ms);
+            Some(Arc::new(crate::reconcile::Reconciler::new(config.name.clone(), Arc::new(hv), timeout)))
+        }
+    };
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         node: node.clone(),
@@ -525,6 +675,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         primary: manager.clone(),
         progress: Progress::new(),
         metrics: crate::metrics::Metrics::new(),
+        reconciler,
+        last_own_commit_ms: std::sync::atomic::AtomicU64::new(0),
+        vms_running: std::sync::atomic::AtomicU32::new(0),
+        started: tokio::time::Instant::now(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
     });
@@ -617,4 +771,17 @@ async fn wait_for_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+}
+
+/// A VM as `vm list` shows it.
+fn vm_json(vm: &herd_storage::model::VmRecord) -> Value {
+    json!({
+        "name": vm.spec.name,
+        "uuid": vm.spec.uuid,
+        "state": vm.state,
+        "node": vm.node,
+        "last_node": vm.last_node,
+        "actual": vm.actual,
+        "failure_reason": vm.failure_reason,
+    })
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use herd::admin::AdminRequest;
-use herd::cli::{self, ClusterCommand, Command, NodeCommand};
+use herd::cli::{self, ClusterCommand, Command, NodeCommand, VmCommand};
 use herd::{config, daemon};
 
 fn main() -> ExitCode {
@@ -147,6 +147,42 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
             (AdminRequest::NodeRemove { name: name.clone(), force: *force }, Duration::from_secs(60))
         }
         Command::Heartbeat => (AdminRequest::Heartbeat {}, Duration::from_secs(10)),
+        Command::Vm(VmCommand::Define { file, node, selector, limit, autostart, method }) => {
+            let xml = std::fs::read_to_string(file)
+                .map_err(|e| cli::CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            let selector = selector.as_deref().map(str::parse).transpose().map_err(cli::CliError::Usage)?;
+            let method = method.as_deref().map(str::parse).transpose().map_err(cli::CliError::Usage)?;
+            let req = AdminRequest::VmDefine {
+                xml,
+                node: node.clone(),
+                selector,
+                limit: limit.clone(),
+                autostart: *autostart,
+                method,
+            };
+            (req, Duration::from_secs(20))
+        }
+        Command::Vm(VmCommand::List) => (AdminRequest::VmList {}, Duration::from_secs(10)),
+        Command::Vm(VmCommand::Info { name, local }) => {
+            (AdminRequest::VmInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
+        }
+        Command::Vm(VmCommand::Undefine { name }) => {
+            (AdminRequest::VmUndefine { name: name.clone() }, Duration::from_secs(20))
+        }
+        Command::Vm(c) => {
+            use herd_storage::model::VmState;
+            let (name, state) = match c {
+                VmCommand::Start { name } => (name, VmState::Start),
+                VmCommand::Stop { name } => (name, VmState::Stop),
+                VmCommand::Shutdown { name } => (name, VmState::Shutdown),
+                VmCommand::Restart { name } => (name, VmState::Restart),
+                _ => match c {
+                    VmCommand::Disable { name } => (name, VmState::Disable),
+                    _ => return Err(cli::CliError::Usage("unreachable".into())),
+                },
+            };
+            (AdminRequest::VmState { name: name.clone(), state }, Duration::from_secs(20))
+        }
         Command::Events { limit } => (AdminRequest::Events { limit: Some(*limit) }, Duration::from_secs(10)),
         Command::Cluster(ClusterCommand::Info { local }) => {
             (AdminRequest::ClusterInfo { local: *local }, Duration::from_secs(10))

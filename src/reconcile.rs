@@ -244,7 +244,14 @@ impl Reconciler {
         for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
             let observed = state_of(name);
             let failure = failures.remove(name);
-            if observed != vm.actual || failure.is_some() {
+            // A finished restart, move or shutdown is reported even when the observed state
+            // equals the last report, so the record leaves its transitional state.
+            let finished = matches!(
+                (vm.state, observed),
+                (VmState::Restart | VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate, ActualState::Running)
+                    | (VmState::Shutdown, ActualState::Shutoff | ActualState::Missing)
+            );
+            if observed != vm.actual || failure.is_some() || finished {
                 commands.push(Command::ReportVm {
                     name: name.clone(),
                     node: self.me.clone(),

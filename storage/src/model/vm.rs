@@ -9,8 +9,8 @@ use super::types::*;
 pub const MAX_XML_BYTES: usize = 256 * 1024;
 
 /// Picks the node a VM goes to: candidates are nodes in `daemon_state run` and `domain_state
-/// ready`, inside `limit` (when not empty), other than `exclude`; the best by `selector` wins,
-/// ties go to the smallest name (deterministic).
+/// ready`, inside `limit` (when not empty), other than `exclude`; the best by `selector` wins
+/// (keepalive figures corrected by the VMs of record), ties go to the smallest name.
 pub fn place(state: &State, selector: Selector, limit: &[String], exclude: Option<&str>) -> Result<String, ApplyError> {
     let candidates: Vec<&NodeRecord> = state
         .nodes
@@ -19,14 +19,25 @@ pub fn place(state: &State, selector: Selector, limit: &[String], exclude: Optio
         .filter(|n| limit.is_empty() || limit.contains(&n.name))
         .filter(|n| Some(n.name.as_str()) != exclude)
         .collect();
+    // Keepalive figures lag behind placements made since; the VMs of record do not. So the
+    // assignments in the state count too: memory of VMs placed but not yet running is taken
+    // from the free memory, and provisioned memory, vCPUs and VM counts come from the records.
     let score = |n: &NodeRecord| -> i128 {
         let s = &n.stats;
+        let assigned = || state.vms.values().filter(|v| v.node == n.name);
+        let pending: u64 = assigned()
+            .filter(|v| v.actual != ActualState::Running && v.state.wants_running())
+            .map(|v| v.spec.memory_mib)
+            .sum();
+        let provisioned: u64 = assigned().map(|v| v.spec.memory_mib).sum();
+        let vcpus: u32 = assigned().filter(|v| v.state.wants_running()).map(|v| v.spec.vcpus).sum();
+        let vms = assigned().filter(|v| v.state.wants_running()).count();
         match selector {
-            Selector::Mem => i128::from(s.mem_total_mib) - i128::from(s.mem_used_mib),
-            Selector::Memprov => i128::from(s.mem_total_mib) - i128::from(s.mem_provisioned_mib),
+            Selector::Mem => i128::from(s.mem_total_mib) - i128::from(s.mem_used_mib) - i128::from(pending),
+            Selector::Memprov => i128::from(s.mem_total_mib) - i128::from(s.mem_provisioned_mib.max(provisioned)),
             Selector::Load => -i128::from(s.load_milli),
-            Selector::Vcpus => -i128::from(s.vcpus_allocated),
-            Selector::Vms => -i128::from(s.vms_running),
+            Selector::Vcpus => -i128::from(s.vcpus_allocated.max(vcpus)),
+            Selector::Vms => -i128::from(s.vms_running.max(u32::try_from(vms).unwrap_or(u32::MAX))),
         }
     };
     // max_by keeps the last of equal elements: iterate names in reverse so ties go to the smallest.
@@ -208,7 +219,7 @@ pub(crate) fn apply_vm_op(
                     VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate | VmState::Restart,
                     ActualState::Running,
                 ) => vm.state = VmState::Start,
-                (None, VmState::Shutdown, ActualState::Shutoff) => vm.state = VmState::Stop,
+                (None, VmState::Shutdown, ActualState::Shutoff | ActualState::Missing) => vm.state = VmState::Stop,
                 _ => {}
             }
             let after = vm.state;
@@ -306,6 +317,31 @@ mod tests {
         assert_eq!(place(&s, Selector::Mem, &[], None), Ok("c".into()));
         let e = place(&s, Selector::Mem, &[], Some("c"));
         assert!(matches!(e, Err(ApplyError::NoNodeFits(ref m)) if m.contains("run/ready: [c]")), "{e:?}");
+    }
+
+    #[test]
+    fn placements_not_yet_reported_count_against_a_node() {
+        let mut s = State::default();
+        for n in ["a", "b"] {
+            s.nodes.insert(n.into(), node(n, DaemonState::Run, DomainState::Ready, stats(8_000, 0, 0, 0, 0)));
+        }
+        let mut first = spec("one", 1);
+        first.memory_mib = 4_000;
+        s.vms.insert(
+            "one".into(),
+            VmRecord {
+                spec: first,
+                state: VmState::Start,
+                node: "a".into(),
+                last_node: None,
+                failure_reason: None,
+                actual: ActualState::Unknown,
+                revision: 1,
+            },
+        );
+        assert_eq!(place(&s, Selector::Mem, &[], None), Ok("b".into()));
+        assert_eq!(place(&s, Selector::Vms, &[], None), Ok("b".into()));
+        assert_eq!(place(&s, Selector::Memprov, &[], None), Ok("b".into()));
     }
 
     #[test]
