@@ -3,7 +3,7 @@
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
 //! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
-//! otherwise).
+//! otherwise), t80 VMs through libvirt's test driver.
 
 mod harness;
 mod netns;
@@ -13,3 +13,4 @@ mod t20_robustness;
 mod t50_cluster;
 mod t60_heartbeat;
 mod t70_primary;
+mod t80_vms;

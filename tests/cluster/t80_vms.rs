@@ -1,0 +1,126 @@
+//! VMs end to end with the real libvirt library (its test driver, in-process: each daemon
+//! opens `test:///<abs>/node.xml`, a private hypervisor that lives as long as the daemon).
+//! Placement, the reconciler, operator states, refusals that change nothing, unmanaged domains.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_until, Cluster, Node};
+
+const SPECS: &[(&str, &str, &str)] = &[
+    ("v1", "coordinator", "127.0.6.1:7400"),
+    ("v2", "coordinator", "127.0.6.2:7400"),
+    ("v3", "coordinator", "127.0.6.3:7400"),
+];
+
+fn node_file(with_foreign: bool) -> String {
+    let foreign = if with_foreign {
+        "<domain type='test'><name>foreign</name><uuid>99999999-0000-4000-8000-000000000001</uuid><memory>262144</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+    } else {
+        ""
+    };
+    format!("<?xml version='1.0'?><node><cpu><mhz>2400</mhz><model>x86_64</model><active>8</active><nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu><memory>16777216</memory>{foreign}</node>")
+}
+
+fn vm_xml(n: u32) -> String {
+    format!(
+        "<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000000{n:02}</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"
+    )
+}
+
+fn vms(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+fn vm<'a>(list: &'a [Value], name: &str) -> Option<&'a Value> {
+    list.iter().find(|v| v["name"] == name)
+}
+
+fn settled_as(node: &Node, name: &str, state: &str, actual: &str) -> Option<Value> {
+    let list = vms(node);
+    vm(&list, name).filter(|v| v["state"] == state && v["actual"] == actual).cloned()
+}
+
+#[test]
+fn vms_are_placed_run_and_obey_the_operator() {
+    let mut c = Cluster::new(SPECS, "[keepalive]\ninterval_ms = 1000\n");
+    for (name, _, _) in SPECS {
+        let dir = c.node(name).dir.clone();
+        std::fs::write(dir.join("node.xml"), node_file(*name == "v3")).expect("node file");
+        c.node(name).extra_config.push_str(&format!(
+            "[hypervisor]\nuri = \"test://{}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n",
+            dir.join("node.xml").display()
+        ));
+        c.node(name).start();
+    }
+    let token = c.node("v1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
+    for name in ["v2", "v3"] {
+        c.node(name).admin(json!({"op": "join-cluster", "peer": "127.0.6.1:7400", "token": token}));
+    }
+    wait_until("three nodes in run", Duration::from_secs(30), || {
+        let s = c.node("v2").try_admin(&json!({"op": "status"})).ok()?;
+        let members = s["members"].as_array()?;
+        (members.len() == 3 && members.iter().all(|m| m["daemon_state"] == "run")).then_some(())
+    });
+
+    // Six VMs, placed by the cluster (fewest VMs), each started by its node's reconciler.
+    let dir = c.node("v1").dir.clone();
+    for n in 1..=6 {
+        let path = dir.join(format!("vm{n}.xml"));
+        std::fs::write(&path, vm_xml(n)).expect("xml");
+        let out = c.node("v2").cli(&["vm", "define", path.to_str().expect("utf-8"), "--selector", "vms"]);
+        assert!(out.status.success(), "vm{n}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let list = wait_until("six VMs running", Duration::from_secs(30), || {
+        let l = vms(c.node("v3"));
+        (l.len() == 6 && l.iter().all(|v| v["actual"] == "running" && v["state"] == "start")).then_some(l)
+    });
+    for node in ["v1", "v2", "v3"] {
+        assert_eq!(list.iter().filter(|v| v["node"] == node).count(), 2, "two VMs on {node}: {list:?}");
+    }
+    // The driver's own domain on v3 is reported as unmanaged and left alone.
+    let s = c.node("v3").status();
+    assert_eq!(s["unmanaged_domains"], json!(["foreign"]), "{s}");
+    assert_eq!(c.node("v1").status()["unmanaged_domains"], json!([]));
+
+    // Operator states: stop, start, restart, shutdown.
+    c.node("v1").admin(json!({"op": "vm-state", "name": "vm1", "state": "stop"}));
+    wait_until("vm1 stopped", Duration::from_secs(10), || settled_as(c.node("v1"), "vm1", "stop", "shutoff"));
+    c.node("v1").admin(json!({"op": "vm-state", "name": "vm1", "state": "start"}));
+    wait_until("vm1 running again", Duration::from_secs(10), || settled_as(c.node("v1"), "vm1", "start", "running"));
+    c.node("v1").admin(json!({"op": "vm-state", "name": "vm1", "state": "restart"}));
+    wait_until("vm1 restarted", Duration::from_secs(10), || settled_as(c.node("v1"), "vm1", "start", "running"));
+    c.node("v2").admin(json!({"op": "vm-state", "name": "vm2", "state": "shutdown"}));
+    wait_until("vm2 shut down", Duration::from_secs(10), || settled_as(c.node("v2"), "vm2", "stop", "shutoff"));
+
+    // Refusals: one clear line, nothing changed.
+    let before = vms(c.node("v1"));
+    let bad = dir.join("bad.xml");
+    std::fs::write(&bad, "<domain type='test'><name>broken").expect("xml");
+    for (file, needle) in [(bad.clone(), "invalid domain XML"), (dir.join("vm3.xml"), "already exists")] {
+        let out = c.node("v1").cli(&["vm", "define", file.to_str().expect("utf-8")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.trim_end().lines().count() == 1 && err.contains(needle), "{err}");
+    }
+    let out = c.node("v1").cli(&["vm", "undefine", "vm3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"), "{out:?}");
+    let out = c.node("v1").cli(&["vm", "info", "nosuch"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM named"), "{out:?}");
+    let after = vms(c.node("v1"));
+    assert_eq!(
+        before.iter().map(|v| (&v["name"], &v["state"], &v["node"])).collect::<Vec<_>>(),
+        after.iter().map(|v| (&v["name"], &v["state"], &v["node"])).collect::<Vec<_>>()
+    );
+
+    // A stopped VM can be undefined.
+    c.node("v1").admin(json!({"op": "vm-undefine", "name": "vm2"}));
+    assert!(vm(&vms(c.node("v1")), "vm2").is_none());
+
+    // JSON list carries what the issue asks for.
+    let out = c.node("v3").cli(&["vm", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    for key in ["name", "uuid", "state", "node", "last_node", "actual"] {
+        assert!(listed[0].get(key).is_some(), "vm list --json lacks {key}");
+    }
+}
