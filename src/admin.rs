@@ -93,6 +93,19 @@ pub enum AdminRequest {
     VmUndefine {
         name: String,
     },
+    /// Move a VM: `to` (or where its selector places it, away from its node); `permanent`
+    /// forgets its home (`vm move`); `unmigrate` sends it back to its `last_node`.
+    VmMigrate {
+        name: String,
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        live: bool,
+        #[serde(default)]
+        permanent: bool,
+        #[serde(default)]
+        unmigrate: bool,
+    },
     /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
     Heartbeat {},
     /// The newest entries of the replicated event log (local read).

@@ -167,6 +167,26 @@ pub enum VmCommand {
     Undefine {
         name: String,
     },
+    /// Move it to another node for now (it remembers its home): to --to, or where its selector
+    /// places it. It stops on its node before it starts on the other (shutdown migration).
+    Migrate {
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+        /// Live only: fail rather than shut down.
+        #[arg(long)]
+        force_live: bool,
+    },
+    /// Send a migrated VM back home.
+    Unmigrate {
+        name: String,
+    },
+    /// Move it for good (its home becomes the new node).
+    Move {
+        name: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -207,6 +207,39 @@ impl Daemon {
                     .map_err(json_err)?;
                 Ok(json!({ "name": name, "state": state, "message": format!("{name}: {state}") }))
             }
+            AdminRequest::VmMigrate { name, to, live, permanent, unmigrate } => {
+                if live {
+                    return Err("live migration is not available yet: herd moves VMs by shutting them down on their node and starting them on the target (libvirt's test driver has no migration at all)".into());
+                }
+                self.read_index(false).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let (target, how) = {
+                    let g = member.view.read();
+                    let vm = g.state.vms.get(&name).ok_or_else(|| format!("no VM named {name:?}"))?;
+                    if unmigrate {
+                        let home = vm
+                            .last_node
+                            .clone()
+                            .ok_or_else(|| format!("{name} was not migrated: it is home on {}", vm.node))?;
+                        (home, herd_storage::model::VmState::Unmigrate)
+                    } else {
+                        let target = match to {
+                            Some(t) => t,
+                            None => herd_storage::model::place(
+                                &g.state,
+                                vm.spec.selector.unwrap_or_default(),
+                                &vm.spec.node_limit,
+                                Some(&vm.node),
+                            )
+                            .map_err(json_err)?,
+                        };
+                        (target, herd_storage::model::VmState::Migrate)
+                    }
+                };
+                let cmd = Command::MigrateVm { name: name.clone(), to: target.clone(), state: how, permanent };
+                self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                Ok(json!({ "name": name, "node": target, "message": format!("{name} moving to {target}") }))
+            }
             AdminRequest::VmUndefine { name } => {
                 self.node
                     .write(vec![Command::UndefineVm { name: name.clone() }.into()], WRITE_TIMEOUT)
@@ -783,5 +816,6 @@ fn vm_json(vm: &herd_storage::model::VmRecord) -> Value {
         "last_node": vm.last_node,
         "actual": vm.actual,
         "failure_reason": vm.failure_reason,
+        "migrating_from": vm.migrating_from,
     })
 }

@@ -169,6 +169,36 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::Vm(VmCommand::Undefine { name }) => {
             (AdminRequest::VmUndefine { name: name.clone() }, Duration::from_secs(20))
         }
+        Command::Vm(VmCommand::Migrate { name, to, force_live }) => {
+            let req = AdminRequest::VmMigrate {
+                name: name.clone(),
+                to: to.clone(),
+                live: *force_live,
+                permanent: false,
+                unmigrate: false,
+            };
+            (req, Duration::from_secs(20))
+        }
+        Command::Vm(VmCommand::Unmigrate { name }) => {
+            let req = AdminRequest::VmMigrate {
+                name: name.clone(),
+                to: None,
+                live: false,
+                permanent: false,
+                unmigrate: true,
+            };
+            (req, Duration::from_secs(20))
+        }
+        Command::Vm(VmCommand::Move { name, to }) => {
+            let req = AdminRequest::VmMigrate {
+                name: name.clone(),
+                to: Some(to.clone()),
+                live: false,
+                permanent: true,
+                unmigrate: false,
+            };
+            (req, Duration::from_secs(20))
+        }
         Command::Vm(c) => {
             use herd_storage::model::VmState;
             let (name, state) = match c {

@@ -96,7 +96,8 @@ pub fn plan(
                     p.actions.push(Action::Start { vm: name.clone() });
                 }
             }
-            s if s.wants_running() && !running && can_start => {
+            // Moving here: wait until the source has released it (never two running copies).
+            s if s.wants_running() && !running && can_start && vm.migrating_from.is_none() => {
                 p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
                 p.actions.push(Action::Start { vm: name.clone() });
             }
@@ -120,10 +121,35 @@ pub fn plan(
             p.reports.push((name.clone(), observed));
         }
     }
+    // Moving away from here: shut down (destroy after the timeout); the executor releases it
+    // once it no longer runs.
+    for (name, _) in vms.iter().filter(|(_, v)| v.node != me && v.migrating_from.as_deref() == Some(me)) {
+        let running =
+            by_name.get(name.as_str()).is_some_and(|d| matches!(d.state, ActualState::Running | ActualState::Paused));
+        if !running {
+            memory.shutdown_asked.remove(name);
+            continue;
+        }
+        match memory.shutdown_asked.get(name) {
+            None => {
+                memory.shutdown_asked.insert(name.clone(), now_ms);
+                p.actions.push(Action::Shutdown { vm: name.clone() });
+            }
+            Some(asked) if now_ms.saturating_sub(*asked) >= shutdown_timeout_ms => {
+                p.actions.push(Action::Destroy { vm: name.clone() })
+            }
+            Some(_) => {}
+        }
+    }
     for d in domains {
         match vms.get(&d.name) {
-            // Assigned elsewhere but running here: it must not run in two places.
-            Some(vm) if vm.node != me && matches!(d.state, ActualState::Running | ActualState::Paused) => {
+            // Assigned elsewhere (and not being moved away from here) but running here: it must
+            // not run in two places.
+            Some(vm)
+                if vm.node != me
+                    && vm.migrating_from.as_deref() != Some(me)
+                    && matches!(d.state, ActualState::Running | ActualState::Paused) =>
+            {
                 p.actions.push(Action::Destroy { vm: d.name.clone() })
             }
             Some(_) => {}
@@ -260,6 +286,14 @@ impl Reconciler {
                 });
             }
         }
+        // Moves away from here that no longer run here: released, the target may start them.
+        for (name, _) in
+            vms.iter().filter(|(_, v)| v.node != self.me && v.migrating_from.as_deref() == Some(self.me.as_str()))
+        {
+            if !matches!(state_of(name), ActualState::Running | ActualState::Paused) {
+                commands.push(Command::ReleaseVm { name: name.clone(), node: self.me.clone() });
+            }
+        }
         let running = after
             .iter()
             .filter(|d| d.state == ActualState::Running && vms.get(&d.name).is_some_and(|v| v.node == self.me))
@@ -290,6 +324,7 @@ mod tests {
             last_node: None,
             failure_reason: None,
             actual,
+            migrating_from: None,
             revision: 7,
         }
     }
@@ -379,6 +414,32 @@ mod tests {
         let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
         assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
         assert!(p.reports.is_empty(), "only the assigned node reports");
+    }
+
+    #[test]
+    fn a_move_stops_on_the_source_before_the_target_starts() {
+        let mut moving = vm("a", "target", VmState::Migrate, ActualState::Unknown);
+        moving.migrating_from = Some("source".into());
+        let v = vms(vec![moving.clone()]);
+        // The target waits while the source has not released it.
+        assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000).actions.is_empty());
+        // The source shuts it down gracefully (then destroys after the timeout).
+        let mut m = Memory::default();
+        let running = [dom("a", ActualState::Running)];
+        assert_eq!(
+            plan("source", &v, &running, true, &mut m, 0, 1000).actions,
+            vec![Action::Shutdown { vm: "a".into() }]
+        );
+        assert_eq!(
+            plan("source", &v, &running, true, &mut m, 1000, 1000).actions,
+            vec![Action::Destroy { vm: "a".into() }]
+        );
+        // Released: the target starts it.
+        moving.migrating_from = None;
+        let v = vms(vec![moving]);
+        assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000)
+            .actions
+            .contains(&Action::Start { vm: "a".into() }));
     }
 
     #[test]

@@ -94,6 +94,42 @@ fn vms_are_placed_run_and_obey_the_operator() {
     c.node("v2").admin(json!({"op": "vm-state", "name": "vm2", "state": "shutdown"}));
     wait_until("vm2 shut down", Duration::from_secs(10), || settled_as(c.node("v2"), "vm2", "stop", "shutoff"));
 
+    // An explicit migration: it stops on its node, is released, and starts on the target;
+    // never to its own node; unmigrate brings it home.
+    let home = vm(&vms(c.node("v1")), "vm3").expect("vm3")["node"].as_str().expect("node").to_string();
+    let target = ["v1", "v2", "v3"].into_iter().find(|n| *n != home).expect("another node");
+    let out = c.node("v1").cli(&["vm", "migrate", "vm3", "--to", &home]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already on"), "{out:?}");
+    let out = c.node("v1").cli(&["vm", "migrate", "vm3", "--force-live"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("live migration is not available"), "{out:?}");
+    let out = c.node("v1").cli(&["vm", "migrate", "vm3", "--to", target]);
+    assert!(out.status.success(), "{out:?}");
+    let moved = wait_until("vm3 running on the target", Duration::from_secs(15), || {
+        let l = vms(c.node("v1"));
+        vm(&l, "vm3")
+            .filter(|v| {
+                v["node"] == target
+                    && v["actual"] == "running"
+                    && v["state"] == "start"
+                    && v["migrating_from"].is_null()
+            })
+            .cloned()
+    });
+    assert_eq!(moved["last_node"], home.as_str());
+    let out = c.node("v2").cli(&["vm", "unmigrate", "vm3"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("vm3 home again", Duration::from_secs(15), || {
+        let l = vms(c.node("v2"));
+        vm(&l, "vm3")
+            .filter(|v| {
+                v["node"] == home.as_str()
+                    && v["actual"] == "running"
+                    && v["last_node"].is_null()
+                    && v["migrating_from"].is_null()
+            })
+            .cloned()
+    });
+
     // Refusals: one clear line, nothing changed.
     let before = vms(c.node("v1"));
     let bad = dir.join("bad.xml");

@@ -218,6 +218,10 @@ pub struct VmRecord {
     pub failure_reason: Option<String>,
     #[serde(default)]
     pub actual: ActualState,
+    /// While a running VM moves: the node it must stop on first. The target starts it only once
+    /// the source has released it (`ReleaseVm`): a VM never runs on two nodes.
+    #[serde(default)]
+    pub migrating_from: Option<String>,
     pub revision: u64,
 }
 
@@ -507,6 +511,11 @@ pub enum Command {
         #[serde(default)]
         permanent: bool,
     },
+    /// The source of a move reports the VM stopped there: the target may start it.
+    ReleaseVm {
+        name: String,
+        node: String,
+    },
     /// Forget a VM (it must be stopped, disabled or failed).
     UndefineVm {
         name: String,
@@ -546,6 +555,7 @@ impl Command {
             Command::SetVmState { .. } => "set-vm-state",
             Command::MigrateVm { .. } => "migrate-vm",
             Command::UndefineVm { .. } => "undefine-vm",
+            Command::ReleaseVm { .. } => "release-vm",
             Command::ReportVm { .. } => "report-vm",
             Command::SetRouterState { .. } => "set-router-state",
         }

@@ -125,6 +125,7 @@ pub(crate) fn apply_vm_op(
                 last_node: None,
                 failure_reason: None,
                 actual: ActualState::Unknown,
+                migrating_from: None,
                 revision: index,
             };
             state.vms.insert(spec.name.clone(), vm);
@@ -176,18 +177,33 @@ pub(crate) fn apply_vm_op(
             if *how == VmState::Unmigrate && vm.last_node.as_deref() != Some(to.as_str()) {
                 return Err(ApplyError::Invalid(format!("{name} was not migrated away from {to}")));
             }
+            if vm.migrating_from.is_some() {
+                return Err(ApplyError::Invalid(format!("{name} is still moving: wait until it runs on {}", vm.node)));
+            }
             let from = std::mem::replace(&mut vm.node, to.clone());
             vm.last_node = match (how, permanent) {
                 (_, true) | (VmState::Unmigrate, _) => None,
                 _ => vm.last_node.take().or(Some(from.clone())),
             };
-            // A VM that is not running just changes node; a running one moves.
+            // A VM that is not running just changes node; a running one moves, and must first
+            // stop where it was.
             if vm.state.wants_running() {
                 vm.state = *how;
+                vm.migrating_from = Some(from.clone());
             }
             vm.revision = index;
             changed.insert(ObjectKey::Vm(name.clone()));
             push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"), changed);
+            Ok(Reply::Done)
+        }
+        Command::ReleaseVm { name, node } => {
+            let vm = vm_mut(state, name, op)?;
+            if vm.migrating_from.as_deref() != Some(node.as_str()) {
+                return Err(ApplyError::Invalid(format!("{name} is not moving away from {node}")));
+            }
+            vm.migrating_from = None;
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
         }
         Command::UndefineVm { name } => {
@@ -336,6 +352,7 @@ mod tests {
                 last_node: None,
                 failure_reason: None,
                 actual: ActualState::Unknown,
+                migrating_from: None,
                 revision: 1,
             },
         );
@@ -424,6 +441,14 @@ mod tests {
             (s.vms["web"].node.as_str(), s.vms["web"].last_node.as_deref(), s.vms["web"].state),
             ("b", Some("a"), VmState::Migrate)
         );
+        // Moving on before the source released it is refused; only the source can release it.
+        assert_eq!(s.vms["web"].migrating_from.as_deref(), Some("a"));
+        let again =
+            Command::MigrateVm { name: "web".into(), to: "c".into(), state: VmState::Migrate, permanent: false };
+        assert!(run(&mut s, 80, again).is_err());
+        assert!(run(&mut s, 81, Command::ReleaseVm { name: "web".into(), node: "b".into() }).is_err());
+        assert_eq!(run(&mut s, 82, Command::ReleaseVm { name: "web".into(), node: "a".into() }), Ok(Reply::Done));
+        assert_eq!(s.vms["web"].migrating_from, None);
         // A second temporary migration keeps the original home.
         assert_eq!(
             run(
@@ -434,6 +459,7 @@ mod tests {
             Ok(Reply::Done)
         );
         assert_eq!(s.vms["web"].last_node.as_deref(), Some("a"));
+        assert_eq!(run(&mut s, 90, Command::ReleaseVm { name: "web".into(), node: "b".into() }), Ok(Reply::Done));
         // A stale report from the node it left is refused; the new node's report ends the move.
         assert!(run(
             &mut s,
@@ -468,6 +494,7 @@ mod tests {
             Ok(Reply::Done)
         );
         assert_eq!((s.vms["web"].node.as_str(), s.vms["web"].last_node.as_deref()), ("a", None));
+        assert_eq!(run(&mut s, 91, Command::ReleaseVm { name: "web".into(), node: "c".into() }), Ok(Reply::Done));
         // A permanent move forgets the home.
         assert_eq!(
             run(
@@ -478,6 +505,7 @@ mod tests {
             Ok(Reply::Done)
         );
         assert_eq!(s.vms["web"].last_node, None);
+        assert_eq!(run(&mut s, 92, Command::ReleaseVm { name: "web".into(), node: "a".into() }), Ok(Reply::Done));
         // Undefine only when stopped; a failure report puts it in fail with the reason.
         assert!(run(&mut s, 15, Command::UndefineVm { name: "web".into() }).is_err());
         assert_eq!(
