@@ -63,6 +63,14 @@ pub enum AdminRequest {
         #[serde(default)]
         wait: bool,
     },
+    /// `node flush` (`ready: false`) or `node ready`; with `wait`, answer once done.
+    NodeFlush {
+        name: String,
+        #[serde(default)]
+        ready: bool,
+        #[serde(default)]
+        wait: bool,
+    },
     /// Define a VM from its libvirt domain XML, on `node` or where the selector places it.
     VmDefine {
         xml: String,

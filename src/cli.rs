@@ -97,6 +97,18 @@ pub enum NodeCommand {
         #[arg(long)]
         local: bool,
     },
+    /// Move every VM away from NAME (domain_state flush → flushed).
+    Flush {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Bring NAME's VMs back (unflush → ready).
+    Ready {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
     /// Make NAME the primary coordinator (the current one relinquishes first).
     Primary {
         name: String,
@@ -431,6 +443,14 @@ pub fn render(command: &Command, v: &Value) -> String {
         }
         Command::Vm(VmCommand::Info { .. }) => serde_json::to_string_pretty(v).unwrap_or_default(),
         Command::Vm(_) => s(&v["message"]),
+        Command::Node(NodeCommand::Flush { .. } | NodeCommand::Ready { .. }) => {
+            format!(
+                "{}: {}{}",
+                s(&v["node"]),
+                s(&v["domain_state"]),
+                v["took_ms"].as_u64().map_or(String::new(), |ms| format!(" after {ms} ms"))
+            )
+        }
         Command::Node(NodeCommand::Primary { .. } | NodeCommand::Secondary { .. }) => match v["took_ms"].as_u64() {
             Some(ms) => format!("primary: {} (was {}), after {ms} ms", s(&v["primary"]), s(&v["previous"])),
             None => "hand-over requested".to_string(),

@@ -75,6 +75,10 @@ pub struct HypervisorSection {
     pub shutdown_timeout_ms: u64,
     /// The reconciler also runs this often without any change (a crashed VM is restarted).
     pub reconcile_interval_ms: u64,
+    /// VMs a flush or unflush moves at once.
+    pub parallel_migrations: usize,
+    /// A move not finished by then is recorded as stuck (the flush goes on).
+    pub migration_timeout_ms: u64,
 }
 
 impl Default for HypervisorSection {
@@ -84,6 +88,8 @@ impl Default for HypervisorSection {
             migrate_uri: "qemu+tcp://{node}/system".into(),
             shutdown_timeout_ms: 60_000,
             reconcile_interval_ms: 2_000,
+            parallel_migrations: 2,
+            migration_timeout_ms: 120_000,
         }
     }
 }
@@ -419,6 +425,12 @@ impl Config {
         }
         if !(100..=600_000).contains(&self.hypervisor.reconcile_interval_ms) {
             return err("hypervisor.reconcile_interval_ms", "must be between 100 and 600000".into());
+        }
+        if !(1..=64).contains(&self.hypervisor.parallel_migrations) {
+            return err("hypervisor.parallel_migrations", "must be between 1 and 64".into());
+        }
+        if !(1_000..=3_600_000).contains(&self.hypervisor.migration_timeout_ms) {
+            return err("hypervisor.migration_timeout_ms", "must be between 1000 and 3600000".into());
         }
         if let Err(e) = self.metrics.addr() {
             return err("metrics.listen", e);

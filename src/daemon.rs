@@ -17,7 +17,7 @@ use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
 use herd_raft::transport::{TcpConnector, TcpListener};
-use herd_storage::model::{ApplyError, Command, DaemonState, NodeStats};
+use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeStats};
 use herd_storage::sled_store::{self, SledLogStore};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
@@ -157,6 +157,41 @@ impl Daemon {
                 Ok(json!({ "removed": name }))
             }
             AdminRequest::Heartbeat {} => Ok(self.agent.report()),
+            AdminRequest::NodeFlush { name, ready, wait } => {
+                let started = tokio::time::Instant::now();
+                let (to, done) = if ready {
+                    (DomainState::Unflush, DomainState::Ready)
+                } else {
+                    (DomainState::Flush, DomainState::Flushed)
+                };
+                let cmd = Command::SetDomainState { name: name.clone(), state: to, node_id: None };
+                self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                if !wait {
+                    return Ok(json!({ "node": name, "domain_state": to }));
+                }
+                // This node's view must include the write before it is watched.
+                self.read_index(false).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let mut applied = member.view.subscribe();
+                let deadline = started + Duration::from_secs(590);
+                loop {
+                    let now = member.view.read().state.nodes.get(&name).map(|n| n.domain_state);
+                    if now == Some(done) {
+                        return Ok(
+                            json!({ "node": name, "domain_state": done, "took_ms": started.elapsed().as_millis() as u64 }),
+                        );
+                    }
+                    if now != Some(to) {
+                        return Err(format!(
+                            "{name} is now {} (turned round)",
+                            now.map_or("gone".to_string(), |s| s.to_string())
+                        ));
+                    }
+                    if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                        return Err(format!("{name} is still {to}"));
+                    }
+                }
+            }
             AdminRequest::VmDefine { xml, node, selector, limit, autostart, method } => {
                 let mut spec = crate::reconcile::spec_from_xml(&xml)?;
                 spec.selector = selector;
@@ -430,6 +465,7 @@ impl Daemon {
         if self.reconciler.is_some() {
             self.reconcile_once().await;
             tokio::spawn(self.clone().reconcile_loop());
+            tokio::spawn(crate::flush::follow(self.clone()));
         }
         // `init` → `run` once this node can get a write of its own committed; the heartbeat
         // addresses go in the same atomic request.

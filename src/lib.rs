@@ -10,6 +10,7 @@
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
 //!   service.rs systemd readiness, status, stopping and watchdog
 //!   metrics.rs Prometheus text endpoint
+//!   flush.rs   node flush / ready, carried out by the node itself
 //!   reconcile.rs converges the hypervisor to the VMs of record, reports back
 //!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
 //!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
@@ -23,6 +24,7 @@ pub mod boundary;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod flush;
 pub mod heartbeat;
 pub mod hypervisor;
 pub mod metrics;

@@ -127,6 +127,12 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::Daemon { .. } | Command::Release { .. } | Command::Completions { .. } | Command::Man => {
             return Err(cli::CliError::Usage("unreachable".into()))
         }
+        Command::Node(NodeCommand::Flush { name, wait }) => {
+            (AdminRequest::NodeFlush { name: name.clone(), ready: false, wait: *wait }, Duration::from_secs(600))
+        }
+        Command::Node(NodeCommand::Ready { name, wait }) => {
+            (AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: *wait }, Duration::from_secs(600))
+        }
         Command::Node(NodeCommand::Primary { name, wait }) => {
             (AdminRequest::NodePrimary { name: name.clone(), secondary: false, wait: *wait }, Duration::from_secs(45))
         }
@@ -229,6 +235,8 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
     let waiting = match &args.command {
         Command::JoinCluster(j) => Some(format!("joining the cluster through {}", j.peer)),
         Command::Node(NodeCommand::Primary { name, wait: true }) => Some(format!("moving the primary role to {name}")),
+        Command::Node(NodeCommand::Flush { name, wait: true }) => Some(format!("moving every VM away from {name}")),
+        Command::Node(NodeCommand::Ready { name, wait: true }) => Some(format!("bringing {name}'s VMs back")),
         Command::Node(NodeCommand::Secondary { name, wait: true }) => {
             Some(format!("moving the primary role away from {name}"))
         }

@@ -130,6 +130,42 @@ fn vms_are_placed_run_and_obey_the_operator() {
             .cloned()
     });
 
+    // Flush v2: its running VMs go elsewhere and none is left running there; ready brings
+    // them back to their last_node.
+    let on_v2: Vec<String> = vms(c.node("v1"))
+        .iter()
+        .filter(|v| v["node"] == "v2" && v["state"] == "start")
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!on_v2.is_empty(), "v2 has running VMs");
+    let out = c.node("v3").cli(&["node", "flush", "v2", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = vms(c.node("v3"));
+    for name in &on_v2 {
+        let v = vm(&l, name).expect("vm");
+        assert_ne!(v["node"], "v2", "{v}");
+        assert_eq!(v["last_node"], "v2", "{v}");
+    }
+    wait_until("flushed VMs running elsewhere", Duration::from_secs(15), || {
+        let l = vms(c.node("v3"));
+        on_v2.iter().all(|n| vm(&l, n).is_some_and(|v| v["actual"] == "running" && v["node"] != "v2")).then_some(())
+    });
+    assert!(vms(c.node("v3")).iter().all(|v| !(v["node"] == "v2" && v["actual"] == "running")));
+    let flushed = c.node("v1").admin(json!({"op": "node-info", "name": "v2"}));
+    assert_eq!(flushed["domain_state"], "flushed");
+    let out = c.node("v3").cli(&["node", "ready", "v2", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("VMs back on v2", Duration::from_secs(15), || {
+        let l = vms(c.node("v3"));
+        on_v2
+            .iter()
+            .all(|n| {
+                vm(&l, n).is_some_and(|v| v["node"] == "v2" && v["actual"] == "running" && v["last_node"].is_null())
+            })
+            .then_some(())
+    });
+    assert_eq!(c.node("v1").admin(json!({"op": "node-info", "name": "v2"}))["domain_state"], "ready");
+
     // Refusals: one clear line, nothing changed.
     let before = vms(c.node("v1"));
     let bad = dir.join("bad.xml");

@@ -246,6 +246,21 @@ fn apply_op(
             }
             Ok(Reply::Done)
         }
+        Command::SetDomainState { name, state: to, node_id } => {
+            let node = own_record(state, name, *node_id)?;
+            check_revision(format!("node {name}"), node.revision, op)?;
+            let from = node.domain_state;
+            if !from.may_become(*to) {
+                return Err(ApplyError::Invalid(format!("{name}: domain state {from} cannot become {to}")));
+            }
+            node.domain_state = *to;
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            if from != *to {
+                push_event(state, index, now, "domain-state", Some(name), format!("{name}: {from} -> {to}"), changed);
+            }
+            Ok(Reply::Done)
+        }
         Command::SetHeartbeatAddrs { name, addrs, node_id } => {
             if addrs.len() > MAX_NETWORKS {
                 return Err(ApplyError::Invalid(format!("at most {MAX_NETWORKS} heartbeat networks")));

@@ -92,6 +92,23 @@ pub enum RouterState {
 }
 state_names!(RouterState { Primary = "primary", Secondary = "secondary", Takeover = "takeover", Relinquish = "relinquish", Client = "client" });
 
+impl DomainState {
+    /// The flush/unflush state machine: `ready → flush → flushed → unflush → ready`; a flush
+    /// or unflush under way can be turned round.
+    pub fn may_become(self, to: DomainState) -> bool {
+        use DomainState::*;
+        matches!(
+            (self, to),
+            (Ready, Flush)
+                | (Flush, Flushed)
+                | (Flushed, Unflush)
+                | (Unflush, Ready)
+                | (Flush, Unflush)
+                | (Unflush, Flush)
+        ) || self == to
+    }
+}
+
 impl RouterState {
     /// Whether a coordinator may move from `self` to `to` on its own.
     pub fn may_become(self, to: RouterState) -> bool {
@@ -464,6 +481,14 @@ pub enum Command {
     SetMaintenance {
         on: bool,
     },
+    /// A node's `domain_state`: an operator asks for `flush` or `unflush`; the node records
+    /// `flushed` or `ready` when it is done (`node_id` as for `Keepalive` on those).
+    SetDomainState {
+        name: String,
+        state: DomainState,
+        #[serde(default)]
+        node_id: Option<NodeId>,
+    },
     /// A node publishes its heartbeat addresses (`node_id` as for `Keepalive`).
     SetHeartbeatAddrs {
         name: String,
@@ -548,6 +573,7 @@ impl Command {
             Command::SetDaemonState { .. } => "set-daemon-state",
             Command::SetMaintenance { .. } => "set-maintenance",
             Command::SetHeartbeatAddrs { .. } => "set-heartbeat-addrs",
+            Command::SetDomainState { .. } => "set-domain-state",
             Command::RecordEvent { .. } => "record-event",
             Command::Takeover { .. } => "takeover",
             Command::DefineVm { .. } => "define-vm",

@@ -191,6 +191,8 @@ pub(crate) fn apply_vm_op(
                 vm.state = *how;
                 vm.migrating_from = Some(from.clone());
             }
+            // What the old node reported says nothing about the new one.
+            vm.actual = ActualState::Unknown;
             vm.revision = index;
             changed.insert(ObjectKey::Vm(name.clone()));
             push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"), changed);

@@ -1,0 +1,142 @@
+//! `node flush` / `node ready`, carried out by the node itself (as PVC does).
+//!
+//! ```text
+//!  flush:   domain_state flush ─▶ its running VMs move away (temporary migrations, at most
+//!           `parallel_migrations` at once, each awaited) ─▶ flushed
+//!  unflush: domain_state unflush ─▶ the VMs whose last_node is this node come back ─▶ ready
+//! ```
+//! A flush or unflush turned round half-way stops at the next batch. A VM that fits nowhere
+//! stays, with an event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_storage::model::{Command, DomainState, VmState};
+use tokio::time::Instant;
+
+use crate::daemon::Daemon;
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Follows this node's `domain_state` (a local watch) and carries out flushes and unflushes.
+pub async fn follow(daemon: Arc<Daemon>) {
+    loop {
+        let Some(member) = daemon.node.member() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut applied = member.view.subscribe();
+        let state = member.view.read().state.nodes.get(&daemon.config.name).map(|n| n.domain_state);
+        match state {
+            Some(DomainState::Flush) => move_all(&daemon, true).await,
+            Some(DomainState::Unflush) => move_all(&daemon, false).await,
+            _ => {}
+        }
+        if applied.changed().await.is_err() || daemon.node.is_removed() {
+            return;
+        }
+    }
+}
+
+fn own_state(daemon: &Daemon) -> Option<DomainState> {
+    let member = daemon.node.member()?;
+    let g = member.view.read();
+    g.state.nodes.get(&daemon.config.name).map(|n| n.domain_state)
+}
+
+async fn record(daemon: &Daemon, kind: &str, message: String) {
+    let cmd = Command::RecordEvent { kind: kind.into(), node: Some(daemon.config.name.clone()), message };
+    if let Err(e) = daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+        tracing::warn!("could not record a {kind} event: {e}");
+    }
+}
+
+/// Flush (`away`) or unflush, then record `flushed` / `ready`.
+async fn move_all(daemon: &Daemon, away: bool) {
+    let me = daemon.config.name.clone();
+    let (expect, done) =
+        if away { (DomainState::Flush, DomainState::Flushed) } else { (DomainState::Unflush, DomainState::Ready) };
+    let Some(member) = daemon.node.member() else { return };
+    // The VMs to move: running ones here (flush), or the ones whose home this is (unflush).
+    let names: Vec<String> = {
+        let g = member.view.read();
+        g.state
+            .vms
+            .values()
+            .filter(|v| v.state.wants_running() || !away)
+            .filter(|v| if away { v.node == me } else { v.last_node.as_deref() == Some(me.as_str()) && v.node != me })
+            .map(|v| v.spec.name.clone())
+            .collect()
+    };
+    tracing::info!(vms = names.len(), "{} started", if away { "flush" } else { "unflush" });
+    let parallel = daemon.config.hypervisor.parallel_migrations.max(1);
+    let timeout = Duration::from_millis(daemon.config.hypervisor.migration_timeout_ms);
+    for batch in names.chunks(parallel) {
+        if own_state(daemon) != Some(expect) {
+            tracing::info!("{} turned round: stopping", if away { "flush" } else { "unflush" });
+            return;
+        }
+        let mut moving = Vec::new();
+        for name in batch {
+            let target = {
+                let g = member.view.read();
+                let Some(vm) = g.state.vms.get(name) else { continue };
+                if away {
+                    herd_storage::model::place(
+                        &g.state,
+                        vm.spec.selector.unwrap_or_default(),
+                        &vm.spec.node_limit,
+                        Some(&me),
+                    )
+                } else {
+                    Ok(me.clone())
+                }
+            };
+            let target = match target {
+                Ok(t) => t,
+                Err(e) => {
+                    record(daemon, "flush-stuck", format!("{name} stays on {me}: {e}")).await;
+                    continue;
+                }
+            };
+            let how = if away { VmState::Migrate } else { VmState::Unmigrate };
+            let cmd = Command::MigrateVm { name: name.clone(), to: target.clone(), state: how, permanent: false };
+            match daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+                Ok(_) => moving.push((name.clone(), target)),
+                Err(e) => record(daemon, "flush-stuck", format!("{name} not moved to {target}: {e}")).await,
+            }
+        }
+        // Each move of the batch: done once the VM runs on its target (or stays stopped there).
+        let deadline = Instant::now() + timeout;
+        let mut applied = member.view.subscribe();
+        loop {
+            let pending: Vec<String> = {
+                let g = member.view.read();
+                moving
+                    .iter()
+                    .filter(|(n, t)| {
+                        g.state.vms.get(n).is_some_and(|v| {
+                            v.node == *t
+                                && (v.migrating_from.is_some()
+                                    || matches!(v.state, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate)
+                                    || (v.state.wants_running()
+                                        && v.actual != herd_storage::model::ActualState::Running))
+                        })
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
+            if pending.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                record(daemon, "flush-stuck", format!("not moved within {timeout:?}: {}", pending.join(", "))).await;
+                break;
+            }
+        }
+    }
+    let cmd = Command::SetDomainState { name: me, state: done, node_id: Some(member.id) };
+    if let Err(e) = daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+        tracing::warn!("could not record domain_state {done}: {e}");
+    }
+}
