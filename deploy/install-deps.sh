@@ -4,8 +4,9 @@
 set -euo pipefail
 # gcc/libc6-dev: C toolchain some -sys crates build with; pkg-config: finding system libraries;
 # iproute2: `ip` (floating addresses, network-namespace tests); iputils-arping: gratuitous ARP;
-# libvirt-dev: the virt crate links libvirt (its test driver serves the VM tests).
-PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev)
+# libvirt-dev: the virt crate links libvirt (its test driver serves the VM tests);
+# libvirt-daemon: libvirtd, one per node in the cluster test that checks each node's own libvirt.
+PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

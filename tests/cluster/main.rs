@@ -3,9 +3,11 @@
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
 //! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
-//! otherwise), t80 VMs through libvirt's test driver.
+//! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
+//! (root only).
 
 mod harness;
+mod libvirtd;
 mod netns;
 mod t10_config;
 mod t15_service;
@@ -14,3 +16,4 @@ mod t50_cluster;
 mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;
+mod t85_libvirtd;

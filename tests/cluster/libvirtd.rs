@@ -1,0 +1,110 @@
+//! One unprivileged libvirtd per node, holding libvirt's test driver (`test+unix:///default`):
+//! the node's domains outlive its herd process (so adoption after a restart can be tested), and
+//! the test watches every node's domains through connections of its own (an independent oracle).
+//! The daemon runs as `nobody` (libvirtd as root wants the qemu driver's user); the harness
+//! holds a connection for the node's lifetime (the test driver's shared state lives only while
+//! a client is connected), and kills the daemon on drop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use virt::connect::Connect;
+
+use crate::harness::wait_until;
+
+/// Whether libvirtd tests can run here; says why not, loudly.
+pub fn available(test: &str) -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let libvirtd = Command::new("sh").args(["-c", "command -v libvirtd"]).output().is_ok_and(|o| o.status.success());
+    let nobody = nix::unistd::User::from_name("nobody").ok().flatten().is_some();
+    if !(root && libvirtd && nobody) {
+        eprintln!("\n!!!!! SKIPPED {test}: needs root, libvirtd (libvirt-daemon) and a `nobody` user (root: {root}, libvirtd: {libvirtd}, nobody: {nobody}) !!!!!\n");
+        return false;
+    }
+    true
+}
+
+pub struct Libvirtd {
+    dir: PathBuf,
+    child: Child,
+    /// The harness's own connection: keeps the node's state alive and lets the test look.
+    pub conn: Connect,
+}
+
+impl Libvirtd {
+    /// Starts a libvirtd in `dir` (created, owned by nobody).
+    pub fn start(dir: &Path) -> Libvirtd {
+        let nobody = nix::unistd::User::from_name("nobody").ok().flatten().expect("nobody");
+        for sub in ["sock", "home", "run"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("libvirtd dirs");
+        }
+        let conf = format!(
+            "unix_sock_dir = \"{0}/sock\"\nunix_sock_rw_perms = \"0777\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nlog_outputs = \"3:file:{0}/libvirtd.log\"\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("libvirtd.conf"), conf).expect("libvirtd.conf");
+        for p in [dir.to_path_buf(), dir.join("sock"), dir.join("home"), dir.join("run"), dir.join("libvirtd.conf")] {
+            nix::unistd::chown(&p, Some(nobody.uid), Some(nobody.gid)).expect("chown to nobody");
+        }
+        let d = dir.display();
+        let child = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "env"])
+            .arg(format!("HOME={d}/home"))
+            .arg(format!("XDG_RUNTIME_DIR={d}/run"))
+            .arg(format!("XDG_CONFIG_HOME={d}/home/.config"))
+            .arg(format!("XDG_CACHE_HOME={d}/home/.cache"))
+            .args(["libvirtd", "-f"])
+            .arg(dir.join("libvirtd.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn libvirtd");
+        let sock = dir.join("sock/libvirt-sock");
+        wait_until("libvirtd socket", Duration::from_secs(15), || sock.exists().then_some(()));
+        virt::error::clear_error_callback();
+        let uri = format!("test+unix:///default?socket={}", sock.display());
+        let conn = wait_until("a libvirt connection", Duration::from_secs(10), || Connect::open(Some(&uri)).ok());
+        Libvirtd { dir: dir.to_path_buf(), child, conn }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("test+unix:///default?socket={}", self.dir.join("sock/libvirt-sock").display())
+    }
+
+    /// Active domains: name → libvirt id.
+    pub fn running(&self) -> Vec<(String, u32)> {
+        let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
+        self.conn
+            .list_all_domains(flags)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| Some((d.name().ok()?, d.id()?)))
+            .collect()
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        // setpriv execs env, which execs libvirtd: the pid is libvirtd's. Anything left of a
+        // daemonised child is found by its config path.
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.dir.join("libvirtd.conf")).status();
+    }
+}
+
+/// Lets `nobody` reach a directory inside the test's private temp dir.
+pub fn open_path_for_nobody(dir: &Path) {
+    let mut p = dir.to_path_buf();
+    while p.parent().is_some() && p != Path::new("/tmp") {
+        if let Ok(m) = std::fs::metadata(&p) {
+            let mode = m.permissions().mode() | 0o011;
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+        }
+        p.pop();
+    }
+}

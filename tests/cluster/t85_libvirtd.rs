@@ -1,0 +1,176 @@
+//! VMs checked against each node's own libvirt: one unprivileged libvirtd per node holding the
+//! test driver, watched by the test through connections of its own. Six VMs run where the
+//! cluster says; no VM is ever seen running on two nodes (sampled all along); the driver's own
+//! `test` domain is reported as unmanaged and left alone; a restarted herd adopts its running
+//! domains (same libvirt ids).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_until, Cluster, Node};
+use crate::libvirtd::{self, Libvirtd};
+
+const NAMES: [&str; 3] = ["l1", "l2", "l3"];
+
+fn vms(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+/// Where each managed VM runs, by each node's own libvirt. The test driver's
+/// built-in `test` domain runs on every node and is not herd's: it is left out.
+fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<usize>> {
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, d) in daemons.iter().enumerate() {
+        for (name, _) in d.running() {
+            if name == "test" {
+                continue;
+            }
+            out.entry(name).or_default().push(i);
+        }
+    }
+    out
+}
+
+#[test]
+fn vms_against_each_nodes_own_libvirt() {
+    if !libvirtd::available("vms_against_each_nodes_own_libvirt") {
+        return;
+    }
+    let specs: Vec<(&str, &str, String)> =
+        NAMES.iter().enumerate().map(|(i, n)| (*n, "coordinator", format!("127.0.8.{}:7400", i + 1))).collect();
+    let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, r, a)| (*n, *r, a.as_str())).collect();
+    let mut c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
+    libvirtd::open_path_for_nobody(c.dir.path());
+    let daemons: Vec<Arc<Libvirtd>> =
+        NAMES.iter().map(|n| Arc::new(Libvirtd::start(&c.node(n).dir.join("lvd")))).collect();
+    for (i, name) in NAMES.iter().enumerate() {
+        let uri = daemons[i].uri();
+        c.node(name).extra_config.push_str(&format!(
+            "[hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n"
+        ));
+        c.node(name).start();
+    }
+    // Sample every node's libvirt all along: a VM must never run on two nodes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let doubles: Arc<Mutex<Vec<String>>> = Arc::default();
+    let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (stop, doubles, samples, daemons) = (stop.clone(), doubles.clone(), samples.clone(), daemons.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Two passes over the nodes, one after the other. A VM seen on node i
+                // with the same libvirt id in both passes ran on i all the time between
+                // them (the driver gives every start a new id), so seeing it on a later
+                // node j in the first pass, or an earlier node j in the second, proves
+                // it ran on both at once. Reads that are merely not simultaneous cannot
+                // raise a false double.
+                let first: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                let second: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                for i in 0..daemons.len() {
+                    for (vm, id) in first[i].iter().filter(|(n, _)| n != "test") {
+                        if !second[i].contains(&(vm.clone(), *id)) {
+                            continue;
+                        }
+                        let later = first.iter().skip(i + 1).any(|r| r.iter().any(|(n, _)| n == vm));
+                        let earlier = second.iter().take(i).any(|r| r.iter().any(|(n, _)| n == vm));
+                        if later || earlier {
+                            let mut d = doubles.lock().unwrap_or_else(|p| p.into_inner());
+                            d.push(format!("{vm} on node {i} (id {id}) and another: {first:?} / {second:?}"));
+                        }
+                    }
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let token = c.node("l1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
+    for name in ["l2", "l3"] {
+        c.node(name).admin(json!({"op": "join-cluster", "peer": "127.0.8.1:7400", "token": token}));
+    }
+    wait_until("three nodes in run", Duration::from_secs(30), || {
+        let s = c.node("l2").try_admin(&json!({"op": "status"})).ok()?;
+        let m = s["members"].as_array()?;
+        (m.len() == 3 && m.iter().all(|x| x["daemon_state"] == "run")).then_some(())
+    });
+    let dir = c.node("l1").dir.clone();
+    for n in 1..=6u32 {
+        let path = dir.join(format!("vm{n}.xml"));
+        std::fs::write(
+            &path,
+            format!("<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000001{n:02}</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"),
+        )
+        .expect("xml");
+        let out = c.node("l2").cli(&["vm", "define", path.to_str().expect("utf-8"), "--selector", "vms"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Each VM runs on the node the cluster says, by that node's own libvirt, and nowhere else.
+    let check_placement = |c: &mut Cluster| {
+        wait_until("every VM running where the cluster says, per each node's libvirt", Duration::from_secs(30), || {
+            let list = vms(c.node("l3"));
+            let seen = observed(&daemons);
+            let ok = list.len() == 6
+                && list.iter().all(|v| {
+                    let name = v["name"].as_str().unwrap_or("");
+                    let node = NAMES.iter().position(|n| v["node"] == *n);
+                    v["state"] == "start" && node.is_some_and(|i| seen.get(name) == Some(&vec![i]))
+                });
+            ok.then_some(())
+        })
+    };
+    check_placement(&mut c);
+    // The driver's own `test` domain: reported as unmanaged, still running, on every node.
+    for (i, name) in NAMES.iter().enumerate() {
+        let s = c.node(name).status();
+        assert!(s["unmanaged_domains"].as_array().is_some_and(|u| u.contains(&json!("test"))), "{name}: {s}");
+        assert!(daemons[i].running().iter().any(|(n, _)| n == "test"), "{name}: test domain touched");
+    }
+
+    // A migration and a flush/ready, watched by the sampler.
+    let v1_node = vms(c.node("l1"))
+        .iter()
+        .find(|v| v["name"] == "vm1")
+        .and_then(|v| v["node"].as_str().map(str::to_string))
+        .expect("vm1");
+    let to = NAMES.iter().find(|n| **n != v1_node).expect("target");
+    let out = c.node("l1").cli(&["vm", "migrate", "vm1", "--to", to]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("vm1 running on its new node per libvirt", Duration::from_secs(20), || {
+        let i = NAMES.iter().position(|n| n == to)?;
+        (observed(&daemons).get("vm1") == Some(&vec![i])).then_some(())
+    });
+    let out = c.node("l1").cli(&["node", "flush", "l2", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let on_l2: Vec<String> = daemons[1].running().into_iter().map(|(n, _)| n).filter(|n| n != "test").collect();
+    assert!(on_l2.is_empty(), "flushed l2 still runs {on_l2:?}");
+    let out = c.node("l1").cli(&["node", "ready", "l2", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check_placement(&mut c);
+
+    // Restarting one node's herd leaves its domains running, with the same libvirt ids.
+    let before: Vec<(String, u32)> = daemons[2].running();
+    assert!(before.iter().any(|(n, _)| n.starts_with("vm")), "l3 runs VMs: {before:?}");
+    let exit = c.node("l3").terminate(Duration::from_secs(15)).expect("exits");
+    assert!(exit.success());
+    assert_eq!(daemons[2].running(), before, "stopping herd must not touch its VMs");
+    c.node("l3").start();
+    wait_until("l3 back in run", Duration::from_secs(30), || {
+        let s = c.node("l1").try_admin(&json!({"op": "node-info", "name": "l3"})).ok()?;
+        (s["daemon_state"] == "run").then_some(())
+    });
+    check_placement(&mut c);
+    assert_eq!(daemons[2].running(), before, "the restarted daemon adopted its domains (same ids)");
+
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let doubles = doubles.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(doubles.is_empty(), "VMs seen running on two nodes: {doubles:?}");
+    assert!(samples.load(Ordering::Relaxed) > 20, "the sampler ran");
+    drop(c);
+    drop(daemons);
+}
