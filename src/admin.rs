@@ -101,6 +101,11 @@ pub enum AdminRequest {
     VmUndefine {
         name: String,
     },
+    /// Replace a VM's domain XML of record (same name and uuid); used at its next start.
+    VmModify {
+        name: String,
+        xml: String,
+    },
     /// Move a VM: `to` (or where its selector places it, away from its node); `permanent`
     /// forgets its home (`vm move`); `unmigrate` sends it back to its `last_node`.
     VmMigrate {

@@ -179,6 +179,11 @@ pub enum VmCommand {
     Undefine {
         name: String,
     },
+    /// Replace its domain XML (same name and uuid); it is used at the VM's next start.
+    Modify {
+        name: String,
+        file: PathBuf,
+    },
     /// Move it to another node for now (it remembers its home): to --to, or where its selector
     /// places it. It stops on its node before it starts on the other (shutdown migration).
     Migrate {

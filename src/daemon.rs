@@ -275,6 +275,37 @@ impl Daemon {
                 self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
                 Ok(json!({ "name": name, "node": target, "message": format!("{name} moving to {target}") }))
             }
+            AdminRequest::VmModify { name, xml } => {
+                let spec = crate::reconcile::spec_from_xml(&xml)?;
+                if spec.name != name {
+                    return Err(format!("the XML names {:?}, not {name:?}: a VM cannot be renamed", spec.name));
+                }
+                self.read_index(false).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let revision = {
+                    let g = member.view.read();
+                    let vm = g.state.vms.get(&name).ok_or_else(|| format!("no VM named {name:?}"))?;
+                    if vm.spec.uuid != spec.uuid {
+                        return Err(format!(
+                            "the XML has uuid {}, {name} has {}: a VM keeps its uuid",
+                            spec.uuid, vm.spec.uuid
+                        ));
+                    }
+                    vm.revision
+                };
+                let cmd = Command::ModifyVm {
+                    name: name.clone(),
+                    xml,
+                    memory_mib: Some(spec.memory_mib),
+                    vcpus: Some(spec.vcpus),
+                };
+                // Compare-and-set: a change in between (another modify, a move) is not overwritten.
+                let op = herd_storage::model::Op { cmd, expect_revision: Some(revision) };
+                self.node.write(vec![op], WRITE_TIMEOUT).await.map_err(json_err)?;
+                Ok(
+                    json!({ "name": name, "message": format!("{name} modified: the new XML is used at its next start (herd vm restart {name})") }),
+                )
+            }
             AdminRequest::VmUndefine { name } => {
                 self.node
                     .write(vec![Command::UndefineVm { name: name.clone() }.into()], WRITE_TIMEOUT)
@@ -441,6 +472,12 @@ impl Daemon {
         stats.mem_allocated_mib = running().map(|v| v.spec.memory_mib).sum();
         stats.mem_provisioned_mib = mine().map(|v| v.spec.memory_mib).sum();
         stats.vcpus_allocated = running().map(|v| v.spec.vcpus).sum();
+        if let Some(r) = &self.reconciler {
+            let mut unmanaged = r.unmanaged();
+            unmanaged.retain(|d| !d.is_empty() && d.len() <= 256);
+            unmanaged.truncate(herd_storage::model::MAX_UNMANAGED);
+            stats.unmanaged_domains = unmanaged;
+        }
     }
 
     /// Publishes this node's heartbeat addresses and marks it `run`, then writes a keepalive

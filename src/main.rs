@@ -172,6 +172,11 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::Vm(VmCommand::Info { name, local }) => {
             (AdminRequest::VmInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
         }
+        Command::Vm(VmCommand::Modify { name, file }) => {
+            let xml = std::fs::read_to_string(file)
+                .map_err(|e| cli::CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+            (AdminRequest::VmModify { name: name.clone(), xml }, Duration::from_secs(20))
+        }
         Command::Vm(VmCommand::Undefine { name }) => {
             (AdminRequest::VmUndefine { name: name.clone() }, Duration::from_secs(20))
         }

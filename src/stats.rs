@@ -29,7 +29,7 @@ fn read_now() -> NodeStats {
         load_milli,
         mem_total_mib: total_kib / 1024,
         mem_used_mib: total_kib.saturating_sub(avail_kib) / 1024,
-        // VM figures come from the hypervisor (not yet wired: zero).
+        // VM figures and unmanaged domains are filled in by the daemon (`vm_figures`).
         vms_running: 0,
         stale: false,
         ..NodeStats::default()

@@ -129,7 +129,58 @@ fn vms_against_each_nodes_own_libvirt() {
         let s = c.node(name).status();
         assert!(s["unmanaged_domains"].as_array().is_some_and(|u| u.contains(&json!("test"))), "{name}: {s}");
         assert!(daemons[i].running().iter().any(|(n, _)| n == "test"), "{name}: test domain touched");
+        // ... and in `node info` on any node, through the keepalive.
+        wait_until("unmanaged domains in node info", Duration::from_secs(10), || {
+            let info = c.node("l1").try_admin(&json!({"op": "node-info", "name": name})).ok()?;
+            info["stats"]["unmanaged_domains"].as_array()?.contains(&json!("test")).then_some(())
+        });
     }
+
+    // Stop, start and restart one VM, seen in its node's own libvirt.
+    let where_is = |c: &mut Cluster, vm: &str| -> usize {
+        let list = vms(c.node("l1"));
+        let node = list.iter().find(|v| v["name"] == vm).and_then(|v| v["node"].as_str().map(str::to_string));
+        NAMES.iter().position(|n| Some(*n) == node.as_deref()).expect("vm assigned to a node")
+    };
+    let home = where_is(&mut c, "vm3");
+    let id_of = |vm: &str| daemons[home].running().into_iter().find(|(n, _)| n == vm).map(|(_, id)| id);
+    let first_id = id_of("vm3").expect("vm3 runs on its node");
+    assert!(c.node("l2").cli(&["vm", "stop", "vm3"]).status.success());
+    wait_until("vm3 stopped in libvirt", Duration::from_secs(20), || id_of("vm3").is_none().then_some(()));
+    assert!(c.node("l2").cli(&["vm", "start", "vm3"]).status.success());
+    let second_id = wait_until("vm3 started again", Duration::from_secs(20), || id_of("vm3"));
+    assert_ne!(second_id, first_id, "a start after a stop is a new run");
+    assert!(c.node("l3").cli(&["vm", "restart", "vm3"]).status.success());
+    wait_until("vm3 restarted (a new libvirt id, state back to start)", Duration::from_secs(20), || {
+        let back = vms(c.node("l1")).iter().any(|v| v["name"] == "vm3" && v["state"] == "start");
+        id_of("vm3").filter(|id| *id != second_id && back).map(|_| ())
+    });
+
+    // An invalid XML: one clear error line, nothing changed anywhere.
+    let summary = |c: &mut Cluster| -> Vec<(Value, Value, Value)> {
+        vms(c.node("l1")).iter().map(|v| (v["name"].clone(), v["state"].clone(), v["node"].clone())).collect()
+    };
+    let before_list = summary(&mut c);
+    let before_domains: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+    let bad = dir.join("bad.xml");
+    std::fs::write(&bad, "<domain type='test'><name>vm9</name>").expect("xml");
+    let out = c.node("l1").cli(&["vm", "define", bad.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("invalid domain XML") && err.trim().lines().count() == 1, "{err}");
+    // A modify to another uuid is refused too.
+    let other = dir.join("other.xml");
+    std::fs::write(&other, "<domain type='test'><name>vm1</name><uuid>00000000-0000-4000-8000-0000000009ff</uuid><memory unit='MiB'>512</memory><vcpu>2</vcpu><os><type arch='x86_64'>hvm</type></os></domain>").expect("xml");
+    let out = c.node("l1").cli(&["vm", "modify", "vm1", other.to_str().expect("utf-8")]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("keeps its uuid"), "{out:?}");
+    assert_eq!(summary(&mut c), before_list, "refusals change nothing");
+    assert_eq!(daemons.iter().map(|d| d.running()).collect::<Vec<_>>(), before_domains);
+    // A valid modify: the new resources are on record at once.
+    let grown = dir.join("vm1-grown.xml");
+    std::fs::write(&grown, "<domain type='test'><name>vm1</name><uuid>00000000-0000-4000-8000-000000000101</uuid><memory unit='MiB'>512</memory><vcpu>2</vcpu><os><type arch='x86_64'>hvm</type></os></domain>").expect("xml");
+    let out = c.node("l1").cli(&["vm", "modify", "vm1", grown.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{out:?}");
+    let info = c.node("l3").admin(json!({"op": "vm-info", "name": "vm1"}));
+    assert_eq!((info["memory_mib"].as_u64(), info["vcpus"].as_u64()), (Some(512), Some(2)), "{info}");
 
     // A migration and a flush/ready, watched by the sampler.
     let v1_node = vms(c.node("l1"))

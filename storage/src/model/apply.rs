@@ -222,6 +222,13 @@ fn apply_op(
             Ok(Reply::Done)
         }
         Command::Keepalive { name, stats, node_id } => {
+            if stats.unmanaged_domains.len() > MAX_UNMANAGED
+                || stats.unmanaged_domains.iter().any(|d| d.is_empty() || d.len() > 256)
+            {
+                return Err(ApplyError::Invalid(format!(
+                    "a keepalive names at most {MAX_UNMANAGED} unmanaged domains of 1 to 256 bytes"
+                )));
+            }
             let node = own_record(state, name, *node_id)?;
             check_revision(format!("node {name}"), node.revision, op)?;
             node.stats = stats.clone();

@@ -261,7 +261,13 @@ pub struct NodeStats {
     pub vcpus_allocated: u32,
     /// Set when a collector missed its deadline and these figures are the last known ones.
     pub stale: bool,
+    /// Domains the node's hypervisor runs or knows that the cluster does not manage: reported,
+    /// never touched. At most [`MAX_UNMANAGED`] names.
+    pub unmanaged_domains: Vec<String>,
 }
+
+/// Bound on the unmanaged domain names one keepalive carries.
+pub const MAX_UNMANAGED: usize = 64;
 
 /// What a node tells the leader about itself when it joins.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -518,9 +524,15 @@ pub enum Command {
         node: String,
     },
     /// Replace a VM's domain XML of record (takes effect at its next start).
+    /// A new domain XML of record (same name and uuid; the daemon checks); the resources read
+    /// from it replace the old ones. It takes effect at the VM's next start.
     ModifyVm {
         name: String,
         xml: String,
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        #[serde(default)]
+        vcpus: Option<u32>,
     },
     /// An operator's state change: start, stop, shutdown, restart, disable.
     SetVmState {

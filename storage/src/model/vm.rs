@@ -133,12 +133,21 @@ pub(crate) fn apply_vm_op(
             push_event(state, index, now, "vm-define", Some(node), format!("{} defined on {node}", spec.name), changed);
             Ok(Reply::Done)
         }
-        Command::ModifyVm { name, xml } => {
+        Command::ModifyVm { name, xml, memory_mib, vcpus } => {
             if xml.is_empty() || xml.len() > MAX_XML_BYTES {
                 return Err(ApplyError::Invalid(format!("domain XML must be 1 to {MAX_XML_BYTES} bytes")));
             }
+            if *memory_mib == Some(0) || *vcpus == Some(0) {
+                return Err(ApplyError::Invalid("a VM needs memory and at least one vCPU".into()));
+            }
             let vm = vm_mut(state, name, op)?;
             vm.spec.xml = xml.clone();
+            if let Some(m) = memory_mib {
+                vm.spec.memory_mib = *m;
+            }
+            if let Some(v) = vcpus {
+                vm.spec.vcpus = *v;
+            }
             vm.revision = index;
             changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
@@ -296,6 +305,7 @@ mod tests {
             mem_provisioned_mib: prov,
             vcpus_allocated: vcpus,
             stale: false,
+            unmanaged_domains: vec![],
         }
     }
 
@@ -388,6 +398,35 @@ mod tests {
 
     fn run(s: &mut State, index: u64, cmd: Command) -> Result<Reply, ApplyError> {
         apply(s, index, &Request { id: format!("r{index}"), time_ms: index, ops: vec![cmd.into()] }).response.result
+    }
+
+    #[test]
+    fn modify_replaces_xml_and_resources_under_compare_and_set() {
+        let mut s = three();
+        assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+        let modify = |m: u64| Command::ModifyVm {
+            name: "web".into(),
+            xml: "<domain type='test'><name>web</name></domain>".into(),
+            memory_mib: Some(m),
+            vcpus: Some(2),
+        };
+        // A stale revision, zero memory, an unknown VM: refused, nothing changed.
+        let before = s.vms.clone();
+        let stale = Op { cmd: modify(1024), expect_revision: Some(7) };
+        let run_op = |s: &mut State, index: u64, op: Op| {
+            apply(s, index, &Request { id: format!("r{index}"), time_ms: index, ops: vec![op] }).response.result
+        };
+        assert!(matches!(run_op(&mut s, 2, stale), Err(ApplyError::RevisionMismatch { .. })));
+        assert!(matches!(run(&mut s, 3, modify(0)), Err(ApplyError::Invalid(_))));
+        let ghost = Command::ModifyVm { name: "db".into(), xml: "<domain/>".into(), memory_mib: None, vcpus: None };
+        assert!(matches!(run(&mut s, 4, ghost), Err(ApplyError::NoSuchVm(_))));
+        assert_eq!(s.vms, before);
+        let fresh = Op { cmd: modify(1024), expect_revision: Some(1) };
+        assert_eq!(run_op(&mut s, 5, fresh), Ok(Reply::Done));
+        let vm = &s.vms["web"];
+        assert_eq!((vm.spec.memory_mib, vm.spec.vcpus, vm.revision), (1024, 2, 5));
+        assert!(vm.spec.xml.contains("<name>web</name>"));
+        assert_eq!(vm.state, VmState::Start, "a modify does not change the operator state");
     }
 
     #[test]
