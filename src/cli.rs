@@ -185,7 +185,8 @@ pub enum VmCommand {
         file: PathBuf,
     },
     /// Move it to another node for now (it remembers its home): to --to, or where its selector
-    /// places it. It stops on its node before it starts on the other (shutdown migration).
+    /// places it. Live first unless its method is `shutdown`; refused, it stops on its node before
+    /// it starts on the other (shutdown migration).
     Migrate {
         name: String,
         #[arg(long)]

@@ -69,7 +69,7 @@ pub struct HypervisorSection {
     /// libvirt URI of this node's hypervisor (`qemu:///system`; tests and the demo use
     /// `test:///<absolute path>/node.xml`). Unset: this node runs no VMs.
     pub uri: Option<String>,
-    /// Template for live-migration targets (`{node}` is replaced); used once live migration lands.
+    /// Live-migration target URI (`{node}` is replaced by the target node's name).
     pub migrate_uri: String,
     /// A graceful shutdown that has not finished by then is followed by a destroy.
     pub shutdown_timeout_ms: u64,
@@ -77,7 +77,8 @@ pub struct HypervisorSection {
     pub reconcile_interval_ms: u64,
     /// VMs a flush or unflush moves at once.
     pub parallel_migrations: usize,
-    /// A move not finished by then is recorded as stuck (the flush goes on).
+    /// A flush move not finished by then is recorded as stuck (the flush goes on); also the
+    /// deadline of one live migration.
     pub migration_timeout_ms: u64,
 }
 

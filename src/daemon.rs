@@ -243,8 +243,8 @@ impl Daemon {
                 Ok(json!({ "name": name, "state": state, "message": format!("{name}: {state}") }))
             }
             AdminRequest::VmMigrate { name, to, live, permanent, unmigrate } => {
-                if live {
-                    return Err("live migration is not available yet: herd moves VMs by shutting them down on their node and starting them on the target (libvirt's test driver has no migration at all)".into());
+                if live && unmigrate {
+                    return Err("--force-live is for vm migrate".into());
                 }
                 self.read_index(false).await?;
                 let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
@@ -268,7 +268,12 @@ impl Daemon {
                             )
                             .map_err(json_err)?,
                         };
-                        (target, herd_storage::model::VmState::Migrate)
+                        let how = if live {
+                            herd_storage::model::VmState::MigrateLive
+                        } else {
+                            herd_storage::model::VmState::Migrate
+                        };
+                        (target, how)
                     }
                 };
                 let cmd = Command::MigrateVm { name: name.clone(), to: target.clone(), state: how, permanent };
@@ -771,7 +776,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .await
                 .map_err(|e| StartError::Config(format!("hypervisor.uri: {e}")))?;
             let timeout = Duration::from_millis(config.hypervisor.shutdown_timeout_ms);
-            Some(Arc::new(crate::reconcile::Reconciler::new(config.name.clone(), Arc::new(hv), timeout)))
+            let migration = Duration::from_millis(config.hypervisor.migration_timeout_ms);
+            Some(Arc::new(
+                crate::reconcile::Reconciler::new(config.name.clone(), Arc::new(hv), timeout)
+                    .with_migration(&config.hypervisor.migrate_uri, migration),
+            ))
         }
     };
     let daemon = Arc::new(Daemon {

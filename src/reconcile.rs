@@ -38,6 +38,11 @@ pub enum Action {
     Destroy {
         vm: String,
     },
+    /// Live-migrate to node `to` (the VM is moving away from here).
+    MigrateLive {
+        vm: String,
+        to: String,
+    },
 }
 
 impl Action {
@@ -47,6 +52,7 @@ impl Action {
             Action::Start { .. } => "start",
             Action::Shutdown { .. } => "shutdown",
             Action::Destroy { .. } => "destroy",
+            Action::MigrateLive { .. } => "migrate live",
         }
     }
 }
@@ -68,6 +74,21 @@ pub struct Memory {
     pub restarted: BTreeSet<(String, u64)>,
     /// When a graceful shutdown was asked for, by VM.
     pub shutdown_asked: BTreeMap<String, u64>,
+    /// VMs moving away whose live migration was tried / refused (then: shutdown, if allowed).
+    pub live_tried: BTreeSet<String>,
+    pub live_failed: BTreeSet<String>,
+}
+
+/// Whether a move away tries live migration first, and whether it may fall back to a shutdown.
+/// PVC's methods: `none` (default) live, else shutdown; `live` live only; `shutdown` never
+/// live. `migrate-live` (`vm migrate --force-live`) is live only whatever the method.
+pub fn live_policy(vm: &VmRecord) -> (bool, bool) {
+    use herd_storage::model::MigrationMethod;
+    match (vm.state, vm.spec.migration_method) {
+        (VmState::MigrateLive, _) | (_, MigrationMethod::Live) => (true, false),
+        (_, MigrationMethod::Shutdown) => (false, true),
+        (_, MigrationMethod::None) => (true, true),
+    }
 }
 
 /// Decides one round for node `me`. `now_ms` and `shutdown_timeout_ms` bound graceful
@@ -121,13 +142,28 @@ pub fn plan(
             p.reports.push((name.clone(), observed));
         }
     }
-    // Moving away from here: shut down (destroy after the timeout); the executor releases it
-    // once it no longer runs.
-    for (name, _) in vms.iter().filter(|(_, v)| v.node != me && v.migrating_from.as_deref() == Some(me)) {
+    // Moving away from here: live migration first where the policy says so (once), else shut
+    // down (destroy after the timeout); the executor releases it once it no longer runs here.
+    let moving_away = |v: &VmRecord| v.node != me && v.migrating_from.as_deref() == Some(me);
+    memory.live_tried.retain(|n| vms.get(n).is_some_and(moving_away));
+    memory.live_failed.retain(|n| vms.get(n).is_some_and(moving_away));
+    for (name, vm) in vms.iter().filter(|(_, v)| moving_away(v)) {
         let running =
             by_name.get(name.as_str()).is_some_and(|d| matches!(d.state, ActualState::Running | ActualState::Paused));
         if !running {
             memory.shutdown_asked.remove(name);
+            continue;
+        }
+        let (live_first, fallback) = live_policy(vm);
+        if live_first && !memory.live_failed.contains(name) {
+            if memory.live_tried.insert(name.clone()) {
+                p.actions.push(Action::MigrateLive { vm: name.clone(), to: vm.node.clone() });
+            }
+            // Tried: it succeeds (gone from here: released), fails over to a shutdown, or is
+            // aborted through Raft; until then nothing else is done to it here.
+            continue;
+        }
+        if !fallback {
             continue;
         }
         match memory.shutdown_asked.get(name) {
@@ -208,6 +244,10 @@ pub struct Reconciler {
     /// Domains the cluster does not know, as last seen (for `node info`).
     unmanaged: Mutex<Vec<String>>,
     started: Instant,
+    /// Live-migration target URI, `{node}` replaced by the target's name.
+    pub migrate_uri: String,
+    /// Deadline of one live migration.
+    pub migration_timeout: Duration,
 }
 
 /// What one executed round produced, for the caller to write through Raft.
@@ -227,6 +267,50 @@ impl Reconciler {
             memory: Mutex::new(Memory::default()),
             unmanaged: Mutex::new(Vec::new()),
             started: Instant::now(),
+            migrate_uri: "qemu+tcp://{node}/system".into(),
+            migration_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Where and how long live migrations go (`[hypervisor] migrate_uri`, `migration_timeout_ms`).
+    pub fn with_migration(mut self, migrate_uri: &str, timeout: Duration) -> Reconciler {
+        self.migrate_uri = migrate_uri.to_string();
+        self.migration_timeout = timeout;
+        self
+    }
+
+    /// A live migration was tried: on success the VM is gone from here (the round releases it);
+    /// refused, it shuts down instead where its policy allows, else the move is aborted through
+    /// Raft; an unknown outcome (deadline, libvirt gone) is left for the next rounds to see.
+    async fn migrate_live(&self, vm: &VmRecord, to: &str, now_ms: u64, commands: &mut Vec<Command>) {
+        let name = vm.spec.name.as_str();
+        let uri = self.migrate_uri.replace("{node}", to);
+        match self.hypervisor.migrate_live(name, &uri, self.migration_timeout).await {
+            Ok(()) => tracing::info!(vm = %name, "hypervisor: live-migrated to {to} ({uri})"),
+            Err(e @ HypervisorError::Unavailable(_)) => {
+                tracing::warn!(vm = %name, "live migration to {to}: outcome unknown: {e}")
+            }
+            Err(e) => {
+                let (_, fallback) = live_policy(vm);
+                if fallback {
+                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): shutting it down instead");
+                    {
+                        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                        m.live_failed.insert(name.to_string());
+                        m.shutdown_asked.insert(name.to_string(), now_ms);
+                    }
+                    if let Err(e) = self.hypervisor.shutdown(name).await {
+                        tracing::warn!(vm = %name, "{e}");
+                    }
+                } else {
+                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): the move is aborted");
+                    commands.push(Command::AbortMigration {
+                        name: name.to_string(),
+                        node: self.me.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
         }
     }
 
@@ -245,8 +329,15 @@ impl Reconciler {
         };
         *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        let mut commands = Vec::new();
         for a in &p.actions {
             let (vm, r) = match a {
+                Action::MigrateLive { vm, to } => {
+                    if let Some(record) = vms.get(vm) {
+                        self.migrate_live(record, to, now_ms, &mut commands).await;
+                    }
+                    continue;
+                }
                 Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
                 Action::Start { vm } if failures.contains_key(vm) => continue,
                 Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
@@ -266,7 +357,6 @@ impl Reconciler {
         // Report what the hypervisor shows now (after the actions), plus refusals as failures.
         let after = if p.actions.is_empty() { domains } else { self.hypervisor.list().await? };
         let state_of = |n: &str| after.iter().find(|d| d.name == n).map_or(ActualState::Missing, |d| d.state);
-        let mut commands = Vec::new();
         for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
             let observed = state_of(name);
             let failure = failures.remove(name);
@@ -423,9 +513,16 @@ mod tests {
         let v = vms(vec![moving.clone()]);
         // The target waits while the source has not released it.
         assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000).actions.is_empty());
-        // The source shuts it down gracefully (then destroys after the timeout).
+        // The source tries a live migration once (method `none`: live first)...
         let mut m = Memory::default();
         let running = [dom("a", ActualState::Running)];
+        assert_eq!(
+            plan("source", &v, &running, true, &mut m, 0, 1000).actions,
+            vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }]
+        );
+        assert!(plan("source", &v, &running, true, &mut m, 0, 1000).actions.is_empty(), "tried once");
+        // ... refused (as on the test driver), it shuts it down gracefully, then destroys.
+        m.live_failed.insert("a".into());
         assert_eq!(
             plan("source", &v, &running, true, &mut m, 0, 1000).actions,
             vec![Action::Shutdown { vm: "a".into() }]
@@ -440,6 +537,64 @@ mod tests {
         assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000)
             .actions
             .contains(&Action::Start { vm: "a".into() }));
+    }
+
+    #[test]
+    fn the_migration_method_decides_live_and_fallback() {
+        use herd_storage::model::MigrationMethod;
+        let running = [dom("a", ActualState::Running)];
+        let actions = |state: VmState, method: MigrationMethod, failed: bool| {
+            let mut v = vm("a", "target", state, ActualState::Unknown);
+            v.migrating_from = Some("source".into());
+            v.spec.migration_method = method;
+            let mut m = Memory::default();
+            if failed {
+                m.live_tried.insert("a".into());
+                m.live_failed.insert("a".into());
+            }
+            plan("source", &vms(vec![v]), &running, true, &mut m, 0, 1000).actions
+        };
+        let live = vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }];
+        let shut = vec![Action::Shutdown { vm: "a".into() }];
+        assert_eq!(actions(VmState::Migrate, MigrationMethod::Shutdown, false), shut, "shutdown: never live");
+        assert_eq!(actions(VmState::Migrate, MigrationMethod::Live, false), live);
+        assert_eq!(actions(VmState::Migrate, MigrationMethod::Live, true), vec![], "live: never shut down");
+        assert_eq!(actions(VmState::MigrateLive, MigrationMethod::Shutdown, false), live, "forced live");
+        assert_eq!(actions(VmState::MigrateLive, MigrationMethod::None, true), vec![], "forced live: no fallback");
+        assert_eq!(actions(VmState::Unmigrate, MigrationMethod::None, true), shut, "none: falls back");
+    }
+
+    #[tokio::test]
+    async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
+        use crate::hypervisor::memory::MemoryHypervisor;
+        let hv = MemoryHypervisor::new();
+        let xml = "<domain><name>a</name><uuid>00000000-0000-0000-0000-000000000001</uuid></domain>";
+        hv.define(xml).await.expect("define");
+        hv.start("a").await.expect("start");
+        let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
+        let mut forced = vm("a", "target", VmState::MigrateLive, ActualState::Unknown);
+        forced.migrating_from = Some("source".into());
+        // Live only: refused (the memory hypervisor, like the test driver, has no migration),
+        // the move is aborted through Raft and the domain keeps running here.
+        let out = r.round(&vms(vec![forced.clone()]), true).await.expect("round");
+        assert!(
+            matches!(out.commands.as_slice(), [Command::AbortMigration { name, node, .. }] if name == "a" && node == "source"),
+            "{:?}",
+            out.commands
+        );
+        let still = hv.list().await.expect("list");
+        assert_eq!(still.first().map(|d| d.state), Some(ActualState::Running));
+        // Live first (method `none`): refused, it shuts down instead and is released.
+        let mut fallback = forced;
+        fallback.state = VmState::Migrate;
+        let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
+        let out = r.round(&vms(vec![fallback]), true).await.expect("round");
+        assert!(
+            matches!(out.commands.as_slice(), [Command::ReleaseVm { name, node }] if name == "a" && node == "source"),
+            "{:?}",
+            out.commands
+        );
+        assert_eq!(hv.list().await.expect("list").first().map(|d| d.state), Some(ActualState::Shutoff));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Traps handled (seen live, `../shared/notes/hw-stack.md` §5): libvirt prints every error on
 //! stderr unless its error callback is cleared; `Domain::state()` returns `Unknown` instead of an
 //! error for a vanished domain, so states come from `info()`; `Connect`'s drop panics if the
-//! close fails (the boundary contains it). The test driver has no migration: herd moves a VM by
-//! shutting it down on the source and starting it on the target.
+//! close fails (the boundary contains it). The test driver cannot migrate: `migrate_live` is
+//! refused there, so the reconciler falls back to a shutdown migration (or aborts a live-only move).
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -129,6 +129,31 @@ impl Hypervisor for Libvirt {
 
     fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
         Box::pin(self.on_domain("undefine", name, |d| d.undefine().map(|_| ())))
+    }
+
+    /// `virDomainMigrateToURI` peer to peer: the source libvirtd drives the migration to
+    /// `dest_uri`; the domain is made persistent there and undefined here. Coded against
+    /// libvirt's API; only its refusal is tested (the test driver has no migration).
+    fn migrate_live<'a>(
+        &'a self,
+        name: &'a str,
+        dest_uri: &'a str,
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let (conn, owned, dest) = (self.conn.clone(), name.to_string(), dest_uri.to_string());
+        Box::pin(async move {
+            let flags = virt::sys::VIR_MIGRATE_LIVE
+                | virt::sys::VIR_MIGRATE_PEER2PEER
+                | virt::sys::VIR_MIGRATE_PERSIST_DEST
+                | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+            boundary::run("libvirt migrate", deadline, move || {
+                conn.lookup_domain_by_name(&owned)?.migrate_to_uri(&dest, flags, None, 0)
+            })
+            .await
+            // Past the deadline the job may still finish: `Unavailable` says the outcome is unknown.
+            .map_err(bounded)?
+            .map_err(|e| refused("migrate", name, e))
+        })
     }
 }
 

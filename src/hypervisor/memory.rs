@@ -120,6 +120,23 @@ impl Hypervisor for MemoryHypervisor {
         };
         Box::pin(async move { r })
     }
+
+    /// Like libvirt's test driver: no migration.
+    fn migrate_live<'a>(
+        &'a self,
+        name: &'a str,
+        _dest_uri: &'a str,
+        _deadline: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        let r = self.with(name, |d, _| {
+            Err(HypervisorError::Refused {
+                op: "migrate",
+                name: d.name.clone(),
+                message: "this hypervisor has no migration".into(),
+            })
+        });
+        Box::pin(async move { r })
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 pub mod libvirt;
 pub mod memory;
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 use herd_storage::model::ActualState;
 use serde::Serialize;
@@ -45,4 +47,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Pulls the plug.
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
     fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    /// Live-migrates a running domain to the hypervisor at `dest_uri` (peer to peer, persistent
+    /// there, undefined here). On `Ok` it runs there and no longer here; on `Refused` it still
+    /// runs here; `Unavailable` (e.g. past `deadline`) means the outcome is unknown.
+    fn migrate_live<'a>(
+        &'a self,
+        name: &'a str,
+        dest_uri: &'a str,
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>>;
 }

@@ -195,6 +195,28 @@ fn vms_against_each_nodes_own_libvirt() {
         let i = NAMES.iter().position(|n| n == to)?;
         (observed(&daemons).get("vm1") == Some(&vec![i])).then_some(())
     });
+    // Live only, against a libvirtd whose test driver cannot migrate: the move is aborted and
+    // vm2 keeps running on its node with the same libvirt id, in `fail` with the reason.
+    let v2_home = where_is(&mut c, "vm2");
+    let v2_id = daemons[v2_home].running().into_iter().find(|(n, _)| n == "vm2").map(|(_, id)| id);
+    let other = NAMES[(v2_home + 1) % 3];
+    let out = c.node("l1").cli(&["vm", "migrate", "vm2", "--to", other, "--force-live"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("vm2 failed its live migration, still home", Duration::from_secs(20), || {
+        let l = vms(c.node("l1"));
+        l.iter()
+            .find(|v| v["name"] == "vm2" && v["state"] == "fail" && v["node"] == NAMES[v2_home])
+            .and_then(|v| v["failure_reason"].as_str().filter(|r| r.contains("live migration")).map(|_| ()))
+    });
+    let now_id = daemons[v2_home].running().into_iter().find(|(n, _)| n == "vm2").map(|(_, id)| id);
+    assert!(v2_id.is_some() && now_id == v2_id, "vm2 untouched: {v2_id:?} -> {now_id:?}");
+    assert!(c.node("l1").cli(&["vm", "start", "vm2"]).status.success());
+    wait_until("vm2 back in start", Duration::from_secs(20), || {
+        vms(c.node("l1"))
+            .iter()
+            .any(|v| v["name"] == "vm2" && v["state"] == "start" && v["actual"] == "running")
+            .then_some(())
+    });
     let out = c.node("l1").cli(&["node", "flush", "l2", "--wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let on_l2: Vec<String> = daemons[1].running().into_iter().map(|(n, _)| n).filter(|n| n != "test").collect();

@@ -340,6 +340,7 @@ fn apply_op(
         | Command::MigrateVm { .. }
         | Command::UndefineVm { .. }
         | Command::ReleaseVm { .. }
+        | Command::AbortMigration { .. }
         | Command::ReportVm { .. } => super::vm::apply_vm_op(state, index, now, op, changed),
         Command::RecordEvent { kind, node, message } => {
             if kind.is_empty()

@@ -553,6 +553,13 @@ pub enum Command {
         name: String,
         node: String,
     },
+    /// The source of a live-only move (`migrate-live`, or `migration_method = live`) reports
+    /// that libvirt refused it: the VM stays on the source, in `fail` with the reason.
+    AbortMigration {
+        name: String,
+        node: String,
+        reason: String,
+    },
     /// Forget a VM (it must be stopped, disabled or failed).
     UndefineVm {
         name: String,
@@ -594,6 +601,7 @@ impl Command {
             Command::MigrateVm { .. } => "migrate-vm",
             Command::UndefineVm { .. } => "undefine-vm",
             Command::ReleaseVm { .. } => "release-vm",
+            Command::AbortMigration { .. } => "abort-migration",
             Command::ReportVm { .. } => "report-vm",
             Command::SetRouterState { .. } => "set-router-state",
         }

@@ -217,6 +217,36 @@ pub(crate) fn apply_vm_op(
             changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
         }
+        Command::AbortMigration { name, node, reason } => {
+            let vm = vm_mut(state, name, op)?;
+            if vm.migrating_from.as_deref() != Some(node.as_str()) {
+                return Err(ApplyError::Invalid(format!("{name} is not moving away from {node}")));
+            }
+            // Back on the node it never left; its home is what it was before this move.
+            let target = std::mem::replace(&mut vm.node, node.clone());
+            vm.last_node = match vm.state {
+                VmState::Unmigrate => Some(target.clone()),
+                _ if vm.last_node.as_deref() == Some(node.as_str()) => None,
+                _ => vm.last_node.take(),
+            };
+            vm.migrating_from = None;
+            vm.state = VmState::Fail;
+            let reason: String = reason.chars().take(1024).collect();
+            vm.failure_reason = Some(format!("live migration to {target} failed: {reason}"));
+            vm.actual = ActualState::Unknown;
+            vm.revision = index;
+            changed.insert(ObjectKey::Vm(name.clone()));
+            push_event(
+                state,
+                index,
+                now,
+                "vm-migrate-failed",
+                Some(node),
+                format!("{name}: {node} -> {target}: {reason}"),
+                changed,
+            );
+            Ok(Reply::Done)
+        }
         Command::UndefineVm { name } => {
             let vm = vm_mut(state, name, op)?;
             if !matches!(vm.state, VmState::Stop | VmState::Disable | VmState::Fail) {
@@ -398,6 +428,37 @@ mod tests {
 
     fn run(s: &mut State, index: u64, cmd: Command) -> Result<Reply, ApplyError> {
         apply(s, index, &Request { id: format!("r{index}"), time_ms: index, ops: vec![cmd.into()] }).response.result
+    }
+
+    #[test]
+    fn an_aborted_live_migration_leaves_the_vm_failed_on_its_source() {
+        let mut s = three();
+        assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+        let live =
+            Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::MigrateLive, permanent: false };
+        assert_eq!(run(&mut s, 2, live), Ok(Reply::Done));
+        let abort = |node: &str| Command::AbortMigration { name: "web".into(), node: node.into(), reason: "no".into() };
+        // Only the source can abort.
+        assert!(matches!(run(&mut s, 3, abort("b")), Err(ApplyError::Invalid(_))));
+        assert_eq!(run(&mut s, 4, abort("a")), Ok(Reply::Done));
+        let vm = &s.vms["web"];
+        assert_eq!((vm.node.as_str(), vm.last_node.as_deref(), vm.state), ("a", None, VmState::Fail));
+        assert_eq!(vm.migrating_from, None);
+        assert!(vm.failure_reason.as_deref().is_some_and(|r| r.contains("to b failed: no")), "{vm:?}");
+        // Nothing moving any more: a second abort is refused.
+        assert!(run(&mut s, 5, abort("a")).is_err());
+        // An aborted unmigrate keeps the home it was going back to.
+        assert_eq!(run(&mut s, 6, Command::SetVmState { name: "web".into(), state: VmState::Start }), Ok(Reply::Done));
+        let away = Command::MigrateVm { name: "web".into(), to: "c".into(), state: VmState::Migrate, permanent: false };
+        assert_eq!(run(&mut s, 7, away), Ok(Reply::Done));
+        let release = Command::ReleaseVm { name: "web".into(), node: "a".into() };
+        assert_eq!(run(&mut s, 8, release), Ok(Reply::Done));
+        let back =
+            Command::MigrateVm { name: "web".into(), to: "a".into(), state: VmState::Unmigrate, permanent: false };
+        assert_eq!(run(&mut s, 9, back), Ok(Reply::Done));
+        assert_eq!(run(&mut s, 10, abort("c")), Ok(Reply::Done));
+        let vm = &s.vms["web"];
+        assert_eq!((vm.node.as_str(), vm.last_node.as_deref(), vm.state), ("c", Some("a"), VmState::Fail));
     }
 
     #[test]
