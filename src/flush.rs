@@ -106,6 +106,11 @@ async fn move_all(daemon: &Daemon, away: bool) {
                 Err(e) => record(daemon, "flush-stuck", format!("{name} not moved to {target}: {e}")).await,
             }
         }
+        // This node's view must include the batch's writes (acknowledged by the leader, perhaps
+        // not yet applied here) before it is watched, or the moves would look done already.
+        if let Err(e) = daemon.node.read_barrier(WRITE_TIMEOUT).await {
+            tracing::warn!("flush: this node's view did not catch up: {e}");
+        }
         // Each move of the batch: done once the VM runs on its target (or stays stopped there).
         let deadline = Instant::now() + timeout;
         let mut applied = member.view.subscribe();

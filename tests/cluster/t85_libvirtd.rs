@@ -217,13 +217,36 @@ fn vms_against_each_nodes_own_libvirt() {
             .any(|v| v["name"] == "vm2" && v["state"] == "start" && v["actual"] == "running")
             .then_some(())
     });
+    // The VMs whose home is l2 (not those only visiting it after a migration).
+    let homed_on_l2: Vec<String> = vms(c.node("l1"))
+        .iter()
+        .filter(|v| v["node"] == "l2" && v["last_node"].is_null())
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!homed_on_l2.is_empty(), "l2 is home to VMs before its flush");
+    let every_vm_placed_apart = |c: &mut Cluster| {
+        for v in vms(c.node("l3")) {
+            assert!(v["node"] != v["last_node"], "a VM's node is never its last_node: {v}");
+        }
+    };
     let out = c.node("l1").cli(&["node", "flush", "l2", "--wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let on_l2: Vec<String> = daemons[1].running().into_iter().map(|(n, _)| n).filter(|n| n != "test").collect();
     assert!(on_l2.is_empty(), "flushed l2 still runs {on_l2:?}");
+    // Its VMs run elsewhere, where the cluster says, remembering l2 as their home.
+    check_placement(&mut c);
+    every_vm_placed_apart(&mut c);
+    for v in vms(c.node("l3")).iter().filter(|v| homed_on_l2.iter().any(|n| v["name"] == n.as_str())) {
+        assert!(v["node"] != "l2" && v["last_node"] == "l2", "{v}");
+    }
     let out = c.node("l1").cli(&["node", "ready", "l2", "--wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Back on their last_node, l2, by l2's own libvirt.
     check_placement(&mut c);
+    every_vm_placed_apart(&mut c);
+    for name in &homed_on_l2 {
+        assert_eq!(observed(&daemons).get(name), Some(&vec![1]), "{name} back on l2");
+    }
 
     // Restarting one node's herd leaves its domains running, with the same libvirt ids.
     let before: Vec<(String, u32)> = daemons[2].running();

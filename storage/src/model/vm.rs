@@ -192,7 +192,8 @@ pub(crate) fn apply_vm_op(
             let from = std::mem::replace(&mut vm.node, to.clone());
             vm.last_node = match (how, permanent) {
                 (_, true) | (VmState::Unmigrate, _) => None,
-                _ => vm.last_node.take().or(Some(from.clone())),
+                // A temporary move keeps the first home; moving back there is arriving home.
+                _ => vm.last_node.take().or(Some(from.clone())).filter(|home| home != to),
             };
             // A VM that is not running just changes node; a running one moves, and must first
             // stop where it was.
@@ -578,6 +579,11 @@ mod tests {
             Ok(Reply::Done)
         );
         assert_eq!(s.vms["web"].state, VmState::Start);
+        // A temporary move back to the home is arriving home: never node == last_node.
+        let home = Command::MigrateVm { name: "web".into(), to: "a".into(), state: VmState::Migrate, permanent: false };
+        let mut probe = s.clone();
+        assert_eq!(run(&mut probe, 500, home), Ok(Reply::Done));
+        assert_eq!((probe.vms["web"].node.as_str(), probe.vms["web"].last_node.as_deref()), ("a", None));
         assert!(
             run(
                 &mut s,
