@@ -123,16 +123,7 @@ pub fn plan(
                 p.actions.push(Action::Start { vm: name.clone() });
             }
             VmState::Stop | VmState::Disable if running => p.actions.push(Action::Destroy { vm: name.clone() }),
-            VmState::Shutdown if running => match memory.shutdown_asked.get(name) {
-                None => {
-                    memory.shutdown_asked.insert(name.clone(), now_ms);
-                    p.actions.push(Action::Shutdown { vm: name.clone() });
-                }
-                Some(asked) if now_ms.saturating_sub(*asked) >= shutdown_timeout_ms => {
-                    p.actions.push(Action::Destroy { vm: name.clone() })
-                }
-                Some(_) => {}
-            },
+            VmState::Shutdown if running => stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p),
             _ => {}
         }
         if !running {
@@ -163,18 +154,8 @@ pub fn plan(
             // aborted through Raft; until then nothing else is done to it here.
             continue;
         }
-        if !fallback {
-            continue;
-        }
-        match memory.shutdown_asked.get(name) {
-            None => {
-                memory.shutdown_asked.insert(name.clone(), now_ms);
-                p.actions.push(Action::Shutdown { vm: name.clone() });
-            }
-            Some(asked) if now_ms.saturating_sub(*asked) >= shutdown_timeout_ms => {
-                p.actions.push(Action::Destroy { vm: name.clone() })
-            }
-            Some(_) => {}
+        if fallback {
+            stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p);
         }
     }
     for d in domains {
@@ -194,6 +175,20 @@ pub fn plan(
     }
     memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
     p
+}
+
+/// A graceful shutdown of a running domain: asked once, then a destroy once the timeout passed.
+fn stop_gracefully(name: &str, memory: &mut Memory, now_ms: u64, timeout_ms: u64, p: &mut Plan) {
+    match memory.shutdown_asked.get(name) {
+        None => {
+            memory.shutdown_asked.insert(name.to_string(), now_ms);
+            p.actions.push(Action::Shutdown { vm: name.to_string() });
+        }
+        Some(asked) if now_ms.saturating_sub(*asked) >= timeout_ms => {
+            p.actions.push(Action::Destroy { vm: name.to_string() })
+        }
+        Some(_) => {}
+    }
 }
 
 /// Reads what `vm define` needs from a libvirt domain XML.

@@ -83,7 +83,7 @@ fn apply_ops(
     Ok(reply)
 }
 
-fn check_revision(object: String, actual: u64, op: &Op) -> Result<(), ApplyError> {
+pub(crate) fn check_revision(object: String, actual: u64, op: &Op) -> Result<(), ApplyError> {
     match op.expect_revision {
         Some(expected) if expected != actual => Err(ApplyError::RevisionMismatch { object, expected, actual }),
         _ => Ok(()),

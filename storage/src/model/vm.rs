@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::apply::{push_event, validate_name};
+use super::apply::{check_revision, push_event, validate_name};
 use super::types::*;
 
 /// The domain XML of record is bounded: it lives in the replicated state.
@@ -84,11 +84,7 @@ fn validate_spec(state: &State, spec: &VmSpec) -> Result<(), ApplyError> {
 
 fn vm_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut VmRecord, ApplyError> {
     let vm = state.vms.get_mut(name).ok_or_else(|| ApplyError::NoSuchVm(name.to_string()))?;
-    if let Some(expected) = op.expect_revision {
-        if expected != vm.revision {
-            return Err(ApplyError::RevisionMismatch { object: format!("vm {name}"), expected, actual: vm.revision });
-        }
-    }
+    check_revision(format!("vm {name}"), vm.revision, op)?;
     Ok(vm)
 }
 
@@ -102,12 +98,7 @@ pub(crate) fn apply_vm_op(
 ) -> Result<Reply, ApplyError> {
     match &op.cmd {
         Command::DefineVm { spec, node } => {
-            if let Some(expected) = op.expect_revision {
-                let actual = state.vms.get(&spec.name).map_or(0, |v| v.revision);
-                if expected != actual {
-                    return Err(ApplyError::RevisionMismatch { object: format!("vm {}", spec.name), expected, actual });
-                }
-            }
+            check_revision(format!("vm {}", spec.name), state.vms.get(&spec.name).map_or(0, |v| v.revision), op)?;
             validate_spec(state, spec)?;
             if state.vms.values().any(|v| v.spec.name == spec.name || v.spec.uuid == spec.uuid) {
                 return Err(ApplyError::VmExists { name: spec.name.clone(), uuid: spec.uuid.clone() });
