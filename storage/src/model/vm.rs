@@ -651,6 +651,44 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
+        /// Whatever VM commands arrive, in whatever order: a VM is always on a known node, never
+        /// remembers its current node as its home or as the node it is leaving, and a refused
+        /// command changes nothing.
+        #[test]
+        fn vm_transitions_keep_their_invariants(
+            cmds in proptest::collection::vec((0u8..9, 0u8..2, 0u8..3, 0u8..6, any::<bool>()), 1..60),
+        ) {
+            let nodes = ["a", "b", "c"];
+            let states = [VmState::Start, VmState::Stop, VmState::Shutdown, VmState::Restart, VmState::Disable, VmState::Fail];
+            let mut s = three();
+            for (i, (kind, vm, node, st, flag)) in cmds.into_iter().enumerate() {
+                let index = i as u64 + 1;
+                let name = ["web", "db"][vm as usize].to_string();
+                let n = nodes[node as usize].to_string();
+                let cmd = match kind {
+                    0 => Command::DefineVm { spec: spec(&name, vm + 1), node: n },
+                    1 => Command::SetVmState { name, state: states[st as usize] },
+                    2 => Command::MigrateVm { name, to: n, state: VmState::Migrate, permanent: flag },
+                    3 => Command::MigrateVm { name, to: n, state: VmState::Unmigrate, permanent: false },
+                    4 => Command::MigrateVm { name, to: n, state: VmState::MigrateLive, permanent: false },
+                    5 => Command::ReleaseVm { name, node: n },
+                    6 => Command::AbortMigration { name, node: n, reason: "refused".into() },
+                    7 => Command::ReportVm { name, node: n, actual: if flag { ActualState::Running } else { ActualState::Shutoff }, failure: None },
+                    _ => Command::UndefineVm { name },
+                };
+                let before = s.vms.clone();
+                if run(&mut s, index, cmd).is_err() {
+                    prop_assert_eq!(&s.vms, &before, "a refusal changed VMs");
+                }
+                for vm in s.vms.values() {
+                    prop_assert!(s.nodes.contains_key(&vm.node), "{:?}", vm);
+                    prop_assert!(vm.last_node.as_deref() != Some(vm.node.as_str()), "home is here: {:?}", vm);
+                    prop_assert!(vm.migrating_from.as_deref() != Some(vm.node.as_str()), "leaving here for here: {:?}", vm);
+                    prop_assert!(vm.revision <= index);
+                }
+            }
+        }
+
         /// Whatever the nodes, placement returns an eligible node, the best by the selector, or
         /// fails exactly when no node is eligible.
         #[test]
