@@ -6,7 +6,9 @@ set -euo pipefail
 # iproute2: `ip` (floating addresses, network-namespace tests); iputils-arping: gratuitous ARP;
 # libvirt-dev: the virt crate links libvirt (its test driver serves the VM tests);
 # libvirt-daemon: libvirtd, one per node in the cluster test that checks each node's own libvirt.
-PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon)
+# openipmi: ipmi_sim, the simulated BMC of the fencing tests and the demo; ipmitool: checks that
+# herd leaves a BMC usable by other clients.
+PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon openipmi ipmitool)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

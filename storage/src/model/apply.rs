@@ -133,6 +133,8 @@ fn new_record(node: &NewNode, id: NodeId, index: u64, now: u64) -> NodeRecord {
         stats: NodeStats::default(),
         last_keepalive_ms: None,
         heartbeat: Default::default(),
+        fencing: None,
+        fence: Default::default(),
         joined_ms: now,
         revision: index,
     }
@@ -244,6 +246,16 @@ fn apply_op(
                 return Err(ApplyError::Invalid("daemon_state stop needs a return_by deadline".into()));
             }
             let old = node.daemon_state;
+            if old == DaemonState::Fenced && *new != DaemonState::Fenced {
+                // A fenced node that comes back stays fenced until `herd node ready` (or its
+                // auto_ready): its start is recorded as a sign of life, nothing more.
+                node.last_keepalive_ms = Some(now);
+                node.revision = index;
+                changed.insert(ObjectKey::Node(name.clone()));
+                let msg = format!("{name} is back ({new}) and stays fenced until `herd node ready`");
+                push_event(state, index, now, "daemon-state", Some(name), msg, changed);
+                return Ok(Reply::Done);
+            }
             node.daemon_state = *new;
             node.return_by_ms = if *new == DaemonState::Stop { *return_by_ms } else { None };
             node.revision = index;
@@ -259,6 +271,17 @@ fn apply_op(
             let from = node.domain_state;
             if !from.may_become(*to) {
                 return Err(ApplyError::Invalid(format!("{name}: domain state {from} cannot become {to}")));
+            }
+            if node.daemon_state == DaemonState::Fenced {
+                // Only `ready` (unflush) leaves the fenced state, and only once the node's
+                // daemon has been heard since the fence: a powered-off node is not made `run`.
+                let back = matches!((node.last_keepalive_ms, node.fence.fenced_ms), (Some(k), Some(f)) if k > f);
+                if *to != DomainState::Unflush || !back {
+                    return Err(ApplyError::Invalid(format!(
+                        "{name} is fenced: it must be back (its daemon running) before `herd node ready`"
+                    )));
+                }
+                node.daemon_state = DaemonState::Run;
             }
             node.domain_state = *to;
             node.revision = index;
@@ -342,6 +365,11 @@ fn apply_op(
         | Command::ReleaseVm { .. }
         | Command::AbortMigration { .. }
         | Command::ReportVm { .. } => super::vm::apply_vm_op(state, index, now, op, changed),
+        Command::SetFencePolicy { .. }
+        | Command::SetFenceReady { .. }
+        | Command::DecideFence { .. }
+        | Command::CancelFence { .. }
+        | Command::FenceDone { .. } => super::fence::apply_fence_op(state, index, now, op, changed),
         Command::RecordEvent { kind, node, message } => {
             if kind.is_empty()
                 || kind.len() > 64

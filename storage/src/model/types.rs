@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +35,7 @@ macro_rules! state_names {
                 f.write_str(self.as_str())
             }
         }
-        impl FromStr for $ty {
+        impl std::str::FromStr for $ty {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
                 match s {
@@ -299,6 +298,12 @@ pub struct NodeRecord {
     /// This node's heartbeat address (`ip:port`) on each heartbeat network, by network name.
     #[serde(default)]
     pub heartbeat: BTreeMap<String, String>,
+    /// How this node is fenced, as it published it (None: it cannot be fenced).
+    #[serde(default)]
+    pub fencing: Option<super::fence::FencePolicy>,
+    /// Its BMC's readiness and the fences of it.
+    #[serde(default)]
+    pub fence: super::fence::FenceStatus,
     pub joined_ms: u64,
     /// Log index of the command that last changed this record.
     pub revision: u64,
@@ -572,6 +577,37 @@ pub enum Command {
         #[serde(default)]
         failure: Option<String>,
     },
+    /// A node publishes how it is fenced (`node_id` as for `Keepalive`).
+    SetFencePolicy {
+        name: String,
+        policy: Option<super::fence::FencePolicy>,
+        #[serde(default)]
+        node_id: Option<NodeId>,
+    },
+    /// The primary's last BMC check of a node (written when it changes).
+    SetFenceReady {
+        name: String,
+        ready: bool,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// The primary (or an operator, `manual`) decides to fence a node; one executor acts.
+    DecideFence {
+        name: String,
+        reason: String,
+        #[serde(default)]
+        manual: bool,
+    },
+    /// The node was heard again before the fence ran (the saving throw).
+    CancelFence {
+        name: String,
+        reason: String,
+    },
+    /// The outcome of a fence; a confirmed one recovers the node's VMs per its policy.
+    FenceDone {
+        name: String,
+        outcome: super::fence::FenceOutcome,
+    },
     /// Something the cluster's event log should show (MNFA entry and exit, ...).
     RecordEvent {
         kind: String,
@@ -604,6 +640,11 @@ impl Command {
             Command::AbortMigration { .. } => "abort-migration",
             Command::ReportVm { .. } => "report-vm",
             Command::SetRouterState { .. } => "set-router-state",
+            Command::SetFencePolicy { .. } => "set-fence-policy",
+            Command::SetFenceReady { .. } => "set-fence-ready",
+            Command::DecideFence { .. } => "decide-fence",
+            Command::CancelFence { .. } => "cancel-fence",
+            Command::FenceDone { .. } => "fence-done",
         }
     }
 }

@@ -311,6 +311,8 @@ mod tests {
             stats,
             last_keepalive_ms: None,
             heartbeat: Default::default(),
+            fencing: None,
+            fence: Default::default(),
             joined_ms: 0,
             revision: 1,
         }

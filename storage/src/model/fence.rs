@@ -1,0 +1,646 @@
+//! Fencing in the replicated model: each node's published policy, the fence decision, its
+//! outcome, and the recovery of a fenced node's VMs. Pure, like the rest of `model`.
+//!
+//! ```text
+//!  DecideFence ─▶ pending ─┬─ CancelFence (heard again: the saving throw)
+//!                          ├─ FenceDone Failed ─▶ failure recorded, nothing started
+//!                          └─ FenceDone Fenced ─▶ daemon_state fenced, domain_state fence-flush
+//!                                ─▶ (successful_fence = migrate) every VM that should run placed
+//!                                   elsewhere, keeping last_node ─▶ domain_state flushed
+//!  FenceDone SelfFenced: after a failed fence, only with failed_fence = recover-after-self-fence
+//!  and the node's last committed keepalive older than self_fence_after + watchdog + margin.
+//! ```
+//! The executor (the primary) acts outside the log; this module only records and checks.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::apply::{check_revision, push_event};
+use super::types::*;
+use super::vm::place;
+
+/// Added to a self-fencing node's deadlines before its VMs may be recovered: the slack for
+/// the watchdog's own tick and the host's reset.
+pub const SELF_FENCE_MARGIN_MS: u64 = 5_000;
+
+/// Bounds on the published policy (it lives in the replicated state).
+const MAX_POLICY_FIELD: usize = 1024;
+const MAX_AGENT_OPTIONS: usize = 32;
+
+/// Which fence agent fences a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceAgentKind {
+    /// Built-in IPMI over LAN (RMCP+, cipher suite 3, Administrator).
+    #[default]
+    Ipmi,
+    /// An executable speaking the fence-agents stdin protocol (`fence_ipmilan`, `fence_redfish`…).
+    External,
+}
+
+/// What a fence does to the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceAction {
+    /// Power off, confirm, recover the VMs, then power on again.
+    #[default]
+    Reboot,
+    /// Power off and leave it off.
+    Off,
+}
+
+/// What follows a confirmed fence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuccessfulFence {
+    /// Start the node's VMs elsewhere.
+    #[default]
+    Migrate,
+    /// Leave them to the operator.
+    None,
+}
+
+/// What follows a fence that could not be confirmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailedFence {
+    /// Nothing is started elsewhere: a VM must never run twice.
+    #[default]
+    None,
+    /// The node self-fences (watchdog armed); its VMs are recovered once its last committed
+    /// keepalive is old enough that it has certainly done so.
+    RecoverAfterSelfFence,
+}
+
+state_names!(FenceAgentKind { Ipmi = "ipmi", External = "external" });
+state_names!(FenceAction { Reboot = "reboot", Off = "off" });
+state_names!(SuccessfulFence { Migrate = "migrate", None = "none" });
+state_names!(FailedFence { None = "none", RecoverAfterSelfFence = "recover-after-self-fence" });
+
+/// How a node is to be fenced; each node publishes its own, and the victim's applies.
+///
+/// The BMC password travels in the replicated log (coordinators need it to fence); it is
+/// redacted from `Debug` and never rendered by the daemon's output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FencePolicy {
+    pub agent: FenceAgentKind,
+    /// `host:port` of this node's BMC, as the coordinators reach it.
+    pub bmc: String,
+    pub user: String,
+    pub password: String,
+    /// The executable, for `agent = external`.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Extra `key=value` lines for an external agent (`lanplus=1`, …).
+    #[serde(default)]
+    pub options: Vec<String>,
+    pub fence_after_ms: u64,
+    pub fence_action: FenceAction,
+    pub successful_fence: SuccessfulFence,
+    pub failed_fence: FailedFence,
+    pub self_fence_after_ms: u64,
+    /// The armed hardware watchdog's timeout (0: none).
+    #[serde(default)]
+    pub watchdog_timeout_ms: u64,
+    #[serde(default)]
+    pub auto_ready: bool,
+}
+
+impl fmt::Debug for FencePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FencePolicy")
+            .field("agent", &self.agent)
+            .field("bmc", &self.bmc)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("command", &self.command)
+            .field("fence_after_ms", &self.fence_after_ms)
+            .field("fence_action", &self.fence_action)
+            .field("successful_fence", &self.successful_fence)
+            .field("failed_fence", &self.failed_fence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FencePolicy {
+    fn validate(&self) -> Result<(), ApplyError> {
+        let long = |s: &str| s.len() > MAX_POLICY_FIELD;
+        if self.bmc.is_empty() || long(&self.bmc) || long(&self.user) || long(&self.password) {
+            return Err(ApplyError::Invalid("fence policy: bmc 1 to 1024 bytes, user and password up to 1024".into()));
+        }
+        if self.options.len() > MAX_AGENT_OPTIONS || self.options.iter().any(|o| long(o) || !o.contains('=')) {
+            return Err(ApplyError::Invalid(format!("fence policy: up to {MAX_AGENT_OPTIONS} key=value options")));
+        }
+        if self.agent == FenceAgentKind::External && self.command.as_deref().is_none_or(|c| c.is_empty() || long(c)) {
+            return Err(ApplyError::Invalid("fence policy: agent external needs a command".into()));
+        }
+        if self.failed_fence == FailedFence::RecoverAfterSelfFence && self.watchdog_timeout_ms == 0 {
+            return Err(ApplyError::Invalid("fence policy: recover-after-self-fence needs an armed watchdog".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A fence decided and not yet done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingFence {
+    pub decided_ms: u64,
+    pub reason: String,
+    /// Asked for by an operator (`herd node fence`): no saving throw.
+    #[serde(default)]
+    pub manual: bool,
+}
+
+/// A node's fencing status in the replicated record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FenceStatus {
+    /// Whether its BMC answered the last check (None: not checked yet, or no policy).
+    pub ready: Option<bool>,
+    /// Why not, when it did not.
+    pub ready_reason: Option<String>,
+    pub pending: Option<PendingFence>,
+    /// Leader time of the last confirmed fence.
+    pub fenced_ms: Option<u64>,
+    /// Leader time and reason of the last failed fence (cleared by a confirmed one).
+    pub failed_ms: Option<u64>,
+    pub failure: Option<String>,
+}
+
+/// How a fence ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceOutcome {
+    /// Power-off confirmed by the BMC.
+    Fenced,
+    /// Not confirmed; nothing is started elsewhere.
+    Failed { reason: String },
+    /// The node has self-fenced by now (its policy and its keepalive age say so).
+    SelfFenced,
+}
+
+fn bounded(s: &str) -> String {
+    s.chars().take(1024).collect()
+}
+
+fn node_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut NodeRecord, ApplyError> {
+    let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.to_string()))?;
+    check_revision(format!("node {name}"), node.revision, op)?;
+    Ok(node)
+}
+
+pub(crate) fn apply_fence_op(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    changed: &mut BTreeSet<ObjectKey>,
+) -> Result<Reply, ApplyError> {
+    match &op.cmd {
+        Command::SetFencePolicy { name, policy, node_id } => {
+            if let Some(p) = policy {
+                p.validate()?;
+            }
+            let node = node_mut(state, name, op)?;
+            if node_id.is_some_and(|id| id != node.id) {
+                return Err(ApplyError::NoSuchNode(name.clone()));
+            }
+            if node.fencing != *policy {
+                node.fencing = policy.clone();
+                node.fence.ready = None;
+                node.fence.ready_reason = None;
+            }
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            Ok(Reply::Done)
+        }
+        Command::SetFenceReady { name, ready, reason } => {
+            let node = node_mut(state, name, op)?;
+            let was = node.fence.ready;
+            node.fence.ready = Some(*ready);
+            node.fence.ready_reason = if *ready { None } else { reason.as_deref().map(bounded) };
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            if was != Some(*ready) {
+                let msg = match (ready, reason) {
+                    (true, _) => format!("{name} can be fenced: its BMC answers"),
+                    (false, r) => {
+                        format!("{name} cannot be fenced: {}", bounded(r.as_deref().unwrap_or("BMC check failed")))
+                    }
+                };
+                push_event(state, index, now, "fence-readiness", Some(name), msg, changed);
+            }
+            Ok(Reply::Done)
+        }
+        Command::DecideFence { name, reason, manual } => {
+            let maintenance = state.meta.as_ref().is_some_and(|m| m.maintenance);
+            let node = node_mut(state, name, op)?;
+            if node.fencing.is_none() {
+                return Err(ApplyError::Invalid(format!("{name} has no fencing configured")));
+            }
+            if node.fence.pending.is_some() {
+                return Err(ApplyError::Invalid(format!("a fence of {name} is already in progress")));
+            }
+            if !manual && maintenance {
+                return Err(ApplyError::Invalid("the cluster is in maintenance: no fencing".into()));
+            }
+            if !manual && node.daemon_state == DaemonState::Fenced {
+                return Err(ApplyError::Invalid(format!("{name} is already fenced")));
+            }
+            node.fence.pending = Some(PendingFence { decided_ms: now, reason: bounded(reason), manual: *manual });
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            let who = if *manual { "by an operator" } else { "by the primary" };
+            push_event(
+                state,
+                index,
+                now,
+                "fence-decided",
+                Some(name),
+                format!("fence of {name} decided {who}: {}", bounded(reason)),
+                changed,
+            );
+            Ok(Reply::Done)
+        }
+        Command::CancelFence { name, reason } => {
+            let node = node_mut(state, name, op)?;
+            if node.fence.pending.take().is_none() {
+                return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
+            }
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            push_event(
+                state,
+                index,
+                now,
+                "fence-cancelled",
+                Some(name),
+                format!("fence of {name} cancelled: {}", bounded(reason)),
+                changed,
+            );
+            Ok(Reply::Done)
+        }
+        Command::FenceDone { name, outcome } => fence_done(state, index, now, op, name, outcome, changed),
+        _ => Err(ApplyError::Invalid("not a fence command".into())),
+    }
+}
+
+fn fence_done(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    name: &String,
+    outcome: &FenceOutcome,
+    changed: &mut BTreeSet<ObjectKey>,
+) -> Result<Reply, ApplyError> {
+    let node = node_mut(state, name, op)?;
+    let policy =
+        node.fencing.clone().ok_or_else(|| ApplyError::Invalid(format!("{name} has no fencing configured")))?;
+    match outcome {
+        FenceOutcome::Failed { reason } => {
+            if node.fence.pending.take().is_none() {
+                return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
+            }
+            node.fence.failed_ms = Some(now);
+            node.fence.failure = Some(bounded(reason));
+            node.revision = index;
+            changed.insert(ObjectKey::Node(name.clone()));
+            let next = match policy.failed_fence {
+                FailedFence::None => "its VMs are not started elsewhere (failed_fence = none)",
+                FailedFence::RecoverAfterSelfFence => "its VMs are recovered once it has certainly self-fenced",
+            };
+            push_event(
+                state,
+                index,
+                now,
+                "fence-failed",
+                Some(name),
+                format!("fence of {name} failed: {}; {next}", bounded(reason)),
+                changed,
+            );
+            return Ok(Reply::Done);
+        }
+        FenceOutcome::Fenced => {
+            if node.fence.pending.take().is_none() {
+                return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
+            }
+        }
+        FenceOutcome::SelfFenced => {
+            if policy.failed_fence != FailedFence::RecoverAfterSelfFence {
+                return Err(ApplyError::Invalid(format!("{name}'s policy does not self-fence")));
+            }
+            if node.daemon_state == DaemonState::Fenced {
+                return Err(ApplyError::Invalid(format!("{name} is already fenced")));
+            }
+            let wait = policy
+                .self_fence_after_ms
+                .saturating_add(policy.watchdog_timeout_ms)
+                .saturating_add(SELF_FENCE_MARGIN_MS);
+            let age = node.last_keepalive_ms.map_or(u64::MAX, |k| now.saturating_sub(k));
+            if age < wait {
+                return Err(ApplyError::Invalid(format!(
+                    "{name}'s last committed keepalive is {age} ms old; it has certainly self-fenced only after {wait} ms"
+                )));
+            }
+            node.fence.pending = None;
+        }
+    }
+    let old = node.daemon_state;
+    node.daemon_state = DaemonState::Fenced;
+    node.domain_state = DomainState::FenceFlush;
+    node.return_by_ms = None;
+    node.fence.fenced_ms = Some(now);
+    node.fence.failed_ms = None;
+    node.fence.failure = None;
+    node.revision = index;
+    changed.insert(ObjectKey::Node(name.clone()));
+    let how = if matches!(outcome, FenceOutcome::SelfFenced) {
+        "self-fenced (by its policy and keepalive age)"
+    } else {
+        "fenced: power-off confirmed"
+    };
+    push_event(state, index, now, "fenced", Some(name), format!("{name} {how} (was {old})"), changed);
+    if policy.successful_fence == SuccessfulFence::Migrate {
+        recover(state, index, now, name, changed);
+    }
+    if let Some(node) = state.nodes.get_mut(name) {
+        node.domain_state = DomainState::Flushed;
+    }
+    Ok(Reply::Done)
+}
+
+/// Starts every VM of the fenced node `name` that should run on another node, keeping
+/// `last_node` so `herd node ready` brings them home. A VM that moved away from `name` and was
+/// not released is released (its source is dead); one that fits nowhere is put in `fail`.
+fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BTreeSet<ObjectKey>) {
+    let names: Vec<String> = state.vms.keys().cloned().collect();
+    let (mut moved, mut failed) = (Vec::new(), Vec::new());
+    for vm_name in names {
+        let Some(vm) = state.vms.get(&vm_name) else { continue };
+        if vm.node != name {
+            if vm.migrating_from.as_deref() == Some(name) {
+                let vm = state.vms.get_mut(&vm_name).expect("present");
+                vm.migrating_from = None;
+                vm.revision = index;
+                changed.insert(ObjectKey::Vm(vm_name));
+            }
+            continue;
+        }
+        if !vm.state.wants_running() {
+            continue;
+        }
+        let selector = vm.spec.selector.unwrap_or_default();
+        let placed = place(state, selector, &vm.spec.node_limit, Some(name));
+        let vm = state.vms.get_mut(&vm_name).expect("present");
+        match placed {
+            Ok(target) => {
+                // Keep the first home: a VM already away from its home keeps that home.
+                let home = vm.last_node.take().unwrap_or_else(|| name.to_string());
+                vm.last_node = (home != target).then_some(home);
+                if vm.migrating_from.as_deref() == Some(target.as_str()) {
+                    vm.migrating_from = None;
+                }
+                vm.node = target.clone();
+                vm.state = if vm.last_node.is_some() { VmState::Migrate } else { VmState::Start };
+                vm.actual = ActualState::Unknown;
+                moved.push(format!("{vm_name} -> {target}"));
+            }
+            Err(e) => {
+                vm.state = VmState::Fail;
+                vm.failure_reason = Some(format!("fence recovery from {name}: {e}"));
+                failed.push(vm_name.clone());
+            }
+        }
+        vm.revision = index;
+        changed.insert(ObjectKey::Vm(vm_name));
+    }
+    let mut msg = format!("{name}: {} VM(s) recovered", moved.len());
+    if !moved.is_empty() {
+        msg.push_str(&format!(" ({})", moved.join(", ")));
+    }
+    if !failed.is_empty() {
+        msg.push_str(&format!("; no node fits {}", failed.join(", ")));
+    }
+    let owner = name.to_string();
+    push_event(state, index, now, "fence-recovery", Some(&owner), bounded(&msg), changed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::apply;
+
+    fn policy() -> FencePolicy {
+        FencePolicy {
+            agent: FenceAgentKind::Ipmi,
+            bmc: "127.0.0.1:9631".into(),
+            user: "admin".into(),
+            password: "pw1".into(),
+            command: None,
+            options: vec![],
+            fence_after_ms: 1500,
+            fence_action: FenceAction::Reboot,
+            successful_fence: SuccessfulFence::Migrate,
+            failed_fence: FailedFence::None,
+            self_fence_after_ms: 30_000,
+            watchdog_timeout_ms: 0,
+            auto_ready: false,
+        }
+    }
+
+    fn node(id: NodeId, name: &str) -> NodeRecord {
+        NodeRecord {
+            id,
+            name: name.into(),
+            role: Role::Hypervisor,
+            cluster_addr: format!("{name}:1"),
+            daemon_state: DaemonState::Run,
+            domain_state: DomainState::Ready,
+            router_state: RouterState::Client,
+            return_by_ms: None,
+            stats: NodeStats { mem_total_mib: 8192, ..Default::default() },
+            last_keepalive_ms: Some(1),
+            heartbeat: Default::default(),
+            fencing: Some(policy()),
+            fence: Default::default(),
+            joined_ms: 0,
+            revision: 1,
+        }
+    }
+
+    fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                uuid: format!("uuid-{name}"),
+                name: name.into(),
+                xml: "<domain/>".into(),
+                memory_mib: 256,
+                vcpus: 1,
+                selector: Some(Selector::Vms),
+                node_limit: vec![],
+                autostart: false,
+                migration_method: MigrationMethod::None,
+            },
+            state,
+            node: node.into(),
+            last_node: None,
+            failure_reason: None,
+            actual: ActualState::Running,
+            migrating_from: None,
+            revision: 1,
+        }
+    }
+
+    fn cluster() -> State {
+        let mut s = State {
+            meta: Some(ClusterMeta {
+                cluster_id: "c".into(),
+                created_ms: 0,
+                maintenance: false,
+                join_token_hashes: Default::default(),
+                next_node_id: 10,
+                revision: 1,
+            }),
+            ..Default::default()
+        };
+        for (i, n) in ["a", "b", "c"].iter().enumerate() {
+            s.nodes.insert(n.to_string(), node(i as u64 + 1, n));
+        }
+        s.vms.insert("v1".into(), vm("v1", "a", VmState::Start));
+        s.vms.insert("v2".into(), vm("v2", "a", VmState::Start));
+        s.vms.insert("off".into(), vm("off", "a", VmState::Stop));
+        s.vms.insert("elsewhere".into(), vm("elsewhere", "b", VmState::Start));
+        s
+    }
+
+    fn at(s: &mut State, index: u64, time_ms: u64, cmd: Command) -> Result<Reply, ApplyError> {
+        let r = apply(s, index, &Request { id: format!("r{index}"), time_ms, ops: vec![cmd.into()] }).response.result;
+        s.check_invariants().expect("invariants");
+        r
+    }
+
+    fn decide(manual: bool) -> Command {
+        Command::DecideFence { name: "a".into(), reason: "lost".into(), manual }
+    }
+
+    fn done(outcome: FenceOutcome) -> Command {
+        Command::FenceDone { name: "a".into(), outcome }
+    }
+
+    fn kinds(s: &State) -> Vec<&str> {
+        s.events.iter().map(|e| e.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn a_confirmed_fence_recovers_running_vms_elsewhere_keeping_their_home() {
+        let mut s = cluster();
+        assert_eq!(at(&mut s, 2, 100, decide(false)), Ok(Reply::Done));
+        assert!(at(&mut s, 3, 110, decide(false)).is_err(), "one fence per node at a time");
+        assert_eq!(at(&mut s, 4, 200, done(FenceOutcome::Fenced)), Ok(Reply::Done));
+        let a = &s.nodes["a"];
+        assert_eq!(
+            (a.daemon_state, a.domain_state, a.fence.fenced_ms),
+            (DaemonState::Fenced, DomainState::Flushed, Some(200))
+        );
+        assert!(a.fence.pending.is_none());
+        for name in ["v1", "v2"] {
+            let v = &s.vms[name];
+            assert_ne!(v.node, "a", "{name} recovered elsewhere");
+            assert_eq!((v.last_node.as_deref(), v.state), (Some("a"), VmState::Migrate));
+        }
+        // The VMs spread by their selector (fewest VMs): one goes to c before b gets a second.
+        assert_eq!(s.vms["v1"].node, "c");
+        assert_eq!(s.vms["off"].node, "a", "a stopped VM stays where it is");
+        assert_eq!(s.vms["elsewhere"].node, "b");
+        assert_eq!(kinds(&s), ["fence-decided", "fenced", "fence-recovery"]);
+        // A fenced node's restart does not make it `run`; `ready` does, once it is back.
+        let unflush = Command::SetDomainState { name: "a".into(), state: DomainState::Unflush, node_id: None };
+        assert!(at(&mut s, 5, 300, unflush.clone()).is_err(), "not back yet");
+        let run =
+            Command::SetDaemonState { name: "a".into(), state: DaemonState::Run, return_by_ms: None, node_id: None };
+        assert_eq!(at(&mut s, 6, 400, run), Ok(Reply::Done));
+        assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+        assert_eq!(at(&mut s, 7, 500, unflush), Ok(Reply::Done));
+        assert_eq!((s.nodes["a"].daemon_state, s.nodes["a"].domain_state), (DaemonState::Run, DomainState::Unflush));
+    }
+
+    #[test]
+    fn cancel_and_failure_start_nothing() {
+        let mut s = cluster();
+        let before = s.vms.clone();
+        at(&mut s, 2, 100, decide(false)).expect("decide");
+        let cancel = Command::CancelFence { name: "a".into(), reason: "heard again".into() };
+        assert_eq!(at(&mut s, 3, 150, cancel.clone()), Ok(Reply::Done));
+        assert!(at(&mut s, 4, 160, cancel).is_err(), "nothing left to cancel");
+        assert!(at(&mut s, 5, 170, done(FenceOutcome::Fenced)).is_err(), "an outcome needs a pending fence");
+        at(&mut s, 6, 200, decide(false)).expect("decide again");
+        let failed = done(FenceOutcome::Failed { reason: "BMC 10.0.0.1:623: no answer".into() });
+        assert_eq!(at(&mut s, 7, 300, failed), Ok(Reply::Done));
+        let a = &s.nodes["a"];
+        assert_eq!((a.daemon_state, a.fence.failed_ms), (DaemonState::Run, Some(300)));
+        assert!(a.fence.failure.as_deref().is_some_and(|f| f.contains("no answer")));
+        assert_eq!(s.vms, before, "no VM moved after a failed fence");
+        assert_eq!(kinds(&s), ["fence-decided", "fence-cancelled", "fence-decided", "fence-failed"]);
+        // With failed_fence = none, no amount of silence lets the VMs be started elsewhere.
+        assert!(at(&mut s, 8, 10_000_000, done(FenceOutcome::SelfFenced)).is_err());
+    }
+
+    #[test]
+    fn self_fenced_recovery_waits_for_the_keepalive_age_its_policy_names() {
+        let mut s = cluster();
+        let p = s.nodes.get_mut("a").and_then(|n| n.fencing.as_mut()).expect("policy");
+        p.failed_fence = FailedFence::RecoverAfterSelfFence;
+        p.watchdog_timeout_ms = 10_000;
+        s.nodes.get_mut("a").expect("a").last_keepalive_ms = Some(1_000);
+        // 30 000 + 10 000 + 5 000 after the last committed keepalive at 1 000.
+        assert!(at(&mut s, 2, 45_999, done(FenceOutcome::SelfFenced)).is_err());
+        assert_eq!(at(&mut s, 3, 46_000, done(FenceOutcome::SelfFenced)), Ok(Reply::Done));
+        assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+        assert_ne!(s.vms["v1"].node, "a");
+    }
+
+    #[test]
+    fn maintenance_policy_and_validation_refusals() {
+        let mut s = cluster();
+        s.meta.as_mut().expect("meta").maintenance = true;
+        assert!(at(&mut s, 2, 100, decide(false)).is_err(), "maintenance: no automatic fence");
+        assert_eq!(at(&mut s, 3, 100, decide(true)), Ok(Reply::Done), "an operator may fence by hand");
+        let mut s = cluster();
+        s.nodes.get_mut("a").expect("a").fencing = None;
+        assert!(at(&mut s, 2, 100, decide(true)).is_err(), "no policy, no fence");
+        let mut bad = policy();
+        bad.failed_fence = FailedFence::RecoverAfterSelfFence;
+        let set = |p| Command::SetFencePolicy { name: "a".into(), policy: Some(p), node_id: None };
+        assert!(at(&mut s, 3, 100, set(bad)).is_err(), "self-fence needs a watchdog");
+        let mut ext = policy();
+        ext.agent = FenceAgentKind::External;
+        assert!(at(&mut s, 4, 100, set(ext)).is_err(), "external needs a command");
+        assert_eq!(at(&mut s, 5, 100, set(policy())), Ok(Reply::Done));
+        assert!(!format!("{:?}", s.nodes["a"].fencing).contains("pw1"), "Debug redacts the password");
+    }
+
+    #[test]
+    fn a_vm_caught_mid_move_is_released_or_rerouted() {
+        let mut s = cluster();
+        // "out" was moving from a to b (not released yet); "in" from b to a.
+        let mut out = vm("out", "b", VmState::Migrate);
+        out.migrating_from = Some("a".into());
+        out.last_node = Some("a".into());
+        let mut inc = vm("in", "a", VmState::Migrate);
+        inc.migrating_from = Some("b".into());
+        inc.last_node = Some("b".into());
+        s.vms.insert("out".into(), out);
+        s.vms.insert("in".into(), inc);
+        at(&mut s, 2, 100, decide(false)).expect("decide");
+        at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
+        assert_eq!(s.vms["out"].migrating_from, None, "its source is dead: released");
+        let inc = &s.vms["in"];
+        // Placed again; it still waits for b's release unless it landed on b itself.
+        assert_ne!(inc.node, "a");
+        assert_eq!(inc.migrating_from.is_some(), inc.node != "b");
+        assert_ne!(inc.last_node.as_deref(), Some(inc.node.as_str()));
+    }
+}
