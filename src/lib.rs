@@ -24,6 +24,7 @@ pub mod boundary;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fence;
 pub mod flush;
 pub mod heartbeat;
 pub mod hypervisor;

@@ -499,6 +499,19 @@ impl Agent {
         verdict::verdicts(&hosts, &inputs, &self.params)
     }
 
+    /// Whether MNFA is active on some network in some fresh view (no loss verdicts then).
+    pub fn mnfa_active(&self) -> bool {
+        let now = self.now_ms();
+        let g = self.lock();
+        let (own, peers) = Self::inputs(&g, now);
+        let mut inputs: Vec<ViewInput<'_>> =
+            peers.iter().map(|(s, age)| ViewInput { summary: s, age_ms: *age }).collect();
+        if let Some(o) = own.as_ref() {
+            inputs.push(ViewInput { summary: o, age_ms: 0 });
+        }
+        verdict::mnfa_networks(&inputs, &self.params).values().any(|on| *on)
+    }
+
     /// The whole picture for `herd heartbeat`.
     pub fn report(&self) -> serde_json::Value {
         let now = self.now_ms();

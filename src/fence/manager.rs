@@ -1,0 +1,371 @@
+//! The fence manager: every coordinator runs it; only the one holding the primary duties acts.
+//!
+//! ```text
+//!  every 100 ms, while primary:
+//!    facts (applied node records, heartbeat verdicts, Raft acks, BMC readings) ─▶ decide()
+//!      Fence ─▶ DecideFence (proposed locally: a deposed primary's decision fails)
+//!    every pending fence without an executor here ─▶ executor (≤ fence.max_parallel at once)
+//!    BMC checks (chassis status, every check_interval; every second for a Raft-silent node)
+//!      ─▶ SetFenceReady when readiness changes (and one log line per change)
+//!    a failed fence whose victim self-fences by policy ─▶ FenceDone SelfFenced once old enough
+//!  executor: saving throw (heard again? CancelFence) ─▶ power off ─▶ poll status until off or
+//!    the deadline ─▶ FenceDone Fenced | Failed ─▶ (fence_action reboot) power on again
+//! ```
+//! Decisions and outcomes are Raft commands; the model recovers the VMs when `FenceDone Fenced`
+//! applies. A new primary finds pending fences in the state and executes them again: a
+//! power-off is idempotent and a second outcome is refused by the model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use herd_raft::node::ClusterNode;
+use herd_storage::model::{
+    Command, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, Role, SELF_FENCE_MARGIN_MS,
+};
+use herd_storage::sled_store::SledLogStore;
+use openraft::async_runtime::watch::WatchReceiver;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::agent::{Action, Fencer, Power};
+use super::decide::{decide, heard_again, Context, Decision, Facts};
+use crate::heartbeat::agent::Agent;
+use crate::primary::manager::Manager;
+
+const TICK: Duration = Duration::from_millis(100);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A Raft-silent node's BMC is read this often (a powered-off node is dead, even under MNFA).
+const SILENT_CHECK: Duration = Duration::from_secs(1);
+const CONFIRM_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub name: String,
+    pub role: Role,
+    pub max_parallel: usize,
+    pub check_interval: Duration,
+    pub call_timeout: Duration,
+    pub confirm_timeout: Duration,
+    pub retry_after_ms: u64,
+}
+
+/// The last BMC reading of a node, as this coordinator saw it.
+#[derive(Clone, Debug)]
+struct Reading {
+    at: Instant,
+    power: Option<Power>,
+}
+
+#[derive(Default)]
+struct Local {
+    /// Nodes whose fence runs in this process.
+    executing: BTreeSet<String>,
+    /// Nodes whose BMC check runs now.
+    checking: BTreeSet<String>,
+    readings: BTreeMap<String, Reading>,
+    /// Readiness last logged per node (one line per change).
+    logged: BTreeMap<String, bool>,
+}
+
+pub struct FenceManager {
+    settings: Settings,
+    node: Arc<ClusterNode<SledLogStore>>,
+    heartbeat: Arc<Agent>,
+    primary: Arc<Manager>,
+    fencer: Arc<dyn Fencer>,
+    slots: Arc<Semaphore>,
+    local: Mutex<Local>,
+    started: Instant,
+}
+
+impl FenceManager {
+    pub fn new(
+        settings: Settings,
+        node: Arc<ClusterNode<SledLogStore>>,
+        heartbeat: Arc<Agent>,
+        primary: Arc<Manager>,
+        fencer: Arc<dyn Fencer>,
+    ) -> Arc<FenceManager> {
+        let slots = Arc::new(Semaphore::new(settings.max_parallel));
+        Arc::new(FenceManager {
+            settings,
+            node,
+            heartbeat,
+            primary,
+            fencer,
+            slots,
+            local: Mutex::default(),
+            started: Instant::now(),
+        })
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs until shutdown; acts only while this node holds the primary duties.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.settings.role != Role::Coordinator {
+            return;
+        }
+        let mut primary_since: Option<Instant> = None;
+        let mut last_check = BTreeMap::<String, Instant>::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            if !self.primary.holding() {
+                primary_since = None;
+                continue;
+            }
+            let since = *primary_since.get_or_insert_with(Instant::now);
+            self.round(since, &mut last_check).await;
+        }
+    }
+
+    /// Milliseconds since this node last heard from `id` on Raft (as the leader).
+    fn raft_silence(&self, since_primary: Instant) -> BTreeMap<NodeId, u64> {
+        let Some(member) = self.node.member() else { return BTreeMap::new() };
+        let m = member.raft.metrics().borrow_watched().clone();
+        let cap = ms(since_primary.elapsed());
+        m.heartbeat
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, t)| (id, t.map_or(cap, |t| ms(openraft::Instant::elapsed(&*t)))))
+            .collect()
+    }
+
+    async fn round(self: &Arc<Self>, since: Instant, last_check: &mut BTreeMap<String, Instant>) {
+        let Some(member) = self.node.member() else { return };
+        let (nodes, maintenance) = {
+            let g = member.view.read();
+            (g.state.nodes.clone(), g.state.meta.as_ref().is_some_and(|m| m.maintenance))
+        };
+        let verdicts = self.heartbeat.verdicts();
+        let mnfa = self.heartbeat.mnfa_active();
+        let silence = self.raft_silence(since);
+        let now_ms = herd_raft::clock::wall_ms();
+        let primary_for_ms = ms(since.elapsed());
+        let running = self.local().executing.len();
+        let ctx = Context {
+            now_ms,
+            primary_for_ms,
+            mnfa,
+            maintenance,
+            running,
+            max_parallel: self.settings.max_parallel,
+            retry_after_ms: self.settings.retry_after_ms,
+        };
+        for rec in nodes.values() {
+            let Some(policy) = rec.fencing.clone() else { continue };
+            let silent = silence.get(&rec.id).copied().unwrap_or(primary_for_ms);
+            let is_self = rec.name == self.settings.name;
+            // BMC readiness: every check_interval; every second for a node silent on Raft.
+            let due = if silent >= policy.fence_after_ms { SILENT_CHECK } else { self.settings.check_interval };
+            if last_check.get(&rec.name).is_none_or(|t| t.elapsed() >= due) {
+                last_check.insert(rec.name.clone(), Instant::now());
+                self.spawn_check(rec, policy.clone());
+            }
+            if rec.fence.pending.is_some() {
+                self.spawn_execute(rec.name.clone(), policy.clone(), rec.id);
+                continue;
+            }
+            let power = self
+                .local()
+                .readings
+                .get(&rec.name)
+                .filter(|r| r.at.elapsed() < 3 * SILENT_CHECK)
+                .and_then(|r| r.power);
+            let facts = Facts { record: rec, is_self, verdict: verdicts.get(&rec.id), raft_silent_ms: silent, power };
+            match decide(&ctx, &facts) {
+                Decision::Fence { reason } => {
+                    tracing::warn!(node = %rec.name, %reason, "fence decided");
+                    let cmd = Command::DecideFence { name: rec.name.clone(), reason, manual: false };
+                    match self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
+                        Ok(_) => self.spawn_execute(rec.name.clone(), policy.clone(), rec.id),
+                        Err(e) => tracing::warn!(node = %rec.name, "fence decision not committed: {e}"),
+                    }
+                }
+                Decision::Wait { why } => tracing::debug!(node = %rec.name, %why, "fence: waiting"),
+                Decision::Spare => {}
+            }
+            self.maybe_self_fenced(rec, &policy, now_ms).await;
+        }
+    }
+
+    /// After a failed fence, a node whose policy self-fences is recovered once its last
+    /// committed keepalive is older than its self-fence deadline plus its watchdog plus a margin
+    /// (the model checks the same arithmetic on the leader's clock).
+    async fn maybe_self_fenced(&self, rec: &NodeRecord, policy: &FencePolicy, now_ms: u64) {
+        if policy.failed_fence != FailedFence::RecoverAfterSelfFence
+            || rec.fence.failure.is_none()
+            || rec.fence.pending.is_some()
+            || rec.daemon_state == herd_storage::model::DaemonState::Fenced
+        {
+            return;
+        }
+        let wait = policy.self_fence_after_ms + policy.watchdog_timeout_ms + SELF_FENCE_MARGIN_MS;
+        if rec.last_keepalive_ms.is_some_and(|k| now_ms.saturating_sub(k) < wait) {
+            return;
+        }
+        let cmd = Command::FenceDone { name: rec.name.clone(), outcome: FenceOutcome::SelfFenced };
+        match self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
+            Ok(_) => tracing::warn!(node = %rec.name, "recorded as self-fenced by its policy; its VMs are recovered"),
+            Err(e) => tracing::debug!(node = %rec.name, "self-fenced recovery not recorded: {e}"),
+        }
+    }
+
+    fn spawn_check(self: &Arc<Self>, rec: &NodeRecord, policy: FencePolicy) {
+        if !self.local().checking.insert(rec.name.clone()) {
+            return;
+        }
+        let (me, name, was) = (self.clone(), rec.name.clone(), rec.fence.ready);
+        tokio::spawn(async move {
+            let agent = me.fencer.agent(&policy);
+            let result = agent.call(Action::Status, me.settings.call_timeout).await;
+            let (ready, reason, power) = match &result {
+                Ok(p) => (true, None, Some(*p)),
+                Err(e) => (false, Some(e.to_string()), None),
+            };
+            {
+                let mut l = me.local();
+                l.checking.remove(&name);
+                l.readings.insert(name.clone(), Reading { at: Instant::now(), power });
+                if l.logged.insert(name.clone(), ready) != Some(ready) {
+                    match &reason {
+                        None => tracing::info!(node = %name, power = ?power, "fencing ready: BMC answers"),
+                        Some(r) => tracing::warn!(node = %name, reason = %r, "node cannot be fenced: BMC check failed"),
+                    }
+                }
+            }
+            if was != Some(ready) {
+                let cmd = Command::SetFenceReady { name: name.clone(), ready, reason };
+                if let Err(e) = me.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
+                    tracing::debug!(node = %name, "fence readiness not recorded: {e}");
+                }
+            }
+        });
+    }
+
+    fn spawn_execute(self: &Arc<Self>, name: String, policy: FencePolicy, id: NodeId) {
+        if !self.local().executing.insert(name.clone()) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let permit = me.slots.clone().acquire_owned().await;
+            me.execute(&name, &policy, id).await;
+            drop(permit);
+            me.local().executing.remove(&name);
+        });
+    }
+
+    async fn execute(&self, name: &str, policy: &FencePolicy, id: NodeId) {
+        let Some(member) = self.node.member() else { return };
+        let manual = {
+            let g = member.view.read();
+            match g.state.nodes.get(name).and_then(|n| n.fence.pending.clone()) {
+                Some(p) => p.manual,
+                None => return,
+            }
+        };
+        let started = Instant::now();
+        if !manual {
+            let since = self.started.min(Instant::now());
+            let silent = self.raft_silence(since).get(&id).copied().unwrap_or(u64::MAX);
+            let verdict = self.heartbeat.verdicts().remove(&id);
+            if let Some(why) =
+                heard_again(policy.fence_after_ms, verdict.as_ref(), silent, self.heartbeat.mnfa_active())
+            {
+                tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
+                let cmd = Command::CancelFence {
+                    name: name.into(),
+                    reason: format!("heard again before the power-off: {why}"),
+                };
+                self.record(name, cmd).await;
+                return;
+            }
+        }
+        let agent = self.fencer.agent(policy);
+        tracing::warn!(node = %name, bmc = %policy.bmc, "fencing: power off");
+        let off = agent.call(Action::Off, self.settings.call_timeout).await;
+        if let Err(e) = &off {
+            tracing::warn!(node = %name, "power off: {e}; polling the power state anyway");
+        }
+        // Confirm: poll chassis status until off or the deadline.
+        let deadline = Instant::now() + self.settings.confirm_timeout;
+        let mut last_error = off.err().map(|e| e.to_string());
+        let confirmed = loop {
+            match agent
+                .call(
+                    Action::Status,
+                    self.settings
+                        .call_timeout
+                        .min(deadline.saturating_duration_since(Instant::now()).max(CONFIRM_POLL)),
+                )
+                .await
+            {
+                Ok(Power::Off) => break true,
+                Ok(Power::On) => last_error = Some("the BMC still reports the power on".into()),
+                Err(e) => last_error = Some(e.to_string()),
+            }
+            if Instant::now() + CONFIRM_POLL >= deadline {
+                break false;
+            }
+            tokio::time::sleep(CONFIRM_POLL).await;
+        };
+        if !confirmed {
+            let reason = format!(
+                "power-off not confirmed within {:?}: {}",
+                self.settings.confirm_timeout,
+                last_error.unwrap_or_else(|| "no answer".into())
+            );
+            tracing::error!(node = %name, %reason, "fence failed");
+            self.record(name, Command::FenceDone { name: name.into(), outcome: FenceOutcome::Failed { reason } }).await;
+            return;
+        }
+        tracing::warn!(node = %name, elapsed_ms = ms(started.elapsed()), "fenced: power-off confirmed");
+        self.local().readings.insert(name.into(), Reading { at: Instant::now(), power: Some(Power::Off) });
+        if !self.record(name, Command::FenceDone { name: name.into(), outcome: FenceOutcome::Fenced }).await {
+            return;
+        }
+        if policy.fence_action == FenceAction::Reboot {
+            let msg = match agent.call(Action::On, self.settings.call_timeout).await {
+                Ok(_) => format!("{name} powered on again after its fence (fence_action = reboot)"),
+                Err(e) => format!("{name}: power on after the fence failed: {e}"),
+            };
+            tracing::info!(node = %name, "{msg}");
+            let cmd = Command::RecordEvent { kind: "fence-power-on".into(), node: Some(name.into()), message: msg };
+            self.record(name, cmd).await;
+        }
+    }
+
+    /// Writes a fence outcome from this executor; true when committed.
+    async fn record(&self, name: &str, cmd: Command) -> bool {
+        for attempt in 0..3 {
+            match self.node.write(vec![cmd.clone().into()], WRITE_TIMEOUT).await {
+                Ok(_) => return true,
+                Err(herd_raft::node::NodeError::Apply(e)) => {
+                    tracing::warn!(node = %name, "fence record refused: {e}");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, attempt, "fence record not committed: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// For `herd status`: the readings this coordinator holds (when it is the primary).
+    pub fn readings(&self) -> BTreeMap<String, (Option<Power>, u64)> {
+        self.local().readings.iter().map(|(n, r)| (n.clone(), (r.power, ms(r.at.elapsed())))).collect()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
