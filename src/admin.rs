@@ -71,6 +71,12 @@ pub enum AdminRequest {
         #[serde(default)]
         wait: bool,
     },
+    /// `node fence`: power NAME off through its BMC now (needs `yes`).
+    NodeFence {
+        name: String,
+        #[serde(default)]
+        yes: bool,
+    },
     /// Define a VM from its libvirt domain XML, on `node` or where the selector places it.
     VmDefine {
         xml: String,

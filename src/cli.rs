@@ -109,6 +109,13 @@ pub enum NodeCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Fence NAME by hand: power it off through its BMC and recover its VMs (per its policy).
+    Fence {
+        name: String,
+        /// Confirm: the host is powered off at once.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Make NAME the primary coordinator (the current one relinquishes first).
     Primary {
         name: String,
@@ -457,6 +464,9 @@ pub fn render(command: &Command, v: &Value) -> String {
                 v["took_ms"].as_u64().map_or(String::new(), |ms| format!(" after {ms} ms"))
             )
         }
+        Command::Node(NodeCommand::Fence { .. }) => {
+            format!("fence of {} decided; `herd events` shows its outcome", s(&v["node"]))
+        }
         Command::Node(NodeCommand::Primary { .. } | NodeCommand::Secondary { .. }) => match v["took_ms"].as_u64() {
             Some(ms) => format!("primary: {} (was {}), after {ms} ms", s(&v["primary"]), s(&v["previous"])),
             None => "hand-over requested".to_string(),
@@ -466,11 +476,19 @@ pub fn render(command: &Command, v: &Value) -> String {
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .map(|e| vec![s(&e["index"]), s(&e["time_ms"]), s(&e["kind"]), s(&e["node"]), s(&e["message"])])
+                        .map(|e| {
+                            vec![
+                                s(&e["index"]),
+                                event_time(&e["time_ms"]),
+                                s(&e["kind"]),
+                                s(&e["node"]),
+                                s(&e["message"]),
+                            ]
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            table(&["index", "time_ms", "kind", "node", "message"], &rows)
+            table(&["index", "time (UTC)", "kind", "node", "message"], &rows)
         }
         Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),
         Command::Cluster(ClusterCommand::Info { .. }) => format!(
@@ -481,6 +499,16 @@ pub fn render(command: &Command, v: &Value) -> String {
             s(&v["applied_index"])
         ),
         _ => serde_json::to_string_pretty(v).unwrap_or_default(),
+    }
+}
+
+/// A leader-stamped event time (ms since the epoch) as RFC 3339 UTC.
+fn event_time(v: &Value) -> String {
+    match v.as_u64() {
+        Some(ms) => {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+        }
+        None => "-".into(),
     }
 }
 

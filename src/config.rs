@@ -663,6 +663,38 @@ listen = "127.0.0.11:7400"
 "#;
 
     #[test]
+    fn fencing_section_password_file_and_self_fence_rules() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("bmc.pass");
+        std::fs::write(&pw, "pw1\n").expect("write");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with = |extra: &str| {
+            format!(
+                "{GOOD}[fencing]\nbmc = \"127.0.0.1:9631\"\nuser = \"admin\"\npassword_file = \"{}\"\n{extra}",
+                pw.display()
+            )
+        };
+        let c = Config::parse(&with("")).expect("parses");
+        c.validate().expect("valid");
+        let p = c.fencing.as_ref().expect("section").policy().expect("policy");
+        assert_eq!((p.password.as_str(), p.fence_after_ms, p.fence_action), ("pw1", 1500, FenceAction::Reboot));
+        assert_eq!(p.watchdog_timeout_ms, 0, "no watchdog armed");
+        // Self-fence without a watchdog is refused.
+        let c = Config::parse(&with("failed_fence = \"recover-after-self-fence\"\n")).expect("parses");
+        assert_eq!(c.validate().expect_err("refused").0, "fencing.failed_fence");
+        let c = Config::parse(&with("failed_fence = \"recover-after-self-fence\"\nwatchdog = \"/dev/watchdog\"\n"))
+            .expect("parses");
+        c.validate().expect("valid with a watchdog");
+        // A password file others can read is refused, naming the file.
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let (key, msg) = Config::parse(&with("")).expect("parses").validate().expect_err("refused");
+        assert_eq!(key, "fencing.password_file");
+        assert!(msg.contains("bmc.pass") && msg.contains("chmod 600") && !msg.contains("pw1"), "{msg}");
+        assert!(Config::parse(&with("fence_action = \"explode\"\n")).is_err());
+    }
+
+    #[test]
     fn the_example_config_documents_valid_keys() {
         let c = Config::parse(include_str!("../deploy/herd.example.toml")).expect("example parses");
         c.validate().expect("example is valid");

@@ -17,7 +17,7 @@ use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
 use herd_raft::transport::{TcpConnector, TcpListener};
-use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeStats};
+use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, FailedFence, FencePolicy, NodeStats};
 use herd_storage::sled_store::{self, SledLogStore};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminRequest};
 use crate::config::Config;
+use crate::fence::manager::FenceManager;
 use crate::heartbeat::agent::{Agent, Notice, Target};
 use crate::heartbeat::verdict::Verdict;
 use crate::primary::manager::{self as primary, Manager, ManagerExtension};
@@ -76,6 +77,12 @@ pub struct Daemon {
     member_started: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
     resumed: AtomicBool,
+    /// How this node is fenced (from `[fencing]`), published in its record.
+    pub fencing: Option<FencePolicy>,
+    /// The primary's fencing (coordinators).
+    pub fence: Arc<FenceManager>,
+    /// Set when this node self-fenced: it starts nothing any more.
+    self_fenced: AtomicBool,
 }
 
 fn json_err(e: impl std::fmt::Display) -> String {
@@ -145,12 +152,22 @@ impl Daemon {
                     .ok_or_else(|| format!("no node named {name:?}"))?;
                 let voters = member.raft.metrics().borrow_watched().membership_config.voter_ids().collect::<Vec<_>>();
                 let mut v = serde_json::to_value(&record).map_err(json_err)?;
+                v["fencing"] = fencing_json(&record);
                 v["voter"] = json!(voters.contains(&record.id));
                 v["last_keepalive_age_ms"] =
                     json!(record.last_keepalive_ms.map(|t| herd_raft::clock::wall_ms().saturating_sub(t)));
                 v["read_index"] = json!(index);
                 v["linearizable"] = json!(!local);
                 Ok(v)
+            }
+            AdminRequest::NodeFence { name, yes } => {
+                if !yes {
+                    return Err(format!("fencing powers {name} off at once: confirm with --yes"));
+                }
+                let reason = "asked for by an operator (herd node fence)".to_string();
+                let cmd = Command::DecideFence { name: name.clone(), reason, manual: true };
+                self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                Ok(json!({ "node": name, "fence": "decided" }))
             }
             AdminRequest::NodeRemove { name, force } => {
                 self.node.remove_node(&name, force, WRITE_TIMEOUT * 3).await.map_err(json_err)?;
@@ -426,6 +443,7 @@ impl Daemon {
                     "last_keepalive_age_ms": n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
                     "address": n.cluster_addr,
                     "heartbeat": heartbeat(n.id),
+                    "fencing": fencing_json(n),
                     "stats": n.stats,
                 })
             })
@@ -513,9 +531,11 @@ impl Daemon {
         // addresses go in the same atomic request.
         loop {
             let addrs = addrs.clone();
+            let policy = self.fencing.clone();
             let run = |name: String, node_id| {
                 vec![
                     Command::SetHeartbeatAddrs { name: name.clone(), addrs, node_id },
+                    Command::SetFencePolicy { name: name.clone(), policy, node_id },
                     Command::SetDaemonState { name, state: DaemonState::Run, return_by_ms: None, node_id },
                 ]
             };
@@ -523,6 +543,7 @@ impl Daemon {
             match self.own_write(run, WRITE_TIMEOUT).await {
                 Ok(()) => {
                     tracing::info!("daemon_state run");
+                    self.after_run(&member).await;
                     break;
                 }
                 Err(NodeError::Removed) => return,
@@ -560,6 +581,9 @@ impl Daemon {
                 g.state
                     .nodes
                     .values()
+                    // A fenced node is not pulsed until it is made ready again: it would keep
+                    // MNFA's count of bad hosts up for as long as it stays off.
+                    .filter(|n| n.daemon_state != DaemonState::Fenced)
                     .map(|n| Target {
                         id: n.id,
                         name: n.name.clone(),
@@ -588,8 +612,85 @@ impl Daemon {
         last != 0 && self.now_ms().saturating_sub(last) < 3 * self.config.keepalive.interval_ms.max(1000)
     }
 
+    /// Once `run` is recorded: a node that comes back fenced says so (and readies itself with
+    /// `auto_ready`); the self-fence guard starts when the policy asks for it.
+    async fn after_run(self: &Arc<Self>, member: &Arc<herd_raft::Member>) {
+        let fenced = member
+            .view
+            .read()
+            .state
+            .nodes
+            .get(&self.config.name)
+            .is_some_and(|n| n.daemon_state == DaemonState::Fenced);
+        if fenced {
+            let auto = self.fencing.as_ref().is_some_and(|p| p.auto_ready);
+            if auto {
+                let unflush =
+                    |name, node_id| vec![Command::SetDomainState { name, state: DomainState::Unflush, node_id }];
+                match self.own_write(unflush, WRITE_TIMEOUT).await {
+                    Ok(()) => tracing::warn!("this node was fenced; auto_ready: made ready again"),
+                    Err(e) => tracing::warn!("this node was fenced; auto_ready failed: {e}"),
+                }
+            } else {
+                tracing::warn!("this node was fenced: it stays fenced/flushed until `herd node ready`");
+            }
+        }
+        if let (Some(p), Some(f)) = (&self.fencing, &self.config.fencing) {
+            if p.failed_fence == FailedFence::RecoverAfterSelfFence {
+                tokio::spawn(self.clone().self_fence_guard(f.watchdog.clone(), p.self_fence_after_ms));
+            }
+        }
+    }
+
+    /// Feeds the watchdog while this node's own writes commit; past `self_fence_after_ms`
+    /// without one, destroys its VMs and stops feeding (the host resets).
+    async fn self_fence_guard(self: Arc<Self>, device: String, after_ms: u64) {
+        let mut wd = match crate::fence::selffence::Watchdog::open(&device) {
+            Ok(w) => w,
+            Err(e) => {
+                // Validation required the device; failing to open it is loud, not silent.
+                tracing::error!(device = %device, "cannot open the watchdog: {e}; self-fence is NOT armed");
+                return;
+            }
+        };
+        tracing::info!(device = %device, after_ms, "self-fence armed: watchdog fed while keepalives commit");
+        loop {
+            let last = self.last_own_commit_ms.load(Ordering::Acquire);
+            let age = self.now_ms().saturating_sub(last);
+            if crate::fence::selffence::must_self_fence(age, after_ms) {
+                break;
+            }
+            if let Err(e) = wd.feed(Duration::from_secs(1)).await {
+                tracing::error!("watchdog feed failed: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.self_fenced.store(true, Ordering::Release);
+        tracing::error!(
+            age_ms = self.now_ms().saturating_sub(self.last_own_commit_ms.load(Ordering::Acquire)),
+            "SELF-FENCE: no keepalive of this node committed for {after_ms} ms; destroying its VMs and \
+             letting the watchdog reset the host"
+        );
+        if let (Some(r), Some(member)) = (&self.reconciler, self.node.member()) {
+            let managed: Vec<String> = member.view.read().state.vms.keys().cloned().collect();
+            if let Ok(domains) = r.hypervisor.list().await {
+                for d in domains.iter().filter(|d| managed.contains(&d.name)) {
+                    if let Err(e) = r.hypervisor.destroy(&d.name).await {
+                        tracing::error!(vm = %d.name, "self-fence: destroy failed: {e}");
+                    }
+                }
+            }
+        }
+        // The device stays open and unfed: the watchdog fires.
+        std::future::pending::<()>().await;
+        drop(wd);
+    }
+
     /// One reconcile round; its reports go through Raft.
     async fn reconcile_once(&self) -> Option<u32> {
+        if self.self_fenced.load(Ordering::Acquire) {
+            return None;
+        }
         let r = self.reconciler.as_ref()?;
         let member = self.node.member()?;
         let vms = member.view.read().state.vms.clone();
@@ -783,6 +884,38 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             ))
         }
     };
+    let fencing = match &config.fencing {
+        Some(f) => Some(f.policy().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?),
+        None => None,
+    };
+    let fencer: Arc<dyn crate::fence::agent::Fencer> = Arc::new(crate::fence::agent::AgentRegistry::new());
+    let fence = FenceManager::new(
+        crate::fence::manager::Settings {
+            name: config.name.clone(),
+            role: config.role,
+            max_parallel: config.fence.max_parallel,
+            check_interval: Duration::from_millis(config.fence.check_interval_ms),
+            call_timeout: Duration::from_millis(config.fence.call_timeout_ms),
+            confirm_timeout: Duration::from_millis(config.fence.confirm_timeout_ms),
+            retry_after_ms: config.fence.retry_after_ms,
+        },
+        node.clone(),
+        agent.clone(),
+        manager.clone(),
+        fencer.clone(),
+    );
+    if let Some(p) = &fencing {
+        // Readiness at startup: this node's own BMC, as far as it can reach it.
+        let (agent, bmc) = (fencer.agent(p), p.bmc.clone());
+        tokio::spawn(async move {
+            match agent.call(crate::fence::agent::Action::Status, Duration::from_secs(5)).await {
+                Ok(power) => tracing::info!(%bmc, ?power, "own BMC answers: this node can be fenced"),
+                Err(e) => tracing::warn!(%bmc, "own BMC check failed (the primary checks it too): {e}"),
+            }
+        });
+    } else {
+        tracing::warn!("no [fencing] section: this node cannot be fenced, and its VMs are not recovered if it fails");
+    }
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         node: node.clone(),
@@ -796,6 +929,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         started: tokio::time::Instant::now(),
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
+        fencing,
+        fence: fence.clone(),
+        self_fenced: AtomicBool::new(false),
     });
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
     let cluster_server = tokio::spawn(server::serve(Arc::new(listener), handler, limits, shutdown_rx.clone()));
@@ -840,6 +976,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     let (duty_stop_tx, duty_stop_rx) = watch::channel(false);
     let duty_task = tokio::spawn(manager.clone().run(duty_stop_rx));
+    let fence_task = tokio::spawn(fence.run(shutdown_rx.clone()));
     // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
     let dump_task = tokio::spawn(dump_heartbeat_on_sigusr2(agent.clone()));
     wait_for_signal().await;
@@ -850,6 +987,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
     tasks.abort();
     notice_task.abort();
+    // No new fence decisions from a stopping primary (a running executor's outcome write may
+    // still land; a pending fence is executed again by the next primary).
+    fence_task.abort();
     // Duties go first: the addresses must be off before this node stops being able to act.
     let _ = duty_stop_tx.send(true);
     let _ = duty_task.await;
@@ -889,6 +1029,45 @@ async fn wait_for_signal() {
 }
 
 /// A VM as `vm list` shows it.
+/// A node's fencing as operators see it: the policy without its password, and the status.
+fn fencing_json(n: &herd_storage::model::NodeRecord) -> Value {
+    let Some(p) = &n.fencing else {
+        return json!({ "configured": false, "can_fence": false });
+    };
+    let f = &n.fence;
+    let state = if f.pending.is_some() {
+        "fencing"
+    } else if n.daemon_state == DaemonState::Fenced {
+        "fenced"
+    } else if f.failure.is_some() {
+        "fence-failed"
+    } else {
+        "none"
+    };
+    json!({
+        "configured": true,
+        "can_fence": f.ready == Some(true),
+        "ready": f.ready,
+        "ready_reason": f.ready_reason,
+        "state": state,
+        "pending": f.pending,
+        "fenced_ms": f.fenced_ms,
+        "failed_ms": f.failed_ms,
+        "failure": f.failure,
+        "agent": p.agent,
+        "bmc": p.bmc,
+        "user": p.user,
+        "command": p.command,
+        "fence_after_ms": p.fence_after_ms,
+        "fence_action": p.fence_action,
+        "successful_fence": p.successful_fence,
+        "failed_fence": p.failed_fence,
+        "self_fence_after_ms": p.self_fence_after_ms,
+        "watchdog_armed": p.watchdog_timeout_ms > 0,
+        "auto_ready": p.auto_ready,
+    })
+}
+
 fn vm_json(vm: &herd_storage::model::VmRecord) -> Value {
     json!({
         "name": vm.spec.name,

@@ -130,6 +130,9 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         Command::Node(NodeCommand::Flush { name, wait }) => {
             (AdminRequest::NodeFlush { name: name.clone(), ready: false, wait: *wait }, Duration::from_secs(600))
         }
+        Command::Node(NodeCommand::Fence { name, yes }) => {
+            (AdminRequest::NodeFence { name: name.clone(), yes: *yes }, Duration::from_secs(15))
+        }
         Command::Node(NodeCommand::Ready { name, wait }) => {
             (AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: *wait }, Duration::from_secs(600))
         }

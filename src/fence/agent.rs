@@ -72,9 +72,12 @@ pub trait Fencer: Send + Sync {
 
 /// The production fencer: one agent per (kind, BMC, user, command), reused, so that there is
 /// at most one IPMI session per BMC in this process.
+/// An agent and the policy it was built from.
+type Entry = (FencePolicy, Arc<dyn FenceAgent>);
+
 #[derive(Default)]
 pub struct AgentRegistry {
-    agents: Mutex<BTreeMap<String, (FencePolicy, Arc<dyn FenceAgent>)>>,
+    agents: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl AgentRegistry {

@@ -111,7 +111,8 @@ impl ExternalAgent {
         let status = status.map_err(|e| self.error(format!("wait: {e}")))?;
         let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
         interpret(action, status.code(), &out).map_err(|why| {
-            let detail = err.lines().chain(out.lines()).filter(|l| !l.trim().is_empty()).last().unwrap_or("");
+            let said = |l: &&str| !l.trim().is_empty();
+            let detail = err.lines().rfind(said).or_else(|| out.lines().rfind(said)).unwrap_or("");
             self.error(format!(
                 "action={} {why}{}{}",
                 action.as_str(),
