@@ -4,8 +4,10 @@
 //! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
-//! (root only).
+//! (root only), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
+//! in namespaces with a simulated BMC and a libvirtd per node (root only).
 
+mod bmc;
 mod harness;
 mod libvirtd;
 mod netns;
@@ -17,3 +19,4 @@ mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;
 mod t85_libvirtd;
+mod t90_fence;

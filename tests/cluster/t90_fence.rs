@@ -1,0 +1,103 @@
+//! Fencing: the built-in IPMI agent against a live `ipmi_sim`, and (in `t91`) fencing and
+//! recovery of a whole cluster in network namespaces.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use herd::fence::agent::{Action, AgentRegistry, FenceAgent, FenceError, Fencer, Power};
+use herd::fence::ipmi::IpmiBmc;
+use herd_storage::model::{FailedFence, FenceAction, FenceAgentKind, FencePolicy, SuccessfulFence};
+
+use crate::bmc::{self, Bmc, USER};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+fn policy(addr: &str, password: &str) -> FencePolicy {
+    FencePolicy {
+        agent: FenceAgentKind::Ipmi,
+        bmc: addr.into(),
+        user: USER.into(),
+        password: password.into(),
+        command: None,
+        options: vec![],
+        fence_after_ms: 1500,
+        fence_action: FenceAction::Off,
+        successful_fence: SuccessfulFence::Migrate,
+        failed_fence: FailedFence::None,
+        self_fence_after_ms: 30_000,
+        watchdog_timeout_ms: 0,
+        auto_ready: false,
+    }
+}
+
+#[test]
+fn ipmi_agent_against_a_live_ipmi_sim() {
+    if !bmc::available("ipmi_agent_against_a_live_ipmi_sim") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = Bmc::start(&dir.path().join("bmc"), "127.0.0.1", bmc::free_udp_port(), None);
+    // The "host": a process the power-off must kill.
+    let mut host = Command::new("sleep").arg("600").spawn().expect("spawn host");
+    b.kill_on_power_off("host", host.id());
+    let rt = rt();
+    let registry = AgentRegistry::new();
+    let agent = registry.agent(&policy(&b.addr, &b.password));
+    let call = |a: &dyn FenceAgent, action, ms| rt.block_on(a.call(action, Duration::from_millis(ms)));
+
+    // status, off (the host dies), status, on.
+    assert_eq!(call(&*agent, Action::Status, 3000), Ok(Power::On));
+    assert_eq!(call(&*agent, Action::Off, 3000), Ok(Power::Off));
+    assert_eq!(call(&*agent, Action::Status, 3000), Ok(Power::Off));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the power-off did not kill the host");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!b.power_on());
+    assert_eq!(call(&*agent, Action::On, 3000), Ok(Power::On));
+    assert_eq!(call(&*agent, Action::Status, 3000), Ok(Power::On));
+    assert!(b.chassis_log().contains("set power 0") && b.chassis_log().contains("set power 1"));
+
+    // A wrong password: a clear error, quickly, and no password in it.
+    let wrong = IpmiBmc::new(&b.addr, USER, "not-the-password");
+    let t = Instant::now();
+    let e = call(&wrong, Action::Status, 3000).expect_err("wrong password");
+    assert!(matches!(e, FenceError::Auth { .. }), "{e:?}");
+    assert!(e.to_string().contains("authentication refused") && !e.to_string().contains("not-the-password"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // 100 invocations as fence operations run them (a fresh lookup in the registry each time),
+    // three of them hitting a frozen BMC: every call ends within its deadline, and afterwards
+    // other clients can still open sessions (herd did not exhaust the BMC's slots).
+    let mut errors = 0;
+    for i in 0..100 {
+        let a = registry.agent(&policy(&b.addr, &b.password));
+        let frozen = i % 33 == 32;
+        if frozen {
+            b.pause();
+        }
+        let t = Instant::now();
+        let r = call(&*a, Action::Status, 1000);
+        assert!(t.elapsed() < Duration::from_millis(1300), "call {i} took {:?}", t.elapsed());
+        if frozen {
+            b.resume();
+            assert!(r.is_err(), "call {i} on a frozen BMC: {r:?}");
+            errors += 1;
+        } else {
+            assert_eq!(r, Ok(Power::On), "call {i}");
+        }
+    }
+    assert_eq!(errors, 3);
+    let out = b.ipmitool(&["chassis", "power", "status"]).expect("ipmitool still gets a session");
+    assert!(out.contains("Chassis Power is on"), "{out}");
+
+    // A stopped BMC: an error within the deadline, never a hang.
+    b.kill();
+    let t = Instant::now();
+    let e = call(&*registry.agent(&policy(&b.addr, &b.password)), Action::Off, 1000).expect_err("dead BMC");
+    assert!(t.elapsed() < Duration::from_millis(1300), "{:?}", t.elapsed());
+    eprintln!("dead BMC: {e} after {:?}", t.elapsed());
+}
