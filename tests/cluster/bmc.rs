@@ -140,7 +140,24 @@ impl Bmc {
     /// Runs ipmitool against this BMC (cipher suite 3), from its namespace.
     pub fn ipmitool(&self, args: &[&str]) -> Result<String, String> {
         let (host, port) = self.addr.rsplit_once(':').expect("addr");
-        let base = ["-I", "lanplus", "-C", "3", "-H", host, "-p", port, "-U", USER, "-P", &self.password, "-N", "1", "-R", "2"];
+        let base = [
+            "-I",
+            "lanplus",
+            "-C",
+            "3",
+            "-H",
+            host,
+            "-p",
+            port,
+            "-U",
+            USER,
+            "-P",
+            &self.password,
+            "-N",
+            "1",
+            "-R",
+            "2",
+        ];
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

@@ -70,6 +70,11 @@ impl Libvirtd {
         Libvirtd { dir: dir.to_path_buf(), child, conn }
     }
 
+    /// libvirtd's pid (setpriv and env exec it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn uri(&self) -> String {
         format!("test+unix:///default?socket={}", self.dir.join("sock/libvirt-sock").display())
     }

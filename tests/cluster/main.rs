@@ -20,3 +20,4 @@ mod t70_primary;
 mod t80_vms;
 mod t85_libvirtd;
 mod t90_fence;
+mod t91_fencing;

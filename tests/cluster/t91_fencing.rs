@@ -1,0 +1,331 @@
+//! Fencing and recovery in network namespaces: 3 coordinators + 2 hypervisors on two heartbeat
+//! networks, one `ipmi_sim` per node on a third (BMC) network the test never cuts, and one
+//! libvirtd per node (test driver) whose domains the test lists itself. A sampler checks all
+//! along that no VM runs on two nodes (a stopped node's domains count as running until its
+//! libvirtd is gone). In one run, in order:
+//! (a) one of h2's two heartbeat networks cut → no fence;
+//! (b) h2 SIGSTOPped for 2 s → no fence;
+//! (c) h2's herd restarted (SIGTERM, start) → no fence, its domains adopted with the same ids;
+//! (d) h1 SIGSTOPped → fenced through its BMC, every one of its VMs running elsewhere;
+//! (e) MNFA active on the storage network, then h2 powered off by hand through its BMC → still
+//!     recorded as fenced, its VMs recovered;
+//! (f) a coordinator's BMC frozen and the coordinator hung → the fence fails, visible in
+//!     `status` and `events`, and its VMs are not started elsewhere.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::bmc::{self, Bmc};
+use crate::harness::{wait_until, Cluster, Node};
+use crate::libvirtd::{self, Libvirtd};
+use crate::netns::{self, Topology};
+
+const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
+const NAMES: [&str; 5] = ["c1", "c2", "c3", "h1", "h2"];
+const VMS: usize = 8;
+
+fn idx(name: &str) -> usize {
+    NAMES.iter().position(|n| *n == name).expect("known node")
+}
+
+fn signal(node: &Node, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.as_ref().expect("running").id()).expect("pid"));
+    nix::sys::signal::kill(pid, sig).expect("signal");
+}
+
+fn events(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "events"})).ok().and_then(|v| v["events"].as_array().cloned()).unwrap_or_default()
+}
+
+fn count(events: &[Value], kind: &str, node: &str) -> usize {
+    events.iter().filter(|e| e["kind"] == kind && e["node"] == node).count()
+}
+
+fn vms(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+/// Where each managed VM runs, by each node's own libvirt.
+fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<usize>> {
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, d) in daemons.iter().enumerate() {
+        for (name, _) in d.running() {
+            if name != "test" {
+                out.entry(name).or_default().push(i);
+            }
+        }
+    }
+    out
+}
+
+/// Every VM is `start`-like in the cluster's view, on a node other than `not_on`, and runs
+/// exactly there by that node's libvirt.
+fn all_running_where_assigned(list: &[Value], seen: &BTreeMap<String, Vec<usize>>, not_on: &[&str]) -> bool {
+    list.len() == VMS
+        && list.iter().all(|v| {
+            let node = v["node"].as_str().unwrap_or("");
+            let name = v["name"].as_str().unwrap_or("");
+            ["start", "migrate"].contains(&v["state"].as_str().unwrap_or(""))
+                && !not_on.contains(&node)
+                && seen.get(name) == Some(&vec![idx(node)])
+        })
+}
+
+#[test]
+fn fencing_and_recovery_in_namespaces() {
+    let test = "fencing_and_recovery_in_namespaces";
+    if !netns::available(test) || !libvirtd::available(test) || !bmc::available(test) {
+        return;
+    }
+    // Declared first, dropped last: processes die before their namespaces go.
+    let topo = Topology::new("fe", NAMES.len(), &NETS);
+    let specs: Vec<(String, &str, String)> = NAMES
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let role = if n.starts_with('c') { "coordinator" } else { "hypervisor" };
+            (n.to_string(), role, format!("{}:7400", topo.addr(k + 1, 0)))
+        })
+        .collect();
+    let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, r, a)| (n.as_str(), *r, a.as_str())).collect();
+    let mut c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
+    libvirtd::open_path_for_nobody(c.dir.path());
+    let mut bmcs: Vec<Bmc> = Vec::new();
+    let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
+    for (k, name) in NAMES.iter().enumerate() {
+        let i = k + 1;
+        let dir = c.node(name).dir.clone();
+        bmcs.push(Bmc::start(&dir.join("bmc"), &topo.addr(i, 2), 623, Some(&topo.ns(i))));
+        daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
+    }
+    for (k, name) in NAMES.iter().enumerate() {
+        let i = k + 1;
+        let b = &bmcs[k];
+        let uri = daemons[k].uri();
+        let node = c.node(name);
+        node.netns = Some(topo.ns(i));
+        node.extra_config.push_str(&format!(
+            "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
+             [hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
+             [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n\
+             [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
+            topo.addr(i, 0),
+            topo.addr(i, 1),
+            b.addr,
+            bmc::USER,
+            b.password_file().display()
+        ));
+        node.start();
+        let pid = node.child.as_ref().expect("running").id();
+        b.kill_on_power_off("herd", pid);
+        b.kill_on_power_off("libvirtd", daemons[k].pid());
+    }
+
+    // The sampler: two passes over every node's libvirt; a VM seen with the same id on node i
+    // in both passes ran there all along, so seeing it on another node in between is a double.
+    let stop = Arc::new(AtomicBool::new(false));
+    let doubles: Arc<Mutex<Vec<String>>> = Arc::default();
+    let samples = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, doubles, samples, daemons) = (stop.clone(), doubles.clone(), samples.clone(), daemons.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let first: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                let second: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                for i in 0..daemons.len() {
+                    for (vm, id) in first[i].iter().filter(|(n, _)| n != "test") {
+                        if !second[i].contains(&(vm.clone(), *id)) {
+                            continue;
+                        }
+                        let later = first.iter().skip(i + 1).any(|r| r.iter().any(|(n, _)| n == vm));
+                        let earlier = second.iter().take(i).any(|r| r.iter().any(|(n, _)| n == vm));
+                        if later || earlier {
+                            let mut d = doubles.lock().unwrap_or_else(|p| p.into_inner());
+                            d.push(format!("{vm} on node {i} (id {id}) and another: {first:?} / {second:?}"));
+                        }
+                    }
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let token = c.node("c1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
+    for name in &NAMES[1..] {
+        c.node(name).admin(json!({"op": "join-cluster", "peer": format!("{}:7400", topo.addr(1, 0)), "token": token}));
+    }
+    // Every node runs, and the primary has found every BMC ready.
+    wait_until("all nodes run and can be fenced", Duration::from_secs(60), || {
+        let s = c.node("c2").try_admin(&json!({"op": "status"})).ok()?;
+        let m = s["members"].as_array()?;
+        (m.len() == NAMES.len() && m.iter().all(|x| x["daemon_state"] == "run" && x["fencing"]["can_fence"] == true))
+            .then_some(())
+    });
+    let dir = c.node("c1").dir.clone();
+    for n in 1..=VMS {
+        let path = dir.join(format!("vm{n}.xml"));
+        std::fs::write(
+            &path,
+            format!("<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000002{n:02}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"),
+        )
+        .expect("xml");
+        let out = c.node("c2").cli(&["vm", "define", path.to_str().expect("utf-8"), "--selector", "vms"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let settle = |c: &mut Cluster, not_on: &[&str], what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            let list = vms(c.node("c1"));
+            all_running_where_assigned(&list, &observed(&daemons), not_on).then_some(list)
+        })
+    };
+    settle(&mut c, &[], "every VM running where the cluster says");
+    let no_fence_so_far = |c: &mut Cluster, what: &str| {
+        let ev = events(c.node("c1"));
+        let fences: Vec<&Value> =
+            ev.iter().filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("fence"))).collect();
+        assert!(fences.iter().all(|e| e["kind"] == "fence-readiness"), "{what}: {fences:?}");
+    };
+
+    // (a) One of h2's two heartbeat networks cut: the node is alive; 4 s is more than the
+    // loss time plus fence_after_ms (a window in which nothing may happen, not a wait).
+    topo.link(idx("h2") + 1, 1, false);
+    std::thread::sleep(Duration::from_secs(4));
+    no_fence_so_far(&mut c, "(a) one network cut");
+    topo.link(idx("h2") + 1, 1, true);
+    eprintln!("(a) one of two networks cut for 4 s: no fence");
+
+    // (b) h2 SIGSTOPped for 2 s (lost after ~1 s; fence_after_ms 1.5 s more).
+    signal(c.node("h2"), nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(2));
+    signal(c.node("h2"), nix::sys::signal::Signal::SIGCONT);
+    std::thread::sleep(Duration::from_secs(3));
+    no_fence_so_far(&mut c, "(b) SIGSTOP 2 s");
+    eprintln!("(b) SIGSTOP for 2 s then SIGCONT: no fence");
+
+    // (c) A service restart of h2 (not a host shutdown): no fence, domains adopted.
+    let before: Vec<(String, u32)> = daemons[idx("h2")].running();
+    assert!(before.iter().any(|(n, _)| n != "test"), "h2 runs VMs: {before:?}");
+    assert!(c.node("h2").terminate(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    c.node("h2").start();
+    bmcs[idx("h2")].kill_on_power_off("herd", c.node("h2").child.as_ref().expect("running").id());
+    wait_until("h2 back in run", Duration::from_secs(20), || {
+        let s = c.node("c1").try_admin(&json!({"op": "node-info", "name": "h2"})).ok()?;
+        (s["daemon_state"] == "run").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    no_fence_so_far(&mut c, "(c) service restart");
+    let mut after = daemons[idx("h2")].running();
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "h2's domains kept running with the same libvirt ids");
+    eprintln!("(c) herd restarted on h2: no fence, {} domains adopted with the same ids", after.len());
+
+    // (d) h1 hangs: fenced through its BMC, its VMs run elsewhere.
+    let h1_vms: Vec<String> = vms(c.node("c1"))
+        .iter()
+        .filter(|v| v["node"] == "h1")
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!h1_vms.is_empty(), "h1 runs VMs");
+    let t0 = Instant::now();
+    signal(c.node("h1"), nix::sys::signal::Signal::SIGSTOP);
+    settle(&mut c, &["h1"], "(d) every VM running, none on the fenced h1");
+    let took = t0.elapsed();
+    assert!(c.node("h1").wait_exit(Duration::from_secs(5)).is_some(), "the power-off killed h1's herd");
+    assert!(!bmcs[idx("h1")].chassis_log().is_empty());
+    let ev = events(c.node("c1"));
+    assert_eq!(count(&ev, "fenced", "h1"), 1, "{ev:?}");
+    assert_eq!(count(&ev, "fence-recovery", "h1"), 1);
+    let info = c.node("c2").admin(json!({"op": "node-info", "name": "h1"}));
+    assert_eq!((info["daemon_state"].as_str(), info["domain_state"].as_str()), (Some("fenced"), Some("flushed")));
+    assert_eq!(info["fencing"]["state"], "fenced");
+    assert!(!info.to_string().contains(&bmcs[idx("h1")].password), "node info shows no password");
+    for v in vms(c.node("c1")).iter().filter(|v| h1_vms.iter().any(|n| v["name"] == n.as_str())) {
+        assert_eq!(v["last_node"], "h1", "recovered VMs keep their home: {v}");
+    }
+    // fence_action = reboot: powered on again after the recovery.
+    wait_until("h1 powered on again", Duration::from_secs(10), || {
+        (count(&events(c.node("c1")), "fence-power-on", "h1") == 1).then_some(())
+    });
+    eprintln!(
+        "(d) SIGSTOP h1 → fenced, all {} of its VMs running elsewhere after {} ms",
+        h1_vms.len(),
+        took.as_millis()
+    );
+
+    // (e) MNFA on the storage network (two hosts lose it), then h2 powered off by hand.
+    topo.link(idx("c3") + 1, 1, false);
+    topo.link(idx("h2") + 1, 1, false);
+    wait_until("MNFA active on storage", Duration::from_secs(15), || {
+        let hb = c.node("c1").try_admin(&json!({"op": "heartbeat"})).ok()?;
+        (hb["mnfa"]["storage"] == true).then_some(())
+    });
+    let out = bmcs[idx("h2")].ipmitool(&["chassis", "power", "off"]).expect("power off by hand");
+    assert!(out.contains("Down/Off"), "{out}");
+    settle(&mut c, &["h1", "h2"], "(e) every VM running, none on h1 or h2");
+    assert!(c.node("h2").wait_exit(Duration::from_secs(5)).is_some());
+    let ev = events(c.node("c1"));
+    assert_eq!(count(&ev, "fenced", "h2"), 1, "{ev:?}");
+    assert!(ev.iter().any(|e| e["kind"] == "mnfa-enter"), "MNFA was active: {ev:?}");
+    topo.link(idx("c3") + 1, 1, true);
+    topo.link(idx("h2") + 1, 1, true);
+    eprintln!("(e) powered off by hand under MNFA: recorded as fenced, VMs recovered");
+
+    // (f) A coordinator that is not the primary, with VMs: its BMC frozen, then it hangs.
+    let leader = c.node("c1").status()["leader"].as_str().expect("leader").to_string();
+    let list = vms(c.node("c1"));
+    let victim = ["c1", "c2", "c3"]
+        .into_iter()
+        .find(|n| *n != leader && list.iter().any(|v| v["node"] == *n))
+        .expect("a coordinator with VMs that is not the primary")
+        .to_string();
+    let watcher = ["c1", "c2", "c3"].into_iter().find(|n| *n != victim).expect("another").to_string();
+    let stranded: Vec<String> = list
+        .iter()
+        .filter(|v| v["node"] == victim.as_str())
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    bmcs[idx(&victim)].pause();
+    signal(c.node(&victim), nix::sys::signal::Signal::SIGSTOP);
+    let failure = wait_until("(f) the fence fails", Duration::from_secs(30), || {
+        let s = c.node(&watcher).try_admin(&json!({"op": "status"})).ok()?;
+        let m = s["members"].as_array()?.iter().find(|m| m["name"] == victim.as_str())?.clone();
+        (m["fencing"]["state"] == "fence-failed").then_some(m)
+    });
+    assert!(failure["fencing"]["failure"].as_str().is_some_and(|f| f.contains("not confirmed")), "{failure}");
+    let ev = events(c.node(&watcher));
+    assert_eq!(count(&ev, "fence-failed", &victim), 1, "{ev:?}");
+    assert_eq!(count(&ev, "fenced", &victim), 0);
+    // Its VMs stay assigned to it and run nowhere else (while it is still stopped).
+    std::thread::sleep(Duration::from_secs(2));
+    let list = vms(c.node(&watcher));
+    let seen = observed(&daemons);
+    for name in &stranded {
+        let v = list.iter().find(|v| v["name"] == name.as_str()).expect("vm");
+        assert_eq!(v["node"], victim.as_str(), "{name} not moved after a failed fence");
+        assert_eq!(seen.get(name), Some(&vec![idx(&victim)]), "{name} runs only on the hung {victim}");
+    }
+    let human = c.node(&watcher).cli(&["events"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("fence-failed") && text.contains("fenced"), "{text}");
+    signal(c.node(&victim), nix::sys::signal::Signal::SIGCONT);
+    bmcs[idx(&victim)].resume();
+    eprintln!(
+        "(f) {victim} hung with its BMC frozen: the fence failed, {} VM(s) not started elsewhere",
+        stranded.len()
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let d = doubles.lock().unwrap_or_else(|p| p.into_inner());
+    let n = samples.load(Ordering::Relaxed);
+    assert!(n > 100, "the sampler ran ({n} samples)");
+    assert!(d.is_empty(), "a VM ran on two nodes at once: {d:?}");
+    eprintln!("no VM on two nodes in {n} samples");
+}
