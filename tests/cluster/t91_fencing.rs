@@ -10,7 +10,9 @@
 //! (e) MNFA active on the storage network, then h2 powered off by hand through its BMC → still
 //!     recorded as fenced, its VMs recovered;
 //! (f) a coordinator's BMC frozen and the coordinator hung → the fence fails, visible in
-//!     `status` and `events`, and its VMs are not started elsewhere.
+//!     `status` and `events`, and its VMs are not started elsewhere;
+//! (g) h1 boots again (its herd and a fresh libvirtd): it stays fenced/flushed until
+//!     `herd node ready`, which brings its VMs home.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +34,11 @@ fn idx(name: &str) -> usize {
     NAMES.iter().position(|n| *n == name).expect("known node")
 }
 
+/// The node whose libvirtd is `daemons[i]`: one per node, then h1's after its reboot.
+fn node_of(i: usize) -> &'static str {
+    NAMES.get(i).copied().unwrap_or("h1")
+}
+
 fn signal(node: &Node, sig: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.as_ref().expect("running").id()).expect("pid"));
     nix::sys::signal::kill(pid, sig).expect("signal");
@@ -50,12 +57,12 @@ fn vms(node: &Node) -> Vec<Value> {
 }
 
 /// Where each managed VM runs, by each node's own libvirt.
-fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<usize>> {
-    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<&'static str>> {
+    let mut out: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
     for (i, d) in daemons.iter().enumerate() {
         for (name, _) in d.running() {
             if name != "test" {
-                out.entry(name).or_default().push(i);
+                out.entry(name).or_default().push(node_of(i));
             }
         }
     }
@@ -64,14 +71,14 @@ fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<usize>> {
 
 /// Every VM is `start`-like in the cluster's view, on a node other than `not_on`, and runs
 /// exactly there by that node's libvirt.
-fn all_running_where_assigned(list: &[Value], seen: &BTreeMap<String, Vec<usize>>, not_on: &[&str]) -> bool {
+fn all_running_where_assigned(list: &[Value], seen: &BTreeMap<String, Vec<&'static str>>, not_on: &[&str]) -> bool {
     list.len() == VMS
         && list.iter().all(|v| {
             let node = v["node"].as_str().unwrap_or("");
             let name = v["name"].as_str().unwrap_or("");
             ["start", "migrate"].contains(&v["state"].as_str().unwrap_or(""))
                 && !not_on.contains(&node)
-                && seen.get(name) == Some(&vec![idx(node)])
+                && seen.get(name).is_some_and(|on| on.len() == 1 && on[0] == node)
         })
 }
 
@@ -102,6 +109,8 @@ fn fencing_and_recovery_in_namespaces() {
         bmcs.push(Bmc::start(&dir.join("bmc"), &topo.addr(i, 2), 623, Some(&topo.ns(i))));
         daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
     }
+    // h1's libvirtd after its reboot, started now so that the sampler watches it all along.
+    daemons.push(Arc::new(Libvirtd::start(&c.node("h1").dir.join("lvd-boot2"))));
     for (k, name) in NAMES.iter().enumerate() {
         let i = k + 1;
         let b = &bmcs[k];
@@ -309,7 +318,7 @@ fn fencing_and_recovery_in_namespaces() {
     for name in &stranded {
         let v = list.iter().find(|v| v["name"] == name.as_str()).expect("vm");
         assert_eq!(v["node"], victim.as_str(), "{name} not moved after a failed fence");
-        assert_eq!(seen.get(name), Some(&vec![idx(&victim)]), "{name} runs only on the hung {victim}");
+        assert!(seen.get(name).is_some_and(|on| on == &[victim.as_str()]), "{name} runs only on the hung {victim}");
     }
     let human = c.node(&watcher).cli(&["events"]);
     let text = String::from_utf8_lossy(&human.stdout);
@@ -320,6 +329,42 @@ fn fencing_and_recovery_in_namespaces() {
         "(f) {victim} hung with its BMC frozen: the fence failed, {} VM(s) not started elsewhere",
         stranded.len()
     );
+
+    // (g) h1 boots again: its herd comes back fenced/flushed and takes nothing until ready.
+    let old_uri = daemons[idx("h1")].uri();
+    let new_uri = daemons[NAMES.len()].uri();
+    let h1 = c.node("h1");
+    h1.extra_config = h1.extra_config.replace(&old_uri, &new_uri);
+    h1.start();
+    bmcs[idx("h1")].kill_on_power_off("herd", c.node("h1").child.as_ref().expect("running").id());
+    wait_until("h1 back and still fenced", Duration::from_secs(20), || {
+        let ev = events(c.node("c1"));
+        ev.iter()
+            .any(|e| {
+                e["kind"] == "daemon-state"
+                    && e["node"] == "h1"
+                    && e["message"].as_str().is_some_and(|m| m.contains("stays fenced"))
+            })
+            .then_some(())
+    });
+    let info = c.node("c1").admin(json!({"op": "node-info", "name": "h1"}));
+    assert_eq!((info["daemon_state"].as_str(), info["domain_state"].as_str()), (Some("fenced"), Some("flushed")));
+    let out = c.node("c1").cli(&["node", "ready", "h1", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = c.node("c1").admin(json!({"op": "node-info", "name": "h1"}));
+    assert_eq!((info["daemon_state"].as_str(), info["domain_state"].as_str()), (Some("run"), Some("ready")));
+    wait_until("h1's VMs home again, running there", Duration::from_secs(30), || {
+        let list = vms(c.node("c1"));
+        let seen = observed(&daemons);
+        h1_vms
+            .iter()
+            .all(|n| {
+                list.iter().any(|v| v["name"] == n.as_str() && v["node"] == "h1")
+                    && seen.get(n).is_some_and(|on| on == &["h1"])
+            })
+            .then_some(())
+    });
+    eprintln!("(g) h1 booted: fenced/flushed until `herd node ready`, then its VMs came home");
 
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
