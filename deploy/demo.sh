@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# A local herd cluster: 3 coordinators + 1 hypervisor, joined, then `herd status`.
+# A local herd cluster: 3 coordinators + 1 hypervisor, joined, then `herd status`; VMs placed;
+# the primary killed (as root); then the hypervisor hung, fenced through its simulated BMC
+# (ipmi_sim) and its VMs started elsewhere, with a timeline; it boots again fenced and
+# `herd node ready` brings its VMs home.
 #   deploy/demo.sh          start (or restart) the demo cluster and print its status
 #   deploy/demo.sh stop     stop it and remove its files (and namespaces)
 #
@@ -19,6 +22,9 @@ NS_PREFIX=herddemo
 use_netns() { [ "$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; }
 
 stop() {
+  for pidfile in "$DIR"/*/bmc/ipmi_sim.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
   for pidfile in "$DIR"/*/herd.pid; do
     [ -f "$pidfile" ] || continue
     kill "$(cat "$pidfile")" 2>/dev/null || true
@@ -26,6 +32,7 @@ stop() {
   for pidfile in "$DIR"/*/herd.pid; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
+    kill -CONT "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
@@ -72,6 +79,17 @@ for spec in "${NODES[@]}"; do
 floating_ips = [\"$FLOAT/24 dev eth0\"]
 notify_timeout_ms = 500"
   fi
+  # Each node's BMC: ipmi_sim on the node's address (netns) or a loopback port; its chassis
+  # power-off kills the node's herd daemon (whose pid goes into bmc/kill.herd.pid).
+  if [ $MODE = netns ]; then bmc_ip=$ip_addr bmc_port=623; else bmc_ip=127.0.0.1 bmc_port=$((9620 + i)); fi
+  deploy/bmc-sim/start.sh "$DIR/$name/bmc" "$bmc_ip" "$bmc_port" "demo-pw-$i" "$([ $MODE = netns ] && echo "${NS_PREFIX}$i")"
+  # Power on after a fence (fence_action = reboot) boots the node: its herd daemon starts again.
+  cat >"$DIR/$name/bmc/boot.sh" <<BOOT
+#!/bin/bash
+echo \$\$ >"$DIR/$name/herd.pid"; echo \$\$ >"$DIR/$name/bmc/kill.herd.pid"
+exec $(on_node "$i") "$BIN" daemon --config "$DIR/$name/herd.toml" >>"$DIR/$name/herd.log" 2>&1
+BOOT
+  chmod 755 "$DIR/$name/bmc/boot.sh"
   # Each node's hypervisor: libvirt's test driver on a node file of its own (in-process: the
   # node's VMs live as long as its daemon).
   cat >"$DIR/$name/node.xml" <<XML
@@ -90,11 +108,19 @@ interval_ms = 1000
 [hypervisor]
 uri = "test://$DIR/$name/node.xml"
 shutdown_timeout_ms = 5000
+[fence]
+check_interval_ms = 1000
+[fencing]
+agent = "ipmi"
+bmc = "$bmc_ip:$bmc_port"
+user = "admin"
+password_file = "$DIR/$name/bmc/bmc.pass"
 $extra
 TOML
   # shellcheck disable=SC2046  # the prefix is meant to split into words
   $(on_node "$i") "$BIN" daemon --config "$DIR/$name/herd.toml" >"$DIR/$name/herd.log" 2>&1 &
   echo $! >"$DIR/$name/herd.pid"
+  cp "$DIR/$name/herd.pid" "$DIR/$name/bmc/kill.herd.pid"
   disown
 done
 # Wait for each admin socket to answer (a condition with a deadline, not a fixed sleep).
@@ -161,12 +187,49 @@ if [ $MODE = netns ]; then
   echo "restarting $old: it rejoins as a secondary"
   $(on_node "$oldi") "$BIN" daemon --config "$DIR/$old/herd.toml" >>"$DIR/$old/herd.log" 2>&1 &
   echo $! >"$DIR/$old/herd.pid"
+  cp "$DIR/$old/herd.pid" "$DIR/$old/bmc/kill.herd.pid"
   disown
 else
   echo
   echo "(not root, or no network namespaces: the floating-address part of the demo is skipped;"
   echo " as root, the demo runs every node in a namespace of its own and moves the address)"
 fi
+
+# Fencing: wait until every node runs and the primary found every BMC ready, then hang hv4.
+Q=(--socket "$DIR/hv2/admin.sock")
+for i in $(seq 300); do
+  s=$("$BIN" "${Q[@]}" --json status 2>/dev/null || true)
+  [ "$(grep -c '"can_fence": true' <<<"$s")" = 4 ] && [ "$(grep -c '"daemon_state": "run"' <<<"$s")" = 4 ] && break
+  [ "$i" = 300 ] && { echo "fencing never became ready; see $DIR/*/herd.log" >&2; exit 1; }
+  sleep 0.1
+done
+echo
+echo "every node can be fenced (its BMC answers). Hanging hv4 (SIGSTOP), which runs:"
+"$BIN" "${Q[@]}" vm list | awk 'NR == 1 || / hv4 /'
+start=$(date +%s%N)
+kill -STOP "$(cat "$DIR/hv4/herd.pid")"
+for i in $(seq 400); do
+  l=$("$BIN" "${Q[@]}" --json vm list 2>/dev/null || true)
+  [ "$(grep -c '"actual": "running"' <<<"$l")" = 5 ] && ! grep -q '"node": "hv4"' <<<"$l" && break
+  [ "$i" = 400 ] && { echo "hv4's VMs did not come back elsewhere; see $DIR/*/herd.log" >&2; exit 1; }
+  sleep 0.05
+done
+echo "hv4 fenced through its BMC; all its VMs run elsewhere $(( ($(date +%s%N) - start) / 1000000 )) ms after the hang:"
+"$BIN" "${Q[@]}" vm list
+echo
+echo "timeline (the cluster's event log):"
+"$BIN" "${Q[@]}" events | grep -E 'time|fence|hv4' || true
+# fence_action = reboot: the BMC powered hv4 on again and it booted (bmc/boot.sh).
+for i in $(seq 200); do
+  "$BIN" "${Q[@]}" events 2>/dev/null | grep -q 'hv4 is back' && break
+  sleep 0.1
+done
+echo
+"$BIN" "${Q[@]}" node info hv4 | grep -E 'daemon_state|domain_state' || true
+echo "hv4 booted again and stays fenced/flushed until: herd node ready hv4"
+"$BIN" "${Q[@]}" node ready hv4 --wait
+"$BIN" "${Q[@]}" vm list
+
 cat <<MSG
 
 The demo cluster keeps running ($MODE). Try:

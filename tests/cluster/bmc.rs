@@ -13,36 +13,8 @@ use crate::harness::wait_until;
 
 pub const USER: &str = "admin";
 
-const CHASSIS: &str = r#"#!/bin/bash
-# ipmi_sim's chassis_control script (see ipmi_sim_cmd(5)): get power / set power 0|1 / set reset 1.
-DIR=$(dirname "$0")
-echo "$(date +%s.%N) $*" >> "$DIR/chassis.log"
-power() { cat "$DIR/power" 2>/dev/null || echo 1; }
-off() {
-  for f in "$DIR"/kill.*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
-  echo 0 > "$DIR/power"
-}
-on() {
-  [ "$(power)" = 1 ] && return 0
-  echo 1 > "$DIR/power"
-  if [ -x "$DIR/boot.sh" ]; then
-    # Close every fd inherited from ipmi_sim (its UDP socket is not close-on-exec).
-    ( for f in /proc/$BASHPID/fd/*; do f=${f##*/}; [ "$f" -gt 2 ] && eval "exec $f>&-"; done
-      exec setsid "$DIR/boot.sh" ) >/dev/null 2>&1 </dev/null &
-  fi
-}
-op=$1; shift
-case "$op" in
-  get) for item in "$@"; do case "$item" in
-         power) echo "power:$(power)" ;;
-         boot) echo "boot:default" ;; esac; done ;;
-  set) while [ $# -ge 2 ]; do case "$1" in
-         power) if [ "$2" = 1 ]; then on; else off; fi ;;
-         reset) off; on ;;
-         shutdown) off ;; esac; shift 2; done ;;
-esac
-exit 0
-"#;
+/// The chassis script, shared with the demo.
+const CHASSIS: &str = include_str!("../../deploy/bmc-sim/chassis.sh");
 
 /// Whether the BMC tests can run here.
 pub fn available(test: &str) -> bool {
