@@ -264,10 +264,16 @@ fn paint(text: String) -> String {
     }
     let style = match text.as_str() {
         "run" | "ready" | "alive" | "primary" | "voter" => Style::new().fg_color(Some(AnsiColor::Green.into())),
-        "init" | "takeover" | "relinquish" | "flush" | "unflush" | "stop" | "shutdown" => {
+        "init" | "fencing" | "unchecked" | "takeover" | "relinquish" | "flush" | "unflush" | "stop" | "shutdown" => {
             Style::new().fg_color(Some(AnsiColor::Yellow.into()))
         }
-        t if t.starts_with("lost") || t == "dead" || t == "fenced" || t == "fence-flush" => {
+        t if t.starts_with("lost")
+            || t == "dead"
+            || t == "fenced"
+            || t == "failed"
+            || t == "unreachable"
+            || t == "fence-flush" =>
+        {
             Style::new().fg_color(Some(AnsiColor::Red.into())).bold()
         }
         _ => return text,
@@ -390,6 +396,7 @@ fn members_table(members: &Value) -> String {
                         paint(s(&m["domain_state"])),
                         paint(s(&m["router_state"])),
                         paint(s(&m["heartbeat"])),
+                        paint(fence_cell(&m["fencing"])),
                         age,
                         s(&m["address"]),
                     ]
@@ -397,7 +404,23 @@ fn members_table(members: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    table(&["name", "id", "role", "raft", "daemon", "domain", "router", "heartbeat", "keepalive", "address"], &rows)
+    table(
+        &["name", "id", "role", "raft", "daemon", "domain", "router", "heartbeat", "fence", "keepalive", "address"],
+        &rows,
+    )
+}
+
+/// One word for a node's fencing: whether it can be fenced, or where a fence of it stands.
+fn fence_cell(f: &Value) -> String {
+    match (f["configured"].as_bool(), f["state"].as_str(), f["ready"].as_bool()) {
+        (Some(false), _, _) | (None, _, _) => "none".into(),
+        (_, Some("fencing"), _) => "fencing".into(),
+        (_, Some("fenced"), _) => "fenced".into(),
+        (_, Some("fence-failed"), _) => "failed".into(),
+        (_, _, Some(true)) => "ready".into(),
+        (_, _, Some(false)) => "unreachable".into(),
+        _ => "unchecked".into(),
+    }
 }
 
 /// Human output for each command.

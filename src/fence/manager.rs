@@ -66,6 +66,8 @@ struct Local {
     readings: BTreeMap<String, Reading>,
     /// Readiness last logged per node (one line per change).
     logged: BTreeMap<String, bool>,
+    /// Last attempt to record a node as self-fenced (at most one a second: each is a log entry).
+    self_fenced_tried: BTreeMap<String, Instant>,
 }
 
 pub struct FenceManager {
@@ -209,6 +211,13 @@ impl FenceManager {
         let wait = policy.self_fence_after_ms + policy.watchdog_timeout_ms + SELF_FENCE_MARGIN_MS;
         if rec.last_keepalive_ms.is_some_and(|k| now_ms.saturating_sub(k) < wait) {
             return;
+        }
+        {
+            let mut l = self.local();
+            if l.self_fenced_tried.get(&rec.name).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            l.self_fenced_tried.insert(rec.name.clone(), Instant::now());
         }
         let cmd = Command::FenceDone { name: rec.name.clone(), outcome: FenceOutcome::SelfFenced };
         match self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {

@@ -314,7 +314,7 @@ pub struct NodeRecord {
 pub struct ClusterMeta {
     pub cluster_id: String,
     pub created_ms: u64,
-    /// While on: no fencing and no recovery (honoured by the fencing work).
+    /// While on: no automatic fencing and no recovery (`DecideFence` refuses all but manual ones).
     pub maintenance: bool,
     /// SHA-256 (hex) of the join tokens; the tokens themselves are never stored.
     pub join_token_hashes: BTreeSet<String>,
