@@ -595,6 +595,17 @@ impl Config {
         }
         if let Some(f) = &self.fencing {
             f.validate()?;
+            if f.failed_fence == FailedFence::RecoverAfterSelfFence
+                && f.self_fence_after_ms < 3 * self.keepalive.interval_ms
+            {
+                return err(
+                    "fencing.self_fence_after_ms",
+                    format!(
+                        "must be at least 3 keepalive intervals ({} ms): a late keepalive must not self-fence a healthy node",
+                        3 * self.keepalive.interval_ms
+                    ),
+                );
+            }
         }
         let fe = &self.fence;
         if !(1..=64).contains(&fe.max_parallel) {

@@ -1035,15 +1035,7 @@ fn fencing_json(n: &herd_storage::model::NodeRecord) -> Value {
         return json!({ "configured": false, "can_fence": false });
     };
     let f = &n.fence;
-    let state = if f.pending.is_some() {
-        "fencing"
-    } else if n.daemon_state == DaemonState::Fenced {
-        "fenced"
-    } else if f.failure.is_some() {
-        "fence-failed"
-    } else {
-        "none"
-    };
+    let state = n.fence_state();
     json!({
         "configured": true,
         "can_fence": f.ready == Some(true),

@@ -48,6 +48,12 @@ struct State {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostState {
+    host: String,
+    state: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric herd exports.
@@ -68,6 +74,8 @@ pub struct Metrics {
     primary_holding: Gauge,
     nodes: Family<State, Gauge>,
     keepalive_age_seconds: Family<Host, FloatGauge>,
+    fence_ready: Family<Host, Gauge>,
+    fence_state: Family<HostState, Gauge>,
 }
 
 impl Metrics {
@@ -89,6 +97,8 @@ impl Metrics {
             primary_holding: Gauge::default(),
             nodes: Family::default(),
             keepalive_age_seconds: Family::default(),
+            fence_ready: Family::default(),
+            fence_state: Family::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -130,6 +140,16 @@ impl Metrics {
             "Age of each node's last committed keepalive",
             m.keepalive_age_seconds.clone(),
         );
+        registry.register(
+            "fence_ready",
+            "1 if the host's BMC answered the primary's last check, 0 if not, -1 unchecked or no [fencing]",
+            m.fence_ready.clone(),
+        );
+        registry.register(
+            "fence_state",
+            "1 for the host's fencing state: none, fencing, fenced or fence-failed",
+            m.fence_state.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -156,7 +176,17 @@ impl Metrics {
             let g = member.view.read();
             self.nodes.clear();
             self.keepalive_age_seconds.clear();
+            self.fence_ready.clear();
+            self.fence_state.clear();
             for n in g.state.nodes.values() {
+                let host = Host { host: n.name.clone() };
+                let ready = match (&n.fencing, n.fence.ready) {
+                    (Some(_), Some(r)) => i64::from(r),
+                    _ => -1,
+                };
+                self.fence_ready.get_or_create(&host).set(ready);
+                let state = n.fence_state();
+                self.fence_state.get_or_create(&HostState { host: n.name.clone(), state: state.into() }).set(1);
                 self.nodes.get_or_create(&State { state: n.daemon_state.to_string() }).inc();
                 if let Some(t) = n.last_keepalive_ms {
                     self.keepalive_age_seconds

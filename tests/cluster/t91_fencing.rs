@@ -12,7 +12,11 @@
 //! (f) a coordinator's BMC frozen and the coordinator hung → the fence fails, visible in
 //!     `status` and `events`, and its VMs are not started elsewhere;
 //! (g) h1 boots again (its herd and a fresh libvirtd): it stays fenced/flushed until
-//!     `herd node ready`, which brings its VMs home.
+//!     `herd node ready`, which brings its VMs home;
+//! (h) h1 (policy `recover-after-self-fence`, a file as its watchdog) isolated with its BMC
+//!     frozen: it destroys its VMs and stops feeding the watchdog; the fence fails; once its
+//!     last committed keepalive is old enough the primary records it self-fenced and its VMs
+//!     run elsewhere.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -128,6 +132,15 @@ fn fencing_and_recovery_in_namespaces() {
             bmc::USER,
             b.password_file().display()
         ));
+        if *name == "h1" {
+            let wd = node.dir.join("watchdog");
+            std::fs::write(&wd, b"").expect("watchdog file");
+            node.extra_config.push_str(&format!(
+                "failed_fence = \"recover-after-self-fence\"\nself_fence_after_ms = 4000\n\
+                 watchdog = \"{}\"\nwatchdog_timeout_ms = 1000\n",
+                wd.display()
+            ));
+        }
         node.start();
         let pid = node.child.as_ref().expect("running").id();
         b.kill_on_power_off("herd", pid);
@@ -365,6 +378,51 @@ fn fencing_and_recovery_in_namespaces() {
             .then_some(())
     });
     eprintln!("(g) h1 booted: fenced/flushed until `herd node ready`, then its VMs came home");
+
+    // (h) h1 isolated (both networks) with its BMC frozen: it self-fences.
+    let wd = c.node("h1").dir.join("watchdog");
+    let fed = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    assert!(fed(&wd) > 0, "the self-fence guard feeds the watchdog");
+    let h1_now: Vec<String> = vms(c.node("c1"))
+        .iter()
+        .filter(|v| v["node"] == "h1")
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!h1_now.is_empty(), "h1 runs VMs again");
+    let t0 = Instant::now();
+    bmcs[idx("h1")].pause();
+    topo.link(idx("h1") + 1, 0, false);
+    topo.link(idx("h1") + 1, 1, false);
+    wait_until("(h) h1 destroyed its VMs (self-fence)", Duration::from_secs(15), || {
+        daemons[NAMES.len()].running().iter().all(|(n, _)| n == "test").then_some(())
+    });
+    let self_fenced_after = t0.elapsed();
+    let size = fed(&wd);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(fed(&wd), size, "the watchdog is no longer fed after the self-fence");
+    let log = std::fs::read_to_string(c.node("h1").log_path()).unwrap_or_default();
+    assert!(log.contains("SELF-FENCE"), "h1 says why in its log");
+    wait_until("(h) h1's VMs recovered after its self-fence", Duration::from_secs(40), || {
+        let ev = events(c.node("c1"));
+        let fenced = ev.iter().any(|e| {
+            e["kind"] == "fenced"
+                && e["node"] == "h1"
+                && e["message"].as_str().is_some_and(|m| m.contains("self-fenced"))
+        });
+        let list = vms(c.node("c1"));
+        (fenced
+            && count(&ev, "fence-failed", "h1") >= 1
+            && all_running_where_assigned(&list, &observed(&daemons), &["h1", "h2"]))
+        .then_some(())
+    });
+    eprintln!(
+        "(h) h1 isolated with a frozen BMC: self-fenced after {} ms, its VMs recovered after {} ms",
+        self_fenced_after.as_millis(),
+        t0.elapsed().as_millis()
+    );
+    topo.link(idx("h1") + 1, 0, true);
+    topo.link(idx("h1") + 1, 1, true);
+    bmcs[idx("h1")].resume();
 
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");

@@ -181,6 +181,22 @@ pub enum FenceOutcome {
     SelfFenced,
 }
 
+impl NodeRecord {
+    /// Where fencing stands for this node: `none`, `fencing` (decided, not done), `fenced`, or
+    /// `fence-failed` (the last fence could not be confirmed).
+    pub fn fence_state(&self) -> &'static str {
+        if self.fence.pending.is_some() {
+            "fencing"
+        } else if self.daemon_state == DaemonState::Fenced {
+            "fenced"
+        } else if self.fence.failure.is_some() {
+            "fence-failed"
+        } else {
+            "none"
+        }
+    }
+}
+
 fn bounded(s: &str) -> String {
     s.chars().take(1024).collect()
 }
