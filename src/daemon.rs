@@ -71,6 +71,9 @@ pub struct Daemon {
     /// When a write of this node's own was last committed (ms since start; 0: never): a node
     /// without recent quorum contact starts no VMs.
     last_own_commit_ms: std::sync::atomic::AtomicU64,
+    /// The log index of that write: VMs are started only from a local view that has applied it
+    /// (a node back from a long absence must not act on its stale view of where VMs run).
+    last_own_commit_index: std::sync::atomic::AtomicU64,
     started: tokio::time::Instant,
     vms_running: std::sync::atomic::AtomicU32,
     /// Woken when this node becomes a member (init, join or resume).
@@ -606,10 +609,15 @@ impl Daemon {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// Whether a write of this node's own was committed lately (three keepalive intervals).
-    fn quorum_contact(&self) -> bool {
+    /// Whether a write of this node's own was committed lately (three keepalive intervals) and
+    /// the local view at `applied` includes it: only then may this node start VMs from that view.
+    /// (A node back after its VMs were recovered elsewhere replays old entries first; in those
+    /// the VMs are still its own.)
+    fn quorum_contact(&self, applied: u64) -> bool {
         let last = self.last_own_commit_ms.load(Ordering::Acquire);
-        last != 0 && self.now_ms().saturating_sub(last) < 3 * self.config.keepalive.interval_ms.max(1000)
+        last != 0
+            && self.now_ms().saturating_sub(last) < 3 * self.config.keepalive.interval_ms.max(1000)
+            && applied >= self.last_own_commit_index.load(Ordering::Acquire)
     }
 
     /// Once `run` is recorded: a node that comes back fenced says so (and readies itself with
@@ -693,8 +701,11 @@ impl Daemon {
         }
         let r = self.reconciler.as_ref()?;
         let member = self.node.member()?;
-        let vms = member.view.read().state.vms.clone();
-        match r.round(&vms, self.quorum_contact()).await {
+        let (vms, applied) = {
+            let g = member.view.read();
+            (g.state.vms.clone(), g.last_applied.map_or(0, |l| l.index))
+        };
+        match r.round(&vms, self.quorum_contact(applied)).await {
             Ok(out) => {
                 if !out.commands.is_empty() {
                     let ops = out.commands.into_iter().map(Into::into).collect();
@@ -788,8 +799,9 @@ impl Daemon {
         let member =
             self.node.member().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
         let ops = cmds(self.config.name.clone(), Some(member.id)).into_iter().map(Into::into).collect();
-        match self.node.write(ops, timeout).await {
-            Ok(_) => {
+        match self.node.write_indexed(ops, timeout).await {
+            Ok((index, _)) => {
+                self.last_own_commit_index.fetch_max(index, Ordering::AcqRel);
                 self.last_own_commit_ms.store(self.now_ms(), Ordering::Release);
                 Ok(())
             }
@@ -925,6 +937,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics: crate::metrics::Metrics::new(),
         reconciler,
         last_own_commit_ms: std::sync::atomic::AtomicU64::new(0),
+        last_own_commit_index: std::sync::atomic::AtomicU64::new(0),
         vms_running: std::sync::atomic::AtomicU32::new(0),
         started: tokio::time::Instant::now(),
         member_started: Notify::new(),

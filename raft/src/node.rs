@@ -437,14 +437,20 @@ where
 
     /// Replicates `ops` as one atomic request; returns the applied result.
     pub async fn write(&self, ops: Vec<Op>, timeout: Duration) -> Result<Reply, NodeError> {
+        self.write_indexed(ops, timeout).await.map(|(_, reply)| reply)
+    }
+
+    /// Like [`write`](Self::write), also returning the log index the request was applied at: a
+    /// caller that acts on its local view afterwards waits until that view has applied it.
+    pub async fn write_indexed(&self, ops: Vec<Op>, timeout: Duration) -> Result<(u64, Reply), NodeError> {
         let req = Request { id: request_id(), time_ms: 0, ops };
         let started = Instant::now();
         match self.leader_call(LeaderOp::Write(req), timeout).await? {
-            RpcReply::Written(Response { result, .. }) => {
+            RpcReply::Written(Response { index, result }) => {
                 if let Some(f) = self.write_observer.get() {
                     f(started.elapsed());
                 }
-                Ok(result?)
+                Ok((index, result?))
             }
             other => Err(NodeError::Refused(format!("unexpected write reply {other:?}"))),
         }

@@ -79,6 +79,13 @@ impl Libvirtd {
         format!("test+unix:///default?socket={}", self.dir.join("sock/libvirt-sock").display())
     }
 
+    /// Active domains, or why libvirtd could not say.
+    pub fn try_running(&self) -> Result<Vec<(String, u32)>, String> {
+        let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
+        let list = self.conn.list_all_domains(flags).map_err(|e| e.to_string())?;
+        Ok(list.iter().filter_map(|d| Some((d.name().ok()?, d.id()?))).collect())
+    }
+
     /// Active domains: name → libvirt id.
     pub fn running(&self) -> Vec<(String, u32)> {
         let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
