@@ -213,6 +213,10 @@ fn fencing_and_recovery_in_namespaces() {
         assert!(fences.iter().all(|e| e["kind"] == "fence-readiness"), "{what}: {fences:?}");
     };
 
+    // `herd node fence` without its confirmation flag changes nothing.
+    let out = c.node("c1").cli(&["node", "fence", "h2"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--yes"));
+
     // (a) One of h2's two heartbeat networks cut: the node is alive; 4 s is more than the
     // loss time plus fence_after_ms (a window in which nothing may happen, not a wait).
     topo.link(idx("h2") + 1, 1, false);
@@ -423,6 +427,23 @@ fn fencing_and_recovery_in_namespaces() {
     topo.link(idx("h1") + 1, 0, true);
     topo.link(idx("h1") + 1, 1, true);
     bmcs[idx("h1")].resume();
+
+    // (i) An operator fences h2 by hand (it is off already: the power-off is confirmed again).
+    let before = bmcs[idx("h2")].chassis_log().lines().filter(|l| l.contains("set power 0")).count();
+    let out = c.node("c3").cli(&["node", "fence", "h2", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("(i) h2 fenced by hand", Duration::from_secs(15), || {
+        let ev = events(c.node("c1"));
+        let manual = ev.iter().any(|e| {
+            e["kind"] == "fence-decided"
+                && e["node"] == "h2"
+                && e["message"].as_str().is_some_and(|m| m.contains("operator"))
+        });
+        (manual && count(&ev, "fenced", "h2") == 2).then_some(())
+    });
+    let after = bmcs[idx("h2")].chassis_log().lines().filter(|l| l.contains("set power 0")).count();
+    assert_eq!(after, before + 1, "one more power-off through h2's BMC");
+    eprintln!("(i) herd node fence h2 --yes: powered off through its BMC, recorded");
 
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
