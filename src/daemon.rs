@@ -681,12 +681,32 @@ impl Daemon {
         );
         if let (Some(r), Some(member)) = (&self.reconciler, self.node.member()) {
             let managed: Vec<String> = member.view.read().state.vms.keys().cloned().collect();
-            if let Ok(domains) = r.hypervisor.list().await {
-                for d in domains.iter().filter(|d| managed.contains(&d.name)) {
-                    if let Err(e) = r.hypervisor.destroy(&d.name).await {
-                        tracing::error!(vm = %d.name, "self-fence: destroy failed: {e}");
+            // Until none of the cluster's domains runs here (the watchdog resets the host
+            // meanwhile anyway): a failed list or destroy is retried, never given up on.
+            loop {
+                match r.hypervisor.list().await {
+                    Ok(domains) => {
+                        let running: Vec<&crate::hypervisor::Domain> = domains
+                            .iter()
+                            .filter(|d| {
+                                use herd_storage::model::ActualState::{Paused, Running};
+                                managed.contains(&d.name) && matches!(d.state, Running | Paused)
+                            })
+                            .collect();
+                        if running.is_empty() {
+                            tracing::error!("self-fence: none of the cluster's VMs runs here any more");
+                            break;
+                        }
+                        for d in running {
+                            match r.hypervisor.destroy(&d.name).await {
+                                Ok(()) => tracing::error!(vm = %d.name, "self-fence: destroyed"),
+                                Err(e) => tracing::error!(vm = %d.name, "self-fence: destroy failed: {e}"),
+                            }
+                        }
                     }
+                    Err(e) => tracing::error!("self-fence: cannot list domains: {e}"),
                 }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
         // The device stays open and unfed: the watchdog fires.
