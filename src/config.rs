@@ -170,8 +170,14 @@ impl FencingSection {
         }
         let text = std::fs::read_to_string(path).map_err(|e| (key.clone(), format!("{}: {e}", path.display())))?;
         let password = text.lines().next().unwrap_or("").to_string();
-        if password.is_empty() || password.len() > 1024 {
-            return Err((key, format!("{}: the first line must hold the password (1 to 1024 bytes)", path.display())));
+        if password.is_empty() || password.len() > 1024 || password.chars().any(char::is_control) {
+            return Err((
+                key,
+                format!(
+                    "{}: the first line must hold the password (1 to 1024 bytes, no control characters)",
+                    path.display()
+                ),
+            ));
         }
         Ok(FencePolicy {
             agent: self.agent,
@@ -199,10 +205,15 @@ impl FencingSection {
         if self.user.is_empty() || self.user.len() > 64 {
             return err("user", "must be 1 to 64 bytes");
         }
+        // These travel as `key=value` lines to an external agent: no line breaks or controls.
+        let control = |v: &str| v.chars().any(char::is_control);
+        if control(&self.user) || control(&self.bmc) || self.command.as_deref().is_some_and(control) {
+            return err("user", "bmc, user and command must not contain control characters");
+        }
         if self.agent == FenceAgentKind::External && self.command.as_deref().is_none_or(str::is_empty) {
             return err("command", "required with agent = \"external\"");
         }
-        if self.options.len() > 32 || self.options.iter().any(|o| !o.contains('=') || o.contains('\n')) {
+        if self.options.len() > 32 || self.options.iter().any(|o| !o.contains('=') || o.chars().any(char::is_control)) {
             return err("options", "up to 32 key=value strings");
         }
         if !(200..=600_000).contains(&self.fence_after_ms) {
@@ -703,6 +714,12 @@ listen = "127.0.0.11:7400"
         assert_eq!(key, "fencing.password_file");
         assert!(msg.contains("bmc.pass") && msg.contains("chmod 600") && !msg.contains("pw1"), "{msg}");
         assert!(Config::parse(&with("fence_action = \"explode\"\n")).is_err());
+        // A line break in the user would inject a line into an external agent's stdin.
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let c = Config::parse(&with("")).expect("parses");
+        let mut f = c.fencing.clone().expect("section");
+        f.user = "admin\naction=on".into();
+        assert!(f.validate().is_err());
     }
 
     #[test]

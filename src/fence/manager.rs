@@ -130,10 +130,9 @@ impl FenceManager {
     /// Milliseconds since this node last heard from `id` on Raft (as the leader).
     fn raft_silence(&self, since_primary: Instant) -> BTreeMap<NodeId, u64> {
         let Some(member) = self.node.member() else { return BTreeMap::new() };
-        let m = member.raft.metrics().borrow_watched().clone();
+        let acks = member.raft.metrics().borrow_watched().heartbeat.clone();
         let cap = ms(since_primary.elapsed());
-        m.heartbeat
-            .unwrap_or_default()
+        acks.unwrap_or_default()
             .into_iter()
             .map(|(id, t)| (id, t.map_or(cap, |t| ms(openraft::Instant::elapsed(&*t)))))
             .collect()

@@ -130,7 +130,19 @@ impl FencePolicy {
         if self.bmc.is_empty() || long(&self.bmc) || long(&self.user) || long(&self.password) {
             return Err(ApplyError::Invalid("fence policy: bmc 1 to 1024 bytes, user and password up to 1024".into()));
         }
-        if self.options.len() > MAX_AGENT_OPTIONS || self.options.iter().any(|o| long(o) || !o.contains('=')) {
+        let control = |v: &str| v.chars().any(char::is_control);
+        if control(&self.bmc)
+            || control(&self.user)
+            || control(&self.password)
+            || self.command.as_deref().is_some_and(control)
+        {
+            return Err(ApplyError::Invalid(
+                "fence policy: no control characters (they would break the agent protocol)".into(),
+            ));
+        }
+        if self.options.len() > MAX_AGENT_OPTIONS
+            || self.options.iter().any(|o| long(o) || !o.contains('=') || control(o))
+        {
             return Err(ApplyError::Invalid(format!("fence policy: up to {MAX_AGENT_OPTIONS} key=value options")));
         }
         if self.agent == FenceAgentKind::External && self.command.as_deref().is_none_or(|c| c.is_empty() || long(c)) {
