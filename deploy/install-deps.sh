@@ -7,8 +7,9 @@ set -euo pipefail
 # libvirt-dev: the virt crate links libvirt (its test driver serves the VM tests);
 # libvirt-daemon: libvirtd, one per node in the cluster test that checks each node's own libvirt.
 # openipmi: ipmi_sim, the simulated BMC of the fencing tests and the demo; ipmitool: checks that
-# herd leaves a BMC usable by other clients.
-PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon openipmi ipmitool)
+# herd leaves a BMC usable by other clients; fence-agents: fence_ipmilan, driven by herd's external
+# agent in the tests.
+PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon openipmi ipmitool fence-agents)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -101,3 +101,46 @@ fn ipmi_agent_against_a_live_ipmi_sim() {
     assert!(t.elapsed() < Duration::from_millis(1300), "{:?}", t.elapsed());
     eprintln!("dead BMC: {e} after {:?}", t.elapsed());
 }
+
+/// The external agent driving the real `fence_ipmilan` (package fence-agents) against a live
+/// `ipmi_sim`: the stdin protocol as the fence-agents project defines it.
+#[test]
+fn external_agent_drives_fence_ipmilan() {
+    let test = "external_agent_drives_fence_ipmilan";
+    if !bmc::available(test) {
+        return;
+    }
+    let agent_path = "/usr/sbin/fence_ipmilan";
+    if !std::path::Path::new(agent_path).exists() {
+        eprintln!("\n!!!!! SKIPPED {test}: {agent_path} is missing (Debian package fence-agents) !!!!!\n");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Bmc::start(&dir.path().join("bmc"), "127.0.0.1", bmc::free_udp_port(), None);
+    let mut host = Command::new("sleep").arg("600").spawn().expect("spawn host");
+    b.kill_on_power_off("host", host.id());
+    let external = |password: &str| {
+        let mut p = policy(&b.addr, password);
+        p.agent = FenceAgentKind::External;
+        p.command = Some(agent_path.into());
+        p.options = vec!["lanplus=1".into(), "cipher=3".into()];
+        AgentRegistry::new().agent(&p)
+    };
+    let rt = rt();
+    let agent = external(&b.password);
+    let call = |action| rt.block_on(agent.call(action, Duration::from_secs(20)));
+    assert_eq!(call(Action::Status), Ok(Power::On));
+    assert_eq!(call(Action::Off), Ok(Power::Off));
+    assert_eq!(call(Action::Status), Ok(Power::Off));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the power-off did not kill the host");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(call(Action::On), Ok(Power::On));
+    let wrong = external("wrong-password-xyz");
+    let e = rt.block_on(wrong.call(Action::Status, Duration::from_secs(20))).expect_err("wrong password");
+    assert!(matches!(e, FenceError::Agent { .. }), "{e:?}");
+    assert!(!e.to_string().contains("wrong-password-xyz"), "{e}");
+    eprintln!("fence_ipmilan with a wrong password: {e}");
+}
