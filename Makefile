@@ -32,8 +32,9 @@ cluster:
 	$(CARGO) test --test cluster
 
 # Benchmarks measure (never part of `make test`): a table on stdout, JSON in target/bench/.
-bench:
-	$(CARGO) run --release -p herd-bench -- heartbeat
+bench: deps
+	$(CARGO) build --release --bin herd
+	$(CARGO) run --release -p herd-bench -- all
 
 # A Debian package (installs cargo-deb from crates.io if missing).
 deb:

@@ -7,6 +7,11 @@
 //!   and 1000 simulated hosts × 2 networks, at the default 100 ms interval. The hosts are real
 //!   heartbeat agents (the responder code of every node) in a child process, on loopback; the
 //!   coordinator's process CPU time is measured with getrusage over a steady window.
+//! - `failover [REPS]`: see [`failover`] — primary kill, hypervisor hang, hypervisor power-off,
+//!   graceful hand-over, each REPS times (default 10), in network namespaces (root).
+//! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
+
+mod failover;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -159,7 +164,7 @@ fn write_json(scenario: &str, v: &Value) -> Result<String> {
     Ok(path.display().to_string())
 }
 
-async fn heartbeat(sizes: &[usize]) -> Result<()> {
+async fn heartbeat(sizes: &[usize]) -> Result<Vec<Value>> {
     raise_fd_limit()?;
     let mut rows = Vec::new();
     println!(
@@ -182,19 +187,76 @@ async fn heartbeat(sizes: &[usize]) -> Result<()> {
     }
     let out = json!({ "scenario": "heartbeat", "machine": machine(), "results": rows, "target": "1000 hosts x 2 networks at 100 ms within 15 % of one core" });
     println!("wrote {}", write_json("heartbeat", &out)?);
-    Ok(())
+    Ok(rows)
+}
+
+/// Targets from DESIGN §10, beside the figures.
+const FAILOVER_TARGETS: [(&str, &str); 4] = [
+    ("primary_kill", "median <= 1 s, p99 <= 2 s (etcd 100/1000 ms timers: ~1.45 s)"),
+    ("hypervisor_hang", "median <= 3 s, p99 <= 5 s (Pacemaker tuned ~5 s, stock 13.1 s)"),
+    ("hypervisor_poweroff", "median <= 3 s, p99 <= 5 s"),
+    ("primary_handover", "no DESIGN target (graceful: expected well below primary_kill)"),
+];
+
+fn failover_table(r: &Value) {
+    println!("{:<22} {:>4} {:>10} {:>10} {:>10}  target", "scenario", "n", "median ms", "p99 ms", "max ms");
+    for (k, target) in FAILOVER_TARGETS {
+        let v = &r[k];
+        println!(
+            "{:<22} {:>4} {:>10.0} {:>10.0} {:>10.0}  {target}",
+            k,
+            v["n"],
+            v["median_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0),
+            v["max_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+fn failover(reps: usize) -> Result<Value> {
+    let r = failover::run(reps)?;
+    failover_table(&r);
+    let out = json!({ "scenario": "failover", "machine": machine(), "results": r, "targets": FAILOVER_TARGETS.iter().map(|(k, t)| (k.to_string(), json!(t))).collect::<serde_json::Map<_, _>>() });
+    println!("wrote {}", write_json("failover", &out)?);
+    Ok(r)
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["heartbeat"] => rt.block_on(heartbeat(&[10, 100, 1000])),
+        ["failover"] => failover(10).map(|_| ()),
+        ["failover", reps] => failover(reps.parse().context("repetitions")?).map(|_| ()),
+        ["all"] => {
+            let hb = rt.block_on(heartbeat(&[10, 100, 1000]))?;
+            let fo = failover(10)?;
+            let heartbeat: Vec<Value> = hb
+                .iter()
+                .map(|r| json!({"hosts": r["hosts"], "networks": r["networks"], "coordinator_cpu_percent": r["cpu_percent_of_one_core"]}))
+                .collect();
+            let failover: serde_json::Map<String, Value> = FAILOVER_TARGETS
+                .iter()
+                .map(|(k, _)| {
+                    let v = &fo[*k];
+                    (
+                        k.to_string(),
+                        json!({"n": v["n"], "median_ms": v["median_ms"], "p99_ms": v["p99_ms"], "max_ms": v["max_ms"]}),
+                    )
+                })
+                .collect();
+            let latest = json!({ "machine": machine(), "writes": [], "failover": failover, "heartbeat": heartbeat,
+                "notes": "writes (herd vs etcd) not measured yet" });
+            std::fs::create_dir_all("docs/bench")?;
+            std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
+            println!("wrote docs/bench/latest.json");
+            Ok(())
+        }
+        ["heartbeat"] => rt.block_on(heartbeat(&[10, 100, 1000])).map(|_| ()),
         ["heartbeat", sizes @ ..] => {
             let sizes: Vec<usize> = sizes.iter().map(|s| s.parse()).collect::<Result<_, _>>().context("host counts")?;
-            rt.block_on(heartbeat(&sizes))
+            rt.block_on(heartbeat(&sizes)).map(|_| ())
         }
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
-        _ => bail!("usage: herd-bench heartbeat [HOSTS...]"),
+        _ => bail!("usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | all"),
     }
 }
