@@ -123,7 +123,12 @@ impl Duties {
             let cidr = f.cidr();
             match run(Path::new("ip"), &["addr", "del", cidr.as_str(), "dev", f.dev.as_str()], IP_TIMEOUT).await {
                 Ok(_) => tracing::info!("floating address {f} removed"),
-                Err(e) if e.contains("Cannot assign requested address") || e.contains("Cannot find device") => {}
+                // Already gone: what removal wants. (iproute2 says "Cannot assign requested
+                // address" or, in newer versions, "Address not found".)
+                Err(e)
+                    if e.contains("Cannot assign requested address")
+                        || e.contains("Address not found")
+                        || e.contains("Cannot find device") => {}
                 Err(e) => errors.push(e),
             }
         }
