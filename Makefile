@@ -32,9 +32,10 @@ cluster:
 	$(CARGO) test --test cluster
 
 # Benchmarks measure (never part of `make test`): a table on stdout, JSON in target/bench/.
-bench: deps
+bench:
+	deploy/install-deps.sh --bench
 	$(CARGO) build --release --bin herd
-	$(CARGO) run --release -p herd-bench -- all
+	$(CARGO) run --release -p herd-bench --features etcd -- all
 
 # A Debian package (installs cargo-deb from crates.io if missing).
 deb:

@@ -10,6 +10,11 @@ set -euo pipefail
 # herd leaves a BMC usable by other clients; fence-agents: fence_ipmilan, driven by herd's external
 # agent in the tests.
 PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon openipmi ipmitool fence-agents)
+# `--bench` adds what `make bench` needs: etcd (the side-by-side write benchmark) and protoc with
+# the protobuf well-known types (the etcd-client crate compiles etcd's protos).
+if [ "${1:-}" = --bench ]; then
+  PACKAGES+=(etcd-server protobuf-compiler libprotobuf-dev)
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

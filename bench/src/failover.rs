@@ -304,10 +304,7 @@ pub fn run(reps: usize) -> Result<Value> {
     if !root || !have("ip") || !have("ipmi_sim") || !have("ipmitool") {
         bail!("the failover benchmark needs root, iproute2, ipmi_sim and ipmitool (make deps installs them)");
     }
-    let herd = std::env::var_os("HERD_BIN").map_or_else(|| PathBuf::from("target/release/herd"), PathBuf::from);
-    let herd = std::fs::canonicalize(&herd)
-        .with_context(|| format!("herd binary {} (cargo build --release)", herd.display()))?;
-    let b = Bench::setup(herd)?;
+    let b = Bench::setup(crate::herd_binary()?)?;
     let mut kill = Vec::new();
     let mut hang = Vec::new();
     let mut off = Vec::new();

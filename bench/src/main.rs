@@ -9,9 +9,13 @@
 //!   coordinator's process CPU time is measured with getrusage over a steady window.
 //! - `failover [REPS]`: see [`failover`] — primary kill, hypervisor hang, hypervisor power-off,
 //!   graceful hand-over, each REPS times (default 10), in network namespaces (root).
+//! - `writes [SECONDS]`: see `writes.rs` — replicated writes, herd beside a 3-member etcd, at 1,
+//!   16 and 64 clients (needs the `etcd` feature, Debian's etcd-server and protoc).
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
 mod failover;
+#[cfg(feature = "etcd")]
+mod writes;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -237,13 +241,37 @@ fn failover(reps: usize) -> Result<Value> {
     Ok(r)
 }
 
+/// The release `herd` binary the cluster scenarios run.
+fn herd_binary() -> Result<std::path::PathBuf> {
+    let herd = std::env::var_os("HERD_BIN").map_or_else(|| std::path::PathBuf::from("target/release/herd"), Into::into);
+    std::fs::canonicalize(&herd)
+        .with_context(|| format!("herd binary {} (cargo build --release --bin herd)", herd.display()))
+}
+
+#[cfg(feature = "etcd")]
+async fn writes_scenario(seconds: u64) -> Result<Vec<Value>> {
+    let rows = writes::run(herd_binary()?, seconds).await?;
+    let out = json!({ "scenario": "writes", "machine": machine(), "window_s": seconds, "results": rows,
+        "target": "p99 latency and throughput at least etcd's (DESIGN §10)" });
+    println!("wrote {}", write_json("writes", &out)?);
+    Ok(rows)
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn writes_scenario(_seconds: u64) -> Result<Vec<Value>> {
+    bail!("herd-bench was built without etcd support: `make bench` builds it with `--features etcd`")
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["failover"] => failover(10).map(|_| ()),
         ["failover", reps] => failover(reps.parse().context("repetitions")?).map(|_| ()),
+        ["writes"] => rt.block_on(writes_scenario(5)).map(|_| ()),
+        ["writes", secs] => rt.block_on(writes_scenario(secs.parse().context("seconds")?)).map(|_| ()),
         ["all"] => {
+            let writes = rt.block_on(writes_scenario(5))?;
             let hb = rt.block_on(heartbeat(&[10, 100, 1000]))?;
             let fo = failover(10)?;
             let heartbeat: Vec<Value> = hb
@@ -260,8 +288,16 @@ fn main() -> Result<()> {
                     )
                 })
                 .collect();
-            let latest = json!({ "machine": machine(), "writes": [], "failover": failover, "heartbeat": heartbeat,
-                "notes": "writes (herd vs etcd) not measured yet" });
+            let writes: Vec<Value> = writes
+                .iter()
+                .map(|r| {
+                    json!({"clients": r["clients"], "herd_writes_per_s": r["herd_writes_per_s"], "etcd_writes_per_s": r["etcd_writes_per_s"],
+                        "herd_p99_ms": r["herd_p99_ms"], "etcd_p99_ms": r["etcd_p99_ms"], "herd_p50_ms": r["herd_p50_ms"], "etcd_p50_ms": r["etcd_p50_ms"],
+                        "ratio_writes_per_s": r["ratio_writes_per_s"]})
+                })
+                .collect();
+            let latest =
+                json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
@@ -273,6 +309,6 @@ fn main() -> Result<()> {
             rt.block_on(heartbeat(&sizes)).map(|_| ())
         }
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
-        _ => bail!("usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | all"),
+        _ => bail!("usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | all"),
     }
 }
