@@ -121,12 +121,31 @@ async fn heartbeat_run(hosts: usize, warmup: Duration, window: Duration) -> Resu
             })
             .collect(),
     );
+    // Pulse round trips (pulse sent → answer received), collected during the window only.
+    let rtts: std::sync::Arc<std::sync::Mutex<Vec<Duration>>> = std::sync::Arc::default();
+    let recording = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (rtts, recording) = (rtts.clone(), recording.clone());
+        agent.set_rtt_observer(std::sync::Arc::new(move |d| {
+            if recording.load(std::sync::atomic::Ordering::Relaxed) {
+                rtts.lock().unwrap_or_else(|p| p.into_inner()).push(d);
+            }
+        }));
+    }
     agent.spawn(rx);
     tokio::time::sleep(warmup).await;
+    recording.store(true, std::sync::atomic::Ordering::Relaxed);
     let before = agent.report()["counters"].clone();
     let (cpu0, t0) = (cpu_seconds()?, Instant::now());
     tokio::time::sleep(window).await;
     let (cpu1, elapsed) = (cpu_seconds()?, t0.elapsed());
+    recording.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut rtt: Vec<Duration> = std::mem::take(&mut *rtts.lock().unwrap_or_else(|p| p.into_inner()));
+    rtt.sort();
+    let rtt_ms = |p: f64| {
+        rtt.get(((p * rtt.len() as f64).ceil() as usize).clamp(1, rtt.len().max(1)) - 1)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
     let report = agent.report();
     let delta = |k: &str| report["counters"][k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
     let per_s = |k: &str| delta(k) as f64 / elapsed.as_secs_f64();
@@ -154,6 +173,9 @@ async fn heartbeat_run(hosts: usize, warmup: Duration, window: Duration) -> Resu
         "links_ok": ok_links,
         "links_total": hosts * NETS.len(),
         "hosts_lost": lost,
+        "pulse_rtt_p50_ms": rtt_ms(0.50),
+        "pulse_rtt_p99_ms": rtt_ms(0.99),
+        "pulse_rtt_samples": rtt.len(),
         "valid": ok_links == hosts * NETS.len(),
     }))
 }
@@ -188,20 +210,22 @@ async fn heartbeat(sizes: &[usize]) -> Result<Vec<Value>> {
     raise_fd_limit()?;
     let mut rows = Vec::new();
     println!(
-        "{:>6} {:>9} {:>14} {:>10} {:>10} {:>10} {:>6}",
-        "hosts", "networks", "coord CPU %", "pulses/s", "answers/s", "links ok", "lost"
+        "{:>6} {:>9} {:>14} {:>10} {:>10} {:>10} {:>6} {:>10} {:>10}",
+        "hosts", "networks", "coord CPU %", "pulses/s", "answers/s", "links ok", "lost", "rtt p50", "rtt p99"
     );
     for &hosts in sizes {
         let r = heartbeat_run(hosts, Duration::from_secs(2), Duration::from_secs(5)).await?;
         println!(
-            "{:>6} {:>9} {:>13.2}% {:>10.0} {:>10.0} {:>10} {:>6}",
+            "{:>6} {:>9} {:>13.2}% {:>10.0} {:>10.0} {:>10} {:>6} {:>10} {:>10}",
             hosts,
             NETS.len(),
             r["cpu_percent_of_one_core"].as_f64().unwrap_or(0.0),
             r["pulses_per_s"].as_f64().unwrap_or(0.0),
             r["answers_per_s"].as_f64().unwrap_or(0.0),
             format!("{}/{}", r["links_ok"], r["links_total"]),
-            r["hosts_lost"]
+            r["hosts_lost"],
+            format!("{:.2}ms", r["pulse_rtt_p50_ms"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}ms", r["pulse_rtt_p99_ms"].as_f64().unwrap_or(0.0)),
         );
         rows.push(r);
     }
@@ -276,7 +300,7 @@ fn main() -> Result<()> {
             let fo = failover(10)?;
             let heartbeat: Vec<Value> = hb
                 .iter()
-                .map(|r| json!({"hosts": r["hosts"], "networks": r["networks"], "coordinator_cpu_percent": r["cpu_percent_of_one_core"]}))
+                .map(|r| json!({"hosts": r["hosts"], "networks": r["networks"], "coordinator_cpu_percent": r["cpu_percent_of_one_core"], "pulse_rtt_p50_ms": r["pulse_rtt_p50_ms"], "pulse_rtt_p99_ms": r["pulse_rtt_p99_ms"]}))
                 .collect();
             let failover: serde_json::Map<String, Value> = FAILOVER_TARGETS
                 .iter()

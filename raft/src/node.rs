@@ -152,12 +152,17 @@ pub struct ClusterNode<LS> {
     membership_lock: tokio::sync::Mutex<()>,
     /// When this node last accepted AppendEntries from a leader.
     leader_contact: Mutex<Option<Instant>>,
-    /// A cached connection to the leader for forwarding (a busy one is not waited for).
-    leader_client: tokio::sync::Mutex<Option<PeerClient>>,
+    /// Idle connections to the leader for forwarding, reused (at most [`LEADER_POOL`] kept):
+    /// concurrent forwarded calls each take one, so none waits behind another (a minute-long
+    /// join, say) and none pays a TCP connect while the pool has one.
+    leader_pool: Mutex<Vec<PeerClient>>,
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
     /// Told how long each successful write took (metrics).
     write_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
 }
+
+/// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
+const LEADER_POOL: usize = 16;
 
 fn not_leader(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> RpcError {
     RpcError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()) }
@@ -191,7 +196,7 @@ where
             removed: Mutex::new(false),
             membership_lock: tokio::sync::Mutex::new(()),
             leader_contact: Mutex::new(None),
-            leader_client: tokio::sync::Mutex::new(None),
+            leader_pool: Mutex::new(Vec::new()),
             extension: std::sync::OnceLock::new(),
             write_observer: std::sync::OnceLock::new(),
         })
@@ -550,32 +555,30 @@ where
         let Some(addr) = addr else {
             return Err(RpcError::NotLeader { leader_id: Some(leader), leader_addr: None });
         };
-        // The cached connection serves one call at a time; a caller that finds it busy uses a
-        // connection of its own rather than waiting behind, say, a minute-long join.
-        let mut cached = self.leader_client.try_lock().ok();
-        let mut own = None;
-        let client = match cached.as_deref_mut() {
-            Some(slot) => {
-                if slot.as_ref().is_none_or(|c| c.addr() != addr || c.target() != Some(leader)) {
-                    *slot = Some(self.client(addr.clone(), Some(leader), member.cluster_id.clone()));
-                }
-                slot.as_mut()
+        // An idle connection to this leader from the pool, or a new one.
+        let pooled = {
+            let mut pool = self.leader_pool.lock().unwrap_or_else(|p| p.into_inner());
+            // Connections to a former leader are of no use any more.
+            pool.retain(|c| c.addr() == addr && c.target() == Some(leader));
+            pool.pop()
+        };
+        let mut client = pooled.unwrap_or_else(|| self.client(addr.clone(), Some(leader), member.cluster_id.clone()));
+        let result = client.call(Rpc::Leader(op), timeout).await;
+        let keep = match &result {
+            Ok(_) => true,
+            // The peer answered: the connection is fine, unless it is the wrong node.
+            Err(CallError::Remote(e)) => !matches!(e, RpcError::WrongNode { .. }),
+            Err(_) => false,
+        };
+        if keep {
+            let mut pool = self.leader_pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < LEADER_POOL {
+                pool.push(client);
             }
-            None => own.insert(self.client(addr.clone(), Some(leader), member.cluster_id.clone())).into(),
-        };
-        let Some(client) = client else {
-            return Err(RpcError::Unavailable("no connection to the leader".into()));
-        };
-        match client.call(Rpc::Leader(op), timeout).await {
+        }
+        match result {
             Ok(r) => Ok(r),
-            Err(CallError::Remote(e)) => {
-                if matches!(e, RpcError::WrongNode { .. }) {
-                    if let Some(slot) = cached.as_deref_mut() {
-                        *slot = None;
-                    }
-                }
-                Err(e)
-            }
+            Err(CallError::Remote(e)) => Err(e),
             Err(e) => Err(RpcError::Unavailable(e.to_string())),
         }
     }
