@@ -407,10 +407,9 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BT
     let names: Vec<String> = state.vms.keys().cloned().collect();
     let (mut moved, mut failed) = (Vec::new(), Vec::new());
     for vm_name in names {
-        let Some(vm) = state.vms.get(&vm_name) else { continue };
+        let Some(vm) = state.vms.get_mut(&vm_name) else { continue };
         if vm.node != name {
             if vm.migrating_from.as_deref() == Some(name) {
-                let vm = state.vms.get_mut(&vm_name).expect("present");
                 vm.migrating_from = None;
                 vm.revision = index;
                 changed.insert(ObjectKey::Vm(vm_name));
@@ -420,9 +419,9 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BT
         if !vm.state.wants_running() {
             continue;
         }
-        let selector = vm.spec.selector.unwrap_or_default();
-        let placed = place(state, selector, &vm.spec.node_limit, Some(name));
-        let vm = state.vms.get_mut(&vm_name).expect("present");
+        let (selector, limit) = (vm.spec.selector.unwrap_or_default(), vm.spec.node_limit.clone());
+        let placed = place(state, selector, &limit, Some(name));
+        let Some(vm) = state.vms.get_mut(&vm_name) else { continue };
         match placed {
             Ok(target) => {
                 // Keep the first home: a VM already away from its home keeps that home.

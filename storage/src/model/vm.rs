@@ -57,6 +57,21 @@ pub fn place(state: &State, selector: Selector, limit: &[String], exclude: Optio
     })
 }
 
+/// Whether `node` may be given a VM by an operator (define on it, migrate to it): not a
+/// fenced node, nor one being flushed or flushed (an `unflush` brings its VMs back).
+fn accepts_vms(state: &State, node: &str) -> Result<(), ApplyError> {
+    let n = state.nodes.get(node).ok_or_else(|| ApplyError::NoSuchNode(node.to_string()))?;
+    if n.daemon_state == DaemonState::Fenced
+        || matches!(n.domain_state, DomainState::Flush | DomainState::Flushed | DomainState::FenceFlush)
+    {
+        return Err(ApplyError::Invalid(format!(
+            "{node} takes no VMs now (daemon_state {}, domain_state {}): `herd node ready {node}` first",
+            n.daemon_state, n.domain_state
+        )));
+    }
+    Ok(())
+}
+
 fn validate_spec(state: &State, spec: &VmSpec) -> Result<(), ApplyError> {
     validate_name(&spec.name).map_err(|_| ApplyError::Invalid(format!("VM name {:?}", spec.name)))?;
     let uuid_ok = spec.uuid.len() == 36
@@ -103,9 +118,7 @@ pub(crate) fn apply_vm_op(
             if state.vms.values().any(|v| v.spec.name == spec.name || v.spec.uuid == spec.uuid) {
                 return Err(ApplyError::VmExists { name: spec.name.clone(), uuid: spec.uuid.clone() });
             }
-            if !state.nodes.contains_key(node) {
-                return Err(ApplyError::NoSuchNode(node.clone()));
-            }
+            accepts_vms(state, node)?;
             if !spec.node_limit.is_empty() && !spec.node_limit.contains(node) {
                 return Err(ApplyError::Invalid(format!("{node} is outside the VM's node_limit")));
             }
@@ -163,9 +176,7 @@ pub(crate) fn apply_vm_op(
             if !matches!(how, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate) {
                 return Err(ApplyError::Invalid(format!("{how} is not a migration")));
             }
-            if !state.nodes.contains_key(to) {
-                return Err(ApplyError::NoSuchNode(to.clone()));
-            }
+            accepts_vms(state, to)?;
             let vm = vm_mut(state, name, op)?;
             // PVC once migrated a VM "to itself": never.
             if vm.node == *to {
@@ -296,6 +307,7 @@ pub(crate) fn apply_vm_op(
 mod tests {
     use super::*;
     use crate::model::apply;
+    use crate::model::fence::*;
     use proptest::prelude::*;
 
     fn node(name: &str, state: DaemonState, domain: DomainState, stats: NodeStats) -> NodeRecord {
@@ -658,11 +670,28 @@ mod tests {
         /// command changes nothing.
         #[test]
         fn vm_transitions_keep_their_invariants(
-            cmds in proptest::collection::vec((0u8..9, 0u8..2, 0u8..3, 0u8..6, any::<bool>()), 1..60),
+            cmds in proptest::collection::vec((0u8..13, 0u8..2, 0u8..3, 0u8..6, any::<bool>()), 1..60),
         ) {
             let nodes = ["a", "b", "c"];
             let states = [VmState::Start, VmState::Stop, VmState::Shutdown, VmState::Restart, VmState::Disable, VmState::Fail];
             let mut s = three();
+            for n in s.nodes.values_mut() {
+                n.fencing = Some(FencePolicy {
+                    agent: FenceAgentKind::Ipmi,
+                    bmc: "b:623".into(),
+                    user: "u".into(),
+                    password: "p".into(),
+                    command: None,
+                    options: vec![],
+                    fence_after_ms: 1500,
+                    fence_action: FenceAction::Off,
+                    successful_fence: SuccessfulFence::Migrate,
+                    failed_fence: FailedFence::None,
+                    self_fence_after_ms: 30_000,
+                    watchdog_timeout_ms: 0,
+                    auto_ready: false,
+                });
+            }
             for (i, (kind, vm, node, st, flag)) in cmds.into_iter().enumerate() {
                 let index = i as u64 + 1;
                 let name = ["web", "db"][vm as usize].to_string();
@@ -676,7 +705,14 @@ mod tests {
                     5 => Command::ReleaseVm { name, node: n },
                     6 => Command::AbortMigration { name, node: n, reason: "refused".into() },
                     7 => Command::ReportVm { name, node: n, actual: if flag { ActualState::Running } else { ActualState::Shutoff }, failure: None },
-                    _ => Command::UndefineVm { name },
+                    8 => Command::UndefineVm { name },
+                    9 => Command::DecideFence { name: n, reason: "lost".into(), manual: flag },
+                    10 => Command::FenceDone {
+                        name: n,
+                        outcome: if flag { FenceOutcome::Fenced } else { FenceOutcome::Failed { reason: "no answer".into() } },
+                    },
+                    11 => Command::Keepalive { name: n, stats: NodeStats::default(), node_id: None },
+                    _ => Command::SetDomainState { name: n, state: DomainState::Unflush, node_id: None },
                 };
                 let before = s.vms.clone();
                 if run(&mut s, index, cmd).is_err() {
@@ -684,6 +720,10 @@ mod tests {
                 }
                 for vm in s.vms.values() {
                     prop_assert!(s.nodes.contains_key(&vm.node), "{:?}", vm);
+                    // A fenced node runs nothing: its VMs were recovered (or failed) and none
+                    // is placed or moved there until it is ready again.
+                    let fenced = s.nodes.get(&vm.node).is_some_and(|n| n.daemon_state == DaemonState::Fenced);
+                    prop_assert!(!(fenced && vm.state.wants_running()), "a VM to run on fenced {}: {:?}", vm.node, vm);
                     prop_assert!(vm.last_node.as_deref() != Some(vm.node.as_str()), "home is here: {:?}", vm);
                     prop_assert!(vm.migrating_from.as_deref() != Some(vm.node.as_str()), "leaving here for here: {:?}", vm);
                     prop_assert!(vm.revision <= index);
