@@ -8,6 +8,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virt::connect::Connect;
@@ -118,5 +120,69 @@ pub fn open_path_for_nobody(dir: &Path) {
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
         }
         p.pop();
+    }
+}
+
+/// Samples every node's libvirt on a thread of its own until [`DoubleSampler::finish`]: a VM
+/// must never run on two nodes at once.
+///
+/// Two passes over the nodes, one after the other. A VM seen on node i with the same libvirt id
+/// in both passes ran on i all the time between them (the driver gives every start a new id),
+/// so seeing it on a later node j in the first pass, or an earlier node j in the second, proves
+/// it ran on both at once. Reads that are merely not simultaneous cannot raise a false double.
+/// The driver's own `test` domain (on every node, not herd's) is left out.
+pub struct DoubleSampler {
+    stop: Arc<AtomicBool>,
+    doubles: Arc<Mutex<Vec<String>>>,
+    samples: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DoubleSampler {
+    pub fn start(daemons: Vec<Arc<Libvirtd>>) -> DoubleSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let doubles: Arc<Mutex<Vec<String>>> = Arc::default();
+        let samples = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, doubles, samples) = (stop.clone(), doubles.clone(), samples.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let first: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                    let second: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
+                    for i in 0..daemons.len() {
+                        for (vm, id) in first[i].iter().filter(|(n, _)| n != "test") {
+                            if !second[i].contains(&(vm.clone(), *id)) {
+                                continue;
+                            }
+                            let later = first.iter().skip(i + 1).any(|r| r.iter().any(|(n, _)| n == vm));
+                            let earlier = second.iter().take(i).any(|r| r.iter().any(|(n, _)| n == vm));
+                            if later || earlier {
+                                let mut d = doubles.lock().unwrap_or_else(|p| p.into_inner());
+                                d.push(format!("{vm} on node {i} (id {id}) and another: {first:?} / {second:?}"));
+                            }
+                        }
+                    }
+                    samples.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        DoubleSampler { stop, doubles, samples, thread: Some(thread) }
+    }
+
+    /// Stops sampling; returns how many samples were taken and every double seen.
+    pub fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let doubles = self.doubles.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (self.samples.load(Ordering::Relaxed), doubles)
+    }
+}
+
+impl Drop for DoubleSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

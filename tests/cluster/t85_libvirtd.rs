@@ -5,14 +5,13 @@
 //! domains (same libvirt ids).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::harness::{wait_until, Cluster, Node};
-use crate::libvirtd::{self, Libvirtd};
+use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 
 const NAMES: [&str; 3] = ["l1", "l2", "l3"];
 
@@ -55,39 +54,7 @@ fn vms_against_each_nodes_own_libvirt() {
         c.node(name).start();
     }
     // Sample every node's libvirt all along: a VM must never run on two nodes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let doubles: Arc<Mutex<Vec<String>>> = Arc::default();
-    let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let (stop, doubles, samples, daemons) = (stop.clone(), doubles.clone(), samples.clone(), daemons.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // Two passes over the nodes, one after the other. A VM seen on node i
-                // with the same libvirt id in both passes ran on i all the time between
-                // them (the driver gives every start a new id), so seeing it on a later
-                // node j in the first pass, or an earlier node j in the second, proves
-                // it ran on both at once. Reads that are merely not simultaneous cannot
-                // raise a false double.
-                let first: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
-                let second: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
-                for i in 0..daemons.len() {
-                    for (vm, id) in first[i].iter().filter(|(n, _)| n != "test") {
-                        if !second[i].contains(&(vm.clone(), *id)) {
-                            continue;
-                        }
-                        let later = first.iter().skip(i + 1).any(|r| r.iter().any(|(n, _)| n == vm));
-                        let earlier = second.iter().take(i).any(|r| r.iter().any(|(n, _)| n == vm));
-                        if later || earlier {
-                            let mut d = doubles.lock().unwrap_or_else(|p| p.into_inner());
-                            d.push(format!("{vm} on node {i} (id {id}) and another: {first:?} / {second:?}"));
-                        }
-                    }
-                }
-                samples.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = DoubleSampler::start(daemons.clone());
 
     let token = c.node("l1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
     for name in ["l2", "l3"] {
@@ -262,11 +229,9 @@ fn vms_against_each_nodes_own_libvirt() {
     check_placement(&mut c);
     assert_eq!(daemons[2].running(), before, "the restarted daemon adopted its domains (same ids)");
 
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let doubles = doubles.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (samples, doubles) = sampler.finish();
     assert!(doubles.is_empty(), "VMs seen running on two nodes: {doubles:?}");
-    assert!(samples.load(Ordering::Relaxed) > 20, "the sampler ran");
+    assert!(samples > 20, "the sampler ran");
     drop(c);
     drop(daemons);
 }

@@ -19,15 +19,14 @@
 //!     run elsewhere.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::bmc::{self, Bmc};
 use crate::harness::{wait_until, Cluster, Node};
-use crate::libvirtd::{self, Libvirtd};
+use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 use crate::netns::{self, Topology};
 
 const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
@@ -147,35 +146,9 @@ fn fencing_and_recovery_in_namespaces() {
         b.kill_on_power_off("libvirtd", daemons[k].pid());
     }
 
-    // The sampler: two passes over every node's libvirt; a VM seen with the same id on node i
-    // in both passes ran there all along, so seeing it on another node in between is a double.
-    let stop = Arc::new(AtomicBool::new(false));
-    let doubles: Arc<Mutex<Vec<String>>> = Arc::default();
-    let samples = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (stop, doubles, samples, daemons) = (stop.clone(), doubles.clone(), samples.clone(), daemons.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let first: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
-                let second: Vec<Vec<(String, u32)>> = daemons.iter().map(|d| d.running()).collect();
-                for i in 0..daemons.len() {
-                    for (vm, id) in first[i].iter().filter(|(n, _)| n != "test") {
-                        if !second[i].contains(&(vm.clone(), *id)) {
-                            continue;
-                        }
-                        let later = first.iter().skip(i + 1).any(|r| r.iter().any(|(n, _)| n == vm));
-                        let earlier = second.iter().take(i).any(|r| r.iter().any(|(n, _)| n == vm));
-                        if later || earlier {
-                            let mut d = doubles.lock().unwrap_or_else(|p| p.into_inner());
-                            d.push(format!("{vm} on node {i} (id {id}) and another: {first:?} / {second:?}"));
-                        }
-                    }
-                }
-                samples.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    // Sample every node's libvirt all along (h1's second libvirtd too): a VM must never run on
+    // two nodes.
+    let sampler = DoubleSampler::start(daemons.clone());
 
     let token = c.node("c1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
     for name in &NAMES[1..] {
@@ -445,10 +418,7 @@ fn fencing_and_recovery_in_namespaces() {
     assert_eq!(after, before + 1, "one more power-off through h2's BMC");
     eprintln!("(i) herd node fence h2 --yes: powered off through its BMC, recorded");
 
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
-    let d = doubles.lock().unwrap_or_else(|p| p.into_inner());
-    let n = samples.load(Ordering::Relaxed);
+    let (n, d) = sampler.finish();
     assert!(n > 100, "the sampler ran ({n} samples)");
     if !d.is_empty() {
         let mut logs = String::new();
