@@ -160,6 +160,17 @@ pub(crate) fn apply_vm_op(
             if !matches!(to, VmState::Start | VmState::Stop | VmState::Shutdown | VmState::Restart | VmState::Disable) {
                 return Err(ApplyError::Invalid(format!("{to} is not an operator state (use migrate/unmigrate/move)")));
             }
+            if to.wants_running() {
+                // A fenced node is dead: nothing is started there until it is ready again.
+                let on = state.vms.get(name).map(|v| v.node.clone());
+                if let Some(node) =
+                    on.filter(|n| state.nodes.get(n).is_some_and(|n| n.daemon_state == DaemonState::Fenced))
+                {
+                    return Err(ApplyError::Invalid(format!(
+                        "{name} is on {node}, which is fenced: `herd vm move {name} --to NODE` or `herd node ready {node}` first"
+                    )));
+                }
+            }
             let vm = vm_mut(state, name, op)?;
             if *to == VmState::Restart && !vm.state.wants_running() {
                 return Err(ApplyError::Invalid(format!("{name} is not running ({}): start it", vm.state)));
