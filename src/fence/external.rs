@@ -181,18 +181,10 @@ mod tests {
     fn policy(command: &str) -> FencePolicy {
         FencePolicy {
             agent: FenceAgentKind::External,
-            bmc: "10.0.0.5:6230".into(),
-            user: "root".into(),
-            password: "s3cret-pw".into(),
             command: Some(command.into()),
             options: vec!["lanplus=1".into()],
-            fence_after_ms: 1500,
             fence_action: FenceAction::Off,
-            successful_fence: SuccessfulFence::Migrate,
-            failed_fence: FailedFence::None,
-            self_fence_after_ms: 30_000,
-            watchdog_timeout_ms: 0,
-            auto_ready: false,
+            ..FencePolicy::ipmi("10.0.0.5:6230", "root", "s3cret-pw")
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use herd::fence::agent::{Action, AgentRegistry, FenceAgent, FenceError, Fencer, Power};
 use herd::fence::ipmi::IpmiBmc;
-use herd_storage::model::{FailedFence, FenceAction, FenceAgentKind, FencePolicy, SuccessfulFence};
+use herd_storage::model::{FenceAction, FenceAgentKind, FencePolicy};
 
 use crate::bmc::{self, Bmc, USER};
 
@@ -15,21 +15,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn policy(addr: &str, password: &str) -> FencePolicy {
-    FencePolicy {
-        agent: FenceAgentKind::Ipmi,
-        bmc: addr.into(),
-        user: USER.into(),
-        password: password.into(),
-        command: None,
-        options: vec![],
-        fence_after_ms: 1500,
-        fence_action: FenceAction::Off,
-        successful_fence: SuccessfulFence::Migrate,
-        failed_fence: FailedFence::None,
-        self_fence_after_ms: 30_000,
-        watchdog_timeout_ms: 0,
-        auto_ready: false,
-    }
+    FencePolicy { fence_action: FenceAction::Off, ..FencePolicy::ipmi(addr, USER, password) }
 }
 
 #[test]

@@ -399,7 +399,11 @@ fn apply_op(
 
 /// The record a node writes about itself: it must exist and, when the writer names its id,
 /// carry that id.
-fn own_record<'a>(state: &'a mut State, name: &str, node_id: Option<NodeId>) -> Result<&'a mut NodeRecord, ApplyError> {
+pub(crate) fn own_record<'a>(
+    state: &'a mut State,
+    name: &str,
+    node_id: Option<NodeId>,
+) -> Result<&'a mut NodeRecord, ApplyError> {
     match state.nodes.get_mut(name) {
         Some(node) if node_id.is_none_or(|id| id == node.id) => Ok(node),
         _ => Err(ApplyError::NoSuchNode(name.to_string())),

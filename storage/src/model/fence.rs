@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::apply::{check_revision, push_event};
+use super::apply::{check_revision, own_record, push_event};
 use super::types::*;
 use super::vm::place;
 
@@ -125,6 +125,26 @@ impl fmt::Debug for FencePolicy {
 }
 
 impl FencePolicy {
+    /// The built-in IPMI agent for `bmc` with the documented defaults (`fence_after_ms` 1500,
+    /// `reboot`, `migrate`, `failed_fence = none`, self-fence after 30 s, no watchdog).
+    pub fn ipmi(bmc: &str, user: &str, password: &str) -> FencePolicy {
+        FencePolicy {
+            agent: FenceAgentKind::Ipmi,
+            bmc: bmc.into(),
+            user: user.into(),
+            password: password.into(),
+            command: None,
+            options: Vec::new(),
+            fence_after_ms: 1500,
+            fence_action: FenceAction::Reboot,
+            successful_fence: SuccessfulFence::Migrate,
+            failed_fence: FailedFence::None,
+            self_fence_after_ms: 30_000,
+            watchdog_timeout_ms: 0,
+            auto_ready: false,
+        }
+    }
+
     fn validate(&self) -> Result<(), ApplyError> {
         let long = |s: &str| s.len() > MAX_POLICY_FIELD;
         if self.bmc.is_empty() || long(&self.bmc) || long(&self.user) || long(&self.password) {
@@ -231,10 +251,8 @@ pub(crate) fn apply_fence_op(
             if let Some(p) = policy {
                 p.validate()?;
             }
-            let node = node_mut(state, name, op)?;
-            if node_id.is_some_and(|id| id != node.id) {
-                return Err(ApplyError::NoSuchNode(name.clone()));
-            }
+            let node = own_record(state, name, *node_id)?;
+            check_revision(format!("node {name}"), node.revision, op)?;
             if node.fencing != *policy {
                 node.fencing = policy.clone();
                 node.fence.ready = None;
@@ -461,21 +479,7 @@ mod tests {
     use crate::model::apply;
 
     fn policy() -> FencePolicy {
-        FencePolicy {
-            agent: FenceAgentKind::Ipmi,
-            bmc: "127.0.0.1:9631".into(),
-            user: "admin".into(),
-            password: "pw1".into(),
-            command: None,
-            options: vec![],
-            fence_after_ms: 1500,
-            fence_action: FenceAction::Reboot,
-            successful_fence: SuccessfulFence::Migrate,
-            failed_fence: FailedFence::None,
-            self_fence_after_ms: 30_000,
-            watchdog_timeout_ms: 0,
-            auto_ready: false,
-        }
+        FencePolicy::ipmi("127.0.0.1:9631", "admin", "pw1")
     }
 
     fn node(id: NodeId, name: &str) -> NodeRecord {

@@ -687,21 +687,7 @@ mod tests {
             let states = [VmState::Start, VmState::Stop, VmState::Shutdown, VmState::Restart, VmState::Disable, VmState::Fail];
             let mut s = three();
             for n in s.nodes.values_mut() {
-                n.fencing = Some(FencePolicy {
-                    agent: FenceAgentKind::Ipmi,
-                    bmc: "b:623".into(),
-                    user: "u".into(),
-                    password: "p".into(),
-                    command: None,
-                    options: vec![],
-                    fence_after_ms: 1500,
-                    fence_action: FenceAction::Off,
-                    successful_fence: SuccessfulFence::Migrate,
-                    failed_fence: FailedFence::None,
-                    self_fence_after_ms: 30_000,
-                    watchdog_timeout_ms: 0,
-                    auto_ready: false,
-                });
+                n.fencing = Some(FencePolicy { fence_action: FenceAction::Off, ..FencePolicy::ipmi("b:623", "u", "p") });
             }
             for (i, (kind, vm, node, st, flag)) in cmds.into_iter().enumerate() {
                 let index = i as u64 + 1;
