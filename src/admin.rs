@@ -224,7 +224,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, 
             continue;
         };
         let daemon = daemon.clone();
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             connection(stream, &daemon, idle).await;
             drop(permit);
         });

@@ -16,9 +16,12 @@ use std::time::Duration;
 use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
-use herd_raft::transport::{TcpConnector, TcpListener};
+use herd_raft::transport::{Connector, Listener, TcpConnector, TcpListener};
+use herd_storage::identity::IdentityStore;
+use herd_storage::log_store::LogStore;
 use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, FailedFence, FencePolicy, NodeStats};
-use herd_storage::sled_store::{self, SledLogStore};
+use herd_storage::sled_store;
+use herd_storage::sm::Backend;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use serde_json::{json, Value};
@@ -27,11 +30,13 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, AdminRequest};
 use crate::config::Config;
 use crate::fence::manager::FenceManager;
-use crate::heartbeat::agent::{Agent, Notice, Target};
+use crate::heartbeat::agent::{Agent, DatagramSocket, Notice, Target};
 use crate::heartbeat::verdict::Verdict;
+use crate::heartbeat::NetName;
+use crate::hypervisor::Hypervisor;
 use crate::primary::manager::{self as primary, Manager, ManagerExtension};
 use crate::service::{self, Progress};
-use crate::stats;
+use crate::stats::{self, HostStats};
 
 /// Timeouts of admin operations.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +65,7 @@ pub enum StartError {
 /// The running daemon: what the admin socket talks to.
 pub struct Daemon {
     pub config: Config,
-    pub node: Arc<ClusterNode<SledLogStore>>,
+    pub node: Arc<ClusterNode<LogStore>>,
     pub agent: Arc<Agent>,
     pub primary: Arc<Manager>,
     /// The main loops' heartbeat for systemd's watchdog.
@@ -86,6 +91,7 @@ pub struct Daemon {
     pub fence: Arc<FenceManager>,
     /// Set when this node self-fenced: it starts nothing any more.
     self_fenced: AtomicBool,
+    host_stats: Arc<dyn HostStats>,
 }
 
 fn json_err(e: impl std::fmt::Display) -> String {
@@ -519,7 +525,7 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.member_started.notified()).await;
         };
         self.agent.set_identity(member.id, &member.cluster_id);
-        tokio::spawn(self.clone().follow_targets(member.clone()));
+        herd_storage::types::spawn(self.clone().follow_targets(member.clone()));
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         let addrs: BTreeMap<String, String> =
             self.agent.addrs().iter().map(|(n, a)| (n.clone(), a.to_string())).collect();
@@ -527,8 +533,8 @@ impl Daemon {
         // (no starts yet: this node has not shown quorum contact).
         if self.reconciler.is_some() {
             self.reconcile_once().await;
-            tokio::spawn(self.clone().reconcile_loop());
-            tokio::spawn(crate::flush::follow(self.clone()));
+            herd_storage::types::spawn(self.clone().reconcile_loop());
+            herd_storage::types::spawn(crate::flush::follow(self.clone()));
         }
         // `init` → `run` once this node can get a write of its own committed; the heartbeat
         // addresses go in the same atomic request.
@@ -562,7 +568,7 @@ impl Daemon {
         loop {
             ticker.tick().await;
             self.progress.mark();
-            last = stats::collect(&last, interval / 4).await;
+            last = self.host_stats.collect(&last, interval / 4).await;
             let mut stats = last.clone();
             self.vm_figures(&mut stats);
             match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {
@@ -645,7 +651,7 @@ impl Daemon {
         }
         if let (Some(p), Some(f)) = (&self.fencing, &self.config.fencing) {
             if p.failed_fence == FailedFence::RecoverAfterSelfFence {
-                tokio::spawn(self.clone().self_fence_guard(f.watchdog.clone(), p.self_fence_after_ms));
+                herd_storage::types::spawn(self.clone().self_fence_guard(f.watchdog.clone(), p.self_fence_after_ms));
             }
         }
     }
@@ -851,28 +857,96 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let listen = config.listen_addr().map_err(StartError::Config)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
-    let stores = sled_store::open(&config.data_dir.join("db"))?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+/// Everything the daemon does IO through: production builds it from the config (sled, TCP,
+/// UDP, libvirt, IPMI, /proc); the simulation from its simulated equivalents. The daemon's
+/// logic is the same over either.
+pub struct Env {
+    pub log: LogStore,
+    pub backend: Arc<dyn Backend>,
+    pub identity: Arc<dyn IdentityStore>,
+    pub connector: Arc<dyn Connector>,
+    /// The cluster port, already bound.
+    pub listener: Arc<dyn Listener>,
+    /// One bound datagram socket per heartbeat network, and the address it is reached at.
+    pub heartbeat: BTreeMap<NetName, (Arc<dyn DatagramSocket>, std::net::SocketAddr)>,
+    /// Opens this node's hypervisor (none on a coordinator-only node).
+    pub hypervisor: Option<HypervisorOpener>,
+    pub fencer: Arc<dyn crate::fence::agent::Fencer>,
+    pub host_stats: Arc<dyn HostStats>,
+}
 
-    // The heartbeat responder comes up first: a daemon restarted after a crash answers pulses
-    // before anything else, so it is not taken for dead while it recovers.
-    let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
-    let (agent, notices) = Agent::bind(&config.name, config.role, config.heartbeat.params(), &networks)
-        .await
-        .map_err(StartError::Heartbeat)?;
-    match herd_storage::identity::IdentityStore::load(&stores.local).map_err(StartError::Identity)? {
+impl Env {
+    /// The production environment: sled in `data_dir`, the heartbeat sockets and the cluster
+    /// port bound, libvirt opened.
+    pub async fn production(config: &Config) -> Result<Env, StartError> {
+        let listen = config.listen_addr().map_err(StartError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+        let stores = sled_store::open(&config.data_dir.join("db"))?;
+        let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
+        let mut heartbeat = BTreeMap::new();
+        for (net, addr) in &networks {
+            let socket = crate::heartbeat::agent::bind_udp(*addr).map_err(|e| {
+                StartError::Heartbeat(std::io::Error::new(e.kind(), format!("heartbeat network {net} ({addr}): {e}")))
+            })?;
+            heartbeat.insert(net.clone(), (Arc::new(socket) as Arc<dyn DatagramSocket>, *addr));
+        }
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
+        // Opened by `start` once the heartbeat responder answers (a slow libvirtd must not
+        // make a restarted node look dead).
+        let hypervisor: Option<HypervisorOpener> = config.hypervisor.uri.clone().map(|uri| {
+            Box::pin(async move {
+                let hv = crate::hypervisor::libvirt::Libvirt::open(&uri)
+                    .await
+                    .map_err(|e| StartError::Config(format!("hypervisor.uri: {e}")))?;
+                Ok(Arc::new(hv) as Arc<dyn Hypervisor>)
+            }) as HypervisorOpener
+        });
+        Ok(Env {
+            log: stores.log.into(),
+            backend: Arc::new(stores.sm),
+            identity: Arc::new(stores.local),
+            connector: Arc::new(TcpConnector),
+            listener: Arc::new(listener),
+            heartbeat,
+            hypervisor,
+            fencer: Arc::new(crate::fence::agent::AgentRegistry::new()),
+            host_stats: Arc::new(stats::ProcStats),
+        })
+    }
+}
+
+/// Opens a hypervisor connection when awaited.
+pub type HypervisorOpener = futures::future::BoxFuture<'static, Result<Arc<dyn Hypervisor>, StartError>>;
+
+/// A started daemon and the handles to stop it.
+pub struct Running {
+    pub daemon: Arc<Daemon>,
+    shutdown_tx: watch::Sender<bool>,
+    duty_stop_tx: watch::Sender<bool>,
+    duty_task: tokio::task::JoinHandle<()>,
+    cluster_server: tokio::task::JoinHandle<()>,
+    /// Aborted at stop, in this order.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the daemon's logic over `env`: the heartbeat responder first (a daemon restarted
+/// after a crash answers pulses before anything else, so it is not taken for dead while it
+/// recovers), the cluster port, Raft resumed from the stores, then the member tasks, the
+/// primary's duties and the fence manager. The admin socket, metrics and signals are the
+/// caller's (`run`).
+pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let addrs = env.heartbeat.iter().map(|(n, (_, a))| (n.clone(), *a)).collect();
+    let sockets = env.heartbeat.into_iter().map(|(n, (s, _))| (n, s)).collect();
+    let (agent, notices) = Agent::with_sockets(&config.name, config.role, config.heartbeat.params(), sockets, addrs);
+    match env.identity.load().map_err(StartError::Identity)? {
         Some(id) if !id.removed => agent.set_identity(id.node_id, &id.cluster_id),
         _ => {}
     }
     agent.spawn(shutdown_rx.clone());
-    let listener =
-        TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
-    let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
 
     let limits = Limits {
         max_frame: config.limits.max_frame_bytes,
@@ -889,8 +963,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         election_timeout_ms: (config.raft.election_timeout_ms[0], config.raft.election_timeout_ms[1]),
         limits: limits.clone(),
     };
-    let node =
-        ClusterNode::new(settings, Arc::new(TcpConnector), stores.log, Arc::new(stores.sm), Arc::new(stores.local));
+    let node = ClusterNode::new(settings, env.connector, env.log, env.backend, env.identity);
     let duties = config.primary.duties().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
     let primary_settings = primary::Settings {
         name: config.name.clone(),
@@ -902,16 +975,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let manager = Manager::new(primary_settings, node.clone(), duties);
     node.set_extension(Arc::new(ManagerExtension(manager.clone())));
-    let reconciler = match &config.hypervisor.uri {
+    let reconciler = match env.hypervisor {
         None => None,
-        Some(uri) => {
-            let hv = crate::hypervisor::libvirt::Libvirt::open(uri)
-                .await
-                .map_err(|e| StartError::Config(format!("hypervisor.uri: {e}")))?;
+        Some(open) => {
             let timeout = Duration::from_millis(config.hypervisor.shutdown_timeout_ms);
             let migration = Duration::from_millis(config.hypervisor.migration_timeout_ms);
             Some(Arc::new(
-                crate::reconcile::Reconciler::new(config.name.clone(), Arc::new(hv), timeout)
+                crate::reconcile::Reconciler::new(config.name.clone(), open.await?, timeout)
                     .with_migration(&config.hypervisor.migrate_uri, migration),
             ))
         }
@@ -920,7 +990,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Some(f) => Some(f.policy().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?),
         None => None,
     };
-    let fencer: Arc<dyn crate::fence::agent::Fencer> = Arc::new(crate::fence::agent::AgentRegistry::new());
+    let fencer = env.fencer;
     let fence = FenceManager::new(
         crate::fence::manager::Settings {
             name: config.name.clone(),
@@ -939,7 +1009,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if let Some(p) = &fencing {
         // Readiness at startup: this node's own BMC, as far as it can reach it.
         let (agent, bmc) = (fencer.agent(p), p.bmc.clone());
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             match agent.call(crate::fence::agent::Action::Status, Duration::from_secs(5)).await {
                 Ok(power) => tracing::info!(%bmc, ?power, "own BMC answers: this node can be fenced"),
                 Err(e) => tracing::warn!(%bmc, "own BMC check failed (the primary checks it too): {e}"),
@@ -965,16 +1035,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         fencing,
         fence: fence.clone(),
         self_fenced: AtomicBool::new(false),
+        host_stats: env.host_stats,
     });
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
-    let cluster_server = tokio::spawn(server::serve(Arc::new(listener), handler, limits, shutdown_rx.clone()));
-    let admin_server = tokio::spawn(admin::serve(
-        admin_listener,
-        daemon.clone(),
-        Duration::from_millis(config.limits.admin_idle_timeout_ms),
-        shutdown_rx.clone(),
-    ));
-    tracing::info!(name = %config.name, role = %config.role, listen = %listen, socket = %config.admin_socket.display(), "herd daemon started");
+    let cluster_server = herd_storage::types::spawn(server::serve(env.listener, handler, limits, shutdown_rx.clone()));
+    tracing::info!(name = %config.name, role = %config.role, "herd daemon started");
 
     let resumed = node.resume().await.map_err(StartError::Resume)?;
     daemon.resumed.store(true, Ordering::Release);
@@ -985,55 +1050,90 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     } else {
         tracing::info!("not a cluster member yet: run `herd init-cluster` or `herd join-cluster`");
     }
-    let tasks = tokio::spawn(daemon.clone().member_tasks());
+    let member_tasks = herd_storage::types::spawn(daemon.clone().member_tasks());
     // Local state recovered, heartbeat responder and admin socket up: ready (quorum or not).
     service::ready(&daemon.service_status());
-    let status_task = tokio::spawn(daemon.clone().report_status());
-    let watchdog_task = tokio::spawn(service::watchdog(daemon.progress.clone(), shutdown_rx.clone()));
-    let notice_task = tokio::spawn(daemon.clone().record_notices(notices));
+    let status_task = herd_storage::types::spawn(daemon.clone().report_status());
+    let watchdog_task = herd_storage::types::spawn(service::watchdog(daemon.progress.clone(), shutdown_rx.clone()));
+    let notice_task = herd_storage::types::spawn(daemon.clone().record_notices(notices));
     if resumed {
         daemon.member_started.notify_one();
     }
-
     {
         let m = daemon.metrics.clone();
         node.set_write_observer(Arc::new(move |d| m.proposal_seconds.observe(d.as_secs_f64())));
         let m = daemon.metrics.clone();
         agent.set_rtt_observer(Arc::new(move |d| m.pulse_rtt_seconds.observe(d.as_secs_f64())));
     }
-    if let Some(addr) = config.metrics.addr().map_err(StartError::Config)? {
+    let (duty_stop_tx, duty_stop_rx) = watch::channel(false);
+    let duty_task = herd_storage::types::spawn(manager.clone().run(duty_stop_rx));
+    let fence_task = herd_storage::types::spawn(fence.run(shutdown_rx.clone()));
+    Ok(Running {
+        daemon,
+        shutdown_tx,
+        duty_stop_tx,
+        duty_task,
+        cluster_server,
+        // No new fence decisions from a stopping primary (a running executor's outcome write
+        // may still land; a pending fence is executed again by the next primary).
+        tasks: vec![status_task, watchdog_task, member_tasks, notice_task, fence_task],
+    })
+}
+
+impl Running {
+    /// A service stop (not a host shutdown: VMs keep running): duties off, `daemon_state
+    /// stop` recorded with its `return_by`, Raft shut down.
+    pub async fn stop(self) {
+        service::stopping();
+        tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Duties go first: the addresses must be off before this node stops being able to act.
+        let _ = self.duty_stop_tx.send(true);
+        let _ = self.duty_task.await;
+        self.daemon.record_stop().await;
+        let _ = self.shutdown_tx.send(true);
+        self.daemon.node.shutdown().await;
+        let _ = self.cluster_server.await;
+        let applied = self.daemon.node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
+        tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
+    }
+
+    /// Stops the daemon when this is sent `true` (the admin socket's and metrics' servers).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let listen = config.listen_addr().map_err(StartError::Config)?;
+    let env = Env::production(&config).await?;
+    let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
+    let metrics_addr = config.metrics.addr().map_err(StartError::Config)?;
+    let running = start(config.clone(), env).await?;
+    let daemon = running.daemon.clone();
+    tracing::info!(listen = %listen, socket = %config.admin_socket.display(), "serving");
+    let admin_server = herd_storage::types::spawn(admin::serve(
+        admin_listener,
+        daemon.clone(),
+        Duration::from_millis(config.limits.admin_idle_timeout_ms),
+        running.shutdown_signal(),
+    ));
+    if let Some(addr) = metrics_addr {
         let listener =
             crate::metrics::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_string(), source })?;
-        tokio::spawn(crate::metrics::serve(listener, daemon.clone(), shutdown_rx.clone()));
+        herd_storage::types::spawn(crate::metrics::serve(listener, daemon.clone(), running.shutdown_signal()));
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    let (duty_stop_tx, duty_stop_rx) = watch::channel(false);
-    let duty_task = tokio::spawn(manager.clone().run(duty_stop_rx));
-    let fence_task = tokio::spawn(fence.run(shutdown_rx.clone()));
     // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
-    let dump_task = tokio::spawn(dump_heartbeat_on_sigusr2(agent.clone()));
+    let dump_task = herd_storage::types::spawn(dump_heartbeat_on_sigusr2(daemon.agent.clone()));
     wait_for_signal().await;
     dump_task.abort();
-    service::stopping();
-    status_task.abort();
-    watchdog_task.abort();
-    tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
-    tasks.abort();
-    notice_task.abort();
-    // No new fence decisions from a stopping primary (a running executor's outcome write may
-    // still land; a pending fence is executed again by the next primary).
-    fence_task.abort();
-    // Duties go first: the addresses must be off before this node stops being able to act.
-    let _ = duty_stop_tx.send(true);
-    let _ = duty_task.await;
-    daemon.record_stop().await;
-    let _ = shutdown_tx.send(true);
-    node.shutdown().await;
-    let _ = cluster_server.await;
+    running.stop().await;
     let _ = admin_server.await;
     let _ = std::fs::remove_file(&config.admin_socket);
-    let applied = node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
-    tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
     Ok(())
 }
 

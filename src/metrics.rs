@@ -251,7 +251,7 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, mut s
         let Ok((stream, _)) = accepted else { continue };
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let daemon = daemon.clone();
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let daemon = daemon.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &daemon)) }

@@ -1,8 +1,10 @@
 //! Host figures for the keepalive, read from /proc on a blocking thread with a deadline, so a
 //! slow source never delays a keepalive: a late read yields the last known figures, marked stale.
+//! Behind the [`HostStats`] seam.
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use herd_storage::model::NodeStats;
 
 /// Reads the host's figures now (blocking: call on a blocking thread).
@@ -36,10 +38,33 @@ fn read_now() -> NodeStats {
     }
 }
 
-/// Collects figures within `deadline`; on a miss returns `last` marked stale.
-pub async fn collect(last: &NodeStats, deadline: Duration) -> NodeStats {
-    match tokio::time::timeout(deadline, tokio::task::spawn_blocking(read_now)).await {
-        Ok(Ok(stats)) => stats,
-        _ => NodeStats { stale: true, ..last.clone() },
+/// Where the keepalive's host figures come from (`/proc` in production, fixed figures in the
+/// simulation).
+pub trait HostStats: Send + Sync + 'static {
+    /// Figures within `deadline`; on a miss, `last` marked stale.
+    fn collect<'a>(&'a self, last: &'a NodeStats, deadline: Duration) -> BoxFuture<'a, NodeStats>;
+}
+
+/// The host's own figures from `/proc`.
+pub struct ProcStats;
+
+impl HostStats for ProcStats {
+    fn collect<'a>(&'a self, last: &'a NodeStats, deadline: Duration) -> BoxFuture<'a, NodeStats> {
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, tokio::task::spawn_blocking(read_now)).await {
+                Ok(Ok(stats)) => stats,
+                _ => NodeStats { stale: true, ..last.clone() },
+            }
+        })
+    }
+}
+
+/// The same figures every time (the simulation's hosts).
+pub struct FixedStats(pub NodeStats);
+
+impl HostStats for FixedStats {
+    fn collect<'a>(&'a self, _last: &'a NodeStats, _deadline: Duration) -> BoxFuture<'a, NodeStats> {
+        let s = self.0.clone();
+        Box::pin(async move { s })
     }
 }

@@ -880,7 +880,7 @@ where
                 }
                 let node = self.clone();
                 // Reply first; stopping Raft must not wait on this very connection.
-                tokio::spawn(async move {
+                herd_storage::types::spawn(async move {
                     if let Err(e) = node.leave().await {
                         tracing::error!("leaving the cluster: {e}");
                     }

@@ -100,7 +100,7 @@ pub async fn serve(
         };
         let (handler, limits, shutdown, budget, per_peer) =
             (handler.clone(), limits.clone(), shutdown.clone(), budget.clone(), per_peer.clone());
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             connection(stream, &peer, handler, &limits, &budget, shutdown).await;
             per_peer.remove(&host);
             drop(permit);

@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herd_raft::node::ClusterNode;
+use herd_storage::log_store::LogStore;
 use herd_storage::model::{
     Command, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, Role, SELF_FENCE_MARGIN_MS,
 };
-use herd_storage::sled_store::SledLogStore;
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -72,7 +72,7 @@ struct Local {
 
 pub struct FenceManager {
     settings: Settings,
-    node: Arc<ClusterNode<SledLogStore>>,
+    node: Arc<ClusterNode<LogStore>>,
     heartbeat: Arc<Agent>,
     primary: Arc<Manager>,
     fencer: Arc<dyn Fencer>,
@@ -84,7 +84,7 @@ pub struct FenceManager {
 impl FenceManager {
     pub fn new(
         settings: Settings,
-        node: Arc<ClusterNode<SledLogStore>>,
+        node: Arc<ClusterNode<LogStore>>,
         heartbeat: Arc<Agent>,
         primary: Arc<Manager>,
         fencer: Arc<dyn Fencer>,
@@ -230,7 +230,7 @@ impl FenceManager {
             return;
         }
         let (me, name, was) = (self.clone(), rec.name.clone(), rec.fence.ready);
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             let agent = me.fencer.agent(&policy);
             let result = agent.call(Action::Status, me.settings.call_timeout).await;
             let (ready, reason, power) = match &result {
@@ -262,7 +262,7 @@ impl FenceManager {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        herd_storage::types::spawn(async move {
             let permit = me.slots.clone().acquire_owned().await;
             me.execute(&name, &policy, id).await;
             drop(permit);

@@ -103,7 +103,7 @@ fn sendmmsg_once(socket: &tokio::net::UdpSocket, buf: &[u8], to: &[SocketAddr]) 
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// A non-blocking UDP socket with large buffers (the kernel may cap them at its rmem_max).
-fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: a smaller buffer still works, it only drops more under a burst.
@@ -269,10 +269,10 @@ impl Agent {
     /// Starts the receive loops (every node) and the pulse loop (coordinators).
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
         for (net, socket) in &self.sockets {
-            tokio::spawn(self.clone().receive(net.clone(), socket.clone(), shutdown.clone()));
+            herd_storage::types::spawn(self.clone().receive(net.clone(), socket.clone(), shutdown.clone()));
         }
         if self.role == Role::Coordinator {
-            tokio::spawn(self.clone().pulse(shutdown));
+            herd_storage::types::spawn(self.clone().pulse(shutdown));
         }
     }
 

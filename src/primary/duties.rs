@@ -103,7 +103,7 @@ impl Duties {
                 // Gratuitous ARP so switches and neighbours learn the new holder at once; in
                 // the background: it must not delay the next address.
                 let (ip, dev) = (f.ip.to_string(), f.dev.clone());
-                tokio::spawn(async move {
+                herd_storage::types::spawn(async move {
                     if let Err(e) =
                         run(Path::new("arping"), &["-U", "-c", "2", "-w", "2", "-I", &dev, &ip], Duration::from_secs(4))
                             .await

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herd_raft::node::{ClusterNode, Extension, NodeError};
+use herd_storage::log_store::LogStore;
 use herd_storage::model::{Command, NodeId, Role, RouterState};
-use herd_storage::sled_store::SledLogStore;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use tokio::sync::{watch, Notify};
@@ -52,7 +52,7 @@ struct Pending {
 
 pub struct Manager {
     settings: Settings,
-    node: Arc<ClusterNode<SledLogStore>>,
+    node: Arc<ClusterNode<LogStore>>,
     duties: Duties,
     gate: Mutex<Gate>,
     started: Instant,
@@ -71,7 +71,7 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(settings: Settings, node: Arc<ClusterNode<SledLogStore>>, duties: Duties) -> Arc<Manager> {
+    pub fn new(settings: Settings, node: Arc<ClusterNode<LogStore>>, duties: Duties) -> Arc<Manager> {
         let gate = Gate::new(GateParams::new(settings.lease_ms, settings.takeover_delay_ms));
         Arc::new(Manager {
             settings,
@@ -133,7 +133,7 @@ impl Manager {
         }
         self.ips_up.store(true, Ordering::Release);
         self.remove_ips("removing addresses left from an earlier run").await;
-        let actor = tokio::spawn(self.clone().actor());
+        let actor = herd_storage::types::spawn(self.clone().actor());
         loop {
             tokio::select! {
                 biased;

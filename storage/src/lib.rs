@@ -6,11 +6,13 @@
 //!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
 //!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
 //!   mem_store   the same behaviour in memory, for the deterministic simulation
+//!   log_store   one type for either log store (the daemon is not generic over it)
 //! ```
 //!
 //! **Architecture invariant:** only this crate imports `sled`; only `model` decides.
 
 pub mod identity;
+pub mod log_store;
 pub mod mem_store;
 pub mod model;
 pub mod sled_store;

@@ -33,3 +33,21 @@ pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// Spawns a task on the Raft runtime: `tokio::spawn`, except that under `detsim` the task
+/// inherits a seed derived from its parent's (openraft's seeded RNG is task-local, so every
+/// task of the daemon must be spawned through here to stay inside the simulation's seed tree).
+pub fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    #[cfg(not(feature = "detsim"))]
+    {
+        tokio::spawn(future)
+    }
+    #[cfg(feature = "detsim")]
+    {
+        <Runtime as openraft::AsyncRuntime>::spawn(future)
+    }
+}
