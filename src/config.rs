@@ -452,6 +452,14 @@ impl Config {
         Ok(config)
     }
 
+    /// Parses and validates a config given as text (`origin` names it in errors).
+    pub fn from_toml(origin: &str, text: &str) -> Result<Config, ConfigError> {
+        let p = origin.to_string();
+        let config = Self::parse(text).map_err(|message| ConfigError::Parse { path: p.clone(), message })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid { path: p, key, message })?;
+        Ok(config)
+    }
+
     fn parse(text: &str) -> Result<Config, String> {
         let de = toml::Deserializer::parse(text).map_err(|e| one_line(&e.to_string()))?;
         serde_path_to_error::deserialize(de).map_err(|e| {

@@ -405,7 +405,7 @@ impl Daemon {
 
     /// For a linearizable read: the read index this node has applied up to; `None` for --local.
     async fn read_index(&self, local: bool) -> Result<Option<u64>, String> {
-        if local {
+        if local || crate::breakage::is(crate::breakage::Breakage::StaleReads) {
             return Ok(None);
         }
         self.node.read_barrier(READ_TIMEOUT).await.map(Some).map_err(json_err)

@@ -14,6 +14,7 @@
 //!   reconcile.rs converges the hypervisor to the VMs of record, reports back
 //!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
 //!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
+//!   breakage.rs test-only switches that break one mechanism each (feature `breakage`)
 //! ```
 //!
 //! A library (not only a binary) so that the deterministic simulation can run the same daemon
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod boundary;
+pub mod breakage;
 pub mod cli;
 pub mod config;
 pub mod daemon;

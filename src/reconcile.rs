@@ -118,7 +118,13 @@ pub fn plan(
                 }
             }
             // Moving here: wait until the source has released it (never two running copies).
-            s if s.wants_running() && !running && can_start && vm.migrating_from.is_none() => {
+            s if s.wants_running()
+                && !running
+                && can_start
+                && !crate::breakage::is(crate::breakage::Breakage::NoStarts)
+                && (vm.migrating_from.is_none()
+                    || crate::breakage::is(crate::breakage::Breakage::StartBeforeRelease)) =>
+            {
                 p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
                 p.actions.push(Action::Start { vm: name.clone() });
             }

@@ -119,9 +119,24 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+thread_local! {
+    /// The simulation's replacement for the OS random source on its thread (see
+    /// [`set_thread_random_source`]).
+    static RANDOM_SOURCE: std::cell::Cell<Option<fn(&mut [u8])>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes ids (cluster id, tokens, request ids) on this thread come from `f`: the simulation's
+/// seeded generator, so a seed replays with the same ids. `None` restores the OS source.
+pub fn set_thread_random_source(f: Option<fn(&mut [u8])>) {
+    RANDOM_SOURCE.with(|s| s.set(f));
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    rand::rng().fill(buf.as_mut_slice());
+    match RANDOM_SOURCE.with(std::cell::Cell::get) {
+        Some(f) => f(buf.as_mut_slice()),
+        None => rand::rng().fill(buf.as_mut_slice()),
+    }
     hex::encode(buf)
 }
 

@@ -491,6 +491,9 @@ impl Agent {
         let (own, peers) = Self::inputs(&g, now);
         let mut inputs: Vec<ViewInput<'_>> =
             peers.iter().map(|(s, age)| ViewInput { summary: s, age_ms: *age }).collect();
+        if crate::breakage::is(crate::breakage::Breakage::FenceOnOwnView) {
+            inputs.clear();
+        }
         if let Some(o) = own.as_ref() {
             inputs.push(ViewInput { summary: o, age_ms: 0 });
         }

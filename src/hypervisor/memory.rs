@@ -45,6 +45,11 @@ impl MemoryHypervisor {
         f(d, next_id)
     }
 
+    /// Every domain, at once (the simulation's ground truth).
+    pub fn domains(&self) -> Vec<Domain> {
+        self.lock().domains.values().cloned().collect()
+    }
+
     /// Every domain stops (the host lost power).
     pub fn power_off(&self) {
         for d in self.lock().domains.values_mut() {

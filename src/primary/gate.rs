@@ -86,6 +86,9 @@ impl Gate {
         } else if self.leader_since_ms.is_none() {
             self.leader_since_ms = Some(o.now_ms);
         }
+        if self.holding && crate::breakage::is(crate::breakage::Breakage::PrimaryIgnoresLease) {
+            return Decision::Keep;
+        }
         if self.holding {
             if gap.is_some_and(|g| g > self.params.lease_ms / 3) {
                 self.holding = false;

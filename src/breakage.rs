@@ -1,0 +1,44 @@
+//! Test-only switches, each breaking one safety mechanism, so that the simulation can prove
+//! every one of its invariants is able to fail (`tests/sim`, "broken variants").
+//!
+//! Only a build with the `breakage` feature (the simulation crate's) can turn one on; in any
+//! other build [`is`] is a constant `false` and the checks compile away.
+
+/// One deliberately broken mechanism.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Breakage {
+    /// The primary gate keeps the duties without a quorum-confirmed lease.
+    PrimaryIgnoresLease,
+    /// The reconciler starts a moving VM before its old node released it.
+    StartBeforeRelease,
+    /// Fence verdicts from this coordinator's own view only (peer views ignored).
+    FenceOnOwnView,
+    /// "Linearizable" reads answered from local state without a read index.
+    StaleReads,
+    /// The reconciler never starts a VM.
+    NoStarts,
+}
+
+#[cfg(feature = "breakage")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<Option<Breakage>> = const { std::cell::Cell::new(None) };
+}
+
+/// Turns `b` on for this thread (the simulation runs every host on one thread).
+#[cfg(feature = "breakage")]
+pub fn set(b: Option<Breakage>) {
+    ACTIVE.with(|a| a.set(b));
+}
+
+/// Whether `b` is on.
+#[cfg(feature = "breakage")]
+pub fn is(b: Breakage) -> bool {
+    ACTIVE.with(|a| a.get() == Some(b))
+}
+
+/// Whether `b` is on: never, in this build.
+#[cfg(not(feature = "breakage"))]
+#[inline(always)]
+pub fn is(_b: Breakage) -> bool {
+    false
+}

@@ -1,0 +1,94 @@
+//! Simulated BMCs behind herd's `Fencer`/`FenceAgent` seam.
+//!
+//! Each machine's BMC address is `127.0.1.<n>:623` (never contacted: it only names the
+//! machine). `off` powers the host off at once — its domains stop, and the driver crashes its
+//! daemon after this step; `on` powers it on — the driver restarts the daemon from its kept
+//! store. A BMC may be silent (the call runs into its deadline) or late.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herd::fence::agent::{Action, FenceAgent, FenceError, Fencer, Power};
+use herd_storage::model::FencePolicy;
+
+use crate::world::{BmcMode, PowerRequest, World};
+
+/// How long a BMC takes to answer when it answers normally.
+const ANSWER: Duration = Duration::from_millis(20);
+
+pub fn bmc_addr(i: usize) -> String {
+    format!("127.0.1.{}:623", i + 1)
+}
+
+fn machine_of(bmc: &str) -> Option<usize> {
+    let host = bmc.strip_prefix("127.0.1.")?.strip_suffix(":623")?;
+    host.parse::<usize>().ok()?.checked_sub(1)
+}
+
+pub struct SimFencer(pub World);
+
+impl Fencer for SimFencer {
+    fn agent(&self, policy: &FencePolicy) -> Arc<dyn FenceAgent> {
+        Arc::new(SimBmc { world: self.0.clone(), bmc: policy.bmc.clone(), machine: machine_of(&policy.bmc) })
+    }
+}
+
+pub struct SimBmc {
+    world: World,
+    bmc: String,
+    machine: Option<usize>,
+}
+
+impl FenceAgent for SimBmc {
+    fn call(&self, action: Action, deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>> {
+        Box::pin(async move {
+            let Some(i) = self.machine.filter(|i| *i < self.world.len()) else {
+                return Err(FenceError::Refused { bmc: self.bmc.clone() });
+            };
+            let mode = self.world.lock().machines[i].bmc;
+            let delay = match mode {
+                BmcMode::Normal => ANSWER,
+                BmcMode::Late(d) => d,
+                BmcMode::Silent => Duration::MAX,
+            };
+            if delay >= deadline {
+                tokio::time::sleep(deadline).await;
+                return Err(FenceError::Timeout { bmc: self.bmc.clone(), timeout: deadline });
+            }
+            tokio::time::sleep(delay).await;
+            let name = self.world.name(i);
+            let mut w = self.world.lock();
+            let m = &mut w.machines[i];
+            let power = match action {
+                Action::Status => {
+                    if m.powered {
+                        Power::On
+                    } else {
+                        Power::Off
+                    }
+                }
+                Action::Off => {
+                    if m.powered {
+                        m.powered = false;
+                        m.hv.power_off();
+                        w.power_requests.push(PowerRequest::Off(i));
+                        drop(w);
+                        self.world.trace(format!("bmc {name}: power off"));
+                    }
+                    Power::Off
+                }
+                Action::On => {
+                    if !m.powered {
+                        m.powered = true;
+                        w.power_requests.push(PowerRequest::On(i));
+                        drop(w);
+                        self.world.trace(format!("bmc {name}: power on"));
+                    }
+                    Power::On
+                }
+            };
+            Ok(power)
+        })
+    }
+}

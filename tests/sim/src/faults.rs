@@ -1,0 +1,221 @@
+//! The seeded fault schedule, and how each fault is applied to the simulation.
+//!
+//! A schedule is a list of faults, each starting at a simulated time and lasting a while,
+//! drawn from the seed. To add a fault: a variant of [`Fault`], a way to draw it in
+//! [`schedule`], its start and end in [`apply`] / [`undo`] (undo must restore exactly what
+//! apply changed; [`heal`] then clears anything left).
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use turmoil::Sim;
+
+use crate::net::NETWORKS;
+use crate::world::{BmcMode, World};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The daemon process dies (its VMs keep running) and is restarted when the fault ends.
+    Crash(usize),
+    /// The machines split into two groups that cannot reach each other.
+    Partition(Vec<usize>),
+    /// `from` cannot reach `to`; the other way works.
+    OneWay { from: usize, to: usize },
+    /// One heartbeat network of one machine is cut both ways (Raft and the other network work).
+    NetCut { net: usize, node: usize },
+    /// Heartbeat datagrams are lost at random.
+    Loss { pct: u32 },
+    /// Every message may be delayed up to this long.
+    Delay { max_ms: u64 },
+    /// Everything to and from the machine is held, then delivered at once: a paused process.
+    Pause(usize),
+    /// The machine's BMC does not answer.
+    BmcSilent(usize),
+    /// The machine's BMC answers late.
+    BmcLate { node: usize, ms: u64 },
+    /// The client hands the primary role to another coordinator.
+    Handover,
+}
+
+#[derive(Clone, Debug)]
+pub struct Scheduled {
+    pub at: Duration,
+    pub lasts: Duration,
+    pub fault: Fault,
+}
+
+/// Faults for a run whose fault window is `[start, start + window)`; every fault has ended by
+/// the window's end.
+pub fn schedule(seed: u64, n: usize, coordinators: usize, start: Duration, window: Duration) -> Vec<Scheduled> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xfa01_75ed);
+    let mut out = Vec::new();
+    let mut t = start;
+    let end = start + window;
+    loop {
+        t += Duration::from_millis(rng.random_range(300..2500));
+        if t >= end {
+            break;
+        }
+        let lasts = Duration::from_millis(rng.random_range(200..6000)).min(end - t);
+        let node = rng.random_range(0..n);
+        let fault = match rng.random_range(0..10) {
+            0 => Fault::Crash(node),
+            1 => {
+                let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
+                if group.is_empty() {
+                    group.push(node);
+                }
+                Fault::Partition(group)
+            }
+            2 => {
+                let to = (node + rng.random_range(1..n)) % n;
+                Fault::OneWay { from: node, to }
+            }
+            3 => Fault::NetCut { net: rng.random_range(0..NETWORKS.len()), node },
+            4 => Fault::Loss { pct: rng.random_range(5..40) },
+            5 => Fault::Delay { max_ms: rng.random_range(5..120) },
+            6 => Fault::Pause(node),
+            7 => Fault::BmcSilent(node),
+            8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
+            _ => Fault::Handover,
+        };
+        let _ = coordinators;
+        out.push(Scheduled { at: t, lasts, fault });
+    }
+    out
+}
+
+fn others(n: usize, group: &[usize]) -> Vec<usize> {
+    (0..n).filter(|i| !group.contains(i)).collect()
+}
+
+/// Starts `f`. Returns whether it did something (a crash of a powered-off host does nothing).
+pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
+    let n = world.len();
+    let name = |i: usize| world.name(i);
+    match f {
+        Fault::Crash(i) => {
+            let powered = world.lock().machines[*i].powered;
+            if !powered {
+                return false;
+            }
+            crash(sim, world, *i);
+        }
+        Fault::Partition(group) => {
+            for a in group {
+                for b in others(n, group) {
+                    sim.partition(name(*a).as_str(), name(b).as_str());
+                }
+            }
+        }
+        Fault::OneWay { from, to } => sim.partition_oneway(name(*from).as_str(), name(*to).as_str()),
+        Fault::NetCut { net, node } => {
+            let mut w = world.lock();
+            for other in (0..n).filter(|o| o != node) {
+                w.cuts.insert((NETWORKS[*net].0.to_string(), *node, other));
+                w.cuts.insert((NETWORKS[*net].0.to_string(), other, *node));
+            }
+        }
+        Fault::Loss { pct } => world.lock().udp_loss_pct = *pct,
+        Fault::Delay { max_ms } => sim.set_max_message_latency(Duration::from_millis(*max_ms)),
+        Fault::Pause(i) => {
+            for o in (0..n).filter(|o| o != i) {
+                sim.hold(name(*i).as_str(), name(o).as_str());
+            }
+        }
+        Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Silent,
+        Fault::BmcLate { node, ms } => world.lock().machines[*node].bmc = BmcMode::Late(Duration::from_millis(*ms)),
+        Fault::Handover => {}
+    }
+    true
+}
+
+/// Ends `f` (only if `apply` did something).
+pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
+    let n = world.len();
+    let name = |i: usize| world.name(i);
+    match f {
+        Fault::Crash(i) => {
+            let powered = world.lock().machines[*i].powered;
+            if powered && !sim.is_host_running(name(*i).as_str()) {
+                restart(sim, world, *i);
+            }
+        }
+        Fault::Partition(group) => {
+            for a in group {
+                for b in others(n, group) {
+                    sim.repair(name(*a).as_str(), name(b).as_str());
+                }
+            }
+        }
+        Fault::OneWay { from, to } => sim.repair_oneway(name(*from).as_str(), name(*to).as_str()),
+        Fault::NetCut { net, node } => {
+            let mut w = world.lock();
+            for other in (0..n).filter(|o| o != node) {
+                w.cuts.remove(&(NETWORKS[*net].0.to_string(), *node, other));
+                w.cuts.remove(&(NETWORKS[*net].0.to_string(), other, *node));
+            }
+        }
+        Fault::Loss { .. } => world.lock().udp_loss_pct = 0,
+        Fault::Delay { .. } => sim.set_max_message_latency(LATENCY),
+        Fault::Pause(i) => {
+            for o in (0..n).filter(|o| o != i) {
+                sim.release(name(*i).as_str(), name(o).as_str());
+            }
+        }
+        Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Normal,
+        Fault::BmcLate { node, .. } => world.lock().machines[*node].bmc = BmcMode::Normal,
+        Fault::Handover => {}
+    }
+}
+
+/// The network's normal latency bound.
+pub const LATENCY: Duration = Duration::from_millis(2);
+
+/// Clears every fault: all links repaired and released, no cuts, no loss, normal latency and
+/// BMCs, every powered host's daemon running.
+pub fn heal(sim: &mut Sim<'_>, world: &World) {
+    let n = world.len();
+    for a in 0..n {
+        for b in 0..n {
+            if a != b {
+                sim.repair(world.name(a).as_str(), world.name(b).as_str());
+                sim.release(world.name(a).as_str(), world.name(b).as_str());
+            }
+        }
+    }
+    sim.set_max_message_latency(LATENCY);
+    let mut w = world.lock();
+    w.cuts.clear();
+    w.udp_loss_pct = 0;
+    for m in &mut w.machines {
+        m.bmc = BmcMode::Normal;
+    }
+    drop(w);
+    for i in 0..n {
+        let powered = world.lock().machines[i].powered;
+        if powered && !sim.is_host_running(world.name(i).as_str()) {
+            restart(sim, world, i);
+        }
+    }
+}
+
+/// Crashes node `i`'s daemon (its machine keeps running unless the BMC powered it off).
+pub fn crash(sim: &mut Sim<'_>, world: &World, i: usize) {
+    let name = world.name(i);
+    {
+        let mut w = world.lock();
+        w.machines[i].daemon = None;
+        w.machines[i].inbox = None;
+    }
+    sim.crash(name.as_str());
+    world.trace(format!("{name}: crashed"));
+}
+
+/// Starts node `i`'s daemon again from its kept store.
+pub fn restart(sim: &mut Sim<'_>, world: &World, i: usize) {
+    let name = world.name(i);
+    sim.bounce(name.as_str());
+    world.trace(format!("{name}: restarted"));
+}

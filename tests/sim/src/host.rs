@@ -1,0 +1,114 @@
+//! One simulated node: its config (parsed and validated like a real one), its `Env` of
+//! simulated IO, `herd::daemon::start`, and an inbox through which the client's admin
+//! requests are answered on this host (so their network traffic is this host's).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd::config::Config;
+use herd::daemon::{self, Env, HypervisorOpener};
+use herd::hypervisor::Hypervisor;
+use herd::stats::FixedStats;
+use herd_storage::model::NodeStats;
+use openraft_rt::deterministic_rng::DeterministicRng;
+use tokio::sync::mpsc;
+
+use crate::bmc::{bmc_addr, SimFencer};
+use crate::hv::SimHypervisor;
+use crate::net::{SimConnector, SimListener, SimSocket, CLUSTER_PORT, NETWORKS};
+use crate::world::World;
+
+/// Every simulated host's figures: room for all the simulation's VMs on any one host.
+fn stats() -> NodeStats {
+    NodeStats { cpu_count: 16, load_milli: 100, mem_total_mib: 65_536, mem_used_mib: 2_048, ..NodeStats::default() }
+}
+
+/// Node `i`'s config: production defaults except where the simulation must be quicker
+/// (keepalive, reconcile interval, BMC checks) — the values the cluster tests use.
+pub fn config(world: &World, i: usize, dir: &Path) -> Result<Config, String> {
+    let (name, coordinator) = {
+        let w = world.lock();
+        (w.machines[i].name.clone(), w.machines[i].coordinator)
+    };
+    let ip = turmoil::lookup(name.as_str());
+    let role = if coordinator { "coordinator" } else { "hypervisor" };
+    let nets: String = NETWORKS.iter().map(|(n, p)| format!("{n} = \"{ip}:{p}\"\n")).collect();
+    let text = format!(
+        "name = \"{name}\"\nrole = \"{role}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\n\
+         [cluster]\nlisten = \"0.0.0.0:{CLUSTER_PORT}\"\nadvertise = \"{ip}:{CLUSTER_PORT}\"\n\
+         [heartbeat.networks]\n{nets}\
+         [keepalive]\ninterval_ms = 1000\n\
+         [hypervisor]\nuri = \"test:///sim\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
+         [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 10000\n\
+         [fencing]\nbmc = \"{bmc}\"\nuser = \"admin\"\npassword_file = \"{pw}\"\n",
+        data = dir.join(&name).display(),
+        sock = dir.join(format!("{name}.sock")).display(),
+        bmc = bmc_addr(i),
+        pw = dir.join("bmc-password").display(),
+    );
+    Config::from_toml(&format!("{name} (simulated)"), &text).map_err(|e| e.to_string())
+}
+
+/// The host future for node `i`: starts its daemon over simulated IO and serves its inbox
+/// until the host is crashed.
+pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil::Result {
+    let (seed, name) = {
+        let mut w = world.lock();
+        w.machines[i].boots += 1;
+        let m = &w.machines[i];
+        (w.seed ^ ((i as u64 + 1) << 40) ^ (m.boots << 20), m.name.clone())
+    };
+    DeterministicRng::<openraft::TokioRuntime>::scope(seed, async move {
+        let config = config(&world, i, dir.path())?;
+        let mut heartbeat = std::collections::BTreeMap::new();
+        let ip = turmoil::lookup(name.as_str());
+        for (net, port) in NETWORKS {
+            let s = SimSocket::bind(world.clone(), i, net, port).await?;
+            heartbeat.insert(
+                net.to_string(),
+                (Arc::new(s) as Arc<dyn herd::heartbeat::agent::DatagramSocket>, (ip, port).into()),
+            );
+        }
+        let (log, backend, identity, hv) = {
+            let w = world.lock();
+            let m = &w.machines[i];
+            (m.log.clone(), m.backend.clone(), m.identity.clone(), m.hv.clone())
+        };
+        let hv: Arc<dyn Hypervisor> = Arc::new(SimHypervisor { world: world.clone(), me: i, inner: hv });
+        let opener: HypervisorOpener = Box::pin(async move { Ok(hv) });
+        let env = Env {
+            log: log.into(),
+            backend: Arc::new(backend),
+            identity: Arc::new(identity),
+            connector: Arc::new(SimConnector),
+            listener: Arc::new(SimListener::bind(CLUSTER_PORT).await?),
+            heartbeat,
+            hypervisor: Some(opener),
+            fencer: Arc::new(SimFencer(world.clone())),
+            host_stats: Arc::new(FixedStats(stats())),
+        };
+        let running = daemon::start(config, env).await.map_err(|e| e.to_string())?;
+        let (tx, mut rx) = mpsc::channel::<crate::world::AdminCall>(16);
+        {
+            let mut w = world.lock();
+            w.machines[i].daemon = Some(running.daemon.clone());
+            w.machines[i].inbox = Some(tx);
+        }
+        world.trace(format!("{name}: daemon started"));
+        while let Some(call) = rx.recv().await {
+            let d = running.daemon.clone();
+            herd_storage::types::spawn(async move {
+                let out = d.handle(call.req).await;
+                let _ = call.reply.send(out);
+            });
+        }
+        // The inbox closes only when the world drops it: stay up until crashed.
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await
+}
+
+/// How long the client waits for one admin answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);

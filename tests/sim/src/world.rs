@@ -1,0 +1,196 @@
+//! What outlives a crashed daemon, and what the invariants read.
+//!
+//! Every simulated host runs on the one simulation thread, so a plain `Mutex` is never
+//! contended; it is there because herd's seams (`Hypervisor`, `Fencer`) are `Send + Sync`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use herd::admin::AdminRequest;
+use herd::daemon::Daemon;
+use herd::hypervisor::memory::MemoryHypervisor;
+use herd_storage::identity::MemIdentity;
+use herd_storage::mem_store::{MemBackend, MemLogStore};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+/// One admin request for a node, answered on its own host.
+pub struct AdminCall {
+    pub req: AdminRequest,
+    pub reply: oneshot::Sender<Result<Value, String>>,
+}
+
+/// How a node's BMC answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BmcMode {
+    Normal,
+    /// Never answers (the caller's deadline ends the call).
+    Silent,
+    /// Answers after this long.
+    Late(Duration),
+}
+
+/// A request from a BMC to the driver: power this host off (crash it) or on (restart it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerRequest {
+    Off(usize),
+    On(usize),
+}
+
+/// One simulated machine.
+pub struct Machine {
+    pub name: String,
+    pub coordinator: bool,
+    pub log: MemLogStore,
+    pub backend: MemBackend,
+    pub identity: MemIdentity,
+    pub hv: MemoryHypervisor,
+    pub powered: bool,
+    pub bmc: BmcMode,
+    /// The running daemon (None while crashed or powered off).
+    pub daemon: Option<Arc<Daemon>>,
+    pub inbox: Option<mpsc::Sender<AdminCall>>,
+    /// Daemon starts so far (each boot gets its own seed).
+    pub boots: u64,
+}
+
+/// A pulse as the invariants see it: sent by coordinator `from` at `sent`, carrying `from`'s
+/// view, in which every node was last heard at these times.
+#[derive(Clone, Debug)]
+pub struct SummaryProof {
+    pub sent: Duration,
+    pub heard: Vec<Option<Duration>>,
+}
+
+/// Pulses kept per (receiver, coordinator): 8 s at the default 100 ms interval.
+pub const KEEP_PROOFS: usize = 80;
+
+pub struct Inner {
+    pub seed: u64,
+    pub machines: Vec<Machine>,
+    pub by_ip: BTreeMap<IpAddr, usize>,
+    /// Heartbeat datagrams on (network, from, to) are dropped.
+    pub cuts: BTreeSet<(String, usize, usize)>,
+    /// Probability in percent that a heartbeat datagram is lost.
+    pub udp_loss_pct: u32,
+    /// When `to` last received a heartbeat datagram from `from` (any network): `heard[to][from]`.
+    pub heard: Vec<Vec<Option<Duration>>>,
+    /// Pulses in flight, by (from, to, hash of the bytes): what `from` had heard when it sent.
+    pub in_flight: BTreeMap<(usize, usize, [u8; 32]), SummaryProof>,
+    /// The pulses each node received lately from each coordinator, oldest first, with when
+    /// each arrived: `received[to][from]` (at most [`KEEP_PROOFS`]).
+    pub received: Vec<Vec<VecDeque<(Duration, SummaryProof)>>>,
+    pub power_requests: Vec<PowerRequest>,
+    pub trace: Vec<String>,
+    pub rng: StdRng,
+    /// Set by the client once the cluster is set up (the faults start a second later).
+    pub setup_done: bool,
+    /// Set by the driver once the faults have stopped and the network is healed.
+    pub healed: bool,
+    /// Set by the client once it has readied fenced nodes and restarted VMs after the heal.
+    pub settled: bool,
+    /// Set by the driver when the run is over (the client finishes).
+    pub finished: bool,
+    /// Primary hand-overs the schedule asks the client for.
+    pub handover_requests: u32,
+}
+
+#[derive(Clone)]
+pub struct World(Arc<Mutex<Inner>>);
+
+thread_local! {
+    /// Simulated time as the driver last saw it (outside any host, turmoil has no clock).
+    static DRIVER_NOW: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// Simulated time since the start, the same on every host and in the driver.
+pub fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_else(|| DRIVER_NOW.with(std::cell::Cell::get))
+}
+
+/// The driver's clock, set before each step.
+pub fn set_driver_now(t: Duration) {
+    DRIVER_NOW.with(|c| c.set(t));
+}
+
+impl World {
+    pub fn new(seed: u64, names: &[(&str, bool)]) -> World {
+        let n = names.len();
+        let machines = names
+            .iter()
+            .map(|(name, coordinator)| Machine {
+                name: (*name).to_string(),
+                coordinator: *coordinator,
+                log: MemLogStore::new(),
+                backend: MemBackend::new(),
+                identity: MemIdentity::default(),
+                hv: MemoryHypervisor::new(),
+                powered: true,
+                bmc: BmcMode::Normal,
+                daemon: None,
+                inbox: None,
+                boots: 0,
+            })
+            .collect();
+        World(Arc::new(Mutex::new(Inner {
+            seed,
+            machines,
+            by_ip: BTreeMap::new(),
+            cuts: BTreeSet::new(),
+            udp_loss_pct: 0,
+            heard: vec![vec![None; n]; n],
+            in_flight: BTreeMap::new(),
+            received: vec![vec![VecDeque::new(); n]; n],
+            power_requests: Vec::new(),
+            trace: Vec::new(),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_c11e),
+            setup_done: false,
+            healed: false,
+            settled: false,
+            finished: false,
+            handover_requests: 0,
+        })))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a line to the trace, stamped with simulated time.
+    pub fn trace(&self, line: impl AsRef<str>) {
+        let t = now();
+        self.lock().trace.push(format!("{:>8.3} {}", t.as_secs_f64(), line.as_ref()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().machines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn name(&self, i: usize) -> String {
+        self.lock().machines[i].name.clone()
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.lock().machines.iter().position(|m| m.name == name)
+    }
+
+    /// Sends `req` to node `i`'s daemon and waits up to `timeout` for its answer.
+    pub async fn call(&self, i: usize, req: AdminRequest, timeout: Duration) -> Result<Value, String> {
+        let inbox = self.lock().machines[i].inbox.clone().ok_or_else(|| "node down".to_string())?;
+        let (tx, rx) = oneshot::channel();
+        inbox.send(AdminCall { req, reply: tx }).await.map_err(|_| "node down".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("node went down during the call".into()),
+            Err(_) => Err("client timeout".into()),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The simulation's test entry points.
+//!
+//! - `ci_seeds`: a fixed set of seeds, each in its own process (nothing thread-local carries
+//!   over between seeds), two at a time; part of `make test`.
+//! - `same_seed_same_trace`: one seed twice, in two processes; the trace hashes must match.
+//! - `broken_*`: each invariant's broken variant must be caught within the CI seed set.
+//! - `soak` (ignored): `HERD_SIM_SEEDS=1000 cargo test --release --test seeds soak -- --ignored`.
+//! - `one_seed` (ignored): runs `HERD_SIM_SEED` in this process and prints its verdict — the
+//!   command a failing seed prints to replay it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use herd::breakage::Breakage;
+use herd_sim::run::{run, Options};
+
+/// Seeds `make test` runs.
+const CI_SEEDS: std::ops::Range<u64> = 1..9;
+
+fn breakage_from_env() -> Option<Breakage> {
+    match std::env::var("HERD_SIM_BREAK").ok()?.as_str() {
+        "primary-ignores-lease" => Some(Breakage::PrimaryIgnoresLease),
+        "start-before-release" => Some(Breakage::StartBeforeRelease),
+        "fence-on-own-view" => Some(Breakage::FenceOnOwnView),
+        "stale-reads" => Some(Breakage::StaleReads),
+        "no-starts" => Some(Breakage::NoStarts),
+        other => panic!("unknown HERD_SIM_BREAK {other:?}"),
+    }
+}
+
+fn replay_command(seed: u64, brk: Option<&str>) -> String {
+    format!(
+        "cd tests/sim && {}HERD_SIM_SEED={seed} cargo test --test seeds one_seed -- --ignored --nocapture",
+        brk.map(|b| format!("HERD_SIM_BREAK={b} ")).unwrap_or_default()
+    )
+}
+
+/// Runs `HERD_SIM_SEED` here and prints one verdict line the parent parses.
+#[test]
+#[ignore = "runs one seed from HERD_SIM_SEED; used by the other tests and to replay"]
+fn one_seed() {
+    let seed: u64 = std::env::var("HERD_SIM_SEED").ok().and_then(|s| s.parse().ok()).expect("HERD_SIM_SEED=<u64>");
+    if std::env::var_os("HERD_SIM_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_SIM_LOG"))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let started = Instant::now();
+    let out = run(seed, &Options { breakage: breakage_from_env(), ..Options::default() });
+    if std::env::var_os("HERD_SIM_TRACE").is_some() || !out.violations.is_empty() {
+        for line in &out.trace {
+            eprintln!("{line}");
+        }
+    }
+    println!(
+        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={}",
+        out.trace_hash,
+        out.violations.len(),
+        out.faults,
+        out.simulated.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        out.converged_after.map_or(-1, |d| d.as_millis() as i64),
+    );
+    for v in &out.violations {
+        println!("VIOLATION {v}");
+    }
+}
+
+#[derive(Debug)]
+struct Verdict {
+    seed: u64,
+    hash: String,
+    violations: Vec<String>,
+    line: String,
+}
+
+/// Runs one seed in a child process (this test binary, `one_seed`).
+fn child(seed: u64, brk: Option<&str>) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("test binary"));
+    c.args(["one_seed", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    c.env("HERD_SIM_SEED", seed.to_string());
+    c.env_remove("HERD_SIM_TRACE");
+    match brk {
+        Some(b) => c.env("HERD_SIM_BREAK", b),
+        None => c.env_remove("HERD_SIM_BREAK"),
+    };
+    c.stderr(std::process::Stdio::null());
+    c
+}
+
+fn verdict_of(seed: u64, out: std::process::Output) -> Verdict {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The harness may have printed "test one_seed ... " on the same line.
+    let line = stdout.lines().find_map(|l| l.find("VERDICT").map(|k| l[k..].to_string())).unwrap_or_default();
+    assert!(!line.is_empty(), "seed {seed}: the child printed no verdict (status {:?}):\n{stdout}", out.status);
+    let hash = line.split_whitespace().find_map(|w| w.strip_prefix("hash=")).unwrap_or_default().to_string();
+    let violations = stdout.lines().filter(|l| l.starts_with("VIOLATION")).map(str::to_string).collect();
+    Verdict { seed, hash, violations, line }
+}
+
+/// Runs `seeds`, `parallel` children at a time.
+fn run_seeds(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usize) -> Vec<Verdict> {
+    let seeds: Vec<u64> = seeds.collect();
+    let mut out = Vec::new();
+    for chunk in seeds.chunks(parallel.max(1)) {
+        let children: Vec<(u64, std::process::Child)> = chunk
+            .iter()
+            .map(|s| (*s, child(*s, brk).stdout(std::process::Stdio::piped()).spawn().expect("spawn a seed")))
+            .collect();
+        for (seed, c) in children {
+            let v = verdict_of(seed, c.wait_with_output().expect("seed child"));
+            println!("{}", v.line);
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn assert_clean(verdicts: &[Verdict], brk: Option<&str>) {
+    let bad: Vec<String> = verdicts
+        .iter()
+        .filter(|v| !v.violations.is_empty())
+        .map(|v| format!("seed {}: {}\n  replay: {}", v.seed, v.violations.join("\n  "), replay_command(v.seed, brk)))
+        .collect();
+    assert!(bad.is_empty(), "{} of {} seeds broke an invariant:\n{}", bad.len(), verdicts.len(), bad.join("\n"));
+}
+
+#[test]
+fn ci_seeds() {
+    let started = Instant::now();
+    let verdicts = run_seeds(CI_SEEDS, None, 2);
+    println!("{} seeds in {:.1} s", verdicts.len(), started.elapsed().as_secs_f64());
+    assert_clean(&verdicts, None);
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let a = run_seeds(std::iter::once(3), None, 1);
+    let b = run_seeds(std::iter::once(3), None, 1);
+    assert_eq!(a[0].hash, b[0].hash, "seed 3 gave two different traces: the simulation is not deterministic");
+    // And another seed is another run.
+    let c = run_seeds(std::iter::once(4), None, 1);
+    assert_ne!(a[0].hash, c[0].hash, "seeds 3 and 4 gave the same trace: the seed is not used");
+}
+
+/// A broken variant must be caught by at least one CI seed, by the named invariant.
+fn caught(brk: &str, invariant: &str) {
+    let verdicts = run_seeds(CI_SEEDS, Some(brk), 2);
+    let hit = verdicts.iter().find(|v| v.violations.iter().any(|l| l.contains(&format!("[{invariant}]"))));
+    assert!(
+        hit.is_some(),
+        "breaking {brk} went unnoticed by [{invariant}] in seeds {CI_SEEDS:?}:\n{}",
+        verdicts.iter().map(|v| format!("{} {:?}", v.line, v.violations)).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn broken_lease_is_caught() {
+    caught("primary-ignores-lease", "one-primary");
+}
+
+#[test]
+fn broken_release_is_caught() {
+    caught("start-before-release", "no-double-run");
+}
+
+#[test]
+fn broken_fence_view_is_caught() {
+    caught("fence-on-own-view", "fence-justified");
+}
+
+#[test]
+fn broken_reads_are_caught() {
+    caught("stale-reads", "linearizable");
+}
+
+#[test]
+fn broken_starts_are_caught() {
+    caught("no-starts", "converge");
+}
+
+#[test]
+#[ignore = "soak: HERD_SIM_SEEDS=1000 (default 100), HERD_SIM_FROM=<first seed>"]
+fn soak() {
+    let n: u64 = std::env::var("HERD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let from: u64 = std::env::var("HERD_SIM_FROM").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let started = Instant::now();
+    let verdicts = run_seeds(from..from + n, None, 2);
+    println!("soak: {} seeds in {:.0} s", verdicts.len(), started.elapsed().as_secs_f64());
+    assert_clean(&verdicts, None);
+    let _ = Duration::ZERO;
+}
