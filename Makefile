@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-stop test deps fmt lint unit cluster bench deb
+.PHONY: demo demo-stop test deps fmt lint unit cluster sim soak bench deb
 
 # A local cluster: 3 coordinators + 1 hypervisor on loopback, then `herd status`.
 demo: deps
@@ -15,6 +15,19 @@ demo-stop:
 # Everything CI runs: system packages if missing, formatting, lints, every test layer.
 test: deps fmt lint
 	$(CARGO) test --workspace --all-targets
+	$(MAKE) sim
+
+# The deterministic simulation (tests/sim, its own workspace and target directory: it builds
+# with --cfg tokio_unstable). The CI seed set, the determinism check, the broken variants.
+sim:
+	cd tests/sim && $(CARGO) fmt -- --check
+	cd tests/sim && $(CARGO) clippy --all-targets -- -D warnings
+	cd tests/sim && $(CARGO) test
+
+# Many more seeds: make soak SEEDS=1000
+SEEDS ?= 1000
+soak:
+	cd tests/sim && HERD_SIM_SEEDS=$(SEEDS) $(CARGO) test --test seeds soak -- --ignored --nocapture
 
 deps:
 	deploy/install-deps.sh

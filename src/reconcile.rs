@@ -151,7 +151,8 @@ pub fn plan(
             memory.shutdown_asked.remove(name);
             continue;
         }
-        let (live_first, fallback) = live_policy(vm);
+        // One that should not run any more is just stopped; one that should is moved.
+        let (live_first, fallback) = if vm.state.wants_running() { live_policy(vm) } else { (false, true) };
         if live_first && !memory.live_failed.contains(name) {
             if memory.live_tried.insert(name.clone()) {
                 p.actions.push(Action::MigrateLive { vm: name.clone(), to: vm.node.clone() });

@@ -119,15 +119,18 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Fills a buffer with random bytes.
+type RandomSource = fn(&mut [u8]);
+
 thread_local! {
     /// The simulation's replacement for the OS random source on its thread (see
     /// [`set_thread_random_source`]).
-    static RANDOM_SOURCE: std::cell::Cell<Option<fn(&mut [u8])>> = const { std::cell::Cell::new(None) };
+    static RANDOM_SOURCE: std::cell::Cell<Option<RandomSource>> = const { std::cell::Cell::new(None) };
 }
 
 /// Makes ids (cluster id, tokens, request ids) on this thread come from `f`: the simulation's
 /// seeded generator, so a seed replays with the same ids. `None` restores the OS source.
-pub fn set_thread_random_source(f: Option<fn(&mut [u8])>) {
+pub fn set_thread_random_source(f: Option<RandomSource>) {
     RANDOM_SOURCE.with(|s| s.set(f));
 }
 

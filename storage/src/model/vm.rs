@@ -208,10 +208,17 @@ pub(crate) fn apply_vm_op(
                 // A temporary move keeps the first home; moving back there is arriving home.
                 _ => vm.last_node.take().or(Some(from.clone())).filter(|home| home != to),
             };
-            // A VM that is not running just changes node; a running one moves, and must first
-            // stop where it was.
+            // A VM that should run moves, and must first stop where it was. So must one that
+            // should not run but may still run there: a stopped VM whose old node has not yet
+            // reported it off (that node's daemon may be down while the domain runs on) —
+            // without the release, `vm start` would run it on two nodes (found by the
+            // simulation, seed 1347). Only a VM last seen off just changes node.
+            let maybe_running =
+                !matches!(vm.actual, ActualState::Shutoff | ActualState::Crashed | ActualState::Missing);
             if vm.state.wants_running() {
                 vm.state = *how;
+            }
+            if vm.state.wants_running() || maybe_running {
                 vm.migrating_from = Some(from.clone());
             }
             // What the old node reported says nothing about the new one.
@@ -476,6 +483,38 @@ mod tests {
         assert_eq!(run(&mut s, 10, abort("c")), Ok(Reply::Done));
         let vm = &s.vms["web"];
         assert_eq!((vm.node.as_str(), vm.last_node.as_deref(), vm.state), ("c", Some("a"), VmState::Fail));
+    }
+
+    #[test]
+    fn a_stopped_vm_that_may_still_run_moves_only_once_released() {
+        // Found by the simulation (seed 1347): the old node's daemon was down while the domain
+        // ran on; `vm stop`, `vm migrate`, `vm start` started it on the new node as well.
+        let mut s = three();
+        assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+        let report = |actual| Command::ReportVm { name: "web".into(), node: "a".into(), actual, failure: None };
+        assert_eq!(run(&mut s, 2, report(ActualState::Running)), Ok(Reply::Done));
+        assert_eq!(run(&mut s, 3, Command::SetVmState { name: "web".into(), state: VmState::Stop }), Ok(Reply::Done));
+        let to = |n: &str| Command::MigrateVm {
+            name: "web".into(),
+            to: n.into(),
+            state: VmState::Migrate,
+            permanent: false,
+        };
+        assert_eq!(run(&mut s, 4, to("b")), Ok(Reply::Done));
+        let vm = &s.vms["web"];
+        assert_eq!((vm.node.as_str(), vm.migrating_from.as_deref(), vm.state), ("b", Some("a"), VmState::Stop));
+        // Started again, it still waits for a's release (the reconciler starts none before).
+        assert_eq!(run(&mut s, 5, Command::SetVmState { name: "web".into(), state: VmState::Start }), Ok(Reply::Done));
+        assert_eq!(s.vms["web"].migrating_from.as_deref(), Some("a"));
+        assert_eq!(run(&mut s, 6, Command::ReleaseVm { name: "web".into(), node: "a".into() }), Ok(Reply::Done));
+        assert_eq!(s.vms["web"].migrating_from, None);
+        // One last seen off just changes node.
+        let report_b =
+            Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Shutoff, failure: None };
+        assert_eq!(run(&mut s, 7, Command::SetVmState { name: "web".into(), state: VmState::Stop }), Ok(Reply::Done));
+        assert_eq!(run(&mut s, 8, report_b), Ok(Reply::Done));
+        assert_eq!(run(&mut s, 9, to("c")), Ok(Reply::Done));
+        assert_eq!((s.vms["web"].node.as_str(), s.vms["web"].migrating_from.as_deref()), ("c", None));
     }
 
     #[test]

@@ -135,9 +135,14 @@ pub async fn setup(world: &World, history: &mut History) -> Result<(), String> {
         .map_err(|e| format!("define vm{v}: {e}"))?;
         history.defined.push(vm_name(v));
         history.ops.entry(vm_name(v)).or_default().push(Op { call, ret: Some(now()), kind: OpKind::Write(0) });
-        until_ok(world, 0, move || AdminRequest::VmState { name: vm_name(v), state: VmState::Start }, Duration::from_secs(30))
-            .await
-            .map_err(|e| format!("start vm{v}: {e}"))?;
+        until_ok(
+            world,
+            0,
+            move || AdminRequest::VmState { name: vm_name(v), state: VmState::Start },
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|e| format!("start vm{v}: {e}"))?;
     }
     world.trace("client: setup done");
     Ok(())
@@ -161,7 +166,9 @@ pub async fn worker(world: World, id: usize) -> Vec<(String, Op)> {
             let coordinators: Vec<String> =
                 world.lock().machines.iter().filter(|m| m.coordinator).map(|m| m.name.clone()).collect();
             let to = coordinators[world.lock().rng.random_range(0..coordinators.len())].clone();
-            let r = world.call(i, AdminRequest::NodePrimary { name: to.clone(), secondary: false, wait: false }, CALL_TIMEOUT).await;
+            let r = world
+                .call(i, AdminRequest::NodePrimary { name: to.clone(), secondary: false, wait: false }, CALL_TIMEOUT)
+                .await;
             world.trace(format!("client{id}: primary to {to} via {}: {}", world.name(i), ok_or(&r)));
             continue;
         }
@@ -170,7 +177,9 @@ pub async fn worker(world: World, id: usize) -> Vec<(String, Op)> {
             0..=39 => {
                 next_value += 1;
                 let value = next_value;
-                let r = world.call(i, AdminRequest::VmModify { name: vm.clone(), xml: vm_xml(v, value) }, CALL_TIMEOUT).await;
+                let r = world
+                    .call(i, AdminRequest::VmModify { name: vm.clone(), xml: vm_xml(v, value) }, CALL_TIMEOUT)
+                    .await;
                 world.trace(format!("client{id}: {vm} := w{value} via {}: {}", world.name(i), ok_or(&r)));
                 // A failed write may still have been committed: it is pending (no return).
                 let ret = r.is_ok().then(now);
@@ -188,18 +197,27 @@ pub async fn worker(world: World, id: usize) -> Vec<(String, Op)> {
                 let r = world
                     .call(
                         i,
-                        AdminRequest::VmMigrate { name: vm.clone(), to: None, live: false, permanent: false, unmigrate: false },
+                        AdminRequest::VmMigrate {
+                            name: vm.clone(),
+                            to: None,
+                            live: false,
+                            permanent: false,
+                            unmigrate: false,
+                        },
                         CALL_TIMEOUT,
                     )
                     .await;
                 world.trace(format!("client{id}: migrate {vm} via {}: {}", world.name(i), ok_or(&r)));
             }
             90..=94 => {
-                let r = world.call(i, AdminRequest::VmState { name: vm.clone(), state: VmState::Stop }, CALL_TIMEOUT).await;
+                let r =
+                    world.call(i, AdminRequest::VmState { name: vm.clone(), state: VmState::Stop }, CALL_TIMEOUT).await;
                 world.trace(format!("client{id}: stop {vm} via {}: {}", world.name(i), ok_or(&r)));
             }
             _ => {
-                let r = world.call(i, AdminRequest::VmState { name: vm.clone(), state: VmState::Start }, CALL_TIMEOUT).await;
+                let r = world
+                    .call(i, AdminRequest::VmState { name: vm.clone(), state: VmState::Start }, CALL_TIMEOUT)
+                    .await;
                 world.trace(format!("client{id}: start {vm} via {}: {}", world.name(i), ok_or(&r)));
             }
         }
@@ -239,7 +257,9 @@ pub async fn finish(world: &World, history: &mut History) {
         }
         for name in fenced {
             if let Some(i) = pick_up(world) {
-                let r = world.call(i, AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: false }, CALL_TIMEOUT).await;
+                let r = world
+                    .call(i, AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: false }, CALL_TIMEOUT)
+                    .await;
                 world.trace(format!("client: ready {name}: {}", ok_or(&r)));
             }
         }
@@ -247,7 +267,8 @@ pub async fn finish(world: &World, history: &mut History) {
     }
     for v in 0..VMS {
         if let Some(i) = pick_up(world) {
-            let r = world.call(i, AdminRequest::VmState { name: vm_name(v), state: VmState::Start }, CALL_TIMEOUT).await;
+            let r =
+                world.call(i, AdminRequest::VmState { name: vm_name(v), state: VmState::Start }, CALL_TIMEOUT).await;
             world.trace(format!("client: final start vm{v}: {}", ok_or(&r)));
         }
     }
@@ -266,7 +287,11 @@ pub async fn finish(world: &World, history: &mut History) {
             if let Ok(r) = world.call(i, AdminRequest::VmInfo { name: vm_name(v), local: false }, CALL_TIMEOUT).await {
                 let value = r["xml"].as_str().and_then(register_of);
                 world.trace(format!("client: final read vm{v} = w{}", value.unwrap_or(u64::MAX)));
-                history.ops.entry(vm_name(v)).or_default().push(Op { call, ret: Some(now()), kind: OpKind::Read(value) });
+                history.ops.entry(vm_name(v)).or_default().push(Op {
+                    call,
+                    ret: Some(now()),
+                    kind: OpKind::Read(value),
+                });
                 break;
             }
             sleep_ms(200).await;

@@ -47,7 +47,7 @@ pub struct Scheduled {
 
 /// Faults for a run whose fault window is `[start, start + window)`; every fault has ended by
 /// the window's end.
-pub fn schedule(seed: u64, n: usize, coordinators: usize, start: Duration, window: Duration) -> Vec<Scheduled> {
+pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<Scheduled> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfa01_75ed);
     let mut out = Vec::new();
     let mut t = start;
@@ -80,7 +80,6 @@ pub fn schedule(seed: u64, n: usize, coordinators: usize, start: Duration, windo
             8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
             _ => Fault::Handover,
         };
-        let _ = coordinators;
         out.push(Scheduled { at: t, lasts, fault });
     }
     out

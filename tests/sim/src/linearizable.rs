@@ -118,11 +118,8 @@ mod tests {
 
     #[test]
     fn a_lost_acknowledged_write_is_caught() {
-        let h = [
-            op(0, Some(1), OpKind::Write(1)),
-            op(2, Some(3), OpKind::Write(2)),
-            op(4, Some(5), OpKind::Read(Some(1))),
-        ];
+        let h =
+            [op(0, Some(1), OpKind::Write(1)), op(2, Some(3), OpKind::Write(2)), op(4, Some(5), OpKind::Read(Some(1)))];
         assert_eq!(check(Some(0), &h), Ok(false));
     }
 }

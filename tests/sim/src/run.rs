@@ -166,7 +166,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         }
         match phase {
             Phase::Setup if world.lock().setup_done => {
-                schedule = faults::schedule(seed, NODES.len(), 3, now + Duration::from_secs(1), opts.fault_window);
+                schedule = faults::schedule(seed, NODES.len(), now + Duration::from_secs(1), opts.fault_window);
                 world.trace(format!("faults: {} scheduled", schedule.len()));
                 phase = Phase::Faults;
             }
@@ -211,7 +211,10 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
                             violations.push(Violation {
                                 invariant: "converge",
                                 at: now,
-                                detail: format!("not converged {} s after the heal: {reason}", CONVERGE_WITHIN.as_secs()),
+                                detail: format!(
+                                    "not converged {} s after the heal: {reason}",
+                                    CONVERGE_WITHIN.as_secs()
+                                ),
                             });
                             world.lock().finished = true;
                         }

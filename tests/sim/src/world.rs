@@ -147,7 +147,7 @@ impl World {
             received: vec![vec![VecDeque::new(); n]; n],
             power_requests: Vec::new(),
             trace: Vec::new(),
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_c11e),
+            rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),
             setup_done: false,
             healed: false,
             settled: false,

@@ -19,7 +19,11 @@ pub fn check(history: &History, now: Duration) -> Vec<Violation> {
         let Some(ops) = history.ops.get(vm) else { continue };
         let final_read = ops.iter().rev().find(|o| matches!(o.kind, linearizable::OpKind::Read(_)));
         if final_read.is_none() {
-            out.push(Violation { invariant: "acknowledged", at: now, detail: format!("{vm}: no successful read at all") });
+            out.push(Violation {
+                invariant: "acknowledged",
+                at: now,
+                detail: format!("{vm}: no successful read at all"),
+            });
         }
         if let Some(linearizable::Op { kind: linearizable::OpKind::Read(None), .. }) = final_read {
             out.push(Violation {

@@ -62,7 +62,11 @@ impl FenceJustified {
                 violations.push(Violation {
                     invariant: "fence-justified",
                     at: now,
-                    detail: format!("{victim} fenced (decided at {:.3} s by {}): {detail}", t.as_secs_f64(), world.name(p)),
+                    detail: format!(
+                        "{victim} fenced (decided at {:.3} s by {}): {detail}",
+                        t.as_secs_f64(),
+                        world.name(p)
+                    ),
                 });
             }
         }
