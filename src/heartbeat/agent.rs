@@ -353,6 +353,9 @@ impl Agent {
                         return None;
                     }
                     g.counters.pulses_received += 1;
+                    if let Some(v) = g.view.as_mut() {
+                        events.extend(v.on_pulse(from, net, now));
+                    }
                     g.cache.store(summary, 0, now);
                     let relayed = g.cache.pick_for(from, seq, self.params.history_ms, now);
                     let answer = Datagram {

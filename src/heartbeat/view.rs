@@ -161,6 +161,15 @@ impl OwnView {
         None
     }
 
+    /// Records a pulse from coordinator `host` on `net`: it is heard on that network in this
+    /// period, as if it had answered (a coordinator whose own pulses arrive is alive even when
+    /// this coordinator's pulses do not reach it — a one-way cut; found by the simulation,
+    /// seed 1909, where such a coordinator was fenced by the one that kept hearing it).
+    pub fn on_pulse(&mut self, host: NodeId, net: &str, now_ms: u64) -> Option<Event> {
+        let seq = self.seq;
+        self.on_answer(host, net, seq, now_ms)
+    }
+
     fn state_for(&self, misses: u32) -> LinkState {
         if misses >= self.params.lost_after {
             LinkState::Lost
@@ -381,6 +390,24 @@ mod tests {
         assert_eq!(v.links()[&(2, "mgmt".into())].misses, 10);
         let ev = run(&mut v, &mut now, 1, &both);
         assert_eq!(ev, vec![Event::Link { host: 2, net: "mgmt".into(), from: LinkState::Lost, to: LinkState::Ok }]);
+    }
+
+    #[test]
+    fn a_coordinator_whose_pulses_arrive_is_heard_without_answering() {
+        // 2 is a coordinator that cannot receive our pulses (a one-way cut) but whose own
+        // pulses reach us every period: it is never lost; once they stop, it is.
+        let (mut v, mut now) = view(&[2, 3], &["mgmt"]);
+        for _ in 0..30 {
+            now += 100;
+            assert_eq!(v.on_pulse(2, "mgmt", now), None);
+            let seq = v.seq();
+            v.on_answer(3, "mgmt", seq, now);
+            v.tick(now);
+        }
+        assert_eq!(v.links()[&(2, "mgmt".into())].state, LinkState::Ok);
+        run(&mut v, &mut now, 10, &[(3, "mgmt")]);
+        assert_eq!(v.links()[&(2, "mgmt".into())].state, LinkState::Lost);
+        assert!(v.on_pulse(2, "mgmt", now).is_some(), "heard again: back to ok");
     }
 
     /// StarlingX decided from the newest sample alone; here one bad period never makes a host

@@ -64,7 +64,10 @@ pub struct SimSocket {
     world: World,
 }
 
-/// Pulses older than this are forgotten if still "in flight" (lost or cut).
+/// A datagram is evidence of life only if it arrived within one heartbeat interval.
+const TIMELY: Duration = Duration::from_millis(100);
+
+/// Datagrams older than this are forgotten if still "in flight" (lost or cut).
 const IN_FLIGHT_KEEP: Duration = Duration::from_secs(5);
 
 impl SimSocket {
@@ -87,7 +90,9 @@ impl SimSocket {
         loss > 0 && w.rng.random_range(0..100) < loss
     }
 
-    /// Records a delivery to this node; `false` if it must be dropped instead.
+    /// Records a delivery to this node; `false` if it must be dropped instead. A datagram is
+    /// evidence that its sender was alive when it sent it — if it arrived within one heartbeat
+    /// interval (a burst of old datagrams released from a held link proves nothing recent).
     fn deliver(&self, buf: &[u8], from: SocketAddr) -> bool {
         let Some(src) = self.world.lock().by_ip.get(&from.ip()).copied() else {
             return true;
@@ -98,15 +103,17 @@ impl SimSocket {
         let t = now();
         let pulse = Self::is_pulse(buf);
         let mut w = self.world.lock();
-        w.heard[self.me][src] = Some(t);
+        let key = (src, self.me, <[u8; 32]>::from(Sha256::digest(buf)));
+        let Some(proof) = w.in_flight.remove(&key) else { return true };
+        if t.saturating_sub(proof.sent) <= TIMELY {
+            let h = &mut w.heard[self.me][src];
+            *h = Some(h.map_or(proof.sent, |h| h.max(proof.sent)));
+        }
         if pulse {
-            let key = (src, self.me, <[u8; 32]>::from(Sha256::digest(buf)));
-            if let Some(proof) = w.in_flight.remove(&key) {
-                let q = &mut w.received[self.me][src];
-                q.push_back((t, proof));
-                if q.len() > crate::world::KEEP_PROOFS {
-                    q.pop_front();
-                }
+            let q = &mut w.received[self.me][src];
+            q.push_back((t, proof));
+            if q.len() > crate::world::KEEP_PROOFS {
+                q.pop_front();
             }
         }
         true
@@ -119,15 +126,13 @@ impl SimSocket {
         if self.dropped(self.me, dst) {
             return false;
         }
-        if Self::is_pulse(buf) {
-            let t = now();
-            let mut w = self.world.lock();
-            let heard = w.heard[self.me].clone();
-            let key = (self.me, dst, <[u8; 32]>::from(Sha256::digest(buf)));
-            w.in_flight.insert(key, SummaryProof { sent: t, heard });
-            if w.in_flight.len() > 20_000 {
-                w.in_flight.retain(|_, p| p.sent + IN_FLIGHT_KEEP > t);
-            }
+        let t = now();
+        let mut w = self.world.lock();
+        let heard = w.heard[self.me].clone();
+        let key = (self.me, dst, <[u8; 32]>::from(Sha256::digest(buf)));
+        w.in_flight.insert(key, SummaryProof { sent: t, heard });
+        if w.in_flight.len() > 20_000 {
+            w.in_flight.retain(|_, p| p.sent + IN_FLIGHT_KEEP > t);
         }
         true
     }

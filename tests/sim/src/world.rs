@@ -77,9 +77,11 @@ pub struct Inner {
     pub cuts: BTreeSet<(String, usize, usize)>,
     /// Probability in percent that a heartbeat datagram is lost.
     pub udp_loss_pct: u32,
-    /// When `to` last received a heartbeat datagram from `from` (any network): `heard[to][from]`.
+    /// When `from` sent the newest heartbeat datagram `to` received from it in time (within a
+    /// heartbeat interval, any network): `heard[to][from]`.
     pub heard: Vec<Vec<Option<Duration>>>,
-    /// Pulses in flight, by (from, to, hash of the bytes): what `from` had heard when it sent.
+    /// Datagrams in flight, by (from, to, hash of the bytes): when they were sent, and (for
+    /// pulses) what `from` had heard by then.
     pub in_flight: BTreeMap<(usize, usize, [u8; 32]), SummaryProof>,
     /// The pulses each node received lately from each coordinator, oldest first, with when
     /// each arrived: `received[to][from]` (at most [`KEEP_PROOFS`]).

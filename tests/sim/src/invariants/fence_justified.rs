@@ -6,9 +6,10 @@
 //! means the failure is partial (a link, a switch port), and fencing would turn it into an
 //! outage.
 //!
-//! Ground truth, not herd's own bookkeeping: the simulated network records when each node
-//! received a heartbeat datagram from each other node, and, for every pulse a coordinator C
-//! sends, what C had heard by then. At decision time T (the leader's stamp on `DecideFence`)
+//! Ground truth, not herd's own bookkeeping: the simulated network records, for each node and
+//! each other node, when the newest datagram it received *in time* (within one heartbeat
+//! interval of being sent) was sent — "heard at H" means the node was alive at H — and, for
+//! every pulse a coordinator C sends, what C had heard by then. At decision time T (the leader's stamp on `DecideFence`)
 //! by the primary P on victim V, a coordinator C counts as "fresh and hearing V" when P had
 //! received, before T, a pulse from C sent within `history_ms` of T in which C had heard V at
 //! H with T − H < lost_after × interval + fence_after_ms − 2 intervals (the slack absorbs the
@@ -85,7 +86,7 @@ fn heard_by_fresh_view(world: &World, p: usize, v: usize, t: Duration, fence_aft
     let recent = |h: Duration| h <= t && t < h + window;
     // P's own view.
     if let Some(h) = w.heard[p][v].filter(|h| recent(*h)) {
-        return Some(format!("{} itself heard it {} ms before", w.machines[p].name, (t - h).as_millis()));
+        return Some(format!("{} itself heard it (sent) {} ms before", w.machines[p].name, (t - h).as_millis()));
     }
     for c in (0..w.machines.len()).filter(|c| *c != p && *c != v && w.machines[*c].coordinator) {
         let proof = w.received[p][c].iter().rev().find(|(received, _)| *received <= t).map(|(_, proof)| proof);
