@@ -106,8 +106,11 @@ impl SimSocket {
         let key = (src, self.me, <[u8; 32]>::from(Sha256::digest(buf)));
         let Some(proof) = w.in_flight.remove(&key) else { return true };
         if t.saturating_sub(proof.sent) <= TIMELY {
-            let h = &mut w.heard[self.me][src];
-            *h = Some(h.map_or(proof.sent, |h| h.max(proof.sent)));
+            let q = &mut w.heard[self.me][src];
+            q.push_back((proof.sent, t));
+            if q.len() > crate::world::KEEP_HEARD {
+                q.pop_front();
+            }
         }
         if pulse {
             let q = &mut w.received[self.me][src];
@@ -128,7 +131,7 @@ impl SimSocket {
         }
         let t = now();
         let mut w = self.world.lock();
-        let heard = w.heard[self.me].clone();
+        let heard = (0..w.machines.len()).map(|from| w.last_heard(self.me, from)).collect();
         let key = (self.me, dst, <[u8; 32]>::from(Sha256::digest(buf)));
         w.in_flight.insert(key, SummaryProof { sent: t, heard });
         if w.in_flight.len() > 20_000 {

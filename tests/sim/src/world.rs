@@ -66,6 +66,9 @@ pub struct SummaryProof {
     pub heard: Vec<Option<Duration>>,
 }
 
+/// Timely datagrams remembered per (receiver, sender).
+pub const KEEP_HEARD: usize = 16;
+
 /// Pulses kept per (receiver, coordinator): 8 s at the default 100 ms interval.
 pub const KEEP_PROOFS: usize = 80;
 
@@ -77,9 +80,10 @@ pub struct Inner {
     pub cuts: BTreeSet<(String, usize, usize)>,
     /// Probability in percent that a heartbeat datagram is lost.
     pub udp_loss_pct: u32,
-    /// When `from` sent the newest heartbeat datagram `to` received from it in time (within a
-    /// heartbeat interval, any network): `heard[to][from]`.
-    pub heard: Vec<Vec<Option<Duration>>>,
+    /// The newest heartbeat datagrams `to` received in time (within a heartbeat interval, any
+    /// network) from `from`, as (sent, received), oldest first: `heard[to][from]` (at most
+    /// [`KEEP_HEARD`]).
+    pub heard: Vec<Vec<VecDeque<(Duration, Duration)>>>,
     /// Datagrams in flight, by (from, to, hash of the bytes): when they were sent, and (for
     /// pulses) what `from` had heard by then.
     pub in_flight: BTreeMap<(usize, usize, [u8; 32]), SummaryProof>,
@@ -119,6 +123,13 @@ pub fn set_driver_now(t: Duration) {
     DRIVER_NOW.with(|c| c.set(t));
 }
 
+impl Inner {
+    /// When `from` last sent something `to` has received in time by now.
+    pub fn last_heard(&self, to: usize, from: usize) -> Option<Duration> {
+        self.heard[to][from].iter().map(|(sent, _)| *sent).max()
+    }
+}
+
 impl World {
     pub fn new(seed: u64, names: &[(&str, bool)]) -> World {
         let n = names.len();
@@ -144,7 +155,7 @@ impl World {
             by_ip: BTreeMap::new(),
             cuts: BTreeSet::new(),
             udp_loss_pct: 0,
-            heard: vec![vec![None; n]; n],
+            heard: vec![vec![VecDeque::new(); n]; n],
             in_flight: BTreeMap::new(),
             received: vec![vec![VecDeque::new(); n]; n],
             power_requests: Vec::new(),

@@ -13,7 +13,7 @@
 //! by the primary P on victim V, a coordinator C counts as "fresh and hearing V" when P had
 //! received, before T, a pulse from C sent within `history_ms` of T in which C had heard V at
 //! H with T − H < lost_after × interval + fence_after_ms − 2 intervals (the slack absorbs the
-//! period boundaries). P's own view counts the same way from P's receive record. Summaries
+//! period boundaries). Only what reached P strictly before T's millisecond counts. P's own view counts the same way from P's receive record. Summaries
 //! relayed through answers are not tracked: the check may miss a violation that only a
 //! relayed view could have shown, but never reports one that did not happen. Manual fences
 //! (`herd node fence`) are exempt.
@@ -84,12 +84,14 @@ fn heard_by_fresh_view(world: &World, p: usize, v: usize, t: Duration, fence_aft
     let fresh = Duration::from_millis(params.history_ms);
     let w = world.lock();
     let recent = |h: Duration| h <= t && t < h + window;
-    // P's own view.
-    if let Some(h) = w.heard[p][v].filter(|h| recent(*h)) {
+    // P's own view: what had reached P strictly before T (a datagram processed in the same
+    // simulated millisecond as the decision may have come after it).
+    let own = w.heard[p][v].iter().filter(|(_, received)| *received < t).map(|(sent, _)| *sent).max();
+    if let Some(h) = own.filter(|h| recent(*h)) {
         return Some(format!("{} itself heard it (sent) {} ms before", w.machines[p].name, (t - h).as_millis()));
     }
     for c in (0..w.machines.len()).filter(|c| *c != p && *c != v && w.machines[*c].coordinator) {
-        let proof = w.received[p][c].iter().rev().find(|(received, _)| *received <= t).map(|(_, proof)| proof);
+        let proof = w.received[p][c].iter().rev().find(|(received, _)| *received < t).map(|(_, proof)| proof);
         let Some(proof) = proof.filter(|pr| pr.sent + fresh >= t) else { continue };
         if let Some(h) = proof.heard[v].filter(|h| recent(*h)) {
             return Some(format!(
