@@ -17,6 +17,8 @@ pub enum Breakage {
     StaleReads,
     /// The reconciler never starts a VM.
     NoStarts,
+    /// `vm modify` answers "done" without writing anything (an acknowledged write lost).
+    AckWithoutCommit,
 }
 
 #[cfg(feature = "breakage")]

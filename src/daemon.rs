@@ -332,7 +332,9 @@ impl Daemon {
                 };
                 // Compare-and-set: a change in between (another modify, a move) is not overwritten.
                 let op = herd_storage::model::Op { cmd, expect_revision: Some(revision) };
-                self.node.write(vec![op], WRITE_TIMEOUT).await.map_err(json_err)?;
+                if !crate::breakage::is(crate::breakage::Breakage::AckWithoutCommit) {
+                    self.node.write(vec![op], WRITE_TIMEOUT).await.map_err(json_err)?;
+                }
                 Ok(
                     json!({ "name": name, "message": format!("{name} modified: the new XML is used at its next start (herd vm restart {name})") }),
                 )

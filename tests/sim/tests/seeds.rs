@@ -24,6 +24,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "fence-on-own-view" => Some(Breakage::FenceOnOwnView),
         "stale-reads" => Some(Breakage::StaleReads),
         "no-starts" => Some(Breakage::NoStarts),
+        "ack-without-commit" => Some(Breakage::AckWithoutCommit),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
     }
 }
@@ -173,6 +174,12 @@ fn broken_fence_view_is_caught() {
 #[test]
 fn broken_reads_are_caught() {
     caught("stale-reads", "linearizable");
+}
+
+#[test]
+fn broken_acks_are_caught() {
+    // A lost acknowledged write: the final reads cannot be linearized after it.
+    caught("ack-without-commit", "linearizable");
 }
 
 #[test]
