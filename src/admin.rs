@@ -3,6 +3,11 @@
 //!
 //! Bounds: a request line is at most [`MAX_LINE`] bytes; a connection idle for the configured
 //! `limits.admin_idle_timeout_ms` is closed; at most [`MAX_CONNECTIONS`] are served at once.
+//!
+//! Access: file modes are not trusted alone. Each connection's peer credentials (SO_PEERCRED)
+//! decide what it may do: root and the daemon's own user everything; members of
+//! `admin_socket_group` (primary or supplementary group) what `admin_group_access` allows
+//! (`read` by default: requests that change nothing); anyone else is refused.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -17,6 +22,77 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::daemon::Daemon;
+
+/// What members of the admin group may do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAccess {
+    /// Requests that change nothing.
+    #[default]
+    Read,
+    Full,
+}
+
+/// What one peer may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    None,
+    Read,
+    Full,
+}
+
+/// Who may do what on the admin socket.
+#[derive(Clone, Debug)]
+pub struct AccessPolicy {
+    /// The daemon's own (effective) user.
+    pub owner_uid: u32,
+    /// The admin group and what its members may do.
+    pub group: Option<(u32, GroupAccess)>,
+}
+
+impl AccessPolicy {
+    /// The policy for this process and `group` (by name) with `access`.
+    pub fn new(group: Option<&str>, access: Option<GroupAccess>) -> Result<AccessPolicy, String> {
+        let group = match group {
+            None => None,
+            Some(name) => {
+                let gid = nix::unistd::Group::from_name(name)
+                    .map_err(|e| format!("admin_socket_group {name:?}: {e}"))?
+                    .ok_or_else(|| format!("admin_socket_group: no group named {name:?}"))?
+                    .gid
+                    .as_raw();
+                Some((gid, access.unwrap_or_default()))
+            }
+        };
+        Ok(AccessPolicy { owner_uid: nix::unistd::geteuid().as_raw(), group })
+    }
+
+    /// What a peer with user `uid`, primary group `gid` and supplementary `groups` may do.
+    pub fn access(&self, uid: u32, gid: u32, groups: &[u32]) -> Access {
+        if uid == 0 || uid == self.owner_uid {
+            return Access::Full;
+        }
+        match self.group {
+            Some((g, a)) if gid == g || groups.contains(&g) => match a {
+                GroupAccess::Read => Access::Read,
+                GroupAccess::Full => Access::Full,
+            },
+            _ => Access::None,
+        }
+    }
+}
+
+/// The supplementary groups of process `pid` (from /proc; empty if it cannot be read — the
+/// peer then gets what its user and primary group allow).
+fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
+    let Some(pid) = pid.filter(|p| *p > 0) else { return Vec::new() };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).take(1024).collect())
+        .unwrap_or_default()
+}
 
 pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 64;
@@ -134,6 +210,23 @@ pub enum AdminRequest {
     },
 }
 
+impl AdminRequest {
+    /// Whether this request changes nothing (allowed with read-only access).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            AdminRequest::Status {}
+                | AdminRequest::NodeList {}
+                | AdminRequest::NodeInfo { .. }
+                | AdminRequest::ClusterInfo { .. }
+                | AdminRequest::VmList {}
+                | AdminRequest::VmInfo { .. }
+                | AdminRequest::Heartbeat {}
+                | AdminRequest::Events { .. }
+        )
+    }
+}
+
 /// A response on the admin socket.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AdminResponse {
@@ -194,10 +287,17 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError>
 }
 
 /// Serves the admin socket until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    policy: AccessPolicy,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Refusals are logged at most every 10 s, with a count.
     let (mut refused, mut last_warning) = (0u64, None);
+    let (mut refused_peers, mut last_peer_warning) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -212,6 +312,21 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, 
                 continue;
             }
         };
+        let access = match stream.peer_cred() {
+            Ok(c) => policy.access(c.uid(), c.gid(), &supplementary_groups(c.pid())),
+            Err(_) => Access::None,
+        };
+        if access == Access::None {
+            refused_peers += 1;
+            if last_peer_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
+                let who = stream.peer_cred().map(|c| format!("uid {} gid {}", c.uid(), c.gid())).unwrap_or_default();
+                tracing::warn!(refused = refused_peers, peer = %who, "admin socket: refused a peer that is neither root, the daemon's user nor in admin_socket_group");
+                last_peer_warning = Some(tokio::time::Instant::now());
+                refused_peers = 0;
+            }
+            let _ = stream.try_write(b"{\"ok\":false,\"error\":\"permission denied: not root, not the daemon's user, not in admin_socket_group\"}\n");
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             refused += 1;
             if last_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
@@ -225,13 +340,13 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, idle: Duration, 
         };
         let daemon = daemon.clone();
         herd_storage::types::spawn(async move {
-            connection(stream, &daemon, idle).await;
+            connection(stream, &daemon, access, idle).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(stream: UnixStream, daemon: &Daemon, idle: Duration) {
+async fn connection(stream: UnixStream, daemon: &Daemon, access: Access, idle: Duration) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -249,6 +364,11 @@ async fn connection(stream: UnixStream, daemon: &Daemon, idle: Duration) {
             AdminResponse::from_result(Err(format!("request line longer than {MAX_LINE} bytes")))
         } else {
             match serde_json::from_slice::<AdminRequest>(&line) {
+                Ok(req) if access < Access::Full && !req.is_read_only() => AdminResponse::from_result(Err(
+                    "permission denied: this request changes the cluster; your group has read access \
+                     (admin_group_access = \"read\")"
+                        .into(),
+                )),
                 Ok(req) => AdminResponse::from_result(daemon.handle(req).await),
                 Err(e) => AdminResponse::from_result(Err(format!("bad request: {e}"))),
             }
@@ -260,6 +380,47 @@ async fn connection(stream: UnixStream, daemon: &Daemon, idle: Duration) {
         out.push(b'\n');
         if write.write_all(&out).await.is_err() || too_long {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_by_user_and_groups() {
+        let open = AccessPolicy { owner_uid: 0, group: None };
+        assert_eq!(open.access(0, 0, &[]), Access::Full);
+        assert_eq!(open.access(1000, 1000, &[]), Access::None, "no group: root only");
+        let read = AccessPolicy { owner_uid: 0, group: Some((990, GroupAccess::Read)) };
+        assert_eq!(read.access(1000, 990, &[]), Access::Read, "primary group");
+        assert_eq!(read.access(1000, 1000, &[4, 990]), Access::Read, "supplementary group");
+        assert_eq!(read.access(1000, 1000, &[4]), Access::None);
+        let full = AccessPolicy { owner_uid: 500, group: Some((990, GroupAccess::Full)) };
+        assert_eq!(full.access(1000, 990, &[]), Access::Full);
+        assert_eq!(full.access(500, 500, &[]), Access::Full, "the daemon's own user");
+    }
+
+    #[test]
+    fn read_only_requests_change_nothing() {
+        let parse = |s: &str| serde_json::from_str::<AdminRequest>(s).expect("request");
+        for r in [
+            r#"{"op":"status"}"#,
+            r#"{"op":"vm-info","name":"web"}"#,
+            r#"{"op":"events"}"#,
+            r#"{"op":"heartbeat"}"#,
+            r#"{"op":"node-list"}"#,
+        ] {
+            assert!(parse(r).is_read_only(), "{r}");
+        }
+        for r in [
+            r#"{"op":"init-cluster"}"#,
+            r#"{"op":"vm-state","name":"web","state":"stop"}"#,
+            r#"{"op":"node-fence","name":"h1","yes":true}"#,
+            r#"{"op":"maintenance","on":true}"#,
+        ] {
+            assert!(!parse(r).is_read_only(), "{r}");
         }
     }
 }

@@ -59,6 +59,10 @@ pub struct Config {
     /// Group that may use the admin socket (mode 0660); unset: root only (0600).
     #[serde(default)]
     pub admin_socket_group: Option<String>,
+    /// What members of `admin_socket_group` may do: `read` (default: status, lists, info,
+    /// events, heartbeat) or `full`. Root and the daemon's own user always have full access.
+    #[serde(default)]
+    pub admin_group_access: Option<crate::admin::GroupAccess>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -642,6 +646,9 @@ impl Config {
         if !(1_000..=3_600_000).contains(&fe.retry_after_ms) {
             return err("fence.retry_after_ms", "must be between 1000 and 3600000".into());
         }
+        if self.admin_group_access.is_some() && self.admin_socket_group.is_none() {
+            return err("admin_group_access", "needs admin_socket_group (the group it applies to)".into());
+        }
         if let Some(g) = &self.admin_socket_group {
             if g.is_empty() || g.len() > 64 || !g.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
                 return err("admin_socket_group", format!("{g:?} is not a group name"));
@@ -691,6 +698,16 @@ admin_socket = "/tmp/x/admin.sock"
 [cluster]
 listen = "127.0.0.11:7400"
 "#;
+
+    #[test]
+    fn admin_group_access_needs_a_group() {
+        let top = |extra: &str| GOOD.replacen("name = \"hv1\"", &format!("name = \"hv1\"\n{extra}"), 1);
+        let c = Config::parse(&top("admin_group_access = \"full\"")).expect("parses");
+        assert_eq!(c.validate().expect_err("refused").0, "admin_group_access");
+        let c = Config::parse(&top("admin_socket_group = \"herd\"\nadmin_group_access = \"full\"")).expect("parses");
+        assert!(c.validate().is_ok());
+        assert!(Config::parse(&top("admin_socket_group = \"herd\"\nadmin_group_access = \"root\"")).is_err());
+    }
 
     #[test]
     fn fencing_section_password_file_and_self_fence_rules() {

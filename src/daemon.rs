@@ -1113,6 +1113,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let listen = config.listen_addr().map_err(StartError::Config)?;
     let env = Env::production(&config).await?;
     let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
+    let access = admin::AccessPolicy::new(config.admin_socket_group.as_deref(), config.admin_group_access)
+        .map_err(StartError::Config)?;
     let metrics_addr = config.metrics.addr().map_err(StartError::Config)?;
     let running = start(config.clone(), env).await?;
     let daemon = running.daemon.clone();
@@ -1120,6 +1122,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let admin_server = herd_storage::types::spawn(admin::serve(
         admin_listener,
         daemon.clone(),
+        access,
         Duration::from_millis(config.limits.admin_idle_timeout_ms),
         running.shutdown_signal(),
     ));

@@ -13,6 +13,7 @@ mod libvirtd;
 mod netns;
 mod t10_config;
 mod t15_service;
+mod t17_admin_access;
 mod t20_robustness;
 mod t50_cluster;
 mod t60_heartbeat;

@@ -433,4 +433,30 @@ fn fencing_and_recovery_in_namespaces() {
         panic!("a VM ran on two nodes at once: {:?}{logs}", &d[..d.len().min(2)]);
     }
     eprintln!("no VM on two nodes in {n} samples");
+
+    // Secrets hygiene: after fences, a failed fence, a frozen BMC and a self-fence, no BMC
+    // password appears in any daemon's log, in `status`/`node info`/`events` as JSON or text,
+    // or in the CLI's errors.
+    let mut seen = String::new();
+    for name in NAMES {
+        let node = c.node(name);
+        seen.push_str(&std::fs::read_to_string(node.log_path()).unwrap_or_default());
+        for args in [
+            &["status", "--json"][..],
+            &["status"][..],
+            &["events", "--json"][..],
+            &["events"][..],
+            &["node", "info", "h1", "--json"][..],
+            &["node", "fence", "no-such-node", "--yes"][..],
+        ] {
+            let out = node.cli(args);
+            seen.push_str(&String::from_utf8_lossy(&out.stdout));
+            seen.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    assert!(seen.len() > 10_000, "the secrets check read logs and outputs ({} bytes)", seen.len());
+    for b in &bmcs {
+        assert!(!seen.contains(&b.password), "a BMC password appears in a log or an output");
+    }
+    eprintln!("no BMC password in {} bytes of logs, JSON, tables and errors", seen.len());
 }
