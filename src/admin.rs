@@ -203,6 +203,20 @@ pub enum AdminRequest {
     },
     /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
     Heartbeat {},
+    /// Make a join token: valid `ttl_ms` (default: until revoked), for `uses` joins (default:
+    /// any number). The token is in the answer, once; the cluster keeps only its hash.
+    TokenCreate {
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        uses: Option<u32>,
+    },
+    /// The join tokens (ids = hash prefixes, lifetimes, uses left); a linearizable read.
+    TokenList {},
+    /// Revoke the join token `id` (a hash prefix from `token-list`, at least 8 hex digits).
+    TokenRevoke {
+        id: String,
+    },
     /// The newest entries of the replicated event log (local read).
     Events {
         #[serde(default)]
@@ -223,6 +237,7 @@ impl AdminRequest {
                 | AdminRequest::VmInfo { .. }
                 | AdminRequest::Heartbeat {}
                 | AdminRequest::Events { .. }
+                | AdminRequest::TokenList {}
         )
     }
 }

@@ -61,6 +61,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Join tokens: make one (printed once), list them, revoke one.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Heartbeat: per coordinator and network, each host's state; peer views; MNFA; verdicts.
     Heartbeat,
     /// The cluster's event log (newest last).
@@ -212,6 +215,29 @@ pub enum VmCommand {
         #[arg(long)]
         to: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a join token and print it (once: the cluster keeps only its hash).
+    Create {
+        /// Lifetime, e.g. 30m, 2h, 7d (default: until revoked).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// How many joins it admits (default: any number).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        uses: Option<u32>,
+    },
+    /// The join tokens: id (hash prefix), created, expires, uses left.
+    List,
+    /// Revoke a join token by its id (at least 8 hex digits).
+    Revoke { id: String },
+}
+
+/// A token lifetime (`30m`, `2h`, `7d`, `1h 30m`) in milliseconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 2h, 7d)"))?;
+    u64::try_from(d.as_millis()).map_err(|_| format!("{s:?} is too long"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -514,6 +540,35 @@ pub fn render(command: &Command, v: &Value) -> String {
             table(&["index", "time (UTC)", "kind", "node", "message"], &rows)
         }
         Command::Cluster(ClusterCommand::Maintenance { state }) => format!("maintenance {state}"),
+        Command::Token(TokenCommand::Create { .. }) => format!(
+            "join token (shown once; the cluster keeps only its hash):\n{}\nid {}  expires {}  uses {}",
+            s(&v["token"]),
+            s(&v["id"]),
+            v["ttl_ms"]
+                .as_u64()
+                .map_or("never".into(), |t| format!("in {}", humantime::format_duration(Duration::from_millis(t)))),
+            v["uses"].as_u64().map_or("unlimited".into(), |u| u.to_string()),
+        ),
+        Command::Token(TokenCommand::List) => {
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|t| {
+                            vec![
+                                s(&t["id"]),
+                                event_time(&t["created_ms"]),
+                                if t["expires_ms"].is_null() { "never".into() } else { event_time(&t["expires_ms"]) },
+                                if t["uses_left"].is_null() { "unlimited".into() } else { s(&t["uses_left"]) },
+                                if t["usable"].as_bool() == Some(true) { "usable".into() } else { "spent".into() },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["id", "created (UTC)", "expires (UTC)", "uses left", "state"], &rows)
+        }
+        Command::Token(TokenCommand::Revoke { id }) => format!("join token {id} revoked"),
         Command::Cluster(ClusterCommand::Info { .. }) => format!(
             "cluster {}  nodes {}  maintenance {}  applied {}",
             s(&v["cluster_id"]),

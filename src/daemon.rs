@@ -240,6 +240,36 @@ impl Daemon {
                 self.node.write(vec![define.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
                 Ok(json!({ "name": name, "node": target, "message": format!("{name} defined on {target}") }))
             }
+            AdminRequest::TokenCreate { ttl_ms, uses } => {
+                let token = herd_raft::node::new_join_token();
+                let hash = herd_raft::node::token_hash(&token);
+                let cmd = Command::CreateJoinToken { token_hash: hash.clone(), ttl_ms, uses };
+                self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                let id: String = hash.chars().take(12).collect();
+                Ok(json!({ "token": token, "id": id, "ttl_ms": ttl_ms, "uses": uses }))
+            }
+            AdminRequest::TokenList {} => {
+                self.read_index(false).await?;
+                let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
+                let g = member.view.read();
+                let meta = g.state.meta.as_ref().ok_or_else(|| "the cluster is not initialised".to_string())?;
+                let now = g.state.clock_ms;
+                let first = meta.join_token_hashes.iter().map(|h| {
+                    json!({ "id": h.chars().take(12).collect::<String>(), "first": true, "created_ms": meta.created_ms,
+                            "expires_ms": null, "uses_left": null, "usable": true })
+                });
+                let made = meta.join_tokens.iter().map(|(h, t)| {
+                    let usable = t.expires_ms.is_none_or(|e| now < e) && t.uses_left != Some(0);
+                    json!({ "id": h.chars().take(12).collect::<String>(), "first": false, "created_ms": t.created_ms,
+                            "expires_ms": t.expires_ms, "uses_left": t.uses_left, "usable": usable })
+                });
+                Ok(Value::Array(first.chain(made).collect()))
+            }
+            AdminRequest::TokenRevoke { id } => {
+                let cmd = Command::RevokeJoinToken { id: id.clone() };
+                self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                Ok(json!({ "id": id, "message": format!("join token {id} revoked") }))
+            }
             AdminRequest::VmList {} => {
                 let member = self.node.member().ok_or_else(|| NodeError::NotMember.to_string())?;
                 let g = member.view.read();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use herd::admin::AdminRequest;
-use herd::cli::{self, ClusterCommand, Command, NodeCommand, VmCommand};
+use herd::cli::{self, ClusterCommand, Command, NodeCommand, TokenCommand, VmCommand};
 use herd::{config, daemon};
 
 fn main() -> ExitCode {
@@ -233,6 +233,13 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
         }
         Command::Cluster(ClusterCommand::Maintenance { state }) => {
             (AdminRequest::Maintenance { on: state == "on" }, Duration::from_secs(20))
+        }
+        Command::Token(TokenCommand::Create { ttl, uses }) => {
+            (AdminRequest::TokenCreate { ttl_ms: *ttl, uses: *uses }, Duration::from_secs(20))
+        }
+        Command::Token(TokenCommand::List) => (AdminRequest::TokenList {}, Duration::from_secs(10)),
+        Command::Token(TokenCommand::Revoke { id }) => {
+            (AdminRequest::TokenRevoke { id: id.clone() }, Duration::from_secs(20))
         }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -143,6 +143,11 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// A fresh join token (`herd-` and 48 hex digits); the cluster keeps only its hash.
+pub fn new_join_token() -> String {
+    format!("herd-{}", random_hex(24))
+}
+
 /// A fresh request id for a write.
 pub fn request_id() -> String {
     random_hex(16)
@@ -345,7 +350,7 @@ where
         }
         self.ensure_fresh(false)?;
         let cluster_id = random_hex(8);
-        let token = format!("herd-{}", random_hex(24));
+        let token = new_join_token();
         let identity = Identity {
             node_id: 1,
             cluster_id: cluster_id.clone(),
@@ -669,7 +674,10 @@ where
         let record = {
             let g = member.view.read();
             let meta = g.state.meta.as_ref().ok_or_else(|| RpcError::Refused("cluster not initialised".into()))?;
-            if !meta.join_token_hashes.contains(&token_hash(&a.token)) {
+            // The second phase of a join its first phase admitted: the token must still exist
+            // (not revoked), though that join may have used its last use up or outlived it.
+            let hash = token_hash(&a.token);
+            if !meta.join_token_hashes.contains(&hash) && !meta.join_tokens.contains_key(&hash) {
                 return Err(RpcError::BadToken);
             }
             g.state

@@ -16,6 +16,7 @@ mod t15_service;
 mod t17_admin_access;
 mod t20_robustness;
 mod t50_cluster;
+mod t55_tokens;
 mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;

@@ -163,6 +163,7 @@ fn apply_op(
                 created_ms: now,
                 maintenance: false,
                 join_token_hashes: BTreeSet::from([token_hash.clone()]),
+                join_tokens: Default::default(),
                 next_node_id: id + 1,
                 revision: index,
             });
@@ -183,14 +184,20 @@ fn apply_op(
         Command::RegisterNode { node, token_hash } => {
             check_revision(format!("node {}", node.name), node_revision(state, &node.name), op)?;
             let meta = state.meta.as_ref().ok_or(ApplyError::NotInitialized)?;
-            if !meta.join_token_hashes.contains(token_hash) {
+            let made = meta.join_tokens.get(token_hash);
+            let usable = meta.join_token_hashes.contains(token_hash)
+                || made.is_some_and(|t| t.expires_ms.is_none_or(|e| now < e) && t.uses_left != Some(0));
+            if !usable {
                 return Err(ApplyError::BadToken);
             }
-            validate_new_node(state, node)?;
             let id = meta.next_node_id;
+            validate_new_node(state, node)?;
             if let Some(meta) = state.meta.as_mut() {
                 meta.next_node_id = id + 1;
                 meta.revision = index;
+                if let Some(t) = meta.join_tokens.get_mut(token_hash) {
+                    t.uses_left = t.uses_left.map(|u| u.saturating_sub(1));
+                }
             }
             state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
             changed.insert(ObjectKey::Meta);
@@ -205,6 +212,70 @@ fn apply_op(
                 changed,
             );
             Ok(Reply::NodeRegistered { id })
+        }
+        Command::CreateJoinToken { token_hash, ttl_ms, uses } => {
+            let meta = state.meta.as_mut().ok_or(ApplyError::NotInitialized)?;
+            if token_hash.len() != 64 || !token_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApplyError::Invalid("a token hash is 64 hex digits".into()));
+            }
+            if ttl_ms.is_some_and(|t| !(1_000..=366 * 86_400_000).contains(&t)) {
+                return Err(ApplyError::Invalid("a token's lifetime is between 1 s and 366 days".into()));
+            }
+            if uses.is_some_and(|u| !(1..=10_000).contains(&u)) {
+                return Err(ApplyError::Invalid("a token admits between 1 and 10000 joins".into()));
+            }
+            // Tokens that can admit no one any more are forgotten an hour later (a join that
+            // passed its first phase just before still finishes).
+            meta.join_tokens.retain(|_, t| {
+                let dead_since = match (t.expires_ms, t.uses_left) {
+                    (Some(e), _) if e <= now => Some(e),
+                    (_, Some(0)) => Some(t.created_ms),
+                    _ => None,
+                };
+                dead_since.is_none_or(|d| now.saturating_sub(d) < 3_600_000)
+            });
+            if meta.join_tokens.len() >= MAX_JOIN_TOKENS {
+                return Err(ApplyError::Invalid(format!(
+                    "{MAX_JOIN_TOKENS} join tokens exist: revoke some (`herd token list`, `herd token revoke ID`)"
+                )));
+            }
+            if meta.join_tokens.contains_key(token_hash) || meta.join_token_hashes.contains(token_hash) {
+                return Err(ApplyError::Invalid("that token exists already".into()));
+            }
+            meta.join_tokens.insert(
+                token_hash.clone(),
+                JoinToken { created_ms: now, expires_ms: ttl_ms.map(|t| now.saturating_add(t)), uses_left: *uses },
+            );
+            meta.revision = index;
+            changed.insert(ObjectKey::Meta);
+            let id: String = token_hash.chars().take(12).collect();
+            push_event(state, index, now, "token-create", None, format!("join token {id} created"), changed);
+            Ok(Reply::Done)
+        }
+        Command::RevokeJoinToken { id } => {
+            let meta = state.meta.as_mut().ok_or(ApplyError::NotInitialized)?;
+            if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApplyError::Invalid("a token id is at least 8 hex digits (`herd token list`)".into()));
+            }
+            let id = id.to_ascii_lowercase();
+            let matching: Vec<String> = meta
+                .join_token_hashes
+                .iter()
+                .chain(meta.join_tokens.keys())
+                .filter(|h| h.starts_with(&id))
+                .cloned()
+                .collect();
+            let hash = match matching.as_slice() {
+                [one] => one.clone(),
+                [] => return Err(ApplyError::Invalid(format!("no join token {id}"))),
+                _ => return Err(ApplyError::Invalid(format!("{id} names more than one token: give more digits"))),
+            };
+            meta.join_token_hashes.remove(&hash);
+            meta.join_tokens.remove(&hash);
+            meta.revision = index;
+            changed.insert(ObjectKey::Meta);
+            push_event(state, index, now, "token-revoke", None, format!("join token {id} revoked"), changed);
+            Ok(Reply::Done)
         }
         Command::RemoveNode { name } => {
             let node = state.nodes.get(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;

@@ -999,3 +999,49 @@ fn a_takeover_naming_another_id_is_refused() {
     assert_eq!(out.response.result, Err(ApplyError::NoSuchNode("a".into())));
     assert_eq!(s.nodes, before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Join tokens made by `herd token create`
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn made_tokens_expire_run_out_and_can_be_revoked() {
+    let h = |c: char| c.to_string().repeat(64);
+    let (mut s, mut index) = build(&[init().into()]);
+    let mut at = |s: &mut State, time_ms: u64, cmd: Command| {
+        index += 1;
+        apply(s, index, &request(&format!("t{index}"), time_ms, vec![cmd.into()])).response.result
+    };
+    let create = |hash: String, ttl_ms: Option<u64>, uses: Option<u32>| Command::CreateJoinToken {
+        token_hash: hash,
+        ttl_ms,
+        uses,
+    };
+    // Bad shapes are refused.
+    assert!(matches!(at(&mut s, 2_000, create("abc".into(), None, None)), Err(ApplyError::Invalid(_))));
+    assert!(matches!(at(&mut s, 2_000, create(h('a'), Some(10), None)), Err(ApplyError::Invalid(_))));
+    assert!(matches!(at(&mut s, 2_000, create(h('a'), None, Some(0))), Err(ApplyError::Invalid(_))));
+    // One use: the first join passes, the second is refused.
+    assert_eq!(at(&mut s, 2_000, create(h('a'), None, Some(1))), Ok(Reply::Done));
+    assert!(matches!(at(&mut s, 3_000, register_with("h1", "h1:7000", &h('a'))), Ok(Reply::NodeRegistered { .. })));
+    assert_eq!(at(&mut s, 3_500, register_with("h2", "h2:7000", &h('a'))), Err(ApplyError::BadToken));
+    // A lifetime: valid before, refused from its end on (the leader's clock).
+    assert_eq!(at(&mut s, 4_000, create(h('b'), Some(10_000), None)), Ok(Reply::Done));
+    assert!(matches!(at(&mut s, 13_999, register_with("h2", "h2:7000", &h('b'))), Ok(Reply::NodeRegistered { .. })));
+    assert_eq!(at(&mut s, 14_000, register_with("h3", "h3:7000", &h('b'))), Err(ApplyError::BadToken));
+    // Revoked by a unique prefix; the first token can be revoked too.
+    assert_eq!(at(&mut s, 15_000, create(h('c'), None, None)), Ok(Reply::Done));
+    assert!(matches!(at(&mut s, 15_000, Command::RevokeJoinToken { id: "ccc".into() }), Err(ApplyError::Invalid(_))));
+    assert_eq!(at(&mut s, 15_000, Command::RevokeJoinToken { id: "cccccccc".into() }), Ok(Reply::Done));
+    assert_eq!(at(&mut s, 16_000, register_with("h3", "h3:7000", &h('c'))), Err(ApplyError::BadToken));
+    assert!(matches!(at(&mut s, 16_000, register_with("h3", "h3:7000", GOOD)), Ok(Reply::NodeRegistered { .. })));
+    let good_id: String = GOOD.chars().take(8).collect();
+    // "good" is too short to be an id: only hex prefixes of 8+ digits name a token.
+    assert!(matches!(at(&mut s, 17_000, Command::RevokeJoinToken { id: good_id }), Err(ApplyError::Invalid(_))));
+    assert!(meta(&s).join_tokens.get(&h('a')).is_some_and(|t| t.uses_left == Some(0)));
+    // Dead tokens are forgotten an hour after they died, when the next one is made.
+    assert_eq!(at(&mut s, 3_700_000, create(h('d'), None, None)), Ok(Reply::Done));
+    let left: Vec<&String> = meta(&s).join_tokens.keys().collect();
+    assert_eq!(left, vec![&h('d')], "a (used up at 2 s) and b (expired at 14 s) are gone");
+    s.check_invariants().expect("invariants");
+}

@@ -532,6 +532,7 @@ mod tests {
                 created_ms: 0,
                 maintenance: false,
                 join_token_hashes: Default::default(),
+                join_tokens: Default::default(),
                 next_node_id: 10,
                 revision: 1,
             }),

@@ -316,12 +316,31 @@ pub struct ClusterMeta {
     pub created_ms: u64,
     /// While on: no automatic fencing and no recovery (`DecideFence` refuses all but manual ones).
     pub maintenance: bool,
-    /// SHA-256 (hex) of the join tokens; the tokens themselves are never stored.
+    /// SHA-256 (hex) of the cluster's first join token (unlimited until revoked); the tokens
+    /// themselves are never stored.
     pub join_token_hashes: BTreeSet<String>,
+    /// Tokens made by `herd token create`, by SHA-256 (hex): expiry and uses left.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
     /// The next Raft node id to hand out. Ids are never reused.
     pub next_node_id: NodeId,
     pub revision: u64,
 }
+
+/// A join token made by `herd token create`; only its hash is kept (the map's key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub created_ms: u64,
+    /// Leader time from which it is refused (None: never expires).
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Joins it may still admit (None: unlimited).
+    #[serde(default)]
+    pub uses_left: Option<u32>,
+}
+
+/// At most this many tokens made by `herd token create` exist at once.
+pub const MAX_JOIN_TOKENS: usize = 64;
 
 /// One line of the bounded cluster event log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +486,18 @@ pub enum Command {
     RegisterNode {
         node: NewNode,
         token_hash: String,
+    },
+    /// A new join token (`herd token create`): valid for `ttl_ms` from now, for `uses` joins.
+    CreateJoinToken {
+        token_hash: String,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        uses: Option<u32>,
+    },
+    /// Revoke the join token whose hash starts with `id` (at least 8 hex digits, unique).
+    RevokeJoinToken {
+        id: String,
     },
     /// Forget a node (after it left the Raft membership).
     RemoveNode {
@@ -624,6 +655,8 @@ impl Command {
             Command::InitCluster { .. } => "init-cluster",
             Command::RegisterNode { .. } => "register-node",
             Command::RemoveNode { .. } => "remove-node",
+            Command::CreateJoinToken { .. } => "create-join-token",
+            Command::RevokeJoinToken { .. } => "revoke-join-token",
             Command::Keepalive { .. } => "keepalive",
             Command::SetDaemonState { .. } => "set-daemon-state",
             Command::SetMaintenance { .. } => "set-maintenance",
@@ -671,7 +704,7 @@ pub enum ApplyError {
     AlreadyInitialized,
     #[error("the cluster is not initialised")]
     NotInitialized,
-    #[error("join token refused")]
+    #[error("join token refused (unknown, expired, used up or revoked)")]
     BadToken,
     #[error("invalid request: {0}")]
     Invalid(String),
