@@ -339,8 +339,6 @@ pub async fn serve(
                 last_peer_warning = Some(tokio::time::Instant::now());
                 refused_peers = 0;
             }
-            let _ = stream.try_write(b"{\"ok\":false,\"error\":\"permission denied: not root, not the daemon's user, not in admin_socket_group\"}\n");
-            continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             refused += 1;
@@ -362,6 +360,8 @@ pub async fn serve(
 }
 
 async fn connection(stream: UnixStream, daemon: &Daemon, access: Access, idle: Duration) {
+    // A refused peer gets one answer, soon.
+    let idle = if access == Access::None { idle.min(Duration::from_secs(2)) } else { idle };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -372,6 +372,13 @@ async fn connection(stream: UnixStream, daemon: &Daemon, access: Access, idle: D
             Ok(Err(_)) | Err(_) => return,
         };
         if n == 0 {
+            return;
+        }
+        if access == Access::None {
+            // Answer the first request (the client reads why, not a broken pipe), then close.
+            let mut out = br#"{"ok":false,"error":"permission denied: not root, not the daemon's user, not in admin_socket_group"}"#.to_vec();
+            out.push(b'\n');
+            let _ = write.write_all(&out).await;
             return;
         }
         let too_long = line.len() > MAX_LINE || (line.last() != Some(&b'\n') && line.len() == MAX_LINE + 1);
