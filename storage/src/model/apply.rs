@@ -224,8 +224,9 @@ fn apply_op(
             if uses.is_some_and(|u| !(1..=10_000).contains(&u)) {
                 return Err(ApplyError::Invalid("a token admits between 1 and 10000 joins".into()));
             }
-            // Tokens that can admit no one any more are forgotten an hour later (a join that
-            // passed its first phase just before still finishes).
+            // Tokens that can admit no one any more are forgotten an hour after they expired
+            // (used up: an hour after they were made), so that a join that passed its first
+            // phase just before still finishes its second.
             meta.join_tokens.retain(|_, t| {
                 let dead_since = match (t.expires_ms, t.uses_left) {
                     (Some(e), _) if e <= now => Some(e),
