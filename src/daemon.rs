@@ -616,6 +616,7 @@ impl Daemon {
     async fn follow_targets(self: Arc<Self>, member: Arc<herd_raft::Member>) {
         let mut applied = member.view.subscribe();
         let mut current: Vec<Target> = Vec::new();
+        let mut current_sources = std::collections::BTreeSet::new();
         loop {
             let targets: Vec<Target> = {
                 let g = member.view.read();
@@ -636,6 +637,25 @@ impl Daemon {
             if targets != current {
                 self.agent.set_targets(targets.clone());
                 current = targets;
+            }
+            // Fenced coordinators are not watched, but their views still count: one that runs
+            // again sees the network as well as any other (found by the simulation, seed 2144:
+            // a fenced-and-rebooted coordinator still heard a host the others had lost, and
+            // that host was fenced without its view).
+            let sources: std::collections::BTreeSet<herd_storage::model::NodeId> = {
+                let g = member.view.read();
+                g.state
+                    .nodes
+                    .values()
+                    .filter(|n| {
+                        n.daemon_state == DaemonState::Fenced && n.role == herd_storage::model::Role::Coordinator
+                    })
+                    .map(|n| n.id)
+                    .collect()
+            };
+            if sources != current_sources {
+                self.agent.set_view_sources(sources.clone());
+                current_sources = sources;
             }
             if applied.changed().await.is_err() || self.node.is_removed() {
                 return;

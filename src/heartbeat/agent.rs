@@ -151,6 +151,9 @@ struct Inner {
     view: Option<OwnView>,
     cache: ViewCache,
     targets: BTreeMap<NodeId, Target>,
+    /// Coordinators that are not watched (fenced, awaiting `node ready`) but whose views still
+    /// count: running again, they see the network as well as any other coordinator.
+    view_sources: BTreeSet<NodeId>,
     counters: Counters,
     /// When the current period's pulses went out.
     period_started: Option<Instant>,
@@ -212,6 +215,7 @@ impl Agent {
                 view: None,
                 cache: ViewCache::new(None),
                 targets: BTreeMap::new(),
+                view_sources: BTreeSet::new(),
                 counters: Counters::default(),
                 period_started: None,
             }),
@@ -245,7 +249,8 @@ impl Agent {
         g.me = Some((node_id, cluster_id.to_string()));
         g.cache.set_me(node_id);
         if self.role == Role::Coordinator && g.view.as_ref().is_none_or(|v| v.me() != node_id) {
-            g.view = Some(OwnView::new(node_id, self.params.clone()));
+            let first = herd_raft::clock::wall_ms() / self.params.interval_ms.max(1);
+            g.view = Some(OwnView::new(node_id, self.params.clone()).starting_at(first));
         }
         let targets = g.targets.clone();
         drop(g);
@@ -264,6 +269,11 @@ impl Agent {
             v.set_targets(&pairs, now);
         }
         g.targets = targets.into_iter().map(|t| (t.id, t)).collect();
+    }
+
+    /// Sets the coordinators whose views count although they are not watched (fenced ones).
+    pub fn set_view_sources(&self, ids: BTreeSet<NodeId>) {
+        self.lock().view_sources = ids;
     }
 
     /// Starts the receive loops (every node) and the pulse loop (coordinators).
@@ -348,15 +358,18 @@ impl Agent {
                     }
                     // Only coordinators of this cluster's records pulse: anything else is not
                     // answered (no reflection) and never enters the view cache.
-                    if g.targets.get(&from).is_none_or(|t| t.role != Role::Coordinator) {
+                    let coordinator = g.targets.get(&from).is_some_and(|t| t.role == Role::Coordinator)
+                        || g.view_sources.contains(&from);
+                    if !coordinator {
                         g.counters.foreign += 1;
                         return None;
                     }
                     g.counters.pulses_received += 1;
-                    if let Some(v) = g.view.as_mut() {
+                    let watched = g.targets.contains_key(&from);
+                    if let (Some(v), true) = (g.view.as_mut(), watched) {
                         events.extend(v.on_pulse(from, net, now));
                     }
-                    g.cache.store(summary, 0, now);
+                    g.cache.store(summary, 0, now, self.params.history_ms);
                     let relayed = g.cache.pick_for(from, seq, self.params.history_ms, now);
                     let answer = Datagram {
                         magic: MAGIC,
@@ -380,8 +393,10 @@ impl Agent {
                         events.extend(v.on_answer(from, net, seq, now));
                     }
                     if let Some(r) = relayed {
-                        if g.targets.get(&r.summary.coordinator).is_some_and(|t| t.role == Role::Coordinator) {
-                            g.cache.store(r.summary, r.age_ms, now);
+                        let c = r.summary.coordinator;
+                        if g.targets.get(&c).is_some_and(|t| t.role == Role::Coordinator) || g.view_sources.contains(&c)
+                        {
+                            g.cache.store(r.summary, r.age_ms, now, self.params.history_ms);
                         }
                     }
                     None

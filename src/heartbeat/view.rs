@@ -86,6 +86,16 @@ impl OwnView {
         }
     }
 
+    /// Starts counting periods at `seq` instead of 0. The agent starts from its wall clock in
+    /// periods, so that a coordinator's counter keeps growing across restarts: its peers order
+    /// its summaries by it (`ViewCache::store`), and a summary from before a restart, delivered
+    /// late, must not pass for newer than the first ones after it. Only this node's own clock
+    /// is involved: peers compare its counters with each other, never with their own.
+    pub fn starting_at(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self
+    }
+
     pub fn me(&self) -> NodeId {
         self.me
     }

@@ -44,6 +44,8 @@ fn one_seed() {
     if std::env::var_os("HERD_SIM_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("HERD_SIM_LOG"))
+            .with_timer(SimTime)
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .try_init();
     }
@@ -65,6 +67,15 @@ fn one_seed() {
     );
     for v in &out.violations {
         println!("VIOLATION {v}");
+    }
+}
+
+/// Log lines stamped with simulated time (as the trace is), not the wall clock.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>8.3}", herd_sim::world::now().as_secs_f64())
     }
 }
 
