@@ -328,7 +328,13 @@ pub async fn serve(
             }
         };
         let access = match stream.peer_cred() {
-            Ok(c) => policy.access(c.uid(), c.gid(), &supplementary_groups(c.pid())),
+            // Supplementary groups (a /proc read) only when user and primary group do not decide.
+            Ok(c) => match policy.access(c.uid(), c.gid(), &[]) {
+                Access::None if policy.group.is_some() => {
+                    policy.access(c.uid(), c.gid(), &supplementary_groups(c.pid()))
+                }
+                a => a,
+            },
             Err(_) => Access::None,
         };
         if access == Access::None {
