@@ -12,6 +12,8 @@ use super::{Domain, Hypervisor, HypervisorError};
 struct Inner {
     domains: BTreeMap<String, Domain>,
     next_id: u32,
+    /// The host is powered off: every call fails until it is powered on.
+    off: bool,
 }
 
 /// A node's hypervisor in memory; clones share it (so a "host" outlives its daemon).
@@ -34,13 +36,22 @@ impl MemoryHypervisor {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, if the host is powered on.
+    fn live(&self) -> Result<MutexGuard<'_, Inner>, HypervisorError> {
+        let g = self.lock();
+        if g.off {
+            return Err(HypervisorError::Unavailable("host powered off".into()));
+        }
+        Ok(g)
+    }
+
     fn with<T>(
         &self,
         name: &str,
         f: impl FnOnce(&mut Domain, &mut u32) -> Result<T, HypervisorError>,
     ) -> Result<T, HypervisorError> {
-        let mut g = self.lock();
-        let Inner { domains, next_id } = &mut *g;
+        let mut g = self.live()?;
+        let Inner { domains, next_id, .. } = &mut *g;
         let d = domains.get_mut(name).ok_or_else(|| HypervisorError::NoDomain(name.to_string()))?;
         f(d, next_id)
     }
@@ -50,19 +61,27 @@ impl MemoryHypervisor {
         self.lock().domains.values().cloned().collect()
     }
 
-    /// Every domain stops (the host lost power).
+    /// Every domain stops (the host lost power) and every call fails until [`Self::power_on`]
+    /// (a daemon that has not yet noticed the power loss cannot start anything).
     pub fn power_off(&self) {
-        for d in self.lock().domains.values_mut() {
+        let mut g = self.lock();
+        g.off = true;
+        for d in g.domains.values_mut() {
             d.state = ActualState::Shutoff;
             d.id = None;
         }
+    }
+
+    /// The host has power again (its domains stay off until started).
+    pub fn power_on(&self) {
+        self.lock().off = false;
     }
 }
 
 impl Hypervisor for MemoryHypervisor {
     fn list(&self) -> BoxFuture<'_, Result<Vec<Domain>, HypervisorError>> {
-        let out = self.lock().domains.values().cloned().collect();
-        Box::pin(async move { Ok(out) })
+        let out = self.live().map(|g| g.domains.values().cloned().collect());
+        Box::pin(async move { out })
     }
 
     fn define<'a>(&'a self, xml: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
@@ -71,7 +90,7 @@ impl Hypervisor for MemoryHypervisor {
                 |m: &str| HypervisorError::Refused { op: "define", name: String::new(), message: m.to_string() };
             let name = field(xml, "name").ok_or_else(|| refused("no <name>"))?.to_string();
             let uuid = field(xml, "uuid").ok_or_else(|| refused("no <uuid>"))?.to_string();
-            let mut g = self.lock();
+            let mut g = self.live()?;
             if g.domains.values().any(|d| d.uuid == uuid && d.name != name) {
                 return Err(refused("uuid already used by another domain"));
             }
@@ -119,10 +138,10 @@ impl Hypervisor for MemoryHypervisor {
     }
 
     fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
-        let r = match self.lock().domains.remove(name) {
+        let r = self.live().and_then(|mut g| match g.domains.remove(name) {
             Some(_) => Ok(()),
             None => Err(HypervisorError::NoDomain(name.to_string())),
-        };
+        });
         Box::pin(async move { r })
     }
 
@@ -162,6 +181,11 @@ mod tests {
         assert_eq!(h.list().await.expect("list")[0].state, ActualState::Shutoff);
         h.start("vm1").await.expect("start");
         h.power_off();
+        // Powered off: nothing answers, nothing starts.
+        assert!(matches!(h.list().await, Err(HypervisorError::Unavailable(_))));
+        assert!(matches!(h.start("vm1").await, Err(HypervisorError::Unavailable(_))));
+        assert_eq!(h.domains()[0].state, ActualState::Shutoff);
+        h.power_on();
         assert_eq!(
             h.list().await.expect("list")[0],
             Domain {

@@ -81,6 +81,7 @@ impl FenceAgent for SimBmc {
                 Action::On => {
                     if !m.powered {
                         m.powered = true;
+                        m.hv.power_on();
                         w.power_requests.push(PowerRequest::On(i));
                         drop(w);
                         self.world.trace(format!("bmc {name}: power on"));

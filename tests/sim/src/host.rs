@@ -15,7 +15,6 @@ use openraft_rt::deterministic_rng::DeterministicRng;
 use tokio::sync::mpsc;
 
 use crate::bmc::{bmc_addr, SimFencer};
-use crate::hv::SimHypervisor;
 use crate::net::{SimConnector, SimListener, SimSocket, CLUSTER_PORT, NETWORKS};
 use crate::world::World;
 
@@ -75,7 +74,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             let m = &w.machines[i];
             (m.log.clone(), m.backend.clone(), m.identity.clone(), m.hv.clone())
         };
-        let hv: Arc<dyn Hypervisor> = Arc::new(SimHypervisor { world: world.clone(), me: i, inner: hv });
+        let hv: Arc<dyn Hypervisor> = Arc::new(hv);
         let opener: HypervisorOpener = Box::pin(async move { Ok(hv) });
         let env = Env {
             log: log.into(),

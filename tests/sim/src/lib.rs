@@ -9,7 +9,6 @@
 //!   net.rs         turmoil TCP behind herd's Connector/Listener; UDP behind DatagramSocket,
 //!                  with per-network cuts and loss, recording deliveries
 //!   bmc.rs         the simulated BMC behind herd's Fencer/FenceAgent (off = host powered off)
-//!   hv.rs          the node's MemoryHypervisor, dead while its host is powered off
 //!   host.rs        one node: its config, its Env, `herd::daemon::start`, its admin inbox
 //!   faults.rs      the seeded fault schedule and how each fault is applied
 //!   client.rs      the operator: sets the cluster up, random VM commands, register history
@@ -27,7 +26,6 @@ pub mod bmc;
 pub mod client;
 pub mod faults;
 pub mod host;
-pub mod hv;
 pub mod invariants;
 pub mod linearizable;
 pub mod net;
