@@ -335,6 +335,12 @@ where
         let view = sm.view();
         let raft =
             Raft::new(id, config, network, self.log.clone(), sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        // Until Raft's core reports for the first time its metrics are the empty initial ones
+        // (no voters, no log): wait for that report so nothing reads a membership of nobody.
+        let mut metrics = raft.metrics();
+        if tokio::time::timeout(Duration::from_secs(5), metrics.changed()).await.is_err() {
+            tracing::warn!("raft reported no metrics within 5 s of starting");
+        }
         let member = Arc::new(Member { id, cluster_id, raft, view });
         *self.member.write().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
         tracing::info!(node_id = id, cluster = %member.cluster_id, "raft started");
