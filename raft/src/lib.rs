@@ -5,7 +5,8 @@
 //!   network.rs    PeerClient (deadlines, reconnect) + openraft RaftNetworkV2 (pre-vote too)
 //!   server.rs     accept loop: connection limit, idle timeout, frame deadline
 //!   wire.rs       frames: u32 length + rmp-serde body, bounded
-//!   transport.rs  Connector/Listener seam (TCP now; TLS and turmoil later)
+//!   transport.rs  Connector/Listener seam (TCP; turmoil's TCP in the simulation)
+//!   tls.rs        cluster CA, node certificates, enrolment, mutual TLS 1.3 over the seam
 //!   clock.rs      the leader's time stamp
 //! ```
 //!
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -60,6 +60,10 @@ pub enum CallError {
     /// The peer answered with an error.
     #[error(transparent)]
     Remote(#[from] RpcError),
+    /// The peer's certificate is not one to trust (a wrong CA hash at a join, another
+    /// cluster's CA): retrying cannot help.
+    #[error("{addr}: {reason}")]
+    Untrusted { addr: String, reason: String },
     #[error("{addr}: unexpected reply {reply}")]
     Unexpected { addr: String, reply: String },
 }
@@ -134,6 +138,11 @@ impl PeerClient {
                 Err(_) => FrameError::Timeout(timeout),
             };
             self.conn = None;
+            if let FrameError::Io(e) = &err {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    return Err(CallError::Untrusted { addr: self.addr.clone(), reason: e.to_string() });
+                }
+            }
             let retry = reused && attempt == 0 && matches!(err, FrameError::Closed | FrameError::Io(_));
             if !retry {
                 return Err(transport(&self.addr, err));
@@ -145,7 +154,7 @@ impl PeerClient {
     async fn exchange(&mut self, bytes: &[u8], remaining: Duration) -> Result<Vec<u8>, FrameError> {
         if self.conn.is_none() {
             let t = self.limits.connect_timeout.min(remaining);
-            let s = tokio::time::timeout(t, self.connector.connect(&self.addr))
+            let s = tokio::time::timeout(t, self.connector.connect(&self.addr, self.target))
                 .await
                 .map_err(|_| FrameError::Timeout(t))??;
             self.conn = Some(s);

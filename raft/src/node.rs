@@ -30,6 +30,8 @@ use tokio::time::Instant;
 
 use crate::clock;
 use crate::network::{CallError, Limits, NetworkFactory, PeerClient};
+use crate::tls::{self, Pki};
+use crate::transport::Peer;
 use crate::server::Handler;
 use crate::transport::Connector;
 use crate::wire::{
@@ -79,6 +81,8 @@ pub enum NodeError {
     Raft(String),
     #[error("storage: {0}")]
     Storage(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<RpcError> for NodeError {
@@ -148,6 +152,25 @@ pub fn new_join_token() -> String {
     format!("herd-{}", random_hex(24))
 }
 
+/// Splits an operator's join token into the secret and the CA hash it pins. With TLS the hash
+/// is required: without it the joiner could not tell the cluster from an impostor.
+pub fn split_token(token: &str, tls: bool) -> Result<(&str, Option<[u8; 32]>), NodeError> {
+    let token = token.trim();
+    let Some((secret, hash)) = token.split_once('.') else {
+        if tls {
+            return Err(NodeError::Tls(
+                "the join token has no CA hash: use the whole token `herd init-cluster` or `herd token create` printed (<secret>.<64 hex digits>)".into(),
+            ));
+        }
+        return Ok((token, None));
+    };
+    let mut pin = [0u8; 32];
+    hex::decode_to_slice(hash, &mut pin).map_err(|_| {
+        NodeError::Tls("the join token's CA hash is not 64 hex digits: copy the whole token again".into())
+    })?;
+    Ok((secret, Some(pin)))
+}
+
 /// A fresh request id for a write.
 pub fn request_id() -> String {
     random_hex(16)
@@ -182,6 +205,8 @@ pub struct ClusterNode<LS> {
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
     /// Told how long each successful write took (metrics).
     write_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
+    /// The cluster PKI (mutual TLS). Unset only in the simulation, whose transport is plain.
+    pki: std::sync::OnceLock<Arc<Pki>>,
 }
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
@@ -222,7 +247,27 @@ where
             leader_pool: Mutex::new(Vec::new()),
             extension: std::sync::OnceLock::new(),
             write_observer: std::sync::OnceLock::new(),
+            pki: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the cluster PKI (once, before the node is used): init creates the CA, joins
+    /// enrol, and the leader signs joiners' certificates. The transport must be TLS over it.
+    pub fn set_pki(&self, pki: Arc<Pki>) {
+        let _ = self.pki.set(pki);
+    }
+
+    pub fn pki(&self) -> Option<&Arc<Pki>> {
+        self.pki.get()
+    }
+
+    /// A join token as operators see it: the secret and, with TLS, the CA certificate's hash
+    /// (`<secret>.<sha256 hex>`), so the joiner can check the cluster before it says anything.
+    pub fn printable_token(&self, secret: &str) -> String {
+        match self.pki.get().and_then(|p| p.info()) {
+            Some(info) => format!("{secret}.{}", info.ca_hash),
+            None => secret.to_string(),
+        }
     }
 
     /// Installs the observer of write latencies (once).
@@ -364,6 +409,9 @@ where
             removed: false,
             pending_join: false,
         };
+        if let Some(pki) = self.pki.get() {
+            pki.create_cluster(&cluster_id, 1, &self.settings.name).map_err(|e| NodeError::Tls(e.to_string()))?;
+        }
         self.identity.save(&identity).await?;
         let member = self.start_raft(1, cluster_id.clone()).await?;
         let nodes = BTreeMap::from([(1, BasicNode::new(&self.settings.advertise))]);
@@ -376,6 +424,7 @@ where
         let cmd = Command::InitCluster { cluster_id: cluster_id.clone(), token_hash: token_hash(&token), node };
         self.write(vec![cmd.into()], timeout).await?;
         tracing::info!(cluster = %cluster_id, "cluster initialised");
+        let token = self.printable_token(&token);
         Ok(InitOutcome { cluster_id, token })
     }
 
@@ -395,12 +444,21 @@ where
     pub async fn join_cluster(&self, peer: &str, token: &str, timeout: Duration) -> Result<JoinOutcome, NodeError> {
         let pending = self.ensure_fresh(true)?;
         let deadline = Instant::now() + timeout;
+        let (token, pin) = split_token(token, self.pki.get().is_some())?;
         let (node_id, cluster_id) = match pending {
             Some(id) => {
                 tracing::info!(node_id = id.node_id, "resuming an unfinished join");
                 (id.node_id, id.cluster_id)
             }
             None => {
+                // The key is made here and never leaves this node; the leader signs the request.
+                let request = match self.pki.get() {
+                    Some(_) => Some(tls::new_request(&self.settings.name).map_err(|e| NodeError::Tls(e.to_string()))?),
+                    None => None,
+                };
+                if let Some(pki) = self.pki.get() {
+                    pki.set_enrol_pin(pin);
+                }
                 let mut client = self.client(peer.to_string(), None, String::new());
                 let join = JoinRequest {
                     token: token.to_string(),
@@ -408,11 +466,24 @@ where
                     role: self.settings.role,
                     cluster_addr: self.settings.advertise.clone(),
                     request_id: request_id(),
+                    csr: request.as_ref().map(|(_, csr)| csr.clone()),
                 };
-                let joined = match self.call_with_retry(&mut client, LeaderOp::Join(join), deadline).await? {
+                let result = self.call_with_retry(&mut client, LeaderOp::Join(join), deadline).await;
+                if let Some(pki) = self.pki.get() {
+                    pki.set_enrol_pin(None);
+                }
+                let joined = match result? {
                     RpcReply::Joined(j) => j,
                     other => return Err(NodeError::Refused(format!("unexpected join reply {other:?}"))),
                 };
+                if let (Some(pki), Some((key, _))) = (self.pki.get(), &request) {
+                    let e = joined.enrolment.as_ref().ok_or_else(|| {
+                        NodeError::Refused("the leader sent no certificate (does it run without TLS?)".into())
+                    })?;
+                    // Saved before the identity: a join resumed after a crash has its certificate.
+                    pki.install(&e.ca_pem, &e.cert_pem, key, e.ca_key_pem.as_deref())
+                        .map_err(|e| NodeError::Tls(e.to_string()))?;
+                }
                 tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
                 let identity = Identity {
                     node_id: joined.node_id,
@@ -427,6 +498,9 @@ where
         };
         self.start_raft(node_id, cluster_id.clone()).await?;
         let mut client = self.client(peer.to_string(), None, cluster_id.clone());
+        if self.pki.get().is_some_and(|p| p.info().is_none()) {
+            return Err(NodeError::Tls("this unfinished join has no certificate: wipe the data_dir and join again".into()));
+        }
         let add = AddMemberRequest { token: token.to_string(), node_id };
         let voter = match self.call_with_retry(&mut client, LeaderOp::AddMember(add), deadline).await? {
             RpcReply::MemberAdded(AddMemberReply { voter }) => voter,
@@ -637,7 +711,23 @@ where
                 };
                 match self.propose(member, req).await?.result {
                     Ok(Reply::NodeRegistered { id }) => {
-                        Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id: member.cluster_id.clone() }))
+                        // Signed only now: the token was accepted and the id allocated.
+                        let enrolment = match (self.pki.get(), &j.csr) {
+                            (None, _) => None,
+                            (Some(_), None) => {
+                                return Err(RpcError::Refused("a join without a certificate request".into()))
+                            }
+                            (Some(pki), Some(csr)) => {
+                                let mut e = pki
+                                    .sign(csr, &member.cluster_id, id, &j.name)
+                                    .map_err(|e| RpcError::Refused(format!("cannot sign the certificate: {e}")))?;
+                                if j.role != Role::Coordinator {
+                                    e.ca_key_pem = None;
+                                }
+                                Some(e)
+                            }
+                        };
+                        Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id: member.cluster_id.clone(), enrolment }))
                     }
                     Ok(other) => Err(RpcError::Refused(format!("unexpected reply {other:?}"))),
                     Err(ApplyError::BadToken) => Err(RpcError::BadToken),
@@ -871,11 +961,27 @@ where
         }
     }
 
-    async fn handle_frame(self: Arc<Self>, frame: RequestFrame) -> Result<RpcReply, RpcError> {
+    async fn handle_frame(self: Arc<Self>, frame: RequestFrame, peer: Peer) -> Result<RpcReply, RpcError> {
         let Some(member) = self.member() else { return Err(RpcError::NotMember) };
         // Only a join's first phase may come without the cluster id (the joiner does not know
         // it yet); everything else must name this cluster, and Raft traffic this very node.
         let first_join = matches!(&frame.body, Rpc::Leader(LeaderOp::Join(_))) && frame.cluster_id.is_empty();
+        // With TLS, only that first phase may come without a certificate, and a certificate
+        // speaks only for the node it names.
+        match peer {
+            Peer::Plain => {}
+            Peer::Anonymous if first_join && frame.from.is_none() => {}
+            Peer::Anonymous => {
+                return Err(RpcError::Unauthenticated("a certificate signed by the cluster CA is required".into()))
+            }
+            Peer::Node(id) if frame.from == Some(id) => {}
+            Peer::Node(id) => {
+                return Err(RpcError::Unauthenticated(format!(
+                    "the certificate is node {id}'s, the request claims to come from {:?}",
+                    frame.from
+                )))
+            }
+        }
         if !first_join && frame.cluster_id != member.cluster_id {
             return Err(RpcError::WrongCluster { expected: frame.cluster_id, actual: member.cluster_id.clone() });
         }
@@ -953,7 +1059,20 @@ impl<LS> Handler for NodeHandler<LS>
 where
     LS: RaftLogStorage<TypeConfig> + Clone,
 {
-    fn handle(&self, frame: RequestFrame) -> BoxFuture<'_, Result<RpcReply, RpcError>> {
-        Box::pin(self.0.clone().handle_frame(frame))
+    fn admit(&self, peer: Peer) -> Result<(), String> {
+        let Peer::Node(id) = peer else { return Ok(()) };
+        let Some(member) = self.0.member() else { return Ok(()) };
+        let g = member.view.read();
+        // Ids are never reused: one below the next id to allocate that no node holds any more
+        // belongs to a removed node, whose certificate is thereby revoked.
+        let next = g.state.meta.as_ref().map_or(0, |m| m.next_node_id);
+        if id < next && g.state.node_by_id(id).is_none() {
+            return Err(format!("node {id} was removed from the cluster: its certificate is revoked"));
+        }
+        Ok(())
+    }
+
+    fn handle(&self, frame: RequestFrame, peer: Peer) -> BoxFuture<'_, Result<RpcReply, RpcError>> {
+        Box::pin(self.0.clone().handle_frame(frame, peer))
     }
 }

@@ -13,12 +13,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::network::Limits;
-use crate::transport::{BoxStream, Listener};
+use crate::transport::{BoxStream, Listener, Peer};
 use crate::wire::{self, FrameError, RequestFrame, RpcError, RpcReply, PROTOCOL_VERSION};
 
 /// Answers decoded requests.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, frame: RequestFrame) -> BoxFuture<'_, Result<RpcReply, RpcError>>;
+    /// Whether an authenticated peer may talk to this node at all (a removed node's
+    /// certificate is refused here, right after its handshake).
+    fn admit(&self, peer: Peer) -> Result<(), String>;
+    /// Answers one request from `peer`.
+    fn handle(&self, frame: RequestFrame, peer: Peer) -> BoxFuture<'_, Result<RpcReply, RpcError>>;
 }
 
 /// The byte budget is counted in KiB permits.
@@ -98,10 +102,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (handler, limits, shutdown, budget, per_peer) =
-            (handler.clone(), limits.clone(), shutdown.clone(), budget.clone(), per_peer.clone());
+        let (handler, limits, shutdown, budget, per_peer, listener) =
+            (handler.clone(), limits.clone(), shutdown.clone(), budget.clone(), per_peer.clone(), listener.clone());
         herd_storage::types::spawn(async move {
-            connection(stream, &peer, handler, &limits, &budget, shutdown).await;
+            if let Some((stream, who)) = authenticate(&*listener, &*handler, stream, &peer, &limits).await {
+                connection(stream, &peer, who, handler, &limits, &budget, shutdown).await;
+            }
             per_peer.remove(&host);
             drop(permit);
         });
@@ -118,9 +124,38 @@ async fn read_request(stream: &mut BoxStream, limits: &Limits, budget: &Arc<Sema
     wire::read_body(stream, len, limits.frame_timeout).await
 }
 
+/// The transport's handshake under the frame deadline, then the handler's admission check.
+async fn authenticate(
+    listener: &dyn Listener,
+    handler: &dyn Handler,
+    stream: BoxStream,
+    peer: &str,
+    limits: &Limits,
+) -> Option<(BoxStream, Peer)> {
+    let (stream, who) = match tokio::time::timeout(limits.frame_timeout, listener.handshake(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "cluster connection: handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "cluster connection: no handshake within {:?}", limits.frame_timeout);
+            return None;
+        }
+    };
+    match handler.admit(who) {
+        Ok(()) => Some((stream, who)),
+        Err(reason) => {
+            tracing::warn!(%peer, ?who, "cluster connection refused: {reason}");
+            None
+        }
+    }
+}
+
 async fn connection(
     mut stream: BoxStream,
     peer: &str,
+    who: Peer,
     handler: Arc<dyn Handler>,
     limits: &Limits,
     budget: &Arc<Semaphore>,
@@ -146,7 +181,7 @@ async fn connection(
             Ok(frame) => {
                 // The sender stops waiting after its timeout: do no work past it.
                 let within = Duration::from_millis(frame.timeout_ms).min(limits.max_request_time);
-                match tokio::time::timeout(within, handler.handle(frame)).await {
+                match tokio::time::timeout(within, handler.handle(frame, who)).await {
                     Ok(r) => (r, true),
                     Err(_) => (Err(RpcError::Unavailable(format!("no result within {within:?}"))), true),
                 }

@@ -1,12 +1,13 @@
 //! The byte-stream seam under the cluster protocol.
 //!
-//! Raft code sees only [`Connector`] and [`Listener`]: plain TCP today; mutual TLS and
-//! turmoil's simulated TCP plug in here without touching the protocol or Raft code.
+//! Raft code sees only [`Connector`] and [`Listener`]: plain TCP, mutual TLS over it
+//! (`tls.rs`) and turmoil's simulated TCP plug in here without touching the protocol or Raft code.
 
 use std::io;
 use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
+use herd_storage::model::NodeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A bidirectional byte stream.
@@ -15,9 +16,22 @@ impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static> Stream for T {}
 
 pub type BoxStream = Box<dyn Stream>;
 
+/// Who is at the other end of an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// No authentication on this transport (the simulation's).
+    Plain,
+    /// TLS without a client certificate: a node that has not joined yet.
+    Anonymous,
+    /// TLS with a certificate the cluster CA signed for this node id.
+    Node(NodeId),
+}
+
 /// Opens streams to peers.
 pub trait Connector: Send + Sync + 'static {
-    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>>;
+    /// `target` is the node the caller means to reach, when it knows its id (TLS checks that
+    /// the peer's certificate names it).
+    fn connect<'a>(&'a self, addr: &'a str, target: Option<NodeId>) -> BoxFuture<'a, io::Result<BoxStream>>;
 }
 
 /// Accepts streams from peers.
@@ -25,6 +39,11 @@ pub trait Listener: Send + Sync + 'static {
     /// The next connection and the peer's address.
     fn accept(&self) -> BoxFuture<'_, io::Result<(BoxStream, String)>>;
     fn local_addr(&self) -> io::Result<String>;
+    /// Authenticates an accepted connection (run in the connection's own task, under a
+    /// deadline). Plain transports authenticate nobody.
+    fn handshake(&self, stream: BoxStream) -> BoxFuture<'_, io::Result<(BoxStream, Peer)>> {
+        Box::pin(async move { Ok((stream, Peer::Plain)) })
+    }
 }
 
 /// Plain TCP.
@@ -32,7 +51,7 @@ pub trait Listener: Send + Sync + 'static {
 pub struct TcpConnector;
 
 impl Connector for TcpConnector {
-    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>> {
+    fn connect<'a>(&'a self, addr: &'a str, _target: Option<NodeId>) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;

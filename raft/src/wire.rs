@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped on any incompatible change of the frames below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default bound on one frame (a whole snapshot travels in one frame).
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024 * 1024;
@@ -54,12 +54,16 @@ pub struct JoinRequest {
     pub cluster_addr: String,
     /// Request id for deduplication of retries.
     pub request_id: String,
+    /// PEM certificate signing request for the joiner's own key (TLS clusters).
+    pub csr: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JoinReply {
     pub node_id: NodeId,
     pub cluster_id: String,
+    /// The signed certificate (and, for a coordinator, the CA key), over TLS only.
+    pub enrolment: Option<crate::tls::Enrolment>,
 }
 
 /// A join, phase two: the joiner runs Raft under its new id; the leader adds it as a learner,
@@ -152,6 +156,8 @@ pub enum RpcError {
     WrongNode { expected: NodeId, actual: Option<NodeId> },
     #[error("this node belongs to cluster {actual:?}, not {expected:?}")]
     WrongCluster { expected: String, actual: String },
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
     #[error("unsupported protocol version {0}")]
     Version(u16),
     #[error("this node is not a cluster member")]
