@@ -16,6 +16,7 @@ use std::time::Duration;
 use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
+use herd_raft::tls::{Pki, TlsConnector, TlsListener};
 use herd_raft::transport::{Connector, Listener, TcpConnector, TcpListener};
 use herd_storage::identity::IdentityStore;
 use herd_storage::log_store::LogStore;
@@ -60,6 +61,8 @@ pub enum StartError {
     Heartbeat(std::io::Error),
     #[error(transparent)]
     Identity(std::io::Error),
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] herd_raft::tls::TlsError),
 }
 
 /// The running daemon: what the admin socket talks to.
@@ -245,6 +248,7 @@ impl Daemon {
                 let hash = herd_raft::node::token_hash(&token);
                 let cmd = Command::CreateJoinToken { token_hash: hash.clone(), ttl_ms, uses };
                 self.node.write(vec![cmd.into()], WRITE_TIMEOUT).await.map_err(json_err)?;
+                let token = self.node.printable_token(&token);
                 let id: String = hash.chars().take(12).collect();
                 Ok(json!({ "token": token, "id": id, "ttl_ms": ttl_ms, "uses": uses }))
             }
@@ -512,6 +516,7 @@ impl Daemon {
             "primary": g.state.nodes.values().find(|n| n.router_state == herd_storage::model::RouterState::Primary).map(|n| n.name.clone()),
             "holding_duties": self.primary.holding(),
             "unmanaged_domains": self.reconciler.as_ref().map(|r| r.unmanaged()),
+            "tls": self.tls_json(now),
             "members": members,
             "raft": {
                 "voters": voters,
@@ -524,6 +529,21 @@ impl Daemon {
                 "snapshot": m.snapshot.as_ref().map(|l| l.index),
             },
         })
+    }
+
+    /// This node's certificate: whom it names, when it and the CA expire.
+    fn tls_json(&self, now_ms: u64) -> Value {
+        match self.node.pki().and_then(|p| p.info()) {
+            None => Value::Null,
+            Some(i) => json!({
+                "node_id": i.node_id,
+                "cert_expires_ms": i.not_after_ms,
+                "cert_expires_in_days": i.not_after_ms.saturating_sub(now_ms) / 86_400_000,
+                "ca_expires_ms": i.ca_not_after_ms,
+                "ca_hash": i.ca_hash,
+                "holds_ca_key": i.has_ca_key,
+            }),
+        }
     }
 
     /// The VM side of the keepalive: what runs here and what is assigned here.
@@ -916,9 +936,13 @@ pub struct Env {
     pub log: LogStore,
     pub backend: Arc<dyn Backend>,
     pub identity: Arc<dyn IdentityStore>,
+    /// Opens cluster connections (mutual TLS over TCP in production).
     pub connector: Arc<dyn Connector>,
-    /// The cluster port, already bound.
+    /// The cluster port, already bound (mutual TLS in production).
     pub listener: Arc<dyn Listener>,
+    /// The cluster CA and this node's certificate, behind `connector` and `listener`. `None`
+    /// only where the transport authenticates nobody (the simulation).
+    pub pki: Option<Arc<Pki>>,
     /// One bound datagram socket per heartbeat network, and the address it is reached at.
     pub heartbeat: BTreeMap<NetName, (Arc<dyn DatagramSocket>, std::net::SocketAddr)>,
     /// Opens this node's hypervisor (none on a coordinator-only node).
@@ -946,6 +970,9 @@ impl Env {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
+        let pki = Arc::new(Pki::open(config.data_dir.join("tls"))?);
+        let listener = TlsListener { inner: Box::new(listener), pki: pki.clone() };
+        let connector = TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() };
         // Opened by `start` once the heartbeat responder answers (a slow libvirtd must not
         // make a restarted node look dead).
         let hypervisor: Option<HypervisorOpener> = config.hypervisor.uri.clone().map(|uri| {
@@ -960,8 +987,9 @@ impl Env {
             log: stores.log.into(),
             backend: Arc::new(stores.sm),
             identity: Arc::new(stores.local),
-            connector: Arc::new(TcpConnector),
+            connector: Arc::new(connector),
             listener: Arc::new(listener),
+            pki: Some(pki),
             heartbeat,
             hypervisor,
             fencer: Arc::new(crate::fence::agent::AgentRegistry::new()),
@@ -1016,6 +1044,9 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         limits: limits.clone(),
     };
     let node = ClusterNode::new(settings, env.connector, env.log, env.backend, env.identity);
+    if let Some(pki) = env.pki {
+        node.set_pki(pki);
+    }
     let duties = config.primary.duties().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
     let primary_settings = primary::Settings {
         name: config.name.clone(),

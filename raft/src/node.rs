@@ -30,10 +30,10 @@ use tokio::time::Instant;
 
 use crate::clock;
 use crate::network::{CallError, Limits, NetworkFactory, PeerClient};
-use crate::tls::{self, Pki};
-use crate::transport::Peer;
 use crate::server::Handler;
+use crate::tls::{self, Pki};
 use crate::transport::Connector;
+use crate::transport::Peer;
 use crate::wire::{
     AddMemberReply, AddMemberRequest, JoinReply, JoinRequest, LeaderOp, RequestFrame, Rpc, RpcError, RpcReply,
 };
@@ -499,7 +499,9 @@ where
         self.start_raft(node_id, cluster_id.clone()).await?;
         let mut client = self.client(peer.to_string(), None, cluster_id.clone());
         if self.pki.get().is_some_and(|p| p.info().is_none()) {
-            return Err(NodeError::Tls("this unfinished join has no certificate: wipe the data_dir and join again".into()));
+            return Err(NodeError::Tls(
+                "this unfinished join has no certificate: wipe the data_dir and join again".into(),
+            ));
         }
         let add = AddMemberRequest { token: token.to_string(), node_id };
         let voter = match self.call_with_retry(&mut client, LeaderOp::AddMember(add), deadline).await? {
@@ -727,7 +729,11 @@ where
                                 Some(e)
                             }
                         };
-                        Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id: member.cluster_id.clone(), enrolment }))
+                        Ok(RpcReply::Joined(JoinReply {
+                            node_id: id,
+                            cluster_id: member.cluster_id.clone(),
+                            enrolment,
+                        }))
                     }
                     Ok(other) => Err(RpcError::Refused(format!("unexpected reply {other:?}"))),
                     Err(ApplyError::BadToken) => Err(RpcError::BadToken),

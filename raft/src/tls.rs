@@ -137,13 +137,7 @@ fn parse_node_dns_name(name: &str) -> Option<(NodeId, String)> {
 fn read_node_cert(der: &[u8]) -> Result<(NodeId, String, String, u64), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0).saturating_mul(1000);
-    let name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default().to_string();
     let san = cert.subject_alternative_name().map_err(|e| e.to_string())?.ok_or("no subject alternative name")?;
     for gn in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::DNSName(dns) = gn {
@@ -161,7 +155,8 @@ fn cert_not_after(der: &[u8]) -> Result<u64, String> {
 }
 
 fn one_cert(pem: &str, what: &Path) -> Result<CertificateDer<'static>, TlsError> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::BadCertificate(what.to_path_buf(), e.to_string()))
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| TlsError::BadCertificate(what.to_path_buf(), e.to_string()))
 }
 
 /// SHA-256 of a certificate's DER, hex.
@@ -254,7 +249,8 @@ impl Pki {
         if ca_key_path.exists() {
             *pki.ca_key.write().unwrap_or_else(|p| p.into_inner()) = Some(read_secret_file(&ca_key_path)?);
         }
-        let (Some(ca), Some(cert)) = (read_optional(&pki.path("ca.crt"))?, read_optional(&pki.path("node.crt"))?) else {
+        let (Some(ca), Some(cert)) = (read_optional(&pki.path("ca.crt"))?, read_optional(&pki.path("node.crt"))?)
+        else {
             return Ok(pki);
         };
         let key = read_secret_file(&pki.path("node.key"))?;
@@ -493,7 +489,8 @@ impl ServerCertVerifier for PinnedCa {
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         // Any node of the cluster may answer a join: the chain matters, not the name.
         let (id, cluster, _, _) = read_node_cert(end_entity).map_err(rustls::Error::General)?;
-        let name = ServerName::try_from(node_dns_name(&cluster, id)).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let name =
+            ServerName::try_from(node_dns_name(&cluster, id)).map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], &name, ocsp_response, now)
     }
 
@@ -585,7 +582,10 @@ impl Listener for TlsListener {
                     let (id, cluster, _, _) =
                         read_node_cert(cert).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
                     if cluster != creds.info.cluster_id {
-                        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a certificate of another cluster"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "a certificate of another cluster",
+                        ));
                     }
                     Peer::Node(id)
                 }

@@ -1,7 +1,7 @@
 //! Integration tests with real `herd daemon` processes on loopback addresses.
 //!
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
-//! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t60 the
+//! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t55 join tokens, t56 mutual TLS, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
 //! (root only), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
@@ -17,6 +17,7 @@ mod t17_admin_access;
 mod t20_robustness;
 mod t50_cluster;
 mod t55_tokens;
+mod t56_tls;
 mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;

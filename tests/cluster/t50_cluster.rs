@@ -163,8 +163,10 @@ fn cluster_lifecycle() {
 
     // --- A wrong join token is refused and membership is unchanged. ---
     c.node("hv5").start();
-    let wrong =
-        c.node("hv5").try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.4:7400", "token": "herd-wrong"}));
+    let ca_hash = token.split_once('.').map(|(_, h)| h).expect("the token carries the CA hash");
+    let wrong = c
+        .node("hv5")
+        .try_admin(&json!({"op": "join-cluster", "peer": "127.0.1.4:7400", "token": format!("herd-wrong.{ca_hash}")}));
     assert!(wrong.as_ref().is_err_and(|e| e.contains("token refused")), "{wrong:?}");
     let role = c
         .node("hv5")

@@ -1,6 +1,7 @@
 //! Join tokens made with `herd token create`: a single-use token admits one node and refuses
-//! the next; an expired or revoked token is refused with a clear message and changes nothing;
-//! `herd token list` shows what is left. One coordinator and three would-be members on loopback.
+//! the next; an expired or revoked token, a wrong secret, a token without the CA hash or with
+//! another CA's hash is refused with a clear message and changes nothing; `herd token list`
+//! shows what is left. One coordinator and three would-be members on loopback.
 
 use std::time::Duration;
 
@@ -22,6 +23,13 @@ fn create(c: &mut Cluster, args: &[&str]) -> (String, String) {
     assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     (v["token"].as_str().expect("token").to_string(), v["id"].as_str().expect("id").to_string())
+}
+
+/// A printed token's secret and CA hash.
+fn open_token_parts(token: &str) -> (&str, &str) {
+    let (secret, hash) = token.split_once('.').expect("<secret>.<CA hash>");
+    assert_eq!(hash.len(), 64, "{token}");
+    (secret, hash)
 }
 
 fn members(c: &mut Cluster) -> usize {
@@ -58,9 +66,19 @@ fn made_tokens_are_single_use_expire_and_can_be_revoked() {
     assert!(out.status.success(), "revoke: {}", String::from_utf8_lossy(&out.stderr));
     let err = join(&mut c, "k3", &revoked).expect_err("a revoked token is refused");
     assert!(err.contains("join token refused"), "{err}");
-    let err = join(&mut c, "k3", "herd-0000").expect_err("a wrong token is refused");
+    let (secret, ca_hash) = open_token_parts(&revoked);
+    let err = join(&mut c, "k3", &format!("herd-0000.{ca_hash}")).expect_err("a wrong token is refused");
     assert!(err.contains("join token refused"), "{err}");
+    // The CA hash: required, and the joiner checks it before it sends the secret.
+    let err = join(&mut c, "k3", secret).expect_err("a token without the CA hash is refused");
+    assert!(err.contains("no CA hash"), "{err}");
+    let other_ca = "ab".repeat(32);
+    let err = join(&mut c, "k3", &format!("{secret}.{other_ca}")).expect_err("another CA's hash is refused");
+    assert!(err.contains("does not match the join token's CA hash"), "{err}");
+    let err = join(&mut c, "k3", &format!("{secret}.12zz")).expect_err("a mangled hash is refused");
+    assert!(err.contains("not 64 hex digits"), "{err}");
     assert_eq!(members(&mut c), 2, "no refused join changed anything");
+    assert!(c.node("k3").status()["cluster_id"].is_null(), "k3 stays outside any cluster");
 
     // The list shows the single-use token spent, the short one spent, the revoked one gone.
     let list = c.node("k1").admin(json!({"op": "token-list"}));

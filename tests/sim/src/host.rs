@@ -82,6 +82,8 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             identity: Arc::new(identity),
             connector: Arc::new(SimConnector),
             listener: Arc::new(SimListener::bind(CLUSTER_PORT).await?),
+            // Plain simulated TCP: the simulation does not model TLS (see README).
+            pki: None,
             heartbeat,
             hypervisor: Some(opener),
             fencer: Arc::new(SimFencer(world.clone())),

@@ -27,7 +27,11 @@ pub const NETWORKS: [(&str, u16); 2] = [("mgmt", 7401), ("storage", 7402)];
 pub struct SimConnector;
 
 impl Connector for SimConnector {
-    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<BoxStream>> {
+    fn connect<'a>(
+        &'a self,
+        addr: &'a str,
+        _target: Option<herd_storage::model::NodeId>,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
             let s = turmoil::net::TcpStream::connect(addr).await?;
             Ok(Box::new(s) as BoxStream)

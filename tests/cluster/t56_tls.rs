@@ -1,0 +1,135 @@
+//! Mutual TLS on the cluster port, from the outside: a real 3-node cluster on loopback, and
+//! hand-made clients speaking the cluster protocol to it with stolen, forged or no credentials.
+//! A member's own credentials are accepted (so every refusal below is the credentials' doing);
+//! plain TCP, a certificate the cluster CA did not sign, a certificate used to claim another
+//! node, a client without a certificate asking for more than a join, and a removed node's
+//! certificate are all refused; a client checks the server's certificate names the node it
+//! meant to reach.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_raft::network::{CallError, Limits, PeerClient};
+use herd_raft::tls::{Pki, TlsConnector};
+use herd_raft::transport::{Connector, TcpConnector};
+use herd_raft::wire::{LeaderOp, Rpc, RpcError, RpcReply};
+use serde_json::json;
+
+use crate::harness::Cluster;
+
+const SPECS: &[(&str, &str, &str)] = &[
+    ("m1", "coordinator", "127.0.9.1:7400"),
+    ("m2", "coordinator", "127.0.9.2:7400"),
+    ("m3", "hypervisor", "127.0.9.3:7400"),
+];
+
+/// One `ReadIndex` leader op (harmless, answered only by a member) as `from` to `target`.
+fn read_index(
+    rt: &tokio::runtime::Runtime,
+    connector: Arc<dyn Connector>,
+    addr: &str,
+    target: Option<u64>,
+    cluster_id: &str,
+    from: Option<u64>,
+) -> Result<RpcReply, CallError> {
+    let mut client =
+        PeerClient::new(connector, addr.to_string(), target, cluster_id.to_string(), Limits::default()).from(from);
+    rt.block_on(client.call(Rpc::Leader(LeaderOp::ReadIndex), Duration::from_secs(5)))
+}
+
+fn tls(pki: &Arc<Pki>) -> Arc<dyn Connector> {
+    Arc::new(TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to).expect("mkdir");
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    for f in ["ca.crt", "node.crt", "node.key"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
+    }
+}
+
+#[test]
+fn only_cluster_signed_certificates_for_the_right_node_get_in() {
+    let mut c = Cluster::new(SPECS, "");
+    for (name, _, _) in SPECS {
+        c.node(name).start();
+    }
+    let init = c.node("m1").admin(json!({"op": "init-cluster"}));
+    let token = init["token"].as_str().expect("token").to_string();
+    for n in ["m2", "m3"] {
+        c.node(n).admin(json!({"op": "join-cluster", "peer": "127.0.9.1:7400", "token": token}));
+    }
+    let status = c.node("m1").status();
+    let cluster_id = status["cluster_id"].as_str().expect("cluster id").to_string();
+    let id_of = |name: &str| {
+        status["members"].as_array().and_then(|m| m.iter().find(|n| n["name"] == name)).and_then(|n| n["id"].as_u64())
+    };
+    let (m1, m2, m3) = (id_of("m1").expect("m1"), id_of("m2").expect("m2"), id_of("m3").expect("m3"));
+    assert_eq!(status["tls"]["node_id"], m1, "{status}");
+    assert!(status["tls"]["cert_expires_in_days"].as_u64().is_some_and(|d| d >= 360), "{status}");
+    assert_eq!(status["tls"]["holds_ca_key"], true);
+    let m3_status = c.node("m3").status();
+    assert_eq!(m3_status["tls"]["holds_ca_key"], false, "a hypervisor never receives the CA key");
+    assert!(!c.node("m3").data_dir().join("tls/ca.key").exists());
+    assert!(c.node("m2").data_dir().join("tls/ca.key").exists(), "a coordinator does");
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+
+    // m3's own credentials, copied: accepted, as m3.
+    copy_dir(&c.node("m3").data_dir().join("tls"), &work.path().join("stolen"));
+    let stolen = Arc::new(Pki::open(work.path().join("stolen")).expect("open m3's copy"));
+    let ok = read_index(&rt, tls(&stolen), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
+    assert!(matches!(ok, Ok(RpcReply::ReadIndex(_))), "a member's own certificate works: {ok:?}");
+
+    // Plain TCP: no TLS handshake, no frame read.
+    let plain = read_index(&rt, Arc::new(TcpConnector), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
+    assert!(matches!(plain, Err(CallError::Transport { .. })), "plain TCP: {plain:?}");
+
+    // A certificate for m3 signed by another CA (the client trusts the real CA, so only the
+    // server's check can stop it).
+    let forger = Pki::open(work.path().join("forger")).expect("open");
+    forger.create_cluster(&cluster_id, m3, "m3").expect("a CA of the forger's own");
+    let read = |f: &str| std::fs::read_to_string(work.path().join("forger").join(f)).expect("read");
+    let real_ca = std::fs::read_to_string(work.path().join("stolen/ca.crt")).expect("ca");
+    let forged = Arc::new(Pki::open(work.path().join("forged")).expect("open"));
+    forged.install(&real_ca, &read("node.crt"), &read("node.key"), None).expect("install the forged certificate");
+    let refused = read_index(&rt, tls(&forged), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
+    assert!(refused.is_err(), "a certificate the cluster CA did not sign: {refused:?}");
+
+    // m3's certificate used to claim to be m1.
+    let claim = read_index(&rt, tls(&stolen), "127.0.9.2:7400", Some(m2), &cluster_id, Some(m1));
+    assert!(
+        matches!(&claim, Err(CallError::Remote(RpcError::Unauthenticated(m))) if m.contains(&format!("node {m3}'s"))),
+        "another node's name: {claim:?}"
+    );
+
+    // The client side: m2 answering where m1 was meant is refused by the client.
+    let wrong = read_index(&rt, tls(&stolen), "127.0.9.2:7400", Some(m1), &cluster_id, Some(m3));
+    assert!(
+        matches!(&wrong, Err(CallError::Untrusted { reason, .. }) if reason.contains("certificate")),
+        "a server whose certificate names another node: {wrong:?}"
+    );
+
+    // No certificate (what a joiner has): a join's first phase only.
+    let joiner = Arc::new(Pki::open(work.path().join("joiner")).expect("open"));
+    let ca_hash = token.split_once('.').map(|(_, h)| h).expect("CA hash");
+    let mut pin = [0u8; 32];
+    hex::decode_to_slice(ca_hash, &mut pin).expect("hex");
+    joiner.set_enrol_pin(Some(pin));
+    let anon = read_index(&rt, tls(&joiner), "127.0.9.1:7400", None, &cluster_id, None);
+    assert!(matches!(anon, Err(CallError::Remote(RpcError::Unauthenticated(_)))), "no certificate: {anon:?}");
+
+    // Removal revokes: m3's certificate is refused at its next handshake.
+    c.node("m1").admin(json!({"op": "node-remove", "name": "m3"}));
+    let revoked = read_index(&rt, tls(&stolen), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
+    assert!(matches!(revoked, Err(CallError::Transport { .. })), "a removed node's certificate: {revoked:?}");
+    let log = std::fs::read_to_string(c.node("m1").log_path()).expect("m1 log");
+    assert!(log.contains("its certificate is revoked"), "m1 says why it refused");
+    // The members still talk to each other.
+    let still = c.node("m2").status();
+    assert_eq!(still["quorum"], true, "{still}");
+}
