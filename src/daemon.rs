@@ -576,6 +576,7 @@ impl Daemon {
             // Waiting for init/join is healthy: wake up now and then to say so.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.member_started.notified()).await;
         };
+        self.agent.set_key(self.node.pki().and_then(|p| p.heartbeat_key()));
         self.agent.set_identity(member.id, &member.cluster_id);
         herd_storage::types::spawn(self.clone().follow_targets(member.clone()));
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
@@ -1023,7 +1024,10 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     let sockets = env.heartbeat.into_iter().map(|(n, (s, _))| (n, s)).collect();
     let (agent, notices) = Agent::with_sockets(&config.name, config.role, config.heartbeat.params(), sockets, addrs);
     match env.identity.load().map_err(StartError::Identity)? {
-        Some(id) if !id.removed => agent.set_identity(id.node_id, &id.cluster_id),
+        Some(id) if !id.removed => {
+            agent.set_key(env.pki.as_ref().and_then(|p| p.heartbeat_key()));
+            agent.set_identity(id.node_id, &id.cluster_id);
+        }
         _ => {}
     }
     agent.spawn(shutdown_rx.clone());

@@ -57,7 +57,7 @@ fn valid_datagram() -> Vec<u8> {
         cluster_id: "c0ffee".into(),
         body: Body::Answer { from: 3, to: 1, net: "mgmt".into(), seq: 77, relayed: None },
     };
-    hb::encode(&d).expect("encode")
+    hb::encode(&d, None).expect("encode")
 }
 
 const VALID_CONFIG: &str = "name = \"n1\"\nrole = \"coordinator\"\ndata_dir = \"/var/lib/herd\"\n\
@@ -67,7 +67,7 @@ const VALID_CONFIG: &str = "name = \"n1\"\nrole = \"coordinator\"\ndata_dir = \"
 #[test]
 fn valid_inputs_decode() {
     assert!(wire::decode::<RequestFrame>(&valid_frame()).is_ok());
-    assert!(hb::decode(&valid_datagram(), "c0ffee").is_ok());
+    assert!(hb::decode(&valid_datagram(), "c0ffee", None).is_ok());
     assert!(serde_json::from_slice::<AdminRequest>(br#"{"op":"vm-info","name":"web"}"#).is_ok());
     Config::from_toml("fuzz", VALID_CONFIG).expect("the seed config is valid");
 }
@@ -102,8 +102,9 @@ proptest! {
     #[test]
     fn heartbeat_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..9000),
                          edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..8)) {
-        let _ = hb::decode(&bytes, "c0ffee");
-        let _ = hb::decode(&mutate(&valid_datagram(), &edits), "c0ffee");
+        let _ = hb::decode(&bytes, "c0ffee", None);
+        let _ = hb::decode(&bytes, "c0ffee", Some(&[3u8; 32]));
+        let _ = hb::decode(&mutate(&valid_datagram(), &edits), "c0ffee", None);
     }
 
     #[test]

@@ -481,8 +481,7 @@ where
                         NodeError::Refused("the leader sent no certificate (does it run without TLS?)".into())
                     })?;
                     // Saved before the identity: a join resumed after a crash has its certificate.
-                    pki.install(&e.ca_pem, &e.cert_pem, key, e.ca_key_pem.as_deref())
-                        .map_err(|e| NodeError::Tls(e.to_string()))?;
+                    pki.install(e, key).map_err(|e| NodeError::Tls(e.to_string()))?;
                 }
                 tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
                 let identity = Identity {

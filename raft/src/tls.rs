@@ -6,6 +6,7 @@
 //!   data_dir/tls/ca.key     its key, mode 0600, coordinators only
 //!   data_dir/tls/node.crt   this node's certificate, signed by the CA
 //!   data_dir/tls/node.key   its key, mode 0600, generated on this node and never sent
+//!   data_dir/tls/heartbeat.key  the cluster's heartbeat HMAC key (hex), mode 0600, every node
 //! ```
 //!
 //! A node certificate names its node as the DNS name `n<id>.<cluster_id>.herd` (ids are never
@@ -80,6 +81,8 @@ pub struct Enrolment {
     pub cert_pem: String,
     /// Only for coordinators (they sign the next joins when they lead).
     pub ca_key_pem: Option<String>,
+    /// The cluster's heartbeat key, hex.
+    pub heartbeat_key: String,
 }
 
 impl std::fmt::Debug for Enrolment {
@@ -108,6 +111,7 @@ pub struct Pki {
     provider: Arc<CryptoProvider>,
     creds: RwLock<Option<Arc<Creds>>>,
     ca_key: RwLock<Option<String>>,
+    heartbeat_key: RwLock<Option<[u8; 32]>>,
     /// The CA hash a join in progress pins, before this node has a CA of its own.
     enrol_pin: Mutex<Option<[u8; 32]>>,
 }
@@ -157,6 +161,12 @@ fn cert_not_after(der: &[u8]) -> Result<u64, String> {
 fn one_cert(pem: &str, what: &Path) -> Result<CertificateDer<'static>, TlsError> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| TlsError::BadCertificate(what.to_path_buf(), e.to_string()))
+}
+
+fn parse_key(hex_key: &str) -> Option<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key.trim(), &mut key).ok()?;
+    Some(key)
 }
 
 /// SHA-256 of a certificate's DER, hex.
@@ -243,11 +253,18 @@ impl Pki {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             creds: RwLock::new(None),
             ca_key: RwLock::new(None),
+            heartbeat_key: RwLock::new(None),
             enrol_pin: Mutex::new(None),
         };
         let ca_key_path = pki.path("ca.key");
         if ca_key_path.exists() {
             *pki.ca_key.write().unwrap_or_else(|p| p.into_inner()) = Some(read_secret_file(&ca_key_path)?);
+        }
+        let hb_path = pki.path("heartbeat.key");
+        if hb_path.exists() {
+            let key = parse_key(&read_secret_file(&hb_path)?)
+                .ok_or_else(|| TlsError::BadCertificate(hb_path.clone(), "not 64 hex digits".into()))?;
+            *pki.heartbeat_key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
         }
         let (Some(ca), Some(cert)) = (read_optional(&pki.path("ca.crt"))?, read_optional(&pki.path("node.crt"))?)
         else {
@@ -265,6 +282,11 @@ impl Pki {
     /// What this node's certificate says, once it has one.
     pub fn info(&self) -> Option<CertInfo> {
         self.creds.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.info.clone())
+    }
+
+    /// The cluster's heartbeat key, once this node has one.
+    pub fn heartbeat_key(&self) -> Option<[u8; 32]> {
+        *self.heartbeat_key.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn creds(&self) -> Option<Arc<Creds>> {
@@ -336,7 +358,12 @@ impl Pki {
         let (ca_pem, ca_key_pem) = (ca.pem(), ca_key.serialize_pem());
         let (key_pem, csr_pem) = new_request(name)?;
         let cert_pem = sign_with(&ca_pem, &ca_key_pem, &csr_pem, cluster_id, id, name)?;
-        self.install(&ca_pem, &cert_pem, &key_pem, Some(&ca_key_pem))?;
+        let mut hb = [0u8; 32];
+        rand::fill(&mut hb[..]);
+        self.install(
+            &Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key_pem), heartbeat_key: hex::encode(hb) },
+            &key_pem,
+        )?;
         Ok(cert_hash(ca.der()))
     }
 
@@ -345,17 +372,15 @@ impl Pki {
         let ca_key = self.ca_key.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(TlsError::NoCaKey)?;
         let ca_pem = read_optional(&self.path("ca.crt"))?.ok_or(TlsError::NoCertificate)?;
         let cert_pem = sign_with(&ca_pem, &ca_key, csr_pem, cluster_id, id, name)?;
-        Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key) })
+        let heartbeat_key = hex::encode(self.heartbeat_key().ok_or(TlsError::NoCertificate)?);
+        Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key), heartbeat_key })
     }
 
     /// Writes and loads this node's material (init, join). The CA key only on coordinators.
-    pub fn install(
-        &self,
-        ca_pem: &str,
-        cert_pem: &str,
-        key_pem: &str,
-        ca_key_pem: Option<&str>,
-    ) -> Result<(), TlsError> {
+    pub fn install(&self, e: &Enrolment, key_pem: &str) -> Result<(), TlsError> {
+        let (ca_pem, cert_pem, ca_key_pem) = (&e.ca_pem, &e.cert_pem, e.ca_key_pem.as_deref());
+        let hb = parse_key(&e.heartbeat_key)
+            .ok_or_else(|| TlsError::BadCertificate(self.path("heartbeat.key"), "not 64 hex digits".into()))?;
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -365,6 +390,8 @@ impl Pki {
             write_file(&self.path("ca.key"), k, 0o600)?;
             *self.ca_key.write().unwrap_or_else(|p| p.into_inner()) = Some(k.to_string());
         }
+        write_file(&self.path("heartbeat.key"), &e.heartbeat_key, 0o600)?;
+        *self.heartbeat_key.write().unwrap_or_else(|p| p.into_inner()) = Some(hb);
         write_file(&self.path("node.key"), key_pem, 0o600)?;
         write_file(&self.path("ca.crt"), ca_pem, 0o644)?;
         write_file(&self.path("node.crt"), cert_pem, 0o644)?;

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::relay::ViewCache;
 use super::verdict::{self, HostVerdict, ViewInput};
 use super::view::{Event, OwnView};
-use super::wire::{self, Body, Datagram, DropReason, Summary, MAGIC, MAX_DATAGRAM, VERSION};
+use super::wire::{self, Body, Datagram, DropReason, Key, Summary, MAGIC, MAX_DATAGRAM, VERSION};
 use super::{LinkState, NetName, Params};
 
 /// A datagram socket (tokio's UDP in production, turmoil's in the simulation).
@@ -135,6 +135,11 @@ pub struct Counters {
     pub answers_received: u64,
     pub malformed: u64,
     pub foreign: u64,
+    /// Dropped for a missing or wrong authentication tag (spoofed or altered).
+    pub unauthenticated: u64,
+    /// Dropped as replays: a sequence number not above the last one accepted from that sender
+    /// on that network (authenticated clusters only).
+    pub replayed: u64,
     pub send_errors: u64,
 }
 
@@ -157,6 +162,11 @@ struct Inner {
     counters: Counters,
     /// When the current period's pulses went out.
     period_started: Option<Instant>,
+    /// The cluster's heartbeat key: with it every datagram is tagged and checked.
+    key: Option<Key>,
+    /// The highest sequence number accepted per (answer?, sender, network), and when: the
+    /// replay window (authenticated clusters only; senders are known coordinators or targets).
+    last_seq: BTreeMap<(bool, NodeId, NetName), (u64, u64)>,
 }
 
 /// The heartbeat agent of one node.
@@ -218,6 +228,8 @@ impl Agent {
                 view_sources: BTreeSet::new(),
                 counters: Counters::default(),
                 period_started: None,
+                key: None,
+                last_seq: BTreeMap::new(),
             }),
             notices: tx,
             rtt_observer: std::sync::OnceLock::new(),
@@ -255,6 +267,14 @@ impl Agent {
         let targets = g.targets.clone();
         drop(g);
         self.set_targets(targets.into_values().collect());
+    }
+
+    /// Sets the cluster's heartbeat key (a TLS cluster's members receive it when they join):
+    /// from then on datagrams are tagged, untagged or mis-tagged ones dropped, replays dropped.
+    pub fn set_key(&self, key: Option<Key>) {
+        let mut g = self.lock();
+        g.key = key;
+        g.last_seq.clear();
     }
 
     /// Sets the nodes to watch (from the replicated node records).
@@ -338,7 +358,8 @@ impl Agent {
                 g.counters.foreign += 1;
                 return None;
             };
-            let d = if oversized { Err(DropReason::Malformed) } else { wire::decode(bytes, &cluster_id) };
+            let key = g.key;
+            let d = if oversized { Err(DropReason::Malformed) } else { wire::decode(bytes, &cluster_id, key.as_ref()) };
             let d = match d {
                 Ok(d) => d,
                 Err(DropReason::Malformed) => {
@@ -347,6 +368,10 @@ impl Agent {
                 }
                 Err(DropReason::Foreign) => {
                     g.counters.foreign += 1;
+                    return None;
+                }
+                Err(DropReason::Unauthenticated) => {
+                    g.counters.unauthenticated += 1;
                     return None;
                 }
             };
@@ -364,6 +389,9 @@ impl Agent {
                         g.counters.foreign += 1;
                         return None;
                     }
+                    if !Self::fresh(&mut g, false, from, net, seq, now, self.params.history_ms) {
+                        return None;
+                    }
                     g.counters.pulses_received += 1;
                     let watched = g.targets.contains_key(&from);
                     if let (Some(v), true) = (g.view.as_mut(), watched) {
@@ -377,11 +405,14 @@ impl Agent {
                         cluster_id,
                         body: Body::Answer { from: me, to: from, net: net.to_string(), seq, relayed },
                     };
-                    wire::encode(&answer)
+                    wire::encode(&answer, key.as_ref())
                 }
                 Body::Answer { from, to, net: answer_net, seq, relayed } => {
-                    if to != me || answer_net != net {
+                    if to != me || answer_net != net || !g.targets.contains_key(&from) {
                         g.counters.foreign += 1;
+                        return None;
+                    }
+                    if !Self::fresh(&mut g, true, from, net, seq, now, self.params.history_ms) {
                         return None;
                     }
                     g.counters.answers_received += 1;
@@ -410,6 +441,26 @@ impl Agent {
         reply
     }
 
+    /// The replay check of an authenticated datagram: its sequence number must be above the
+    /// last one accepted from that sender on that network. A sender silent for `history_ms`
+    /// starts afresh (a coordinator restarted on a clock that went back must not stay deaf to
+    /// us for ever; a replay then can at most make a silent node look alive for a moment,
+    /// which delays a fence and never causes one). Without a key, every datagram is fresh.
+    fn fresh(g: &mut Inner, answer: bool, from: NodeId, net: &str, seq: u64, now: u64, history_ms: u64) -> bool {
+        if g.key.is_none() {
+            return true;
+        }
+        let slot = (answer, from, net.to_string());
+        if let Some(&(last, at)) = g.last_seq.get(&slot) {
+            if seq <= last && now.saturating_sub(at) < history_ms {
+                g.counters.replayed += 1;
+                return false;
+            }
+        }
+        g.last_seq.insert(slot, (seq, now));
+        true
+    }
+
     async fn pulse(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.params.interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -423,6 +474,7 @@ impl Agent {
             let (events, batches) = {
                 let mut g = self.lock();
                 let Some((me, cluster_id)) = g.me.clone() else { continue };
+                let key = g.key;
                 let Some(view) = g.view.as_mut() else { continue };
                 let events = view.tick(now);
                 let seq = view.seq();
@@ -435,7 +487,7 @@ impl Agent {
                         cluster_id: cluster_id.clone(),
                         body: Body::Pulse { from: me, net: net.clone(), seq, summary: summary.clone() },
                     };
-                    let Some(bytes) = wire::encode(&pulse) else { continue };
+                    let Some(bytes) = wire::encode(&pulse, key.as_ref()) else { continue };
                     let to: Vec<SocketAddr> =
                         g.targets.values().filter(|t| t.id != me).filter_map(|t| t.addrs.get(net).copied()).collect();
                     batches.push((net.clone(), bytes, to));

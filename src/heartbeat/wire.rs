@@ -1,4 +1,12 @@
-//! Heartbeat datagrams: versioned, size-bounded, compact rmp-serde.
+//! Heartbeat datagrams: versioned, size-bounded, compact rmp-serde, and (in a TLS cluster)
+//! authenticated: an HMAC-SHA256 tag, truncated to [`TAG_LEN`] bytes, under the cluster's
+//! heartbeat key follows the body. Replays are the agent's business (sequence numbers).
+//!
+//! ```text
+//!   ┌──────────────────────────────┬──────────────────────────────────────┐
+//!   │ rmp-serde Datagram           │ HMAC-SHA256(key, body)[..16] (keyed)  │
+//!   └──────────────────────────────┴──────────────────────────────────────┘
+//! ```
 //!
 //! A pulse carries the sender's *summary* — the (host, network) pairs it currently misses, each
 //! with how long ago it was last heard, plus per-network counts — never the whole history ring,
@@ -6,7 +14,9 @@
 //! time in a summary is relative ("ms ago when the summary was made"): no clocks are compared.
 
 use herd_storage::model::NodeId;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use super::{LinkState, NetName};
 
@@ -20,6 +30,16 @@ pub const MAX_DATAGRAM: usize = 8192;
 pub const MAX_MISSING: usize = 48;
 /// Networks per summary.
 pub const MAX_NETS: usize = 8;
+/// Bytes of the authentication tag.
+pub const TAG_LEN: usize = 16;
+
+/// The cluster's heartbeat key (every member receives it over TLS when it joins).
+pub type Key = [u8; 32];
+
+fn mac(key: &Key) -> Hmac<Sha256> {
+    // HMAC takes keys of any length: this cannot fail for 32 bytes.
+    <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+}
 
 /// One missed (host, network) pair in a summary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,19 +117,39 @@ pub enum DropReason {
     Malformed,
     #[error("foreign (not ours, other version or other cluster)")]
     Foreign,
+    #[error("not authenticated (no or a wrong tag: spoofed, altered, or another key)")]
+    Unauthenticated,
 }
 
-/// Encodes; `None` if it would exceed [`MAX_DATAGRAM`].
-pub fn encode(d: &Datagram) -> Option<Vec<u8>> {
-    rmp_serde::to_vec(d).ok().filter(|b| b.len() <= MAX_DATAGRAM)
+/// Encodes (and tags, with a key); `None` if it would exceed [`MAX_DATAGRAM`].
+pub fn encode(d: &Datagram, key: Option<&Key>) -> Option<Vec<u8>> {
+    let mut bytes = rmp_serde::to_vec(d).ok()?;
+    if let Some(key) = key {
+        let mut m = mac(key);
+        m.update(&bytes);
+        bytes.extend_from_slice(&m.finalize().into_bytes()[..TAG_LEN]);
+    }
+    Some(bytes).filter(|b| b.len() <= MAX_DATAGRAM)
 }
 
-/// Decodes and checks a datagram for `cluster_id`.
-pub fn decode(bytes: &[u8], cluster_id: &str) -> Result<Datagram, DropReason> {
+/// Checks the tag (with a key), then decodes and checks a datagram for `cluster_id`.
+pub fn decode(bytes: &[u8], cluster_id: &str, key: Option<&Key>) -> Result<Datagram, DropReason> {
     if bytes.len() > MAX_DATAGRAM {
         return Err(DropReason::Malformed);
     }
-    let d: Datagram = rmp_serde::from_slice(bytes).map_err(|_| DropReason::Malformed)?;
+    let body = match key {
+        None => bytes,
+        Some(key) => {
+            let split = bytes.len().checked_sub(TAG_LEN).ok_or(DropReason::Unauthenticated)?;
+            let (body, tag) = bytes.split_at(split);
+            let mut m = mac(key);
+            m.update(body);
+            // Constant time.
+            m.verify_truncated_left(tag).map_err(|_| DropReason::Unauthenticated)?;
+            body
+        }
+    };
+    let d: Datagram = rmp_serde::from_slice(body).map_err(|_| DropReason::Malformed)?;
     if d.magic != MAGIC || d.version != VERSION || d.cluster_id != cluster_id {
         return Err(DropReason::Foreign);
     }
@@ -174,9 +214,10 @@ mod tests {
             // Counters start from the wall clock in periods (≈ 1.8e10 at 100 ms): full width.
             body: Body::Pulse { from: 3, net: "mgmt".into(), seq: u64::MAX / 3, summary: summary(MAX_MISSING) },
         };
-        let bytes = encode(&d).expect("fits");
+        let key = [7u8; 32];
+        let bytes = encode(&d, Some(&key)).expect("fits");
         assert!(bytes.len() <= 1400, "pulse is {} bytes", bytes.len());
-        assert_eq!(decode(&bytes, "0123456789abcdef"), Ok(d));
+        assert_eq!(decode(&bytes, "0123456789abcdef", Some(&key)), Ok(d));
     }
 
     #[test]
@@ -187,15 +228,37 @@ mod tests {
             cluster_id: "a".into(),
             body: Body::Answer { from: 1, to: 2, net: "mgmt".into(), seq: 1, relayed: None },
         };
-        let bytes = encode(&d).expect("encode");
-        assert_eq!(decode(&bytes, "b"), Err(DropReason::Foreign));
-        assert_eq!(decode(&bytes[..bytes.len() - 1], "a"), Err(DropReason::Malformed));
-        assert_eq!(decode(b"GET / HTTP/1.1\r\n", "a"), Err(DropReason::Malformed));
+        let bytes = encode(&d, None).expect("encode");
+        assert_eq!(decode(&bytes, "b", None), Err(DropReason::Foreign));
+        assert_eq!(decode(&bytes[..bytes.len() - 1], "a", None), Err(DropReason::Malformed));
+        assert_eq!(decode(b"GET / HTTP/1.1\r\n", "a", None), Err(DropReason::Malformed));
         let mut other = d.clone();
         other.version = VERSION + 1;
-        assert_eq!(decode(&encode(&other).expect("encode"), "a"), Err(DropReason::Foreign));
+        assert_eq!(decode(&encode(&other, None).expect("encode"), "a", None), Err(DropReason::Foreign));
         let mut big = d;
         big.body = Body::Pulse { from: 1, net: "mgmt".into(), seq: 1, summary: summary(MAX_MISSING + 1) };
-        assert_eq!(decode(&encode(&big).expect("encode"), "a"), Err(DropReason::Malformed));
+        assert_eq!(decode(&encode(&big, None).expect("encode"), "a", None), Err(DropReason::Malformed));
+    }
+
+    #[test]
+    fn only_datagrams_tagged_under_the_cluster_key_are_accepted() {
+        let d = Datagram {
+            magic: MAGIC,
+            version: VERSION,
+            cluster_id: "a".into(),
+            body: Body::Answer { from: 1, to: 2, net: "mgmt".into(), seq: 9, relayed: None },
+        };
+        let (key, other) = ([1u8; 32], [2u8; 32]);
+        let good = encode(&d, Some(&key)).expect("encode");
+        assert_eq!(decode(&good, "a", Some(&key)), Ok(d.clone()));
+        // Untagged, tagged under another key, altered in one bit, or too short for a tag.
+        assert_eq!(decode(&encode(&d, None).expect("encode"), "a", Some(&key)), Err(DropReason::Unauthenticated));
+        assert_eq!(decode(&encode(&d, Some(&other)).expect("e"), "a", Some(&key)), Err(DropReason::Unauthenticated));
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 1;
+            assert_eq!(decode(&bad, "a", Some(&key)), Err(DropReason::Unauthenticated), "bit flip at {i}");
+        }
+        assert_eq!(decode(&good[..TAG_LEN - 1], "a", Some(&key)), Err(DropReason::Unauthenticated));
     }
 }

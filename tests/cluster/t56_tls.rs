@@ -4,7 +4,9 @@
 //! plain TCP, a certificate the cluster CA did not sign, a certificate used to claim another
 //! node, a client without a certificate asking for more than a join, and a removed node's
 //! certificate are all refused; a client checks the server's certificate names the node it
-//! meant to reach.
+//! meant to reach. Heartbeat datagrams: untagged, tagged under another key, and replayed (an
+//! old sequence number, correctly tagged) are dropped unanswered and counted; a correctly
+//! tagged fresh pulse is answered.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use herd_raft::transport::{Connector, TcpConnector};
 use herd_raft::wire::{LeaderOp, Rpc, RpcError, RpcReply};
 use serde_json::json;
 
-use crate::harness::Cluster;
+use crate::harness::{wait_until, Cluster};
 
 const SPECS: &[(&str, &str, &str)] = &[
     ("m1", "coordinator", "127.0.9.1:7400"),
@@ -96,7 +98,13 @@ fn only_cluster_signed_certificates_for_the_right_node_get_in() {
     let read = |f: &str| std::fs::read_to_string(work.path().join("forger").join(f)).expect("read");
     let real_ca = std::fs::read_to_string(work.path().join("stolen/ca.crt")).expect("ca");
     let forged = Arc::new(Pki::open(work.path().join("forged")).expect("open"));
-    forged.install(&real_ca, &read("node.crt"), &read("node.key"), None).expect("install the forged certificate");
+    let e = herd_raft::tls::Enrolment {
+        ca_pem: real_ca,
+        cert_pem: read("node.crt"),
+        ca_key_pem: None,
+        heartbeat_key: read("heartbeat.key"),
+    };
+    forged.install(&e, &read("node.key")).expect("install the forged certificate");
     let refused = read_index(&rt, tls(&forged), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
     assert!(refused.is_err(), "a certificate the cluster CA did not sign: {refused:?}");
 
@@ -123,6 +131,8 @@ fn only_cluster_signed_certificates_for_the_right_node_get_in() {
     let anon = read_index(&rt, tls(&joiner), "127.0.9.1:7400", None, &cluster_id, None);
     assert!(matches!(anon, Err(CallError::Remote(RpcError::Unauthenticated(_)))), "no certificate: {anon:?}");
 
+    heartbeats_are_authenticated(&mut c, m2, m3, &cluster_id);
+
     // Removal revokes: m3's certificate is refused at its next handshake.
     c.node("m1").admin(json!({"op": "node-remove", "name": "m3"}));
     let revoked = read_index(&rt, tls(&stolen), "127.0.9.1:7400", Some(m1), &cluster_id, Some(m3));
@@ -132,4 +142,63 @@ fn only_cluster_signed_certificates_for_the_right_node_get_in() {
     // The members still talk to each other.
     let still = c.node("m2").status();
     assert_eq!(still["quorum"], true, "{still}");
+}
+
+fn hb_counter(c: &mut Cluster, node: &str, which: &str) -> u64 {
+    c.node(node).admin(json!({"op": "heartbeat"}))["counters"][which].as_u64().expect("counter")
+}
+
+/// Sends `bytes` to `to` from a fresh socket; the answer, if one comes within `wait`.
+fn exchange(bytes: &[u8], to: std::net::SocketAddr, wait: Duration) -> Option<Vec<u8>> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    s.send_to(bytes, to).expect("send");
+    let mut buf = [0u8; 9000];
+    s.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+}
+
+/// Pulses to hypervisor m3 in coordinator m2's name: only a fresh, correctly tagged one is
+/// answered; the rest are dropped and counted.
+fn heartbeats_are_authenticated(c: &mut Cluster, m2: u64, m3: u64, cluster_id: &str) {
+    use herd::heartbeat::wire::{self, Body, Datagram, Summary, MAGIC, VERSION};
+    let hb = c.node("m3").admin(json!({"op": "heartbeat"}));
+    let (net, addr) = hb["networks"].as_object().and_then(|n| n.iter().next()).expect("a heartbeat network");
+    let (net, addr): (String, std::net::SocketAddr) =
+        (net.clone(), addr.as_str().expect("addr").parse().expect("addr"));
+    let key_hex = std::fs::read_to_string(c.node("m2").data_dir().join("tls/heartbeat.key")).expect("key");
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(key_hex.trim(), &mut key).expect("hex key");
+    let pulse = |seq: u64| Datagram {
+        magic: MAGIC,
+        version: VERSION,
+        cluster_id: cluster_id.to_string(),
+        body: Body::Pulse { from: m2, net: net.clone(), seq, summary: Summary { coordinator: m2, seq, nets: vec![] } },
+    };
+    let wait = Duration::from_millis(300);
+
+    let before = hb_counter(c, "m3", "unauthenticated");
+    let untagged = wire::encode(&pulse(u64::MAX / 4), None).expect("encode");
+    assert_eq!(exchange(&untagged, addr, wait), None, "an untagged pulse is not answered");
+    let other_key = wire::encode(&pulse(u64::MAX / 4), Some(&[9u8; 32])).expect("encode");
+    assert_eq!(exchange(&other_key, addr, wait), None, "a pulse under another key is not answered");
+    assert_eq!(hb_counter(c, "m3", "unauthenticated"), before + 2, "both counted");
+
+    let before = hb_counter(c, "m3", "replayed");
+    let old = wire::encode(&pulse(1), Some(&key)).expect("encode");
+    assert_eq!(exchange(&old, addr, wait), None, "an old sequence number (a replay) is not answered");
+    assert_eq!(hb_counter(c, "m3", "replayed"), before + 1, "and counted");
+
+    // The positive control: a fresh, tagged pulse (a few periods ahead of m2's own) is answered.
+    let seq = c.node("m2").admin(json!({"op": "heartbeat"}))["own_view"]["seq"].as_u64().expect("m2's seq") + 3;
+    let answer = exchange(&wire::encode(&pulse(seq), Some(&key)).expect("encode"), addr, Duration::from_secs(2))
+        .expect("a fresh tagged pulse is answered");
+    let d = wire::decode(&answer, cluster_id, Some(&key)).expect("the answer is tagged too");
+    assert!(matches!(d.body, Body::Answer { from, to, seq: s, .. } if from == m3 && to == m2 && s == seq), "{d:?}");
+    // Sent again, the very same datagram is a replay (counted among m2's own next few pulses,
+    // which this one overtook and which are therefore dropped too).
+    let before = hb_counter(c, "m3", "replayed");
+    assert_eq!(exchange(&wire::encode(&pulse(seq), Some(&key)).expect("encode"), addr, wait), None);
+    wait_until("the replay counted", Duration::from_secs(5), || {
+        (hb_counter(c, "m3", "replayed") > before).then_some(())
+    });
 }
