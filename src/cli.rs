@@ -465,6 +465,10 @@ pub fn render(command: &Command, v: &Value) -> String {
                 s(&v["applied_index"]),
                 if v["maintenance"].as_bool() == Some(true) { "  MAINTENANCE" } else { "" },
             );
+            if let Some(days) = v["tls"]["cert_expires_in_days"].as_u64() {
+                let warn = if days < 30 { "  RENEW SOON" } else { "" };
+                out.push_str(&format!("certificate expires in {days} days{warn}\n"));
+            }
             out.push_str(&members_table(&v["members"]));
             out
         }

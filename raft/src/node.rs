@@ -409,8 +409,12 @@ where
             removed: false,
             pending_join: false,
         };
-        if let Some(pki) = self.pki.get() {
-            pki.create_cluster(&cluster_id, 1, &self.settings.name).map_err(|e| NodeError::Tls(e.to_string()))?;
+        if let Some(pki) = self.pki.get().cloned() {
+            let (id, name) = (cluster_id.clone(), self.settings.name.clone());
+            tokio::task::spawn_blocking(move || pki.create_cluster(&id, 1, &name))
+                .await
+                .map_err(|e| NodeError::Tls(e.to_string()))?
+                .map_err(|e| NodeError::Tls(e.to_string()))?;
         }
         self.identity.save(&identity).await?;
         let member = self.start_raft(1, cluster_id.clone()).await?;
@@ -476,12 +480,15 @@ where
                     RpcReply::Joined(j) => j,
                     other => return Err(NodeError::Refused(format!("unexpected join reply {other:?}"))),
                 };
-                if let (Some(pki), Some((key, _))) = (self.pki.get(), &request) {
-                    let e = joined.enrolment.as_ref().ok_or_else(|| {
+                if let (Some(pki), Some((key, _))) = (self.pki.get().cloned(), request) {
+                    let e = joined.enrolment.clone().ok_or_else(|| {
                         NodeError::Refused("the leader sent no certificate (does it run without TLS?)".into())
                     })?;
                     // Saved before the identity: a join resumed after a crash has its certificate.
-                    pki.install(e, key).map_err(|e| NodeError::Tls(e.to_string()))?;
+                    tokio::task::spawn_blocking(move || pki.install(&e, &key))
+                        .await
+                        .map_err(|e| NodeError::Tls(e.to_string()))?
+                        .map_err(|e| NodeError::Tls(e.to_string()))?;
                 }
                 tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
                 let identity = Identity {

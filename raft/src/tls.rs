@@ -100,6 +100,7 @@ impl std::fmt::Display for Enrolment {
 
 struct Creds {
     info: CertInfo,
+    ca_pem: String,
     server: Arc<ServerConfig>,
     member: Arc<ClientConfig>,
 }
@@ -337,12 +338,13 @@ impl Pki {
             ca_hash: cert_hash(&ca),
             has_ca_key: self.ca_key.read().unwrap_or_else(|p| p.into_inner()).is_some(),
         };
-        let creds = Creds { info, server: Arc::new(server), member: Arc::new(member) };
+        let creds = Creds { info, ca_pem: ca_pem.to_string(), server: Arc::new(server), member: Arc::new(member) };
         *self.creds.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(creds));
         Ok(())
     }
 
-    /// Creates the cluster CA and this node's certificate (`init-cluster`). Returns the CA hash.
+    /// Creates the cluster CA, the heartbeat key and this node's certificate (`init-cluster`).
+    /// Returns the CA hash. Blocking file IO: async callers run it on a blocking thread.
     pub fn create_cluster(&self, cluster_id: &str, id: NodeId, name: &str) -> Result<String, TlsError> {
         let ca_key = KeyPair::generate().map_err(|e| TlsError::Ca(e.to_string()))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Ca(e.to_string()))?;
@@ -367,16 +369,18 @@ impl Pki {
         Ok(cert_hash(ca.der()))
     }
 
-    /// Signs a joining node's request (the leader, after the token was accepted).
+    /// Signs a joining node's request (the leader, after the token was accepted). CPU only:
+    /// no file is read.
     pub fn sign(&self, csr_pem: &str, cluster_id: &str, id: NodeId, name: &str) -> Result<Enrolment, TlsError> {
         let ca_key = self.ca_key.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(TlsError::NoCaKey)?;
-        let ca_pem = read_optional(&self.path("ca.crt"))?.ok_or(TlsError::NoCertificate)?;
+        let ca_pem = self.creds().ok_or(TlsError::NoCertificate)?.ca_pem.clone();
         let cert_pem = sign_with(&ca_pem, &ca_key, csr_pem, cluster_id, id, name)?;
         let heartbeat_key = hex::encode(self.heartbeat_key().ok_or(TlsError::NoCertificate)?);
         Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key), heartbeat_key })
     }
 
     /// Writes and loads this node's material (init, join). The CA key only on coordinators.
+    /// Blocking file IO: async callers run it on a blocking thread.
     pub fn install(&self, e: &Enrolment, key_pem: &str) -> Result<(), TlsError> {
         let (ca_pem, cert_pem, ca_key_pem) = (&e.ca_pem, &e.cert_pem, e.ca_key_pem.as_deref());
         let hb = parse_key(&e.heartbeat_key)

@@ -73,6 +73,8 @@ fn only_cluster_signed_certificates_for_the_right_node_get_in() {
     assert_eq!(status["tls"]["node_id"], m1, "{status}");
     assert!(status["tls"]["cert_expires_in_days"].as_u64().is_some_and(|d| d >= 360), "{status}");
     assert_eq!(status["tls"]["holds_ca_key"], true);
+    let table = String::from_utf8_lossy(&c.node("m1").cli(&["status"]).stdout).to_string();
+    assert!(table.contains("certificate expires in 36"), "{table}");
     let m3_status = c.node("m3").status();
     assert_eq!(m3_status["tls"]["holds_ca_key"], false, "a hypervisor never receives the CA key");
     assert!(!c.node("m3").data_dir().join("tls/ca.key").exists());
