@@ -217,6 +217,8 @@ pub enum AdminRequest {
     TokenRevoke {
         id: String,
     },
+    /// Renew this node's certificate now (a new key; the leader signs it).
+    CertRotate {},
     /// The newest entries of the replicated event log (local read).
     Events {
         #[serde(default)]

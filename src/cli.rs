@@ -64,6 +64,9 @@ pub enum Command {
     /// Join tokens: make one (printed once), list them, revoke one.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// This node's cluster certificate.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Heartbeat: per coordinator and network, each host's state; peer views; MNFA; verdicts.
     Heartbeat,
     /// The cluster's event log (newest last).
@@ -232,6 +235,13 @@ pub enum TokenCommand {
     List,
     /// Revoke a join token by its id (at least 8 hex digits).
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Renew this node's certificate now: a new key, signed by the leader (nodes also renew by
+    /// themselves 30 days before expiry; `herd status` shows it).
+    Rotate,
 }
 
 /// A token lifetime (`30m`, `2h`, `7d`, `1h 30m`) in milliseconds.
@@ -573,6 +583,7 @@ pub fn render(command: &Command, v: &Value) -> String {
             table(&["id", "created (UTC)", "expires (UTC)", "uses left", "state"], &rows)
         }
         Command::Token(TokenCommand::Revoke { id }) => format!("join token {id} revoked"),
+        Command::Cert(CertCommand::Rotate) => s(&v["message"]),
         Command::Cluster(ClusterCommand::Info { .. }) => format!(
             "cluster {}  nodes {}  maintenance {}  applied {}",
             s(&v["cluster_id"]),

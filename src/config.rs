@@ -174,11 +174,15 @@ impl FencingSection {
         }
         let text = std::fs::read_to_string(path).map_err(|e| (key.clone(), format!("{}: {e}", path.display())))?;
         let password = text.lines().next().unwrap_or("").to_string();
-        if password.is_empty() || password.len() > 1024 || password.chars().any(char::is_control) {
+        if password.is_empty()
+            || password.len() > 1024
+            || password.chars().any(char::is_control)
+            || herd_raft::tls::is_sealed(&password)
+        {
             return Err((
                 key,
                 format!(
-                    "{}: the first line must hold the password (1 to 1024 bytes, no control characters)",
+                    "{}: the first line must hold the password (1 to 1024 bytes, no control characters, not starting with `sealed:v1:`)",
                     path.display()
                 ),
             ));

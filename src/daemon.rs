@@ -41,6 +41,8 @@ use crate::stats::{self, HostStats};
 
 /// Timeouts of admin operations.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node renews its certificate when fewer days than this are left.
+const RENEW_BEFORE_DAYS: u64 = 30;
 const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -268,6 +270,15 @@ impl Daemon {
                             "expires_ms": t.expires_ms, "uses_left": t.uses_left, "usable": usable })
                 });
                 Ok(Value::Array(first.chain(made).collect()))
+            }
+            AdminRequest::CertRotate {} => {
+                let info = self.node.renew_certificate(WRITE_TIMEOUT).await.map_err(json_err)?;
+                tracing::info!(expires_ms = info.not_after_ms, "certificate renewed");
+                Ok(json!({
+                    "node_id": info.node_id,
+                    "cert_expires_ms": info.not_after_ms,
+                    "message": format!("certificate renewed: valid {} more days", herd_raft::tls::NODE_CERT_DAYS),
+                }))
             }
             AdminRequest::TokenRevoke { id } => {
                 let cmd = Command::RevokeJoinToken { id: id.clone() };
@@ -593,7 +604,14 @@ impl Daemon {
         // addresses go in the same atomic request.
         loop {
             let addrs = addrs.clone();
-            let policy = self.fencing.clone();
+            // The BMC password goes into the log sealed to the coordinators: every node stores
+            // the log, only coordinators fence.
+            let policy = self.fencing.clone().map(|mut p| {
+                if let Some(sealed) = self.node.pki().and_then(|k| k.seal(&p.password)) {
+                    p.password = sealed;
+                }
+                p
+            });
             let run = |name: String, node_id| {
                 vec![
                     Command::SetHeartbeatAddrs { name: name.clone(), addrs, node_id },
@@ -874,6 +892,23 @@ impl Daemon {
         }
     }
 
+    /// Renews this node's certificate once fewer than [`RENEW_BEFORE_DAYS`] days are left
+    /// (checked hourly; a failure is retried at the next check and logged).
+    async fn renew_certificates(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            let Some(info) = self.node.pki().and_then(|p| p.info()) else { continue };
+            let left_ms = info.not_after_ms.saturating_sub(herd_raft::clock::wall_ms());
+            if left_ms >= RENEW_BEFORE_DAYS * 86_400_000 || self.node.member().is_none() {
+                continue;
+            }
+            match self.node.renew_certificate(WRITE_TIMEOUT).await {
+                Ok(i) => tracing::info!(expires_ms = i.not_after_ms, "certificate renewed before expiry"),
+                Err(e) => tracing::warn!(days_left = left_ms / 86_400_000, "certificate renewal failed: {e}"),
+            }
+        }
+    }
+
     /// Writes this coordinator's MNFA transitions into the cluster's event log.
     async fn record_notices(self: Arc<Self>, mut notices: mpsc::Receiver<Notice>) {
         while let Some(n) = notices.recv().await {
@@ -974,6 +1009,9 @@ impl Env {
         let pki = Arc::new(Pki::open(config.data_dir.join("tls"))?);
         let listener = TlsListener { inner: Box::new(listener), pki: pki.clone() };
         let connector = TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() };
+        let unseal_with = pki.clone();
+        let fencer = crate::fence::agent::AgentRegistry::new()
+            .unsealing_with(Arc::new(move |sealed: &str| unseal_with.unseal(sealed)));
         // Opened by `start` once the heartbeat responder answers (a slow libvirtd must not
         // make a restarted node look dead).
         let hypervisor: Option<HypervisorOpener> = config.hypervisor.uri.clone().map(|uri| {
@@ -993,7 +1031,7 @@ impl Env {
             pki: Some(pki),
             heartbeat,
             hypervisor,
-            fencer: Arc::new(crate::fence::agent::AgentRegistry::new()),
+            fencer: Arc::new(fencer),
             host_stats: Arc::new(stats::ProcStats),
         })
     }
@@ -1141,6 +1179,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     // Local state recovered, heartbeat responder and admin socket up: ready (quorum or not).
     service::ready(&daemon.service_status());
     let status_task = herd_storage::types::spawn(daemon.clone().report_status());
+    let renew_task = herd_storage::types::spawn(daemon.clone().renew_certificates());
     let watchdog_task = herd_storage::types::spawn(service::watchdog(daemon.progress.clone(), shutdown_rx.clone()));
     let notice_task = herd_storage::types::spawn(daemon.clone().record_notices(notices));
     if resumed {
@@ -1163,7 +1202,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         cluster_server,
         // No new fence decisions from a stopping primary (a running executor's outcome write
         // may still land; a pending fence is executed again by the next primary).
-        tasks: vec![status_task, watchdog_task, member_tasks, notice_task, fence_task],
+        tasks: vec![status_task, renew_task, watchdog_task, member_tasks, notice_task, fence_task],
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use herd::admin::AdminRequest;
-use herd::cli::{self, ClusterCommand, Command, NodeCommand, TokenCommand, VmCommand};
+use herd::cli::{self, CertCommand, ClusterCommand, Command, NodeCommand, TokenCommand, VmCommand};
 use herd::{config, daemon};
 
 fn main() -> ExitCode {
@@ -238,6 +238,7 @@ fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
             (AdminRequest::TokenCreate { ttl_ms: *ttl, uses: *uses }, Duration::from_secs(20))
         }
         Command::Token(TokenCommand::List) => (AdminRequest::TokenList {}, Duration::from_secs(10)),
+        Command::Cert(CertCommand::Rotate) => (AdminRequest::CertRotate {}, Duration::from_secs(20)),
         Command::Token(TokenCommand::Revoke { id }) => {
             (AdminRequest::TokenRevoke { id: id.clone() }, Duration::from_secs(20))
         }

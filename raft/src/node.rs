@@ -525,6 +525,45 @@ where
         Ok(JoinOutcome { node_id, cluster_id, voter })
     }
 
+    /// Renews this node's certificate: a new key made here, the leader signs a request for it
+    /// (asked directly, over the current certificate), and both replace the old ones.
+    pub async fn renew_certificate(&self, timeout: Duration) -> Result<tls::CertInfo, NodeError> {
+        let member = self.member().ok_or(NodeError::NotMember)?;
+        let pki = self.pki.get().cloned().ok_or_else(|| NodeError::Tls("this node runs without TLS".into()))?;
+        let (key, csr) = tls::new_request(&self.settings.name).map_err(|e| NodeError::Tls(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        let cert = loop {
+            let m = member.raft.metrics().borrow_watched().clone();
+            let leader = m
+                .current_leader
+                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| (l, n.addr.clone())));
+            let err = match leader {
+                None => "no leader known".to_string(),
+                Some((l, addr)) => {
+                    let mut client = self.client(addr, Some(l), member.cluster_id.clone());
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match client.call(Rpc::RenewCert { csr: csr.clone() }, remaining).await {
+                        Ok(RpcReply::Renewed(cert)) => break cert,
+                        Ok(other) => return Err(NodeError::Refused(format!("unexpected renewal reply {other:?}"))),
+                        Err(CallError::Remote(e)) if e.is_retryable() => e.to_string(),
+                        Err(e @ CallError::Transport { .. }) => e.to_string(),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            if Instant::now() + pause >= deadline {
+                return Err(NodeError::NoLeader(timeout, err));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        };
+        tokio::task::spawn_blocking(move || pki.renew(&cert, &key))
+            .await
+            .map_err(|e| NodeError::Tls(e.to_string()))?
+            .map_err(|e| NodeError::Tls(e.to_string()))
+    }
+
     /// Calls a peer (which forwards to the leader), retrying retryable errors and transport
     /// failures with backoff until `deadline`.
     async fn call_with_retry(
@@ -731,6 +770,7 @@ where
                                     .map_err(|e| RpcError::Refused(format!("cannot sign the certificate: {e}")))?;
                                 if j.role != Role::Coordinator {
                                     e.ca_key_pem = None;
+                                    e.coordinator_key = None;
                                 }
                                 Some(e)
                             }
@@ -1022,6 +1062,31 @@ where
             }
             Rpc::TransferLeader(req) => {
                 Ok(RpcReply::TransferLeader(raft.handle_transfer_leader(req).await.map_err(fatal)?))
+            }
+            Rpc::RenewCert { csr } => {
+                // Only the leader signs, only for the node whose certificate carried the
+                // request, and only while that node is still one of the cluster's.
+                let (Some(id), Peer::Node(certified)) = (frame.from, peer) else {
+                    return Err(RpcError::Unauthenticated("a renewal needs the node's current certificate".into()));
+                };
+                if id != certified {
+                    return Err(RpcError::Unauthenticated("a renewal for another node".into()));
+                }
+                let m = raft.metrics().borrow_watched().clone();
+                if m.current_leader != Some(member.id) {
+                    let addr = m
+                        .current_leader
+                        .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+                    return Err(RpcError::NotLeader { leader_id: m.current_leader, leader_addr: addr });
+                }
+                let name = member.view.read().state.node_by_id(id).map(|n| n.name.clone());
+                let name = name.ok_or_else(|| RpcError::Refused(format!("node {id} is not a node of this cluster")))?;
+                let pki = self.pki.get().ok_or_else(|| RpcError::Refused("this node runs without TLS".into()))?;
+                let e = pki
+                    .sign(&csr, &member.cluster_id, id, &name)
+                    .map_err(|e| RpcError::Refused(format!("cannot sign the certificate: {e}")))?;
+                tracing::info!(node = %name, "renewed a node certificate");
+                Ok(RpcReply::Renewed(e.cert_pem))
             }
             Rpc::Removed => {
                 let leader = raft.metrics().borrow_watched().current_leader;

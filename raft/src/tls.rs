@@ -7,7 +7,14 @@
 //!   data_dir/tls/node.crt   this node's certificate, signed by the CA
 //!   data_dir/tls/node.key   its key, mode 0600, generated on this node and never sent
 //!   data_dir/tls/heartbeat.key  the cluster's heartbeat HMAC key (hex), mode 0600, every node
+//!   data_dir/tls/coordinator.pub  the coordinators' X25519 public key (hex), every node
+//!   data_dir/tls/coordinator.key  its secret key (hex), mode 0600, coordinators only
 //! ```
+//!
+//! Secrets only coordinators need (other nodes' BMC passwords) travel in the Raft log — which
+//! every node, learners too, receives and stores — sealed to the coordinator key
+//! (libsodium sealed boxes: X25519 + XSalsa20-Poly1305, `crypto_box`): [`Pki::seal`] on the
+//! node that owns the secret, [`Pki::unseal`] on the coordinator that uses it.
 //!
 //! A node certificate names its node as the DNS name `n<id>.<cluster_id>.herd` (ids are never
 //! reused, so a removed node's certificate is revoked by its id alone) and carries the node's
@@ -83,6 +90,10 @@ pub struct Enrolment {
     pub ca_key_pem: Option<String>,
     /// The cluster's heartbeat key, hex.
     pub heartbeat_key: String,
+    /// The coordinators' public key, hex (every node seals its BMC password to it).
+    pub coordinator_pub: String,
+    /// Its secret key, hex: coordinators only.
+    pub coordinator_key: Option<String>,
 }
 
 impl std::fmt::Debug for Enrolment {
@@ -94,7 +105,13 @@ impl std::fmt::Debug for Enrolment {
 impl std::fmt::Display for Enrolment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key, whatever prints this.
-        write!(f, "Enrolment {{ ca, cert, ca_key: {} }}", if self.ca_key_pem.is_some() { "<held>" } else { "none" })
+        let held = |b: bool| if b { "<held>" } else { "none" };
+        write!(
+            f,
+            "Enrolment {{ ca, cert, ca_key: {}, coordinator_key: {} }}",
+            held(self.ca_key_pem.is_some()),
+            held(self.coordinator_key.is_some())
+        )
     }
 }
 
@@ -113,6 +130,8 @@ pub struct Pki {
     creds: RwLock<Option<Arc<Creds>>>,
     ca_key: RwLock<Option<String>>,
     heartbeat_key: RwLock<Option<[u8; 32]>>,
+    coordinator_pub: RwLock<Option<[u8; 32]>>,
+    coordinator_key: RwLock<Option<[u8; 32]>>,
     /// The CA hash a join in progress pins, before this node has a CA of its own.
     enrol_pin: Mutex<Option<[u8; 32]>>,
 }
@@ -168,6 +187,15 @@ fn parse_key(hex_key: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(hex_key.trim(), &mut key).ok()?;
     Some(key)
+}
+
+/// How a sealed secret starts (versioned; a BMC password that starts so is refused by the
+/// config check).
+pub const SEALED_PREFIX: &str = "sealed:v1:";
+
+/// Whether a stored secret is sealed.
+pub fn is_sealed(s: &str) -> bool {
+    s.starts_with(SEALED_PREFIX)
 }
 
 /// SHA-256 of a certificate's DER, hex.
@@ -255,6 +283,8 @@ impl Pki {
             creds: RwLock::new(None),
             ca_key: RwLock::new(None),
             heartbeat_key: RwLock::new(None),
+            coordinator_pub: RwLock::new(None),
+            coordinator_key: RwLock::new(None),
             enrol_pin: Mutex::new(None),
         };
         let ca_key_path = pki.path("ca.key");
@@ -266,6 +296,17 @@ impl Pki {
             let key = parse_key(&read_secret_file(&hb_path)?)
                 .ok_or_else(|| TlsError::BadCertificate(hb_path.clone(), "not 64 hex digits".into()))?;
             *pki.heartbeat_key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        }
+        for (file, slot, secret) in
+            [("coordinator.pub", &pki.coordinator_pub, false), ("coordinator.key", &pki.coordinator_key, true)]
+        {
+            let path = pki.path(file);
+            let text = if secret && path.exists() { Some(read_secret_file(&path)?) } else { read_optional(&path)? };
+            if let Some(text) = text {
+                let key = parse_key(&text)
+                    .ok_or_else(|| TlsError::BadCertificate(path.clone(), "not 64 hex digits".into()))?;
+                *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+            }
         }
         let (Some(ca), Some(cert)) = (read_optional(&pki.path("ca.crt"))?, read_optional(&pki.path("node.crt"))?)
         else {
@@ -283,6 +324,30 @@ impl Pki {
     /// What this node's certificate says, once it has one.
     pub fn info(&self) -> Option<CertInfo> {
         self.creds.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.info.clone())
+    }
+
+    fn slot(&self, s: &RwLock<Option<[u8; 32]>>) -> Option<[u8; 32]> {
+        *s.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seals a secret for the coordinators (`sealed:v1:<hex>`), if this node has their key.
+    pub fn seal(&self, secret: &str) -> Option<String> {
+        let public = crypto_box::PublicKey::from_bytes(self.slot(&self.coordinator_pub)?);
+        let sealed = public.seal(&mut crypto_box::aead::OsRng, secret.as_bytes()).ok()?;
+        Some(format!("{SEALED_PREFIX}{}", hex::encode(sealed)))
+    }
+
+    /// Opens a sealed secret (coordinators only). Errors never include the secret.
+    pub fn unseal(&self, sealed: &str) -> Result<String, String> {
+        let hex_text = sealed.strip_prefix(SEALED_PREFIX).ok_or("not a sealed secret")?;
+        let secret = self
+            .slot(&self.coordinator_key)
+            .ok_or("sealed for the coordinators; this node holds no coordinator key")?;
+        let bytes = hex::decode(hex_text).map_err(|_| "a sealed secret that is not hex")?;
+        let plain = crypto_box::SecretKey::from_bytes(secret)
+            .unseal(&bytes)
+            .map_err(|_| "a sealed secret this coordinator key cannot open")?;
+        String::from_utf8(plain).map_err(|_| "a sealed secret that is not UTF-8".to_string())
     }
 
     /// The cluster's heartbeat key, once this node has one.
@@ -362,8 +427,16 @@ impl Pki {
         let cert_pem = sign_with(&ca_pem, &ca_key_pem, &csr_pem, cluster_id, id, name)?;
         let mut hb = [0u8; 32];
         rand::fill(&mut hb[..]);
+        let coordinator = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
         self.install(
-            &Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key_pem), heartbeat_key: hex::encode(hb) },
+            &Enrolment {
+                ca_pem,
+                cert_pem,
+                ca_key_pem: Some(ca_key_pem),
+                heartbeat_key: hex::encode(hb),
+                coordinator_pub: hex::encode(coordinator.public_key().as_bytes()),
+                coordinator_key: Some(hex::encode(coordinator.to_bytes())),
+            },
             &key_pem,
         )?;
         Ok(cert_hash(ca.der()))
@@ -376,7 +449,9 @@ impl Pki {
         let ca_pem = self.creds().ok_or(TlsError::NoCertificate)?.ca_pem.clone();
         let cert_pem = sign_with(&ca_pem, &ca_key, csr_pem, cluster_id, id, name)?;
         let heartbeat_key = hex::encode(self.heartbeat_key().ok_or(TlsError::NoCertificate)?);
-        Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key), heartbeat_key })
+        let coordinator_pub = hex::encode(self.slot(&self.coordinator_pub).ok_or(TlsError::NoCertificate)?);
+        let coordinator_key = Some(hex::encode(self.slot(&self.coordinator_key).ok_or(TlsError::NoCaKey)?));
+        Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key), heartbeat_key, coordinator_pub, coordinator_key })
     }
 
     /// Writes and loads this node's material (init, join). The CA key only on coordinators.
@@ -394,12 +469,42 @@ impl Pki {
             write_file(&self.path("ca.key"), k, 0o600)?;
             *self.ca_key.write().unwrap_or_else(|p| p.into_inner()) = Some(k.to_string());
         }
+        let bad = |f: &str| TlsError::BadCertificate(self.path(f), "not 64 hex digits".into());
+        let coordinator_pub = parse_key(&e.coordinator_pub).ok_or_else(|| bad("coordinator.pub"))?;
+        write_file(&self.path("coordinator.pub"), &e.coordinator_pub, 0o644)?;
+        *self.coordinator_pub.write().unwrap_or_else(|p| p.into_inner()) = Some(coordinator_pub);
+        if let Some(k) = &e.coordinator_key {
+            let key = parse_key(k).ok_or_else(|| bad("coordinator.key"))?;
+            write_file(&self.path("coordinator.key"), k, 0o600)?;
+            *self.coordinator_key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        }
         write_file(&self.path("heartbeat.key"), &e.heartbeat_key, 0o600)?;
         *self.heartbeat_key.write().unwrap_or_else(|p| p.into_inner()) = Some(hb);
         write_file(&self.path("node.key"), key_pem, 0o600)?;
         write_file(&self.path("ca.crt"), ca_pem, 0o644)?;
         write_file(&self.path("node.crt"), cert_pem, 0o644)?;
         self.build(ca_pem, cert_pem, key_pem)
+    }
+
+    /// Replaces this node's key and certificate with renewed ones for the same node and CA
+    /// (`herd cert rotate`). Blocking file IO.
+    pub fn renew(&self, cert_pem: &str, key_pem: &str) -> Result<CertInfo, TlsError> {
+        let creds = self.creds().ok_or(TlsError::NoCertificate)?;
+        let der = one_cert(cert_pem, &self.path("node.crt"))?;
+        let (id, cluster, _, _) =
+            read_node_cert(&der).map_err(|e| TlsError::BadCertificate(self.path("node.crt"), e))?;
+        if id != creds.info.node_id || cluster != creds.info.cluster_id {
+            return Err(TlsError::BadCertificate(
+                self.path("node.crt"),
+                format!("the renewed certificate names node {id} of {cluster}, not this node"),
+            ));
+        }
+        // Check it before anything is written: a bad renewal leaves the old files in place.
+        let ca_pem = creds.ca_pem.clone();
+        self.build(&ca_pem, cert_pem, key_pem)?;
+        write_file(&self.path("node.key"), key_pem, 0o600)?;
+        write_file(&self.path("node.crt"), cert_pem, 0o644)?;
+        self.info().ok_or(TlsError::NoCertificate)
     }
 
     /// Pins the CA a join in progress expects (the token's second part).
@@ -653,6 +758,34 @@ mod tests {
         let (id, cluster, name, _) = read_node_cert(&der).expect("parse");
         assert_eq!((id, cluster.as_str(), name.as_str()), (5, "c0ffee", "hv5"));
         assert!(!e.to_string().contains("PRIVATE"), "Display never shows the key");
+    }
+
+    #[test]
+    fn sealed_secrets_open_only_with_the_coordinator_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let coord = Pki::open(dir.path().join("c")).expect("open");
+        coord.create_cluster("c0ffee", 1, "c1").expect("create");
+        let sealed = coord.seal("hunter2").expect("sealed");
+        assert!(is_sealed(&sealed) && !sealed.contains("hunter2"), "{sealed}");
+        assert_ne!(coord.seal("hunter2"), Some(sealed.clone()), "randomised");
+        assert_eq!(coord.unseal(&sealed).as_deref(), Ok("hunter2"));
+        // A hypervisor: the public key only. It can seal, not open.
+        let (key, csr) = new_request("h2").expect("csr");
+        let mut e = coord.sign(&csr, "c0ffee", 2, "h2").expect("sign");
+        e.ca_key_pem = None;
+        e.coordinator_key = None;
+        let hv = Pki::open(dir.path().join("h")).expect("open");
+        hv.install(&e, &key).expect("install");
+        let by_hv = hv.seal("pw-of-h2").expect("the hypervisor seals");
+        assert!(hv.unseal(&by_hv).is_err_and(|m| m.contains("no coordinator key")));
+        assert_eq!(coord.unseal(&by_hv).as_deref(), Ok("pw-of-h2"));
+        let mut tampered = by_hv.clone();
+        tampered.pop();
+        tampered.push(if by_hv.ends_with('0') { '1' } else { '0' });
+        assert!(coord.unseal(&tampered).is_err());
+        assert!(!dir.path().join("h/coordinator.key").exists() && !dir.path().join("h/ca.key").exists());
+        // Reopened from disk, the keys are still there.
+        assert_eq!(Pki::open(dir.path().join("c")).expect("reopen").unseal(&by_hv).as_deref(), Ok("pw-of-h2"));
     }
 
     #[test]

@@ -95,6 +95,11 @@ pub enum Rpc {
     Leader(LeaderOp),
     /// The leader tells a removed node to stop participating.
     Removed,
+    /// A node asks the leader (directly, never forwarded) to sign a new certificate for the
+    /// id its current certificate names.
+    RenewCert {
+        csr: String,
+    },
     /// The primary tells a node about a cluster change (its notify hooks run); the reply is
     /// the acknowledgement.
     Notify {
@@ -146,6 +151,8 @@ pub enum RpcReply {
     ReadIndex(u64),
     Joined(JoinReply),
     MemberAdded(AddMemberReply),
+    /// A renewed certificate (PEM).
+    Renewed(String),
     Done,
 }
 

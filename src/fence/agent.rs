@@ -75,14 +75,38 @@ pub trait Fencer: Send + Sync {
 /// An agent and the policy it was built from.
 type Entry = (FencePolicy, Arc<dyn FenceAgent>);
 
+/// Opens a sealed secret (the coordinator key's holder) or says why it cannot.
+pub type Unsealer = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
 #[derive(Default)]
 pub struct AgentRegistry {
     agents: Mutex<BTreeMap<String, Entry>>,
+    unseal: Option<Unsealer>,
 }
 
 impl AgentRegistry {
     pub fn new() -> AgentRegistry {
         AgentRegistry::default()
+    }
+
+    /// Opens sealed BMC passwords (published sealed to the coordinators) with `unseal`.
+    pub fn unsealing_with(mut self, unseal: Unsealer) -> AgentRegistry {
+        self.unseal = Some(unseal);
+        self
+    }
+}
+
+/// The agent for a policy whose password this node cannot open: every call fails, saying why.
+struct Unusable {
+    bmc: String,
+    reason: String,
+}
+
+impl FenceAgent for Unusable {
+    fn call(&self, _action: Action, _deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>> {
+        let e =
+            FenceError::Bmc { bmc: self.bmc.clone(), message: format!("BMC password unavailable: {}", self.reason) };
+        Box::pin(async move { Err(e) })
     }
 }
 
@@ -97,9 +121,21 @@ impl Fencer for AgentRegistry {
                 return a.clone();
             }
         }
-        let agent: Arc<dyn FenceAgent> = match policy.agent {
-            FenceAgentKind::Ipmi => Arc::new(IpmiBmc::new(&policy.bmc, &policy.user, &policy.password)),
-            FenceAgentKind::External => Arc::new(ExternalAgent::from_policy(policy)),
+        let opened = if herd_raft::tls::is_sealed(&policy.password) {
+            match self.unseal.as_ref().map(|f| f(&policy.password)) {
+                Some(Ok(password)) => Ok(FencePolicy { password, ..policy.clone() }),
+                Some(Err(reason)) => Err(reason),
+                None => Err("sealed for the coordinators, and this node opens no sealed secrets".to_string()),
+            }
+        } else {
+            Ok(policy.clone())
+        };
+        let agent: Arc<dyn FenceAgent> = match opened {
+            Err(reason) => Arc::new(Unusable { bmc: policy.bmc.clone(), reason }),
+            Ok(p) => match p.agent {
+                FenceAgentKind::Ipmi => Arc::new(IpmiBmc::new(&p.bmc, &p.user, &p.password)),
+                FenceAgentKind::External => Arc::new(ExternalAgent::from_policy(&p)),
+            },
         };
         g.insert(key, (policy.clone(), agent.clone()));
         agent

@@ -459,4 +459,31 @@ fn fencing_and_recovery_in_namespaces() {
         assert!(!seen.contains(&b.password), "a BMC password appears in a log or an output");
     }
     eprintln!("no BMC password in {} bytes of logs, JSON, tables and errors", seen.len());
+
+    // Secrets in the log: every node stores the Raft log and state (hypervisors too), yet no
+    // node's store holds a BMC password in the clear — each node publishes its own sealed to
+    // the coordinators, who alone can open it (and did: the fences above). The BMC addresses,
+    // published in the same records, are there in the clear: the check reads what it should.
+    fn read_tree(dir: &std::path::Path, into: &mut Vec<u8>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                read_tree(&path, into);
+            } else {
+                into.extend(std::fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    let contains = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for name in NAMES {
+        let mut store = Vec::new();
+        read_tree(&c.node(name).data_dir().join("db"), &mut store);
+        assert!(bmcs.iter().any(|b| contains(&store, &b.addr)), "{name}: the store holds the fence policies");
+        for b in &bmcs {
+            assert!(!contains(&store, &b.password), "{name}: a BMC password in the clear in the store");
+        }
+    }
+    let h1_tls = c.node("h1").data_dir().join("tls");
+    assert!(!h1_tls.join("coordinator.key").exists() && !h1_tls.join("ca.key").exists(), "hypervisors hold no keys");
+    eprintln!("no BMC password in the clear in any node's store");
 }

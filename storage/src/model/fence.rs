@@ -27,6 +27,8 @@ pub const SELF_FENCE_MARGIN_MS: u64 = 5_000;
 
 /// Bounds on the published policy (it lives in the replicated state).
 const MAX_POLICY_FIELD: usize = 1024;
+/// The password field: a sealed one (see herd-raft's `tls.rs`) is hex, twice as long plus 106.
+const MAX_POLICY_SECRET: usize = 4096;
 const MAX_AGENT_OPTIONS: usize = 32;
 
 /// Which fence agent fences a node.
@@ -147,8 +149,10 @@ impl FencePolicy {
 
     fn validate(&self) -> Result<(), ApplyError> {
         let long = |s: &str| s.len() > MAX_POLICY_FIELD;
-        if self.bmc.is_empty() || long(&self.bmc) || long(&self.user) || long(&self.password) {
-            return Err(ApplyError::Invalid("fence policy: bmc 1 to 1024 bytes, user and password up to 1024".into()));
+        if self.bmc.is_empty() || long(&self.bmc) || long(&self.user) || self.password.len() > MAX_POLICY_SECRET {
+            return Err(ApplyError::Invalid(
+                "fence policy: bmc 1 to 1024 bytes, user up to 1024, password up to 4096 (sealed)".into(),
+            ));
         }
         let control = |v: &str| v.chars().any(char::is_control);
         if control(&self.bmc)
