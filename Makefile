@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-stop test deps fmt lint unit cluster sim soak bench deb
+.PHONY: demo demo-stop test deps fmt lint unit cluster sim soak afl bench deb
 
 # A local cluster: 3 coordinators + 1 hypervisor on loopback, then `herd status`.
 demo: deps
@@ -28,6 +28,11 @@ sim:
 SEEDS ?= 1000
 soak:
 	cd tests/sim && HERD_SIM_SEEDS=$(SEEDS) $(CARGO) test --test seeds soak -- --ignored --nocapture
+
+# Longer fuzzing with AFL++ (cargo afl, fuzz/: its own workspace): make afl SECONDS=600
+SECONDS ?= 600
+afl:
+	fuzz/run.sh $(SECONDS)
 
 deps:
 	deploy/install-deps.sh

@@ -750,11 +750,25 @@ where
                 Ok(RpcReply::ReadIndex(read.index()))
             }
             LeaderOp::Join(j) => {
+                // A token this leader already knows to be bad is refused without a log entry:
+                // a stream of wrong joins (anyone may send one) must not grow the log. The
+                // model still decides every join that gets past this.
+                // A retry of a join already decided (its reply lost) goes through: the model
+                // answers it from its record, even for a single-use token now spent.
+                let hash = token_hash(&j.token);
+                let usable = {
+                    let g = member.view.read();
+                    g.state.requests.contains_key(&j.request_id)
+                        || g.state.meta.as_ref().is_some_and(|m| m.token_usable(&hash, clock::wall_ms()))
+                };
+                if !usable {
+                    return Err(RpcError::BadToken);
+                }
                 let node = NewNode { name: j.name.clone(), role: j.role, cluster_addr: j.cluster_addr.clone() };
                 let req = Request {
                     id: j.request_id,
                     time_ms: clock::wall_ms(),
-                    ops: vec![Command::RegisterNode { node, token_hash: token_hash(&j.token) }.into()],
+                    ops: vec![Command::RegisterNode { node, token_hash: hash }.into()],
                 };
                 match self.propose(member, req).await?.result {
                     Ok(Reply::NodeRegistered { id }) => {

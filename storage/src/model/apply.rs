@@ -184,10 +184,7 @@ fn apply_op(
         Command::RegisterNode { node, token_hash } => {
             check_revision(format!("node {}", node.name), node_revision(state, &node.name), op)?;
             let meta = state.meta.as_ref().ok_or(ApplyError::NotInitialized)?;
-            let made = meta.join_tokens.get(token_hash);
-            let usable = meta.join_token_hashes.contains(token_hash)
-                || made.is_some_and(|t| t.expires_ms.is_none_or(|e| now < e) && t.uses_left != Some(0));
-            if !usable {
+            if !meta.token_usable(token_hash, now) {
                 return Err(ApplyError::BadToken);
             }
             let id = meta.next_node_id;

@@ -327,6 +327,17 @@ pub struct ClusterMeta {
     pub revision: u64,
 }
 
+impl ClusterMeta {
+    /// Whether the token with this SHA-256 (hex) admits a node at `now_ms` (leader time).
+    pub fn token_usable(&self, token_hash: &str, now_ms: u64) -> bool {
+        self.join_token_hashes.contains(token_hash)
+            || self
+                .join_tokens
+                .get(token_hash)
+                .is_some_and(|t| t.expires_ms.is_none_or(|e| now_ms < e) && t.uses_left != Some(0))
+    }
+}
+
 /// A join token made by `herd token create`; only its hash is kept (the map's key).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
