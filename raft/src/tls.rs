@@ -655,15 +655,25 @@ impl ServerCertVerifier for PinnedCa {
 
 /// Certificate problems are not worth retrying: they become `PermissionDenied` with the reason.
 fn handshake_error(e: io::Error) -> io::Error {
-    let untrusted = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).map(|r| match r {
-        rustls::Error::General(m) => m.clone(),
-        other => other.to_string(),
+    use rustls::AlertDescription as A;
+    let untrusted = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).and_then(|r| match r {
+        // Our own verifiers' reasons (a CA hash that does not match, a chain naming no node).
+        rustls::Error::General(m) => Some(m.clone()),
+        rustls::Error::InvalidCertificate(c) => Some(format!("the peer's certificate is not trusted: {c:?}")),
+        rustls::Error::AlertReceived(
+            a @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateRequired
+            | A::AccessDenied),
+        ) => Some(format!("the peer refused this node's certificate ({a:?})")),
+        _ => None,
     });
     match untrusted {
-        Some(reason) if reason.contains("certificate") || reason.contains("Certificate") => {
-            io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {reason}"))
-        }
-        _ => e,
+        Some(reason) => io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {reason}")),
+        None => e,
     }
 }
 
