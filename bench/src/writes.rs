@@ -247,20 +247,30 @@ pub async fn run(herd: PathBuf, seconds: u64) -> Result<Vec<Value>> {
     let dir = std::env::temp_dir().join(format!("herd-bench-writes-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut p = Procs { dir: dir.clone(), children: Vec::new() };
+    // For profiling one side: `HERD_BENCH_ONLY=herd` (no etcd), `HERD_BENCH_CLIENTS=64,16`.
+    let herd_only = std::env::var("HERD_BENCH_ONLY").is_ok_and(|v| v == "herd");
+    let clients_list: Vec<usize> = match std::env::var("HERD_BENCH_CLIENTS") {
+        Ok(v) => {
+            v.split(',').map(|c| c.trim().parse().context("HERD_BENCH_CLIENTS: numbers")).collect::<Result<_>>()?
+        }
+        Err(_) => CLIENTS.to_vec(),
+    };
     start_herd(&mut p, &herd).await?;
-    start_etcd(&mut p).await?;
+    if !herd_only {
+        start_etcd(&mut p).await?;
+    }
     let window = Duration::from_secs(seconds);
     let mut rows = Vec::new();
     println!(
         "{:>7} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}",
         "clients", "herd w/s", "etcd w/s", "ratio", "herd p50", "etcd p50", "herd p99", "etcd p99"
     );
-    for clients in CLIENTS {
+    for clients in clients_list {
         // A B A B: herd, etcd, herd, etcd.
         let h1 = herd_run(&dir, clients, window).await?;
-        let e1 = etcd_run(clients, window).await?;
+        let e1 = if herd_only { json!({}) } else { etcd_run(clients, window).await? };
         let h2 = herd_run(&dir, clients, window).await?;
-        let e2 = etcd_run(clients, window).await?;
+        let e2 = if herd_only { json!({}) } else { etcd_run(clients, window).await? };
         let m = |a: &Value, b: &Value, k: &str| median(a[k].as_f64().unwrap_or(0.0), b[k].as_f64().unwrap_or(0.0));
         let row = json!({
             "clients": clients,

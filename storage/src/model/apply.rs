@@ -505,8 +505,7 @@ fn remember(
 ) {
     if state.requests.len() >= MAX_REMEMBERED_REQUESTS {
         // Forget the oldest (smallest index); ties cannot happen, one entry per index.
-        if let Some(oldest) = state.requests.iter().min_by_key(|(_, r)| r.index).map(|(id, _)| id.clone()) {
-            state.requests.remove(&oldest);
+        if let Some(oldest) = state.requests.pop_oldest() {
             changed.insert(ObjectKey::Request(oldest));
         }
     }

@@ -610,6 +610,30 @@ fn request_memory_and_event_log_stay_bounded() {
     assert_eq!(indexes, newest, "the event log keeps the newest events, in order");
 }
 
+#[test]
+fn the_oldest_request_is_forgotten_by_index_also_after_decoding() {
+    // Ids sort opposite to their indexes, so an eviction by id order would forget the newest.
+    let id = |i: u64| format!("req-{:06}", 1_000_000 - i);
+    let mut state = State::default();
+    assert!(apply(&mut state, 1, &request(&id(1), 1, vec![op(init())])).response.result.is_ok());
+    for i in 2..=MAX_REMEMBERED_REQUESTS as u64 {
+        apply(&mut state, i, &request(&id(i), i, vec![op(maintenance(false))]));
+    }
+    // A snapshot's state decodes with the order rebuilt from the records.
+    let bytes = rmp_serde::to_vec_named(&state).unwrap();
+    let mut decoded: State = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(decoded, state);
+    for s in [&mut state, &mut decoded] {
+        let next = MAX_REMEMBERED_REQUESTS as u64 + 1;
+        let applied = apply(s, next, &request(&id(next), next, vec![op(maintenance(false))]));
+        assert!(applied.changed.contains(&ObjectKey::Request(id(1))), "{:?}", applied.changed);
+        assert!(!s.requests.contains_key(&id(1)));
+        assert!(s.requests.contains_key(&id(2)) && s.requests.contains_key(&id(next)));
+        assert_eq!(s.requests.len(), MAX_REMEMBERED_REQUESTS);
+    }
+    assert_eq!(decoded, state);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Properties over random command sequences
 // ---------------------------------------------------------------------------------------------

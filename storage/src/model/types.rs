@@ -372,6 +372,100 @@ pub struct RequestRecord {
     pub result: Result<Reply, ApplyError>,
 }
 
+/// Recently applied request ids and their outcomes, with the oldest found in O(log n).
+///
+/// Serialized as the plain map `id → record` (snapshots and stores keep that shape); the
+/// order by log index is derived from it and rebuilt on decoding. One request per log index,
+/// so the index names one id.
+#[derive(Clone, Debug, Default)]
+pub struct RequestLog {
+    by_id: BTreeMap<String, RequestRecord>,
+    /// Derived from `by_id`: each id under the index that applied it.
+    by_index: BTreeMap<u64, String>,
+}
+
+impl RequestLog {
+    pub fn get(&self, id: &str) -> Option<&RequestRecord> {
+        self.by_id.get(id)
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_id.keys()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &RequestRecord)> {
+        self.by_id.iter()
+    }
+
+    /// Remembers `record` under `id`, replacing what `id` or `record.index` held before.
+    pub fn insert(&mut self, id: String, record: RequestRecord) {
+        if let Some(old) = self.by_id.remove(&id) {
+            self.by_index.remove(&old.index);
+        }
+        if let Some(other) = self.by_index.insert(record.index, id.clone()) {
+            self.by_id.remove(&other);
+        }
+        self.by_id.insert(id, record);
+    }
+
+    /// Forgets the request applied at the smallest index and returns its id.
+    pub fn pop_oldest(&mut self) -> Option<String> {
+        let (_, id) = self.by_index.pop_first()?;
+        self.by_id.remove(&id);
+        Some(id)
+    }
+}
+
+impl PartialEq for RequestLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_id == other.by_id
+    }
+}
+
+impl Eq for RequestLog {}
+
+impl std::ops::Index<&str> for RequestLog {
+    type Output = RequestRecord;
+
+    fn index(&self, id: &str) -> &RequestRecord {
+        &self.by_id[id]
+    }
+}
+
+impl FromIterator<(String, RequestRecord)> for RequestLog {
+    fn from_iter<I: IntoIterator<Item = (String, RequestRecord)>>(iter: I) -> Self {
+        let mut log = RequestLog::default();
+        for (id, record) in iter {
+            log.insert(id, record);
+        }
+        log
+    }
+}
+
+impl Serialize for RequestLog {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.by_id.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestLog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<String, RequestRecord>::deserialize(d)?.into_iter().collect())
+    }
+}
+
 /// The whole replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -384,7 +478,7 @@ pub struct State {
     pub clock_ms: u64,
     pub events: VecDeque<Event>,
     /// Recently applied request ids and their results (bounded).
-    pub requests: BTreeMap<String, RequestRecord>,
+    pub requests: RequestLog,
     /// VMs by name.
     pub vms: BTreeMap<String, VmRecord>,
 }
