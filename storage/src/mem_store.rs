@@ -5,7 +5,7 @@
 //! to the restarted one. The state-machine backend is volatile like a cache: after a restart
 //! openraft rebuilds the applied state from the kept snapshot and the committed log.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
@@ -15,8 +15,7 @@ use futures::future::BoxFuture;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 
-use crate::model::ObjectKey;
-use crate::sm::{Backend, SmState, StoredSnapshot};
+use crate::sm::{Backend, StoredSnapshot};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 #[derive(Default)]
@@ -115,7 +114,8 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 }
 
-/// A volatile state-machine backend that keeps only the latest snapshot.
+/// A state-machine backend in memory: the latest snapshot (the simulation keeps one per
+/// machine across its daemon's restarts, as a disk would).
 #[derive(Clone, Default)]
 pub struct MemBackend {
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
@@ -128,18 +128,6 @@ impl MemBackend {
 }
 
 impl Backend for MemBackend {
-    fn load(&self) -> io::Result<SmState> {
-        Ok(SmState::default())
-    }
-
-    fn persist(&self, _sm: &SmState, _changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn replace_all(&self, _sm: &SmState) -> io::Result<()> {
-        Ok(())
-    }
-
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
         Ok(())

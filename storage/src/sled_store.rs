@@ -1,4 +1,4 @@
-//! Persistence on sled 0.34.7: the Raft log store, the state-machine backend and the node's
+//! Persistence on sled 0.34.7: the Raft log store, the state-machine snapshots and the node's
 //! local identity, all in one `sled::Db` per process.
 //!
 //! Trees and keys (every value rmp-serde with field names, so fields can be added):
@@ -8,15 +8,20 @@
 //! | `local`    | `format` (u32), `identity` ([`Identity`])                   |
 //! | `raft_log` | log index, big-endian u64 → `Entry`                         |
 //! | `raft_meta`| `vote`, `committed`, `last_purged`                           |
-//! | `sm_data`  | `meta`, `clock`, `events`, `node/<name>`, `req/<id>`        |
-//! | `sm_meta`  | `last_applied`, `membership`, `snapshot`                    |
+//! | `sm_meta`  | `snapshot` (the latest [`StoredSnapshot`])                   |
 //!
 //! Durability: `append` and `save_vote` flush before they report; `purge` records
 //! `last_purged` before deleting (never a hole); a snapshot is flushed before `build_snapshot`
-//! returns; applied state is written with its `last_applied` in one transaction and made
-//! durable by the next log flush (openraft re-applies from the committed log otherwise).
+//! returns. The applied state is not written per apply: a restarted node opens at its latest
+//! snapshot and openraft re-applies the committed entries after it (see `sm.rs`).
+//!
+//! sled seals and writes its IO buffer around every batch and transaction (a `pwrite` and a
+//! `sync_file_range` each), so single writes use plain inserts: a lone log entry is one insert.
+//!
+//! Format 1 (before 2026-11) also kept every object of the state in `sm_data` with its applied
+//! position in `sm_meta`, written per apply; opening such a store turns that state into the
+//! snapshot (when newer than the stored one) and drops `sm_data`.
 
-use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -27,16 +32,14 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use crate::identity::{Identity, IdentityStore};
-use crate::model::{ObjectKey, State};
-use crate::sm::{Backend, SmState, StoredSnapshot};
-use crate::types::{Entry, LogId, StoredMembership, TypeConfig, Vote};
+use crate::model::State;
+use crate::sm::{Backend, StoredSnapshot};
+use crate::types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
 /// The on-disk format this build reads and writes. Bump it with a migration.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// sled's page cache bound (bytes).
 const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
@@ -83,24 +86,76 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
         .mode(sled::Mode::LowSpace)
         .open()
         .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
-    let tree = |name: &str| db.open_tree(name).map_err(|source| OpenError::Sled { path: path.clone(), source });
+    let sled_open = |source| OpenError::Sled { path: path.clone(), source };
+    let tree = |name: &str| db.open_tree(name).map_err(sled_open);
     let local = LocalStore { db: db.clone(), tree: tree("local")? };
     let io_err = |source| OpenError::Io { path: path.clone(), source };
+    let sm_meta = tree("sm_meta")?;
     match get::<u32>(&local.tree, b"format").map_err(io_err)? {
         Some(FORMAT_VERSION) => {}
+        Some(1) => {
+            migrate_from_1(&db, &sm_meta).map_err(io_err)?;
+            local.tree.insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?).map_err(sled_open)?;
+            db.flush().map_err(sled_open)?;
+            db.drop_tree("sm_data").map_err(sled_open)?;
+            tracing::info!(%path, "store migrated from format 1 to {FORMAT_VERSION}: the applied state is now a snapshot");
+        }
         Some(found) => return Err(OpenError::Format { path, found }),
         None => {
-            local
-                .tree
-                .insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?)
-                .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+            local.tree.insert(b"format", encode(&FORMAT_VERSION).map_err(io_err)?).map_err(sled_open)?;
         }
     }
     Ok(SledStores {
         log: SledLogStore { db: db.clone(), log: tree("raft_log")?, meta: tree("raft_meta")? },
-        sm: SledBackend { db: db.clone(), data: tree("sm_data")?, meta: tree("sm_meta")? },
+        sm: SledBackend { db: db.clone(), meta: sm_meta },
         local,
     })
+}
+
+/// Format 1 → 2: the state kept object by object in `sm_data` (with `last_applied` and
+/// `membership` in `sm_meta`) becomes the snapshot, unless the stored snapshot is as new.
+fn migrate_from_1(db: &sled::Db, sm_meta: &sled::Tree) -> io::Result<()> {
+    let data = db.open_tree("sm_data").map_err(sled_err)?;
+    let mut state = State::default();
+    for item in data.iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        match &*k {
+            b"meta" => state.meta = Some(decode(&v)?),
+            b"clock" => state.clock_ms = decode(&v)?,
+            b"events" => state.events = decode(&v)?,
+            k if k.starts_with(b"node/") => {
+                let rec: crate::model::NodeRecord = decode(&v)?;
+                state.nodes.insert(rec.name.clone(), rec);
+            }
+            k if k.starts_with(b"vm/") => {
+                let vm: crate::model::VmRecord = decode(&v)?;
+                state.vms.insert(vm.spec.name.clone(), vm);
+            }
+            k if k.starts_with(b"req/") => {
+                let id = String::from_utf8_lossy(&k[4..]).into_owned();
+                state.requests.insert(id, decode(&v)?);
+            }
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unknown state-machine key {:?}", String::from_utf8_lossy(other)),
+                ))
+            }
+        }
+    }
+    let last_applied: Option<LogId> = get::<Option<LogId>>(sm_meta, b"last_applied")?.flatten();
+    let membership: StoredMembership = get(sm_meta, b"membership")?.unwrap_or_default();
+    let stored: Option<StoredSnapshot> = get(sm_meta, b"snapshot")?;
+    if last_applied.is_some() && stored.as_ref().is_none_or(|s| s.meta.last_log_id < last_applied) {
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta { last_log_id: last_applied, last_membership: membership },
+            data: encode(&state)?,
+        };
+        sm_meta.insert(b"snapshot", encode(&snapshot)?).map_err(sled_err)?;
+    }
+    sm_meta.remove(b"last_applied").map_err(sled_err)?;
+    sm_meta.remove(b"membership").map_err(sled_err)?;
+    Ok(())
 }
 
 /// The node's own identity (not replicated).
@@ -251,130 +306,13 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 }
 
-/// The state-machine backend on sled: one key per object.
+/// The state-machine backend on sled: the latest snapshot.
 pub struct SledBackend {
     db: sled::Db,
-    data: sled::Tree,
     meta: sled::Tree,
 }
 
-fn object_key(k: &ObjectKey) -> Vec<u8> {
-    match k {
-        ObjectKey::Meta => b"meta".to_vec(),
-        ObjectKey::Clock => b"clock".to_vec(),
-        ObjectKey::Events => b"events".to_vec(),
-        ObjectKey::Node(n) => [b"node/".as_slice(), n.as_bytes()].concat(),
-        ObjectKey::Request(id) => [b"req/".as_slice(), id.as_bytes()].concat(),
-        ObjectKey::Vm(n) => [b"vm/".as_slice(), n.as_bytes()].concat(),
-    }
-}
-
-/// The encoded value of an object, `None` when it does not exist (delete it).
-fn object_value(state: &State, k: &ObjectKey) -> io::Result<Option<Vec<u8>>> {
-    match k {
-        ObjectKey::Meta => state.meta.as_ref().map(encode).transpose(),
-        ObjectKey::Clock => encode(&state.clock_ms).map(Some),
-        ObjectKey::Events => encode(&state.events).map(Some),
-        ObjectKey::Node(n) => state.nodes.get(n).map(encode).transpose(),
-        ObjectKey::Request(id) => state.requests.get(id).map(encode).transpose(),
-        ObjectKey::Vm(n) => state.vms.get(n).map(encode).transpose(),
-    }
-}
-
-fn all_keys(state: &State) -> BTreeSet<ObjectKey> {
-    let mut keys = BTreeSet::from([ObjectKey::Meta, ObjectKey::Clock, ObjectKey::Events]);
-    keys.extend(state.nodes.keys().cloned().map(ObjectKey::Node));
-    keys.extend(state.requests.keys().cloned().map(ObjectKey::Request));
-    keys.extend(state.vms.keys().cloned().map(ObjectKey::Vm));
-    keys
-}
-
-type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
-
-impl SledBackend {
-    fn meta_writes(sm: &SmState) -> io::Result<Writes> {
-        Ok(vec![
-            (b"last_applied".to_vec(), Some(encode(&sm.last_applied)?)),
-            (b"membership".to_vec(), Some(encode(&sm.membership)?)),
-        ])
-    }
-
-    /// Applies data and meta writes in one cross-tree transaction.
-    fn commit(&self, data: &Writes, meta: &Writes) -> io::Result<()> {
-        (&self.data, &self.meta)
-            .transaction(|(d, m)| {
-                for (tree, writes) in [(d, data), (m, meta)] {
-                    for (k, v) in writes {
-                        match v {
-                            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
-                            None => tree.remove(k.as_slice())?,
-                        };
-                    }
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => sled_err(e),
-                TransactionError::Abort(()) => io::Error::other("state-machine transaction aborted"),
-            })
-    }
-}
-
 impl Backend for SledBackend {
-    fn load(&self) -> io::Result<SmState> {
-        let mut state = State::default();
-        for item in self.data.iter() {
-            let (k, v) = item.map_err(sled_err)?;
-            match &*k {
-                b"meta" => state.meta = Some(decode(&v)?),
-                b"clock" => state.clock_ms = decode(&v)?,
-                b"events" => state.events = decode(&v)?,
-                k if k.starts_with(b"node/") => {
-                    let rec: crate::model::NodeRecord = decode(&v)?;
-                    state.nodes.insert(rec.name.clone(), rec);
-                }
-                k if k.starts_with(b"vm/") => {
-                    let vm: crate::model::VmRecord = decode(&v)?;
-                    state.vms.insert(vm.spec.name.clone(), vm);
-                }
-                k if k.starts_with(b"req/") => {
-                    let id = String::from_utf8_lossy(&k[4..]).into_owned();
-                    state.requests.insert(id, decode(&v)?);
-                }
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("unknown state-machine key {:?}", String::from_utf8_lossy(other)),
-                    ))
-                }
-            }
-        }
-        let last_applied: Option<LogId> = get::<Option<LogId>>(&self.meta, b"last_applied")?.flatten();
-        let membership: StoredMembership = get(&self.meta, b"membership")?.unwrap_or_default();
-        Ok(SmState { state, last_applied, membership, membership_history: Default::default() })
-    }
-
-    fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()> {
-        let data =
-            changed.iter().map(|k| Ok((object_key(k), object_value(&sm.state, k)?))).collect::<io::Result<Writes>>()?;
-        self.commit(&data, &Self::meta_writes(sm)?)
-    }
-
-    fn replace_all(&self, sm: &SmState) -> io::Result<()> {
-        let mut data: Writes = Vec::new();
-        let keep: BTreeSet<Vec<u8>> = all_keys(&sm.state).iter().map(object_key).collect();
-        for k in self.data.iter().keys() {
-            let k = k.map_err(sled_err)?.to_vec();
-            if !keep.contains(&k) {
-                data.push((k, None));
-            }
-        }
-        for k in all_keys(&sm.state) {
-            data.push((object_key(&k), object_value(&sm.state, &k)?));
-        }
-        self.commit(&data, &Self::meta_writes(sm)?)
-    }
-
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()> {
         self.meta.insert(b"snapshot", encode(snapshot)?).map_err(sled_err)?;
         Ok(())

@@ -1,11 +1,14 @@
 //! The openraft state machine, shared by the sled and in-memory stores.
 //!
-//! It decodes each committed entry, hands it to the pure [`model::apply`], persists what
-//! changed through a [`Backend`], then answers the waiting client. The applied state is also
-//! published as a [`StateView`]: the daemon's local reads and watches are fed from it, never by
-//! polling the store.
+//! It decodes each committed entry, hands it to the pure [`model::apply`] and answers the
+//! waiting client. The applied state lives in memory and is published as a [`StateView`]: the
+//! daemon's local reads and watches are fed from it, never by polling the store.
+//!
+//! Durability comes from the log and snapshots, not from writes per apply: a [`Backend`] keeps
+//! the latest snapshot (made durable before openraft may purge the log it covers), and a
+//! restarted node opens with that snapshot's state while openraft re-applies the committed
+//! entries after it from the log. Applying writes nothing to disk.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::io::Cursor;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -17,7 +20,7 @@ use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::{self, ObjectKey, Reply, Response, State};
+use crate::model::{self, Reply, Response, State};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// The applied state and where it stands in the log.
@@ -48,14 +51,8 @@ pub struct StoredSnapshot {
     pub data: Vec<u8>,
 }
 
-/// Where a state machine keeps its applied state. Implementations do plain IO, no decisions.
+/// Where a state machine keeps its snapshots. Implementations do plain IO, no decisions.
 pub trait Backend: Send + Sync + 'static {
-    /// The state as last persisted (empty for a volatile backend).
-    fn load(&self) -> io::Result<SmState>;
-    /// Writes the objects named in `changed` plus the applied position, atomically.
-    fn persist(&self, sm: &SmState, changed: &BTreeSet<ObjectKey>) -> io::Result<()>;
-    /// Replaces everything (snapshot installation), atomically.
-    fn replace_all(&self, sm: &SmState) -> io::Result<()>;
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> io::Result<()>;
     fn load_snapshot(&self) -> io::Result<Option<StoredSnapshot>>;
     /// Makes everything written so far durable.
@@ -103,9 +100,18 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Opens the state machine from what the backend holds.
+    /// Opens the state machine at the backend's latest snapshot (empty without one); openraft
+    /// re-applies the committed entries after it.
     pub fn open(backend: Arc<dyn Backend>) -> io::Result<Self> {
-        let sm = backend.load()?;
+        let sm = match backend.load_snapshot()? {
+            Some(s) => SmState {
+                state: decode_snapshot_state(&s.data)?,
+                last_applied: s.meta.last_log_id,
+                membership: s.meta.last_membership,
+                membership_history: Default::default(),
+            },
+            None => SmState::default(),
+        };
         Ok(StateMachine { backend, view: StateView::new(sm) })
     }
 
@@ -140,7 +146,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let last_index;
         {
             let mut g = self.view.write();
-            let mut changed = BTreeSet::new();
             for (entry, responder) in batch {
                 let index = entry.log_id.index;
                 let response = match entry.payload {
@@ -154,7 +159,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             Ok(_) => tracing::info!(index, "applied {req}"),
                             Err(e) => tracing::info!(index, "refused {req}: {e}"),
                         }
-                        changed.extend(applied.changed);
                         applied.response
                     }
                     EntryPayload::Membership(m) => {
@@ -174,7 +178,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 g.last_applied = Some(entry.log_id);
                 replies.push((responder, response));
             }
-            self.backend.persist(&g, &changed)?;
             last_index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
         self.view.publish(last_index);
@@ -199,7 +202,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             g.state = state;
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
-            self.backend.replace_all(&g)?;
             self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }

@@ -70,7 +70,8 @@ async fn append(log: &mut SledLogStore, entries: Vec<Entry>) -> io::Result<()> {
     rx.await.map_err(io::Error::other)?
 }
 
-/// State, vote and log survive a reopen, with a snapshot taken and the log purged before it.
+/// Vote, log and snapshot survive a reopen (the log purged before the snapshot), and the
+/// snapshot plus the log's remaining entries give back the state as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -119,12 +120,16 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
     assert_eq!(state.last_log_id, Some(log_id(2, 5)));
     let remaining = log.try_get_log_entries(0..100).await?;
     assert_eq!(remaining.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5]);
+    // The state machine opens at the snapshot; openraft re-applies what follows from the log.
     let (applied, membership) = sm.applied_state().await?;
-    assert_eq!(applied, Some(log_id(2, 5)));
+    assert_eq!(applied, Some(log_id(2, 4)));
     assert_eq!(membership.membership(), &members);
-    assert_eq!(sm.view().read().state, before.state);
+    assert_eq!(sm.view().read().state.nodes.len(), 2);
     let snap = sm.get_current_snapshot().await?.ok_or_else(|| io::Error::other("snapshot lost"))?;
     assert_eq!(snap.meta.last_log_id, Some(log_id(2, 4)));
+    sm.apply(futures::stream::iter(remaining.into_iter().map(|e| Ok((e, None))))).await?;
+    assert_eq!(sm.applied_state().await?.0, Some(log_id(2, 5)));
+    assert_eq!(sm.view().read().state, before.state);
     // A snapshot installed over it replaces the state exactly.
     let mut fresh_dir_sm = {
         let d2 = tempfile::tempdir()?;
@@ -219,5 +224,70 @@ async fn a_purge_past_the_last_entry_leaves_a_consistent_log_state() -> io::Resu
     mem_log.purge(log_id(2, 9)).await?;
     let state = mem_log.get_log_state().await?;
     assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(2, 9)), Some(log_id(2, 9))));
+    Ok(())
+}
+
+/// A format-1 store (the applied state object by object in `sm_data`, written per apply)
+/// opens as format 2 with that state as its snapshot, and stays readable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_store_is_migrated_to_a_snapshot() -> Result<(), Box<dyn std::error::Error>> {
+    use herd_storage::model::{self, State};
+    let dir = tempfile::tempdir()?;
+    let mut state = State::default();
+    let requests = [
+        Request {
+            id: "r1".into(),
+            time_ms: 1_000,
+            ops: vec![Op::from(Command::InitCluster {
+                cluster_id: "c1".into(),
+                token_hash: "h".into(),
+                node: node("a"),
+            })],
+        },
+        Request {
+            id: "r2".into(),
+            time_ms: 2_000,
+            ops: vec![Op::from(Command::RegisterNode { node: node("b"), token_hash: "h".into() })],
+        },
+        Request { id: "r3".into(), time_ms: 3_000, ops: vec![Op::from(Command::SetMaintenance { on: true })] },
+    ];
+    for (i, r) in requests.iter().enumerate() {
+        assert!(model::apply(&mut state, i as u64 + 2, r).response.result.is_ok());
+    }
+    let members = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, BasicNode::new("a:7400"))]))?;
+    let membership = openraft::StoredMembership::new(Some(log_id(1, 1)), members);
+    {
+        let db = sled::open(dir.path())?;
+        db.open_tree("local")?.insert(b"format", rmp_serde::to_vec_named(&1u32)?)?;
+        let data = db.open_tree("sm_data")?;
+        // rmp-serde with field names, as format 1 wrote them.
+        data.insert(b"meta", rmp_serde::to_vec_named(state.meta.as_ref().ok_or("no meta")?)?)?;
+        data.insert(b"clock", rmp_serde::to_vec_named(&state.clock_ms)?)?;
+        data.insert(b"events", rmp_serde::to_vec_named(&state.events)?)?;
+        for (name, n) in &state.nodes {
+            data.insert(format!("node/{name}"), rmp_serde::to_vec_named(n)?)?;
+        }
+        for (id, r) in state.requests.iter() {
+            data.insert(format!("req/{id}"), rmp_serde::to_vec_named(r)?)?;
+        }
+        let meta = db.open_tree("sm_meta")?;
+        meta.insert(b"last_applied", rmp_serde::to_vec_named(&Some(log_id(1, 4)))?)?;
+        meta.insert(b"membership", rmp_serde::to_vec_named(&membership)?)?;
+        db.flush()?;
+    }
+    for _ in 0..2 {
+        let stores = sled_store::open(dir.path())?;
+        let mut sm = StateMachine::open(std::sync::Arc::new(stores.sm))?;
+        let (applied, m) = sm.applied_state().await?;
+        assert_eq!(applied, Some(log_id(1, 4)));
+        assert_eq!(m, membership);
+        assert_eq!(sm.view().read().state, state);
+        let snap = sm.get_current_snapshot().await?.ok_or("no snapshot")?;
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 4)));
+    }
+    let db = sled::open(dir.path())?;
+    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"sm_data"), "sm_data dropped");
+    let format: u32 = rmp_serde::from_slice(&db.open_tree("local")?.get(b"format")?.ok_or("no format")?)?;
+    assert_eq!(format, sled_store::FORMAT_VERSION);
     Ok(())
 }
