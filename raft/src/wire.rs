@@ -225,12 +225,23 @@ pub fn encode<T: Serialize>(v: &T, max: u32) -> Result<Vec<u8>, FrameError> {
     }
 }
 
+/// Frames up to this size go out in one write (length and body copied together).
+const COALESCE_BELOW: usize = 64 * 1024;
+
 /// Writes one frame within `deadline`.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8], deadline: Duration) -> Result<(), FrameError> {
     let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge { len: u32::MAX, max: u32::MAX })?;
     let fut = async {
-        w.write_all(&len.to_be_bytes()).await?;
-        w.write_all(body).await?;
+        if body.len() <= COALESCE_BELOW {
+            // One write: over TLS each write is a record and a syscall of its own.
+            let mut frame = Vec::with_capacity(4 + body.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(body);
+            w.write_all(&frame).await?;
+        } else {
+            w.write_all(&len.to_be_bytes()).await?;
+            w.write_all(body).await?;
+        }
         w.flush().await
     };
     tokio::time::timeout(deadline, fut).await.map_err(|_| FrameError::Timeout(deadline))??;
