@@ -26,6 +26,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -106,7 +107,12 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
         }
     }
     Ok(SledStores {
-        log: SledLogStore { db: db.clone(), log: tree("raft_log")?, meta: tree("raft_meta")? },
+        log: SledLogStore {
+            db: db.clone(),
+            log: tree("raft_log")?,
+            meta: tree("raft_meta")?,
+            deleting: Arc::default(),
+        },
         sm: SledBackend { db: db.clone(), meta: sm_meta },
         local,
     })
@@ -186,6 +192,8 @@ pub struct SledLogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The deletion of purged entries, while one runs.
+    deleting: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 fn index_key(i: u64) -> [u8; 8] {
@@ -294,15 +302,40 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Record the purge point first, then delete from the front: never a hole.
+        // Record the purge point first (durably); from then on nothing below it is read, so the
+        // entries are deleted off the Raft core's path: thousands of sled removals would hold
+        // it up for tens of milliseconds (the p99 of every write in flight). At most one
+        // deletion runs; one skipped is covered by the next, which deletes everything below
+        // its own point. Deleted from the front: never a hole.
         self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
         self.flush().await?;
-        let keys: Vec<_> =
-            self.log.range(..=index_key(log_id.index)).keys().collect::<Result<_, _>>().map_err(sled_err)?;
-        for k in keys {
-            self.log.remove(k).map_err(sled_err)?;
+        let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+        if deleting.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
         }
+        let log = self.log.clone();
+        *deleting = Some(tokio::task::spawn_blocking(move || {
+            let deleted = (|| -> sled::Result<()> {
+                for k in log.range(..=index_key(log_id.index)).keys() {
+                    log.remove(k?)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = deleted {
+                tracing::warn!(index = log_id.index, "deleting purged log entries: {e} (the next purge retries)");
+            }
+        }));
         Ok(())
+    }
+}
+
+impl SledLogStore {
+    /// Waits for the deletion of purged entries, if one runs (it holds the database open).
+    pub async fn settle(&self) {
+        let handle = self.deleting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
     }
 }
 

@@ -97,6 +97,22 @@ impl StateView {
 pub struct StateMachine {
     backend: Arc<dyn Backend>,
     view: StateView,
+    saved: SavedAt,
+}
+
+/// Where the stored snapshot stands; held while a snapshot is saved, so an older one never
+/// replaces a newer (a build and an install may run at once).
+type SavedAt = Arc<std::sync::Mutex<Option<LogId>>>;
+
+/// Saves `snapshot` unless the stored one is at least as new.
+fn save_if_newer(backend: &dyn Backend, saved: &SavedAt, snapshot: &StoredSnapshot) -> io::Result<()> {
+    let mut at = saved.lock().unwrap_or_else(|p| p.into_inner());
+    if at.is_some() && *at >= snapshot.meta.last_log_id {
+        return Ok(());
+    }
+    backend.save_snapshot(snapshot)?;
+    *at = snapshot.meta.last_log_id;
+    Ok(())
 }
 
 impl StateMachine {
@@ -112,7 +128,8 @@ impl StateMachine {
             },
             None => SmState::default(),
         };
-        Ok(StateMachine { backend, view: StateView::new(sm) })
+        let saved = Arc::new(std::sync::Mutex::new(sm.last_applied));
+        Ok(StateMachine { backend, view: StateView::new(sm), saved })
     }
 
     /// The read handle the daemon serves local reads from.
@@ -190,7 +207,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { backend: self.backend.clone(), view: self.view.clone() }
+        SnapshotBuilder { backend: self.backend.clone(), view: self.view.clone(), saved: self.saved.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
@@ -202,7 +219,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             g.state = state;
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
-            self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+            save_if_newer(&*self.backend, &self.saved, &StoredSnapshot { meta: meta.clone(), data })?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
         self.backend.flush().await?;
@@ -218,25 +235,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Builds a snapshot from a point-in-time copy of the applied state (it runs concurrently
 /// with `apply`), and makes it durable before returning, since openraft purges the log next.
+/// When an installed snapshot is newer by then, that one stays stored.
 pub struct SnapshotBuilder {
     backend: Arc<dyn Backend>,
     view: StateView,
+    saved: SavedAt,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, data) = {
-            // Saved under the lock: an `install_snapshot` running concurrently (it takes the write
-            // lock) either happened before — and this snapshot includes it — or waits, so an older
-            // snapshot never overwrites a newer one.
+        // Only a copy is taken under the read lock (applying waits for it); encoding and
+        // saving happen outside it.
+        let (state, meta) = {
             let g = self.view.read();
-            let data = rmp_serde::to_vec_named(&g.state).map_err(io::Error::other)?;
-            let meta = SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone() };
-            self.backend.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
-            (meta, data)
+            (g.state.clone(), SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone() })
         };
+        let data = rmp_serde::to_vec_named(&state).map_err(io::Error::other)?;
+        drop(state);
+        save_if_newer(&*self.backend, &self.saved, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.backend.flush().await?;
         tracing::info!(index = meta.last_log_id.as_ref().map_or(0, |l| l.index), bytes = data.len(), "built snapshot");
         Ok(Snapshot { meta, snapshot: Cursor::new(data) })

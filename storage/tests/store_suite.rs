@@ -104,6 +104,7 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
         let snap = builder.build_snapshot().await?;
         assert_eq!(snap.meta.last_log_id, Some(log_id(2, 4)));
         log.purge(log_id(2, 4)).await?;
+        log.settle().await;
         sm.apply(futures::stream::iter(vec![Ok((entries[4].clone(), None))])).await?;
         before = sm.view().read().clone();
         assert_eq!(before.state.nodes.len(), 3);
