@@ -21,8 +21,6 @@ const MAX_NETWORKS: usize = 8;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     pub response: Response,
-    /// The persisted objects this entry changed (empty for a deduplicated retry).
-    pub changed: BTreeSet<ObjectKey>,
 }
 
 /// Applies the request at log `index` to `state`.
@@ -31,47 +29,38 @@ pub struct Applied {
 /// request take effect, or none (the state is left untouched on any refusal). A request id
 /// seen before returns the remembered result and changes nothing.
 pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
-    let mut changed = BTreeSet::new();
     if req.id.is_empty() || req.id.len() > MAX_REQUEST_ID_LEN {
         // Not remembered: an id that cannot be stored cannot deduplicate anything.
         let result = Err(ApplyError::Invalid(format!("a request id is 1 to {MAX_REQUEST_ID_LEN} bytes")));
-        return Applied { response: Response { index, result }, changed };
+        return Applied { response: Response { index, result } };
     }
     if let Some(seen) = state.requests.get(&req.id) {
-        return Applied { response: Response { index, result: seen.result.clone() }, changed };
+        return Applied { response: Response { index, result: seen.result.clone() } };
     }
 
     let now = state.clock_ms.max(req.time_ms);
     if now != state.clock_ms {
         state.clock_ms = now;
-        changed.insert(ObjectKey::Clock);
     }
 
-    let result = apply_ops(state, index, now, &req.ops, &mut changed);
+    let result = apply_ops(state, index, now, &req.ops);
 
-    remember(state, index, now, req, &result, &mut changed);
-    Applied { response: Response { index, result }, changed }
+    remember(state, index, now, req, &result);
+    Applied { response: Response { index, result } }
 }
 
-fn apply_ops(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    ops: &[Op],
-    changed: &mut BTreeSet<ObjectKey>,
-) -> Result<Reply, ApplyError> {
+fn apply_ops(state: &mut State, index: u64, now: u64, ops: &[Op]) -> Result<Reply, ApplyError> {
     if ops.is_empty() || ops.len() > MAX_OPS {
         return Err(ApplyError::Invalid(format!("a request carries 1 to {MAX_OPS} operations")));
     }
     if let [op] = ops {
         // One operation validates fully before it mutates: no copy needed.
-        return apply_op(state, index, now, op, changed);
+        return apply_op(state, index, now, op);
     }
     let backup = state.clone();
-    let mut op_changed = BTreeSet::new();
     let mut reply = Reply::Done;
     for op in ops {
-        match apply_op(state, index, now, op, &mut op_changed) {
+        match apply_op(state, index, now, op) {
             Ok(r) => reply = r,
             Err(e) => {
                 *state = backup;
@@ -79,7 +68,6 @@ fn apply_ops(
             }
         }
     }
-    changed.extend(op_changed);
     Ok(reply)
 }
 
@@ -140,13 +128,7 @@ fn new_record(node: &NewNode, id: NodeId, index: u64, now: u64) -> NodeRecord {
     }
 }
 
-fn apply_op(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    op: &Op,
-    changed: &mut BTreeSet<ObjectKey>,
-) -> Result<Reply, ApplyError> {
+fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, ApplyError> {
     match &op.cmd {
         Command::InitCluster { cluster_id, token_hash, node } => {
             check_revision("cluster".into(), state.meta.as_ref().map_or(0, |m| m.revision), op)?;
@@ -168,17 +150,7 @@ fn apply_op(
                 revision: index,
             });
             state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
-            changed.insert(ObjectKey::Meta);
-            changed.insert(ObjectKey::Node(node.name.clone()));
-            push_event(
-                state,
-                index,
-                now,
-                "cluster-init",
-                Some(&node.name),
-                format!("cluster {cluster_id} created"),
-                changed,
-            );
+            push_event(state, index, now, "cluster-init", Some(&node.name), format!("cluster {cluster_id} created"));
             Ok(Reply::NodeRegistered { id })
         }
         Command::RegisterNode { node, token_hash } => {
@@ -197,8 +169,6 @@ fn apply_op(
                 }
             }
             state.nodes.insert(node.name.clone(), new_record(node, id, index, now));
-            changed.insert(ObjectKey::Meta);
-            changed.insert(ObjectKey::Node(node.name.clone()));
             push_event(
                 state,
                 index,
@@ -206,7 +176,6 @@ fn apply_op(
                 "node-join",
                 Some(&node.name),
                 format!("{} joined as {} with id {id}", node.name, node.role),
-                changed,
             );
             Ok(Reply::NodeRegistered { id })
         }
@@ -245,9 +214,8 @@ fn apply_op(
                 JoinToken { created_ms: now, expires_ms: ttl_ms.map(|t| now.saturating_add(t)), uses_left: *uses },
             );
             meta.revision = index;
-            changed.insert(ObjectKey::Meta);
             let id: String = token_hash.chars().take(12).collect();
-            push_event(state, index, now, "token-create", None, format!("join token {id} created"), changed);
+            push_event(state, index, now, "token-create", None, format!("join token {id} created"));
             Ok(Reply::Done)
         }
         Command::RevokeJoinToken { id } => {
@@ -271,8 +239,7 @@ fn apply_op(
             meta.join_token_hashes.remove(&hash);
             meta.join_tokens.remove(&hash);
             meta.revision = index;
-            changed.insert(ObjectKey::Meta);
-            push_event(state, index, now, "token-revoke", None, format!("join token {id} revoked"), changed);
+            push_event(state, index, now, "token-revoke", None, format!("join token {id} revoked"));
             Ok(Reply::Done)
         }
         Command::RemoveNode { name } => {
@@ -288,8 +255,7 @@ fn apply_op(
             }
             let id = node.id;
             state.nodes.remove(name);
-            changed.insert(ObjectKey::Node(name.clone()));
-            push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"), changed);
+            push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"));
             Ok(Reply::Done)
         }
         Command::Keepalive { name, stats, node_id } => {
@@ -305,7 +271,6 @@ fn apply_op(
             node.stats = stats.clone();
             node.last_keepalive_ms = Some(now);
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
         Command::SetDaemonState { name, state: new, return_by_ms, node_id } => {
@@ -320,17 +285,15 @@ fn apply_op(
                 // auto_ready): its start is recorded as a sign of life, nothing more.
                 node.last_keepalive_ms = Some(now);
                 node.revision = index;
-                changed.insert(ObjectKey::Node(name.clone()));
                 let msg = format!("{name} is back ({new}) and stays fenced until `herd node ready`");
-                push_event(state, index, now, "daemon-state", Some(name), msg, changed);
+                push_event(state, index, now, "daemon-state", Some(name), msg);
                 return Ok(Reply::Done);
             }
             node.daemon_state = *new;
             node.return_by_ms = if *new == DaemonState::Stop { *return_by_ms } else { None };
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             if old != *new {
-                push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"), changed);
+                push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"));
             }
             Ok(Reply::Done)
         }
@@ -354,9 +317,8 @@ fn apply_op(
             }
             node.domain_state = *to;
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             if from != *to {
-                push_event(state, index, now, "domain-state", Some(name), format!("{name}: {from} -> {to}"), changed);
+                push_event(state, index, now, "domain-state", Some(name), format!("{name}: {from} -> {to}"));
             }
             Ok(Reply::Done)
         }
@@ -374,7 +336,6 @@ fn apply_op(
             check_revision(format!("node {name}"), node.revision, op)?;
             node.heartbeat = addrs.clone();
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
         Command::Takeover { name, node_id } => {
@@ -385,14 +346,12 @@ fn apply_op(
             }
             node.router_state = RouterState::Takeover;
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             let mut deposed = Vec::new();
             for other in state.nodes.values_mut().filter(|n| n.name != *name && n.role == Role::Coordinator) {
                 if other.router_state != RouterState::Secondary {
                     deposed.push(format!("{} ({})", other.name, other.router_state));
                     other.router_state = RouterState::Secondary;
                     other.revision = index;
-                    changed.insert(ObjectKey::Node(other.name.clone()));
                 }
             }
             let was =
@@ -404,7 +363,6 @@ fn apply_op(
                 "primary-takeover",
                 Some(name),
                 format!("{name} takes over the primary role{was}"),
-                changed,
             );
             Ok(Reply::Done)
         }
@@ -420,9 +378,8 @@ fn apply_op(
             }
             node.router_state = *to;
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             if from != *to && matches!(to, RouterState::Primary | RouterState::Secondary) {
-                push_event(state, index, now, "router-state", Some(name), format!("{name}: {from} -> {to}"), changed);
+                push_event(state, index, now, "router-state", Some(name), format!("{name}: {from} -> {to}"));
             }
             Ok(Reply::Done)
         }
@@ -433,12 +390,12 @@ fn apply_op(
         | Command::UndefineVm { .. }
         | Command::ReleaseVm { .. }
         | Command::AbortMigration { .. }
-        | Command::ReportVm { .. } => super::vm::apply_vm_op(state, index, now, op, changed),
+        | Command::ReportVm { .. } => super::vm::apply_vm_op(state, index, now, op),
         Command::SetFencePolicy { .. }
         | Command::SetFenceReady { .. }
         | Command::DecideFence { .. }
         | Command::CancelFence { .. }
-        | Command::FenceDone { .. } => super::fence::apply_fence_op(state, index, now, op, changed),
+        | Command::FenceDone { .. } => super::fence::apply_fence_op(state, index, now, op),
         Command::RecordEvent { kind, node, message } => {
             if kind.is_empty()
                 || kind.len() > 64
@@ -447,7 +404,7 @@ fn apply_op(
             {
                 return Err(ApplyError::Invalid("event: kind 1 to 64 bytes, message up to 1024".into()));
             }
-            push_event(state, index, now, kind, node.as_ref(), message.clone(), changed);
+            push_event(state, index, now, kind, node.as_ref(), message.clone());
             Ok(Reply::Done)
         }
         Command::SetMaintenance { on } => {
@@ -456,10 +413,9 @@ fn apply_op(
             let was = meta.maintenance;
             meta.maintenance = *on;
             meta.revision = index;
-            changed.insert(ObjectKey::Meta);
             if was != *on {
                 let word = if *on { "on" } else { "off" };
-                push_event(state, index, now, "maintenance", None, format!("maintenance {word}"), changed);
+                push_event(state, index, now, "maintenance", None, format!("maintenance {word}"));
             }
             Ok(Reply::Done)
         }
@@ -479,36 +435,17 @@ pub(crate) fn own_record<'a>(
     }
 }
 
-pub(crate) fn push_event(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    kind: &str,
-    node: Option<&String>,
-    message: String,
-    changed: &mut BTreeSet<ObjectKey>,
-) {
+pub(crate) fn push_event(state: &mut State, index: u64, now: u64, kind: &str, node: Option<&String>, message: String) {
     while state.events.len() >= MAX_EVENTS {
         state.events.pop_front();
     }
     state.events.push_back(Event { index, time_ms: now, kind: kind.into(), node: node.cloned(), message });
-    changed.insert(ObjectKey::Events);
 }
 
-fn remember(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    req: &Request,
-    result: &Result<Reply, ApplyError>,
-    changed: &mut BTreeSet<ObjectKey>,
-) {
+fn remember(state: &mut State, index: u64, now: u64, req: &Request, result: &Result<Reply, ApplyError>) {
     if state.requests.len() >= MAX_REMEMBERED_REQUESTS {
         // Forget the oldest (smallest index); ties cannot happen, one entry per index.
-        if let Some(oldest) = state.requests.pop_oldest() {
-            changed.insert(ObjectKey::Request(oldest));
-        }
+        state.requests.pop_oldest();
     }
     state.requests.insert(req.id.clone(), RequestRecord { index, time_ms: now, result: result.clone() });
-    changed.insert(ObjectKey::Request(req.id.clone()));
 }

@@ -12,7 +12,6 @@
 //! ```
 //! The executor (the primary) acts outside the log; this module only records and checks.
 
-use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -243,13 +242,7 @@ fn node_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut Nod
     Ok(node)
 }
 
-pub(crate) fn apply_fence_op(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    op: &Op,
-    changed: &mut BTreeSet<ObjectKey>,
-) -> Result<Reply, ApplyError> {
+pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, ApplyError> {
     match &op.cmd {
         Command::SetFencePolicy { name, policy, node_id } => {
             if let Some(p) = policy {
@@ -263,7 +256,6 @@ pub(crate) fn apply_fence_op(
                 node.fence.ready_reason = None;
             }
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             Ok(Reply::Done)
         }
         Command::SetFenceReady { name, ready, reason } => {
@@ -272,7 +264,6 @@ pub(crate) fn apply_fence_op(
             node.fence.ready = Some(*ready);
             node.fence.ready_reason = if *ready { None } else { reason.as_deref().map(bounded) };
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             if was != Some(*ready) {
                 let msg = match (ready, reason) {
                     (true, _) => format!("{name} can be fenced: its BMC answers"),
@@ -280,7 +271,7 @@ pub(crate) fn apply_fence_op(
                         format!("{name} cannot be fenced: {}", bounded(r.as_deref().unwrap_or("BMC check failed")))
                     }
                 };
-                push_event(state, index, now, "fence-readiness", Some(name), msg, changed);
+                push_event(state, index, now, "fence-readiness", Some(name), msg);
             }
             Ok(Reply::Done)
         }
@@ -301,7 +292,6 @@ pub(crate) fn apply_fence_op(
             }
             node.fence.pending = Some(PendingFence { decided_ms: now, reason: bounded(reason), manual: *manual });
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             let who = if *manual { "by an operator" } else { "by the primary" };
             push_event(
                 state,
@@ -310,7 +300,6 @@ pub(crate) fn apply_fence_op(
                 "fence-decided",
                 Some(name),
                 format!("fence of {name} decided {who}: {}", bounded(reason)),
-                changed,
             );
             Ok(Reply::Done)
         }
@@ -320,7 +309,6 @@ pub(crate) fn apply_fence_op(
                 return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
             }
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             push_event(
                 state,
                 index,
@@ -328,11 +316,10 @@ pub(crate) fn apply_fence_op(
                 "fence-cancelled",
                 Some(name),
                 format!("fence of {name} cancelled: {}", bounded(reason)),
-                changed,
             );
             Ok(Reply::Done)
         }
-        Command::FenceDone { name, outcome } => fence_done(state, index, now, op, name, outcome, changed),
+        Command::FenceDone { name, outcome } => fence_done(state, index, now, op, name, outcome),
         _ => Err(ApplyError::Invalid("not a fence command".into())),
     }
 }
@@ -344,7 +331,6 @@ fn fence_done(
     op: &Op,
     name: &String,
     outcome: &FenceOutcome,
-    changed: &mut BTreeSet<ObjectKey>,
 ) -> Result<Reply, ApplyError> {
     let node = node_mut(state, name, op)?;
     let policy =
@@ -357,7 +343,6 @@ fn fence_done(
             node.fence.failed_ms = Some(now);
             node.fence.failure = Some(bounded(reason));
             node.revision = index;
-            changed.insert(ObjectKey::Node(name.clone()));
             let next = match policy.failed_fence {
                 FailedFence::None => "its VMs are not started elsewhere (failed_fence = none)",
                 FailedFence::RecoverAfterSelfFence => "its VMs are recovered once it has certainly self-fenced",
@@ -369,7 +354,6 @@ fn fence_done(
                 "fence-failed",
                 Some(name),
                 format!("fence of {name} failed: {}; {next}", bounded(reason)),
-                changed,
             );
             return Ok(Reply::Done);
         }
@@ -406,15 +390,14 @@ fn fence_done(
     node.fence.failed_ms = None;
     node.fence.failure = None;
     node.revision = index;
-    changed.insert(ObjectKey::Node(name.clone()));
     let how = if matches!(outcome, FenceOutcome::SelfFenced) {
         "self-fenced (by its policy and keepalive age)"
     } else {
         "fenced: power-off confirmed"
     };
-    push_event(state, index, now, "fenced", Some(name), format!("{name} {how} (was {old})"), changed);
+    push_event(state, index, now, "fenced", Some(name), format!("{name} {how} (was {old})"));
     if policy.successful_fence == SuccessfulFence::Migrate {
-        recover(state, index, now, name, changed);
+        recover(state, index, now, name);
     }
     if let Some(node) = state.nodes.get_mut(name) {
         node.domain_state = DomainState::Flushed;
@@ -425,7 +408,7 @@ fn fence_done(
 /// Starts every VM of the fenced node `name` that should run on another node, keeping
 /// `last_node` so `herd node ready` brings them home. A VM that moved away from `name` and was
 /// not released is released (its source is dead); one that fits nowhere is put in `fail`.
-fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BTreeSet<ObjectKey>) {
+fn recover(state: &mut State, index: u64, now: u64, name: &str) {
     let names: Vec<String> = state.vms.keys().cloned().collect();
     let (mut moved, mut failed) = (Vec::new(), Vec::new());
     for vm_name in names {
@@ -434,7 +417,6 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BT
             if vm.migrating_from.as_deref() == Some(name) {
                 vm.migrating_from = None;
                 vm.revision = index;
-                changed.insert(ObjectKey::Vm(vm_name));
             }
             continue;
         }
@@ -464,7 +446,6 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BT
             }
         }
         vm.revision = index;
-        changed.insert(ObjectKey::Vm(vm_name));
     }
     let mut msg = format!("{name}: {} VM(s) recovered", moved.len());
     if !moved.is_empty() {
@@ -474,7 +455,7 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str, changed: &mut BT
         msg.push_str(&format!("; no node fits {}", failed.join(", ")));
     }
     let owner = name.to_string();
-    push_event(state, index, now, "fence-recovery", Some(&owner), bounded(&msg), changed);
+    push_event(state, index, now, "fence-recovery", Some(&owner), bounded(&msg));
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! ```text
 //!   client ──Request{id, ops}──▶ leader stamps time_ms ──▶ Raft log ──▶ apply(&mut State, index, &Request)
 //!                                                                        │
-//!                                            Applied { response, changed keys } ◀──┘
+//!                                                        Applied { response } ◀──┘
 //! ```
 //!
 //! **Architecture invariant:** this module does no IO and reads no clock. Time comes only from

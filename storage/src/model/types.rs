@@ -528,17 +528,6 @@ impl State {
     }
 }
 
-/// A key naming one persisted object; `apply` reports which ones it changed.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ObjectKey {
-    Meta,
-    Clock,
-    Events,
-    Node(String),
-    Request(String),
-    Vm(String),
-}
-
 /// A replicated write: one or more operations applied atomically, identified by a client
 /// request id so that a retry applies once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

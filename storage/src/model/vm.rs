@@ -1,7 +1,5 @@
 //! VM commands of the replicated model, and placement. Pure, like the rest of `model`.
 
-use std::collections::BTreeSet;
-
 use super::apply::{check_revision, push_event, validate_name};
 use super::types::*;
 
@@ -104,13 +102,7 @@ fn vm_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut VmRec
 }
 
 /// Applies one VM command.
-pub(crate) fn apply_vm_op(
-    state: &mut State,
-    index: u64,
-    now: u64,
-    op: &Op,
-    changed: &mut BTreeSet<ObjectKey>,
-) -> Result<Reply, ApplyError> {
+pub(crate) fn apply_vm_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, ApplyError> {
     match &op.cmd {
         Command::DefineVm { spec, node } => {
             check_revision(format!("vm {}", spec.name), state.vms.get(&spec.name).map_or(0, |v| v.revision), op)?;
@@ -133,8 +125,7 @@ pub(crate) fn apply_vm_op(
                 revision: index,
             };
             state.vms.insert(spec.name.clone(), vm);
-            changed.insert(ObjectKey::Vm(spec.name.clone()));
-            push_event(state, index, now, "vm-define", Some(node), format!("{} defined on {node}", spec.name), changed);
+            push_event(state, index, now, "vm-define", Some(node), format!("{} defined on {node}", spec.name));
             Ok(Reply::Done)
         }
         Command::ModifyVm { name, xml, memory_mib, vcpus } => {
@@ -153,7 +144,6 @@ pub(crate) fn apply_vm_op(
                 vm.spec.vcpus = *v;
             }
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
         }
         Command::SetVmState { name, state: to } => {
@@ -180,7 +170,6 @@ pub(crate) fn apply_vm_op(
                 vm.failure_reason = None;
             }
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
         }
         Command::MigrateVm { name, to, state: how, permanent } => {
@@ -224,8 +213,7 @@ pub(crate) fn apply_vm_op(
             // What the old node reported says nothing about the new one.
             vm.actual = ActualState::Unknown;
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
-            push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"), changed);
+            push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"));
             Ok(Reply::Done)
         }
         Command::ReleaseVm { name, node } => {
@@ -235,7 +223,6 @@ pub(crate) fn apply_vm_op(
             }
             vm.migrating_from = None;
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
             Ok(Reply::Done)
         }
         Command::AbortMigration { name, node, reason } => {
@@ -256,7 +243,6 @@ pub(crate) fn apply_vm_op(
             vm.failure_reason = Some(format!("live migration to {target} failed: {reason}"));
             vm.actual = ActualState::Unknown;
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
             push_event(
                 state,
                 index,
@@ -264,7 +250,6 @@ pub(crate) fn apply_vm_op(
                 "vm-migrate-failed",
                 Some(node),
                 format!("{name}: {node} -> {target}: {reason}"),
-                changed,
             );
             Ok(Reply::Done)
         }
@@ -274,8 +259,7 @@ pub(crate) fn apply_vm_op(
                 return Err(ApplyError::Invalid(format!("{name} is {}: stop it first", vm.state)));
             }
             state.vms.remove(name);
-            changed.insert(ObjectKey::Vm(name.clone()));
-            push_event(state, index, now, "vm-undefine", None, format!("{name} undefined"), changed);
+            push_event(state, index, now, "vm-undefine", None, format!("{name} undefined"));
             Ok(Reply::Done)
         }
         Command::ReportVm { name, node, actual, failure } => {
@@ -302,18 +286,9 @@ pub(crate) fn apply_vm_op(
             }
             let after = vm.state;
             vm.revision = index;
-            changed.insert(ObjectKey::Vm(name.clone()));
             if after == VmState::Fail && before != VmState::Fail {
                 let reason = failure.clone().unwrap_or_default();
-                push_event(
-                    state,
-                    index,
-                    now,
-                    "vm-fail",
-                    Some(node),
-                    format!("{name} failed on {node}: {reason}"),
-                    changed,
-                );
+                push_event(state, index, now, "vm-fail", Some(node), format!("{name} failed on {node}: {reason}"));
             }
             Ok(Reply::Done)
         }
