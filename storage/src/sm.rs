@@ -160,6 +160,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.push(item?);
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let mut logged = Vec::with_capacity(batch.len());
         let last_index;
         {
             let mut g = self.view.write();
@@ -169,13 +170,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
                     EntryPayload::Normal(req) => {
                         let applied = model::apply(&mut g.state, index, &req);
-                        match &applied.response.result {
-                            Ok(_) if req.ops.iter().all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) => {
-                                tracing::debug!(index, "applied {req}")
-                            }
-                            Ok(_) => tracing::info!(index, "applied {req}"),
-                            Err(e) => tracing::info!(index, "refused {req}: {e}"),
-                        }
+                        let refused = applied.response.result.as_ref().err().cloned();
+                        logged.push((index, req, refused));
                         applied.response
                     }
                     EntryPayload::Membership(m) => {
@@ -201,6 +197,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (responder, response) in replies {
             if let Some(r) = responder {
                 r.send(response);
+            }
+        }
+        // Logged once the clients have their answers (and outside the lock).
+        for (index, req, refused) in logged {
+            match refused {
+                None if req.ops.iter().all(|o| matches!(o.cmd, model::Command::Keepalive { .. })) => {
+                    tracing::debug!(index, "applied {req}")
+                }
+                None => tracing::info!(index, "applied {req}"),
+                Some(e) => tracing::info!(index, "refused {req}: {e}"),
             }
         }
         Ok(())
