@@ -71,6 +71,7 @@ impl FenceAgent for SimBmc {
                 Action::Off => {
                     if m.powered {
                         m.powered = false;
+                        m.powered_off_at = Some(crate::world::now());
                         m.hv.power_off();
                         w.power_requests.push(PowerRequest::Off(i));
                         drop(w);
@@ -81,6 +82,7 @@ impl FenceAgent for SimBmc {
                 Action::On => {
                     if !m.powered {
                         m.powered = true;
+                        m.powered_off_at = None;
                         m.hv.power_on();
                         w.power_requests.push(PowerRequest::On(i));
                         drop(w);

@@ -50,6 +50,8 @@ pub struct Machine {
     pub identity: MemIdentity,
     pub hv: MemoryHypervisor,
     pub powered: bool,
+    /// Since when it has been powered off through its BMC (`None` while powered).
+    pub powered_off_at: Option<Duration>,
     pub bmc: BmcMode,
     /// The running daemon (None while crashed or powered off).
     pub daemon: Option<Arc<Daemon>>,
@@ -143,6 +145,7 @@ impl World {
                 identity: MemIdentity::default(),
                 hv: MemoryHypervisor::new(),
                 powered: true,
+                powered_off_at: None,
                 bmc: BmcMode::Normal,
                 daemon: None,
                 inbox: None,

@@ -16,7 +16,8 @@
 //! period boundaries). Only what reached P strictly before T's millisecond counts. P's own view counts the same way from P's receive record. Summaries
 //! relayed through answers are not tracked: the check may miss a violation that only a
 //! relayed view could have shown, but never reports one that did not happen. Manual fences
-//! (`herd node fence`) are exempt.
+//! (`herd node fence`) are exempt, and so is a victim already powered off through its BMC
+//! before the decision (then it is dead, and herd's dead-on-BMC path decides on that reading).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -83,6 +84,12 @@ fn heard_by_fresh_view(world: &World, p: usize, v: usize, t: Duration, fence_aft
     );
     let fresh = Duration::from_millis(params.history_ms);
     let w = world.lock();
+    // A machine powered off through its BMC before the decision is dead, whatever was heard
+    // of it earlier: herd's dead-on-BMC path fences it on that reading (seed 5400: a late
+    // power-off of a cancelled fence, then the new primary's decision 1.6 s later).
+    if w.machines[v].powered_off_at.is_some_and(|off| off < t) {
+        return None;
+    }
     let recent = |h: Duration| h <= t && t < h + window;
     // P's own view: what had reached P strictly before T (a datagram processed in the same
     // simulated millisecond as the decision may have come after it).
