@@ -12,6 +12,9 @@
 //!
 //! Runs alternate A B A B (herd, etcd, herd, etcd) for each client count, and the medians of
 //! the two runs are reported, so that machine drift cancels.
+//!
+//! For profiling one side: `HERD_BENCH_ONLY=herd` starts no etcd (its columns and the ratio are
+//! then empty), `HERD_BENCH_CLIENTS=64` (or `1,16`) picks the client counts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -284,18 +287,19 @@ pub async fn run(herd: PathBuf, seconds: u64) -> Result<Vec<Value>> {
             "etcd_max_ms": e1["max_ms"].as_f64().unwrap_or(0.0).max(e2["max_ms"].as_f64().unwrap_or(0.0)),
             "runs": {"herd": [h1, h2], "etcd": [e1, e2]},
         });
-        let ratio = row["herd_writes_per_s"].as_f64().unwrap_or(0.0)
-            / row["etcd_writes_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
+        let f = |k: &str| row[k].as_f64().unwrap_or(0.0);
+        let ratio = (!herd_only).then(|| f("herd_writes_per_s") / f("etcd_writes_per_s").max(1e-9));
+        let etcd = |k: &str, unit: &str| if herd_only { "-".to_string() } else { format!("{:.2}{unit}", f(k)) };
         println!(
-            "{:>7} {:>12.0} {:>12.0} {:>7.2} {:>9.2}ms {:>9.2}ms {:>9.2}ms {:>9.2}ms",
+            "{:>7} {:>12.0} {:>12} {:>7} {:>9.2}ms {:>11} {:>9.2}ms {:>11}",
             clients,
-            row["herd_writes_per_s"].as_f64().unwrap_or(0.0),
-            row["etcd_writes_per_s"].as_f64().unwrap_or(0.0),
-            ratio,
-            row["herd_p50_ms"].as_f64().unwrap_or(0.0),
-            row["etcd_p50_ms"].as_f64().unwrap_or(0.0),
-            row["herd_p99_ms"].as_f64().unwrap_or(0.0),
-            row["etcd_p99_ms"].as_f64().unwrap_or(0.0),
+            f("herd_writes_per_s"),
+            if herd_only { "-".to_string() } else { format!("{:.0}", f("etcd_writes_per_s")) },
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}")),
+            f("herd_p50_ms"),
+            etcd("etcd_p50_ms", "ms"),
+            f("herd_p99_ms"),
+            etcd("etcd_p99_ms", "ms"),
         );
         let mut row = row;
         row["ratio_writes_per_s"] = json!(ratio);

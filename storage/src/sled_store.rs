@@ -272,18 +272,20 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut entries: Vec<(u64, Vec<u8>)> =
+        let entries: Vec<(u64, Vec<u8>)> =
             entries.into_iter().map(|e| Ok((e.log_id.index, encode(&e)?))).collect::<io::Result<_>>()?;
-        if entries.len() == 1 {
-            if let Some((i, v)) = entries.pop() {
+        // A lone entry is one insert (atomic by itself); a batch costs sled two buffer writes.
+        match <[_; 1]>::try_from(entries) {
+            Ok([(i, v)]) => {
                 self.log.insert(index_key(i), v).map_err(sled_err)?;
             }
-        } else {
-            let mut batch = sled::Batch::default();
-            for (i, v) in entries {
-                batch.insert(&index_key(i), v);
+            Err(entries) => {
+                let mut batch = sled::Batch::default();
+                for (i, v) in entries {
+                    batch.insert(&index_key(i), v);
+                }
+                self.log.apply_batch(batch).map_err(sled_err)?;
             }
-            self.log.apply_batch(batch).map_err(sled_err)?;
         }
         let result = self.flush().await;
         let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
