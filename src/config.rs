@@ -62,7 +62,17 @@ pub struct Config {
     /// What members of `admin_socket_group` may do: `read` (default: status, lists, info,
     /// events, heartbeat) or `full`. Root and the daemon's own user always have full access.
     #[serde(default)]
-    pub admin_group_access: Option<crate::admin::GroupAccess>,
+    pub admin_group_access: Option<GroupAccess>,
+}
+
+/// What members of the admin group may do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAccess {
+    /// Requests that change nothing.
+    #[default]
+    Read,
+    Full,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]

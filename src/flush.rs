@@ -14,49 +14,63 @@ use std::time::Duration;
 use herd_storage::model::{Command, DomainState, VmState};
 use tokio::time::Instant;
 
-use crate::daemon::Daemon;
+use herd_raft::node::ClusterNode;
+use herd_storage::log_store::LogStore;
 
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::WRITE_TIMEOUT;
+
+type Node = ClusterNode<LogStore>;
+
+/// How this node flushes.
+pub struct Settings {
+    /// This node's name.
+    pub name: String,
+    /// Moves in flight at once (`hypervisor.parallel_migrations`).
+    pub parallel: usize,
+    /// How long one batch of moves may take (`hypervisor.migration_timeout_ms`).
+    pub migration_timeout: Duration,
+}
 
 /// Follows this node's `domain_state` (a local watch) and carries out flushes and unflushes.
-pub async fn follow(daemon: Arc<Daemon>) {
+pub async fn follow(node: Arc<Node>, s: Settings) {
+    let node = &*node;
     loop {
-        let Some(member) = daemon.node.member() else {
+        let Some(member) = node.member() else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
         let mut applied = member.view.subscribe();
-        let state = member.view.read().state.nodes.get(&daemon.config.name).map(|n| n.domain_state);
+        let state = member.view.read().state.nodes.get(&s.name).map(|n| n.domain_state);
         match state {
-            Some(DomainState::Flush) => move_all(&daemon, true).await,
-            Some(DomainState::Unflush) => move_all(&daemon, false).await,
+            Some(DomainState::Flush) => move_all(node, &s, true).await,
+            Some(DomainState::Unflush) => move_all(node, &s, false).await,
             _ => {}
         }
-        if applied.changed().await.is_err() || daemon.node.is_removed() {
+        if applied.changed().await.is_err() || node.is_removed() {
             return;
         }
     }
 }
 
-fn own_state(daemon: &Daemon) -> Option<DomainState> {
-    let member = daemon.node.member()?;
+fn own_state(node: &Node, s: &Settings) -> Option<DomainState> {
+    let member = node.member()?;
     let g = member.view.read();
-    g.state.nodes.get(&daemon.config.name).map(|n| n.domain_state)
+    g.state.nodes.get(&s.name).map(|n| n.domain_state)
 }
 
-async fn record(daemon: &Daemon, kind: &str, message: String) {
-    let cmd = Command::RecordEvent { kind: kind.into(), node: Some(daemon.config.name.clone()), message };
-    if let Err(e) = daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+async fn record(node: &Node, s: &Settings, kind: &str, message: String) {
+    let cmd = Command::RecordEvent { kind: kind.into(), node: Some(s.name.clone()), message };
+    if let Err(e) = node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
         tracing::warn!("could not record a {kind} event: {e}");
     }
 }
 
 /// Flush (`away`) or unflush, then record `flushed` / `ready`.
-async fn move_all(daemon: &Daemon, away: bool) {
-    let me = daemon.config.name.clone();
+async fn move_all(node: &Node, s: &Settings, away: bool) {
+    let me = s.name.clone();
     let (expect, done) =
         if away { (DomainState::Flush, DomainState::Flushed) } else { (DomainState::Unflush, DomainState::Ready) };
-    let Some(member) = daemon.node.member() else { return };
+    let Some(member) = node.member() else { return };
     // The VMs to move: running ones here (flush), or the ones whose home this is (unflush).
     let names: Vec<String> = {
         let g = member.view.read();
@@ -69,10 +83,10 @@ async fn move_all(daemon: &Daemon, away: bool) {
             .collect()
     };
     tracing::info!(vms = names.len(), "{} started", if away { "flush" } else { "unflush" });
-    let parallel = daemon.config.hypervisor.parallel_migrations.max(1);
-    let timeout = Duration::from_millis(daemon.config.hypervisor.migration_timeout_ms);
+    let parallel = s.parallel.max(1);
+    let timeout = s.migration_timeout;
     for batch in names.chunks(parallel) {
-        if own_state(daemon) != Some(expect) {
+        if own_state(node, s) != Some(expect) {
             tracing::info!("{} turned round: stopping", if away { "flush" } else { "unflush" });
             return;
         }
@@ -95,20 +109,20 @@ async fn move_all(daemon: &Daemon, away: bool) {
             let target = match target {
                 Ok(t) => t,
                 Err(e) => {
-                    record(daemon, "flush-stuck", format!("{name} stays on {me}: {e}")).await;
+                    record(node, s, "flush-stuck", format!("{name} stays on {me}: {e}")).await;
                     continue;
                 }
             };
             let how = if away { VmState::Migrate } else { VmState::Unmigrate };
             let cmd = Command::MigrateVm { name: name.clone(), to: target.clone(), state: how, permanent: false };
-            match daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+            match node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
                 Ok(_) => moving.push((name.clone(), target)),
-                Err(e) => record(daemon, "flush-stuck", format!("{name} not moved to {target}: {e}")).await,
+                Err(e) => record(node, s, "flush-stuck", format!("{name} not moved to {target}: {e}")).await,
             }
         }
         // This node's view must include the batch's writes (acknowledged by the leader, perhaps
         // not yet applied here) before it is watched, or the moves would look done already.
-        if let Err(e) = daemon.node.read_barrier(WRITE_TIMEOUT).await {
+        if let Err(e) = node.read_barrier(WRITE_TIMEOUT).await {
             tracing::warn!("flush: this node's view did not catch up: {e}");
         }
         // Each move of the batch: done once the VM runs on its target (or stays stopped there).
@@ -135,13 +149,13 @@ async fn move_all(daemon: &Daemon, away: bool) {
                 break;
             }
             if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
-                record(daemon, "flush-stuck", format!("not moved within {timeout:?}: {}", pending.join(", "))).await;
+                record(node, s, "flush-stuck", format!("not moved within {timeout:?}: {}", pending.join(", "))).await;
                 break;
             }
         }
     }
     let cmd = Command::SetDomainState { name: me, state: done, node_id: Some(member.id) };
-    if let Err(e) = daemon.node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
+    if let Err(e) = node.write(vec![cmd.into()], WRITE_TIMEOUT).await {
         tracing::warn!("could not record domain_state {done}: {e}");
     }
 }

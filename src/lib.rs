@@ -3,8 +3,11 @@
 //! ```text
 //!   cli.rs     clap definitions, admin-socket client, tables      (used by main.rs)
 //!   config.rs  strict TOML config, validated once
-//!   daemon.rs  node lifecycle: stores, ports, membership, keepalive, SIGTERM
-//!   admin.rs   the admin socket (JSON lines), bounded
+//!   run.rs     the production process: Env, daemon, admin socket, metrics, signals
+//!   admin/     the admin socket and protocol: typed requests, handlers per family, codes
+//!   daemon/    node lifecycle over an Env: start/stop, task ownership, member duties
+//!   standing.rs this node's own committed writes (quorum contact) and self-fence flag
+//!   tasks.rs   task ownership: every spawned task belongs to a set that stops it
 //!   stats.rs   host figures with a deadline
 //!   heartbeat/ the active-active heartbeat: pulses, views, criss-cross, verdicts, MNFA
 //!   primary/   primary duties: lease gate, floating addresses, hooks, hand-over
@@ -33,5 +36,12 @@ pub mod hypervisor;
 pub mod metrics;
 pub mod primary;
 pub mod reconcile;
+pub mod run;
 pub mod service;
+pub mod standing;
 pub mod stats;
+pub mod tasks;
+
+/// How long an ordinary write of the daemon (admin commands, reports, events) waits for its
+/// commit.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use herd::admin::AdminRequest;
 use herd::cli::{self, CertCommand, ClusterCommand, Command, NodeCommand, TokenCommand, VmCommand};
-use herd::{config, daemon};
+use herd::{config, run};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -88,7 +88,7 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(config)) {
+    match runtime.block_on(run::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

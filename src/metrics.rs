@@ -23,7 +23,16 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::{watch, Semaphore};
 
-use crate::daemon::Daemon;
+use crate::heartbeat::agent::Agent;
+use crate::primary::manager::Manager;
+
+/// What a scrape reads: the metrics and the live sources their gauges are refreshed from.
+pub struct Scrape {
+    pub metrics: Arc<Metrics>,
+    pub node: Arc<herd_raft::node::ClusterNode<herd_storage::log_store::LogStore>>,
+    pub agent: Arc<Agent>,
+    pub primary: Arc<Manager>,
+}
 use crate::heartbeat::verdict::Verdict;
 use crate::heartbeat::LinkState;
 
@@ -154,7 +163,7 @@ impl Metrics {
     }
 
     /// Refreshes the gauges from their sources and renders the text format.
-    fn render(&self, daemon: &Daemon) -> String {
+    fn render(&self, daemon: &Scrape) -> String {
         self.primary_holding.set(i64::from(daemon.primary.holding()));
         self.raft_quorum.set(i64::from(daemon.node.quorum()));
         if let Some(member) = daemon.node.member() {
@@ -240,7 +249,7 @@ const MAX_SCRAPES: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` on `addr` until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Scrape>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
     loop {
         let accepted = tokio::select! {
@@ -267,7 +276,7 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>, mut s
     }
 }
 
-fn answer(req: &Request<hyper::body::Incoming>, daemon: &Daemon) -> Response<Full<Bytes>> {
+fn answer(req: &Request<hyper::body::Incoming>, daemon: &Scrape) -> Response<Full<Bytes>> {
     let (status, content_type, body) = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
         (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", daemon.metrics.render(daemon))
     } else {

@@ -1,16 +1,12 @@
 //! The fence-agent seam: one trait, the built-in IPMI agent and the external fence-agents
 //! protocol behind it, and the registry that keeps one agent (one IPMI session) per BMC.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herd_storage::model::{FenceAgentKind, FencePolicy};
+use herd_storage::model::FencePolicy;
 use serde::Serialize;
-
-use super::external::ExternalAgent;
-use super::ipmi::IpmiBmc;
 
 /// A host's chassis power.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -73,71 +69,5 @@ pub trait Fencer: Send + Sync {
 /// The production fencer: one agent per (kind, BMC, user, command), reused, so that there is
 /// at most one IPMI session per BMC in this process.
 /// An agent and the policy it was built from.
-type Entry = (FencePolicy, Arc<dyn FenceAgent>);
-
 /// Opens a sealed secret (the coordinator key's holder) or says why it cannot.
 pub type Unsealer = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
-
-#[derive(Default)]
-pub struct AgentRegistry {
-    agents: Mutex<BTreeMap<String, Entry>>,
-    unseal: Option<Unsealer>,
-}
-
-impl AgentRegistry {
-    pub fn new() -> AgentRegistry {
-        AgentRegistry::default()
-    }
-
-    /// Opens sealed BMC passwords (published sealed to the coordinators) with `unseal`.
-    pub fn unsealing_with(mut self, unseal: Unsealer) -> AgentRegistry {
-        self.unseal = Some(unseal);
-        self
-    }
-}
-
-/// The agent for a policy whose password this node cannot open: every call fails, saying why.
-struct Unusable {
-    bmc: String,
-    reason: String,
-}
-
-impl FenceAgent for Unusable {
-    fn call(&self, _action: Action, _deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>> {
-        let e =
-            FenceError::Bmc { bmc: self.bmc.clone(), message: format!("BMC password unavailable: {}", self.reason) };
-        Box::pin(async move { Err(e) })
-    }
-}
-
-impl Fencer for AgentRegistry {
-    fn agent(&self, policy: &FencePolicy) -> Arc<dyn FenceAgent> {
-        let key =
-            format!("{}|{}|{}|{}", policy.agent, policy.bmc, policy.user, policy.command.as_deref().unwrap_or(""));
-        let mut g = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((p, a)) = g.get(&key) {
-            // A changed password or option set gets a new agent (and session).
-            if p == policy {
-                return a.clone();
-            }
-        }
-        let opened = if herd_raft::tls::is_sealed(&policy.password) {
-            match self.unseal.as_ref().map(|f| f(&policy.password)) {
-                Some(Ok(password)) => Ok(FencePolicy { password, ..policy.clone() }),
-                Some(Err(reason)) => Err(reason),
-                None => Err("sealed for the coordinators, and this node opens no sealed secrets".to_string()),
-            }
-        } else {
-            Ok(policy.clone())
-        };
-        let agent: Arc<dyn FenceAgent> = match opened {
-            Err(reason) => Arc::new(Unusable { bmc: policy.bmc.clone(), reason }),
-            Ok(p) => match p.agent {
-                FenceAgentKind::Ipmi => Arc::new(IpmiBmc::new(&p.bmc, &p.user, &p.password)),
-                FenceAgentKind::External => Arc::new(ExternalAgent::from_policy(&p)),
-            },
-        };
-        g.insert(key, (policy.clone(), agent.clone()));
-        agent
-    }
-}

@@ -11,7 +11,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use herd_raft::node::ClusterNode;
+use herd_storage::log_store::LogStore;
+
+use crate::hypervisor::Hypervisor;
+use crate::standing::Standing;
 
 /// Whether this node must self-fence: its last committed keepalive is `age_ms` old (None:
 /// none since this process started, counted from the start).
@@ -40,6 +47,82 @@ impl Watchdog {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{path}: {e}"))
+    }
+}
+
+/// The self-fence guard of a node whose policy is `recover-after-self-fence`.
+pub struct Guard {
+    pub standing: Arc<Standing>,
+    pub node: Arc<ClusterNode<LogStore>>,
+    /// This node's hypervisor (none on a coordinator without one).
+    pub hypervisor: Option<Arc<dyn Hypervisor>>,
+    /// The watchdog device.
+    pub device: String,
+    pub after_ms: u64,
+}
+
+impl Guard {
+    /// Feeds the watchdog while this node's own writes commit; past `after_ms` without one,
+    /// destroys its VMs and stops feeding (the host resets).
+    pub async fn run(self) {
+        let (device, after_ms) = (self.device.clone(), self.after_ms);
+        let mut wd = match Watchdog::open(&device) {
+            Ok(w) => w,
+            Err(e) => {
+                // Validation required the device; failing to open it is loud, not silent.
+                tracing::error!(device = %device, "cannot open the watchdog: {e}; self-fence is NOT armed");
+                return;
+            }
+        };
+        tracing::info!(device = %device, after_ms, "self-fence armed: watchdog fed while keepalives commit");
+        loop {
+            if must_self_fence(self.standing.commit_age_ms(), after_ms) {
+                break;
+            }
+            if let Err(e) = wd.feed(Duration::from_secs(1)).await {
+                tracing::error!("watchdog feed failed: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.standing.set_self_fenced();
+        tracing::error!(
+            age_ms = self.standing.commit_age_ms(),
+            "SELF-FENCE: no keepalive of this node committed for {after_ms} ms; destroying its VMs and \
+             letting the watchdog reset the host"
+        );
+        if let (Some(hypervisor), Some(member)) = (&self.hypervisor, self.node.member()) {
+            let managed: Vec<String> = member.view.read().state.vms.keys().cloned().collect();
+            // Until none of the cluster's domains runs here (the watchdog resets the host
+            // meanwhile anyway): a failed list or destroy is retried, never given up on.
+            loop {
+                match hypervisor.list().await {
+                    Ok(domains) => {
+                        let running: Vec<&crate::hypervisor::Domain> = domains
+                            .iter()
+                            .filter(|d| {
+                                use herd_storage::model::ActualState::{Paused, Running};
+                                managed.contains(&d.name) && matches!(d.state, Running | Paused)
+                            })
+                            .collect();
+                        if running.is_empty() {
+                            tracing::error!("self-fence: none of the cluster's VMs runs here any more");
+                            break;
+                        }
+                        for d in running {
+                            match hypervisor.destroy(&d.name).await {
+                                Ok(()) => tracing::error!(vm = %d.name, "self-fence: destroyed"),
+                                Err(e) => tracing::error!(vm = %d.name, "self-fence: destroy failed: {e}"),
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!("self-fence: cannot list domains: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        // The device stays open and unfed: the watchdog fires.
+        std::future::pending::<()>().await;
+        drop(wd);
     }
 }
 

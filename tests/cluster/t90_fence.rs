@@ -4,8 +4,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herd::fence::agent::{Action, AgentRegistry, FenceAgent, FenceError, Fencer, Power};
+use herd::fence::agent::{Action, FenceAgent, FenceError, Fencer, Power};
 use herd::fence::ipmi::IpmiBmc;
+use herd::fence::registry::AgentRegistry;
 use herd_storage::model::{FenceAction, FenceAgentKind, FencePolicy};
 
 use crate::bmc::{self, Bmc, USER};

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herd::admin::AdminRequest;
+use herd::admin::{AdminRequest, ErrorCode};
 use herd_storage::model::{DaemonState, VmState};
 use rand::Rng;
 
@@ -59,15 +59,15 @@ fn pick_up(world: &World) -> Option<usize> {
     Some(up[k])
 }
 
-/// Calls `req` on node `i` until it succeeds (or `deadline` passes); errors naming an
-/// already-done action count as success.
+/// Calls `req` on node `i` until it succeeds (or `deadline` passes); an `exists` refusal
+/// (the action was done already) counts as success.
 async fn until_ok(world: &World, i: usize, req: impl Fn() -> AdminRequest, deadline: Duration) -> Result<(), String> {
     let end = now() + deadline;
     loop {
         match world.call(i, req(), CALL_TIMEOUT).await {
             Ok(_) => return Ok(()),
-            Err(e) if e.contains("already") => return Ok(()),
-            Err(e) if now() >= end => return Err(e),
+            Err(e) if e.code == ErrorCode::Exists => return Ok(()),
+            Err(e) if now() >= end => return Err(e.to_string()),
             Err(_) => sleep_ms(200).await,
         }
     }
@@ -79,7 +79,7 @@ pub async fn setup(world: &World, history: &mut History) -> Result<(), String> {
     let token = loop {
         match world.call(0, AdminRequest::InitCluster {}, CALL_TIMEOUT).await {
             Ok(v) => break v["token"].as_str().unwrap_or_default().to_string(),
-            Err(e) if e.contains("node down") => sleep_ms(50).await,
+            Err(e) if e.message == crate::world::NODE_DOWN => sleep_ms(50).await,
             Err(e) => return Err(format!("init-cluster: {e}")),
         }
     };
@@ -225,10 +225,10 @@ pub async fn worker(world: World, id: usize) -> Vec<(String, Op)> {
     ops
 }
 
-fn ok_or(r: &Result<serde_json::Value, String>) -> String {
+fn ok_or(r: &Result<serde_json::Value, herd::admin::AdminError>) -> String {
     match r {
         Ok(_) => "ok".into(),
-        Err(e) => format!("error: {}", e.chars().take(80).collect::<String>()),
+        Err(e) => format!("error: {}", e.message.chars().take(80).collect::<String>()),
     }
 }
 

@@ -100,7 +100,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
         while let Some(call) = rx.recv().await {
             let d = running.daemon.clone();
             herd_storage::types::spawn(async move {
-                let out = d.handle(call.req).await;
+                let out = herd::admin::handle(&d, call.req).await;
                 let _ = call.reply.send(out);
             });
         }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use herd::admin::AdminRequest;
+use herd::admin::{AdminError, AdminRequest, ErrorCode};
 use herd::daemon::Daemon;
 use herd::hypervisor::memory::MemoryHypervisor;
 use herd_storage::identity::MemIdentity;
@@ -18,10 +18,13 @@ use rand::SeedableRng;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+/// The simulation's answer when a node's daemon is not running.
+pub const NODE_DOWN: &str = "node down";
+
 /// One admin request for a node, answered on its own host.
 pub struct AdminCall {
     pub req: AdminRequest,
-    pub reply: oneshot::Sender<Result<Value, String>>,
+    pub reply: oneshot::Sender<Result<Value, AdminError>>,
 }
 
 /// How a node's BMC answers.
@@ -199,14 +202,17 @@ impl World {
     }
 
     /// Sends `req` to node `i`'s daemon and waits up to `timeout` for its answer.
-    pub async fn call(&self, i: usize, req: AdminRequest, timeout: Duration) -> Result<Value, String> {
-        let inbox = self.lock().machines[i].inbox.clone().ok_or_else(|| "node down".to_string())?;
+    /// The simulation's own failures (a node down, the client's timeout) come back as
+    /// `unavailable` with a message of the simulation's.
+    pub async fn call(&self, i: usize, req: AdminRequest, timeout: Duration) -> Result<Value, AdminError> {
+        let down = |m: &str| AdminError::new(ErrorCode::Unavailable, m);
+        let inbox = self.lock().machines[i].inbox.clone().ok_or_else(|| down(NODE_DOWN))?;
         let (tx, rx) = oneshot::channel();
-        inbox.send(AdminCall { req, reply: tx }).await.map_err(|_| "node down".to_string())?;
+        inbox.send(AdminCall { req, reply: tx }).await.map_err(|_| down(NODE_DOWN))?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("node went down during the call".into()),
-            Err(_) => Err("client timeout".into()),
+            Ok(Err(_)) => Err(down("node went down during the call")),
+            Err(_) => Err(down("client timeout")),
         }
     }
 }

@@ -14,24 +14,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_storage::model::Role;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::daemon::Daemon;
-
-/// What members of the admin group may do.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GroupAccess {
-    /// Requests that change nothing.
-    #[default]
-    Read,
-    Full,
-}
+use super::protocol::{AdminError, AdminRequest, AdminResponse, ErrorCode};
+use super::Handler;
+use crate::config::GroupAccess;
 
 /// What one peer may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,172 +86,6 @@ fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
 pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// A request on the admin socket.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum AdminRequest {
-    // Unit-like variants are written `{}` so that unknown fields are refused for them too.
-    Status {},
-    InitCluster {},
-    JoinCluster {
-        peer: String,
-        token: String,
-        #[serde(default)]
-        role: Option<Role>,
-    },
-    NodeList {},
-    NodeInfo {
-        name: String,
-        /// Answer from local state at once instead of a linearizable read.
-        #[serde(default)]
-        local: bool,
-    },
-    NodeRemove {
-        name: String,
-        #[serde(default)]
-        force: bool,
-    },
-    Maintenance {
-        on: bool,
-    },
-    ClusterInfo {
-        /// Answer from local state at once instead of a linearizable read.
-        #[serde(default)]
-        local: bool,
-    },
-    /// Move the primary role to `name` (or away from `name` with `secondary`); with `wait`,
-    /// answer once the new primary holds its duties.
-    NodePrimary {
-        name: String,
-        #[serde(default)]
-        secondary: bool,
-        #[serde(default)]
-        wait: bool,
-    },
-    /// `node flush` (`ready: false`) or `node ready`; with `wait`, answer once done.
-    NodeFlush {
-        name: String,
-        #[serde(default)]
-        ready: bool,
-        #[serde(default)]
-        wait: bool,
-    },
-    /// `node fence`: power NAME off through its BMC now (needs `yes`).
-    NodeFence {
-        name: String,
-        #[serde(default)]
-        yes: bool,
-    },
-    /// Define a VM from its libvirt domain XML, on `node` or where the selector places it.
-    VmDefine {
-        xml: String,
-        #[serde(default)]
-        node: Option<String>,
-        #[serde(default)]
-        selector: Option<herd_storage::model::Selector>,
-        #[serde(default)]
-        limit: Vec<String>,
-        #[serde(default)]
-        autostart: bool,
-        #[serde(default)]
-        method: Option<herd_storage::model::MigrationMethod>,
-    },
-    /// Every VM (local read).
-    VmList {},
-    /// One VM (linearizable unless `local`).
-    VmInfo {
-        name: String,
-        #[serde(default)]
-        local: bool,
-    },
-    /// start, stop, shutdown, restart or disable.
-    VmState {
-        name: String,
-        state: herd_storage::model::VmState,
-    },
-    VmUndefine {
-        name: String,
-    },
-    /// Replace a VM's domain XML of record (same name and uuid); used at its next start.
-    VmModify {
-        name: String,
-        xml: String,
-    },
-    /// Move a VM: `to` (or where its selector places it, away from its node); `permanent`
-    /// forgets its home (`vm move`); `unmigrate` sends it back to its `last_node`.
-    VmMigrate {
-        name: String,
-        #[serde(default)]
-        to: Option<String>,
-        #[serde(default)]
-        live: bool,
-        #[serde(default)]
-        permanent: bool,
-        #[serde(default)]
-        unmigrate: bool,
-    },
-    /// This node's heartbeat picture: its own view (coordinators), peer views, MNFA, verdicts.
-    Heartbeat {},
-    /// Make a join token: valid `ttl_ms` (default: until revoked), for `uses` joins (default:
-    /// any number). The token is in the answer, once; the cluster keeps only its hash.
-    TokenCreate {
-        #[serde(default)]
-        ttl_ms: Option<u64>,
-        #[serde(default)]
-        uses: Option<u32>,
-    },
-    /// The join tokens (ids = hash prefixes, lifetimes, uses left); a linearizable read.
-    TokenList {},
-    /// Revoke the join token `id` (a hash prefix from `token-list`, at least 8 hex digits).
-    TokenRevoke {
-        id: String,
-    },
-    /// Renew this node's certificate now (a new key; the leader signs it).
-    CertRotate {},
-    /// The newest entries of the replicated event log (local read).
-    Events {
-        #[serde(default)]
-        limit: Option<usize>,
-    },
-}
-
-impl AdminRequest {
-    /// Whether this request changes nothing (allowed with read-only access).
-    pub fn is_read_only(&self) -> bool {
-        matches!(
-            self,
-            AdminRequest::Status {}
-                | AdminRequest::NodeList {}
-                | AdminRequest::NodeInfo { .. }
-                | AdminRequest::ClusterInfo { .. }
-                | AdminRequest::VmList {}
-                | AdminRequest::VmInfo { .. }
-                | AdminRequest::Heartbeat {}
-                | AdminRequest::Events { .. }
-                | AdminRequest::TokenList {}
-        )
-    }
-}
-
-/// A response on the admin socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdminResponse {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl AdminResponse {
-    pub fn from_result(r: Result<Value, String>) -> Self {
-        match r {
-            Ok(v) => AdminResponse { ok: true, result: Some(v), error: None },
-            Err(e) => AdminResponse { ok: false, result: None, error: Some(e) },
-        }
-    }
-}
-
 /// Errors setting up the socket.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -304,9 +127,9 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError>
 }
 
 /// Serves the admin socket until `shutdown` turns true.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: UnixListener,
-    daemon: Arc<Daemon>,
+    handler: Arc<H>,
     policy: AccessPolicy,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -356,18 +179,21 @@ pub async fn serve(
                 refused = 0;
             }
             // Say why before closing (best effort, never blocking the accept loop).
-            let _ = stream.try_write(b"{\"ok\":false,\"error\":\"too many admin connections\"}\n");
+            let _ = stream.try_write(&response_line(&AdminResponse::from_result(Err(AdminError::new(
+                ErrorCode::Busy,
+                "too many admin connections",
+            )))));
             continue;
         };
-        let daemon = daemon.clone();
+        let handler = handler.clone();
         herd_storage::types::spawn(async move {
-            connection(stream, &daemon, access, idle).await;
+            connection(stream, &*handler, access, idle).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(stream: UnixStream, daemon: &Daemon, access: Access, idle: Duration) {
+async fn connection<H: Handler>(stream: UnixStream, handler: &H, access: Access, idle: Duration) {
     // A refused peer gets one answer, soon.
     let idle = if access == Access::None { idle.min(Duration::from_secs(2)) } else { idle };
     let (read, mut write) = stream.into_split();
@@ -384,34 +210,46 @@ async fn connection(stream: UnixStream, daemon: &Daemon, access: Access, idle: D
         }
         if access == Access::None {
             // Answer the first request (the client reads why, not a broken pipe), then close.
-            let mut out = br#"{"ok":false,"error":"permission denied: not root, not the daemon's user, not in admin_socket_group"}"#.to_vec();
-            out.push(b'\n');
-            let _ = write.write_all(&out).await;
+            let denied = AdminError::new(
+                ErrorCode::PermissionDenied,
+                "permission denied: not root, not the daemon's user, not in admin_socket_group",
+            );
+            let _ = write.write_all(&response_line(&AdminResponse::from_result(Err(denied)))).await;
             return;
         }
         let too_long = line.len() > MAX_LINE || (line.last() != Some(&b'\n') && line.len() == MAX_LINE + 1);
         let response = if too_long {
-            AdminResponse::from_result(Err(format!("request line longer than {MAX_LINE} bytes")))
+            AdminResponse::from_result(Err(AdminError::new(
+                ErrorCode::BadRequest,
+                format!("request line longer than {MAX_LINE} bytes"),
+            )))
         } else {
             match serde_json::from_slice::<AdminRequest>(&line) {
-                Ok(req) if access < Access::Full && !req.is_read_only() => AdminResponse::from_result(Err(
-                    "permission denied: this request changes the cluster; your group has read access \
-                     (admin_group_access = \"read\")"
-                        .into(),
-                )),
-                Ok(req) => AdminResponse::from_result(daemon.handle(req).await),
-                Err(e) => AdminResponse::from_result(Err(format!("bad request: {e}"))),
+                Ok(req) if access < Access::Full && !req.is_read_only() => {
+                    AdminResponse::from_result(Err(AdminError::new(
+                        ErrorCode::PermissionDenied,
+                        "permission denied: this request changes the cluster; your group has read access \
+                         (admin_group_access = \"read\")",
+                    )))
+                }
+                Ok(req) => AdminResponse::from_result(handler.handle(req).await),
+                Err(e) => {
+                    AdminResponse::from_result(Err(AdminError::new(ErrorCode::BadRequest, format!("bad request: {e}"))))
+                }
             }
         };
-        let mut out = match serde_json::to_vec(&response) {
-            Ok(v) => v,
-            Err(_) => return,
-        };
-        out.push(b'\n');
-        if write.write_all(&out).await.is_err() || too_long {
+        if write.write_all(&response_line(&response)).await.is_err() || too_long {
             return;
         }
     }
+}
+
+/// One response as a JSON line (an encoding failure — none is known — answers `internal`).
+fn response_line(response: &AdminResponse) -> Vec<u8> {
+    let mut out = serde_json::to_vec(response)
+        .unwrap_or_else(|_| br#"{"ok":false,"code":"internal","error":"unencodable answer"}"#.to_vec());
+    out.push(b'\n');
+    out
 }
 
 #[cfg(test)]
@@ -430,27 +268,5 @@ mod tests {
         let full = AccessPolicy { owner_uid: 500, group: Some((990, GroupAccess::Full)) };
         assert_eq!(full.access(1000, 990, &[]), Access::Full);
         assert_eq!(full.access(500, 500, &[]), Access::Full, "the daemon's own user");
-    }
-
-    #[test]
-    fn read_only_requests_change_nothing() {
-        let parse = |s: &str| serde_json::from_str::<AdminRequest>(s).expect("request");
-        for r in [
-            r#"{"op":"status"}"#,
-            r#"{"op":"vm-info","name":"web"}"#,
-            r#"{"op":"events"}"#,
-            r#"{"op":"heartbeat"}"#,
-            r#"{"op":"node-list"}"#,
-        ] {
-            assert!(parse(r).is_read_only(), "{r}");
-        }
-        for r in [
-            r#"{"op":"init-cluster"}"#,
-            r#"{"op":"vm-state","name":"web","state":"stop"}"#,
-            r#"{"op":"node-fence","name":"h1","yes":true}"#,
-            r#"{"op":"maintenance","on":true}"#,
-        ] {
-            assert!(!parse(r).is_read_only(), "{r}");
-        }
     }
 }

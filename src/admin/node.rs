@@ -1,0 +1,237 @@
+//! `status`, `node list|info|remove|flush|ready|primary|secondary`.
+
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::ServerState;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeRecord, Role, RouterState, State};
+
+use super::dto::{FencingView, NodeDetail, StatsView};
+use super::{member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
+use crate::daemon::Daemon;
+use crate::heartbeat::verdict::Verdict;
+
+/// `node flush|ready --wait` gives up after this long.
+const FLUSH_WAIT: Duration = Duration::from_secs(590);
+/// `node primary --wait` gives up after this long.
+const PRIMARY_WAIT: Duration = Duration::from_secs(30);
+
+fn no_node(name: &str) -> AdminError {
+    ApplyError::NoSuchNode(name.to_string()).into()
+}
+
+/// One member as `status` and `node list` show it.
+#[derive(Serialize)]
+struct MemberRow {
+    name: String,
+    id: u64,
+    role: Role,
+    voter: bool,
+    raft_member: bool,
+    daemon_state: DaemonState,
+    domain_state: DomainState,
+    router_state: RouterState,
+    last_keepalive_age_ms: Option<u64>,
+    address: String,
+    heartbeat: Value,
+    fencing: FencingView,
+    stats: StatsView,
+}
+
+/// The local picture, at once (no quorum needed), with how fresh it is.
+pub(super) async fn status(d: &Daemon) -> Value {
+    let quorum = d.node.quorum();
+    let Some(member) = d.node.member() else {
+        let state = if !d.resumed() {
+            "starting"
+        } else if d.node.is_removed() {
+            "removed"
+        } else {
+            "not-member"
+        };
+        return json!({
+            "node": d.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
+            "quorum": false, "applied_index": 0, "members": [],
+        });
+    };
+    let m = member.raft.metrics().borrow_watched().clone();
+    let lease_confirmed = m.state == ServerState::Leader && quorum;
+    let now = herd_raft::clock::wall_ms();
+    let g = member.view.read();
+    let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+    let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
+    let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
+    let verdicts = d.agent.verdicts();
+    let heartbeat = |id: u64| match verdicts.get(&id) {
+        Some(v) if v.verdict == Verdict::Lost => json!(format!("lost {:.1}s", v.lost_for_ms as f64 / 1000.0)),
+        Some(_) => json!("alive"),
+        None => Value::Null,
+    };
+    let row = |n: &NodeRecord| MemberRow {
+        name: n.name.clone(),
+        id: n.id,
+        role: n.role,
+        voter: voters.contains(&n.id),
+        raft_member: voters.contains(&n.id) || learners.contains(&n.id),
+        daemon_state: n.daemon_state,
+        domain_state: n.domain_state,
+        router_state: n.router_state,
+        last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
+        address: n.cluster_addr.clone(),
+        heartbeat: heartbeat(n.id),
+        fencing: FencingView::of(n),
+        stats: StatsView::of(&n.stats),
+    };
+    let members: Vec<MemberRow> = g.state.nodes.values().map(row).collect();
+    let state = match m.state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    };
+    json!({
+        "node": d.config.name,
+        "node_id": member.id,
+        "cluster_id": member.cluster_id,
+        "state": state,
+        "leader": m.current_leader.and_then(name_of),
+        "leader_id": m.current_leader,
+        "term": m.current_term,
+        "quorum": quorum,
+        "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),
+        "lease_confirmed": lease_confirmed,
+        "join_pending": d.node.join_pending(),
+        "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
+        "primary": primary_of(&g.state),
+        "holding_duties": d.primary.holding(),
+        "unmanaged_domains": d.reconciler.as_ref().map(|r| r.unmanaged()),
+        "tls": tls(d, now),
+        "members": members,
+        "raft": {
+            "voters": voters,
+            "learners": learners,
+            "membership_index": m.membership_config.log_id().as_ref().map(|l| l.index),
+            "joint": m.membership_config.membership().get_joint_config().len() > 1,
+            "membership_history": g.membership_history,
+            "last_log_index": m.last_log_index,
+            "committed": m.local_committed.as_ref().map(|l| l.index),
+            "snapshot": m.snapshot.as_ref().map(|l| l.index),
+        },
+    })
+}
+
+/// This node's certificate: whom it names, when it and the CA expire.
+fn tls(d: &Daemon, now_ms: u64) -> Value {
+    match d.node.pki().and_then(|p| p.info()) {
+        None => Value::Null,
+        Some(i) => json!({
+            "node_id": i.node_id,
+            "cert_expires_ms": i.not_after_ms,
+            "cert_expires_in_days": i.not_after_ms.saturating_sub(now_ms) / 86_400_000,
+            "ca_expires_ms": i.ca_not_after_ms,
+            "ca_hash": i.ca_hash,
+            "holds_ca_key": i.has_ca_key,
+        }),
+    }
+}
+
+fn primary_of(state: &State) -> Option<String> {
+    state.nodes.values().find(|n| n.router_state == RouterState::Primary).map(|n| n.name.clone())
+}
+
+/// The members, and how fresh this local answer is.
+pub(super) async fn list(d: &Daemon) -> Value {
+    let s = status(d).await;
+    json!({
+        "applied_index": s["applied_index"],
+        "quorum": s["quorum"],
+        "leader": s["leader"],
+        "members": s["members"],
+    })
+}
+
+/// One node (linearizable unless `local`).
+pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
+    let index = read_index(d, local).await?;
+    let member = member(d)?;
+    let record = member.view.read().state.nodes.get(&name).cloned().ok_or_else(|| no_node(&name))?;
+    let voter = member.raft.metrics().borrow_watched().membership_config.voter_ids().any(|id| id == record.id);
+    Ok(json!(NodeDetail::of(&record, voter, herd_raft::clock::wall_ms(), index, !local)))
+}
+
+pub(super) async fn remove(d: &Daemon, name: String, force: bool) -> Result<Value, AdminError> {
+    d.node.remove_node(&name, force, WRITE_TIMEOUT * 3).await?;
+    Ok(json!({ "removed": name }))
+}
+
+/// `node flush` (`ready: false`) or `node ready`; with `wait`, answers once done.
+pub(super) async fn flush(d: &Daemon, name: String, ready: bool, wait: bool) -> Result<Value, AdminError> {
+    let started = tokio::time::Instant::now();
+    let (to, done) =
+        if ready { (DomainState::Unflush, DomainState::Ready) } else { (DomainState::Flush, DomainState::Flushed) };
+    write_one(d, Command::SetDomainState { name: name.clone(), state: to, node_id: None }).await?;
+    if !wait {
+        return Ok(json!({ "node": name, "domain_state": to }));
+    }
+    // This node's view must include the write before it is watched.
+    read_index(d, false).await?;
+    let member = member(d)?;
+    let domain_state = |s: &State| s.nodes.get(&name).map(|n| n.domain_state);
+    let check = |s: &State| match domain_state(s) {
+        Some(now) if now == done => {
+            Some(Ok(json!({ "node": name, "domain_state": done, "took_ms": started.elapsed().as_millis() as u64 })))
+        }
+        Some(now) if now == to => None,
+        now => Some(Err(AdminError::new(
+            ErrorCode::Conflict,
+            format!("{name} is now {} (turned round)", now.map_or("gone".to_string(), |s| s.to_string())),
+        ))),
+    };
+    let late = |_: &State| AdminError::new(ErrorCode::Timeout, format!("{name} is still {to}"));
+    wait_for_state(&member, started + FLUSH_WAIT, check, late).await
+}
+
+/// `herd node primary|secondary NAME [--wait]`.
+pub(super) async fn move_primary(d: &Daemon, name: String, secondary: bool, wait: bool) -> Result<Value, AdminError> {
+    let started = tokio::time::Instant::now();
+    let member = member(d)?;
+    let before = {
+        let g = member.view.read();
+        if !g.state.nodes.contains_key(&name) {
+            return Err(no_node(&name));
+        }
+        primary_of(&g.state)
+    };
+    if secondary && before.as_deref() != Some(name.as_str()) {
+        return Err(AdminError::invalid(format!(
+            "{name} is not the primary (the primary is {})",
+            before.as_deref().unwrap_or("none")
+        )));
+    }
+    let to = if secondary { None } else { Some(name.clone()) };
+    d.node.leader_call(herd_raft::wire::LeaderOp::MovePrimary { to }, WRITE_TIMEOUT).await?;
+    if !wait {
+        return Ok(json!({ "requested": true }));
+    }
+    let check = |s: &State| {
+        let now = primary_of(s);
+        let done = match (&now, secondary) {
+            (Some(p), false) => *p == name,
+            (Some(p), true) => *p != name,
+            (None, _) => false,
+        };
+        done.then(|| Ok(json!({ "primary": now, "previous": before, "took_ms": started.elapsed().as_millis() as u64 })))
+    };
+    let late = |s: &State| {
+        let now = primary_of(s);
+        AdminError::new(
+            ErrorCode::Timeout,
+            format!("no new primary within 30 s (primary now: {})", now.as_deref().unwrap_or("none")),
+        )
+    };
+    wait_for_state(&member, started + PRIMARY_WAIT, check, late).await
+}

@@ -1,0 +1,145 @@
+//! `vm define|list|info|start|stop|shutdown|restart|disable|undefine|modify|migrate|unmigrate|move`.
+//! Handlers write commands; the nodes' reconcilers act on them.
+
+use serde_json::{json, Value};
+
+use herd_storage::model::{place, Command, MigrationMethod, Op, Selector, VmState};
+
+use super::dto::{VmDetail, VmSummary};
+use super::{member, read_index, write, write_one, AdminError};
+use crate::daemon::Daemon;
+
+/// `vm define`'s arguments.
+pub(super) struct Define {
+    pub xml: String,
+    pub node: Option<String>,
+    pub selector: Option<Selector>,
+    pub limit: Vec<String>,
+    pub autostart: bool,
+    pub method: Option<MigrationMethod>,
+}
+
+/// `vm migrate`'s arguments.
+pub(super) struct Migrate {
+    pub to: Option<String>,
+    pub live: bool,
+    pub permanent: bool,
+    pub unmigrate: bool,
+}
+
+fn no_vm(name: &str) -> AdminError {
+    herd_storage::model::ApplyError::NoSuchVm(name.to_string()).into()
+}
+
+/// Defines a VM from its domain XML, on `node` or where its selector places it.
+pub(super) async fn define(d: &Daemon, a: Define) -> Result<Value, AdminError> {
+    let mut spec = crate::reconcile::spec_from_xml(&a.xml).map_err(AdminError::invalid)?;
+    spec.selector = a.selector;
+    spec.node_limit = a.limit;
+    spec.autostart = a.autostart;
+    spec.migration_method = a.method.unwrap_or_default();
+    // Place on an up-to-date view of the cluster (a linearizable read first).
+    read_index(d, false).await?;
+    let member = member(d)?;
+    let target = match a.node {
+        Some(n) => n,
+        None => {
+            let g = member.view.read();
+            place(&g.state, spec.selector.unwrap_or_default(), &spec.node_limit, None)?
+        }
+    };
+    let name = spec.name.clone();
+    write_one(d, Command::DefineVm { spec, node: target.clone() }).await?;
+    Ok(json!({ "name": name, "node": target, "message": format!("{name} defined on {target}") }))
+}
+
+/// Every VM (local read).
+pub(super) fn list(d: &Daemon) -> Result<Value, AdminError> {
+    let member = member(d)?;
+    let g = member.view.read();
+    let vms: Vec<VmSummary> = g.state.vms.values().map(VmSummary::of).collect();
+    Ok(json!(vms))
+}
+
+/// One VM (linearizable unless `local`).
+pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
+    read_index(d, local).await?;
+    let member = member(d)?;
+    let g = member.view.read();
+    let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
+    Ok(json!(VmDetail::of(vm)))
+}
+
+/// start, stop, shutdown, restart or disable.
+pub(super) async fn set_state(d: &Daemon, name: String, state: VmState) -> Result<Value, AdminError> {
+    write_one(d, Command::SetVmState { name: name.clone(), state }).await?;
+    Ok(json!({ "name": name, "state": state, "message": format!("{name}: {state}") }))
+}
+
+pub(super) async fn undefine(d: &Daemon, name: String) -> Result<Value, AdminError> {
+    write_one(d, Command::UndefineVm { name: name.clone() }).await?;
+    Ok(json!({ "name": name, "message": format!("{name} undefined") }))
+}
+
+/// Replaces a VM's domain XML of record (same name and uuid); used at its next start.
+pub(super) async fn modify(d: &Daemon, name: String, xml: String) -> Result<Value, AdminError> {
+    let spec = crate::reconcile::spec_from_xml(&xml).map_err(AdminError::invalid)?;
+    if spec.name != name {
+        return Err(AdminError::invalid(format!(
+            "the XML names {:?}, not {name:?}: a VM cannot be renamed",
+            spec.name
+        )));
+    }
+    read_index(d, false).await?;
+    let member = member(d)?;
+    let revision = {
+        let g = member.view.read();
+        let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
+        if vm.spec.uuid != spec.uuid {
+            return Err(AdminError::invalid(format!(
+                "the XML has uuid {}, {name} has {}: a VM keeps its uuid",
+                spec.uuid, vm.spec.uuid
+            )));
+        }
+        vm.revision
+    };
+    let cmd = Command::ModifyVm { name: name.clone(), xml, memory_mib: Some(spec.memory_mib), vcpus: Some(spec.vcpus) };
+    // Compare-and-set: a change in between (another modify, a move) is not overwritten.
+    let op = Op { cmd, expect_revision: Some(revision) };
+    if !crate::breakage::is(crate::breakage::Breakage::AckWithoutCommit) {
+        write(d, vec![op]).await?;
+    }
+    Ok(
+        json!({ "name": name, "message": format!("{name} modified: the new XML is used at its next start (herd vm restart {name})") }),
+    )
+}
+
+/// Moves a VM: `to` (or where its selector places it, away from its node); `permanent` forgets
+/// its home (`vm move`); `unmigrate` sends it back to its `last_node`.
+pub(super) async fn migrate(d: &Daemon, name: String, a: Migrate) -> Result<Value, AdminError> {
+    if a.live && a.unmigrate {
+        return Err(AdminError::invalid("--force-live is for vm migrate"));
+    }
+    read_index(d, false).await?;
+    let member = member(d)?;
+    let (target, how) = {
+        let g = member.view.read();
+        let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
+        if a.unmigrate {
+            let home = vm
+                .last_node
+                .clone()
+                .ok_or_else(|| AdminError::invalid(format!("{name} was not migrated: it is home on {}", vm.node)))?;
+            (home, VmState::Unmigrate)
+        } else {
+            let target = match a.to {
+                Some(t) => t,
+                None => place(&g.state, vm.spec.selector.unwrap_or_default(), &vm.spec.node_limit, Some(&vm.node))?,
+            };
+            (target, if a.live { VmState::MigrateLive } else { VmState::Migrate })
+        }
+    };
+    let cmd = Command::MigrateVm { name: name.clone(), to: target.clone(), state: how, permanent: a.permanent };
+    write_one(d, cmd).await?;
+    Ok(json!({ "name": name, "node": target, "message": format!("{name} moving to {target}") }))
+}

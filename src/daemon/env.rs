@@ -1,0 +1,93 @@
+//! `Env`: everything the daemon does IO through, and its production form.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use herd_raft::tls::{Pki, TlsConnector, TlsListener};
+use herd_raft::transport::{Connector, Listener, TcpConnector, TcpListener};
+use herd_storage::identity::IdentityStore;
+use herd_storage::log_store::LogStore;
+use herd_storage::sled_store;
+use herd_storage::sm::Backend;
+
+use super::StartError;
+use crate::config::Config;
+use crate::heartbeat::agent::DatagramSocket;
+use crate::heartbeat::NetName;
+use crate::hypervisor::Hypervisor;
+use crate::stats::{self, HostStats};
+
+/// Everything the daemon does IO through: production builds it from the config (sled, TCP,
+/// UDP, libvirt, IPMI, /proc); the simulation from its simulated equivalents. The daemon's
+/// logic is the same over either.
+pub struct Env {
+    pub log: LogStore,
+    pub backend: Arc<dyn Backend>,
+    pub identity: Arc<dyn IdentityStore>,
+    /// Opens cluster connections (mutual TLS over TCP in production).
+    pub connector: Arc<dyn Connector>,
+    /// The cluster port, already bound (mutual TLS in production).
+    pub listener: Arc<dyn Listener>,
+    /// The cluster CA and this node's certificate, behind `connector` and `listener`. `None`
+    /// only where the transport authenticates nobody (the simulation).
+    pub pki: Option<Arc<Pki>>,
+    /// One bound datagram socket per heartbeat network, and the address it is reached at.
+    pub heartbeat: BTreeMap<NetName, (Arc<dyn DatagramSocket>, std::net::SocketAddr)>,
+    /// Opens this node's hypervisor (none on a coordinator-only node).
+    pub hypervisor: Option<HypervisorOpener>,
+    pub fencer: Arc<dyn crate::fence::agent::Fencer>,
+    pub host_stats: Arc<dyn HostStats>,
+}
+
+impl Env {
+    /// The production environment: sled in `data_dir`, the heartbeat sockets and the cluster
+    /// port bound, libvirt opened.
+    pub async fn production(config: &Config) -> Result<Env, StartError> {
+        let listen = config.listen_addr().map_err(StartError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+        let stores = sled_store::open(&config.data_dir.join("db"))?;
+        let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
+        let mut heartbeat = BTreeMap::new();
+        for (net, addr) in &networks {
+            let socket = crate::heartbeat::agent::bind_udp(*addr).map_err(|e| {
+                StartError::Heartbeat(std::io::Error::new(e.kind(), format!("heartbeat network {net} ({addr}): {e}")))
+            })?;
+            heartbeat.insert(net.clone(), (Arc::new(socket) as Arc<dyn DatagramSocket>, *addr));
+        }
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
+        let pki = Arc::new(Pki::open(config.data_dir.join("tls"))?);
+        let listener = TlsListener { inner: Box::new(listener), pki: pki.clone() };
+        let connector = TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() };
+        let unseal_with = pki.clone();
+        let fencer = crate::fence::registry::AgentRegistry::new()
+            .unsealing_with(Arc::new(move |sealed: &str| unseal_with.unseal(sealed)));
+        // Opened by `start` once the heartbeat responder answers (a slow libvirtd must not
+        // make a restarted node look dead).
+        let hypervisor: Option<HypervisorOpener> = config.hypervisor.uri.clone().map(|uri| {
+            Box::pin(async move {
+                let hv = crate::hypervisor::libvirt::Libvirt::open(&uri)
+                    .await
+                    .map_err(|e| StartError::Config(format!("hypervisor.uri: {e}")))?;
+                Ok(Arc::new(hv) as Arc<dyn Hypervisor>)
+            }) as HypervisorOpener
+        });
+        Ok(Env {
+            log: stores.log.into(),
+            backend: Arc::new(stores.sm),
+            identity: Arc::new(stores.local),
+            connector: Arc::new(connector),
+            listener: Arc::new(listener),
+            pki: Some(pki),
+            heartbeat,
+            hypervisor,
+            fencer: Arc::new(fencer),
+            host_stats: Arc::new(stats::ProcStats),
+        })
+    }
+}
+
+/// Opens a hypervisor connection when awaited.
+pub type HypervisorOpener = futures::future::BoxFuture<'static, Result<Arc<dyn Hypervisor>, StartError>>;

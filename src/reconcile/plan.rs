@@ -1,0 +1,186 @@
+//! The pure plan of one reconcile round: what to define, start, stop, destroy, migrate and
+//! report on one node, from the VMs of record and the domains libvirt shows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use herd_storage::model::{ActualState, VmRecord, VmState};
+
+use crate::hypervisor::Domain;
+
+/// One step on the hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Define from the XML of record (also refreshes a changed XML before a start).
+    Define {
+        vm: String,
+        xml: String,
+    },
+    Start {
+        vm: String,
+    },
+    /// Ask the guest to shut down (`graceful`), or pull the plug.
+    Shutdown {
+        vm: String,
+    },
+    Destroy {
+        vm: String,
+    },
+    /// Live-migrate to node `to` (the VM is moving away from here).
+    MigrateLive {
+        vm: String,
+        to: String,
+    },
+}
+
+impl Action {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Define { .. } => "define",
+            Action::Start { .. } => "start",
+            Action::Shutdown { .. } => "shutdown",
+            Action::Destroy { .. } => "destroy",
+            Action::MigrateLive { .. } => "migrate live",
+        }
+    }
+}
+
+/// What one round decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// VMs whose observed state differs from the one on record.
+    pub reports: Vec<(String, ActualState)>,
+    /// Domains the cluster does not know: reported, never touched.
+    pub unmanaged: Vec<String>,
+}
+
+/// Local memory of the reconciler between rounds.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// (VM, revision) whose restart was carried out.
+    pub restarted: BTreeSet<(String, u64)>,
+    /// When a graceful shutdown was asked for, by VM.
+    pub shutdown_asked: BTreeMap<String, u64>,
+    /// VMs moving away whose live migration was tried / refused (then: shutdown, if allowed).
+    pub live_tried: BTreeSet<String>,
+    pub live_failed: BTreeSet<String>,
+}
+
+/// Whether a move away tries live migration first, and whether it may fall back to a shutdown.
+/// PVC's methods: `none` (default) live, else shutdown; `live` live only; `shutdown` never
+/// live. `migrate-live` (`vm migrate --force-live`) is live only whatever the method.
+pub fn live_policy(vm: &VmRecord) -> (bool, bool) {
+    use herd_storage::model::MigrationMethod;
+    match (vm.state, vm.spec.migration_method) {
+        (VmState::MigrateLive, _) | (_, MigrationMethod::Live) => (true, false),
+        (_, MigrationMethod::Shutdown) => (false, true),
+        (_, MigrationMethod::None) => (true, true),
+    }
+}
+
+/// Decides one round for node `me`. `now_ms` and `shutdown_timeout_ms` bound graceful
+/// shutdowns (then destroy).
+pub fn plan(
+    me: &str,
+    vms: &BTreeMap<String, VmRecord>,
+    domains: &[Domain],
+    can_start: bool,
+    memory: &mut Memory,
+    now_ms: u64,
+    shutdown_timeout_ms: u64,
+) -> Plan {
+    let mut p = Plan::default();
+    let by_name: BTreeMap<&str, &Domain> = domains.iter().map(|d| (d.name.as_str(), d)).collect();
+    for (name, vm) in vms.iter().filter(|(_, v)| v.node == me) {
+        let d = by_name.get(name.as_str());
+        let observed = d.map_or(ActualState::Missing, |d| d.state);
+        let running = matches!(observed, ActualState::Running | ActualState::Paused);
+        match vm.state {
+            VmState::Restart if running && !memory.restarted.contains(&(name.clone(), vm.revision)) => {
+                memory.restarted.insert((name.clone(), vm.revision));
+                p.actions.push(Action::Destroy { vm: name.clone() });
+                if can_start {
+                    p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
+                    p.actions.push(Action::Start { vm: name.clone() });
+                }
+            }
+            // Moving here: wait until the source has released it (never two running copies).
+            s if s.wants_running()
+                && !running
+                && can_start
+                && !crate::breakage::is(crate::breakage::Breakage::NoStarts)
+                && (vm.migrating_from.is_none()
+                    || crate::breakage::is(crate::breakage::Breakage::StartBeforeRelease)) =>
+            {
+                p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
+                p.actions.push(Action::Start { vm: name.clone() });
+            }
+            VmState::Stop | VmState::Disable if running => p.actions.push(Action::Destroy { vm: name.clone() }),
+            VmState::Shutdown if running => stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p),
+            _ => {}
+        }
+        if !running {
+            memory.shutdown_asked.remove(name);
+        }
+        if observed != vm.actual {
+            p.reports.push((name.clone(), observed));
+        }
+    }
+    // Moving away from here: live migration first where the policy says so (once), else shut
+    // down (destroy after the timeout); the executor releases it once it no longer runs here.
+    let moving_away = |v: &VmRecord| v.node != me && v.migrating_from.as_deref() == Some(me);
+    memory.live_tried.retain(|n| vms.get(n).is_some_and(moving_away));
+    memory.live_failed.retain(|n| vms.get(n).is_some_and(moving_away));
+    for (name, vm) in vms.iter().filter(|(_, v)| moving_away(v)) {
+        let running =
+            by_name.get(name.as_str()).is_some_and(|d| matches!(d.state, ActualState::Running | ActualState::Paused));
+        if !running {
+            memory.shutdown_asked.remove(name);
+            continue;
+        }
+        // One that should not run any more is just stopped; one that should is moved.
+        let (live_first, fallback) = if vm.state.wants_running() { live_policy(vm) } else { (false, true) };
+        if live_first && !memory.live_failed.contains(name) {
+            if memory.live_tried.insert(name.clone()) {
+                p.actions.push(Action::MigrateLive { vm: name.clone(), to: vm.node.clone() });
+            }
+            // Tried: it succeeds (gone from here: released), fails over to a shutdown, or is
+            // aborted through Raft; until then nothing else is done to it here.
+            continue;
+        }
+        if fallback {
+            stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p);
+        }
+    }
+    for d in domains {
+        match vms.get(&d.name) {
+            // Assigned elsewhere (and not being moved away from here) but running here: it must
+            // not run in two places.
+            Some(vm)
+                if vm.node != me
+                    && vm.migrating_from.as_deref() != Some(me)
+                    && matches!(d.state, ActualState::Running | ActualState::Paused) =>
+            {
+                p.actions.push(Action::Destroy { vm: d.name.clone() })
+            }
+            Some(_) => {}
+            None => p.unmanaged.push(d.name.clone()),
+        }
+    }
+    memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
+    p
+}
+
+/// A graceful shutdown of a running domain: asked once, then a destroy once the timeout passed.
+fn stop_gracefully(name: &str, memory: &mut Memory, now_ms: u64, timeout_ms: u64, p: &mut Plan) {
+    match memory.shutdown_asked.get(name) {
+        None => {
+            memory.shutdown_asked.insert(name.to_string(), now_ms);
+            p.actions.push(Action::Shutdown { vm: name.to_string() });
+        }
+        Some(asked) if now_ms.saturating_sub(*asked) >= timeout_ms => {
+            p.actions.push(Action::Destroy { vm: name.to_string() })
+        }
+        Some(_) => {}
+    }
+}

@@ -1,0 +1,168 @@
+//! [`Reconciler`]: runs the plan of one node against its hypervisor and returns the reports.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herd_storage::model::{ActualState, Command, VmRecord, VmState};
+use tokio::time::Instant;
+
+use super::plan::{live_policy, plan, Action, Memory};
+use crate::hypervisor::{Hypervisor, HypervisorError};
+
+/// Runs the reconciler of one node.
+pub struct Reconciler {
+    pub me: String,
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub shutdown_timeout: Duration,
+    memory: Mutex<Memory>,
+    /// Domains the cluster does not know, as last seen (for `node info`).
+    unmanaged: Mutex<Vec<String>>,
+    started: Instant,
+    /// Live-migration target URI, `{node}` replaced by the target's name.
+    pub migrate_uri: String,
+    /// Deadline of one live migration.
+    pub migration_timeout: Duration,
+}
+
+/// What one executed round produced, for the caller to write through Raft.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub commands: Vec<Command>,
+    /// Running VMs and their footprint, for the keepalive.
+    pub running: u32,
+}
+
+impl Reconciler {
+    pub fn new(me: String, hypervisor: Arc<dyn Hypervisor>, shutdown_timeout: Duration) -> Reconciler {
+        Reconciler {
+            me,
+            hypervisor,
+            shutdown_timeout,
+            memory: Mutex::new(Memory::default()),
+            unmanaged: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            migrate_uri: "qemu+tcp://{node}/system".into(),
+            migration_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Where and how long live migrations go (`[hypervisor] migrate_uri`, `migration_timeout_ms`).
+    pub fn with_migration(mut self, migrate_uri: &str, timeout: Duration) -> Reconciler {
+        self.migrate_uri = migrate_uri.to_string();
+        self.migration_timeout = timeout;
+        self
+    }
+
+    /// A live migration was tried: on success the VM is gone from here (the round releases it);
+    /// refused, it shuts down instead where its policy allows, else the move is aborted through
+    /// Raft; an unknown outcome (deadline, libvirt gone) is left for the next rounds to see.
+    async fn migrate_live(&self, vm: &VmRecord, to: &str, now_ms: u64, commands: &mut Vec<Command>) {
+        let name = vm.spec.name.as_str();
+        let uri = self.migrate_uri.replace("{node}", to);
+        match self.hypervisor.migrate_live(name, &uri, self.migration_timeout).await {
+            Ok(()) => tracing::info!(vm = %name, "hypervisor: live-migrated to {to} ({uri})"),
+            Err(e @ HypervisorError::Unavailable(_)) => {
+                tracing::warn!(vm = %name, "live migration to {to}: outcome unknown: {e}")
+            }
+            Err(e) => {
+                let (_, fallback) = live_policy(vm);
+                if fallback {
+                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): shutting it down instead");
+                    {
+                        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                        m.live_failed.insert(name.to_string());
+                        m.shutdown_asked.insert(name.to_string(), now_ms);
+                    }
+                    if let Err(e) = self.hypervisor.shutdown(name).await {
+                        tracing::warn!(vm = %name, "{e}");
+                    }
+                } else {
+                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): the move is aborted");
+                    commands.push(Command::AbortMigration {
+                        name: name.to_string(),
+                        node: self.me.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn unmanaged(&self) -> Vec<String> {
+        self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One round: observe, plan, act, and return the reports to write.
+    pub async fn round(&self, vms: &BTreeMap<String, VmRecord>, can_start: bool) -> Result<Outcome, HypervisorError> {
+        let domains = self.hypervisor.list().await?;
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms = u64::try_from(self.shutdown_timeout.as_millis()).unwrap_or(u64::MAX);
+        let p = {
+            let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            plan(&self.me, vms, &domains, can_start, &mut m, now_ms, timeout_ms)
+        };
+        *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        let mut commands = Vec::new();
+        for a in &p.actions {
+            let (vm, r) = match a {
+                Action::MigrateLive { vm, to } => {
+                    if let Some(record) = vms.get(vm) {
+                        self.migrate_live(record, to, now_ms, &mut commands).await;
+                    }
+                    continue;
+                }
+                Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
+                Action::Start { vm } if failures.contains_key(vm) => continue,
+                Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
+                Action::Shutdown { vm } => (vm, self.hypervisor.shutdown(vm).await),
+                Action::Destroy { vm } => (vm, self.hypervisor.destroy(vm).await),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(vm = %vm, "hypervisor: {}", a.verb())
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, "{e}");
+                    failures.insert(vm.clone(), e.to_string());
+                }
+            }
+        }
+        // Report what the hypervisor shows now (after the actions), plus refusals as failures.
+        let after = if p.actions.is_empty() { domains } else { self.hypervisor.list().await? };
+        let state_of = |n: &str| after.iter().find(|d| d.name == n).map_or(ActualState::Missing, |d| d.state);
+        for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
+            let observed = state_of(name);
+            let failure = failures.remove(name);
+            // A finished restart, move or shutdown is reported even when the observed state
+            // equals the last report, so the record leaves its transitional state.
+            let finished = matches!(
+                (vm.state, observed),
+                (VmState::Restart | VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate, ActualState::Running)
+                    | (VmState::Shutdown, ActualState::Shutoff | ActualState::Missing)
+            );
+            if observed != vm.actual || failure.is_some() || finished {
+                commands.push(Command::ReportVm {
+                    name: name.clone(),
+                    node: self.me.clone(),
+                    actual: observed,
+                    failure,
+                });
+            }
+        }
+        // Moves away from here that no longer run here: released, the target may start them.
+        for (name, _) in
+            vms.iter().filter(|(_, v)| v.node != self.me && v.migrating_from.as_deref() == Some(self.me.as_str()))
+        {
+            if !matches!(state_of(name), ActualState::Running | ActualState::Paused) {
+                commands.push(Command::ReleaseVm { name: name.clone(), node: self.me.clone() });
+            }
+        }
+        let running = after
+            .iter()
+            .filter(|d| d.state == ActualState::Running && vms.get(&d.name).is_some_and(|v| v.node == self.me))
+            .count();
+        Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX) })
+    }
+}

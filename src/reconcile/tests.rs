@@ -1,0 +1,222 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_storage::model::{ActualState, Command, VmRecord, VmSpec, VmState};
+
+use super::*;
+use crate::hypervisor::{Domain, Hypervisor};
+
+fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
+    VmRecord {
+        spec: VmSpec {
+            uuid: "00000000-0000-0000-0000-000000000001".into(),
+            name: name.into(),
+            xml: format!("<domain><name>{name}</name></domain>"),
+            memory_mib: 256,
+            vcpus: 1,
+            selector: None,
+            node_limit: vec![],
+            autostart: false,
+            migration_method: Default::default(),
+        },
+        state,
+        node: node.into(),
+        last_node: None,
+        failure_reason: None,
+        actual,
+        migrating_from: None,
+        revision: 7,
+    }
+}
+
+fn dom(name: &str, state: ActualState) -> Domain {
+    Domain { name: name.into(), uuid: String::new(), state, id: (state == ActualState::Running).then_some(3) }
+}
+
+fn vms(list: Vec<VmRecord>) -> BTreeMap<String, VmRecord> {
+    list.into_iter().map(|v| (v.spec.name.clone(), v)).collect()
+}
+
+#[test]
+fn starts_what_should_run_and_adopts_what_runs() {
+    let v = vms(vec![
+        vm("a", "me", VmState::Start, ActualState::Unknown),
+        vm("b", "me", VmState::Start, ActualState::Unknown),
+    ]);
+    let p = plan("me", &v, &[dom("b", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(
+        p.actions,
+        vec![Action::Define { vm: "a".into(), xml: v["a"].spec.xml.clone() }, Action::Start { vm: "a".into() }]
+    );
+    assert_eq!(p.reports, vec![("a".into(), ActualState::Missing), ("b".into(), ActualState::Running)]);
+}
+
+#[test]
+fn without_quorum_contact_it_stops_but_never_starts() {
+    let v = vms(vec![
+        vm("a", "me", VmState::Start, ActualState::Shutoff),
+        vm("b", "me", VmState::Stop, ActualState::Running),
+    ]);
+    let p = plan(
+        "me",
+        &v,
+        &[dom("a", ActualState::Shutoff), dom("b", ActualState::Running)],
+        false,
+        &mut Memory::default(),
+        0,
+        1000,
+    );
+    assert_eq!(p.actions, vec![Action::Destroy { vm: "b".into() }]);
+}
+
+#[test]
+fn a_crashed_vm_that_should_run_is_restarted() {
+    let v = vms(vec![vm("a", "me", VmState::Start, ActualState::Running)]);
+    let p = plan("me", &v, &[dom("a", ActualState::Crashed)], true, &mut Memory::default(), 0, 1000);
+    assert!(p.actions.contains(&Action::Start { vm: "a".into() }));
+    assert_eq!(p.reports, vec![("a".into(), ActualState::Crashed)]);
+}
+
+#[test]
+fn unknown_domains_are_reported_and_left_alone() {
+    let p = plan("me", &BTreeMap::new(), &[dom("test", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    assert!(p.actions.is_empty());
+    assert_eq!(p.unmanaged, vec!["test".to_string()]);
+}
+
+#[test]
+fn graceful_shutdown_then_destroy_after_the_timeout() {
+    let v = vms(vec![vm("a", "me", VmState::Shutdown, ActualState::Running)]);
+    let mut m = Memory::default();
+    let running = [dom("a", ActualState::Running)];
+    assert_eq!(plan("me", &v, &running, true, &mut m, 0, 1000).actions, vec![Action::Shutdown { vm: "a".into() }]);
+    assert!(plan("me", &v, &running, true, &mut m, 500, 1000).actions.is_empty(), "waits for the guest");
+    assert_eq!(plan("me", &v, &running, true, &mut m, 1000, 1000).actions, vec![Action::Destroy { vm: "a".into() }]);
+}
+
+#[test]
+fn a_restart_happens_once_per_request() {
+    let v = vms(vec![vm("a", "me", VmState::Restart, ActualState::Running)]);
+    let mut m = Memory::default();
+    let running = [dom("a", ActualState::Running)];
+    let first = plan("me", &v, &running, true, &mut m, 0, 1000);
+    assert_eq!(first.actions.first(), Some(&Action::Destroy { vm: "a".into() }));
+    assert!(plan("me", &v, &running, true, &mut m, 10, 1000).actions.is_empty(), "not again for the same request");
+}
+
+#[test]
+fn a_vm_assigned_elsewhere_is_not_left_running_here() {
+    let v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
+    let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
+    assert!(p.reports.is_empty(), "only the assigned node reports");
+}
+
+#[test]
+fn a_move_stops_on_the_source_before_the_target_starts() {
+    let mut moving = vm("a", "target", VmState::Migrate, ActualState::Unknown);
+    moving.migrating_from = Some("source".into());
+    let v = vms(vec![moving.clone()]);
+    // The target waits while the source has not released it.
+    assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000).actions.is_empty());
+    // The source tries a live migration once (method `none`: live first)...
+    let mut m = Memory::default();
+    let running = [dom("a", ActualState::Running)];
+    assert_eq!(
+        plan("source", &v, &running, true, &mut m, 0, 1000).actions,
+        vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }]
+    );
+    assert!(plan("source", &v, &running, true, &mut m, 0, 1000).actions.is_empty(), "tried once");
+    // ... refused (as on the test driver), it shuts it down gracefully, then destroys.
+    m.live_failed.insert("a".into());
+    assert_eq!(plan("source", &v, &running, true, &mut m, 0, 1000).actions, vec![Action::Shutdown { vm: "a".into() }]);
+    assert_eq!(
+        plan("source", &v, &running, true, &mut m, 1000, 1000).actions,
+        vec![Action::Destroy { vm: "a".into() }]
+    );
+    // Released: the target starts it.
+    moving.migrating_from = None;
+    let v = vms(vec![moving]);
+    assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000)
+        .actions
+        .contains(&Action::Start { vm: "a".into() }));
+}
+
+#[test]
+fn the_migration_method_decides_live_and_fallback() {
+    use herd_storage::model::MigrationMethod;
+    let running = [dom("a", ActualState::Running)];
+    let actions = |state: VmState, method: MigrationMethod, failed: bool| {
+        let mut v = vm("a", "target", state, ActualState::Unknown);
+        v.migrating_from = Some("source".into());
+        v.spec.migration_method = method;
+        let mut m = Memory::default();
+        if failed {
+            m.live_tried.insert("a".into());
+            m.live_failed.insert("a".into());
+        }
+        plan("source", &vms(vec![v]), &running, true, &mut m, 0, 1000).actions
+    };
+    let live = vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }];
+    let shut = vec![Action::Shutdown { vm: "a".into() }];
+    assert_eq!(actions(VmState::Migrate, MigrationMethod::Shutdown, false), shut, "shutdown: never live");
+    assert_eq!(actions(VmState::Migrate, MigrationMethod::Live, false), live);
+    assert_eq!(actions(VmState::Migrate, MigrationMethod::Live, true), vec![], "live: never shut down");
+    assert_eq!(actions(VmState::MigrateLive, MigrationMethod::Shutdown, false), live, "forced live");
+    assert_eq!(actions(VmState::MigrateLive, MigrationMethod::None, true), vec![], "forced live: no fallback");
+    assert_eq!(actions(VmState::Unmigrate, MigrationMethod::None, true), shut, "none: falls back");
+}
+
+#[tokio::test]
+async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
+    use crate::hypervisor::memory::MemoryHypervisor;
+    let hv = MemoryHypervisor::new();
+    let xml = "<domain><name>a</name><uuid>00000000-0000-0000-0000-000000000001</uuid></domain>";
+    hv.define(xml).await.expect("define");
+    hv.start("a").await.expect("start");
+    let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
+    let mut forced = vm("a", "target", VmState::MigrateLive, ActualState::Unknown);
+    forced.migrating_from = Some("source".into());
+    // Live only: refused (the memory hypervisor, like the test driver, has no migration),
+    // the move is aborted through Raft and the domain keeps running here.
+    let out = r.round(&vms(vec![forced.clone()]), true).await.expect("round");
+    assert!(
+        matches!(out.commands.as_slice(), [Command::AbortMigration { name, node, .. }] if name == "a" && node == "source"),
+        "{:?}",
+        out.commands
+    );
+    let still = hv.list().await.expect("list");
+    assert_eq!(still.first().map(|d| d.state), Some(ActualState::Running));
+    // Live first (method `none`): refused, it shuts down instead and is released.
+    let mut fallback = forced;
+    fallback.state = VmState::Migrate;
+    let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
+    let out = r.round(&vms(vec![fallback]), true).await.expect("round");
+    assert!(
+        matches!(out.commands.as_slice(), [Command::ReleaseVm { name, node }] if name == "a" && node == "source"),
+        "{:?}",
+        out.commands
+    );
+    assert_eq!(hv.list().await.expect("list").first().map(|d| d.state), Some(ActualState::Shutoff));
+}
+
+#[test]
+fn domain_xml_is_read_or_refused_clearly() {
+    let s = spec_from_xml("<domain type='test'><name>web</name><uuid>11111111-2222-3333-4444-555555555555</uuid><memory unit='MiB'>256</memory><vcpu>2</vcpu></domain>").expect("parses");
+    assert_eq!((s.name.as_str(), s.memory_mib, s.vcpus), ("web", 256, 2));
+    let kib = spec_from_xml(
+        "<domain><name>x</name><uuid>11111111-2222-3333-4444-555555555555</uuid><memory>524288</memory></domain>",
+    )
+    .expect("parses");
+    assert_eq!(kib.memory_mib, 512);
+    for (bad, why) in [
+        ("<domain", "invalid domain XML"),
+        ("<vm/>", "<vm>"),
+        ("<domain><uuid>u</uuid><memory>1</memory></domain>", "<name>"),
+        ("<domain><name>x</name><memory>1</memory></domain>", "<uuid>"),
+    ] {
+        let e = spec_from_xml(bad).expect_err("refused");
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

@@ -1,0 +1,83 @@
+//! The production daemon process: the production `Env`, the daemon's logic (`daemon::start`),
+//! the admin socket, metrics and signals, until SIGTERM or SIGINT (a service stop).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admin;
+use crate::config::Config;
+use crate::daemon::{self, Env, StartError};
+use crate::heartbeat::agent::Agent;
+
+/// Why the daemon process could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Admin(#[from] admin::BindError),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let listen = config.listen_addr().map_err(StartError::Config)?;
+    let env = Env::production(&config).await?;
+    let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
+    let access = admin::AccessPolicy::new(config.admin_socket_group.as_deref(), config.admin_group_access)
+        .map_err(StartError::Config)?;
+    let metrics_addr = config.metrics.addr().map_err(StartError::Config)?;
+    let running = daemon::start(config.clone(), env).await?;
+    let daemon = running.daemon.clone();
+    tracing::info!(listen = %listen, socket = %config.admin_socket.display(), "serving");
+    let admin_server = herd_storage::types::spawn(admin::serve(
+        admin_listener,
+        Arc::new(admin::DaemonHandler(daemon.clone())),
+        access,
+        Duration::from_millis(config.limits.admin_idle_timeout_ms),
+        running.shutdown_signal(),
+    ));
+    if let Some(addr) = metrics_addr {
+        let listener =
+            crate::metrics::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_string(), source })?;
+        let scrape = Arc::new(crate::metrics::Scrape {
+            metrics: daemon.metrics.clone(),
+            node: daemon.node.clone(),
+            agent: daemon.agent.clone(),
+            primary: daemon.primary.clone(),
+        });
+        herd_storage::types::spawn(crate::metrics::serve(listener, scrape, running.shutdown_signal()));
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
+    let dump_task = herd_storage::types::spawn(dump_heartbeat_on_sigusr2(daemon.agent.clone()));
+    wait_for_signal().await;
+    dump_task.abort();
+    running.stop().await;
+    let _ = admin_server.await;
+    let _ = std::fs::remove_file(&config.admin_socket);
+    Ok(())
+}
+
+async fn dump_heartbeat_on_sigusr2(agent: Arc<Agent>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::warn!("cannot install the SIGUSR2 handler");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        tracing::info!(heartbeat = %agent.report(), "heartbeat picture (SIGUSR2)");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

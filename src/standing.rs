@@ -1,0 +1,86 @@
+//! This node's standing with its cluster, as its own committed writes show it: when a write
+//! of its own last committed (quorum contact) and whether it has self-fenced. The reconciler
+//! starts VMs only with recent quorum contact; the self-fence guard fires without it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Shared by the member tasks (which record commits), the reconcile loop and the self-fence
+/// guard.
+pub struct Standing {
+    started: tokio::time::Instant,
+    /// When a write of this node's own was last committed (ms since start; 0: never).
+    last_commit_ms: AtomicU64,
+    /// The log index of that write: VMs are started only from a local view that has applied it
+    /// (a node back from a long absence must not act on its stale view of where VMs run).
+    last_commit_index: AtomicU64,
+    /// How recent the last commit must be to count as quorum contact.
+    contact_window_ms: u64,
+    /// Set when this node self-fenced: it starts nothing any more.
+    self_fenced: AtomicBool,
+}
+
+impl Standing {
+    /// Quorum contact lasts three keepalive intervals (at least three seconds).
+    pub fn new(keepalive_interval_ms: u64) -> Standing {
+        Standing {
+            started: tokio::time::Instant::now(),
+            last_commit_ms: AtomicU64::new(0),
+            last_commit_index: AtomicU64::new(0),
+            contact_window_ms: 3 * keepalive_interval_ms.max(1000),
+            self_fenced: AtomicBool::new(false),
+        }
+    }
+
+    /// Milliseconds since this process started (at least 1, so 0 can mean "never").
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// A write of this node's own committed at log `index`.
+    pub fn committed(&self, index: u64) {
+        self.last_commit_index.fetch_max(index, Ordering::AcqRel);
+        self.last_commit_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// How long ago the last own write committed (since start when none has).
+    pub fn commit_age_ms(&self) -> u64 {
+        self.now_ms().saturating_sub(self.last_commit_ms.load(Ordering::Acquire))
+    }
+
+    /// Whether a write of this node's own was committed lately and the local view at `applied`
+    /// includes it: only then may this node start VMs from that view. (A node back after its
+    /// VMs were recovered elsewhere replays old entries first; in those the VMs are still its
+    /// own.)
+    pub fn quorum_contact(&self, applied: u64) -> bool {
+        let last = self.last_commit_ms.load(Ordering::Acquire);
+        last != 0
+            && self.now_ms().saturating_sub(last) < self.contact_window_ms
+            && applied >= self.last_commit_index.load(Ordering::Acquire)
+    }
+
+    pub fn set_self_fenced(&self) {
+        self.self_fenced.store(true, Ordering::Release);
+    }
+
+    pub fn self_fenced(&self) -> bool {
+        self.self_fenced.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn contact_needs_a_recent_commit_that_the_view_has_applied() {
+        let s = Standing::new(1000);
+        assert!(!s.quorum_contact(10), "never committed");
+        tokio::time::advance(std::time::Duration::from_millis(5)).await;
+        s.committed(7);
+        assert!(!s.quorum_contact(6), "the view has not applied the write");
+        assert!(s.quorum_contact(7));
+        tokio::time::advance(std::time::Duration::from_millis(3000)).await;
+        assert!(!s.quorum_contact(7), "older than three intervals");
+        assert_eq!(s.commit_age_ms(), 3000);
+    }
+}
