@@ -2,11 +2,9 @@
 //! `herd` library (src/lib.rs); this file only parses the command line and hands over.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use herd::admin::AdminRequest;
-use herd::cli::{self, CertCommand, ClusterCommand, Command, NodeCommand, TokenCommand, VmCommand};
+use herd::cli::{self, Command, NodeCommand};
 use herd::{config, run};
 
 fn main() -> ExitCode {
@@ -123,126 +121,7 @@ fn release(path: &std::path::Path) -> ExitCode {
 }
 
 fn run_client(args: &cli::Cli) -> Result<(), cli::CliError> {
-    let (req, timeout) = match &args.command {
-        Command::Daemon { .. } | Command::Release { .. } | Command::Completions { .. } | Command::Man => {
-            return Err(cli::CliError::Usage("unreachable".into()))
-        }
-        Command::Node(NodeCommand::Flush { name, wait }) => {
-            (AdminRequest::NodeFlush { name: name.clone(), ready: false, wait: *wait }, Duration::from_secs(600))
-        }
-        Command::Node(NodeCommand::Fence { name, yes }) => {
-            (AdminRequest::NodeFence { name: name.clone(), yes: *yes }, Duration::from_secs(15))
-        }
-        Command::Node(NodeCommand::Ready { name, wait }) => {
-            (AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: *wait }, Duration::from_secs(600))
-        }
-        Command::Node(NodeCommand::Primary { name, wait }) => {
-            (AdminRequest::NodePrimary { name: name.clone(), secondary: false, wait: *wait }, Duration::from_secs(45))
-        }
-        Command::Node(NodeCommand::Secondary { name, wait }) => {
-            (AdminRequest::NodePrimary { name: name.clone(), secondary: true, wait: *wait }, Duration::from_secs(45))
-        }
-        Command::InitCluster => (AdminRequest::InitCluster {}, Duration::from_secs(30)),
-        Command::JoinCluster(j) => {
-            let token = cli::read_token(j)?;
-            (AdminRequest::JoinCluster { peer: j.peer.clone(), token, role: j.role }, Duration::from_secs(150))
-        }
-        Command::Status => (AdminRequest::Status {}, Duration::from_secs(10)),
-        Command::Node(NodeCommand::List) => (AdminRequest::NodeList {}, Duration::from_secs(10)),
-        Command::Node(NodeCommand::Info { name, local }) => {
-            (AdminRequest::NodeInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
-        }
-        Command::Node(NodeCommand::Remove { name, force }) => {
-            (AdminRequest::NodeRemove { name: name.clone(), force: *force }, Duration::from_secs(60))
-        }
-        Command::Heartbeat => (AdminRequest::Heartbeat {}, Duration::from_secs(10)),
-        Command::Vm(VmCommand::Define { file, node, selector, limit, autostart, method }) => {
-            let xml = std::fs::read_to_string(file)
-                .map_err(|e| cli::CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-            let selector = selector.as_deref().map(str::parse).transpose().map_err(cli::CliError::Usage)?;
-            let method = method.as_deref().map(str::parse).transpose().map_err(cli::CliError::Usage)?;
-            let req = AdminRequest::VmDefine {
-                xml,
-                node: node.clone(),
-                selector,
-                limit: limit.clone(),
-                autostart: *autostart,
-                method,
-            };
-            (req, Duration::from_secs(20))
-        }
-        Command::Vm(VmCommand::List) => (AdminRequest::VmList {}, Duration::from_secs(10)),
-        Command::Vm(VmCommand::Info { name, local }) => {
-            (AdminRequest::VmInfo { name: name.clone(), local: *local }, Duration::from_secs(10))
-        }
-        Command::Vm(VmCommand::Modify { name, file }) => {
-            let xml = std::fs::read_to_string(file)
-                .map_err(|e| cli::CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-            (AdminRequest::VmModify { name: name.clone(), xml }, Duration::from_secs(20))
-        }
-        Command::Vm(VmCommand::Undefine { name }) => {
-            (AdminRequest::VmUndefine { name: name.clone() }, Duration::from_secs(20))
-        }
-        Command::Vm(VmCommand::Migrate { name, to, force_live }) => {
-            let req = AdminRequest::VmMigrate {
-                name: name.clone(),
-                to: to.clone(),
-                live: *force_live,
-                permanent: false,
-                unmigrate: false,
-            };
-            (req, Duration::from_secs(20))
-        }
-        Command::Vm(VmCommand::Unmigrate { name }) => {
-            let req = AdminRequest::VmMigrate {
-                name: name.clone(),
-                to: None,
-                live: false,
-                permanent: false,
-                unmigrate: true,
-            };
-            (req, Duration::from_secs(20))
-        }
-        Command::Vm(VmCommand::Move { name, to }) => {
-            let req = AdminRequest::VmMigrate {
-                name: name.clone(),
-                to: Some(to.clone()),
-                live: false,
-                permanent: true,
-                unmigrate: false,
-            };
-            (req, Duration::from_secs(20))
-        }
-        Command::Vm(c) => {
-            use herd_storage::model::VmState;
-            let (name, state) = match c {
-                VmCommand::Start { name } => (name, VmState::Start),
-                VmCommand::Stop { name } => (name, VmState::Stop),
-                VmCommand::Shutdown { name } => (name, VmState::Shutdown),
-                VmCommand::Restart { name } => (name, VmState::Restart),
-                _ => match c {
-                    VmCommand::Disable { name } => (name, VmState::Disable),
-                    _ => return Err(cli::CliError::Usage("unreachable".into())),
-                },
-            };
-            (AdminRequest::VmState { name: name.clone(), state }, Duration::from_secs(20))
-        }
-        Command::Events { limit } => (AdminRequest::Events { limit: Some(*limit) }, Duration::from_secs(10)),
-        Command::Cluster(ClusterCommand::Info { local }) => {
-            (AdminRequest::ClusterInfo { local: *local }, Duration::from_secs(10))
-        }
-        Command::Cluster(ClusterCommand::Maintenance { state }) => {
-            (AdminRequest::Maintenance { on: state == "on" }, Duration::from_secs(20))
-        }
-        Command::Token(TokenCommand::Create { ttl, uses }) => {
-            (AdminRequest::TokenCreate { ttl_ms: *ttl, uses: *uses }, Duration::from_secs(20))
-        }
-        Command::Token(TokenCommand::List) => (AdminRequest::TokenList {}, Duration::from_secs(10)),
-        Command::Cert(CertCommand::Rotate) => (AdminRequest::CertRotate {}, Duration::from_secs(20)),
-        Command::Token(TokenCommand::Revoke { id }) => {
-            (AdminRequest::TokenRevoke { id: id.clone() }, Duration::from_secs(20))
-        }
-    };
+    let (req, timeout) = cli::request(&args.command)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,7 +8,8 @@
 //!  verdict.rs  pure verdict over every fresh view: alive / lost (+ lost_for_ms, reason)
 //!  relay.rs    every node's cache of coordinator summaries, rotated into answers
 //!  wire.rs     versioned, size-bounded datagrams
-//!  agent.rs    the IO: sockets, the tick loop, queries
+//!  socket.rs   the datagram seam and the production UDP socket
+//!  agent.rs    the IO: receive loops, the pulse loop, queries
 //! ```
 //!
 //! **Architecture invariants:** `view`, `verdict`, `relay` and `wire` do no IO and read no
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod relay;
+pub mod socket;
 pub mod verdict;
 pub mod view;
 pub mod wire;

@@ -184,10 +184,9 @@ mod tests {
         lost_for_ms: u64,
     }
 
-    #[test]
-    fn table() {
-        let hs = hosts(&[(9, TWO)]);
-        let cases = vec![
+    /// Cases about which views count: networks, freshness, other coordinators.
+    fn views_cases() -> Vec<Case> {
+        vec![
             Case {
                 name: "lost on every network in every view",
                 views: vec![
@@ -235,6 +234,12 @@ mod tests {
                 expect: Verdict::Alive,
                 lost_for_ms: 0,
             },
+        ]
+    }
+
+    /// Cases about the flags a view carries: isolated, truncated, MNFA, relayed ages.
+    fn flag_cases() -> Vec<Case> {
+        vec![
             Case {
                 name: "an isolated view cannot judge; the other view decides",
                 views: vec![
@@ -304,8 +309,13 @@ mod tests {
                 expect: Verdict::Lost,
                 lost_for_ms: 1700,
             },
-        ];
-        for c in cases {
+        ]
+    }
+
+    #[test]
+    fn table() {
+        let hs = hosts(&[(9, TWO)]);
+        for c in views_cases().into_iter().chain(flag_cases()) {
             let v = verdict_of(9, &c.views, &hs);
             assert_eq!((v.verdict, v.lost_for_ms), (c.expect, c.lost_for_ms), "{}: {}", c.name, v.reason);
         }
