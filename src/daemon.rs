@@ -1086,6 +1086,8 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         limits: limits.clone(),
     };
     let node = ClusterNode::new(settings, env.connector, env.log, env.backend, env.identity);
+    // What an admitted join writes: the node registered as it describes itself.
+    node.set_join_policy(Arc::new(herd_raft::node::RegisterJoiner));
     if let Some(pki) = env.pki {
         node.set_pki(pki);
     }
