@@ -1,5 +1,6 @@
 //! Mutual TLS on the cluster port: the cluster CA, node certificates, enrolment, and the
-//! [`Connector`]/[`Listener`] wrappers that put TLS 1.3 under the cluster protocol.
+//! [`Connector`](crate::transport::Connector)/[`Listener`](crate::transport::Listener) wrappers
+//! that put TLS 1.3 under the cluster protocol.
 //!
 //! ```text
 //!   data_dir/tls/ca.crt     the cluster CA certificate (every node)
