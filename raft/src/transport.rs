@@ -1,7 +1,7 @@
 //! The byte-stream seam under the cluster protocol.
 //!
 //! Raft code sees only [`Connector`] and [`Listener`]: plain TCP, mutual TLS over it
-//! (`tls.rs`) and turmoil's simulated TCP plug in here without touching the protocol or Raft code.
+//! (`tls/`) and turmoil's simulated TCP plug in here without touching the protocol or Raft code.
 
 use std::io;
 use std::net::SocketAddr;

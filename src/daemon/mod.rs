@@ -223,6 +223,8 @@ fn raft_node(
         limits: limits.clone(),
     };
     let node = ClusterNode::new(settings, connector, log, backend, identity);
+    // What an admitted join writes: the node registered as it describes itself.
+    node.set_join_policy(Arc::new(herd_raft::node::RegisterJoiner));
     if let Some(pki) = pki {
         node.set_pki(pki);
     }

@@ -26,7 +26,7 @@ pub const SELF_FENCE_MARGIN_MS: u64 = 5_000;
 
 /// Bounds on the published policy (it lives in the replicated state).
 const MAX_POLICY_FIELD: usize = 1024;
-/// The password field: a sealed one (see herd-raft's `tls.rs`) is hex, twice as long plus 106.
+/// The password field: a sealed one (see herd-raft's `tls/pki.rs`) is hex, twice as long plus 106.
 const MAX_POLICY_SECRET: usize = 4096;
 const MAX_AGENT_OPTIONS: usize = 32;
 

@@ -1,0 +1,155 @@
+//! `NodeHandler`: the cluster port's request handler. It applies the auth rules — Raft
+//! traffic must name this cluster and this node, only a join's first phase may come without
+//! the cluster id (and, with TLS, without a certificate), a certificate speaks only for the node
+//! it names, a removed node's certificate is refused at once — then dispatches each `Rpc`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herd_storage::model::NodeId;
+use herd_storage::types::TypeConfig;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::storage::RaftLogStorage;
+use tokio::time::Instant;
+
+use super::{ClusterNode, Member};
+use crate::server::Handler;
+use crate::transport::Peer;
+use crate::wire::{LeaderOp, RequestFrame, Rpc, RpcError, RpcReply};
+
+/// Whether `frame`, from `peer`, may be handled here at all: who may send it, and whether it
+/// names this cluster and this node.
+fn check_frame(member: &Member, frame: &RequestFrame, peer: Peer) -> Result<(), RpcError> {
+    // Only a join's first phase may come without the cluster id (the joiner does not know
+    // it yet); everything else must name this cluster, and Raft traffic this very node.
+    let first_join = matches!(&frame.body, Rpc::Leader(LeaderOp::Join(_))) && frame.cluster_id.is_empty();
+    // With TLS, only that first phase may come without a certificate, and a certificate
+    // speaks only for the node it names.
+    match peer {
+        Peer::Plain => {}
+        Peer::Anonymous if first_join && frame.from.is_none() => {}
+        Peer::Anonymous => {
+            return Err(RpcError::Unauthenticated("a certificate signed by the cluster CA is required".into()))
+        }
+        Peer::Node(id) if frame.from == Some(id) => {}
+        Peer::Node(id) => {
+            return Err(RpcError::Unauthenticated(format!(
+                "the certificate is node {id}'s, the request claims to come from {:?}",
+                frame.from
+            )))
+        }
+    }
+    if !first_join && frame.cluster_id != member.cluster_id {
+        return Err(RpcError::WrongCluster { expected: frame.cluster_id.clone(), actual: member.cluster_id.clone() });
+    }
+    let raft_rpc = !matches!(frame.body, Rpc::Leader(_));
+    match frame.to {
+        Some(to) if to != member.id => Err(RpcError::WrongNode { expected: to, actual: Some(member.id) }),
+        None if raft_rpc => Err(RpcError::BadRequest("raft traffic must name its target node".into())),
+        _ => Ok(()),
+    }
+}
+
+impl<LS> ClusterNode<LS>
+where
+    LS: RaftLogStorage<TypeConfig> + Clone,
+{
+    async fn handle_frame(self: Arc<Self>, frame: RequestFrame, peer: Peer) -> Result<RpcReply, RpcError> {
+        let Some(member) = self.member() else { return Err(RpcError::NotMember) };
+        check_frame(&member, &frame, peer)?;
+        let raft = &member.raft;
+        let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
+        let timeout = Duration::from_millis(frame.timeout_ms).min(self.settings.limits.max_request_time);
+        match frame.body {
+            Rpc::AppendEntries(req) => {
+                let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(e.to_string()))?;
+                *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                Ok(RpcReply::AppendEntries(resp))
+            }
+            Rpc::Vote(req) => Ok(RpcReply::Vote(raft.vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?)),
+            Rpc::PreVote(req) => {
+                Ok(RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?))
+            }
+            Rpc::Snapshot { vote, meta, data } => {
+                let snapshot = herd_storage::types::Snapshot { meta, snapshot: std::io::Cursor::new(data) };
+                Ok(RpcReply::Snapshot(raft.install_full_snapshot(vote, snapshot).await.map_err(fatal)?))
+            }
+            Rpc::TransferLeader(req) => {
+                Ok(RpcReply::TransferLeader(raft.handle_transfer_leader(req).await.map_err(fatal)?))
+            }
+            Rpc::RenewCert { csr } => self.sign_renewal(&member, frame.from, peer, &csr),
+            Rpc::Removed => {
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if frame.from.is_none() || frame.from != leader {
+                    return Err(RpcError::Refused("only the current leader may retire a node".into()));
+                }
+                let node = self.clone();
+                // Reply first; stopping Raft must not wait on this very connection.
+                herd_storage::types::spawn(async move {
+                    if let Err(e) = node.leave().await {
+                        tracing::error!("leaving the cluster: {e}");
+                    }
+                });
+                Ok(RpcReply::Done)
+            }
+            Rpc::Notify { kind, args } => {
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if frame.from.is_none() || frame.from != leader {
+                    return Err(RpcError::Refused("only the current leader sends notifications".into()));
+                }
+                let ext = self.extension.get().ok_or_else(|| RpcError::Refused("no notify handler".into()))?;
+                ext.notify(kind, args).await.map_err(RpcError::Refused)?;
+                Ok(RpcReply::Done)
+            }
+            Rpc::Leader(op) => self.leader_op(&member, op, frame.to, timeout).await,
+        }
+    }
+
+    /// A leader operation that reached this node: run here if it leads, else forwarded once.
+    async fn leader_op(
+        &self,
+        member: &Arc<Member>,
+        op: LeaderOp,
+        to: Option<NodeId>,
+        timeout: Duration,
+    ) -> Result<RpcReply, RpcError> {
+        let leader = member.raft.metrics().borrow_watched().current_leader;
+        if leader == Some(member.id) {
+            self.execute(member, op, timeout).await
+        } else if to.is_some() {
+            // Already forwarded once: do not forward again (no loops).
+            Err(RpcError::NotLeader { leader_id: leader, leader_addr: None })
+        } else {
+            match leader {
+                Some(l) => self.forward(member, l, op, timeout).await,
+                None => Err(RpcError::NotLeader { leader_id: None, leader_addr: None }),
+            }
+        }
+    }
+}
+
+/// The cluster port's handler.
+pub struct NodeHandler<LS>(pub Arc<ClusterNode<LS>>);
+
+impl<LS> Handler for NodeHandler<LS>
+where
+    LS: RaftLogStorage<TypeConfig> + Clone,
+{
+    fn admit(&self, peer: Peer) -> Result<(), String> {
+        let Peer::Node(id) = peer else { return Ok(()) };
+        let Some(member) = self.0.member() else { return Ok(()) };
+        let g = member.view.read();
+        // Ids are never reused: one below the next id to allocate that no node holds any more
+        // belongs to a removed node, whose certificate is thereby revoked.
+        let next = g.state.meta.as_ref().map_or(0, |m| m.next_node_id);
+        if id < next && g.state.node_by_id(id).is_none() {
+            return Err(format!("node {id} was removed from the cluster: its certificate is revoked"));
+        }
+        Ok(())
+    }
+
+    fn handle(&self, frame: RequestFrame, peer: Peer) -> BoxFuture<'_, Result<RpcReply, RpcError>> {
+        Box::pin(self.0.clone().handle_frame(frame, peer))
+    }
+}
