@@ -210,7 +210,7 @@ impl FenceAgent for IpmiBmc {
             let recv_timeout = (deadline / RECEIVES_PER_CALL).max(Duration::from_millis(20));
             let (addr, user, password, state) =
                 (self.addr.clone(), self.user.clone(), self.password.clone(), self.state.clone());
-            crate::boundary::run("ipmi", deadline, move || {
+            crate::boundary::run(crate::boundary::Library::Ipmi, "ipmi", deadline, move || {
                 blocking_call(&addr, &user, &password, &state, action, recv_timeout)
             })
             .await

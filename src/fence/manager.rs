@@ -32,6 +32,7 @@ use super::agent::{Action, Fencer, Power};
 use super::decide::{decide, heard_again, Context, Decision, Facts};
 use crate::heartbeat::agent::Agent;
 use crate::primary::manager::Manager;
+use crate::tasks::Tasks;
 
 const TICK: Duration = Duration::from_millis(100);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -79,6 +80,8 @@ pub struct FenceManager {
     slots: Arc<Semaphore>,
     local: Mutex<Local>,
     started: Instant,
+    /// The executors and BMC checks this manager started: aborted when it stops.
+    tasks: Tasks,
 }
 
 impl FenceManager {
@@ -99,6 +102,7 @@ impl FenceManager {
             slots,
             local: Mutex::default(),
             started: Instant::now(),
+            tasks: Tasks::new(),
         })
     }
 
@@ -106,11 +110,24 @@ impl FenceManager {
         self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs until shutdown; acts only while this node holds the primary duties.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until shutdown (or until aborted); acts only while this node holds the primary
+    /// duties. Its executors and checks stop with it.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         if self.settings.role != Role::Coordinator {
             return;
         }
+        /// Aborts the manager's tasks however `run` ends (returned or aborted).
+        struct StopTasks<'a>(&'a Tasks);
+        impl Drop for StopTasks<'_> {
+            fn drop(&mut self) {
+                self.0.abort_all();
+            }
+        }
+        let _stop = StopTasks(&self.tasks);
+        self.decide_until(shutdown).await;
+    }
+
+    async fn decide_until(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut primary_since: Option<Instant> = None;
         let mut last_check = BTreeMap::<String, Instant>::new();
         loop {
@@ -230,7 +247,7 @@ impl FenceManager {
             return;
         }
         let (me, name, was) = (self.clone(), rec.name.clone(), rec.fence.ready);
-        herd_storage::types::spawn(async move {
+        self.tasks.spawn(async move {
             let agent = me.fencer.agent(&policy);
             let result = agent.call(Action::Status, me.settings.call_timeout).await;
             let (ready, reason, power) = match &result {
@@ -262,7 +279,7 @@ impl FenceManager {
             return;
         }
         let me = self.clone();
-        herd_storage::types::spawn(async move {
+        self.tasks.spawn(async move {
             let permit = me.slots.clone().acquire_owned().await;
             me.execute(&name, &policy, id).await;
             drop(permit);

@@ -43,10 +43,12 @@ impl Watchdog {
     pub async fn feed(&mut self, deadline: Duration) -> Result<(), String> {
         let mut f = self.file.try_clone().map_err(|e| format!("{}: {e}", self.path.display()))?;
         let path = self.path.display().to_string();
-        crate::boundary::run("watchdog", deadline, move || f.write_all(b"\0").and_then(|_| f.flush()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{path}: {e}"))
+        crate::boundary::run(crate::boundary::Library::Watchdog, "watchdog", deadline, move || {
+            f.write_all(b"\0").and_then(|_| f.flush())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{path}: {e}"))
     }
 }
 

@@ -57,10 +57,12 @@ impl Libvirt {
     pub async fn open(uri: &str) -> Result<Libvirt, HypervisorError> {
         QUIET.call_once(virt::error::clear_error_callback);
         let owned = uri.to_string();
-        let conn = boundary::run("libvirt open", CALL_TIMEOUT, move || Connect::open(Some(&owned)))
-            .await
-            .map_err(bounded)?
-            .map_err(|e| HypervisorError::Unavailable(format!("{uri}: {}", e.message())))?;
+        let conn = boundary::run(crate::boundary::Library::Libvirt, "libvirt open", CALL_TIMEOUT, move || {
+            Connect::open(Some(&owned))
+        })
+        .await
+        .map_err(bounded)?
+        .map_err(|e| HypervisorError::Unavailable(format!("{uri}: {}", e.message())))?;
         Ok(Libvirt { conn: Arc::new(conn) })
     }
 
@@ -72,7 +74,7 @@ impl Libvirt {
         f: impl FnOnce(&virt::domain::Domain) -> Result<(), virt::error::Error> + Send + 'static,
     ) -> Result<(), HypervisorError> {
         let (conn, owned) = (self.conn.clone(), name.to_string());
-        boundary::run(op, CALL_TIMEOUT, move || {
+        boundary::run(crate::boundary::Library::Libvirt, op, CALL_TIMEOUT, move || {
             let dom = conn.lookup_domain_by_name(&owned)?;
             f(&dom)
         })
@@ -86,7 +88,7 @@ impl Hypervisor for Libvirt {
     fn list(&self) -> BoxFuture<'_, Result<Vec<Domain>, HypervisorError>> {
         let conn = self.conn.clone();
         Box::pin(async move {
-            boundary::run("libvirt list", CALL_TIMEOUT, move || {
+            boundary::run(crate::boundary::Library::Libvirt, "libvirt list", CALL_TIMEOUT, move || {
                 let mut out = Vec::new();
                 for d in conn.list_all_domains(0)? {
                     // A domain can vanish between the list and the look: skip it.
@@ -104,14 +106,16 @@ impl Hypervisor for Libvirt {
     fn define<'a>(&'a self, xml: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
         let (conn, owned) = (self.conn.clone(), xml.to_string());
         Box::pin(async move {
-            boundary::run("libvirt define", CALL_TIMEOUT, move || conn.define_domain_xml(&owned).map(|_| ()))
-                .await
-                .map_err(bounded)?
-                .map_err(|e| HypervisorError::Refused {
-                    op: "define",
-                    name: String::new(),
-                    message: e.message().to_string(),
-                })
+            boundary::run(crate::boundary::Library::Libvirt, "libvirt define", CALL_TIMEOUT, move || {
+                conn.define_domain_xml(&owned).map(|_| ())
+            })
+            .await
+            .map_err(bounded)?
+            .map_err(|e| HypervisorError::Refused {
+                op: "define",
+                name: String::new(),
+                message: e.message().to_string(),
+            })
         })
     }
 
@@ -146,7 +150,7 @@ impl Hypervisor for Libvirt {
                 | virt::sys::VIR_MIGRATE_PEER2PEER
                 | virt::sys::VIR_MIGRATE_PERSIST_DEST
                 | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
-            boundary::run("libvirt migrate", deadline, move || {
+            boundary::run(crate::boundary::Library::Libvirt, "libvirt migrate", deadline, move || {
                 conn.lookup_domain_by_name(&owned)?.migrate_to_uri(&dest, flags, None, 0)
             })
             .await

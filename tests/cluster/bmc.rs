@@ -21,8 +21,9 @@ pub fn available(test: &str) -> bool {
     let ok = |c: &str| Command::new(c).arg("-V").output().is_ok() || Command::new(c).arg("-h").output().is_ok();
     let (sim, tool) = (ok("ipmi_sim"), ok("ipmitool"));
     if !sim || !tool {
-        eprintln!(
-            "\n!!!!! SKIPPED {test}: needs ipmi_sim (openipmi) and ipmitool (ipmi_sim: {sim}, ipmitool: {tool}) !!!!!\n"
+        crate::harness::skip(
+            test,
+            &format!("needs ipmi_sim (openipmi) and ipmitool (ipmi_sim: {sim}, ipmitool: {tool})"),
         );
     }
     sim && tool

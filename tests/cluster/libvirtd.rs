@@ -22,7 +22,10 @@ pub fn available(test: &str) -> bool {
     let libvirtd = Command::new("sh").args(["-c", "command -v libvirtd"]).output().is_ok_and(|o| o.status.success());
     let nobody = nix::unistd::User::from_name("nobody").ok().flatten().is_some();
     if !(root && libvirtd && nobody) {
-        eprintln!("\n!!!!! SKIPPED {test}: needs root, libvirtd (libvirt-daemon) and a `nobody` user (root: {root}, libvirtd: {libvirtd}, nobody: {nobody}) !!!!!\n");
+        crate::harness::skip(
+            test,
+            &format!("needs root, libvirtd (libvirt-daemon) and a `nobody` user (root: {root}, libvirtd: {libvirtd}, nobody: {nobody})"),
+        );
         return false;
     }
     true

@@ -10,9 +10,7 @@ pub fn available(test: &str) -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     let ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
     if !root || !ip {
-        eprintln!(
-            "\n!!!!! SKIPPED {test}: network-namespace tests need root and iproute2 (root: {root}, ip: {ip}) !!!!!\n"
-        );
+        crate::harness::skip(test, &format!("network-namespace tests need root and iproute2 (root: {root}, ip: {ip})"));
         return false;
     }
     true

@@ -45,7 +45,7 @@ fn text(o: &Output) -> String {
 #[test]
 fn admin_socket_access_follows_peer_credentials() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED admin_socket_access_follows_peer_credentials: needs root (setpriv to other users)");
+        crate::harness::skip("admin_socket_access_follows_peer_credentials", "needs root (setpriv to other users)");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -45,7 +45,8 @@ fn tls(pki: &Arc<Pki>) -> Arc<dyn Connector> {
     Arc::new(TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies a node's TLS credentials (CA certificate, its certificate and key).
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(to).expect("mkdir");
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).expect("chmod");

@@ -99,7 +99,7 @@ fn external_agent_drives_fence_ipmilan() {
     }
     let agent_path = "/usr/sbin/fence_ipmilan";
     if !std::path::Path::new(agent_path).exists() {
-        eprintln!("\n!!!!! SKIPPED {test}: {agent_path} is missing (Debian package fence-agents) !!!!!\n");
+        crate::harness::skip(test, &format!("{agent_path} is missing (Debian package fence-agents)"));
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
