@@ -1,8 +1,8 @@
 //! The `herd` node: daemon, CLI, admin socket and the node-side subsystems.
 //!
 //! ```text
-//!   cli.rs     clap definitions, admin-socket client, tables      (used by main.rs)
-//!   config.rs  strict TOML config, validated once
+//!   cli/       clap definitions, admin-socket client, tables      (used by main.rs)
+//!   config/    strict TOML config, validated once
 //!   run.rs     the production process: Env, daemon, admin socket, metrics, signals
 //!   admin/     the admin socket and protocol: typed requests, handlers per family, codes
 //!   daemon/    node lifecycle over an Env: start/stop, task ownership, member duties
@@ -14,7 +14,7 @@
 //!   service.rs systemd readiness, status, stopping and watchdog
 //!   metrics.rs Prometheus text endpoint
 //!   flush.rs   node flush / ready, carried out by the node itself
-//!   reconcile.rs converges the hypervisor to the VMs of record, reports back
+//!   reconcile/ converges the hypervisor to the VMs of record, reports back
 //!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
 //!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
 //!   breakage.rs test-only switches that break one mechanism each (feature `breakage`)
