@@ -46,7 +46,7 @@ impl Progress {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        herd_raft::clock::ms_since(self.started)
     }
 
     /// A main loop went round once.

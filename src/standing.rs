@@ -33,7 +33,7 @@ impl Standing {
 
     /// Milliseconds since this process started (at least 1, so 0 can mean "never").
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+        herd_raft::clock::ms_since(self.started).max(1)
     }
 
     /// A write of this node's own committed at log `index`.

@@ -5,7 +5,7 @@
 //! thread) with simulated time, so a seed replays with the same stamps.
 
 use std::cell::Cell;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 thread_local! {
     static SOURCE: Cell<Option<fn() -> u64>> = const { Cell::new(None) };
@@ -23,4 +23,14 @@ pub fn wall_ms() -> u64 {
 /// system clock.
 pub fn set_thread_source(f: Option<fn() -> u64>) {
     SOURCE.with(|s| s.set(f));
+}
+
+/// A duration in whole milliseconds (saturating at `u64::MAX`).
+pub fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since `t` on the monotonic clock (tokio's: simulated time in the simulation).
+pub fn ms_since(t: tokio::time::Instant) -> u64 {
+    ms(t.elapsed())
 }

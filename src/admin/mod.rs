@@ -36,8 +36,7 @@ pub use socket::{bind, serve, Access, AccessPolicy, BindError, MAX_CONNECTIONS, 
 
 use crate::daemon::Daemon;
 
-/// Admin writes wait at most this long for their commit.
-pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) use crate::WRITE_TIMEOUT;
 /// A linearizable read waits at most this long for its read index.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A join (token check, catch-up, promotion) may take this long.

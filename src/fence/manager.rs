@@ -33,6 +33,7 @@ use super::decide::{decide, heard_again, Context, Decision, Facts};
 use crate::heartbeat::agent::Agent;
 use crate::primary::manager::Manager;
 use crate::tasks::Tasks;
+use herd_raft::clock::ms;
 
 const TICK: Duration = Duration::from_millis(100);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -389,8 +390,4 @@ impl FenceManager {
     pub fn readings(&self) -> BTreeMap<String, (Option<Power>, u64)> {
         self.local().readings.iter().map(|(n, r)| (n.clone(), (r.power, ms(r.at.elapsed())))).collect()
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -152,7 +152,7 @@ impl Agent {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        herd_raft::clock::ms_since(self.started)
     }
 
     pub fn params(&self) -> &Params {

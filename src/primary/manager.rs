@@ -98,7 +98,7 @@ impl Manager {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        herd_raft::clock::ms_since(self.started)
     }
 
     /// Whether this node holds the duties now.
