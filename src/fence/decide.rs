@@ -57,6 +57,24 @@ pub enum Decision {
 /// is proof, not suspicion). Never a node in `stop` before its deadline, nor in an orderly
 /// `shutdown`; never before this primary has held the role for `fence_after_ms`.
 pub fn decide(ctx: &Context, f: &Facts<'_>) -> Decision {
+    assert!(ctx.max_parallel >= 1, "fence.max_parallel is validated to be at least 1");
+    let d = decide_unchecked(ctx, f);
+    if let Decision::Fence { reason } = &d {
+        // The negative space, asserted: a fence is never decided against these (a bug here
+        // powers a live host off; crash rather than act on it).
+        let n = f.record;
+        let after = n.fencing.as_ref().map_or(u64::MAX, |p| p.fence_after_ms);
+        assert!(!f.is_self, "fence decided against this coordinator itself: {reason}");
+        assert!(n.fence.pending.is_none(), "fence decided while one is pending: {reason}");
+        assert!(!ctx.maintenance, "fence decided in maintenance: {reason}");
+        assert!(f.raft_silent_ms >= after, "fence decided against a node heard on Raft: {reason}");
+        assert!(ctx.primary_for_ms >= after, "fence decided by a new primary: {reason}");
+        assert!(ctx.running < ctx.max_parallel, "fence decided beyond max_parallel: {reason}");
+    }
+    d
+}
+
+fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     let n = f.record;
     let wait = |why: &str| Decision::Wait { why: why.to_string() };
     let Some(policy) = &n.fencing else { return Decision::Spare };
