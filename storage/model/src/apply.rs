@@ -157,6 +157,8 @@ pub(crate) fn own_record<'a>(
 }
 
 pub(crate) fn push_event(state: &mut State, index: u64, now: u64, kind: &str, node: Option<&String>, message: String) {
+    // Leader time only moves forward (`State::clock_ms`): the log's events are in time order.
+    debug_assert!(state.events.back().is_none_or(|e| e.time_ms <= now), "event at {now} ms after a later one");
     while state.events.len() >= MAX_EVENTS {
         state.events.pop_front();
     }
@@ -164,6 +166,8 @@ pub(crate) fn push_event(state: &mut State, index: u64, now: u64, kind: &str, no
 }
 
 fn remember(state: &mut State, index: u64, now: u64, req: &Request, result: &Result<Reply, ApplyError>) {
+    // A request seen before returned its remembered result without coming here.
+    debug_assert!(!state.requests.contains_key(&req.id), "request {} remembered twice", req.id);
     if state.requests.len() >= MAX_REMEMBERED_REQUESTS {
         // Forget the oldest (smallest index); ties cannot happen, one entry per index.
         state.requests.pop_oldest();

@@ -57,6 +57,8 @@ pub(crate) fn init_cluster(
     if state.meta.is_some() {
         return Err(ApplyError::AlreadyInitialized);
     }
+    // Nodes are only admitted into an initialised cluster: id 1 is free.
+    debug_assert!(state.nodes.is_empty(), "nodes exist before init-cluster");
     if cluster_id.is_empty() || cluster_id.len() > MAX_NAME_LEN {
         return Err(ApplyError::Invalid("cluster id must be 1 to 253 bytes".into()));
     }
@@ -91,6 +93,8 @@ pub(crate) fn register_node(
     }
     let id = meta.next_node_id;
     validate_new_node(state, node)?;
+    // Ids are never reused: the next one is above every id handed out.
+    debug_assert!(state.nodes.values().all(|n| n.id < id), "next_node_id {id} is not above every node's id");
     if let Some(meta) = state.meta.as_mut() {
         meta.next_node_id = id + 1;
         meta.revision = index;

@@ -22,6 +22,9 @@
 //!   vm.rs         VM commands          place.rs  placement
 //!   fence.rs      fencing: policy, decision, outcome, recovery of a fenced node's VMs
 //! ```
+//!
+//! `State::check_invariants` states what must always hold; herd-storage's state machine runs it
+//! after every apply in debug builds and after decoding a snapshot.
 
 #[macro_use]
 mod types;

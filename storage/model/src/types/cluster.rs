@@ -84,7 +84,10 @@ impl State {
         self.nodes.values().find(|n| n.id == id)
     }
 
-    /// Checks the structural invariants of the model. Used after every apply in tests.
+    /// Checks the structural invariants of the model: what must hold after every apply. The
+    /// state machine runs it after every apply in debug builds (a violation is a bug: it
+    /// panics) and after decoding a snapshot (a violation refuses the snapshot); the model's
+    /// tests run it after every step.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut ids = BTreeSet::new();
         for (name, node) in &self.nodes {
