@@ -1,7 +1,8 @@
 //! herd-storage: the replicated model and where it lives.
 //!
 //! ```text
-//!   model/      pure State + Command + apply (no IO, no clock)
+//!   model       the crate herd-model (storage/model/), re-exported: pure State + Command +
+//!               apply; no IO, no clock, serde its only dependency
 //!   types.rs    the openraft type config (declared here: the stores implement against it)
 //!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
 //!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
@@ -14,10 +15,12 @@
 pub mod identity;
 pub mod log_store;
 pub mod mem_store;
-pub mod model;
 pub mod sled_store;
 pub mod sm;
 pub mod types;
+
+/// The replicated model (crate `herd-model`): `herd_storage::model::…` paths stay as they were.
+pub use herd_model as model;
 
 pub use model::{NodeId, Request, Response, State};
 pub use types::TypeConfig;

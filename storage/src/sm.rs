@@ -138,8 +138,14 @@ impl StateMachine {
     }
 }
 
+/// Decodes a snapshot's state and checks the model's invariants on it: a snapshot that breaks
+/// them is refused like one that does not decode.
 fn decode_snapshot_state(data: &[u8]) -> io::Result<State> {
-    rmp_serde::from_slice(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let state: State = rmp_serde::from_slice(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    state.check_invariants().map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("the snapshot's state breaks an invariant: {e}"))
+    })?;
+    Ok(state)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -166,10 +172,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut g = self.view.write();
             for (entry, responder) in batch {
                 let index = entry.log_id.index;
+                // openraft applies each index once, in order: revisions never go backwards.
+                debug_assert!(
+                    g.last_applied.as_ref().is_none_or(|l| l.index < index),
+                    "log index {index} applied after {:?}",
+                    g.last_applied
+                );
                 let response = match entry.payload {
                     EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
                     EntryPayload::Normal(req) => {
                         let applied = model::apply(&mut g.state, index, &req);
+                        // A broken invariant is a bug in the model: crash, don't limp on.
+                        #[cfg(debug_assertions)]
+                        if let Err(e) = g.state.check_invariants() {
+                            panic!("invariant broken by {req} at index {index}: {e}");
+                        }
                         let refused = applied.response.result.as_ref().err().cloned();
                         logged.push((index, req, refused));
                         applied.response

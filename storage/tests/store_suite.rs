@@ -143,6 +143,34 @@ async fn sled_state_vote_and_log_survive_reopen() -> io::Result<()> {
     Ok(())
 }
 
+/// A snapshot whose state breaks the model's invariants is refused like one that does not
+/// decode; the state machine keeps what it had, and the sound snapshot installs.
+#[tokio::test]
+async fn a_snapshot_that_breaks_an_invariant_is_refused() -> io::Result<()> {
+    let members = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, BasicNode::new("a:7400"))]))
+        .map_err(io::Error::other)?;
+    let mut sm = StateMachine::open(std::sync::Arc::new(MemBackend::new()))?;
+    let init = Command::InitCluster { cluster_id: "c1".into(), token_hash: "h".into(), node: node("a") };
+    let entries = vec![entry(1, 1, EntryPayload::Membership(members)), entry(1, 2, req("r1", init))];
+    sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await?;
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
+    // The same state with a node filed under another name.
+    let mut bad = sm.view().read().state.clone();
+    let a = bad.nodes.remove("a").ok_or_else(|| io::Error::other("no node a"))?;
+    bad.nodes.insert("b".into(), a);
+    let data = rmp_serde::to_vec_named(&bad).map_err(io::Error::other)?;
+    let mut other = StateMachine::open(std::sync::Arc::new(MemBackend::new()))?;
+    let refused = other.install_snapshot(&snap.meta, io::Cursor::new(data)).await;
+    let err = refused.err().ok_or_else(|| io::Error::other("a broken snapshot was installed"))?;
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("breaks an invariant: node keyed b is named a"), "{err}");
+    assert_eq!(other.applied_state().await?.0, None);
+    assert!(other.view().read().state.nodes.is_empty());
+    other.install_snapshot(&snap.meta, snap.snapshot).await?;
+    assert_eq!(other.applied_state().await?.0, Some(log_id(1, 2)));
+    Ok(())
+}
+
 #[test]
 fn a_database_of_another_format_is_refused() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;

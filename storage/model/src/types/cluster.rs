@@ -1,0 +1,127 @@
+//! Cluster-wide metadata, join tokens, the event log, and the whole replicated `State`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// Cluster-wide metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub cluster_id: String,
+    pub created_ms: u64,
+    /// While on: no automatic fencing and no recovery (`DecideFence` refuses all but manual ones).
+    pub maintenance: bool,
+    /// SHA-256 (hex) of the cluster's first join token (unlimited until revoked); the tokens
+    /// themselves are never stored.
+    pub join_token_hashes: BTreeSet<String>,
+    /// Tokens made by `herd token create`, by SHA-256 (hex): expiry and uses left.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
+    /// The next Raft node id to hand out. Ids are never reused.
+    pub next_node_id: NodeId,
+    pub revision: u64,
+}
+
+impl ClusterMeta {
+    /// Whether the token with this SHA-256 (hex) admits a node at `now_ms` (leader time).
+    pub fn token_usable(&self, token_hash: &str, now_ms: u64) -> bool {
+        self.join_token_hashes.contains(token_hash)
+            || self
+                .join_tokens
+                .get(token_hash)
+                .is_some_and(|t| t.expires_ms.is_none_or(|e| now_ms < e) && t.uses_left != Some(0))
+    }
+}
+
+/// A join token made by `herd token create`; only its hash is kept (the map's key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub created_ms: u64,
+    /// Leader time from which it is refused (None: never expires).
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Joins it may still admit (None: unlimited).
+    #[serde(default)]
+    pub uses_left: Option<u32>,
+}
+
+/// At most this many tokens made by `herd token create` exist at once.
+pub const MAX_JOIN_TOKENS: usize = 64;
+
+/// One line of the bounded cluster event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub index: u64,
+    pub time_ms: u64,
+    pub kind: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    pub message: String,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// `None` until `init-cluster`.
+    pub meta: Option<ClusterMeta>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Monotonic leader time: the largest `time_ms` applied so far.
+    pub clock_ms: u64,
+    pub events: VecDeque<Event>,
+    /// Recently applied request ids and their results (bounded).
+    pub requests: RequestLog,
+    /// VMs by name.
+    pub vms: BTreeMap<String, VmRecord>,
+}
+
+impl State {
+    /// The node with Raft id `id`, if any.
+    pub fn node_by_id(&self, id: NodeId) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.id == id)
+    }
+
+    /// Checks the structural invariants of the model: what must hold after every apply. The
+    /// state machine runs it after every apply in debug builds (a violation is a bug: it
+    /// panics) and after decoding a snapshot (a violation refuses the snapshot); the model's
+    /// tests run it after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut ids = BTreeSet::new();
+        for (name, node) in &self.nodes {
+            if name != &node.name {
+                return Err(format!("node keyed {name} is named {}", node.name));
+            }
+            if !ids.insert(node.id) {
+                return Err(format!("node id {} used twice", node.id));
+            }
+            match &self.meta {
+                Some(meta) if node.id < meta.next_node_id => {}
+                _ => return Err(format!("node {name} has id {} not below next_node_id", node.id)),
+            }
+            if node.revision == 0 {
+                return Err(format!("node {name} has revision 0"));
+            }
+        }
+        for (name, vm) in &self.vms {
+            if name != &vm.spec.name {
+                return Err(format!("VM keyed {name} is named {}", vm.spec.name));
+            }
+            if !self.nodes.contains_key(&vm.node) {
+                return Err(format!("VM {name} is assigned to unknown node {}", vm.node));
+            }
+            if vm.last_node.as_ref() == Some(&vm.node) {
+                return Err(format!("VM {name}'s last_node is its node"));
+            }
+        }
+        if self.events.len() > crate::MAX_EVENTS {
+            return Err("event log over its bound".into());
+        }
+        if self.requests.len() > crate::MAX_REMEMBERED_REQUESTS {
+            return Err("request memory over its bound".into());
+        }
+        Ok(())
+    }
+}

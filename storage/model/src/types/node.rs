@@ -1,0 +1,78 @@
+//! A node as the cluster records it, and what it reports and tells the leader when it joins.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// Raft's numeric node id, allocated by the leader from [`ClusterMeta::next_node_id`].
+pub type NodeId = u64;
+
+/// Resource figures a node reports in its keepalive. Fixed-point integers, not floats, so the
+/// model stays `Eq` and bit-for-bit deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeStats {
+    pub cpu_count: u32,
+    /// 1-minute load average × 1000.
+    pub load_milli: u64,
+    pub mem_total_mib: u64,
+    pub mem_used_mib: u64,
+    pub vms_running: u32,
+    /// Memory of the running VMs on the node.
+    pub mem_allocated_mib: u64,
+    /// Memory of every VM assigned to the node, running or not.
+    pub mem_provisioned_mib: u64,
+    /// vCPUs of the running VMs on the node.
+    pub vcpus_allocated: u32,
+    /// Set when a collector missed its deadline and these figures are the last known ones.
+    pub stale: bool,
+    /// Domains the node's hypervisor runs or knows that the cluster does not manage: reported,
+    /// never touched. At most [`MAX_UNMANAGED`] names.
+    pub unmanaged_domains: Vec<String>,
+}
+
+/// Bound on the unmanaged domain names one keepalive carries.
+pub const MAX_UNMANAGED: usize = 64;
+
+/// What a node tells the leader about itself when it joins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewNode {
+    pub name: String,
+    pub role: Role,
+    /// Address the cluster transport reaches this node on (`host:port`).
+    pub cluster_addr: String,
+}
+
+/// A node as the cluster records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub role: Role,
+    pub cluster_addr: String,
+    pub daemon_state: DaemonState,
+    pub domain_state: DomainState,
+    pub router_state: RouterState,
+    /// With `daemon_state = stop`: the leader time by which the daemon promised to be back.
+    #[serde(default)]
+    pub return_by_ms: Option<u64>,
+    #[serde(default)]
+    pub stats: NodeStats,
+    /// Leader time of the last committed keepalive.
+    #[serde(default)]
+    pub last_keepalive_ms: Option<u64>,
+    /// This node's heartbeat address (`ip:port`) on each heartbeat network, by network name.
+    #[serde(default)]
+    pub heartbeat: BTreeMap<String, String>,
+    /// How this node is fenced, as it published it (None: it cannot be fenced).
+    #[serde(default)]
+    pub fencing: Option<crate::fence::FencePolicy>,
+    /// Its BMC's readiness and the fences of it.
+    #[serde(default)]
+    pub fence: crate::fence::FenceStatus,
+    pub joined_ms: u64,
+    /// Log index of the command that last changed this record.
+    pub revision: u64,
+}

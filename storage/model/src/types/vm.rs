@@ -1,0 +1,46 @@
+//! A VM as the cluster records it, and what `vm define` asks for.
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// What `vm define` asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub uuid: String,
+    pub name: String,
+    /// The domain XML of record.
+    pub xml: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    /// Nodes the VM may run on (empty: any).
+    #[serde(default)]
+    pub node_limit: Vec<String>,
+    #[serde(default)]
+    pub autostart: bool,
+    #[serde(default)]
+    pub migration_method: MigrationMethod,
+}
+
+/// A VM as the cluster records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// The node it is assigned to.
+    pub node: String,
+    /// Where it lived before a temporary migration (`unmigrate` goes back there).
+    #[serde(default)]
+    pub last_node: Option<String>,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub actual: ActualState,
+    /// While a running VM moves: the node it must stop on first. The target starts it only once
+    /// the source has released it (`ReleaseVm`): a VM never runs on two nodes.
+    #[serde(default)]
+    pub migrating_from: Option<String>,
+    pub revision: u64,
+}

@@ -1,0 +1,200 @@
+//! Tests of fencing in the model: decision, cancel, outcomes, self-fence, recovery of VMs.
+
+use herd_storage::model::*;
+
+fn policy() -> FencePolicy {
+    FencePolicy::ipmi("127.0.0.1:9631", "admin", "pw1")
+}
+
+fn node(id: NodeId, name: &str) -> NodeRecord {
+    NodeRecord {
+        id,
+        name: name.into(),
+        role: Role::Hypervisor,
+        cluster_addr: format!("{name}:1"),
+        daemon_state: DaemonState::Run,
+        domain_state: DomainState::Ready,
+        router_state: RouterState::Client,
+        return_by_ms: None,
+        stats: NodeStats { mem_total_mib: 8192, ..Default::default() },
+        last_keepalive_ms: Some(1),
+        heartbeat: Default::default(),
+        fencing: Some(policy()),
+        fence: Default::default(),
+        joined_ms: 0,
+        revision: 1,
+    }
+}
+
+fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
+    VmRecord {
+        spec: VmSpec {
+            uuid: format!("uuid-{name}"),
+            name: name.into(),
+            xml: "<domain/>".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            selector: Some(Selector::Vms),
+            node_limit: vec![],
+            autostart: false,
+            migration_method: MigrationMethod::None,
+        },
+        state,
+        node: node.into(),
+        last_node: None,
+        failure_reason: None,
+        actual: ActualState::Running,
+        migrating_from: None,
+        revision: 1,
+    }
+}
+
+fn cluster() -> State {
+    let mut s = State {
+        meta: Some(ClusterMeta {
+            cluster_id: "c".into(),
+            created_ms: 0,
+            maintenance: false,
+            join_token_hashes: Default::default(),
+            join_tokens: Default::default(),
+            next_node_id: 10,
+            revision: 1,
+        }),
+        ..Default::default()
+    };
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        s.nodes.insert(n.to_string(), node(i as u64 + 1, n));
+    }
+    s.vms.insert("v1".into(), vm("v1", "a", VmState::Start));
+    s.vms.insert("v2".into(), vm("v2", "a", VmState::Start));
+    s.vms.insert("off".into(), vm("off", "a", VmState::Stop));
+    s.vms.insert("elsewhere".into(), vm("elsewhere", "b", VmState::Start));
+    s
+}
+
+fn at(s: &mut State, index: u64, time_ms: u64, cmd: Command) -> Result<Reply, ApplyError> {
+    let r = apply(s, index, &Request { id: format!("r{index}"), time_ms, ops: vec![cmd.into()] }).response.result;
+    s.check_invariants().expect("invariants");
+    r
+}
+
+fn decide(manual: bool) -> Command {
+    Command::DecideFence { name: "a".into(), reason: "lost".into(), manual }
+}
+
+fn done(outcome: FenceOutcome) -> Command {
+    Command::FenceDone { name: "a".into(), outcome }
+}
+
+fn kinds(s: &State) -> Vec<&str> {
+    s.events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+#[test]
+fn a_confirmed_fence_recovers_running_vms_elsewhere_keeping_their_home() {
+    let mut s = cluster();
+    assert_eq!(at(&mut s, 2, 100, decide(false)), Ok(Reply::Done));
+    assert!(at(&mut s, 3, 110, decide(false)).is_err(), "one fence per node at a time");
+    assert_eq!(at(&mut s, 4, 200, done(FenceOutcome::Fenced)), Ok(Reply::Done));
+    let a = &s.nodes["a"];
+    assert_eq!(
+        (a.daemon_state, a.domain_state, a.fence.fenced_ms),
+        (DaemonState::Fenced, DomainState::Flushed, Some(200))
+    );
+    assert!(a.fence.pending.is_none());
+    for name in ["v1", "v2"] {
+        let v = &s.vms[name];
+        assert_ne!(v.node, "a", "{name} recovered elsewhere");
+        assert_eq!((v.last_node.as_deref(), v.state), (Some("a"), VmState::Migrate));
+    }
+    // The VMs spread by their selector (fewest VMs): one goes to c before b gets a second.
+    assert_eq!(s.vms["v1"].node, "c");
+    assert_eq!(s.vms["off"].node, "a", "a stopped VM stays where it is");
+    assert_eq!(s.vms["elsewhere"].node, "b");
+    assert_eq!(kinds(&s), ["fence-decided", "fenced", "fence-recovery"]);
+    // A fenced node's restart does not make it `run`; `ready` does, once it is back.
+    let unflush = Command::SetDomainState { name: "a".into(), state: DomainState::Unflush, node_id: None };
+    assert!(at(&mut s, 5, 300, unflush.clone()).is_err(), "not back yet");
+    let run = Command::SetDaemonState { name: "a".into(), state: DaemonState::Run, return_by_ms: None, node_id: None };
+    assert_eq!(at(&mut s, 6, 400, run), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+    assert_eq!(at(&mut s, 7, 500, unflush), Ok(Reply::Done));
+    assert_eq!((s.nodes["a"].daemon_state, s.nodes["a"].domain_state), (DaemonState::Run, DomainState::Unflush));
+}
+
+#[test]
+fn cancel_and_failure_start_nothing() {
+    let mut s = cluster();
+    let before = s.vms.clone();
+    at(&mut s, 2, 100, decide(false)).expect("decide");
+    let cancel = Command::CancelFence { name: "a".into(), reason: "heard again".into() };
+    assert_eq!(at(&mut s, 3, 150, cancel.clone()), Ok(Reply::Done));
+    assert!(at(&mut s, 4, 160, cancel).is_err(), "nothing left to cancel");
+    assert!(at(&mut s, 5, 170, done(FenceOutcome::Fenced)).is_err(), "an outcome needs a pending fence");
+    at(&mut s, 6, 200, decide(false)).expect("decide again");
+    let failed = done(FenceOutcome::Failed { reason: "BMC 10.0.0.1:623: no answer".into() });
+    assert_eq!(at(&mut s, 7, 300, failed), Ok(Reply::Done));
+    let a = &s.nodes["a"];
+    assert_eq!((a.daemon_state, a.fence.failed_ms), (DaemonState::Run, Some(300)));
+    assert!(a.fence.failure.as_deref().is_some_and(|f| f.contains("no answer")));
+    assert_eq!(s.vms, before, "no VM moved after a failed fence");
+    assert_eq!(kinds(&s), ["fence-decided", "fence-cancelled", "fence-decided", "fence-failed"]);
+    // With failed_fence = none, no amount of silence lets the VMs be started elsewhere.
+    assert!(at(&mut s, 8, 10_000_000, done(FenceOutcome::SelfFenced)).is_err());
+}
+
+#[test]
+fn self_fenced_recovery_waits_for_the_keepalive_age_its_policy_names() {
+    let mut s = cluster();
+    let p = s.nodes.get_mut("a").and_then(|n| n.fencing.as_mut()).expect("policy");
+    p.failed_fence = FailedFence::RecoverAfterSelfFence;
+    p.watchdog_timeout_ms = 10_000;
+    s.nodes.get_mut("a").expect("a").last_keepalive_ms = Some(1_000);
+    // 30 000 + 10 000 + 5 000 after the last committed keepalive at 1 000.
+    assert!(at(&mut s, 2, 45_999, done(FenceOutcome::SelfFenced)).is_err());
+    assert_eq!(at(&mut s, 3, 46_000, done(FenceOutcome::SelfFenced)), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+    assert_ne!(s.vms["v1"].node, "a");
+}
+
+#[test]
+fn maintenance_policy_and_validation_refusals() {
+    let mut s = cluster();
+    s.meta.as_mut().expect("meta").maintenance = true;
+    assert!(at(&mut s, 2, 100, decide(false)).is_err(), "maintenance: no automatic fence");
+    assert_eq!(at(&mut s, 3, 100, decide(true)), Ok(Reply::Done), "an operator may fence by hand");
+    let mut s = cluster();
+    s.nodes.get_mut("a").expect("a").fencing = None;
+    assert!(at(&mut s, 2, 100, decide(true)).is_err(), "no policy, no fence");
+    let mut bad = policy();
+    bad.failed_fence = FailedFence::RecoverAfterSelfFence;
+    let set = |p| Command::SetFencePolicy { name: "a".into(), policy: Some(p), node_id: None };
+    assert!(at(&mut s, 3, 100, set(bad)).is_err(), "self-fence needs a watchdog");
+    let mut ext = policy();
+    ext.agent = FenceAgentKind::External;
+    assert!(at(&mut s, 4, 100, set(ext)).is_err(), "external needs a command");
+    assert_eq!(at(&mut s, 5, 100, set(policy())), Ok(Reply::Done));
+    assert!(!format!("{:?}", s.nodes["a"].fencing).contains("pw1"), "Debug redacts the password");
+}
+
+#[test]
+fn a_vm_caught_mid_move_is_released_or_rerouted() {
+    let mut s = cluster();
+    // "out" was moving from a to b (not released yet); "in" from b to a.
+    let mut out = vm("out", "b", VmState::Migrate);
+    out.migrating_from = Some("a".into());
+    out.last_node = Some("a".into());
+    let mut inc = vm("in", "a", VmState::Migrate);
+    inc.migrating_from = Some("b".into());
+    inc.last_node = Some("b".into());
+    s.vms.insert("out".into(), out);
+    s.vms.insert("in".into(), inc);
+    at(&mut s, 2, 100, decide(false)).expect("decide");
+    at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
+    assert_eq!(s.vms["out"].migrating_from, None, "its source is dead: released");
+    let inc = &s.vms["in"];
+    // Placed again; it still waits for b's release unless it landed on b itself.
+    assert_ne!(inc.node, "a");
+    assert_eq!(inc.migrating_from.is_some(), inc.node != "b");
+    assert_ne!(inc.last_node.as_deref(), Some(inc.node.as_str()));
+}
