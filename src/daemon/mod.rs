@@ -65,7 +65,7 @@ pub struct Daemon {
     pub agent: Arc<Agent>,
     pub primary: Arc<Manager>,
     /// The main loops' heartbeat for systemd's watchdog.
-    pub progress: Arc<Progress>,
+    progress: Arc<Progress>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's reconciler (when it has a hypervisor).
     pub reconciler: Option<Arc<Reconciler>>,
@@ -78,9 +78,7 @@ pub struct Daemon {
     /// Set once the node has resumed (or found no) membership from disk.
     resumed: AtomicBool,
     /// How this node is fenced (from `[fencing]`), published in its record.
-    pub fencing: Option<FencePolicy>,
-    /// The primary's fencing (coordinators).
-    pub fence: Arc<FenceManager>,
+    fencing: Option<FencePolicy>,
     host_stats: Arc<dyn HostStats>,
     /// The tasks the member duties start (targets, reconcile, flush, self-fence guard).
     tasks: Tasks,
@@ -146,7 +144,6 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         member_started: Notify::new(),
         resumed: AtomicBool::new(false),
         fencing,
-        fence: fence.clone(),
         host_stats: env.host_stats,
         tasks: Tasks::new(),
     });
