@@ -42,6 +42,11 @@ impl Standing {
         self.last_commit_ms.store(self.now_ms(), Ordering::Release);
     }
 
+    /// The log index of the last own write committed (0: none yet).
+    pub fn last_commit_index(&self) -> u64 {
+        self.last_commit_index.load(Ordering::Acquire)
+    }
+
     /// How long ago the last own write committed (since start when none has).
     pub fn commit_age_ms(&self) -> u64 {
         self.now_ms().saturating_sub(self.last_commit_ms.load(Ordering::Acquire))

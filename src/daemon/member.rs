@@ -17,6 +17,8 @@ use crate::heartbeat::agent::{Notice, Target};
 use crate::service;
 use crate::WRITE_TIMEOUT;
 
+/// How long a member waits for its own record (or its own write) to be applied locally.
+const OWN_RECORD_WAIT: Duration = Duration::from_secs(10);
 /// A node renews its certificate when fewer days than this are left.
 const RENEW_BEFORE_DAYS: u64 = 30;
 
@@ -53,6 +55,7 @@ impl Daemon {
         };
         self.agent.set_key(self.node.pki().and_then(|p| p.heartbeat_key()));
         self.agent.set_identity(member.id, &member.cluster_id);
+        self.await_own_record(&member).await;
         self.tasks.spawn(self.clone().follow_targets(member.clone()));
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         let addrs: BTreeMap<String, String> =
@@ -126,6 +129,46 @@ impl Daemon {
         }
     }
 
+    /// Waits (bounded) until this node's applied state holds its own record under its id: its
+    /// first own write must not be ordered before the entry that created the record (an
+    /// `init-cluster` or a join still being applied).
+    async fn await_own_record(&self, member: &herd_raft::Member) {
+        let deadline = tokio::time::Instant::now() + OWN_RECORD_WAIT;
+        let mut applied = member.view.subscribe();
+        loop {
+            self.progress.mark();
+            let mine = member.view.read().state.nodes.get(&self.config.name).is_some_and(|n| n.id == member.id);
+            if mine {
+                return;
+            }
+            let step = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            match tokio::time::timeout_at(step, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(
+                        node_id = member.id,
+                        "no record of this node in its applied state after {OWN_RECORD_WAIT:?}: writing anyway"
+                    );
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Waits (bounded) until this node's view has applied log `index`.
+    async fn await_applied(&self, member: &herd_raft::Member, index: u64) {
+        let deadline = tokio::time::Instant::now() + OWN_RECORD_WAIT;
+        let mut applied = member.view.subscribe();
+        while member.view.read().last_applied.map_or(0, |l| l.index) < index {
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
+    }
+
     /// Feeds the heartbeat agent the nodes to pulse, from the replicated records: a local watch
     /// on this node's applied state, never a poll of the store.
     async fn follow_targets(self: Arc<Self>, member: Arc<herd_raft::Member>) {
@@ -181,6 +224,9 @@ impl Daemon {
     /// Once `run` is recorded: a node that comes back fenced says so (and readies itself with
     /// `auto_ready`); the self-fence guard starts when the policy asks for it.
     async fn after_run(self: &Arc<Self>, member: &Arc<herd_raft::Member>) {
+        // Judged on this node's own applied record, once its view includes the `run` just
+        // committed (a fenced node that boots learns of its fence only by catching up).
+        self.await_applied(member, self.standing.last_commit_index()).await;
         let fenced = member
             .view
             .read()
@@ -294,13 +340,37 @@ impl Daemon {
                 self.standing.committed(index);
                 Ok(())
             }
-            Err(NodeError::Apply(ApplyError::NoSuchNode(_))) => {
-                tracing::warn!(node_id = member.id, "the cluster has no record of this node: it was removed");
-                self.node.leave().await?;
-                Err(NodeError::Removed)
+            Err(NodeError::Apply(ApplyError::NoSuchNode(n))) => {
+                // Removed is concluded only from a committed removal of this id (a tombstone),
+                // never from a missing record: a write ordered before the entry that creates
+                // the record (init-cluster, a join) is refused the same way.
+                if self.tombstoned(&member).await {
+                    tracing::warn!(
+                        node_id = member.id,
+                        "this node was removed from the cluster (its id is tombstoned)"
+                    );
+                    self.node.leave().await?;
+                    return Err(NodeError::Removed);
+                }
+                tracing::warn!(
+                    node_id = member.id,
+                    "the cluster has no record of this node yet, and no removal of it: still a member, retrying"
+                );
+                Err(NodeError::Apply(ApplyError::NoSuchNode(n)))
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this node's id is tombstoned in a linearizable view of the cluster (a read
+    /// barrier first: the local view may not have applied the removal yet). An unanswered
+    /// barrier concludes nothing.
+    async fn tombstoned(&self, member: &herd_raft::Member) -> bool {
+        if let Err(e) = self.node.read_barrier(WRITE_TIMEOUT).await {
+            tracing::warn!("cannot tell whether this node was removed: {e}");
+            return false;
+        }
+        member.view.read().state.was_removed(member.id)
     }
 
     /// Records `daemon_state = stop` with a `return_by` deadline (a service stop, not a host

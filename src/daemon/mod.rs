@@ -268,7 +268,8 @@ fn check_own_bmc(tasks: &Tasks, fencing: Option<&FencePolicy>, fencer: &dyn Fenc
     };
     let (agent, bmc) = (fencer.agent(p), p.bmc.clone());
     tasks.spawn(async move {
-        match agent.call(crate::fence::agent::Action::Status, Duration::from_secs(5)).await {
+        let (status, check) = (crate::fence::agent::Action::Status, crate::fence::agent::Purpose::Check);
+        match agent.call_for(status, Duration::from_secs(5), check).await {
             Ok(power) => tracing::info!(%bmc, ?power, "own BMC answers: this node can be fenced"),
             Err(e) => tracing::warn!(%bmc, "own BMC check failed (the primary checks it too): {e}"),
         }

@@ -47,17 +47,46 @@ pub enum FenceError {
     Refused { bmc: String },
     #[error("BMC {bmc}: {message}")]
     Bmc { bmc: String, message: String },
-    #[error("BMC {bmc}: {count} new sessions in the last {window:?} (the most herd opens); retry later")]
-    RateLimited { bmc: String, count: usize, window: Duration },
+    #[error("BMC {bmc}: {count} new sessions in the last {window:?} (the most herd opens {purpose}); the last attempt failed: {last}")]
+    RateLimited { bmc: String, count: usize, window: Duration, purpose: Purpose, last: String },
     #[error("fence agent {command}: {message}")]
     Agent { command: String, message: String },
     #[error("{0}")]
     Boundary(String),
 }
 
+/// Why a BMC is called: a fence has priority over a readiness check for whatever the BMC
+/// rations (IPMI sessions), so checks can never use up what a fence needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Fence,
+    Check,
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Purpose::Fence => "for a fence",
+            Purpose::Check => "for readiness checks",
+        })
+    }
+}
+
 /// A fence agent for one BMC. Every call finishes (with an error at worst) within `deadline`.
 pub trait FenceAgent: Send + Sync {
+    /// A call on behalf of a fence.
     fn call(&self, action: Action, deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>>;
+
+    /// A call for `purpose`; agents that ration nothing treat every purpose alike.
+    fn call_for(
+        &self,
+        action: Action,
+        deadline: Duration,
+        purpose: Purpose,
+    ) -> BoxFuture<'_, Result<Power, FenceError>> {
+        let _ = purpose;
+        self.call(action, deadline)
+    }
 }
 
 /// Where fence agents come from: production builds them from a node's published policy; the

@@ -123,14 +123,28 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     }
 }
 
-/// The saving throw, just before the power-off: a node heard again is spared. Under MNFA the
-/// heartbeat gives no verdict at all (only a powered-off node is fenced then): Raft decides.
-pub fn heard_again(after_ms: u64, verdict: Option<&HostVerdict>, raft_silent_ms: u64, mnfa: bool) -> Option<String> {
-    if raft_silent_ms < after_ms {
-        return Some(format!("it answered Raft {raft_silent_ms} ms ago"));
+/// What the executor knows, just before the power-off, of a node's life since the decision it
+/// executes: only evidence the node produced after that evidence of death counts.
+#[derive(Clone, Debug, Default)]
+pub struct SinceDecision {
+    /// A Raft response this leader received after it took office and after the decision
+    /// (ms ago) — never a progress instant openraft sets at election.
+    pub raft_heard_ago_ms: Option<u64>,
+    /// Heartbeat evidence from after the decision: an answer to this coordinator's pulse, or
+    /// another coordinator's view that hears it.
+    pub heartbeat: Option<String>,
+    pub mnfa: bool,
+}
+
+/// The saving throw, just before the power-off: a node heard since the decision is spared.
+/// Under MNFA the heartbeat is no evidence (only a powered-off node is fenced then): Raft
+/// decides.
+pub fn heard_again(e: &SinceDecision) -> Option<String> {
+    if let Some(ago) = e.raft_heard_ago_ms {
+        return Some(format!("it answered Raft {ago} ms ago, after the decision"));
     }
-    match verdict {
-        Some(v) if v.verdict == Verdict::Alive && !mnfa => Some(format!("the heartbeat hears it again ({})", v.reason)),
+    match &e.heartbeat {
+        Some(why) if !e.mnfa => Some(format!("the heartbeat heard it after the decision: {why}")),
         _ => None,
     }
 }
@@ -233,7 +247,8 @@ mod tests {
         for (i, r) in rows.iter().enumerate() {
             let mut rec = record(r.state);
             if r.pending {
-                rec.fence.pending = Some(PendingFence { decided_ms: 1, reason: "x".into(), manual: false });
+                rec.fence.pending =
+                    Some(PendingFence { decided_ms: 1, reason: "x".into(), manual: false, executing_ms: None });
             }
             let v = verdict(r.lost_for);
             let c = Context { mnfa: r.mnfa, maintenance: r.maintenance, primary_for_ms: r.primary_for, ..ctx() };
@@ -276,11 +291,15 @@ mod tests {
 
     #[test]
     fn the_saving_throw() {
-        assert!(heard_again(1500, Some(&verdict(Some(3_000))), 200, false).is_some(), "answered Raft");
-        assert!(heard_again(1500, Some(&verdict(None)), 9_000, false).is_some(), "heard by the heartbeat");
-        assert!(heard_again(1500, Some(&verdict(None)), 9_000, true).is_none(), "MNFA: no heartbeat verdict");
-        assert!(heard_again(1500, Some(&verdict(None)), 200, true).is_some(), "MNFA: Raft still counts");
-        assert!(heard_again(1500, Some(&verdict(Some(3_000))), 9_000, false).is_none());
-        assert!(heard_again(1500, None, 9_000, false).is_none());
+        let e = |raft: Option<u64>, hb: bool, mnfa: bool| SinceDecision {
+            raft_heard_ago_ms: raft,
+            heartbeat: hb.then(|| "it answered this coordinator's pulse sent 80 ms ago".to_string()),
+            mnfa,
+        };
+        assert!(heard_again(&e(Some(200), false, false)).is_some(), "answered Raft after the decision");
+        assert!(heard_again(&e(None, true, false)).is_some(), "heard by the heartbeat after the decision");
+        assert!(heard_again(&e(None, true, true)).is_none(), "MNFA: the heartbeat is no evidence");
+        assert!(heard_again(&e(Some(200), false, true)).is_some(), "MNFA: Raft still counts");
+        assert!(heard_again(&e(None, false, false)).is_none(), "no evidence since the decision: fence");
     }
 }

@@ -23,11 +23,13 @@ use ipmi_rs::connection::{IpmiCommand, Message, NetFn, NotEnoughData};
 use ipmi_rs::rmcp::Rmcp;
 use ipmi_rs::Ipmi;
 
-use super::agent::{Action, FenceAgent, FenceError, Power};
+use super::agent::{Action, FenceAgent, FenceError, Power, Purpose};
 
 /// At most this many sessions are opened per BMC within [`SESSION_WINDOW`]: abandoned ones
 /// (ipmi-rs cannot close them) expire on the BMC before the window lets new ones in.
 pub const MAX_NEW_SESSIONS: usize = 4;
+/// Of those, readiness checks may open at most this many: the rest is kept for fences.
+pub const MAX_CHECK_SESSIONS: usize = MAX_NEW_SESSIONS - 1;
 pub const SESSION_WINDOW: Duration = Duration::from_secs(30);
 /// A session idle this long may have been expired by the BMC (≈30 s on ipmi_sim; 60 s is the
 /// spec's default): it is replaced rather than risking a timeout on a fence.
@@ -107,6 +109,8 @@ struct State {
     session: Option<Session>,
     /// When the recent sessions were opened (within [`SESSION_WINDOW`]).
     opened: VecDeque<Instant>,
+    /// What the last failed call met (said when the session budget refuses the next one).
+    last_failure: Option<String>,
 }
 
 /// One BMC: its address and credentials, and at most one session to it.
@@ -153,6 +157,8 @@ fn classify(bmc: &str, what: &str, debug: String, timeout: Duration) -> FenceErr
     }
 }
 
+/// A call for `purpose`, remembering what a failure met so that a later budget refusal can
+/// say what actually failed.
 fn blocking_call(
     addr: &str,
     user: &str,
@@ -160,14 +166,43 @@ fn blocking_call(
     state: &Mutex<State>,
     action: Action,
     recv_timeout: Duration,
+    purpose: Purpose,
+) -> Result<Power, FenceError> {
+    let result = session_call(addr, user, password, state, action, recv_timeout, purpose);
+    if let Err(e) = &result {
+        if !matches!(e, FenceError::RateLimited { .. }) {
+            state.lock().unwrap_or_else(|p| p.into_inner()).last_failure = Some(e.to_string());
+        }
+    }
+    result
+}
+
+fn session_call(
+    addr: &str,
+    user: &str,
+    password: &str,
+    state: &Mutex<State>,
+    action: Action,
+    recv_timeout: Duration,
+    purpose: Purpose,
 ) -> Result<Power, FenceError> {
     let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
     // Taken out for the call: an error or a panic leaves no session behind (G3).
     let mut session = g.session.take().filter(|s| s.last_used.elapsed() < SESSION_IDLE_MAX);
     if session.is_none() {
         prune(&mut g.opened);
-        if g.opened.len() >= MAX_NEW_SESSIONS {
-            return Err(FenceError::RateLimited { bmc: addr.into(), count: g.opened.len(), window: SESSION_WINDOW });
+        let budget = match purpose {
+            Purpose::Fence => MAX_NEW_SESSIONS,
+            Purpose::Check => MAX_CHECK_SESSIONS,
+        };
+        if g.opened.len() >= budget {
+            return Err(FenceError::RateLimited {
+                bmc: addr.into(),
+                count: g.opened.len(),
+                window: SESSION_WINDOW,
+                purpose,
+                last: g.last_failure.clone().unwrap_or_else(|| "nothing (no failure seen)".into()),
+            });
         }
         let mut rmcp = Rmcp::new(addr, recv_timeout)
             .map_err(|e| FenceError::Bmc { bmc: addr.into(), message: format!("address: {e}") })?;
@@ -206,12 +241,21 @@ fn blocking_call(
 
 impl FenceAgent for IpmiBmc {
     fn call(&self, action: Action, deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>> {
+        self.call_for(action, deadline, Purpose::Fence)
+    }
+
+    fn call_for(
+        &self,
+        action: Action,
+        deadline: Duration,
+        purpose: Purpose,
+    ) -> BoxFuture<'_, Result<Power, FenceError>> {
         Box::pin(async move {
             let recv_timeout = (deadline / RECEIVES_PER_CALL).max(Duration::from_millis(20));
             let (addr, user, password, state) =
                 (self.addr.clone(), self.user.clone(), self.password.clone(), self.state.clone());
             crate::boundary::run(crate::boundary::Library::Ipmi, "ipmi", deadline, move || {
-                blocking_call(&addr, &user, &password, &state, action, recv_timeout)
+                blocking_call(&addr, &user, &password, &state, action, recv_timeout, purpose)
             })
             .await
             .map_err(|e| FenceError::Boundary(format!("BMC {}: {e}", self.addr)))?
@@ -275,11 +319,22 @@ mod tests {
         drop(sock);
         let state = Mutex::new(State::default());
         let t = Duration::from_millis(50);
-        for _ in 0..MAX_NEW_SESSIONS {
-            let r = blocking_call(&addr, "admin", "pw", &state, Action::Status, t);
+        for _ in 0..MAX_CHECK_SESSIONS {
+            let r = blocking_call(&addr, "admin", "pw", &state, Action::Status, t, Purpose::Check);
             assert!(matches!(r, Err(FenceError::Refused { .. } | FenceError::Timeout { .. })), "{r:?}");
         }
-        let r = blocking_call(&addr, "admin", "pw", &state, Action::Status, t);
-        assert!(matches!(r, Err(FenceError::RateLimited { count: MAX_NEW_SESSIONS, .. })), "{r:?}");
+        // Checks have used theirs; a fence still gets the session kept for it.
+        let r = blocking_call(&addr, "admin", "pw", &state, Action::Status, t, Purpose::Check);
+        assert!(matches!(r, Err(FenceError::RateLimited { count: MAX_CHECK_SESSIONS, .. })), "{r:?}");
+        let r = blocking_call(&addr, "admin", "pw", &state, Action::Off, t, Purpose::Fence);
+        assert!(
+            matches!(r, Err(FenceError::Refused { .. } | FenceError::Timeout { .. })),
+            "the fence's own try: {r:?}"
+        );
+        let r = blocking_call(&addr, "admin", "pw", &state, Action::Off, t, Purpose::Fence);
+        let Err(e @ FenceError::RateLimited { count: MAX_NEW_SESSIONS, .. }) = r else { panic!("{r:?}") };
+        // The refusal says what actually failed before it.
+        let text = e.to_string();
+        assert!(text.contains("connection refused") || text.contains("no answer"), "{text}");
     }
 }

@@ -22,14 +22,15 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 use herd_storage::model::{
-    Command, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, Role, SELF_FENCE_MARGIN_MS,
+    Command, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, PendingFence, Role,
+    SELF_FENCE_MARGIN_MS,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use super::agent::{Action, Fencer, Power};
-use super::decide::{decide, heard_again, Context, Decision, Facts};
+use super::agent::{Action, Fencer, Power, Purpose};
+use super::decide::{decide, heard_again, Context, Decision, Facts, SinceDecision};
 use crate::heartbeat::agent::Agent;
 use crate::primary::manager::Manager;
 use crate::tasks::Tasks;
@@ -61,6 +62,11 @@ struct Reading {
 
 #[derive(Default)]
 struct Local {
+    /// When this node took the primary office (None while it does not hold the duties).
+    took_office: Option<Instant>,
+    /// Per node, the pending decision (its `decided_ms`) and when this primary first saw it
+    /// standing: evidence of life counts in the saving throw only from then on.
+    seen: BTreeMap<String, (u64, Instant)>,
     /// Nodes whose fence runs in this process.
     executing: BTreeSet<String>,
     /// Nodes whose BMC check runs now.
@@ -80,7 +86,6 @@ pub struct FenceManager {
     fencer: Arc<dyn Fencer>,
     slots: Arc<Semaphore>,
     local: Mutex<Local>,
-    started: Instant,
     /// The executors and BMC checks this manager started: aborted when it stops.
     tasks: Tasks,
 }
@@ -102,7 +107,6 @@ impl FenceManager {
             fencer,
             slots,
             local: Mutex::default(),
-            started: Instant::now(),
             tasks: Tasks::new(),
         })
     }
@@ -137,22 +141,45 @@ impl FenceManager {
                 _ = tokio::time::sleep(TICK) => {}
             }
             if !self.primary.holding() {
-                primary_since = None;
+                if primary_since.take().is_some() {
+                    self.drop_duties();
+                }
                 continue;
             }
-            let since = *primary_since.get_or_insert_with(Instant::now);
+            let since = *primary_since.get_or_insert_with(|| {
+                let now = Instant::now();
+                self.local().took_office = Some(now);
+                now
+            });
             self.round(since, &mut last_check).await;
         }
     }
 
-    /// Milliseconds since this node last heard from `id` on Raft (as the leader).
-    fn raft_silence(&self, since_primary: Instant) -> BTreeMap<NodeId, u64> {
+    /// The duties dropped: the executors and checks stop (an executor that lost the role must
+    /// not send a power-off; a pending fence is the next primary's to execute).
+    fn drop_duties(&self) {
+        self.tasks.abort_all();
+        let mut l = self.local();
+        let stopped = std::mem::take(&mut l.executing);
+        l.checking.clear();
+        l.seen.clear();
+        l.took_office = None;
+        if !stopped.is_empty() {
+            tracing::warn!(nodes = ?stopped, "primary duties dropped: fence executors stopped");
+        }
+    }
+
+    /// The Raft responses this leader received since it took office at `office`: node → ms
+    /// ago. openraft gives every follower a progress instant when it becomes leader; those are
+    /// not answers, and they are older than the office, so they are left out.
+    fn raft_heard_ago(&self, office: Instant) -> BTreeMap<NodeId, u64> {
         let Some(member) = self.node.member() else { return BTreeMap::new() };
         let acks = member.raft.metrics().borrow_watched().heartbeat.clone();
-        let cap = ms(since_primary.elapsed());
+        let office_ago = ms(office.elapsed());
         acks.unwrap_or_default()
             .into_iter()
-            .map(|(id, t)| (id, t.map_or(cap, |t| ms(openraft::Instant::elapsed(&*t)))))
+            .filter_map(|(id, t)| Some((id, ms(openraft::Instant::elapsed(&*t?)))))
+            .filter(|(_, ago)| *ago < office_ago)
             .collect()
     }
 
@@ -164,7 +191,8 @@ impl FenceManager {
         };
         let verdicts = self.heartbeat.verdicts();
         let mnfa = self.heartbeat.mnfa_active();
-        let silence = self.raft_silence(since);
+        // Silent since the last response this leader received, or since it took office.
+        let silence = self.raft_heard_ago(since);
         let now_ms = herd_raft::clock::wall_ms();
         let primary_for_ms = ms(since.elapsed());
         let running = self.local().executing.len();
@@ -183,12 +211,13 @@ impl FenceManager {
             let is_self = rec.name == self.settings.name;
             // BMC readiness: every check_interval; every second for a node silent on Raft.
             let due = if silent >= policy.fence_after_ms { SILENT_CHECK } else { self.settings.check_interval };
-            if last_check.get(&rec.name).is_none_or(|t| t.elapsed() >= due) {
+            // No readiness check while its fence is pending: the executor has the BMC.
+            if rec.fence.pending.is_none() && last_check.get(&rec.name).is_none_or(|t| t.elapsed() >= due) {
                 last_check.insert(rec.name.clone(), Instant::now());
                 self.spawn_check(rec, policy.clone());
             }
-            if rec.fence.pending.is_some() {
-                self.spawn_execute(rec.name.clone(), policy.clone(), rec.id);
+            if let Some(p) = &rec.fence.pending {
+                self.spawn_execute(rec, p.decided_ms, policy.clone());
                 continue;
             }
             let power = self
@@ -203,7 +232,12 @@ impl FenceManager {
                     tracing::warn!(node = %rec.name, %reason, "fence decided");
                     let cmd = Command::DecideFence { name: rec.name.clone(), reason, manual: false };
                     match self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
-                        Ok(_) => self.spawn_execute(rec.name.clone(), policy.clone(), rec.id),
+                        // Applied here before the write returns: the decision's stamp is read
+                        // back, and its executor starts at once.
+                        Ok(_) => match self.pending(&rec.name) {
+                            Some(p) => self.spawn_execute(rec, p.decided_ms, policy.clone()),
+                            None => tracing::warn!(node = %rec.name, "fence decided, but no longer pending here"),
+                        },
                         Err(e) => tracing::warn!(node = %rec.name, "fence decision not committed: {e}"),
                     }
                 }
@@ -250,7 +284,7 @@ impl FenceManager {
         let (me, name, was) = (self.clone(), rec.name.clone(), rec.fence.ready);
         self.tasks.spawn(async move {
             let agent = me.fencer.agent(&policy);
-            let result = agent.call(Action::Status, me.settings.call_timeout).await;
+            let result = agent.call_for(Action::Status, me.settings.call_timeout, Purpose::Check).await;
             let (ready, reason, power) = match &result {
                 Ok(p) => (true, None, Some(*p)),
                 Err(e) => (false, Some(e.to_string()), None),
@@ -275,36 +309,82 @@ impl FenceManager {
         });
     }
 
-    fn spawn_execute(self: &Arc<Self>, name: String, policy: FencePolicy, id: NodeId) {
-        if !self.local().executing.insert(name.clone()) {
-            return;
-        }
+    /// The decision pending for `name` in this node's applied state.
+    fn pending(&self, name: &str) -> Option<PendingFence> {
+        let member = self.node.member()?;
+        let g = member.view.read();
+        g.state.nodes.get(name).and_then(|n| n.fence.pending.clone())
+    }
+
+    /// Starts the executor of the decision made at `decided_ms` (one per node at a time).
+    fn spawn_execute(self: &Arc<Self>, rec: &NodeRecord, decided_ms: u64, policy: FencePolicy) {
+        let (name, id) = (rec.name.clone(), rec.id);
+        let seen = {
+            let mut l = self.local();
+            let seen = l.seen.entry(name.clone()).or_insert((decided_ms, Instant::now()));
+            if seen.0 != decided_ms {
+                *seen = (decided_ms, Instant::now());
+            }
+            let seen = seen.1;
+            if !l.executing.insert(name.clone()) {
+                return;
+            }
+            seen
+        };
         let me = self.clone();
         self.tasks.spawn(async move {
             let permit = me.slots.clone().acquire_owned().await;
-            me.execute(&name, &policy, id).await;
+            me.execute(&name, &policy, id, decided_ms, seen).await;
             drop(permit);
             me.local().executing.remove(&name);
         });
     }
 
-    async fn execute(&self, name: &str, policy: &FencePolicy, id: NodeId) {
-        let Some(member) = self.node.member() else { return };
-        let manual = {
-            let g = member.view.read();
-            match g.state.nodes.get(name).and_then(|n| n.fence.pending.clone()) {
-                Some(p) => p.manual,
-                None => return,
-            }
+    /// What this primary knows of `id`'s life since `seen` (when it first saw the decision
+    /// standing): Raft responses received since then and since it took office, and heartbeat
+    /// answers or other coordinators' views from since then.
+    fn evidence_since(&self, id: NodeId, seen: Instant) -> SinceDecision {
+        let within = ms(seen.elapsed());
+        let office = self.local().took_office;
+        let raft_heard_ago_ms =
+            office.and_then(|o| self.raft_heard_ago(o).get(&id).copied()).filter(|ago| *ago < within);
+        SinceDecision {
+            raft_heard_ago_ms,
+            heartbeat: self.heartbeat.heard_within(id, within),
+            mnfa: self.heartbeat.mnfa_active(),
+        }
+    }
+
+    /// The fencing token: this node holds the primary role (its lease confirmed) now, and the
+    /// decision made at `decided_ms` still stands — checked by committing `ExecuteFence`,
+    /// proposed locally only (a deposed leader cannot commit it); the role is checked again
+    /// once it is committed. Only then may the power-off go out.
+    async fn fencing_token(&self, name: &str, decided_ms: u64) -> bool {
+        if !self.primary.holding() {
+            tracing::warn!(node = %name, "not the primary any more: power-off not sent");
+            return false;
+        }
+        let cmd = Command::ExecuteFence { name: name.into(), decided_ms };
+        if let Err(e) = self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
+            tracing::warn!(node = %name, "fencing token refused ({e}): power-off not sent");
+            return false;
+        }
+        if !self.primary.holding() {
+            tracing::warn!(node = %name, "lost the primary role while taking the fencing token: power-off not sent");
+            return false;
+        }
+        true
+    }
+
+    async fn execute(&self, name: &str, policy: &FencePolicy, id: NodeId, decided_ms: u64, seen: Instant) {
+        // Re-validated after the slot: the decision this executor was started for must stand.
+        let Some(pending) = self.pending(name).filter(|p| p.decided_ms == decided_ms) else {
+            tracing::info!(node = %name, "the fence decision no longer stands: not executed");
+            return;
         };
         let started = Instant::now();
-        if !manual {
-            let since = self.started.min(Instant::now());
-            let silent = self.raft_silence(since).get(&id).copied().unwrap_or(u64::MAX);
-            let verdict = self.heartbeat.verdicts().remove(&id);
-            if let Some(why) =
-                heard_again(policy.fence_after_ms, verdict.as_ref(), silent, self.heartbeat.mnfa_active())
-            {
+        if !pending.manual {
+            if let Some(why) = heard_again(&self.evidence_since(id, seen)) {
                 tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
                 let cmd = Command::CancelFence {
                     name: name.into(),
@@ -313,6 +393,9 @@ impl FenceManager {
                 self.record(name, cmd).await;
                 return;
             }
+        }
+        if !self.fencing_token(name, decided_ms).await {
+            return;
         }
         let agent = self.fencer.agent(policy);
         tracing::warn!(node = %name, bmc = %policy.bmc, "fencing: power off");

@@ -74,6 +74,9 @@ struct Inner {
     period_started: Option<Instant>,
     /// The cluster's heartbeat key: with it every datagram is tagged and checked.
     key: Option<Key>,
+    /// Per host, when the pulse period started whose pulse it last answered (an answer to the
+    /// current period's pulse proves the host ran after that pulse went out).
+    heard_at: BTreeMap<NodeId, Instant>,
     /// The highest sequence number accepted per (answer?, sender, network), and when: the
     /// replay window (authenticated clusters only; senders are known coordinators or targets).
     last_seq: BTreeMap<(bool, NodeId, NetName), (u64, u64)>,
@@ -140,6 +143,7 @@ impl Agent {
                 period_started: None,
                 key: None,
                 last_seq: BTreeMap::new(),
+                heard_at: BTreeMap::new(),
             }),
             notices: tx,
             rtt_observer: std::sync::OnceLock::new(),
@@ -327,6 +331,10 @@ impl Agent {
                     }
                     g.counters.answers_received += 1;
                     let started = g.period_started;
+                    let current = g.view.as_ref().is_some_and(|v| v.seq() == seq);
+                    if let (true, Some(t)) = (current, started) {
+                        g.heard_at.insert(from, t);
+                    }
                     if let Some(v) = g.view.as_mut() {
                         if seq == v.seq() {
                             rtt = started.map(|t| t.elapsed());
@@ -480,6 +488,31 @@ impl Agent {
         let hosts: BTreeMap<NodeId, BTreeSet<NetName>> =
             g.targets.values().map(|t| (t.id, t.addrs.keys().cloned().collect())).collect();
         verdict::verdicts(&hosts, &inputs, &self.params)
+    }
+
+    /// Evidence that `host` ran within the last `within_ms`: an answer to one of this
+    /// coordinator's pulses sent in that time, or another coordinator's view of that age which
+    /// hears it (the criss-cross). Never this coordinator's own view: after a restart it has
+    /// not yet counted the misses that make a host lost, which is no evidence of life.
+    pub fn heard_within(&self, host: NodeId, within_ms: u64) -> Option<String> {
+        let now = self.now_ms();
+        let g = self.lock();
+        if let Some(t) = g.heard_at.get(&host) {
+            let ago = herd_raft::clock::ms_since(*t);
+            if ago < within_ms {
+                return Some(format!("it answered this coordinator's pulse sent {ago} ms ago"));
+            }
+        }
+        let nets: BTreeSet<NetName> = g.targets.get(&host)?.addrs.keys().cloned().collect();
+        let peers = g.cache.views(now);
+        let inputs: Vec<ViewInput<'_>> = peers
+            .iter()
+            .filter(|(s, _)| g.me.as_ref().is_none_or(|(me, _)| s.coordinator != *me))
+            .map(|(s, age)| ViewInput { summary: s, age_ms: *age })
+            .collect();
+        let within = within_ms.min(self.params.history_ms);
+        let heard = verdict::heard_in_views(host, &nets, &inputs, within);
+        heard.first().map(|(c, age)| format!("coordinator {c}'s view, {age} ms old, hears it"))
     }
 
     /// Whether MNFA is active on some network in some fresh view (no loss verdicts then).

@@ -39,6 +39,23 @@ pub struct ViewInput<'a> {
 }
 
 /// Networks on which MNFA is active in some fresh view.
+/// The other coordinators whose views, younger than `within_ms`, hear `host` (not lost on
+/// some network it is pulsed on) — evidence of life for the saving throw, with each view's
+/// age. A view that cannot judge (isolated) is no evidence; nor is the host's own view.
+pub fn heard_in_views(
+    host: NodeId,
+    nets: &BTreeSet<NetName>,
+    views: &[ViewInput<'_>],
+    within_ms: u64,
+) -> Vec<(NodeId, u64)> {
+    views
+        .iter()
+        .filter(|v| v.age_ms < within_ms && v.summary.coordinator != host)
+        .filter(|v| matches!(judge(v, host, nets), ViewSays::NotLost))
+        .map(|v| (v.summary.coordinator, v.age_ms))
+        .collect()
+}
+
 pub fn mnfa_networks(views: &[ViewInput<'_>], params: &Params) -> BTreeMap<NetName, bool> {
     let mut out = BTreeMap::new();
     for v in views.iter().filter(|v| v.age_ms < params.history_ms) {

@@ -136,6 +136,7 @@ fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, A
         Command::SetFencePolicy { .. }
         | Command::SetFenceReady { .. }
         | Command::DecideFence { .. }
+        | Command::ExecuteFence { .. }
         | Command::CancelFence { .. }
         | Command::FenceDone { .. } => crate::fence::apply_fence_op(state, index, now, op),
         Command::RecordEvent { kind, node, message } => cluster_ops::record_event(state, at, kind, node, message),

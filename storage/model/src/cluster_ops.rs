@@ -195,6 +195,7 @@ pub(crate) fn remove_node(state: &mut State, at: At<'_>, name: &String) -> Resul
     }
     let id = node.id;
     state.nodes.remove(name);
+    state.removed.insert(id);
     push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"));
     Ok(Reply::Done)
 }

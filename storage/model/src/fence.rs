@@ -186,6 +186,10 @@ pub struct PendingFence {
     /// Asked for by an operator (`herd node fence`): no saving throw.
     #[serde(default)]
     pub manual: bool,
+    /// When an executor committed its fencing token (`ExecuteFence`): from then on a
+    /// power-off may have been sent, even if the fence is cancelled later.
+    #[serde(default)]
+    pub executing_ms: Option<u64>,
 }
 
 /// A node's fencing status in the replicated record.
@@ -290,7 +294,8 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
             if !manual && node.daemon_state == DaemonState::Fenced {
                 return Err(ApplyError::Invalid(format!("{name} is already fenced")));
             }
-            node.fence.pending = Some(PendingFence { decided_ms: now, reason: bounded(reason), manual: *manual });
+            node.fence.pending =
+                Some(PendingFence { decided_ms: now, reason: bounded(reason), manual: *manual, executing_ms: None });
             node.revision = index;
             let who = if *manual { "by an operator" } else { "by the primary" };
             push_event(
@@ -303,19 +308,33 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
             );
             Ok(Reply::Done)
         }
+        Command::ExecuteFence { name, decided_ms } => {
+            let node = node_mut(state, name, op)?;
+            let pending = node.fence.pending.as_mut().filter(|p| p.decided_ms == *decided_ms).ok_or_else(|| {
+                ApplyError::Invalid(format!("the fence of {name} decided at {decided_ms} no longer stands"))
+            })?;
+            pending.executing_ms.get_or_insert(now);
+            node.revision = index;
+            Ok(Reply::Done)
+        }
         Command::CancelFence { name, reason } => {
             let node = node_mut(state, name, op)?;
-            if node.fence.pending.take().is_none() {
+            let Some(pending) = node.fence.pending.take() else {
                 return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
-            }
+            };
             node.revision = index;
+            // A power-off already sent may still be carried out by a slow BMC: say so.
+            let late = match pending.executing_ms {
+                Some(t) => format!(" (a power-off may have been sent at {t}: its BMC may still carry it out)"),
+                None => String::new(),
+            };
             push_event(
                 state,
                 index,
                 now,
                 "fence-cancelled",
                 Some(name),
-                format!("fence of {name} cancelled: {}", bounded(reason)),
+                format!("fence of {name} cancelled: {}{late}", bounded(reason)),
             );
             Ok(Reply::Done)
         }

@@ -198,3 +198,45 @@ fn a_vm_caught_mid_move_is_released_or_rerouted() {
     assert_eq!(inc.migrating_from.is_some(), inc.node != "b");
     assert_ne!(inc.last_node.as_deref(), Some(inc.node.as_str()));
 }
+
+/// The fencing token: `ExecuteFence` names the decision it executes and is refused once that
+/// decision no longer stands (cancelled, done, or superseded by a later decision).
+#[test]
+fn the_fencing_token_names_a_decision_that_still_stands() {
+    let mut s = cluster();
+    let exec = |decided_ms| Command::ExecuteFence { name: "a".into(), decided_ms };
+    assert!(at(&mut s, 2, 50, exec(50)).is_err(), "no decision yet");
+    at(&mut s, 3, 100, decide(false)).expect("decide");
+    assert!(at(&mut s, 4, 110, exec(99)).is_err(), "not the decision made at 100");
+    assert_eq!(at(&mut s, 5, 120, exec(100)), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].fence.pending.as_ref().and_then(|p| p.executing_ms), Some(120));
+    // A second executor (a new primary) may take the token again; the first time stays.
+    assert_eq!(at(&mut s, 6, 130, exec(100)), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].fence.pending.as_ref().and_then(|p| p.executing_ms), Some(120));
+    // A cancel after the token was taken says a power-off may still come.
+    let cancel = Command::CancelFence { name: "a".into(), reason: "heard again".into() };
+    at(&mut s, 7, 140, cancel).expect("cancel");
+    let last = s.events.back().expect("an event");
+    assert!(last.message.contains("a power-off may have been sent"), "{}", last.message);
+    assert!(at(&mut s, 8, 150, exec(100)).is_err(), "a cancelled decision gives no token");
+    // A new decision supersedes the old one: the old executor's token is refused.
+    at(&mut s, 9, 200, decide(false)).expect("decide again");
+    assert!(at(&mut s, 10, 210, exec(100)).is_err(), "superseded");
+    at(&mut s, 11, 220, done(FenceOutcome::Fenced)).expect("done");
+    assert!(at(&mut s, 12, 230, exec(200)).is_err(), "a done fence gives no token");
+}
+
+/// A removed node leaves a tombstone: removal is known by id, never guessed from a missing
+/// record, and the id is never used again.
+#[test]
+fn removal_leaves_a_tombstone() {
+    let mut s = cluster();
+    s.vms.retain(|_, v| v.node != "c");
+    assert!(!s.was_removed(3));
+    at(&mut s, 2, 100, Command::RemoveNode { name: "c".into() }).expect("remove c");
+    assert!(s.was_removed(3));
+    assert!(!s.was_removed(1) && !s.was_removed(99), "only the removed id");
+    let bytes = rmp_serde::to_vec_named(&s).expect("encode");
+    let back: State = rmp_serde::from_slice(&bytes).expect("decode");
+    assert!(back.was_removed(3), "the tombstone survives a snapshot");
+}

@@ -76,9 +76,17 @@ pub struct State {
     pub requests: RequestLog,
     /// VMs by name.
     pub vms: BTreeMap<String, VmRecord>,
+    /// The ids of removed nodes (tombstones): a node concludes it was removed only from its id
+    /// here, never from a record it cannot find (ids are never reused, so this only grows).
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl State {
+    /// Whether node id `id` was removed from the cluster (a committed `RemoveNode`).
+    pub fn was_removed(&self, id: NodeId) -> bool {
+        self.removed.contains(&id)
+    }
+
     /// The node with Raft id `id`, if any.
     pub fn node_by_id(&self, id: NodeId) -> Option<&NodeRecord> {
         self.nodes.values().find(|n| n.id == id)
@@ -103,6 +111,12 @@ impl State {
             }
             if node.revision == 0 {
                 return Err(format!("node {name} has revision 0"));
+            }
+            if self.removed.contains(&node.id) {
+                return Err(format!("node {name} has id {}, which was removed", node.id));
+            }
+            if node.fence.pending.as_ref().is_some_and(|p| p.executing_ms.is_some_and(|t| t < p.decided_ms)) {
+                return Err(format!("node {name}'s fence executes before it was decided"));
             }
         }
         for (name, vm) in &self.vms {

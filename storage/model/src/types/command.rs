@@ -162,6 +162,14 @@ pub enum Command {
         #[serde(default)]
         manual: bool,
     },
+    /// The fencing token: the executor of the decision made at `decided_ms` is about to send
+    /// the power-off. Refused unless that decision still stands (not cancelled, not done, not
+    /// superseded), and proposed only by the leader itself, so a deposed executor cannot
+    /// commit it; the power-off is sent only once it is committed.
+    ExecuteFence {
+        name: String,
+        decided_ms: u64,
+    },
     /// The node was heard again before the fence ran (the saving throw).
     CancelFence {
         name: String,
@@ -209,6 +217,7 @@ impl Command {
             Command::SetFencePolicy { .. } => "set-fence-policy",
             Command::SetFenceReady { .. } => "set-fence-ready",
             Command::DecideFence { .. } => "decide-fence",
+            Command::ExecuteFence { .. } => "execute-fence",
             Command::CancelFence { .. } => "cancel-fence",
             Command::FenceDone { .. } => "fence-done",
         }
