@@ -3,9 +3,19 @@
 DIR=$(dirname "$0")
 echo "$(date +%s.%N) $*" >> "$DIR/chassis.log"
 power() { cat "$DIR/power" 2>/dev/null || echo 1; }
-off() {
+power_off() {
   for f in "$DIR"/kill.*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
   echo 0 > "$DIR/power"
+}
+# With a file off_delay (seconds), the BMC acknowledges a power-off at once and carries it out
+# that much later, as real BMCs do.
+off() {
+  if [ -f "$DIR/off_delay" ]; then
+    ( for f in /proc/$BASHPID/fd/*; do f=${f##*/}; [ "$f" -gt 2 ] && eval "exec $f>&-"; done
+      sleep "$(cat "$DIR/off_delay")"; power_off ) >/dev/null 2>&1 </dev/null &
+  else
+    power_off
+  fi
 }
 on() {
   [ "$(power)" = 1 ] && return 0

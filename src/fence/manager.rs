@@ -29,7 +29,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use super::agent::{Action, Fencer, Power, Purpose};
+use super::agent::{Action, FenceAgent, Fencer, Power, Purpose};
 use super::decide::{decide, heard_again, Context, Decision, Facts, SinceDecision};
 use crate::heartbeat::agent::Agent;
 use crate::primary::manager::Manager;
@@ -398,39 +398,10 @@ impl FenceManager {
             return;
         }
         let agent = self.fencer.agent(policy);
-        tracing::warn!(node = %name, bmc = %policy.bmc, "fencing: power off");
-        let off = agent.call(Action::Off, self.settings.call_timeout).await;
-        if let Err(e) = &off {
-            tracing::warn!(node = %name, "power off: {e}; polling the power state anyway");
-        }
-        // Confirm: poll chassis status until off or the deadline.
-        let deadline = Instant::now() + self.settings.confirm_timeout;
-        let mut last_error = off.err().map(|e| e.to_string());
-        let confirmed = loop {
-            match agent
-                .call(
-                    Action::Status,
-                    self.settings
-                        .call_timeout
-                        .min(deadline.saturating_duration_since(Instant::now()).max(CONFIRM_POLL)),
-                )
-                .await
-            {
-                Ok(Power::Off) => break true,
-                Ok(Power::On) => last_error = Some("the BMC still reports the power on".into()),
-                Err(e) => last_error = Some(e.to_string()),
-            }
-            if Instant::now() + CONFIRM_POLL >= deadline {
-                break false;
-            }
-            tokio::time::sleep(CONFIRM_POLL).await;
-        };
-        if !confirmed {
-            let reason = format!(
-                "power-off not confirmed within {:?}: {}",
-                self.settings.confirm_timeout,
-                last_error.unwrap_or_else(|| "no answer".into())
-            );
+        // An earlier executor (a primary since gone) took the token: its power-off may still be
+        // carried out by the BMC. Confirm the power state before sending another.
+        let earlier = pending.executing_ms.is_some();
+        if let Err(reason) = self.power_off(name, &policy.bmc, &*agent, earlier).await {
             tracing::error!(node = %name, %reason, "fence failed");
             self.record(name, Command::FenceDone { name: name.into(), outcome: FenceOutcome::Failed { reason } }).await;
             return;
@@ -448,6 +419,46 @@ impl FenceManager {
             tracing::info!(node = %name, "{msg}");
             let cmd = Command::RecordEvent { kind: "fence-power-on".into(), node: Some(name.into()), message: msg };
             self.record(name, cmd).await;
+        }
+    }
+
+    /// Powers the node off through `agent` and confirms it (chassis status polled until off,
+    /// up to `confirm_timeout`). With `earlier`, a power-off may already be on its way: it is
+    /// confirmed first, and another is sent only if the power stays on. Err: what failed.
+    async fn power_off(&self, name: &str, bmc: &str, agent: &dyn FenceAgent, earlier: bool) -> Result<(), String> {
+        if earlier {
+            tracing::warn!(node = %name, %bmc, "fencing: a power-off was sent before; confirming it first");
+            if self.confirm_off(agent).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tracing::warn!(node = %name, %bmc, "fencing: power off");
+        let off = agent.call(Action::Off, self.settings.call_timeout).await;
+        if let Err(e) = &off {
+            tracing::warn!(node = %name, "power off: {e}; polling the power state anyway");
+        }
+        self.confirm_off(agent).await.map_err(|last| {
+            let sent = off.err().map_or(String::new(), |e| format!(" (the power-off itself: {e})"));
+            format!("power-off not confirmed within {:?}: {last}{sent}", self.settings.confirm_timeout)
+        })
+    }
+
+    /// Polls chassis status until it reads off or `confirm_timeout` passes; Err: the last
+    /// thing that was wrong.
+    async fn confirm_off(&self, agent: &dyn FenceAgent) -> Result<(), String> {
+        let deadline = Instant::now() + self.settings.confirm_timeout;
+        loop {
+            let budget =
+                self.settings.call_timeout.min(deadline.saturating_duration_since(Instant::now()).max(CONFIRM_POLL));
+            let last_error = match agent.call(Action::Status, budget).await {
+                Ok(Power::Off) => return Ok(()),
+                Ok(Power::On) => "the BMC still reports the power on".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() + CONFIRM_POLL >= deadline {
+                return Err(last_error);
+            }
+            tokio::time::sleep(CONFIRM_POLL).await;
         }
     }
 

@@ -24,3 +24,4 @@ mod t80_vms;
 mod t85_libvirtd;
 mod t90_fence;
 mod t91_fencing;
+mod t92_fence_restart;
