@@ -25,3 +25,4 @@ mod t85_libvirtd;
 mod t90_fence;
 mod t91_fencing;
 mod t92_fence_restart;
+mod t93_init_race;
