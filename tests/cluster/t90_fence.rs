@@ -4,8 +4,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herd::fence::agent::{Action, FenceAgent, FenceError, Fencer, Power};
-use herd::fence::ipmi::IpmiBmc;
+use herd::fence::agent::{Action, FenceAgent, FenceError, Fencer, Power, Purpose};
+use herd::fence::ipmi::{IpmiBmc, MAX_CHECK_SESSIONS};
 use herd::fence::registry::AgentRegistry;
 use herd_storage::model::{FenceAction, FenceAgentKind, FencePolicy};
 
@@ -87,6 +87,40 @@ fn ipmi_agent_against_a_live_ipmi_sim() {
     let e = call(&*registry.agent(&policy(&b.addr, &b.password)), Action::Off, 1000).expect_err("dead BMC");
     assert!(t.elapsed() < Duration::from_millis(1300), "{:?}", t.elapsed());
     eprintln!("dead BMC: {e} after {:?}", t.elapsed());
+}
+
+/// Readiness checks never use up the IPMI sessions a fence needs (issue 16): checks against a
+/// BMC that does not answer in time (frozen) open at most `MAX_CHECK_SESSIONS` new sessions in
+/// the window, then are refused saying what failed; the fence asked for next still gets the
+/// session kept for it, and the power-off goes through.
+#[test]
+fn readiness_checks_cannot_starve_a_fence() {
+    if !bmc::available("readiness_checks_cannot_starve_a_fence") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Bmc::start(&dir.path().join("bmc"), "127.0.0.1", bmc::free_udp_port(), None);
+    let mut host = Command::new("sleep").arg("600").spawn().expect("spawn host");
+    b.kill_on_power_off("host", host.id());
+    let rt = rt();
+    let agent = IpmiBmc::new(&b.addr, USER, &b.password);
+    b.pause();
+    let mut last = None;
+    for i in 0..8 {
+        let r = rt.block_on(agent.call_for(Action::Status, Duration::from_millis(700), Purpose::Check));
+        assert!(r.is_err(), "check {i} against a frozen BMC: {r:?}");
+        last = r.err();
+    }
+    assert_eq!(agent.recent_sessions(), MAX_CHECK_SESSIONS, "checks opened no more than their share");
+    let refusal = last.expect("a refusal").to_string();
+    assert!(refusal.contains("readiness checks") && refusal.contains("no answer"), "says what failed: {refusal}");
+    b.resume();
+    assert_eq!(rt.block_on(agent.call(Action::Off, Duration::from_secs(3))), Ok(Power::Off), "the fence's session");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the power-off did not kill the host");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The external agent driving the real `fence_ipmilan` (package fence-agents) against a live
