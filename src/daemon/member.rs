@@ -72,13 +72,15 @@ impl Daemon {
             });
             looper.once().await;
             self.tasks.spawn(looper.run());
-            let flush = crate::flush::Settings {
-                name: self.config.name.clone(),
-                parallel: self.config.hypervisor.parallel_migrations,
-                migration_timeout: Duration::from_millis(self.config.hypervisor.migration_timeout_ms),
-            };
-            self.tasks.spawn(crate::flush::follow(self.node.clone(), flush));
         }
+        // Every node carries out its own flush and ready (one without a hypervisor has no VMs to
+        // move, but still goes `flushed` → `ready`: a fenced coordinator made ready must too).
+        let flush = crate::flush::Settings {
+            name: self.config.name.clone(),
+            parallel: self.config.hypervisor.parallel_migrations,
+            migration_timeout: Duration::from_millis(self.config.hypervisor.migration_timeout_ms),
+        };
+        self.tasks.spawn(crate::flush::follow(self.node.clone(), flush));
         // `init` → `run` once this node can get a write of its own committed; the heartbeat
         // addresses go in the same atomic request.
         loop {

@@ -26,3 +26,4 @@ mod t90_fence;
 mod t91_fencing;
 mod t92_fence_restart;
 mod t93_init_race;
+mod t94_auto_ready;
