@@ -19,6 +19,9 @@ pub enum Breakage {
     NoStarts,
     /// `vm modify` answers "done" without writing anything (an acknowledged write lost).
     AckWithoutCommit,
+    /// A fence executor sends the power-off without its fencing token (no role check, no
+    /// committed `ExecuteFence`).
+    FenceWithoutToken,
 }
 
 #[cfg(feature = "breakage")]

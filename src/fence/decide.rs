@@ -247,8 +247,13 @@ mod tests {
         for (i, r) in rows.iter().enumerate() {
             let mut rec = record(r.state);
             if r.pending {
-                rec.fence.pending =
-                    Some(PendingFence { decided_ms: 1, reason: "x".into(), manual: false, executing_ms: None });
+                rec.fence.pending = Some(PendingFence {
+                    decided_ms: 1,
+                    reason: "x".into(),
+                    manual: false,
+                    executing_ms: None,
+                    executing_by: None,
+                });
             }
             let v = verdict(r.lost_for);
             let c = Context { mnfa: r.mnfa, maintenance: r.maintenance, primary_for_ms: r.primary_for, ..ctx() };

@@ -360,11 +360,15 @@ impl FenceManager {
     /// proposed locally only (a deposed leader cannot commit it); the role is checked again
     /// once it is committed. Only then may the power-off go out.
     async fn fencing_token(&self, name: &str, decided_ms: u64) -> bool {
+        if crate::breakage::is(crate::breakage::Breakage::FenceWithoutToken) {
+            return true;
+        }
+        let Some(by) = self.node.member().map(|m| m.id) else { return false };
         if !self.primary.holding() {
             tracing::warn!(node = %name, "not the primary any more: power-off not sent");
             return false;
         }
-        let cmd = Command::ExecuteFence { name: name.into(), decided_ms };
+        let cmd = Command::ExecuteFence { name: name.into(), decided_ms, by };
         if let Err(e) = self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
             tracing::warn!(node = %name, "fencing token refused ({e}): power-off not sent");
             return false;

@@ -70,7 +70,10 @@ fn a_fenced_auto_ready_node_is_ready_after_every_boot() {
             if std::time::Instant::now() > deadline {
                 let log = std::fs::read_to_string(c.node("ah").log_path()).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                panic!("boot {boot}: ah not ready by itself: {n}\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                panic!(
+                    "boot {boot}: ah not ready by itself: {n}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         };

@@ -190,6 +190,9 @@ pub struct PendingFence {
     /// power-off may have been sent, even if the fence is cancelled later.
     #[serde(default)]
     pub executing_ms: Option<u64>,
+    /// The node whose executor holds the token now (the latest to take it).
+    #[serde(default)]
+    pub executing_by: Option<NodeId>,
 }
 
 /// A node's fencing status in the replicated record.
@@ -294,8 +297,13 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
             if !manual && node.daemon_state == DaemonState::Fenced {
                 return Err(ApplyError::Invalid(format!("{name} is already fenced")));
             }
-            node.fence.pending =
-                Some(PendingFence { decided_ms: now, reason: bounded(reason), manual: *manual, executing_ms: None });
+            node.fence.pending = Some(PendingFence {
+                decided_ms: now,
+                reason: bounded(reason),
+                manual: *manual,
+                executing_ms: None,
+                executing_by: None,
+            });
             node.revision = index;
             let who = if *manual { "by an operator" } else { "by the primary" };
             push_event(
@@ -308,12 +316,13 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
             );
             Ok(Reply::Done)
         }
-        Command::ExecuteFence { name, decided_ms } => {
+        Command::ExecuteFence { name, decided_ms, by } => {
             let node = node_mut(state, name, op)?;
             let pending = node.fence.pending.as_mut().filter(|p| p.decided_ms == *decided_ms).ok_or_else(|| {
                 ApplyError::Invalid(format!("the fence of {name} decided at {decided_ms} no longer stands"))
             })?;
             pending.executing_ms.get_or_insert(now);
+            pending.executing_by = Some(*by);
             node.revision = index;
             Ok(Reply::Done)
         }

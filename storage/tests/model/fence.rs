@@ -204,12 +204,13 @@ fn a_vm_caught_mid_move_is_released_or_rerouted() {
 #[test]
 fn the_fencing_token_names_a_decision_that_still_stands() {
     let mut s = cluster();
-    let exec = |decided_ms| Command::ExecuteFence { name: "a".into(), decided_ms };
+    let exec = |decided_ms| Command::ExecuteFence { name: "a".into(), decided_ms, by: 2 };
     assert!(at(&mut s, 2, 50, exec(50)).is_err(), "no decision yet");
     at(&mut s, 3, 100, decide(false)).expect("decide");
     assert!(at(&mut s, 4, 110, exec(99)).is_err(), "not the decision made at 100");
     assert_eq!(at(&mut s, 5, 120, exec(100)), Ok(Reply::Done));
     assert_eq!(s.nodes["a"].fence.pending.as_ref().and_then(|p| p.executing_ms), Some(120));
+    assert_eq!(s.nodes["a"].fence.pending.as_ref().and_then(|p| p.executing_by), Some(2));
     // A second executor (a new primary) may take the token again; the first time stays.
     assert_eq!(at(&mut s, 6, 130, exec(100)), Ok(Reply::Done));
     assert_eq!(s.nodes["a"].fence.pending.as_ref().and_then(|p| p.executing_ms), Some(120));

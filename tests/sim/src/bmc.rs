@@ -3,7 +3,10 @@
 //! Each machine's BMC address is `127.0.1.<n>:623` (never contacted: it only names the
 //! machine). `off` powers the host off at once — its domains stop, and the driver crashes its
 //! daemon after this step; `on` powers it on — the driver restarts the daemon from its kept
-//! store. A BMC may be silent (the call runs into its deadline) or late.
+//! store. A BMC may be silent (the call runs into its deadline), late, or slow to act: it then
+//! acknowledges a power-off at once and carries it out later (the driver does, when due).
+//! Every power-off request is recorded with its sender: the fencing-token invariant's ground
+//! truth.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use futures::future::BoxFuture;
 use herd::fence::agent::{Action, FenceAgent, FenceError, Fencer, Power};
 use herd_storage::model::FencePolicy;
 
-use crate::world::{BmcMode, PowerRequest, World};
+use crate::world::{BmcMode, PowerOffSent, PowerRequest, World};
 
 /// How long a BMC takes to answer when it answers normally.
 const ANSWER: Duration = Duration::from_millis(20);
@@ -26,18 +29,41 @@ fn machine_of(bmc: &str) -> Option<usize> {
     host.parse::<usize>().ok()?.checked_sub(1)
 }
 
-pub struct SimFencer(pub World);
+/// The simulated BMCs as machine `from`'s daemon reaches them.
+pub struct SimFencer {
+    pub world: World,
+    pub from: usize,
+}
 
 impl Fencer for SimFencer {
     fn agent(&self, policy: &FencePolicy) -> Arc<dyn FenceAgent> {
-        Arc::new(SimBmc { world: self.0.clone(), bmc: policy.bmc.clone(), machine: machine_of(&policy.bmc) })
+        let (world, from) = (self.world.clone(), self.from);
+        Arc::new(SimBmc { world, from, bmc: policy.bmc.clone(), machine: machine_of(&policy.bmc) })
     }
 }
 
 pub struct SimBmc {
     world: World,
+    /// The machine whose daemon calls.
+    from: usize,
     bmc: String,
     machine: Option<usize>,
+}
+
+/// Powers machine `i` off now: its domains stop, and the driver crashes its daemon.
+pub fn power_off(world: &World, i: usize) {
+    let name = world.name(i);
+    let mut w = world.lock();
+    let m = &mut w.machines[i];
+    if !m.powered {
+        return;
+    }
+    m.powered = false;
+    m.powered_off_at = Some(crate::world::now());
+    m.hv.power_off();
+    w.power_requests.push(PowerRequest::Off(i));
+    drop(w);
+    world.trace(format!("bmc {name}: power off"));
 }
 
 impl FenceAgent for SimBmc {
@@ -48,7 +74,7 @@ impl FenceAgent for SimBmc {
             };
             let mode = self.world.lock().machines[i].bmc;
             let delay = match mode {
-                BmcMode::Normal => ANSWER,
+                BmcMode::Normal | BmcMode::SlowOff(_) => ANSWER,
                 BmcMode::Late(d) => d,
                 BmcMode::Silent => Duration::MAX,
             };
@@ -59,28 +85,29 @@ impl FenceAgent for SimBmc {
             tokio::time::sleep(delay).await;
             let name = self.world.name(i);
             let mut w = self.world.lock();
-            let m = &mut w.machines[i];
+            let powered = w.machines[i].powered;
             let power = match action {
-                Action::Status => {
-                    if m.powered {
-                        Power::On
-                    } else {
-                        Power::Off
-                    }
-                }
+                Action::Status if powered => Power::On,
+                Action::Status => Power::Off,
                 Action::Off => {
-                    if m.powered {
-                        m.powered = false;
-                        m.powered_off_at = Some(crate::world::now());
-                        m.hv.power_off();
-                        w.power_requests.push(PowerRequest::Off(i));
-                        drop(w);
-                        self.world.trace(format!("bmc {name}: power off"));
+                    w.power_offs.push(PowerOffSent { at: crate::world::now(), from: self.from, victim: i });
+                    match mode {
+                        BmcMode::SlowOff(d) if powered => {
+                            w.delayed_offs.push((crate::world::now() + d, i));
+                            drop(w);
+                            self.world
+                                .trace(format!("bmc {name}: power off acknowledged, due in {} ms", d.as_millis()));
+                        }
+                        _ => {
+                            drop(w);
+                            power_off(&self.world, i);
+                        }
                     }
                     Power::Off
                 }
                 Action::On => {
-                    if !m.powered {
+                    if !powered {
+                        let m = &mut w.machines[i];
                         m.powered = true;
                         m.powered_off_at = None;
                         m.hv.power_on();

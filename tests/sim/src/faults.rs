@@ -36,6 +36,11 @@ pub enum Fault {
     BmcLate { node: usize, ms: u64 },
     /// The client hands the primary role to another coordinator.
     Handover,
+    /// `node` hangs (its links held, as `Pause`) long enough to be fenced; as soon as the fence
+    /// is decided, the primary's daemon is crashed (restarted when the fault ends) and the
+    /// victim's BMC carries the power-off out `bmc_ms` late — a new primary inherits a pending
+    /// fence whose power-off may be on its way.
+    PrimaryCrashInFence { node: usize, bmc_ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -59,7 +64,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         }
         let lasts = Duration::from_millis(rng.random_range(200..6000)).min(end - t);
         let node = rng.random_range(0..n);
-        let fault = match rng.random_range(0..10) {
+        let fault = match rng.random_range(0..11) {
             0 => Fault::Crash(node),
             1 => {
                 let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
@@ -78,7 +83,13 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
             6 => Fault::Pause(node),
             7 => Fault::BmcSilent(node),
             8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
+            9 => Fault::PrimaryCrashInFence { node, bmc_ms: rng.random_range(500..3000) },
             _ => Fault::Handover,
+        };
+        // A hang must outlast the loss and fence_after times for the fence to be decided.
+        let lasts = match fault {
+            Fault::PrimaryCrashInFence { .. } => lasts.max(Duration::from_millis(4500)).min(end - t),
+            _ => lasts,
         };
         out.push(Scheduled { at: t, lasts, fault });
     }
@@ -125,9 +136,43 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Silent,
         Fault::BmcLate { node, ms } => world.lock().machines[*node].bmc = BmcMode::Late(Duration::from_millis(*ms)),
+        Fault::PrimaryCrashInFence { node, bmc_ms } => {
+            world.lock().crash_primary_on_fence = Some(Duration::from_millis(*bmc_ms));
+            for o in (0..n).filter(|o| o != node) {
+                sim.hold(name(*node).as_str(), name(o).as_str());
+            }
+        }
         Fault::Handover => {}
     }
     true
+}
+
+/// Fires an armed `PrimaryCrashInFence` once a non-manual fence is pending: the primary's
+/// daemon is crashed, the victim's BMC made slow to act. Returns what it did (primary, victim).
+pub fn primary_crash_in_fence(sim: &mut Sim<'_>, world: &World) -> Option<(usize, usize)> {
+    let delay = world.lock().crash_primary_on_fence?;
+    let (holder, victim) = {
+        let w = world.lock();
+        let holder =
+            (0..w.machines.len()).find(|i| w.machines[*i].daemon.as_ref().is_some_and(|d| d.primary.holding()))?;
+        let member = w.machines[holder].daemon.as_ref()?.node.member()?;
+        let g = member.view.read();
+        let victim = g.state.nodes.values().find(|n| n.fence.pending.as_ref().is_some_and(|p| !p.manual))?;
+        (holder, w.machines.iter().position(|m| m.name == victim.name)?)
+    };
+    {
+        let mut w = world.lock();
+        w.crash_primary_on_fence = None;
+        w.machines[victim].bmc = BmcMode::SlowOff(delay);
+        w.fence_crashed.push(holder);
+    }
+    crash(sim, world, holder);
+    world.trace(format!(
+        "fault fired: primary {} crashed with a fence of {} pending",
+        world.name(holder),
+        world.name(victim)
+    ));
+    Some((holder, victim))
 }
 
 /// Ends `f` (only if `apply` did something).
@@ -165,6 +210,27 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Normal,
         Fault::BmcLate { node, .. } => world.lock().machines[*node].bmc = BmcMode::Normal,
+        Fault::PrimaryCrashInFence { node, .. } => {
+            for o in (0..n).filter(|o| o != node) {
+                sim.release(name(*node).as_str(), name(o).as_str());
+            }
+            let crashed = {
+                let mut w = world.lock();
+                w.crash_primary_on_fence = None;
+                for m in &mut w.machines {
+                    if matches!(m.bmc, BmcMode::SlowOff(_)) {
+                        m.bmc = BmcMode::Normal;
+                    }
+                }
+                std::mem::take(&mut w.fence_crashed)
+            };
+            for i in crashed {
+                let powered = world.lock().machines[i].powered;
+                if powered && !sim.is_host_running(name(i).as_str()) {
+                    restart(sim, world, i);
+                }
+            }
+        }
         Fault::Handover => {}
     }
 }
@@ -188,6 +254,8 @@ pub fn heal(sim: &mut Sim<'_>, world: &World) {
     let mut w = world.lock();
     w.cuts.clear();
     w.udp_loss_pct = 0;
+    w.crash_primary_on_fence = None;
+    w.fence_crashed.clear();
     for m in &mut w.machines {
         m.bmc = BmcMode::Normal;
     }

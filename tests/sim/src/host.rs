@@ -86,7 +86,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             pki: None,
             heartbeat,
             hypervisor: Some(opener),
-            fencer: Arc::new(SimFencer(world.clone())),
+            fencer: Arc::new(SimFencer { world: world.clone(), from: i }),
             host_stats: Arc::new(FixedStats(stats())),
         };
         let running = daemon::start(config, env).await.map_err(|e| e.to_string())?;

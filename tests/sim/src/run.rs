@@ -152,6 +152,16 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     loop {
         let now = sim.elapsed();
         crate::world::set_driver_now(now);
+        // Power-offs a slow BMC acknowledged earlier and carries out now.
+        let due: Vec<usize> = {
+            let mut w = world.lock();
+            let (due, later): (Vec<_>, Vec<_>) = w.delayed_offs.drain(..).partition(|(at, _)| *at <= now);
+            w.delayed_offs = later;
+            due.into_iter().map(|(_, i)| i).collect()
+        };
+        for i in due {
+            crate::bmc::power_off(&world, i);
+        }
         // BMC power actions from the last step.
         let requests = std::mem::take(&mut world.lock().power_requests);
         for r in requests {
@@ -171,6 +181,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
                 phase = Phase::Faults;
             }
             Phase::Faults => {
+                faults::primary_crash_in_fence(&mut sim, &world);
                 while next < schedule.len() && schedule[next].at <= now {
                     let s = &schedule[next];
                     next += 1;

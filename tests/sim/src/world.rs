@@ -35,6 +35,18 @@ pub enum BmcMode {
     Silent,
     /// Answers after this long.
     Late(Duration),
+    /// Answers at once, but carries a power-off out this long after acknowledging it (as real
+    /// BMCs do).
+    SlowOff(Duration),
+}
+
+/// A power-off request that reached a BMC: when, from which machine's fence executor, for
+/// which machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PowerOffSent {
+    pub at: Duration,
+    pub from: usize,
+    pub victim: usize,
 }
 
 /// A request from a BMC to the driver: power this host off (crash it) or on (restart it).
@@ -96,6 +108,16 @@ pub struct Inner {
     /// each arrived: `received[to][from]` (at most [`KEEP_PROOFS`]).
     pub received: Vec<Vec<VecDeque<(Duration, SummaryProof)>>>,
     pub power_requests: Vec<PowerRequest>,
+    /// Every power-off request that reached a BMC, in order (ground truth for the fencing
+    /// token invariant).
+    pub power_offs: Vec<PowerOffSent>,
+    /// Power-offs acknowledged by a slow BMC and due at these times.
+    pub delayed_offs: Vec<(Duration, usize)>,
+    /// Armed by the schedule: crash the primary as soon as a fence is decided, and make the
+    /// victim's BMC carry its power-off out this long later.
+    pub crash_primary_on_fence: Option<Duration>,
+    /// Machines that fault crashed (restarted when it ends).
+    pub fence_crashed: Vec<usize>,
     pub trace: Vec<String>,
     pub rng: StdRng,
     /// Set by the client once the cluster is set up (the faults start a second later).
@@ -165,6 +187,10 @@ impl World {
             in_flight: BTreeMap::new(),
             received: vec![vec![VecDeque::new(); n]; n],
             power_requests: Vec::new(),
+            power_offs: Vec::new(),
+            delayed_offs: Vec::new(),
+            crash_primary_on_fence: None,
+            fence_crashed: Vec::new(),
             trace: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),
             setup_done: false,

@@ -25,6 +25,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "stale-reads" => Some(Breakage::StaleReads),
         "no-starts" => Some(Breakage::NoStarts),
         "ack-without-commit" => Some(Breakage::AckWithoutCommit),
+        "fence-without-token" => Some(Breakage::FenceWithoutToken),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
     }
 }
@@ -191,6 +192,11 @@ fn broken_reads_are_caught() {
 fn broken_acks_are_caught() {
     // A lost acknowledged write: the final reads cannot be linearized after it.
     caught("ack-without-commit", "linearizable");
+}
+
+#[test]
+fn broken_fence_token_is_caught() {
+    caught("fence-without-token", "fence-authorised");
 }
 
 #[test]

@@ -169,6 +169,8 @@ pub enum Command {
     ExecuteFence {
         name: String,
         decided_ms: u64,
+        /// The executor's node (the leader proposing it).
+        by: NodeId,
     },
     /// The node was heard again before the fence ran (the saving throw).
     CancelFence {

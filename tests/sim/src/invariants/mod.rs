@@ -7,6 +7,7 @@
 
 pub mod acknowledged;
 pub mod converge;
+pub mod fence_authorised;
 pub mod fence_justified;
 pub mod no_double_run;
 pub mod one_primary;
@@ -34,6 +35,7 @@ impl std::fmt::Display for Violation {
 pub struct Checker {
     pub one_primary: one_primary::OnePrimary,
     pub fence: fence_justified::FenceJustified,
+    pub fence_token: fence_authorised::FenceAuthorised,
 }
 
 impl Checker {
@@ -43,6 +45,7 @@ impl Checker {
         out.extend(self.one_primary.check(world, now));
         out.extend(no_double_run::check(world, now));
         out.extend(self.fence.check(world, now, self.one_primary.last_holder()));
+        out.extend(self.fence_token.check(world, now));
         out
     }
 
