@@ -340,6 +340,7 @@ impl PrimarySection {
             ips,
             hooks_dir: self.hooks_dir.clone(),
             hook_timeout: std::time::Duration::from_millis(self.hook_timeout_ms),
+            addresses: std::sync::Arc::new(crate::primary::duties::IpCommand),
         })
     }
 }

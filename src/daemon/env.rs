@@ -36,6 +36,8 @@ pub struct Env {
     /// Opens this node's hypervisor (none on a coordinator-only node).
     pub hypervisor: Option<HypervisorOpener>,
     pub fencer: Arc<dyn crate::fence::agent::Fencer>,
+    /// How the primary's floating addresses go on and off this host.
+    pub addresses: Arc<dyn crate::primary::duties::Addresses>,
     pub host_stats: Arc<dyn HostStats>,
 }
 
@@ -84,6 +86,7 @@ impl Env {
             heartbeat,
             hypervisor,
             fencer: Arc::new(fencer),
+            addresses: Arc::new(crate::primary::duties::IpCommand),
             host_stats: Arc::new(stats::ProcStats),
         })
     }

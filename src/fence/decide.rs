@@ -127,6 +127,9 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
 /// executes: only evidence the node produced after that evidence of death counts.
 #[derive(Clone, Debug, Default)]
 pub struct SinceDecision {
+    /// The victim is the primary executing the fence, running (a decision inherited from a
+    /// primary that made it while this node was away).
+    pub is_self: bool,
     /// A Raft response this leader received after it took office and after the decision
     /// (ms ago) — never a progress instant openraft sets at election.
     pub raft_heard_ago_ms: Option<u64>,
@@ -140,6 +143,9 @@ pub struct SinceDecision {
 /// Under MNFA the heartbeat is no evidence (only a powered-off node is fenced then): Raft
 /// decides.
 pub fn heard_again(e: &SinceDecision) -> Option<String> {
+    if e.is_self {
+        return Some("it is this primary itself, running".into());
+    }
     if let Some(ago) = e.raft_heard_ago_ms {
         return Some(format!("it answered Raft {ago} ms ago, after the decision"));
     }
@@ -297,6 +303,7 @@ mod tests {
     #[test]
     fn the_saving_throw() {
         let e = |raft: Option<u64>, hb: bool, mnfa: bool| SinceDecision {
+            is_self: false,
             raft_heard_ago_ms: raft,
             heartbeat: hb.then(|| "it answered this coordinator's pulse sent 80 ms ago".to_string()),
             mnfa,
@@ -306,5 +313,7 @@ mod tests {
         assert!(heard_again(&e(None, true, true)).is_none(), "MNFA: the heartbeat is no evidence");
         assert!(heard_again(&e(Some(200), false, true)).is_some(), "MNFA: Raft still counts");
         assert!(heard_again(&e(None, false, false)).is_none(), "no evidence since the decision: fence");
+        let itself = SinceDecision { is_self: true, mnfa: true, ..Default::default() };
+        assert!(heard_again(&itself).is_some(), "a running primary never fences itself on an inherited decision");
     }
 }

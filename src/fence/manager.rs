@@ -344,11 +344,17 @@ impl FenceManager {
     /// standing): Raft responses received since then and since it took office, and heartbeat
     /// answers or other coordinators' views from since then.
     fn evidence_since(&self, id: NodeId, seen: Instant) -> SinceDecision {
+        if self.node.member().is_some_and(|m| m.id == id) {
+            // The victim is this very primary, running: alive beyond doubt (a decision inherited
+            // from a primary that lost it while this node was away).
+            return SinceDecision { is_self: true, ..Default::default() };
+        }
         let within = ms(seen.elapsed());
         let office = self.local().took_office;
         let raft_heard_ago_ms =
             office.and_then(|o| self.raft_heard_ago(o).get(&id).copied()).filter(|ago| *ago < within);
         SinceDecision {
+            is_self: false,
             raft_heard_ago_ms,
             heartbeat: self.heartbeat.heard_within(id, within),
             mnfa: self.heartbeat.mnfa_active(),
@@ -387,28 +393,38 @@ impl FenceManager {
             return;
         };
         let started = Instant::now();
-        if !pending.manual {
-            if let Some(why) = heard_again(&self.evidence_since(id, seen)) {
-                tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
-                let cmd = Command::CancelFence {
-                    name: name.into(),
-                    reason: format!("heard again before the power-off: {why}"),
-                };
-                self.record(name, cmd).await;
-                return;
-            }
-        }
-        if !self.fencing_token(name, decided_ms).await {
-            return;
-        }
         let agent = self.fencer.agent(policy);
         // An earlier executor (a primary since gone) took the token: its power-off may still be
-        // carried out by the BMC. Confirm the power state before sending another.
-        let earlier = pending.executing_ms.is_some();
-        if let Err(reason) = self.power_off(name, &policy.bmc, &*agent, earlier).await {
-            tracing::error!(node = %name, %reason, "fence failed");
-            self.record(name, Command::FenceDone { name: name.into(), outcome: FenceOutcome::Failed { reason } }).await;
-            return;
+        // carried out by the BMC. Confirm the power state before anything else.
+        let done_earlier = pending.executing_ms.is_some()
+            && {
+                tracing::warn!(node = %name, bmc = %policy.bmc, "fencing: a power-off was sent before; confirming it first");
+                self.confirm_off(&*agent).await.is_ok()
+            };
+        if !done_earlier {
+            // The saving throw and the token come right before the power-off, on what is known
+            // then (a confirmation wait may have taken seconds).
+            if self.pending(name).is_none_or(|p| p.decided_ms != decided_ms) {
+                tracing::info!(node = %name, "the fence decision no longer stands: not executed");
+                return;
+            }
+            if !pending.manual {
+                if let Some(why) = heard_again(&self.evidence_since(id, seen)) {
+                    tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
+                    let reason = format!("heard again before the power-off: {why}");
+                    self.record(name, Command::CancelFence { name: name.into(), reason }).await;
+                    return;
+                }
+            }
+            if !self.fencing_token(name, decided_ms).await {
+                return;
+            }
+            if let Err(reason) = self.send_off(name, &policy.bmc, &*agent).await {
+                tracing::error!(node = %name, %reason, "fence failed");
+                let outcome = FenceOutcome::Failed { reason };
+                self.record(name, Command::FenceDone { name: name.into(), outcome }).await;
+                return;
+            }
         }
         tracing::warn!(node = %name, elapsed_ms = ms(started.elapsed()), "fenced: power-off confirmed");
         self.local().readings.insert(name.into(), Reading { at: Instant::now(), power: Some(Power::Off) });
@@ -427,15 +443,8 @@ impl FenceManager {
     }
 
     /// Powers the node off through `agent` and confirms it (chassis status polled until off,
-    /// up to `confirm_timeout`). With `earlier`, a power-off may already be on its way: it is
-    /// confirmed first, and another is sent only if the power stays on. Err: what failed.
-    async fn power_off(&self, name: &str, bmc: &str, agent: &dyn FenceAgent, earlier: bool) -> Result<(), String> {
-        if earlier {
-            tracing::warn!(node = %name, %bmc, "fencing: a power-off was sent before; confirming it first");
-            if self.confirm_off(agent).await.is_ok() {
-                return Ok(());
-            }
-        }
+    /// up to `confirm_timeout`). Err: what failed.
+    async fn send_off(&self, name: &str, bmc: &str, agent: &dyn FenceAgent) -> Result<(), String> {
         tracing::warn!(node = %name, %bmc, "fencing: power off");
         let off = agent.call(Action::Off, self.settings.call_timeout).await;
         if let Err(e) = &off {

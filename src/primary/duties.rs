@@ -1,6 +1,7 @@
 //! The primary's side effects: floating addresses and hook executables.
 //!
-//! Addresses are added and removed with iproute2's `ip` and announced with a gratuitous ARP
+//! Addresses go through the [`Addresses`] seam: in production ([`IpCommand`]) they are added
+//! and removed with iproute2's `ip` and announced with a gratuitous ARP
 //! (`arping -U`, Debian's iputils-arping) for IPv4. For IPv6 the address is added without
 //! duplicate-address detection, and no unsolicited neighbour advertisement is sent yet (neighbours
 //! learn the new holder when their cache entry expires). Every command runs as a child process
@@ -15,7 +16,10 @@
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use tokio::process::Command;
 
@@ -76,29 +80,31 @@ async fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<String,
 
 const IP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The configured duties of a primary.
-#[derive(Clone, Debug)]
-pub struct Duties {
-    pub ips: Vec<FloatingIp>,
-    pub hooks_dir: Option<PathBuf>,
-    pub hook_timeout: Duration,
+/// How floating addresses go on and off this host: `ip addr` in production; the simulation
+/// records them in its world, the ground truth of "at most one primary".
+pub trait Addresses: Send + Sync + 'static {
+    /// Adds `f` (present already is fine).
+    fn add<'a>(&'a self, f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>>;
+    /// Removes `f` (absent already is fine).
+    fn remove<'a>(&'a self, f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>>;
 }
 
-impl Duties {
-    /// Adds every floating address (present already is fine) and announces the IPv4 ones.
-    pub async fn add_ips(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        for f in &self.ips {
+/// The production addresses: `ip addr add|del`, and a gratuitous ARP for IPv4.
+pub struct IpCommand;
+
+impl Addresses for IpCommand {
+    fn add<'a>(&'a self, f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
             let cidr = f.cidr();
             let mut args = vec!["addr", "add", cidr.as_str(), "dev", f.dev.as_str()];
             if f.ip.is_ipv6() {
                 args.push("nodad");
             }
-            match run(Path::new("ip"), &args, IP_TIMEOUT).await {
-                Ok(_) => tracing::info!("floating address {f} added"),
-                Err(e) if e.contains("File exists") => {}
-                Err(e) => errors.push(e),
-            }
+            let added = match run(Path::new("ip"), &args, IP_TIMEOUT).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.contains("File exists") => Ok(()),
+                Err(e) => Err(e),
+            };
             if f.ip.is_ipv4() {
                 // Gratuitous ARP so switches and neighbours learn the new holder at once; in
                 // the background: it must not delay the next address.
@@ -112,6 +118,55 @@ impl Duties {
                     }
                 });
             }
+            added
+        })
+    }
+
+    fn remove<'a>(&'a self, f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let cidr = f.cidr();
+            match run(Path::new("ip"), &["addr", "del", cidr.as_str(), "dev", f.dev.as_str()], IP_TIMEOUT).await {
+                Ok(_) => Ok(()),
+                // Already gone: what removal wants. (iproute2 says "Cannot assign requested
+                // address" or, in newer versions, "Address not found".)
+                Err(e)
+                    if e.contains("Cannot assign requested address")
+                        || e.contains("Address not found")
+                        || e.contains("Cannot find device") =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+/// The configured duties of a primary.
+#[derive(Clone)]
+pub struct Duties {
+    pub ips: Vec<FloatingIp>,
+    pub hooks_dir: Option<PathBuf>,
+    pub hook_timeout: Duration,
+    /// How the addresses go on and off (`IpCommand` unless the environment says otherwise).
+    pub addresses: Arc<dyn Addresses>,
+}
+
+impl std::fmt::Debug for Duties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Duties").field("ips", &self.ips).field("hooks_dir", &self.hooks_dir).finish_non_exhaustive()
+    }
+}
+
+impl Duties {
+    /// Adds every floating address (present already is fine).
+    pub async fn add_ips(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for f in &self.ips {
+            match self.addresses.add(f).await {
+                Ok(()) => tracing::info!("floating address {f} added"),
+                Err(e) => errors.push(e),
+            }
         }
         errors
     }
@@ -120,15 +175,8 @@ impl Duties {
     pub async fn remove_ips(&self) -> Vec<String> {
         let mut errors = Vec::new();
         for f in &self.ips {
-            let cidr = f.cidr();
-            match run(Path::new("ip"), &["addr", "del", cidr.as_str(), "dev", f.dev.as_str()], IP_TIMEOUT).await {
-                Ok(_) => tracing::info!("floating address {f} removed"),
-                // Already gone: what removal wants. (iproute2 says "Cannot assign requested
-                // address" or, in newer versions, "Address not found".)
-                Err(e)
-                    if e.contains("Cannot assign requested address")
-                        || e.contains("Address not found")
-                        || e.contains("Cannot find device") => {}
+            match self.addresses.remove(f).await {
+                Ok(()) => tracing::info!("floating address {f} removed"),
                 Err(e) => errors.push(e),
             }
         }
@@ -216,7 +264,12 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         std::fs::write(dir.path().join("README"), "not executable").expect("readme");
-        let d = Duties { ips: vec![], hooks_dir: Some(dir.path().into()), hook_timeout: Duration::from_secs(5) };
+        let d = Duties {
+            ips: vec![],
+            hooks_dir: Some(dir.path().into()),
+            hook_timeout: Duration::from_secs(5),
+            addresses: Arc::new(IpCommand),
+        };
         assert!(d.run_hooks("start").await.is_empty());
         assert!(d.run_hooks("stop").await.is_empty());
         d.run_notify("primary-change", &["c1".into(), "c2".into()]).await.expect("notify");
@@ -230,7 +283,12 @@ mod tests {
         let p = dir.path().join("10-slow");
         std::fs::write(&p, "#!/bin/sh\nsleep 30\n").expect("hook");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let d = Duties { ips: vec![], hooks_dir: Some(dir.path().into()), hook_timeout: Duration::from_millis(200) };
+        let d = Duties {
+            ips: vec![],
+            hooks_dir: Some(dir.path().into()),
+            hook_timeout: Duration::from_millis(200),
+            addresses: Arc::new(IpCommand),
+        };
         let errors = d.run_hooks("start").await;
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("killed"), "{errors:?}");

@@ -271,13 +271,16 @@ pub fn heal(sim: &mut Sim<'_>, world: &World) {
 /// Crashes node `i`'s daemon (its machine keeps running unless the BMC powered it off).
 pub fn crash(sim: &mut Sim<'_>, world: &World, i: usize) {
     let name = world.name(i);
-    {
+    let released = {
         let mut w = world.lock();
         w.machines[i].daemon = None;
         w.machines[i].inbox = None;
-    }
+        // systemd's ExecStopPost (`herd release`) takes the floating address off after any end
+        // of the daemon; a powered-off host holds nothing either.
+        w.address_holders.remove(&i)
+    };
     sim.crash(name.as_str());
-    world.trace(format!("{name}: crashed"));
+    world.trace(format!("{name}: crashed{}", if released { " (floating address released)" } else { "" }));
 }
 
 /// Starts node `i`'s daemon again from its kept store.

@@ -6,9 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use herd::config::Config;
 use herd::daemon::{self, Env, HypervisorOpener};
 use herd::hypervisor::Hypervisor;
+use herd::primary::duties::{Addresses, FloatingIp};
 use herd::stats::FixedStats;
 use herd_storage::model::NodeStats;
 use openraft_rt::deterministic_rng::DeterministicRng;
@@ -21,6 +23,36 @@ use crate::world::World;
 /// Every simulated host's figures: room for all the simulation's VMs on any one host.
 fn stats() -> NodeStats {
     NodeStats { cpu_count: 16, load_milli: 100, mem_total_mib: 65_536, mem_used_mib: 2_048, ..NodeStats::default() }
+}
+
+/// The cluster's floating address (only ever held in the world's record).
+pub const FLOATING_IP: &str = "192.0.2.10/24 dev sim0";
+
+/// The primary's floating addresses on machine `machine`: recorded in the world, the ground
+/// truth of "at most one primary" (what the duties did, not what herd thinks it holds).
+pub struct SimAddresses {
+    pub world: World,
+    pub machine: usize,
+}
+
+impl Addresses for SimAddresses {
+    fn add<'a>(&'a self, _f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.world.lock().address_holders.insert(self.machine) {
+                self.world.trace(format!("{}: floating address up", self.world.name(self.machine)));
+            }
+            Ok(())
+        })
+    }
+
+    fn remove<'a>(&'a self, _f: &'a FloatingIp) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.world.lock().address_holders.remove(&self.machine) {
+                self.world.trace(format!("{}: floating address down", self.world.name(self.machine)));
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Node `i`'s config: production defaults except where the simulation must be quicker
@@ -40,6 +72,7 @@ pub fn config(world: &World, i: usize, dir: &Path) -> Result<Config, String> {
          [keepalive]\ninterval_ms = 1000\n\
          [hypervisor]\nuri = \"test:///sim\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
          [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 10000\n\
+         [primary]\nfloating_ips = [\"{FLOATING_IP}\"]\n\
          [fencing]\nbmc = \"{bmc}\"\nuser = \"admin\"\npassword_file = \"{pw}\"\n",
         data = dir.join(&name).display(),
         sock = dir.join(format!("{name}.sock")).display(),
@@ -87,6 +120,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             heartbeat,
             hypervisor: Some(opener),
             fencer: Arc::new(SimFencer { world: world.clone(), from: i }),
+            addresses: Arc::new(SimAddresses { world: world.clone(), machine: i }),
             host_stats: Arc::new(FixedStats(stats())),
         };
         let running = daemon::start(config, env).await.map_err(|e| e.to_string())?;

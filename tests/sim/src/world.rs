@@ -116,6 +116,9 @@ pub struct Inner {
     /// Armed by the schedule: crash the primary as soon as a fence is decided, and make the
     /// victim's BMC carry its power-off out this long later.
     pub crash_primary_on_fence: Option<Duration>,
+    /// The machines on which the floating address is up now (what the primary duties did;
+    /// a crashed daemon's are taken off as the unit's `herd release` would).
+    pub address_holders: BTreeSet<usize>,
     /// Machines that fault crashed (restarted when it ends).
     pub fence_crashed: Vec<usize>,
     pub trace: Vec<String>,
@@ -190,6 +193,7 @@ impl World {
             power_offs: Vec::new(),
             delayed_offs: Vec::new(),
             crash_primary_on_fence: None,
+            address_holders: BTreeSet::new(),
             fence_crashed: Vec::new(),
             trace: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),

@@ -1,10 +1,15 @@
-//! At most one node performs primary duties at any instant.
+//! At most one node performs primary duties at any instant: the floating address is up on at
+//! most one machine.
 //!
 //! Why: the primary holds the floating addresses, runs the fence manager and decides
 //! placement. Two at once means two hosts answering on one address and two fence managers
 //! racing; PVC and Pacemaker users expect exactly the opposite. herd's gate (src/primary/
 //! gate.rs) takes the duties only under a quorum-confirmed lease and drops them before the
 //! lease can lapse, and a new leader waits out the old lease before taking over.
+//!
+//! Ground truth: what the duties did — the address seam (`SimAddresses`) records every add and
+//! remove in the world — never herd's own flag. (Who holds the duties by herd's flag is still
+//! tracked, for the fence invariant's "who decided" and the trace.)
 
 use std::time::Duration;
 
@@ -33,12 +38,13 @@ impl OnePrimary {
             }
             self.holders = holders.clone();
         }
-        if holders.len() > 1 {
-            let names: Vec<String> = holders.iter().map(|i| world.name(*i)).collect();
+        let up: Vec<usize> = world.lock().address_holders.iter().copied().collect();
+        if up.len() > 1 {
+            let names: Vec<String> = up.iter().map(|i| world.name(*i)).collect();
             return vec![Violation {
                 invariant: "one-primary",
                 at: now,
-                detail: format!("{} nodes hold primary duties: {}", holders.len(), names.join(", ")),
+                detail: format!("the floating address is up on {} machines: {}", up.len(), names.join(", ")),
             }];
         }
         Vec::new()
