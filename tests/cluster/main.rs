@@ -8,6 +8,7 @@
 //! in namespaces with a simulated BMC and a libvirtd per node (root only).
 
 mod bmc;
+mod fencelab;
 mod harness;
 mod libvirtd;
 mod netns;

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::bmc::{self, Bmc};
-use crate::harness::{wait_until, Cluster, Node};
+use crate::fencelab::{self, events, signal, vms};
+use crate::harness::{wait_until, Cluster};
 use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 use crate::netns::{self, Topology};
 
@@ -42,21 +43,8 @@ fn node_of(i: usize) -> &'static str {
     NAMES.get(i).copied().unwrap_or("h1")
 }
 
-fn signal(node: &Node, sig: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.as_ref().expect("running").id()).expect("pid"));
-    nix::sys::signal::kill(pid, sig).expect("signal");
-}
-
-fn events(node: &Node) -> Vec<Value> {
-    node.try_admin(&json!({"op": "events"})).ok().and_then(|v| v["events"].as_array().cloned()).unwrap_or_default()
-}
-
 fn count(events: &[Value], kind: &str, node: &str) -> usize {
     events.iter().filter(|e| e["kind"] == kind && e["node"] == node).count()
-}
-
-fn vms(node: &Node) -> Vec<Value> {
-    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
 }
 
 /// Where each managed VM runs, by each node's own libvirt.
@@ -150,28 +138,9 @@ fn fencing_and_recovery_in_namespaces() {
     // two nodes.
     let sampler = DoubleSampler::start(daemons.clone());
 
-    let token = c.node("c1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
-    for name in &NAMES[1..] {
-        c.node(name).admin(json!({"op": "join-cluster", "peer": format!("{}:7400", topo.addr(1, 0)), "token": token}));
-    }
     // Every node runs, and the primary has found every BMC ready.
-    wait_until("all nodes run and can be fenced", Duration::from_secs(60), || {
-        let s = c.node("c2").try_admin(&json!({"op": "status"})).ok()?;
-        let m = s["members"].as_array()?;
-        (m.len() == NAMES.len() && m.iter().all(|x| x["daemon_state"] == "run" && x["fencing"]["can_fence"] == true))
-            .then_some(())
-    });
-    let dir = c.node("c1").dir.clone();
-    for n in 1..=VMS {
-        let path = dir.join(format!("vm{n}.xml"));
-        std::fs::write(
-            &path,
-            format!("<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000002{n:02}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"),
-        )
-        .expect("xml");
-        let out = c.node("c2").cli(&["vm", "define", path.to_str().expect("utf-8"), "--selector", "vms"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
+    fencelab::define_vms(&mut c, "c2", VMS, "002", &["--selector", "vms"]);
     let settle = |c: &mut Cluster, not_on: &[&str], what: &str| {
         wait_until(what, Duration::from_secs(30), || {
             let list = vms(c.node("c1"));

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::bmc::{self, Bmc};
-use crate::harness::{wait_until, Cluster, Node};
+use crate::fencelab::{self, events, signal, vms};
+use crate::harness::{wait_until, Cluster};
 use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 use crate::netns::{self, Topology};
 
@@ -29,19 +30,6 @@ const NAMES: [&str; 4] = ["c1", "c2", "c3", "hv"];
 const VMS: usize = 3;
 /// The hypervisor's BMC carries a power-off out this long after acknowledging it.
 const OFF_DELAY_S: u64 = 2;
-
-fn signal(node: &Node, sig: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.as_ref().expect("running").id()).expect("pid"));
-    nix::sys::signal::kill(pid, sig).expect("signal");
-}
-
-fn events(node: &Node) -> Vec<Value> {
-    node.try_admin(&json!({"op": "events"})).ok().and_then(|v| v["events"].as_array().cloned()).unwrap_or_default()
-}
-
-fn vms(node: &Node) -> Vec<Value> {
-    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
-}
 
 /// Where each managed VM runs, by each node's own libvirt.
 fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<&'static str>> {
@@ -121,27 +109,8 @@ fn one_run() -> u128 {
         b.kill_on_power_off("libvirtd", daemons[k].pid());
     }
     let sampler = DoubleSampler::start(daemons.clone());
-    let token = c.node("c1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
-    for name in &NAMES[1..] {
-        c.node(name).admin(json!({"op": "join-cluster", "peer": format!("{}:7400", topo.addr(1, 0)), "token": token}));
-    }
-    wait_until("all nodes run and can be fenced", Duration::from_secs(60), || {
-        let s = c.node("c2").try_admin(&json!({"op": "status"})).ok()?;
-        let m = s["members"].as_array()?;
-        (m.len() == NAMES.len() && m.iter().all(|x| x["daemon_state"] == "run" && x["fencing"]["can_fence"] == true))
-            .then_some(())
-    });
-    let dir = c.node("c1").dir.clone();
-    for n in 1..=VMS {
-        let path = dir.join(format!("vm{n}.xml"));
-        std::fs::write(
-            &path,
-            format!("<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000003{n:02}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"),
-        )
-        .expect("xml");
-        let out = c.node("c2").cli(&["vm", "define", path.to_str().expect("utf-8"), "--node", "hv"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
+    fencelab::define_vms(&mut c, "c2", VMS, "003", &["--node", "hv"]);
     wait_until("every VM running on hv", Duration::from_secs(30), || {
         let seen = observed(&daemons);
         (seen.len() == VMS && seen.values().all(|on| on == &["hv"])).then_some(())

@@ -249,6 +249,50 @@ fn node_mut<'a>(state: &'a mut State, name: &str, op: &Op) -> Result<&'a mut Nod
     Ok(node)
 }
 
+/// `ExecuteFence`: the fencing token for `name`'s decision made at `decided_ms`, taken by
+/// node `by` — only while that decision still stands.
+fn execute_fence(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    (name, decided_ms, by): (&str, u64, NodeId),
+) -> Result<Reply, ApplyError> {
+    let node = node_mut(state, name, op)?;
+    let pending =
+        node.fence.pending.as_mut().filter(|p| p.decided_ms == decided_ms).ok_or_else(|| {
+            ApplyError::Invalid(format!("the fence of {name} decided at {decided_ms} no longer stands"))
+        })?;
+    pending.executing_ms.get_or_insert(now);
+    pending.executing_by = Some(by);
+    node.revision = index;
+    Ok(Reply::Done)
+}
+
+/// `CancelFence`: the saving throw; says so when a power-off may already have been sent.
+fn cancel_fence(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    name: &str,
+    reason: &str,
+) -> Result<Reply, ApplyError> {
+    let node = node_mut(state, name, op)?;
+    let Some(pending) = node.fence.pending.take() else {
+        return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
+    };
+    node.revision = index;
+    // A power-off already sent may still be carried out by a slow BMC: say so.
+    let late = match pending.executing_ms {
+        Some(t) => format!(" (a power-off may have been sent at {t}: its BMC may still carry it out)"),
+        None => String::new(),
+    };
+    let message = format!("fence of {name} cancelled: {}{late}", bounded(reason));
+    push_event(state, index, now, "fence-cancelled", Some(&name.to_string()), message);
+    Ok(Reply::Done)
+}
+
 pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, ApplyError> {
     match &op.cmd {
         Command::SetFencePolicy { name, policy, node_id } => {
@@ -317,36 +361,9 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
             Ok(Reply::Done)
         }
         Command::ExecuteFence { name, decided_ms, by } => {
-            let node = node_mut(state, name, op)?;
-            let pending = node.fence.pending.as_mut().filter(|p| p.decided_ms == *decided_ms).ok_or_else(|| {
-                ApplyError::Invalid(format!("the fence of {name} decided at {decided_ms} no longer stands"))
-            })?;
-            pending.executing_ms.get_or_insert(now);
-            pending.executing_by = Some(*by);
-            node.revision = index;
-            Ok(Reply::Done)
+            execute_fence(state, index, now, op, (name, *decided_ms, *by))
         }
-        Command::CancelFence { name, reason } => {
-            let node = node_mut(state, name, op)?;
-            let Some(pending) = node.fence.pending.take() else {
-                return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
-            };
-            node.revision = index;
-            // A power-off already sent may still be carried out by a slow BMC: say so.
-            let late = match pending.executing_ms {
-                Some(t) => format!(" (a power-off may have been sent at {t}: its BMC may still carry it out)"),
-                None => String::new(),
-            };
-            push_event(
-                state,
-                index,
-                now,
-                "fence-cancelled",
-                Some(name),
-                format!("fence of {name} cancelled: {}{late}", bounded(reason)),
-            );
-            Ok(Reply::Done)
-        }
+        Command::CancelFence { name, reason } => cancel_fence(state, index, now, op, name, reason),
         Command::FenceDone { name, outcome } => fence_done(state, index, now, op, name, outcome),
         _ => Err(ApplyError::Invalid("not a fence command".into())),
     }

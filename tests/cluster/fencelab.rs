@@ -1,0 +1,54 @@
+//! What the namespace fencing tests (`t91`, `t92`) share: forming the cluster, defining test
+//! VMs, signalling a node's daemon, reading events and VMs.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{wait_until, Cluster, Node};
+
+/// `init-cluster` on `names[0]`, every other node joins through `peer`; returns once every node
+/// runs and the primary has found every BMC ready (asked of `names[1]`).
+pub fn form(c: &mut Cluster, names: &[&str], peer: &str) {
+    let token = c.node(names[0]).admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
+    for name in &names[1..] {
+        c.node(name).admin(json!({"op": "join-cluster", "peer": peer, "token": token}));
+    }
+    wait_until("all nodes run and can be fenced", Duration::from_secs(60), || {
+        let s = c.node(names[1]).try_admin(&json!({"op": "status"})).ok()?;
+        let m = s["members"].as_array()?;
+        (m.len() == names.len() && m.iter().all(|x| x["daemon_state"] == "run" && x["fencing"]["can_fence"] == true))
+            .then_some(())
+    });
+}
+
+/// Defines `vm1`..`vm{count}` (libvirt test-driver domains, uuids tagged with `tag`, two hex
+/// digits) through `via`'s CLI, with `placement` (`--node X` or `--selector vms`).
+pub fn define_vms(c: &mut Cluster, via: &str, count: usize, tag: &str, placement: &[&str]) {
+    let dir = c.node(via).dir.clone();
+    for n in 1..=count {
+        let path = dir.join(format!("vm{n}.xml"));
+        std::fs::write(
+            &path,
+            format!("<domain type='test'><name>vm{n}</name><uuid>00000000-0000-4000-8000-0000000{tag}{n:02}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"),
+        )
+        .expect("xml");
+        let mut args = vec!["vm", "define", path.to_str().expect("utf-8")];
+        args.extend_from_slice(placement);
+        let out = c.node(via).cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+pub fn signal(node: &Node, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.as_ref().expect("running").id()).expect("pid"));
+    nix::sys::signal::kill(pid, sig).expect("signal");
+}
+
+pub fn events(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "events"})).ok().and_then(|v| v["events"].as_array().cloned()).unwrap_or_default()
+}
+
+pub fn vms(node: &Node) -> Vec<Value> {
+    node.try_admin(&json!({"op": "vm-list"})).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
