@@ -76,9 +76,6 @@ struct Inner {
     period_started: Option<Instant>,
     /// The cluster's heartbeat key: with it every datagram is tagged and checked.
     key: Option<Key>,
-    /// Per host, when the pulse period started whose pulse it last answered (an answer to the
-    /// current period's pulse proves the host ran after that pulse went out).
-    heard_at: BTreeMap<NodeId, Instant>,
     /// The highest sequence number accepted per (answer?, sender, network), and when: the
     /// replay window (authenticated clusters only; senders are known coordinators or targets).
     last_seq: BTreeMap<(bool, NodeId, NetName), (u64, u64)>,
@@ -145,7 +142,6 @@ impl Agent {
                 period_started: None,
                 key: None,
                 last_seq: BTreeMap::new(),
-                heard_at: BTreeMap::new(),
             }),
             notices: tx,
             rtt_observer: std::sync::OnceLock::new(),
@@ -333,10 +329,6 @@ impl Agent {
                     }
                     g.counters.answers_received += 1;
                     let started = g.period_started;
-                    let current = g.view.as_ref().is_some_and(|v| v.seq() == seq);
-                    if let (true, Some(t)) = (current, started) {
-                        g.heard_at.insert(from, t);
-                    }
                     if let Some(v) = g.view.as_mut() {
                         if seq == v.seq() {
                             rtt = started.map(|t| t.elapsed());
@@ -499,11 +491,17 @@ impl Agent {
     pub fn heard_within(&self, host: NodeId, within_ms: u64) -> Option<String> {
         let now = self.now_ms();
         let g = self.lock();
-        if let Some(t) = g.heard_at.get(&host) {
-            let ago = herd_raft::clock::ms_since(*t);
-            if ago < within_ms {
-                return Some(format!("it answered this coordinator's pulse sent {ago} ms ago"));
-            }
+        // The view records an answer only to the current period's pulse (a late answer to an
+        // older one is no evidence of when the host ran).
+        let last = g.view.as_ref().and_then(|v| {
+            v.links()
+                .range((host, String::new())..)
+                .take_while(|((h, _), _)| *h == host)
+                .filter_map(|(_, l)| l.last_heard_ms)
+                .max()
+        });
+        if let Some(ago) = last.map(|t| now.saturating_sub(t)).filter(|ago| *ago < within_ms) {
+            return Some(format!("it answered this coordinator's pulse {ago} ms ago"));
         }
         let nets: BTreeSet<NetName> = g.targets.get(&host)?.addrs.keys().cloned().collect();
         let peers = g.cache.views(now);
