@@ -86,8 +86,11 @@ pub struct FenceManager {
     fencer: Arc<dyn Fencer>,
     slots: Arc<Semaphore>,
     local: Mutex<Local>,
-    /// The executors and BMC checks this manager started: aborted when it stops.
+    /// The executors and BMC checks this manager started: aborted when the duties drop and
+    /// when it stops.
     tasks: Tasks,
+    /// After confirmed power-offs: the outcome's record and the power-on; aborted when it stops.
+    aftercare: Tasks,
 }
 
 impl FenceManager {
@@ -108,6 +111,7 @@ impl FenceManager {
             slots,
             local: Mutex::default(),
             tasks: Tasks::new(),
+            aftercare: Tasks::new(),
         })
     }
 
@@ -129,6 +133,7 @@ impl FenceManager {
             }
         }
         let _stop = StopTasks(&self.tasks);
+        let _stop_aftercare = StopTasks(&self.aftercare);
         self.decide_until(shutdown).await;
     }
 
@@ -334,22 +339,28 @@ impl FenceManager {
         let me = self.clone();
         self.tasks.spawn(async move {
             let permit = me.slots.clone().acquire_owned().await;
-            me.execute(&name, &policy, id, decided_ms, seen).await;
+            let handed_over = me.execute(&name, &policy, id, decided_ms, seen).await;
             drop(permit);
-            me.local().executing.remove(&name);
+            if !handed_over {
+                me.local().executing.remove(&name);
+            }
         });
     }
 
-    /// What this primary knows of `id`'s life since `seen` (when it first saw the decision
-    /// standing): Raft responses received since then and since it took office, and heartbeat
-    /// answers or other coordinators' views from since then.
-    fn evidence_since(&self, id: NodeId, seen: Instant) -> SinceDecision {
+    /// What this primary knows of `id`'s life since the decision made at `decided_ms` (and at
+    /// least since `seen`, when it first saw it standing): Raft responses this leader received
+    /// in that time and since it took office, answers to this coordinator's pulses and other
+    /// coordinators' views from that time.
+    fn evidence_since(&self, id: NodeId, decided_ms: u64, seen: Instant) -> SinceDecision {
         if self.node.member().is_some_and(|m| m.id == id) {
             // The victim is this very primary, running: alive beyond doubt (a decision inherited
             // from a primary that lost it while this node was away).
             return SinceDecision { is_self: true, ..Default::default() };
         }
-        let within = ms(seen.elapsed());
+        // Since the decision: on the leader's stamp against this node's clock (clocks agree to
+        // NTP precision; a clock ahead can only admit a little older evidence — a cancel, the
+        // safe direction), and at least since this primary first saw it standing.
+        let within = ms(seen.elapsed()).max(herd_raft::clock::wall_ms().saturating_sub(decided_ms));
         let office = self.local().took_office;
         let raft_heard_ago_ms =
             office.and_then(|o| self.raft_heard_ago(o).get(&id).copied()).filter(|ago| *ago < within);
@@ -386,11 +397,20 @@ impl FenceManager {
         true
     }
 
-    async fn execute(&self, name: &str, policy: &FencePolicy, id: NodeId, decided_ms: u64, seen: Instant) {
+    /// Executes the decision made at `decided_ms`. True when the power is off and the rest
+    /// (recording it, powering on again) was handed to an aftercare task.
+    async fn execute(
+        self: &Arc<Self>,
+        name: &str,
+        policy: &FencePolicy,
+        id: NodeId,
+        decided_ms: u64,
+        seen: Instant,
+    ) -> bool {
         // Re-validated after the slot: the decision this executor was started for must stand.
         let Some(pending) = self.pending(name).filter(|p| p.decided_ms == decided_ms) else {
             tracing::info!(node = %name, "the fence decision no longer stands: not executed");
-            return;
+            return false;
         };
         let started = Instant::now();
         let agent = self.fencer.agent(policy);
@@ -406,28 +426,40 @@ impl FenceManager {
             // then (a confirmation wait may have taken seconds).
             if self.pending(name).is_none_or(|p| p.decided_ms != decided_ms) {
                 tracing::info!(node = %name, "the fence decision no longer stands: not executed");
-                return;
+                return false;
             }
             if !pending.manual {
-                if let Some(why) = heard_again(&self.evidence_since(id, seen)) {
+                if let Some(why) = heard_again(&self.evidence_since(id, decided_ms, seen)) {
                     tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
                     let reason = format!("heard again before the power-off: {why}");
                     self.record(name, Command::CancelFence { name: name.into(), reason }).await;
-                    return;
+                    return false;
                 }
             }
             if !self.fencing_token(name, decided_ms).await {
-                return;
+                return false;
             }
             if let Err(reason) = self.send_off(name, &policy.bmc, &*agent).await {
                 tracing::error!(node = %name, %reason, "fence failed");
                 let outcome = FenceOutcome::Failed { reason };
                 self.record(name, Command::FenceDone { name: name.into(), outcome }).await;
-                return;
+                return false;
             }
         }
         tracing::warn!(node = %name, elapsed_ms = ms(started.elapsed()), "fenced: power-off confirmed");
         self.local().readings.insert(name.into(), Reading { at: Instant::now(), power: Some(Power::Off) });
+        // The power is off: recording it and powering the node on again are not stopped when
+        // the duties drop (they send no power-off); they end with the manager.
+        let (me, name, policy) = (self.clone(), name.to_string(), policy.clone());
+        self.aftercare.spawn(async move {
+            me.after_power_off(&name, &policy, &*agent).await;
+            me.local().executing.remove(&name);
+        });
+        true
+    }
+
+    /// Records a confirmed fence and, with `fence_action = reboot`, powers the node on again.
+    async fn after_power_off(&self, name: &str, policy: &FencePolicy, agent: &dyn FenceAgent) {
         if !self.record(name, Command::FenceDone { name: name.into(), outcome: FenceOutcome::Fenced }).await {
             return;
         }
