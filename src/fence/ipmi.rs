@@ -168,75 +168,69 @@ fn blocking_call(
     recv_timeout: Duration,
     purpose: Purpose,
 ) -> Result<Power, FenceError> {
-    let result = session_call(addr, user, password, state, action, recv_timeout, purpose);
+    // One session call; every early return is that call's outcome.
+    let call = || -> Result<Power, FenceError> {
+        let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken out for the call: an error or a panic leaves no session behind (G3).
+        let mut session = g.session.take().filter(|s| s.last_used.elapsed() < SESSION_IDLE_MAX);
+        if session.is_none() {
+            prune(&mut g.opened);
+            let budget = match purpose {
+                Purpose::Fence => MAX_NEW_SESSIONS,
+                Purpose::Check => MAX_CHECK_SESSIONS,
+            };
+            if g.opened.len() >= budget {
+                return Err(FenceError::RateLimited {
+                    bmc: addr.into(),
+                    count: g.opened.len(),
+                    window: SESSION_WINDOW,
+                    purpose,
+                    last: g.last_failure.clone().unwrap_or_else(|| "nothing (no failure seen)".into()),
+                });
+            }
+            let mut rmcp = Rmcp::new(addr, recv_timeout)
+                .map_err(|e| FenceError::Bmc { bmc: addr.into(), message: format!("address: {e}") })?;
+            g.opened.push_back(Instant::now());
+            rmcp.activate(true, Some(user), Some(password.as_bytes()))
+                .map_err(|e| classify(addr, "open session", format!("{e:?}"), recv_timeout))?;
+            let mut ipmi = Ipmi::new(rmcp);
+            let level = ipmi
+                .send_recv(SetSessionPrivilegeLevel(PRIVILEGE_ADMIN))
+                .map_err(|e| classify(addr, "raise privilege to admin", format!("{e:?}"), recv_timeout))?;
+            if level != PRIVILEGE_ADMIN {
+                return Err(FenceError::Bmc {
+                    bmc: addr.into(),
+                    message: format!("session privilege is {level}, not admin"),
+                });
+            }
+            session = Some(Session { ipmi, last_used: Instant::now() });
+        }
+        let Some(mut s) = session else {
+            return Err(FenceError::Bmc { bmc: addr.into(), message: "no session".into() });
+        };
+        let result = match action {
+            Action::Status => s.ipmi.send_recv(GetChassisStatus).map_err(|e| format!("{e:?}")),
+            Action::Off => {
+                s.ipmi.send_recv(ChassisControl::PowerDown).map(|_| Power::Off).map_err(|e| format!("{e:?}"))
+            }
+            Action::On => s.ipmi.send_recv(ChassisControl::PowerUp).map(|_| Power::On).map_err(|e| format!("{e:?}")),
+        };
+        match result {
+            Ok(p) => {
+                s.last_used = Instant::now();
+                g.session = Some(s);
+                Ok(p)
+            }
+            Err(debug) => Err(classify(addr, &format!("chassis {}", action.as_str()), debug, recv_timeout)),
+        }
+    };
+    let result = call();
     if let Err(e) = &result {
         if !matches!(e, FenceError::RateLimited { .. }) {
             state.lock().unwrap_or_else(|p| p.into_inner()).last_failure = Some(e.to_string());
         }
     }
     result
-}
-
-fn session_call(
-    addr: &str,
-    user: &str,
-    password: &str,
-    state: &Mutex<State>,
-    action: Action,
-    recv_timeout: Duration,
-    purpose: Purpose,
-) -> Result<Power, FenceError> {
-    let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
-    // Taken out for the call: an error or a panic leaves no session behind (G3).
-    let mut session = g.session.take().filter(|s| s.last_used.elapsed() < SESSION_IDLE_MAX);
-    if session.is_none() {
-        prune(&mut g.opened);
-        let budget = match purpose {
-            Purpose::Fence => MAX_NEW_SESSIONS,
-            Purpose::Check => MAX_CHECK_SESSIONS,
-        };
-        if g.opened.len() >= budget {
-            return Err(FenceError::RateLimited {
-                bmc: addr.into(),
-                count: g.opened.len(),
-                window: SESSION_WINDOW,
-                purpose,
-                last: g.last_failure.clone().unwrap_or_else(|| "nothing (no failure seen)".into()),
-            });
-        }
-        let mut rmcp = Rmcp::new(addr, recv_timeout)
-            .map_err(|e| FenceError::Bmc { bmc: addr.into(), message: format!("address: {e}") })?;
-        g.opened.push_back(Instant::now());
-        rmcp.activate(true, Some(user), Some(password.as_bytes()))
-            .map_err(|e| classify(addr, "open session", format!("{e:?}"), recv_timeout))?;
-        let mut ipmi = Ipmi::new(rmcp);
-        let level = ipmi
-            .send_recv(SetSessionPrivilegeLevel(PRIVILEGE_ADMIN))
-            .map_err(|e| classify(addr, "raise privilege to admin", format!("{e:?}"), recv_timeout))?;
-        if level != PRIVILEGE_ADMIN {
-            return Err(FenceError::Bmc {
-                bmc: addr.into(),
-                message: format!("session privilege is {level}, not admin"),
-            });
-        }
-        session = Some(Session { ipmi, last_used: Instant::now() });
-    }
-    let Some(mut s) = session else {
-        return Err(FenceError::Bmc { bmc: addr.into(), message: "no session".into() });
-    };
-    let result = match action {
-        Action::Status => s.ipmi.send_recv(GetChassisStatus).map_err(|e| format!("{e:?}")),
-        Action::Off => s.ipmi.send_recv(ChassisControl::PowerDown).map(|_| Power::Off).map_err(|e| format!("{e:?}")),
-        Action::On => s.ipmi.send_recv(ChassisControl::PowerUp).map(|_| Power::On).map_err(|e| format!("{e:?}")),
-    };
-    match result {
-        Ok(p) => {
-            s.last_used = Instant::now();
-            g.session = Some(s);
-            Ok(p)
-        }
-        Err(debug) => Err(classify(addr, &format!("chassis {}", action.as_str()), debug, recv_timeout)),
-    }
 }
 
 impl FenceAgent for IpmiBmc {
