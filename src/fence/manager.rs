@@ -10,6 +10,8 @@
 //!    a failed fence whose victim self-fences by policy ─▶ FenceDone SelfFenced once old enough
 //!  executor: saving throw (heard again? CancelFence) ─▶ power off ─▶ poll status until off or
 //!    the deadline ─▶ FenceDone Fenced | Failed ─▶ (fence_action reboot) power on again
+//!  a power-on still due after a fence (power_on_due_ms: its primary went away) ─▶ power on
+//!    again, FencePowerOn
 //! ```
 //! Decisions and outcomes are Raft commands; the model recovers the VMs when `FenceDone Fenced`
 //! applies. A new primary finds pending fences in the state and executes them again: a
@@ -22,7 +24,7 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 use herd_storage::model::{
-    Command, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, PendingFence, Role,
+    Command, DaemonState, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, PendingFence, Role,
     SELF_FENCE_MARGIN_MS,
 };
 use openraft::async_runtime::watch::WatchReceiver;
@@ -41,6 +43,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A Raft-silent node's BMC is read this often (a powered-off node is dead, even under MNFA).
 const SILENT_CHECK: Duration = Duration::from_secs(1);
 const CONFIRM_POLL: Duration = Duration::from_millis(200);
+/// A due power-on after a fence (one an earlier primary did not finish) is tried this often.
+const POWER_ON_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -76,6 +80,9 @@ struct Local {
     logged: BTreeMap<String, bool>,
     /// Last attempt to record a node as self-fenced (at most one a second: each is a log entry).
     self_fenced_tried: BTreeMap<String, Instant>,
+    /// Last attempt to power a fenced node on again (`power_on_due_ms`), at most one per
+    /// `POWER_ON_RETRY`.
+    power_on_tried: BTreeMap<String, Instant>,
 }
 
 pub struct FenceManager {
@@ -224,6 +231,9 @@ impl FenceManager {
             if let Some(p) = &rec.fence.pending {
                 self.spawn_execute(rec, p.decided_ms, policy.clone());
                 continue;
+            }
+            if rec.fence.power_on_due_ms.is_some() && rec.daemon_state == DaemonState::Fenced {
+                self.spawn_power_on(&rec.name, policy.clone());
             }
             let power = self
                 .local()
@@ -464,14 +474,37 @@ impl FenceManager {
             return;
         }
         if policy.fence_action == FenceAction::Reboot {
-            let msg = match agent.call(Action::On, self.settings.call_timeout).await {
-                Ok(_) => format!("{name} powered on again after its fence (fence_action = reboot)"),
-                Err(e) => format!("{name}: power on after the fence failed: {e}"),
-            };
-            tracing::info!(node = %name, "{msg}");
-            let cmd = Command::RecordEvent { kind: "fence-power-on".into(), node: Some(name.into()), message: msg };
-            self.record(name, cmd).await;
+            self.local().power_on_tried.insert(name.into(), Instant::now());
+            self.power_on(name, agent).await;
         }
+    }
+
+    /// A power-on after a fence that is still due (its executor's primary went away before it,
+    /// or it failed): tried again by this primary, unless this process's aftercare has it.
+    fn spawn_power_on(self: &Arc<Self>, name: &str, policy: FencePolicy) {
+        {
+            let mut l = self.local();
+            if l.executing.contains(name) || l.power_on_tried.get(name).is_some_and(|t| t.elapsed() < POWER_ON_RETRY) {
+                return;
+            }
+            l.power_on_tried.insert(name.into(), Instant::now());
+        }
+        tracing::warn!(node = %name, "the power-on after its fence is still due: powering on");
+        let (me, name) = (self.clone(), name.to_string());
+        self.tasks.spawn(async move {
+            let agent = me.fencer.agent(&policy);
+            me.power_on(&name, &*agent).await;
+        });
+    }
+
+    /// Powers a fenced node on again (`fence_action = reboot`) and records how it went.
+    async fn power_on(&self, name: &str, agent: &dyn FenceAgent) {
+        let error = agent.call(Action::On, self.settings.call_timeout).await.err().map(|e| e.to_string());
+        match &error {
+            None => tracing::info!(node = %name, "powered on again after its fence (fence_action = reboot)"),
+            Some(e) => tracing::warn!(node = %name, "power on after the fence failed: {e}"),
+        }
+        self.record(name, Command::FencePowerOn { name: name.into(), error }).await;
     }
 
     /// Powers the node off through `agent` and confirms it (chassis status polled until off,

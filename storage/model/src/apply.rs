@@ -138,7 +138,8 @@ fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, A
         | Command::DecideFence { .. }
         | Command::ExecuteFence { .. }
         | Command::CancelFence { .. }
-        | Command::FenceDone { .. } => crate::fence::apply_fence_op(state, index, now, op),
+        | Command::FenceDone { .. }
+        | Command::FencePowerOn { .. } => crate::fence::apply_fence_op(state, index, now, op),
         Command::RecordEvent { kind, node, message } => cluster_ops::record_event(state, at, kind, node, message),
         Command::SetMaintenance { on } => cluster_ops::set_maintenance(state, at, on),
     }

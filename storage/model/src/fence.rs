@@ -7,6 +7,8 @@
 //!                          └─ FenceDone Fenced ─▶ daemon_state fenced, domain_state fence-flush
 //!                                ─▶ (successful_fence = migrate) every VM that should run placed
 //!                                   elsewhere, keeping last_node ─▶ domain_state flushed
+//!  FenceDone Fenced with fence_action = reboot ─▶ power_on_due until FencePowerOn (done), the
+//!  node is back, or POWER_ON_GIVE_UP_MS have passed.
 //!  FenceDone SelfFenced: after a failed fence, only with failed_fence = recover-after-self-fence
 //!  and the node's last committed keepalive older than self_fence_after + watchdog + margin.
 //! ```
@@ -23,6 +25,10 @@ use crate::types::*;
 /// Added to a self-fencing node's deadlines before its VMs may be recovered: the slack for
 /// the watchdog's own tick and the host's reset.
 pub const SELF_FENCE_MARGIN_MS: u64 = 5_000;
+
+/// How long after a fence its power-on (`fence_action = reboot`) is retried: after that, a node
+/// still off is the operator's (it may have been switched off on purpose).
+pub const POWER_ON_GIVE_UP_MS: u64 = 10 * 60_000;
 
 /// Bounds on the published policy (it lives in the replicated state).
 const MAX_POLICY_FIELD: usize = 1024;
@@ -209,6 +215,10 @@ pub struct FenceStatus {
     /// Leader time and reason of the last failed fence (cleared by a confirmed one).
     pub failed_ms: Option<u64>,
     pub failure: Option<String>,
+    /// `fence_action = reboot`: leader time of the fence whose power-on is not done yet. Any
+    /// primary powers the node on while this is set (a primary that crashed between the fence
+    /// and the power-on leaves it to the next).
+    pub power_on_due_ms: Option<u64>,
 }
 
 /// How a fence ended.
@@ -365,6 +375,7 @@ pub(crate) fn apply_fence_op(state: &mut State, index: u64, now: u64, op: &Op) -
         }
         Command::CancelFence { name, reason } => cancel_fence(state, index, now, op, name, reason),
         Command::FenceDone { name, outcome } => fence_done(state, index, now, op, name, outcome),
+        Command::FencePowerOn { name, error } => fence_power_on(state, index, now, op, name, error.as_deref()),
         _ => Err(ApplyError::Invalid("not a fence command".into())),
     }
 }
@@ -432,6 +443,8 @@ fn fence_done(
     node.domain_state = DomainState::FenceFlush;
     node.return_by_ms = None;
     node.fence.fenced_ms = Some(now);
+    node.fence.power_on_due_ms =
+        (matches!(outcome, FenceOutcome::Fenced) && policy.fence_action == FenceAction::Reboot).then_some(now);
     node.fence.failed_ms = None;
     node.fence.failure = None;
     node.revision = index;
@@ -447,6 +460,42 @@ fn fence_done(
     if let Some(node) = state.nodes.get_mut(name) {
         node.domain_state = DomainState::Flushed;
     }
+    Ok(Reply::Done)
+}
+
+/// `FencePowerOn`: the power-on after a fence was done, or failed (then it stays due until
+/// `POWER_ON_GIVE_UP_MS` after the fence).
+fn fence_power_on(
+    state: &mut State,
+    index: u64,
+    now: u64,
+    op: &Op,
+    name: &String,
+    error: Option<&str>,
+) -> Result<Reply, ApplyError> {
+    let node = node_mut(state, name, op)?;
+    let Some(due) = node.fence.power_on_due_ms else {
+        return Err(ApplyError::Invalid(format!("no power-on of {name} is due")));
+    };
+    let gave_up = now.saturating_sub(due) >= POWER_ON_GIVE_UP_MS;
+    if error.is_none() || gave_up {
+        node.fence.power_on_due_ms = None;
+    }
+    node.revision = index;
+    let (kind, msg) = match error {
+        None => ("fence-power-on", format!("{name} powered on again after its fence (fence_action = reboot)")),
+        Some(e) if gave_up => (
+            "fence-power-on-failed",
+            format!(
+                "{name}: power on after the fence failed: {}; not tried again (it is the operator's now)",
+                bounded(e)
+            ),
+        ),
+        Some(e) => {
+            ("fence-power-on-failed", format!("{name}: power on after the fence failed: {}; tried again", bounded(e)))
+        }
+    };
+    push_event(state, index, now, kind, Some(name), msg);
     Ok(Reply::Done)
 }
 

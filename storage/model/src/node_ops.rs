@@ -50,6 +50,7 @@ pub(crate) fn set_daemon_state(
         // A fenced node that comes back stays fenced until `herd node ready` (or its
         // auto_ready): its start is recorded as a sign of life, nothing more.
         node.last_keepalive_ms = Some(now);
+        node.fence.power_on_due_ms = None;
         node.revision = index;
         let msg = format!("{name} is back ({new}) and stays fenced until `herd node ready`");
         push_event(state, index, now, "daemon-state", Some(name), msg);

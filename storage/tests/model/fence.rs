@@ -241,3 +241,42 @@ fn removal_leaves_a_tombstone() {
     let back: State = rmp_serde::from_slice(&bytes).expect("decode");
     assert!(back.was_removed(3), "the tombstone survives a snapshot");
 }
+
+/// `fence_action = reboot`: the power-on stays due after a confirmed fence until it is done, the
+/// node is back, or `POWER_ON_GIVE_UP_MS` has passed (a primary that crashed in between leaves
+/// it to the next).
+#[test]
+fn a_reboot_fence_leaves_its_power_on_due_until_done_back_or_given_up() {
+    let power_on = |error: Option<&str>| Command::FencePowerOn { name: "a".into(), error: error.map(Into::into) };
+    let mut s = cluster();
+    assert!(at(&mut s, 2, 50, power_on(None)).is_err(), "nothing due before a fence");
+    at(&mut s, 3, 100, decide(false)).expect("decided");
+    at(&mut s, 4, 200, done(FenceOutcome::Fenced)).expect("fenced");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, Some(200));
+    at(&mut s, 5, 300, power_on(Some("timeout"))).expect("a failure is recorded");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, Some(200), "still due after a failure");
+    at(&mut s, 6, 400, power_on(None)).expect("done");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, None);
+    assert!(at(&mut s, 7, 500, power_on(None)).is_err(), "done once");
+    assert!(kinds(&s).ends_with(&["fence-power-on-failed", "fence-power-on"]));
+
+    // Failures past the give-up time end it; the node coming back ends it too.
+    let mut s = cluster();
+    at(&mut s, 2, 100, decide(false)).expect("decided");
+    at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
+    at(&mut s, 4, 200 + POWER_ON_GIVE_UP_MS, power_on(Some("no answer"))).expect("recorded");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, None, "given up");
+    let mut s = cluster();
+    at(&mut s, 2, 100, decide(false)).expect("decided");
+    at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
+    let run = Command::SetDaemonState { name: "a".into(), state: DaemonState::Run, return_by_ms: None, node_id: None };
+    at(&mut s, 4, 300, run).expect("back");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, None, "back: on by itself");
+
+    // fence_action = off: nothing is due.
+    let mut s = cluster();
+    s.nodes.get_mut("a").and_then(|a| a.fencing.as_mut()).expect("policy").fence_action = FenceAction::Off;
+    at(&mut s, 2, 100, decide(false)).expect("decided");
+    at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
+    assert_eq!(s.nodes["a"].fence.power_on_due_ms, None);
+}

@@ -182,6 +182,14 @@ pub enum Command {
         name: String,
         outcome: crate::fence::FenceOutcome,
     },
+    /// The power-on after a confirmed fence of a `fence_action = reboot` node: done (`error`
+    /// None) or failed (the next primary round tries again until the node is back or
+    /// `POWER_ON_GIVE_UP_MS` has passed since the fence).
+    FencePowerOn {
+        name: String,
+        #[serde(default)]
+        error: Option<String>,
+    },
     /// Something the cluster's event log should show (MNFA entry and exit, ...).
     RecordEvent {
         kind: String,
@@ -222,6 +230,7 @@ impl Command {
             Command::ExecuteFence { .. } => "execute-fence",
             Command::CancelFence { .. } => "cancel-fence",
             Command::FenceDone { .. } => "fence-done",
+            Command::FencePowerOn { .. } => "fence-power-on",
         }
     }
 }
