@@ -48,6 +48,16 @@ impl Bmc {
     /// Starts ipmi_sim on `ip:port` (inside `netns` if given), power on, and waits until it
     /// answers a chassis status.
     pub fn start(dir: &Path, ip: &str, port: u16, netns: Option<&str>) -> Bmc {
+        Bmc::launch(dir, ip, port, netns, false)
+    }
+
+    /// Like `start`, with ipmi_sim's packet trace (`-d`, unbuffered) in `ipmi_sim.log`: who
+    /// sent each chassis command can then be told (`power_offs_by`).
+    pub fn start_traced(dir: &Path, ip: &str, port: u16, netns: Option<&str>) -> Bmc {
+        Bmc::launch(dir, ip, port, netns, true)
+    }
+
+    fn launch(dir: &Path, ip: &str, port: u16, netns: Option<&str>, traced: bool) -> Bmc {
         std::fs::create_dir_all(dir.join("state")).expect("bmc dir");
         let password = format!("pw-{}", port);
         let lan = format!(
@@ -71,23 +81,20 @@ impl Bmc {
         let pw_file = dir.join("bmc.pass");
         std::fs::write(&pw_file, format!("{password}\n")).expect("password file");
         std::fs::set_permissions(&pw_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-        let args = ["-c", "lan.conf", "-f", "bmc.emu", "-s", "state", "-n"];
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "ipmi_sim"]).args(args);
-                c
-            }
-            None => {
-                let mut c = Command::new("ipmi_sim");
-                c.args(args);
-                c
-            }
+        // Traced: debug output on stdout, unbuffered, and a console on stdin kept open (the
+        // pipe lives as long as the child handle) — `-n` would silence the trace.
+        let mut argv: Vec<&str> = match netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => vec![],
         };
+        argv.extend(if traced { &["stdbuf", "-o0", "ipmi_sim", "-d"][..] } else { &["ipmi_sim", "-n"][..] });
+        argv.extend(["-c", "lan.conf", "-f", "bmc.emu", "-s", "state"]);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
         let log = std::fs::File::create(dir.join("ipmi_sim.log")).expect("log");
         let child = cmd
             .current_dir(dir)
-            .stdin(Stdio::null())
+            .stdin(if traced { Stdio::piped() } else { Stdio::null() })
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -155,6 +162,42 @@ impl Bmc {
     /// The chassis power as the script records it.
     pub fn power_on(&self) -> bool {
         std::fs::read_to_string(self.dir.join("power")).is_ok_and(|s| s.trim() == "1")
+    }
+
+    /// Every packet this BMC received: (wall-clock seconds, the sender's IPv4 address). Needs
+    /// `start_traced`.
+    pub fn received(&self) -> Vec<(f64, String)> {
+        let trace = std::fs::read_to_string(self.dir.join("ipmi_sim.log")).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut lines = trace.lines();
+        while let Some(line) = lines.next() {
+            // ipmi_sim's console may prefix a line with '\r' and its "> " prompt.
+            let Some((_, ts)) = line.split_once("Raw LAN receive from: ") else { continue };
+            // The sockaddr_in that follows: family (2 bytes), port (2), address (4).
+            let bytes: Vec<u8> =
+                lines.next().unwrap_or("").split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+            if let (Ok(ts), [_, _, _, _, a, b, c, d, ..]) = (ts.trim().parse::<f64>(), bytes.as_slice()) {
+                out.push((ts, format!("{a}.{b}.{c}.{d}")));
+            }
+        }
+        out
+    }
+
+    /// Every power-off this BMC carried out: (wall-clock seconds, the sender's IPv4 address).
+    /// ipmi_sim handles one packet at a time and runs the chassis script while it does, so the
+    /// sender of a chassis command is the last packet received before the script logged it.
+    /// Needs `start_traced`.
+    pub fn power_offs_by(&self) -> Vec<(f64, String)> {
+        let received = self.received();
+        self.chassis_log()
+            .lines()
+            .filter(|l| l.contains("set power 0"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|at| {
+                let from = received.iter().rev().find(|(ts, _)| *ts <= at).map_or("?".to_string(), |r| r.1.clone());
+                (at, from)
+            })
+            .collect()
     }
 
     /// Every chassis command the BMC ran, one per line.

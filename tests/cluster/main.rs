@@ -5,7 +5,8 @@
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
 //! (root only), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
-//! in namespaces with a simulated BMC and a libvirtd per node (root only).
+//! in namespaces with a simulated BMC and a libvirtd per node (root only); t92-t95 the fence
+//! under a primary restart, the init race, auto_ready, and an executor deposed mid-fence.
 
 mod bmc;
 mod fencelab;
@@ -28,3 +29,4 @@ mod t91_fencing;
 mod t92_fence_restart;
 mod t93_init_race;
 mod t94_auto_ready;
+mod t95_deposed_executor;

@@ -89,7 +89,12 @@ impl Topology {
     /// Cuts (or heals) all direct traffic between nodes `a` and `b`, on every network, with
     /// blackhole routes on both sides: what reaches them through third parties is unaffected.
     pub fn cut_between(&self, a: usize, b: usize, cut: bool) {
-        for k in 0..self.nets.len() {
+        self.cut_between_on(a, b, &(0..self.nets.len()).collect::<Vec<_>>(), cut);
+    }
+
+    /// Like `cut_between`, on the networks `nets` only.
+    pub fn cut_between_on(&self, a: usize, b: usize, nets: &[usize], cut: bool) {
+        for &k in nets {
             for (from, to) in [(a, b), (b, a)] {
                 let dst = format!("{}/32", self.addr(to, k));
                 let verb = if cut { "add" } else { "del" };
