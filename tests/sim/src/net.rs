@@ -80,8 +80,8 @@ impl SimSocket {
         Ok(SimSocket { sock, me, net: net.to_string(), world })
     }
 
-    fn is_pulse(buf: &[u8]) -> bool {
-        matches!(rmp_serde::from_slice::<Datagram>(buf), Ok(Datagram { body: Body::Pulse { .. }, .. }))
+    fn body(buf: &[u8]) -> Option<Body> {
+        rmp_serde::from_slice::<Datagram>(buf).ok().map(|d| d.body)
     }
 
     /// Whether a datagram from `from` to `to` on this network is dropped (cut or lost).
@@ -105,11 +105,20 @@ impl SimSocket {
             return false;
         }
         let t = now();
-        let pulse = Self::is_pulse(buf);
+        let body = Self::body(buf);
+        let pulse = matches!(body, Some(Body::Pulse { .. }));
         let mut w = self.world.lock();
         let key = (src, self.me, <[u8; 32]>::from(Sha256::digest(buf)));
         let Some(proof) = w.in_flight.remove(&key) else { return true };
-        if t.saturating_sub(proof.sent) <= TIMELY {
+        // An answer proves its sender alive recently only as the answer to a pulse sent within
+        // one interval (seed 40277: answers to pulses held for 5 s, released at once).
+        let round_trip = match &body {
+            Some(Body::Answer { net, seq, .. }) => {
+                w.pulses_sent.get(&(self.me, net.clone(), *seq)).is_some_and(|p| t.saturating_sub(*p) <= TIMELY)
+            }
+            _ => true,
+        };
+        if round_trip && t.saturating_sub(proof.sent) <= TIMELY {
             let q = &mut w.heard[self.me][src];
             q.push_back((proof.sent, t));
             if q.len() > crate::world::KEEP_HEARD {
@@ -135,6 +144,12 @@ impl SimSocket {
         }
         let t = now();
         let mut w = self.world.lock();
+        if let Some(Body::Pulse { net, seq, .. }) = Self::body(buf) {
+            w.pulses_sent.entry((self.me, net, seq)).or_insert(t);
+            if w.pulses_sent.len() > 20_000 {
+                w.pulses_sent.retain(|_, sent| *sent + IN_FLIGHT_KEEP > t);
+            }
+        }
         let heard = (0..w.machines.len()).map(|from| w.last_heard(self.me, from)).collect();
         let key = (self.me, dst, <[u8; 32]>::from(Sha256::digest(buf)));
         w.in_flight.insert(key, SummaryProof { sent: t, heard });

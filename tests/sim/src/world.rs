@@ -104,6 +104,10 @@ pub struct Inner {
     /// Datagrams in flight, by (from, to, hash of the bytes): when they were sent, and (for
     /// pulses) what `from` had heard by then.
     pub in_flight: BTreeMap<(usize, usize, [u8; 32]), SummaryProof>,
+    /// When each coordinator sent its pulse of period `seq` on a network: an answer is evidence
+    /// only as a timely round trip (an answer to an old pulse, released late from a held link,
+    /// may have been sent long ago for all its receiver can tell).
+    pub pulses_sent: BTreeMap<(usize, String, u64), Duration>,
     /// The pulses each node received lately from each coordinator, oldest first, with when
     /// each arrived: `received[to][from]` (at most [`KEEP_PROOFS`]).
     pub received: Vec<Vec<VecDeque<(Duration, SummaryProof)>>>,
@@ -188,6 +192,7 @@ impl World {
             udp_loss_pct: 0,
             heard: vec![vec![VecDeque::new(); n]; n],
             in_flight: BTreeMap::new(),
+            pulses_sent: BTreeMap::new(),
             received: vec![vec![VecDeque::new(); n]; n],
             power_requests: Vec::new(),
             power_offs: Vec::new(),
