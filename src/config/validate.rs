@@ -39,7 +39,7 @@ impl Config {
     }
 
     fn validate_node(&self) -> Check {
-        if let Err(e) = herd_storage::model::validate_node_name(&self.name) {
+        if let Err(e) = herd_storage::model::validate_new_node_name(&self.name) {
             return err("name", e.to_string());
         }
         if self.data_dir.as_os_str().is_empty() {

@@ -46,9 +46,11 @@ impl Env {
     /// port bound, libvirt opened.
     pub async fn production(config: &Config) -> Result<Env, StartError> {
         let listen = config.listen_addr().map_err(StartError::Config)?;
-        std::fs::create_dir_all(&config.data_dir)
+        private_dir(&config.data_dir)
             .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
         let stores = sled_store::open(&config.data_dir.join("db"))?;
+        private_files(&config.data_dir.join("db"))
+            .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
         let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
         let mut heartbeat = BTreeMap::new();
         for (net, addr) in &networks {
@@ -94,3 +96,34 @@ impl Env {
 
 /// Opens a hypervisor connection when awaited.
 pub type HypervisorOpener = futures::future::BoxFuture<'static, Result<Arc<dyn Hypervisor>, StartError>>;
+
+/// Creates `dir` as 0700, or makes an existing one 0700: it holds the cluster's keys and the
+/// replicated state (sealed BMC passwords included); nobody else may read it.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(dir) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            tracing::warn!(data_dir = %dir.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "data_dir was readable by others: made 0700");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+        Ok(_) => Ok(()),
+        Err(_) => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir),
+    }
+}
+
+/// Makes what the store created under `dir` private: directories 0700, files 0600.
+fn private_files(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?; // DirEntry::metadata does not follow symlinks
+        let mode = if meta.is_dir() { 0o700 } else { 0o600 };
+        if (meta.is_dir() || meta.is_file()) && meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+        }
+        if meta.is_dir() {
+            private_files(&entry.path())?;
+        }
+    }
+    Ok(())
+}

@@ -54,6 +54,9 @@ pub enum StartError {
     Heartbeat(std::io::Error),
     #[error(transparent)]
     Identity(std::io::Error),
+    /// `data_dir` belongs to another node (or role) than the config names.
+    #[error("{0}")]
+    NotThisNode(String),
     #[error("cluster TLS: {0}")]
     Tls(#[from] herd_raft::tls::TlsError),
 }
@@ -112,6 +115,7 @@ pub struct Running {
 /// recovers), the cluster port, Raft resumed from the stores, then the member tasks, the
 /// primary's duties and the fence manager.
 pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
+    check_identity(&config, env.identity.load().map_err(StartError::Identity)?.as_ref())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (agent, notices) = heartbeat_agent(&config, &env, shutdown_rx.clone())?;
     let limits = limits(&config);
@@ -170,6 +174,32 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     // the next primary).
     tasks.spawn(fence.run(shutdown_rx.clone()));
     Ok(Running { daemon, shutdown_tx, duty_stop_tx, duty_task, cluster_server, tasks })
+}
+
+/// `data_dir` records which node of which cluster it belongs to: a config naming another node
+/// (a rename, a copied config) or another role is refused before anything starts — the node
+/// must never act, or conclude anything about its membership, under a name that is not its own.
+fn check_identity(config: &Config, id: Option<&herd_storage::identity::Identity>) -> Result<(), StartError> {
+    let Some(id) = id else { return Ok(()) };
+    let dir = config.data_dir.display();
+    if id.name != config.name {
+        return Err(StartError::NotThisNode(format!(
+            "data_dir {dir} belongs to node {:?} (id {}, cluster {}), but the config names this node {:?}. \
+             To run it as before, put name = {:?} back in the config. To rename it: `herd node remove {}` \
+             on another node, empty {dir}, and join again under the new name (README: Renaming a node).",
+            id.name, id.node_id, id.cluster_id, config.name, id.name, id.name
+        )));
+    }
+    if let Some(role) = id.role.filter(|r| *r != config.role) {
+        return Err(StartError::NotThisNode(format!(
+            "data_dir {dir} belongs to node {:?} which joined as a {role}, but the config says role = {:?}. \
+             To change a node's role: `herd node remove {}` on another node, empty {dir}, and join again.",
+            id.name,
+            config.role.to_string(),
+            id.name
+        )));
+    }
+    Ok(())
 }
 
 /// The heartbeat agent over the env's sockets, answering pulses at once (under the stored

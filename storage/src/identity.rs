@@ -14,6 +14,9 @@ pub struct Identity {
     pub node_id: NodeId,
     pub cluster_id: String,
     pub name: String,
+    /// The role it joined with (None: written by a version that did not record it).
+    #[serde(default)]
+    pub role: Option<crate::model::Role>,
     /// Set when the cluster removed this node: it must not take part again under this id.
     #[serde(default)]
     pub removed: bool,

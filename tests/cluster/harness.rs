@@ -84,6 +84,17 @@ impl Node {
 
     /// Starts the daemon and waits until its admin socket answers.
     pub fn start(&mut self) {
+        self.spawn();
+        let name = self.name.clone();
+        // Up once the admin socket answers and the node has finished resuming from disk.
+        wait_until(&format!("{name} admin socket"), Duration::from_secs(20), || {
+            self.assert_alive();
+            self.try_admin(&json!({"op": "status"})).ok().filter(|s| s["state"] != "starting")
+        });
+    }
+
+    /// Starts the daemon (writing its config first) without waiting for anything.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.name);
         self.write_config();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open log");
@@ -106,12 +117,6 @@ impl Node {
             .spawn()
             .expect("spawn herd daemon");
         self.child = Some(child);
-        let name = self.name.clone();
-        // Up once the admin socket answers and the node has finished resuming from disk.
-        wait_until(&format!("{name} admin socket"), Duration::from_secs(20), || {
-            self.assert_alive();
-            self.try_admin(&json!({"op": "status"})).ok().filter(|s| s["state"] != "starting")
-        });
     }
 
     pub fn assert_alive(&mut self) {

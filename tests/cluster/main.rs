@@ -17,6 +17,7 @@ mod t10_config;
 mod t15_service;
 mod t17_admin_access;
 mod t20_robustness;
+mod t30_operator;
 mod t50_cluster;
 mod t55_tokens;
 mod t56_tls;

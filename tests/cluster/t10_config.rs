@@ -43,3 +43,11 @@ fn missing_file_is_refused() {
 fn bad_value_type_is_refused_by_key() {
     assert_one_line_error(Some(&format!("{GOOD}[raft]\nheartbeat_ms = \"fast\"\n")), "heartbeat_ms");
 }
+
+/// A node name must start with a letter or a digit: hooks get node names as arguments.
+#[test]
+fn names_that_read_as_options_or_paths_are_refused() {
+    for bad in [".", "..", "-rf", "--help", "-", "_x"] {
+        assert_one_line_error(Some(&GOOD.replace("name = \"c1\"", &format!("name = {bad:?}"))), "name");
+    }
+}

@@ -90,6 +90,18 @@ where
         Ok(RpcReply::Renewed(e.cert_pem))
     }
 
+    /// Whether `j` could be enrolled (checked before its registration is proposed): with TLS, a
+    /// certificate request this node can sign.
+    pub(super) fn check_enrolment(&self, member: &Member, j: &JoinRequest) -> Result<(), RpcError> {
+        match (self.pki.get(), &j.csr) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(RpcError::Refused("a join without a certificate request".into())),
+            (Some(pki), Some(csr)) => pki
+                .check_request(csr, &member.cluster_id, &j.name)
+                .map_err(|e| RpcError::Refused(format!("cannot sign the certificate: {e}"))),
+        }
+    }
+
     /// A registered joiner's enrolment (with TLS): its certificate for `id`, signed from its
     /// request, and the cluster's keys; the CA and coordinator keys to coordinators only.
     pub(super) fn enrol(&self, member: &Member, j: &JoinRequest, id: NodeId) -> Result<Option<Enrolment>, RpcError> {

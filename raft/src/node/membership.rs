@@ -102,6 +102,7 @@ where
             node_id: 1,
             cluster_id: cluster_id.clone(),
             name: self.settings.name.clone(),
+            role: Some(self.settings.role),
             removed: false,
             pending_join: false,
         };
@@ -191,6 +192,7 @@ where
                     node_id: joined.node_id,
                     cluster_id: joined.cluster_id.clone(),
                     name: self.settings.name.clone(),
+                    role: Some(self.settings.role),
                     removed: false,
                     pending_join: true,
                 };
@@ -214,6 +216,7 @@ where
             node_id,
             cluster_id: cluster_id.clone(),
             name: self.settings.name.clone(),
+            role: Some(self.settings.role),
             removed: false,
             pending_join: false,
         };
@@ -237,6 +240,12 @@ where
         };
         if !usable {
             return Err(RpcError::BadToken);
+        }
+        // What would refuse the join after the model decided it is checked first: a refused
+        // join leaves no record and spends no token.
+        if !member.view.read().state.requests.contains_key(&j.request_id) {
+            herd_storage::model::validate_new_node_name(&j.name).map_err(|e| RpcError::Refused(e.to_string()))?;
+            self.check_enrolment(member, &j)?;
         }
         let ops = match self.join_policy.get() {
             Some(policy) => policy.join_ops(&j, &hash),
@@ -409,6 +418,7 @@ where
                 node_id: m.id,
                 cluster_id: m.cluster_id.clone(),
                 name: self.settings.name.clone(),
+                role: Some(self.settings.role),
                 removed: true,
                 pending_join: false,
             };

@@ -278,6 +278,13 @@ impl Pki {
         Ok(Enrolment { ca_pem, cert_pem, ca_key_pem: Some(ca_key), heartbeat_key, coordinator_pub, coordinator_key })
     }
 
+    /// Whether `csr_pem` is a request this CA would sign for `name` (nothing is kept).
+    pub fn check_request(&self, csr_pem: &str, cluster_id: &str, name: &str) -> Result<(), TlsError> {
+        let ca_key = self.ca_key.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(TlsError::NoCaKey)?;
+        let ca_pem = self.creds().ok_or(TlsError::NoCertificate)?.ca_pem.clone();
+        sign_with(&ca_pem, &ca_key, csr_pem, cluster_id, NodeId::MAX, name).map(|_| ())
+    }
+
     /// Writes and loads this node's material (init, join). The CA key only on coordinators.
     /// Blocking file IO: async callers run it on a blocking thread.
     pub fn install(&self, e: &Enrolment, key_pem: &str) -> Result<(), TlsError> {

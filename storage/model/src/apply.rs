@@ -98,6 +98,19 @@ pub fn validate_name(name: &str) -> Result<(), ApplyError> {
     }
 }
 
+/// The rule for a name herd gives something new (a node in its config, a joiner): the log's
+/// rule ([`validate_name`]) and a letter or digit first — `-rf`, `.` or `..` would reach hook
+/// executables as options or paths. Not applied to log entries (an entry an older version
+/// accepted must apply the same everywhere).
+pub fn validate_new_name(name: &str) -> Result<(), ApplyError> {
+    validate_name(name)?;
+    if name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err(ApplyError::Invalid(format!("node name {name:?}: must start with a letter or a digit")))
+    }
+}
+
 /// One operation: a dispatch to the function of its command (or of its command family).
 fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, ApplyError> {
     let at = At { index, now, op };

@@ -35,7 +35,10 @@ mod node_ops;
 mod place;
 mod vm;
 
-pub use apply::{apply, validate_name as validate_node_name, Applied, MAX_EVENTS, MAX_REMEMBERED_REQUESTS};
+pub use apply::{
+    apply, validate_name as validate_node_name, validate_new_name as validate_new_node_name, Applied, MAX_EVENTS,
+    MAX_REMEMBERED_REQUESTS,
+};
 pub use fence::*;
 pub use place::place;
 pub use types::*;
