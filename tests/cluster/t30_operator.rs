@@ -45,7 +45,6 @@ fn operator_mistakes_are_refused_and_change_nothing() {
         c.node(name).start();
     }
     c.node("c1").admin(json!({"op": "init-cluster"}));
-    let cluster_id = c.node("c1").status()["cluster_id"].as_str().expect("cluster id").to_string();
     let token = |c: &mut Cluster| {
         let out = c.node("c1").cli(&["token", "create", "--json", "--uses", "1"]);
         assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
