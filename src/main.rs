@@ -87,13 +87,34 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
         }
     };
     match runtime.block_on(run::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(run::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(run::Exit::Restart) => {
+            drop(runtime);
+            restart()
+        }
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("herd: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Replaces this process with a fresh `herd` run with the same arguments (same pid: systemd
+/// and the operator see the same service). Returns only if that fails.
+fn restart() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("cannot restart: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let e = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+    tracing::error!("cannot restart: {e}");
+    eprintln!("herd: cannot restart: {e}");
+    ExitCode::FAILURE
 }
 
 /// `herd release`: removes the floating addresses of this node's config, daemon or not.

@@ -85,6 +85,8 @@ pub struct Metrics {
     keepalive_age_seconds: Family<Host, FloatGauge>,
     fence_ready: Family<Host, Gauge>,
     fence_state: Family<HostState, Gauge>,
+    node_unhealthy: Family<Host, Gauge>,
+    raft_stopped: Gauge,
 }
 
 impl Metrics {
@@ -108,6 +110,8 @@ impl Metrics {
             keepalive_age_seconds: Family::default(),
             fence_ready: Family::default(),
             fence_state: Family::default(),
+            node_unhealthy: Family::default(),
+            raft_stopped: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -159,6 +163,16 @@ impl Metrics {
             "1 for the host's fencing state: none, fencing, fenced or fence-failed",
             m.fence_state.clone(),
         );
+        registry.register(
+            "node_unhealthy",
+            "1 if the leader found the host out of Raft (its store cannot write, its log went backwards)",
+            m.node_unhealthy.clone(),
+        );
+        registry.register(
+            "raft_stopped",
+            "1 if Raft stopped on this node (a storage error, or refused: its log went backwards)",
+            m.raft_stopped.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -166,6 +180,9 @@ impl Metrics {
     fn render(&self, daemon: &Scrape) -> String {
         self.primary_holding.set(i64::from(daemon.primary.holding()));
         self.raft_quorum.set(i64::from(daemon.node.quorum()));
+        let stopped = daemon.node.refused().is_some()
+            || daemon.node.member().is_some_and(|m| m.raft.metrics().borrow_watched().running_state.is_err());
+        self.raft_stopped.set(i64::from(stopped));
         if let Some(member) = daemon.node.member() {
             let metrics = member.raft.metrics();
             let (term, leader, state, committed) = {
@@ -187,8 +204,10 @@ impl Metrics {
             self.keepalive_age_seconds.clear();
             self.fence_ready.clear();
             self.fence_state.clear();
+            self.node_unhealthy.clear();
             for n in g.state.nodes.values() {
                 let host = Host { host: n.name.clone() };
+                self.node_unhealthy.get_or_create(&host).set(i64::from(n.health.is_some()));
                 let ready = match (&n.fencing, n.fence.ready) {
                     (Some(_), Some(r)) => i64::from(r),
                     _ => -1,

@@ -31,6 +31,7 @@ pub mod node;
 pub mod server;
 pub mod tls;
 pub mod transport;
+pub mod watch;
 pub mod wire;
 
 pub use herd_storage::types::TypeConfig;

@@ -172,6 +172,8 @@ pub struct NetworkFactory {
     pub cluster_id: String,
     /// This node's id.
     pub me: NodeId,
+    /// Where the answers to appends are recorded.
+    pub watch: Arc<crate::watch::ReplicationWatch>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -187,6 +189,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 self.limits.clone(),
             )
             .from(Some(self.me)),
+            target,
+            watch: self.watch.clone(),
         }
     }
 }
@@ -194,6 +198,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 /// openraft's view of one peer.
 pub struct PeerNetwork {
     client: PeerClient,
+    target: NodeId,
+    watch: Arc<crate::watch::ReplicationWatch>,
 }
 
 fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
@@ -221,9 +227,18 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.call(Rpc::AppendEntries(rpc), &option).await? {
-            RpcReply::AppendEntries(r) => Ok(r),
-            other => Err(to_rpc_error(unexpected(self.client.addr(), other))),
+        let sent = crate::watch::Sent::of(&rpc);
+        match self.client.call(Rpc::AppendEntries(rpc), option.soft_ttl()).await {
+            Ok(RpcReply::AppendEntries(r)) => {
+                self.watch.on_append(self.target, &sent, Ok(&r));
+                Ok(r)
+            }
+            Ok(other) => Err(to_rpc_error(unexpected(self.client.addr(), other))),
+            Err(CallError::Remote(RpcError::Raft(e))) => {
+                self.watch.on_append(self.target, &sent, Err(&e));
+                Err(to_rpc_error(CallError::Remote(RpcError::Raft(e))))
+            }
+            Err(e) => Err(to_rpc_error(e)),
         }
     }
 

@@ -95,6 +95,11 @@ pub enum Rpc {
     Leader(LeaderOp),
     /// The leader tells a removed node to stop participating.
     Removed,
+    /// The leader tells a node that its log went backwards (it lost entries it acknowledged):
+    /// it must stop taking part under its id.
+    LogReverted {
+        reason: String,
+    },
     /// A node asks the leader (directly, never forwarded) to sign a new certificate for the
     /// id its current certificate names.
     RenewCert {

@@ -301,6 +301,7 @@ mod tests {
             heartbeat: BTreeMap::new(),
             fencing: Some(policy),
             fence: FenceStatus::default(),
+            health: None,
             joined_ms: 1,
             revision: 2,
         };

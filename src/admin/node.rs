@@ -39,22 +39,29 @@ struct MemberRow {
     heartbeat: Value,
     fencing: FencingView,
     stats: StatsView,
+    /// What keeps it out of Raft, as the leader found (`storage error: …`, `log went
+    /// backwards: …`); null while it replicates.
+    health: Option<String>,
 }
 
 /// The local picture, at once (no quorum needed), with how fresh it is.
 pub(super) async fn status(d: &Daemon) -> Value {
     let quorum = d.node.quorum();
     let Some(member) = d.node.member() else {
+        let refused = d.node.refused();
         let state = if !d.resumed() {
             "starting"
         } else if d.node.is_removed() {
             "removed"
+        } else if refused.is_some() {
+            "refused"
         } else {
             "not-member"
         };
+        let raft_error = refused.map(|why| herd_raft::node::refusal_advice(&why, &d.config.name));
         return json!({
             "node": d.config.name, "state": state, "cluster_id": null, "leader": null, "term": 0,
-            "quorum": false, "applied_index": 0, "members": [],
+            "quorum": false, "applied_index": 0, "members": [], "raft_error": raft_error,
         });
     };
     let m = member.raft.metrics().borrow_watched().clone();
@@ -84,6 +91,7 @@ pub(super) async fn status(d: &Daemon) -> Value {
         heartbeat: heartbeat(n.id),
         fencing: FencingView::of(n),
         stats: StatsView::of(&n.stats),
+        health: n.health.as_ref().map(|h| h.problem.clone()),
     };
     let members: Vec<MemberRow> = g.state.nodes.values().map(row).collect();
     let state = match m.state {
@@ -98,6 +106,9 @@ pub(super) async fn status(d: &Daemon) -> Value {
         "node_id": member.id,
         "cluster_id": member.cluster_id,
         "state": state,
+        // This node's own Raft, stopped by a fatal error (its store cannot write): it
+        // acknowledges nothing until it restarts itself once data_dir takes writes again.
+        "raft_error": m.running_state.as_ref().err().map(|e| e.to_string()),
         "leader": m.current_leader.and_then(name_of),
         "leader_id": m.current_leader,
         "term": m.current_term,

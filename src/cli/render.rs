@@ -72,6 +72,7 @@ fn members_table(members: &Value) -> String {
                         paint(s(&m["router_state"])),
                         paint(s(&m["heartbeat"])),
                         paint(fence_cell(&m["fencing"])),
+                        paint(m["health"].as_str().map_or("ok".into(), |h| format!("UNHEALTHY: {h}"))),
                         age,
                         s(&m["address"]),
                     ]
@@ -80,7 +81,20 @@ fn members_table(members: &Value) -> String {
         })
         .unwrap_or_default();
     table(
-        &["name", "id", "role", "raft", "daemon", "domain", "router", "heartbeat", "fence", "keepalive", "address"],
+        &[
+            "name",
+            "id",
+            "role",
+            "raft",
+            "daemon",
+            "domain",
+            "router",
+            "heartbeat",
+            "fence",
+            "health",
+            "keepalive",
+            "address",
+        ],
         &rows,
     )
 }
@@ -110,6 +124,7 @@ fn paint(text: String) -> String {
             Style::new().fg_color(Some(AnsiColor::Yellow.into()))
         }
         t if t.starts_with("lost")
+            || t.starts_with("UNHEALTHY")
             || t == "dead"
             || t == "fenced"
             || t == "failed"
@@ -199,6 +214,9 @@ fn status(v: &Value) -> String {
         s(&v["applied_index"]),
         if v["maintenance"].as_bool() == Some(true) { "  MAINTENANCE" } else { "" },
     );
+    if let Some(e) = v["raft_error"].as_str() {
+        out.push_str(&format!("RAFT STOPPED ON THIS NODE: {e}\n"));
+    }
     if let Some(days) = v["tls"]["cert_expires_in_days"].as_u64() {
         let warn = if days < 30 { "  RENEW SOON" } else { "" };
         out.push_str(&format!("certificate expires in {days} days{warn}\n"));

@@ -13,6 +13,7 @@
 //! simulation drives `start` directly.
 
 mod env;
+mod health;
 mod member;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -23,7 +24,7 @@ use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
 use herd_storage::log_store::LogStore;
-use herd_storage::model::FencePolicy;
+use herd_storage::model::{FencePolicy, Role};
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use env::{Env, HypervisorOpener};
@@ -173,6 +174,9 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     // No new fence decisions from a stopping primary (a pending fence is executed again by
     // the next primary).
     tasks.spawn(fence.run(shutdown_rx.clone()));
+    if config.role == Role::Coordinator {
+        tasks.spawn(health::run(node.clone(), shutdown_rx.clone()));
+    }
     Ok(Running { daemon, shutdown_tx, duty_stop_tx, duty_task, cluster_server, tasks })
 }
 

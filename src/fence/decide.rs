@@ -176,6 +176,7 @@ mod tests {
             heartbeat: Default::default(),
             fencing: Some(FencePolicy::ipmi("b:623", "u", "p")),
             fence: Default::default(),
+            health: None,
             joined_ms: 0,
             revision: 1,
         }

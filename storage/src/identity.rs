@@ -20,6 +20,10 @@ pub struct Identity {
     /// Set when the cluster removed this node: it must not take part again under this id.
     #[serde(default)]
     pub removed: bool,
+    /// Set when the leader found this node's log went backwards (its `data_dir` restored from
+    /// an older copy): it takes no part in Raft again under this id (the reason).
+    #[serde(default)]
+    pub refused: Option<String>,
     /// Set between a join's two phases: the id is allocated, the node not yet a Raft member.
     /// A repeated `join-cluster` resumes the second phase under the same id.
     #[serde(default)]

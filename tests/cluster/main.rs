@@ -18,6 +18,7 @@ mod t15_service;
 mod t17_admin_access;
 mod t20_robustness;
 mod t30_operator;
+mod t32_storage;
 mod t50_cluster;
 mod t55_tokens;
 mod t56_tls;

@@ -20,6 +20,16 @@ use crate::wire::{LeaderOp, RequestFrame, Rpc, RpcError, RpcReply};
 
 /// Whether `frame`, from `peer`, may be handled here at all: who may send it, and whether it
 /// names this cluster and this node.
+/// A Raft error as the leader's health duty shows it: `storage error: …` when this node's Raft
+/// stopped on its store, `raft stopped: …` for another fatal error.
+fn stopped<E: std::fmt::Display>(e: &openraft::errors::RaftError<TypeConfig, E>) -> String {
+    match e {
+        openraft::errors::RaftError::Fatal(openraft::errors::Fatal::StorageError(s)) => format!("storage error: {s}"),
+        openraft::errors::RaftError::Fatal(f) => format!("raft stopped: {f}"),
+        other => other.to_string(),
+    }
+}
+
 fn check_frame(member: &Member, frame: &RequestFrame, peer: Peer) -> Result<(), RpcError> {
     // Only a join's first phase may come without the cluster id (the joiner does not know
     // it yet); everything else must name this cluster, and Raft traffic this very node.
@@ -63,7 +73,7 @@ where
         let timeout = Duration::from_millis(frame.timeout_ms).min(self.settings.limits.max_request_time);
         match frame.body {
             Rpc::AppendEntries(req) => {
-                let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(e.to_string()))?;
+                let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(stopped(&e)))?;
                 *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 Ok(RpcReply::AppendEntries(resp))
             }
@@ -91,6 +101,15 @@ where
                         tracing::error!("leaving the cluster: {e}");
                     }
                 });
+                Ok(RpcReply::Done)
+            }
+            Rpc::LogReverted { reason } => {
+                let leader = raft.metrics().borrow_watched().current_leader;
+                if frame.from.is_none() || frame.from != leader {
+                    return Err(RpcError::Refused("only the current leader may refuse a node".into()));
+                }
+                let node = self.clone();
+                herd_storage::types::spawn(async move { node.refuse(reason).await });
                 Ok(RpcReply::Done)
             }
             Rpc::Notify { kind, args } => {

@@ -37,6 +37,11 @@ where
                 *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 Ok(false)
             }
+            Some(Identity { refused: Some(why), .. }) => {
+                tracing::error!("{}", super::refuse::advice(&why, &self.settings.name));
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                Ok(false)
+            }
             Some(id) => {
                 // With a join pending, Raft runs so that the leader can still add this node; a
                 // repeated `join-cluster` finishes the second phase.
@@ -56,6 +61,10 @@ where
             enable_pre_vote: Some(true),
             // A whole snapshot travels in one frame and is installed and flushed inside the RPC.
             install_snapshot_timeout: 10_000,
+            // A follower whose log went backwards (a restored data_dir) must neither stall
+            // replication for good nor (in a debug build) panic the leader: openraft starts that
+            // follower over, and herd refuses it (`crate::watch`, the daemon's health duty).
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
         Ok(Arc::new(config.validate().map_err(|e| NodeError::Raft(e.to_string()))?))
@@ -71,6 +80,7 @@ where
             limits: self.settings.limits.clone(),
             cluster_id: cluster_id.clone(),
             me: id,
+            watch: self.watch.clone(),
         };
         let sm = StateMachine::open(self.backend.clone())?;
         let view = sm.view();
@@ -104,6 +114,7 @@ where
             name: self.settings.name.clone(),
             role: Some(self.settings.role),
             removed: false,
+            refused: None,
             pending_join: false,
         };
         if let Some(pki) = self.pki.get().cloned() {
@@ -194,6 +205,7 @@ where
                     name: self.settings.name.clone(),
                     role: Some(self.settings.role),
                     removed: false,
+                    refused: None,
                     pending_join: true,
                 };
                 self.identity.save(&identity).await?;
@@ -218,6 +230,7 @@ where
             name: self.settings.name.clone(),
             role: Some(self.settings.role),
             removed: false,
+            refused: None,
             pending_join: false,
         };
         self.identity.save(&identity).await?;
@@ -420,6 +433,7 @@ where
                 name: self.settings.name.clone(),
                 role: Some(self.settings.role),
                 removed: true,
+                refused: None,
                 pending_join: false,
             };
             self.identity.save(&identity).await?;

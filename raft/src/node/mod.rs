@@ -47,10 +47,12 @@ mod forward;
 mod handler;
 mod membership;
 mod policy;
+mod refuse;
 mod tokens;
 
 pub use handler::NodeHandler;
 pub use policy::{JoinPolicy, RegisterJoiner};
+pub use refuse::advice as refusal_advice;
 pub use tokens::{new_join_token, request_id, set_thread_random_source, split_token, token_hash};
 
 /// herd's Raft handle.
@@ -166,6 +168,10 @@ pub struct ClusterNode<LS> {
     pki: std::sync::OnceLock<Arc<Pki>>,
     /// What a join writes (the caller's policy); [`RegisterJoiner`] while none is set.
     join_policy: std::sync::OnceLock<Arc<dyn JoinPolicy>>,
+    /// Why this node takes no part in Raft any more (its log went backwards), if so.
+    refused: Mutex<Option<String>>,
+    /// What this node, while it leads, learns of each follower from its appends.
+    watch: Arc<crate::watch::ReplicationWatch>,
 }
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
@@ -208,7 +214,15 @@ where
             write_observer: std::sync::OnceLock::new(),
             pki: std::sync::OnceLock::new(),
             join_policy: std::sync::OnceLock::new(),
+            watch: Arc::default(),
+            refused: Mutex::new(None),
         })
+    }
+
+    /// What keeps each follower out of Raft, as this node saw while leading (see
+    /// [`crate::watch`]).
+    pub fn replication_watch(&self) -> &crate::watch::ReplicationWatch {
+        &self.watch
     }
 
     /// Installs the cluster PKI (once, before the node is used): init creates the CA, joins

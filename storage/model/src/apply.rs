@@ -135,6 +135,7 @@ fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, A
             node_ops::set_heartbeat_addrs(state, at, name, addrs, node_id)
         }
         Command::Takeover { name, node_id } => node_ops::takeover(state, at, name, node_id),
+        Command::SetNodeHealth { name, problem } => node_ops::set_node_health(state, at, name, problem.as_deref()),
         Command::SetRouterState { name, state: to, node_id } => {
             node_ops::set_router_state(state, at, name, to, node_id)
         }

@@ -39,6 +39,7 @@ fn new_record(node: &NewNode, id: NodeId, index: u64, now: u64) -> NodeRecord {
         heartbeat: Default::default(),
         fencing: None,
         fence: Default::default(),
+        health: None,
         joined_ms: now,
         revision: index,
     }

@@ -178,3 +178,27 @@ pub(crate) fn set_router_state(
     }
     Ok(Reply::Done)
 }
+
+/// `SetNodeHealth`: the leader's finding about a member's Raft health; an event when it changes.
+pub(crate) fn set_node_health(
+    state: &mut State,
+    at: At<'_>,
+    name: &String,
+    problem: Option<&str>,
+) -> Result<Reply, ApplyError> {
+    let At { index, now, op } = at;
+    let node = state.nodes.get_mut(name).ok_or_else(|| ApplyError::NoSuchNode(name.clone()))?;
+    check_revision(format!("node {name}"), node.revision, op)?;
+    let problem: Option<String> = problem.map(|p| p.chars().take(512).collect());
+    if node.health.as_ref().map(|h| &h.problem) == problem.as_ref() {
+        return Ok(Reply::Done);
+    }
+    node.health = problem.clone().map(|problem| NodeHealth { problem, since_ms: now });
+    node.revision = index;
+    let msg = match problem {
+        Some(p) => format!("{name} is unhealthy: {p}"),
+        None => format!("{name} replicates again"),
+    };
+    push_event(state, index, now, "node-health", Some(name), msg);
+    Ok(Reply::Done)
+}

@@ -21,6 +21,7 @@ fn node(id: NodeId, name: &str) -> NodeRecord {
         heartbeat: Default::default(),
         fencing: Some(policy()),
         fence: Default::default(),
+        health: None,
         joined_ms: 0,
         revision: 1,
     }

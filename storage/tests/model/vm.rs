@@ -18,6 +18,7 @@ fn node(name: &str, state: DaemonState, domain: DomainState, stats: NodeStats) -
         heartbeat: Default::default(),
         fencing: None,
         fence: Default::default(),
+        health: None,
         joined_ms: 0,
         revision: 1,
     }

@@ -87,6 +87,12 @@ pub enum Command {
         #[serde(default)]
         node_id: Option<NodeId>,
     },
+    /// The leader's finding about a member's Raft health (None: it replicates again).
+    SetNodeHealth {
+        name: String,
+        #[serde(default)]
+        problem: Option<String>,
+    },
     /// Define a VM on `node` (chosen by the leader's placement, or given by the operator).
     DefineVm {
         spec: VmSpec,
@@ -224,6 +230,7 @@ impl Command {
             Command::AbortMigration { .. } => "abort-migration",
             Command::ReportVm { .. } => "report-vm",
             Command::SetRouterState { .. } => "set-router-state",
+            Command::SetNodeHealth { .. } => "set-node-health",
             Command::SetFencePolicy { .. } => "set-fence-policy",
             Command::SetFenceReady { .. } => "set-fence-ready",
             Command::DecideFence { .. } => "decide-fence",

@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 
+/// A node's Raft health problem and since when (leader time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub problem: String,
+    pub since_ms: u64,
+}
+
 /// Raft's numeric node id, allocated by the leader from [`ClusterMeta::next_node_id`].
 pub type NodeId = u64;
 
@@ -72,6 +79,10 @@ pub struct NodeRecord {
     /// Its BMC's readiness and the fences of it.
     #[serde(default)]
     pub fence: crate::fence::FenceStatus,
+    /// What keeps it from taking part in Raft, as the leader saw it (its store cannot write, its
+    /// log went backwards); None while it replicates.
+    #[serde(default)]
+    pub health: Option<NodeHealth>,
     pub joined_ms: u64,
     /// Log index of the command that last changed this record.
     pub revision: u64,

@@ -9,6 +9,8 @@ use crate::config::Config;
 use crate::daemon::{self, Env, StartError};
 use crate::heartbeat::agent::Agent;
 
+mod storage;
+
 /// Why the daemon process could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -18,8 +20,18 @@ pub enum RunError {
     Admin(#[from] admin::BindError),
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), RunError> {
+/// How the daemon process ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT.
+    Stopped,
+    /// Raft stopped on a storage error and `data_dir` takes writes again: the process starts
+    /// afresh in place (`exec`, same pid), recovering from disk as after a crash.
+    Restart,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, or until it must restart itself.
+pub async fn run(config: Config) -> Result<Exit, RunError> {
     let listen = config.listen_addr().map_err(StartError::Config)?;
     let env = Env::production(&config).await?;
     let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
@@ -50,12 +62,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     // SIGUSR2 writes the heartbeat picture (as `herd heartbeat --json` shows it) to the log.
     let dump_task = herd_storage::types::spawn(dump_heartbeat_on_sigusr2(daemon.agent.clone()));
-    wait_for_signal().await;
+    let exit = tokio::select! {
+        _ = wait_for_signal() => Exit::Stopped,
+        _ = storage::recovered(daemon.node.clone(), config.data_dir.clone()) => Exit::Restart,
+    };
     dump_task.abort();
     running.stop().await;
     let _ = admin_server.await;
     let _ = std::fs::remove_file(&config.admin_socket);
-    Ok(())
+    Ok(exit)
 }
 
 async fn dump_heartbeat_on_sigusr2(agent: Arc<Agent>) {
