@@ -7,6 +7,10 @@
 //! judge a host at all when it is isolated on every network the host has.
 //! A view is fresh while younger than `history_ms`; stale views are never used. While MNFA is
 //! active on any network in any fresh view, no `lost` verdict is given at all.
+//! An isolated view's silence is no evidence of death, but what it heard is evidence of life:
+//! `lost_for_ms` never counts from before the last time any fresh view heard the host (less the
+//! `lost_after` periods a link takes to be lost) — a coordinator cut off with the host, which
+//! becomes isolated because the host itself fell silent, still holds its fence back (seed 43333).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -74,6 +78,15 @@ enum ViewSays {
     CannotJudge,
 }
 
+/// How long ago view `v` last heard `host` on a network it is isolated on, if it did.
+fn heard_while_isolated(v: &ViewInput<'_>, host: NodeId, nets: &BTreeSet<NetName>) -> Option<u64> {
+    nets.iter()
+        .filter_map(|net| v.summary.net(net).filter(|ns| ns.isolated))
+        .filter_map(|ns| ns.missing.iter().find(|m| m.host == host)?.last_heard_ago_ms)
+        .map(|ago| ago.saturating_add(v.age_ms))
+        .min()
+}
+
 fn judge(v: &ViewInput<'_>, host: NodeId, nets: &BTreeSet<NetName>) -> ViewSays {
     let mut judged = false;
     let mut lost_for = u64::MAX;
@@ -137,6 +150,9 @@ pub fn verdicts(
                     "every fresh view is isolated on this host's networks".to_string()
                 })
             } else {
+                let lost_after_ms = u64::from(params.lost_after).saturating_mul(params.interval_ms);
+                let heard = judging.iter().filter_map(|(v, _)| heard_while_isolated(v, *host, nets)).min();
+                let lost_for = heard.map_or(lost_for, |ago| lost_for.min(ago.saturating_sub(lost_after_ms)));
                 HostVerdict {
                     verdict: Verdict::Lost,
                     lost_for_ms: lost_for,
@@ -274,6 +290,26 @@ mod tests {
                 ],
                 expect: Verdict::Lost,
                 lost_for_ms: 300,
+            },
+            Case {
+                // Seed 43333: c3 was cut off with h1 and heard it until h1 hung 1.2 s ago; c3 is
+                // isolated only because h1 fell silent. Lost counts from that last answer.
+                name: "an isolated view's last answer bounds how long the host is lost",
+                views: vec![
+                    (
+                        view(
+                            1,
+                            vec![
+                                NetSummary { isolated: true, ..net("mgmt", vec![lost(9, 200)]) },
+                                NetSummary { isolated: true, ..net("storage", vec![lost(9, 200)]) },
+                            ],
+                        ),
+                        0,
+                    ),
+                    (view(2, vec![net("mgmt", vec![lost(9, 3000)]), net("storage", vec![lost(9, 3000)])]), 0),
+                ],
+                expect: Verdict::Lost,
+                lost_for_ms: 200,
             },
             Case {
                 name: "every view isolated: alive",
