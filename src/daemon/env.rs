@@ -39,6 +39,8 @@ pub struct Env {
     /// How the primary's floating addresses go on and off this host.
     pub addresses: Arc<dyn crate::primary::duties::Addresses>,
     pub host_stats: Arc<dyn HostStats>,
+    /// Whether the store takes writes (probed after Raft stopped on a storage error).
+    pub storage_probe: Arc<dyn super::storage::StorageProbe>,
 }
 
 impl Env {
@@ -90,6 +92,7 @@ impl Env {
             fencer: Arc::new(fencer),
             addresses: Arc::new(crate::primary::duties::IpCommand),
             host_stats: Arc::new(stats::ProcStats),
+            storage_probe: Arc::new(super::storage::DirProbe(config.data_dir.clone())),
         })
     }
 }

@@ -15,6 +15,7 @@
 mod env;
 mod health;
 mod member;
+pub mod storage;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -109,6 +110,8 @@ pub struct Running {
     cluster_server: tokio::task::JoinHandle<()>,
     /// Aborted first at stop.
     tasks: Tasks,
+    /// Turns true when Raft stopped on a storage error and the store takes writes again.
+    restart: watch::Receiver<bool>,
 }
 
 /// Starts the daemon's logic over `env`: the heartbeat responder first (a daemon restarted
@@ -177,7 +180,9 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     if config.role == Role::Coordinator {
         tasks.spawn(health::run(node.clone(), shutdown_rx.clone()));
     }
-    Ok(Running { daemon, shutdown_tx, duty_stop_tx, duty_task, cluster_server, tasks })
+    let (restart_tx, restart) = watch::channel(false);
+    tasks.spawn(storage::guard(node.clone(), env.storage_probe.clone(), restart_tx));
+    Ok(Running { daemon, shutdown_tx, duty_stop_tx, duty_task, cluster_server, tasks, restart })
 }
 
 /// `data_dir` records which node of which cluster it belongs to: a config naming another node
@@ -358,5 +363,14 @@ impl Running {
     /// Stops the daemon when this is sent `true` (the admin socket's and metrics' servers).
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown_tx.subscribe()
+    }
+
+    /// Returns once this node must restart to recover from a storage error (see `storage`);
+    /// pending forever otherwise.
+    pub async fn restart_needed(&self) {
+        let mut r = self.restart.clone();
+        if r.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
@@ -30,11 +31,30 @@ struct MemLog {
 #[derive(Clone, Default)]
 pub struct MemLogStore {
     inner: Arc<Mutex<MemLog>>,
+    /// While set, every write fails as a full disk would (the simulation's storage fault).
+    failing: Arc<AtomicBool>,
 }
 
 impl MemLogStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes every write fail (or succeed again), shared by every handle.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Whether writes fail now.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::SeqCst)
+    }
+
+    fn writable(&self) -> Result<(), io::Error> {
+        if self.failing() {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "No space left on device (simulated)"));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, MemLog> {
@@ -71,11 +91,13 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.writable()?;
         self.lock().vote = Some(*vote);
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.writable()?;
         self.lock().committed = committed;
         Ok(())
     }
@@ -89,6 +111,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        self.writable()?;
         {
             let mut g = self.lock();
             for e in entries {
@@ -100,12 +123,14 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        self.writable()?;
         let from = last_log_id.map_or(0, |l| l.index + 1);
         self.lock().log.split_off(&from);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.writable()?;
         let mut g = self.lock();
         let keep = g.log.split_off(&(log_id.index + 1));
         g.log = keep;

@@ -41,6 +41,8 @@ pub enum Fault {
     /// victim's BMC carries the power-off out `bmc_ms` late — a new primary inherits a pending
     /// fence whose power-off may be on its way.
     PrimaryCrashInFence { node: usize, bmc_ms: u64 },
+    /// `node`'s store refuses every write (a full disk) until the fault ends.
+    StoreFails(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -64,7 +66,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         }
         let lasts = Duration::from_millis(rng.random_range(200..6000)).min(end - t);
         let node = rng.random_range(0..n);
-        let fault = match rng.random_range(0..11) {
+        let fault = match rng.random_range(0..12) {
             0 => Fault::Crash(node),
             1 => {
                 let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
@@ -84,6 +86,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
             7 => Fault::BmcSilent(node),
             8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
             9 => Fault::PrimaryCrashInFence { node, bmc_ms: rng.random_range(500..3000) },
+            10 => Fault::StoreFails(node),
             _ => Fault::Handover,
         };
         // A hang must outlast the loss and fence_after times for the fence to be decided.
@@ -142,6 +145,7 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
                 sim.hold(name(*node).as_str(), name(o).as_str());
             }
         }
+        Fault::StoreFails(i) => world.lock().machines[*i].log.set_failing(true),
         Fault::Handover => {}
     }
     true
@@ -231,6 +235,7 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
                 }
             }
         }
+        Fault::StoreFails(i) => world.lock().machines[*i].log.set_failing(false),
         Fault::Handover => {}
     }
 }
@@ -258,6 +263,7 @@ pub fn heal(sim: &mut Sim<'_>, world: &World) {
     w.fence_crashed.clear();
     for m in &mut w.machines {
         m.bmc = BmcMode::Normal;
+        m.log.set_failing(false);
     }
     drop(w);
     for i in 0..n {

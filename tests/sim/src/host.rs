@@ -107,6 +107,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             let m = &w.machines[i];
             (m.log.clone(), m.backend.clone(), m.identity.clone(), m.hv.clone())
         };
+        let log_probe = log.clone();
         let hv: Arc<dyn Hypervisor> = Arc::new(hv);
         let opener: HypervisorOpener = Box::pin(async move { Ok(hv) });
         let env = Env {
@@ -122,8 +123,19 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             fencer: Arc::new(SimFencer { world: world.clone(), from: i }),
             addresses: Arc::new(SimAddresses { world: world.clone(), machine: i }),
             host_stats: Arc::new(FixedStats(stats())),
+            storage_probe: Arc::new(SimProbe(log_probe)),
         };
-        let running = daemon::start(config, env).await.map_err(|e| e.to_string())?;
+        let running = match daemon::start(config, env).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The process exits; systemd starts it again after RestartSec.
+                world.trace(format!("{name}: daemon start failed: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                world.lock().restart_requests.push(i);
+                std::future::pending::<()>().await;
+                return Ok(());
+            }
+        };
         let (tx, mut rx) = mpsc::channel::<crate::world::AdminCall>(16);
         {
             let mut w = world.lock();
@@ -131,18 +143,44 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             w.machines[i].inbox = Some(tx);
         }
         world.trace(format!("{name}: daemon started"));
-        while let Some(call) = rx.recv().await {
-            let d = running.daemon.clone();
-            herd_storage::types::spawn(async move {
-                let out = herd::admin::handle(&d, call.req).await;
-                let _ = call.reply.send(out);
-            });
+        let serve = async {
+            while let Some(call) = rx.recv().await {
+                let d = running.daemon.clone();
+                herd_storage::types::spawn(async move {
+                    let out = herd::admin::handle(&d, call.req).await;
+                    let _ = call.reply.send(out);
+                });
+            }
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = running.restart_needed() => {
+                // Production `exec`s itself here; the driver restarts the host.
+                world.trace(format!("{name}: restarting after a storage error"));
+                world.lock().restart_requests.push(i);
+            }
         }
         // The inbox closes only when the world drops it: stay up until crashed.
         std::future::pending::<()>().await;
         Ok(())
     })
     .await
+}
+
+/// The simulated store's probe: it takes writes unless the storage fault is on.
+struct SimProbe(herd_storage::mem_store::MemLogStore);
+
+impl herd::daemon::storage::StorageProbe for SimProbe {
+    fn probe(&self) -> BoxFuture<'_, std::io::Result<()>> {
+        let failing = self.0.failing();
+        Box::pin(async move {
+            if failing {
+                Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)"))
+            } else {
+                Ok(())
+            }
+        })
+    }
 }
 
 /// How long the client waits for one admin answer.

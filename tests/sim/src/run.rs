@@ -162,6 +162,16 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         for i in due {
             crate::bmc::power_off(&world, i);
         }
+        // Daemons to start again (after a storage error, or a failed start), unless crashed or
+        // powered off meanwhile.
+        let restarts = std::mem::take(&mut world.lock().restart_requests);
+        for i in restarts {
+            let powered = world.lock().machines[i].powered;
+            if powered && sim.is_host_running(world.name(i).as_str()) {
+                faults::crash(&mut sim, &world, i);
+                faults::restart(&mut sim, &world, i);
+            }
+        }
         // BMC power actions from the last step.
         let requests = std::mem::take(&mut world.lock().power_requests);
         for r in requests {

@@ -112,6 +112,10 @@ pub struct Inner {
     /// each arrived: `received[to][from]` (at most [`KEEP_PROOFS`]).
     pub received: Vec<Vec<VecDeque<(Duration, SummaryProof)>>>,
     pub power_requests: Vec<PowerRequest>,
+    /// Daemons that ended and must start again, as systemd would restart them (`Restart=always`):
+    /// one that recovered from a storage error (it `exec`s itself in production), or one whose
+    /// start failed.
+    pub restart_requests: Vec<usize>,
     /// Every power-off request that reached a BMC, in order (ground truth for the fencing
     /// token invariant).
     pub power_offs: Vec<PowerOffSent>,
@@ -195,6 +199,7 @@ impl World {
             pulses_sent: BTreeMap::new(),
             received: vec![vec![VecDeque::new(); n]; n],
             power_requests: Vec::new(),
+            restart_requests: Vec::new(),
             power_offs: Vec::new(),
             delayed_offs: Vec::new(),
             crash_primary_on_fence: None,

@@ -9,8 +9,6 @@ use crate::config::Config;
 use crate::daemon::{self, Env, StartError};
 use crate::heartbeat::agent::Agent;
 
-mod storage;
-
 /// Why the daemon process could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -64,7 +62,7 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
     let dump_task = herd_storage::types::spawn(dump_heartbeat_on_sigusr2(daemon.agent.clone()));
     let exit = tokio::select! {
         _ = wait_for_signal() => Exit::Stopped,
-        _ = storage::recovered(daemon.node.clone(), config.data_dir.clone()) => Exit::Restart,
+        _ = running.restart_needed() => Exit::Restart,
     };
     dump_task.abort();
     running.stop().await;
