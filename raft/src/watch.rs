@@ -121,9 +121,9 @@ impl ReplicationWatch {
             .collect()
     }
 
-    /// Forgets `target` (removed, or joined again under a new id).
-    pub fn forget(&self, target: NodeId) {
-        self.targets().remove(&target);
+    /// Forgets every target but the members in `keep` (a removed node's id is never used again).
+    pub fn retain(&self, keep: &std::collections::BTreeSet<NodeId>) {
+        self.targets().retain(|id, _| keep.contains(id));
     }
 }
 
@@ -151,8 +151,8 @@ mod tests {
         assert!(w.problems()[&2].starts_with("log went backwards"), "{:?}", w.problems());
         // Another follower, another story; forgetting clears it.
         assert!(w.reverted(3).is_none());
-        w.forget(2);
-        assert!(w.problems().is_empty());
+        w.retain(&[3].into());
+        assert!(w.problems().is_empty(), "a removed node is forgotten");
     }
 
     #[tokio::test(start_paused = true)]

@@ -48,6 +48,8 @@ async fn round(node: &ClusterNode<LogStore>, told: &mut BTreeMap<NodeId, Instant
             .map(|n| (n.name.clone(), n.id, n.cluster_addr.clone(), n.health.as_ref().map(|h| h.problem.clone())))
             .collect()
     };
+    watch.retain(&records.iter().map(|r| r.1).collect());
+    told.retain(|id, _| records.iter().any(|r| r.1 == *id));
     for (name, id, addr, recorded) in records {
         let found = problems.get(&id);
         let write = match (found, &recorded) {
