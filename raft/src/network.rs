@@ -236,7 +236,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             Ok(other) => Err(to_rpc_error(unexpected(self.client.addr(), other))),
             Err(CallError::Remote(RpcError::Raft(e))) => {
                 self.watch.on_append(self.target, &sent, Err(&e));
-                Err(to_rpc_error(CallError::Remote(RpcError::Raft(e))))
+                // Its Raft stopped (a storage error): unreachable for Raft, so openraft backs
+                // off instead of retrying every few milliseconds.
+                Err(RPCError::Unreachable(Unreachable::new(&CallError::Remote(RpcError::Raft(e)))))
             }
             Err(e) => Err(to_rpc_error(e)),
         }

@@ -500,6 +500,15 @@ impl FenceManager {
     /// Powers a fenced node on again (`fence_action = reboot`) and records how it went.
     async fn power_on(&self, name: &str, agent: &dyn FenceAgent) {
         let error = agent.call(Action::On, self.settings.call_timeout).await.err().map(|e| e.to_string());
+        // The reading taken while it was off is stale now: the dead-on-BMC path must not act on
+        // it (soak seed 60170: a node fenced again 0.8 s after its power-on, on the old "off").
+        {
+            let mut l = self.local();
+            match error {
+                None => l.readings.insert(name.into(), Reading { at: Instant::now(), power: Some(Power::On) }),
+                Some(_) => l.readings.remove(name),
+            };
+        }
         match &error {
             None => tracing::info!(node = %name, "powered on again after its fence (fence_action = reboot)"),
             Some(e) => tracing::warn!(node = %name, "power on after the fence failed: {e}"),
