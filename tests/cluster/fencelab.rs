@@ -5,7 +5,42 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::bmc::{self, Bmc};
 use crate::harness::{wait_until, Cluster, Node};
+use crate::netns::Topology;
+
+/// A cluster of `names` in `topo`'s namespaces (names starting with `c` are coordinators), each
+/// listening on its management address; the test directory opened for libvirtd's `nobody`.
+pub fn cluster_on(topo: &Topology, names: &[&str]) -> Cluster {
+    let specs: Vec<(String, &str, String)> = names
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let role = if n.starts_with('c') { "coordinator" } else { "hypervisor" };
+            (n.to_string(), role, format!("{}:7400", topo.addr(k + 1, 0)))
+        })
+        .collect();
+    let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, r, a)| (n.as_str(), *r, a.as_str())).collect();
+    let c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
+    crate::libvirtd::open_path_for_nobody(c.dir.path());
+    c
+}
+
+/// Node `k`'s (0-based) heartbeat, hypervisor and fencing sections: its libvirtd at `uri`, its
+/// BMC `b`, and `fence` (the `[fence]` section's keys).
+pub fn node_config(topo: &Topology, k: usize, b: &Bmc, uri: &str, fence: &str) -> String {
+    format!(
+        "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
+         [hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
+         [fence]\n{fence}\
+         [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
+        topo.addr(k + 1, 0),
+        topo.addr(k + 1, 1),
+        b.addr,
+        bmc::USER,
+        b.password_file().display()
+    )
+}
 
 /// `init-cluster` on `names[0]`, every other node joins through `peer`; returns once every node
 /// runs and the primary has found every BMC ready (asked of `names[1]`).

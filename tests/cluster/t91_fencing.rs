@@ -81,17 +81,7 @@ fn fencing_and_recovery_in_namespaces() {
     }
     // Declared first, dropped last: processes die before their namespaces go.
     let topo = Topology::new("fe", NAMES.len(), &NETS);
-    let specs: Vec<(String, &str, String)> = NAMES
-        .iter()
-        .enumerate()
-        .map(|(k, n)| {
-            let role = if n.starts_with('c') { "coordinator" } else { "hypervisor" };
-            (n.to_string(), role, format!("{}:7400", topo.addr(k + 1, 0)))
-        })
-        .collect();
-    let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, r, a)| (n.as_str(), *r, a.as_str())).collect();
-    let mut c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
-    libvirtd::open_path_for_nobody(c.dir.path());
+    let mut c = fencelab::cluster_on(&topo, &NAMES);
     let mut bmcs: Vec<Bmc> = Vec::new();
     let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
     for (k, name) in NAMES.iter().enumerate() {
@@ -108,16 +98,12 @@ fn fencing_and_recovery_in_namespaces() {
         let uri = daemons[k].uri();
         let node = c.node(name);
         node.netns = Some(topo.ns(i));
-        node.extra_config.push_str(&format!(
-            "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
-             [hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
-             [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n\
-             [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
-            topo.addr(i, 0),
-            topo.addr(i, 1),
-            b.addr,
-            bmc::USER,
-            b.password_file().display()
+        node.extra_config.push_str(&fencelab::node_config(
+            &topo,
+            k,
+            b,
+            &uri,
+            "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n",
         ));
         if *name == "h1" {
             let wd = node.dir.join("watchdog");

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::bmc::{self, Bmc};
 use crate::fencelab::{self, events, vms};
-use crate::harness::{wait_until, Cluster};
+use crate::harness::wait_until;
 use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 use crate::netns::{self, Topology};
 
@@ -59,17 +59,7 @@ fn a_deposed_executor_sends_no_power_off() {
 /// One scenario on a fresh cluster; when hv's power-off came, in seconds after the cut.
 fn one_run() -> f64 {
     let topo = Topology::new("de", NAMES.len(), &NETS);
-    let specs: Vec<(String, &str, String)> = NAMES
-        .iter()
-        .enumerate()
-        .map(|(k, n)| {
-            let role = if n.starts_with('c') { "coordinator" } else { "hypervisor" };
-            (n.to_string(), role, format!("{}:7400", topo.addr(k + 1, 0)))
-        })
-        .collect();
-    let refs: Vec<(&str, &str, &str)> = specs.iter().map(|(n, r, a)| (n.as_str(), *r, a.as_str())).collect();
-    let mut c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
-    libvirtd::open_path_for_nobody(c.dir.path());
+    let mut c = fencelab::cluster_on(&topo, &NAMES);
     let mut bmcs: Vec<Bmc> = Vec::new();
     let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
     for (k, name) in NAMES.iter().enumerate() {
@@ -86,16 +76,12 @@ fn one_run() -> f64 {
         let (b, uri) = (&bmcs[k], daemons[k].uri());
         let node = c.node(name);
         node.netns = Some(topo.ns(k + 1));
-        node.extra_config.push_str(&format!(
-            "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
-             [hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
-             [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 12000\nmax_parallel = 1\n\
-             [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
-            topo.addr(k + 1, 0),
-            topo.addr(k + 1, 1),
-            b.addr,
-            bmc::USER,
-            b.password_file().display()
+        node.extra_config.push_str(&fencelab::node_config(
+            &topo,
+            k,
+            b,
+            &uri,
+            "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 12000\nmax_parallel = 1\n",
         ));
         node.start();
         b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
