@@ -1,12 +1,14 @@
 //! What the namespace fencing tests (`t91`, `t92`) share: forming the cluster, defining test
 //! VMs, signalling a node's daemon, reading events and VMs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::bmc::{self, Bmc};
 use crate::harness::{wait_until, Cluster, Node};
+use crate::libvirtd::Libvirtd;
 use crate::netns::Topology;
 
 /// A cluster of `names` in `topo`'s namespaces (names starting with `c` are coordinators), each
@@ -24,6 +26,36 @@ pub fn cluster_on(topo: &Topology, names: &[&str]) -> Cluster {
     let c = Cluster::new(&refs, "[keepalive]\ninterval_ms = 1000\n");
     crate::libvirtd::open_path_for_nobody(c.dir.path());
     c
+}
+
+/// For each of `names`: its BMC on the BMC network (traced for index `traced`) and its own
+/// libvirtd, then its daemon started with `node_config(.., fence)`; a power-off kills both.
+pub fn start_nodes(
+    c: &mut Cluster,
+    topo: &Topology,
+    names: &[&str],
+    traced: Option<usize>,
+    fence: &str,
+) -> (Vec<Bmc>, Vec<Arc<Libvirtd>>) {
+    let mut bmcs: Vec<Bmc> = Vec::new();
+    let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let dir = c.node(name).dir.clone();
+        let (ip, ns) = (topo.addr(k + 1, 2), topo.ns(k + 1));
+        let start = if traced == Some(k) { Bmc::start_traced } else { Bmc::start };
+        bmcs.push(start(&dir.join("bmc"), &ip, 623, Some(&ns)));
+        daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
+    }
+    for (k, name) in names.iter().enumerate() {
+        let (b, uri) = (&bmcs[k], daemons[k].uri());
+        let node = c.node(name);
+        node.netns = Some(topo.ns(k + 1));
+        node.extra_config.push_str(&node_config(topo, k, b, &uri, fence));
+        node.start();
+        b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
+        b.kill_on_power_off("libvirtd", daemons[k].pid());
+    }
+    (bmcs, daemons)
 }
 
 /// Node `k`'s (0-based) heartbeat, hypervisor and fencing sections: its libvirtd at `uri`, its

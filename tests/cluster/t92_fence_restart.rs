@@ -72,28 +72,13 @@ fn one_run() -> u128 {
     // Declared first, dropped last: processes die before their namespaces go.
     let topo = Topology::new("fr", NAMES.len(), &NETS);
     let mut c = fencelab::cluster_on(&topo, &NAMES);
-    let mut bmcs: Vec<Bmc> = Vec::new();
-    let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
-    for (k, name) in NAMES.iter().enumerate() {
-        let dir = c.node(name).dir.clone();
-        bmcs.push(Bmc::start(&dir.join("bmc"), &topo.addr(k + 1, 2), 623, Some(&topo.ns(k + 1))));
-        daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
-    }
-    for (k, name) in NAMES.iter().enumerate() {
-        let (b, uri) = (&bmcs[k], daemons[k].uri());
-        let node = c.node(name);
-        node.netns = Some(topo.ns(k + 1));
-        node.extra_config.push_str(&fencelab::node_config(
-            &topo,
-            k,
-            b,
-            &uri,
-            "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\n",
-        ));
-        node.start();
-        b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
-        b.kill_on_power_off("libvirtd", daemons[k].pid());
-    }
+    let (bmcs, daemons) = fencelab::start_nodes(
+        &mut c,
+        &topo,
+        &NAMES,
+        None,
+        "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\n",
+    );
     let sampler = DoubleSampler::start(daemons.clone());
     fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
     fencelab::define_vms(&mut c, "c2", VMS, "003", &["--node", "hv"]);

@@ -16,15 +16,14 @@
 //!
 //! `HERD_T95_RUNS=10 cargo test --test cluster t95` repeats it on fresh clusters.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::bmc::{self, Bmc};
+use crate::bmc;
 use crate::fencelab::{self, events, vms};
 use crate::harness::wait_until;
-use crate::libvirtd::{self, DoubleSampler, Libvirtd};
+use crate::libvirtd::{self, DoubleSampler};
 use crate::netns::{self, Topology};
 
 const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
@@ -60,33 +59,13 @@ fn a_deposed_executor_sends_no_power_off() {
 fn one_run() -> f64 {
     let topo = Topology::new("de", NAMES.len(), &NETS);
     let mut c = fencelab::cluster_on(&topo, &NAMES);
-    let mut bmcs: Vec<Bmc> = Vec::new();
-    let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
-    for (k, name) in NAMES.iter().enumerate() {
-        let dir = c.node(name).dir.clone();
-        let (ip, ns) = (topo.addr(k + 1, 2), topo.ns(k + 1));
-        bmcs.push(if k == HV {
-            Bmc::start_traced(&dir.join("bmc"), &ip, 623, Some(&ns))
-        } else {
-            Bmc::start(&dir.join("bmc"), &ip, 623, Some(&ns))
-        });
-        daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
-    }
-    for (k, name) in NAMES.iter().enumerate() {
-        let (b, uri) = (&bmcs[k], daemons[k].uri());
-        let node = c.node(name);
-        node.netns = Some(topo.ns(k + 1));
-        node.extra_config.push_str(&fencelab::node_config(
-            &topo,
-            k,
-            b,
-            &uri,
-            "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 12000\nmax_parallel = 1\n",
-        ));
-        node.start();
-        b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
-        b.kill_on_power_off("libvirtd", daemons[k].pid());
-    }
+    let (bmcs, daemons) = fencelab::start_nodes(
+        &mut c,
+        &topo,
+        &NAMES,
+        Some(HV),
+        "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 12000\nmax_parallel = 1\n",
+    );
     let sampler = DoubleSampler::start(daemons.clone());
     fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
     fencelab::define_vms(&mut c, "c2", VMS, "005", &["--node", "hv"]);
