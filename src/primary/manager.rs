@@ -9,7 +9,8 @@
 //!         (acknowledged, with a deadline) ─▶ addresses ─▶ hooks start ─▶ router_state primary;
 //!         every slow step races the guard's drop signal and is abandoned (hook children killed)
 //!         when the lease goes; after a drop: hooks stop, relinquish recorded when possible;
-//!         `status` hooks while holding.
+//!         `status` hooks while holding, and `router_state primary` recorded again if the
+//!         record lost it (a write refused in passing is retried, never left standing).
 //! ```
 //! Addresses are added and removed under one lock, and added only while the gate holds: the
 //! guard can always take them off within one `ip` command of losing the lease.
@@ -32,6 +33,9 @@ use super::gate::{Decision, Gate, GateParams, Observation};
 
 const TICK: Duration = Duration::from_millis(20);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a takeover keeps trying to record `router_state primary`, and how often.
+const RECORD_PRIMARY_FOR: Duration = Duration::from_secs(10);
+const RECORD_RETRY: Duration = Duration::from_millis(100);
 
 /// Manager settings.
 #[derive(Clone, Debug)]
@@ -220,6 +224,10 @@ impl Manager {
             if Instant::now() >= status_at {
                 status_at = Instant::now() + self.settings.status_interval;
                 if self.gate().holding() && self.hooks_up.load(Ordering::Acquire) {
+                    {
+                        let _act = self.act.lock().await;
+                        self.record_primary().await;
+                    }
                     if let Some(errors) = self.unless_dropped(self.duties.run_hooks("status")).await {
                         for e in errors {
                             self.record("hook-status", e).await;
@@ -303,13 +311,45 @@ impl Manager {
             }
             None => return,
         }
-        let primary = Command::SetRouterState { name, state: RouterState::Primary, node_id: self.my_id() };
-        match self.unless_dropped(self.own_write(primary, WRITE_TIMEOUT)).await {
-            Some(Ok(())) => {
-                tracing::info!(took_ms = started.elapsed().as_millis() as u64, "primary: holding the duties")
+        if self.record_primary().await {
+            tracing::info!(took_ms = started.elapsed().as_millis() as u64, "primary: holding the duties");
+        }
+    }
+
+    /// Whether the replicated record names this node primary.
+    fn recorded_primary(&self) -> bool {
+        self.node.member().is_some_and(|m| {
+            let g = m.view.read();
+            g.state.nodes.values().any(|n| n.name == self.settings.name && n.router_state == RouterState::Primary)
+        })
+    }
+
+    /// Records `router_state primary` for this node, retrying while it holds the duties: a
+    /// write refused in passing (a membership change under way) must not leave the record
+    /// saying secondary for as long as this node holds the role. Whether it was recorded.
+    async fn record_primary(&self) -> bool {
+        let deadline = Instant::now() + RECORD_PRIMARY_FOR;
+        loop {
+            if self.recorded_primary() {
+                return true;
             }
-            Some(Err(e)) => tracing::warn!("router_state primary not recorded: {e}"),
-            None => {}
+            let primary = Command::SetRouterState {
+                name: self.settings.name.clone(),
+                state: RouterState::Primary,
+                node_id: self.my_id(),
+            };
+            match self.unless_dropped(self.own_write(primary, WRITE_TIMEOUT)).await {
+                Some(Ok(())) => return true,
+                Some(Err(e)) if Instant::now() >= deadline => {
+                    tracing::warn!("router_state primary not recorded: {e}");
+                    return false;
+                }
+                Some(Err(e)) => tracing::debug!("router_state primary not recorded yet: {e}"),
+                None => return false,
+            }
+            if self.unless_dropped(tokio::time::sleep(RECORD_RETRY)).await.is_none() {
+                return false;
+            }
         }
     }
 
