@@ -17,11 +17,12 @@ use hyper::{Request, Response, StatusCode};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use crate::heartbeat::agent::Agent;
 use crate::primary::manager::Manager;
@@ -32,6 +33,7 @@ pub struct Scrape {
     pub node: Arc<herd_raft::node::ClusterNode<herd_storage::log_store::LogStore>>,
     pub agent: Arc<Agent>,
     pub primary: Arc<Manager>,
+    pub cluster_port: Arc<herd_raft::server::PortStats>,
 }
 use crate::heartbeat::verdict::Verdict;
 use crate::heartbeat::LinkState;
@@ -55,6 +57,16 @@ struct Network {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerKind {
+    peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +99,8 @@ pub struct Metrics {
     fence_state: Family<HostState, Gauge>,
     node_unhealthy: Family<Host, Gauge>,
     raft_stopped: Gauge,
+    cluster_refused: Family<Reason, Counter>,
+    cluster_connections: Family<PeerKind, Counter>,
 }
 
 impl Metrics {
@@ -112,6 +126,8 @@ impl Metrics {
             fence_state: Family::default(),
             node_unhealthy: Family::default(),
             raft_stopped: Gauge::default(),
+            cluster_refused: Family::default(),
+            cluster_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -173,7 +189,30 @@ impl Metrics {
             "1 if Raft stopped on this node (a storage error, or refused: its log went backwards)",
             m.raft_stopped.clone(),
         );
+        registry.register(
+            "cluster_refused",
+            "Connections and requests the cluster port turned away, by reason",
+            m.cluster_refused.clone(),
+        );
+        registry.register(
+            "cluster_connections",
+            "Connections the cluster port admitted: peer=member (certified) or anonymous (a joiner)",
+            m.cluster_connections.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Brings the port's counters up to the source's counts.
+    fn port_counters(&self, port: &herd_raft::server::PortStats) {
+        let bump = |c: &Counter, to: u64| {
+            c.inc_by(to.saturating_sub(c.get()));
+        };
+        for r in herd_raft::server::Refusal::ALL {
+            bump(&self.cluster_refused.get_or_create(&Reason { reason: r.as_str().into() }), port.refused(r));
+        }
+        let (members, anonymous) = port.admitted();
+        bump(&self.cluster_connections.get_or_create(&PeerKind { peer: "member".into() }), members);
+        bump(&self.cluster_connections.get_or_create(&PeerKind { peer: "anonymous".into() }), anonymous);
     }
 
     /// Refreshes the gauges from their sources and renders the text format.
@@ -183,6 +222,7 @@ impl Metrics {
         let stopped = daemon.node.refused().is_some()
             || daemon.node.member().is_some_and(|m| m.raft.metrics().borrow_watched().running_state.is_err());
         self.raft_stopped.set(i64::from(stopped));
+        self.port_counters(&daemon.cluster_port);
         if let Some(member) = daemon.node.member() {
             let metrics = member.raft.metrics();
             let (term, leader, state, committed) = {
@@ -263,36 +303,92 @@ impl Metrics {
     }
 }
 
-/// At most this many scrapes are served at once; each has this long to send its request.
+/// At most this many connections are open at once. One that sends nothing within
+/// [`FIRST_BYTE`] is closed, and when all are taken the oldest that has sent nothing yet makes
+/// room: idle connections can never keep a scrape out. A request has [`HEADER_TIMEOUT`] to
+/// arrive whole, and a connection serves one request.
 const MAX_SCRAPES: usize = 16;
+const FIRST_BYTE: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTION_TIME: Duration = Duration::from_secs(15);
+
+/// One open connection, as the accept loop sees it.
+struct Open {
+    id: u64,
+    /// It has sent its first byte: a scrape under way, not to be evicted.
+    started: bool,
+    evict: Arc<Notify>,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Conns(std::sync::Mutex<Vec<Open>>);
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Open>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for connection `id`: evicts the oldest idle one when full; `None` when every
+    /// slot is a scrape under way.
+    fn admit(&self, id: u64) -> Option<Arc<Notify>> {
+        let mut g = self.lock();
+        if g.len() >= MAX_SCRAPES {
+            let idle = g.iter().position(|o| !o.started)?;
+            g.remove(idle).evict.notify_one();
+        }
+        let evict = Arc::new(Notify::new());
+        g.push(Open { id, started: false, evict: evict.clone() });
+        Some(evict)
+    }
+
+    /// Marks `id` started; false if it was evicted meanwhile.
+    fn start(&self, id: u64) -> bool {
+        self.lock().iter_mut().find(|o| o.id == id).map(|o| o.started = true).is_some()
+    }
+
+    fn close(&self, id: u64) {
+        self.lock().retain(|o| o.id != id);
+    }
+}
 
 /// Serves `GET /metrics` on `addr` until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Scrape>, mut shutdown: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
-    loop {
+    let conns = Arc::new(Conns::default());
+    for id in 0u64.. {
         let accepted = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => return,
             a = listener.accept() => a,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
-        let daemon = daemon.clone();
+        let Some(evict) = conns.admit(id) else { continue };
+        let (daemon, conns) = (daemon.clone(), conns.clone());
         herd_storage::types::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let daemon = daemon.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &daemon)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-            drop(permit);
+            let first = tokio::select! {
+                _ = evict.notified() => false,
+                r = tokio::time::timeout(FIRST_BYTE, stream.readable()) => matches!(r, Ok(Ok(()))),
+            };
+            if first && conns.start(id) {
+                let _ = tokio::time::timeout(MAX_CONNECTION_TIME, scrape(stream, daemon)).await;
+            }
+            conns.close(id);
         });
     }
+}
+
+/// Answers the one request on `stream`.
+async fn scrape(stream: tokio::net::TcpStream, daemon: Arc<Scrape>) {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let daemon = daemon.clone();
+        async move { Ok::<_, Infallible>(answer(&req, &daemon)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = conn.await;
 }
 
 fn answer(req: &Request<hyper::body::Incoming>, daemon: &Scrape) -> Response<Full<Bytes>> {

@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
             node: daemon.node.clone(),
             agent: daemon.agent.clone(),
             primary: daemon.primary.clone(),
+            cluster_port: daemon.cluster_port.clone(),
         });
         herd_storage::types::spawn(crate::metrics::serve(listener, scrape, running.shutdown_signal()));
         tracing::info!(%addr, "metrics at http://{addr}/metrics");

@@ -1,5 +1,6 @@
 //! The client side of the cluster protocol: one connection per peer, every call bounded by a
-//! deadline, reconnection on failure (openraft backs off on `Unreachable`).
+//! deadline, a connection kept across a timed-out call (its late reply is dropped),
+//! reconnection on failure (openraft backs off on `Unreachable`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkV2};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 use crate::transport::{BoxStream, Connector};
@@ -27,9 +29,16 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Once a frame has started, the rest must arrive within this.
     pub frame_timeout: Duration,
+    /// Connections from members' addresses, in all.
     pub max_connections: usize,
-    /// Connections from one peer address; a flood from one host cannot lock the others out.
+    /// Connections from one member's address; a flood from one host cannot lock the others out.
     pub max_per_peer: usize,
+    /// Connections from any other address (joiners, strangers), in all and per host: they
+    /// never take members' capacity.
+    pub max_strangers: usize,
+    pub max_strangers_per_host: usize,
+    /// A stranger's handshake, and an anonymous peer's one request, must start within this.
+    pub stranger_timeout: Duration,
     /// All frame bodies being read at once, across connections.
     pub max_buffered_bytes: u64,
     /// A request is never worked on longer than this, whatever timeout its sender gave.
@@ -45,6 +54,9 @@ impl Default for Limits {
             frame_timeout: Duration::from_secs(10),
             max_connections: 256,
             max_per_peer: 32,
+            max_strangers: 64,
+            max_strangers_per_host: 4,
+            stranger_timeout: Duration::from_secs(5),
             max_buffered_bytes: 256 * 1024 * 1024,
             max_request_time: Duration::from_secs(120),
         }
@@ -68,7 +80,25 @@ pub enum CallError {
     Unexpected { addr: String, reply: String },
 }
 
-/// A connection to one peer, reopened on demand.
+/// Replies a connection may owe (calls that timed out while their reply had not started to
+/// arrive) before it is given up for a fresh one.
+const MAX_OWED: usize = 4;
+
+/// An open connection and what the calls on it left behind.
+struct Conn {
+    /// Buffered, so waiting for a reply's first byte can be abandoned without losing bytes.
+    stream: BufReader<BoxStream>,
+    /// Replies still to come, in order (the server answers one request after another): a
+    /// call that timed out before its reply began leaves one, read and dropped by the next.
+    owed: usize,
+    /// A frame was being written or read when the call ended: where the next frame starts
+    /// is unknown, so the connection is not used again.
+    torn: bool,
+}
+
+/// A connection to one peer, reopened on demand. A call that times out keeps a healthy
+/// connection: its late reply is matched by position and dropped (a late heartbeat must not
+/// cost a new TCP and TLS handshake).
 pub struct PeerClient {
     connector: Arc<dyn Connector>,
     addr: String,
@@ -76,7 +106,7 @@ pub struct PeerClient {
     cluster_id: String,
     from: Option<NodeId>,
     limits: Limits,
-    conn: Option<BoxStream>,
+    conn: Option<Conn>,
 }
 
 impl PeerClient {
@@ -120,11 +150,12 @@ impl PeerClient {
         let bytes = wire::encode(&frame, self.limits.max_frame).map_err(|e| transport(&self.addr, e))?;
         let deadline = Instant::now() + timeout;
         for attempt in 0..2 {
+            if self.conn.as_ref().is_some_and(|c| c.torn) {
+                self.conn = None;
+            }
             let reused = self.conn.is_some();
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let result = tokio::time::timeout(remaining, self.exchange(&bytes, remaining)).await;
-            let err = match result {
-                Ok(Ok(reply)) => {
+            let err = match self.exchange(&bytes, deadline).await {
+                Ok(reply) => {
                     return match wire::decode::<Result<RpcReply, RpcError>>(&reply) {
                         Ok(Ok(r)) => Ok(r),
                         Ok(Err(e)) => Err(CallError::Remote(e)),
@@ -134,8 +165,11 @@ impl PeerClient {
                         }
                     }
                 }
-                Ok(Err(e)) => e,
-                Err(_) => FrameError::Timeout(timeout),
+                // Timed out waiting for the reply to start: the connection stays.
+                Err(e @ FrameError::Timeout(_)) if self.conn.as_ref().is_some_and(|c| !c.torn) => {
+                    return Err(transport(&self.addr, e))
+                }
+                Err(e) => e,
             };
             self.conn = None;
             if let FrameError::Io(e) = &err {
@@ -151,17 +185,44 @@ impl PeerClient {
         Err(transport(&self.addr, FrameError::Closed))
     }
 
-    async fn exchange(&mut self, bytes: &[u8], remaining: Duration) -> Result<Vec<u8>, FrameError> {
+    /// One request and its reply by `deadline`. Every wait is bounded; a future dropped
+    /// mid-frame leaves the connection marked torn.
+    async fn exchange(&mut self, bytes: &[u8], deadline: Instant) -> Result<Vec<u8>, FrameError> {
+        let remaining = || deadline.saturating_duration_since(Instant::now());
         if self.conn.is_none() {
-            let t = self.limits.connect_timeout.min(remaining);
+            let t = self.limits.connect_timeout.min(remaining());
             let s = tokio::time::timeout(t, self.connector.connect(&self.addr, self.target))
                 .await
                 .map_err(|_| FrameError::Timeout(t))??;
-            self.conn = Some(s);
+            self.conn = Some(Conn { stream: BufReader::new(s), owed: 0, torn: false });
         }
+        let max = self.limits.max_frame;
         let conn = self.conn.as_mut().ok_or(FrameError::Closed)?;
-        wire::write_frame(conn, bytes, remaining).await?;
-        wire::read_frame(conn, self.limits.max_frame, remaining, remaining).await
+        conn.torn = true;
+        wire::write_frame(&mut conn.stream, bytes, remaining()).await?;
+        conn.owed += 1;
+        conn.torn = false;
+        loop {
+            let wait = remaining();
+            match tokio::time::timeout(wait, conn.stream.fill_buf()).await {
+                Err(_) => {
+                    // Nothing of the reply yet: it is owed, and dropped when it comes.
+                    conn.torn = conn.owed > MAX_OWED;
+                    return Err(FrameError::Timeout(wait));
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok([])) => return Err(FrameError::Closed),
+                Ok(Ok(_)) => {}
+            }
+            conn.torn = true;
+            let frame = wire::read_frame(&mut conn.stream, max, remaining(), remaining()).await?;
+            conn.torn = false;
+            conn.owed = conn.owed.saturating_sub(1);
+            if conn.owed == 0 {
+                return Ok(frame);
+            }
+            // A reply to an earlier call that gave up waiting: dropped.
+        }
     }
 }
 
@@ -304,5 +365,72 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     /// Reconnect with exponential backoff: 50 ms doubling to 1 s.
     fn backoff(&self) -> Option<Backoff> {
         Some(Backoff::new((0..).map(|i: u32| Duration::from_millis(50u64 << i.min(4)).min(Duration::from_secs(1)))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::transport::TcpConnector;
+
+    /// A plain server that answers each request `Done`, the first one only after `first_delay`;
+    /// counts the connections it accepts.
+    async fn slow_first_server(first_delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let served = Arc::new(AtomicUsize::new(0));
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let served = served.clone();
+                tokio::spawn(async move {
+                    let limit = Duration::from_secs(5);
+                    while let Ok(body) = wire::read_frame(&mut s, 1 << 20, limit, limit).await {
+                        let frame: RequestFrame = wire::decode(&body).expect("request");
+                        if served.fetch_add(1, Ordering::SeqCst) == 0 {
+                            tokio::time::sleep(first_delay).await;
+                        }
+                        let reply: Result<RpcReply, RpcError> = Ok(RpcReply::ReadIndex(frame.timeout_ms));
+                        let bytes = wire::encode(&reply, 1 << 20).expect("encode");
+                        if wire::write_frame(&mut s, &bytes, limit).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_call_keeps_the_connection_and_drops_its_late_reply() {
+        let (addr, accepted) = slow_first_server(Duration::from_millis(300)).await;
+        let mut c = PeerClient::new(Arc::new(TcpConnector), addr, None, "c".into(), Limits::default());
+        let first = c.call(Rpc::Leader(crate::wire::LeaderOp::ReadIndex), Duration::from_millis(50)).await;
+        assert!(matches!(first, Err(CallError::Transport { source: FrameError::Timeout(_), .. })), "{first:?}");
+        // The next call's reply is its own (the server echoes the timeout it was given), not
+        // the late one, and it travels on the same connection.
+        let second = c.call(Rpc::Leader(crate::wire::LeaderOp::ReadIndex), Duration::from_millis(2000)).await;
+        assert!(matches!(second, Ok(RpcReply::ReadIndex(2000))), "{second:?}");
+        let third = c.call(Rpc::Leader(crate::wire::LeaderOp::ReadIndex), Duration::from_millis(1999)).await;
+        assert!(matches!(third, Ok(RpcReply::ReadIndex(1999))), "{third:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "no new connection for a late reply");
+    }
+
+    #[tokio::test]
+    async fn a_connection_owing_too_many_replies_is_replaced() {
+        let (addr, accepted) = slow_first_server(Duration::from_secs(3)).await;
+        let mut c = PeerClient::new(Arc::new(TcpConnector), addr, None, "c".into(), Limits::default());
+        for _ in 0..=MAX_OWED {
+            let r = c.call(Rpc::Leader(crate::wire::LeaderOp::ReadIndex), Duration::from_millis(20)).await;
+            assert!(r.is_err());
+        }
+        let fresh = c.call(Rpc::Leader(crate::wire::LeaderOp::ReadIndex), Duration::from_millis(2000)).await;
+        assert!(matches!(fresh, Ok(RpcReply::ReadIndex(2000))), "{fresh:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a second connection after {MAX_OWED} owed replies");
     }
 }

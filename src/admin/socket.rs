@@ -2,7 +2,8 @@
 //! The protocol is documented in `docs/admin-protocol.md`; keep the two in step.
 //!
 //! Bounds: a request line is at most [`MAX_LINE`] bytes; a connection idle for the configured
-//! `limits.admin_idle_timeout_ms` is closed; at most [`MAX_CONNECTIONS`] are served at once.
+//! `limits.admin_idle_timeout_ms` is closed; connections are capped per class of peer and per
+//! user ([`MAX_CONNECTIONS`], [`MAX_PER_UID`]), so no group member can lock root out.
 //!
 //! Access: file modes are not trusted alone. Each connection's peer credentials (SO_PEERCRED)
 //! decide what it may do: root and the daemon's own user everything; members of
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use super::protocol::{AdminError, AdminRequest, AdminResponse, ErrorCode};
 use super::Handler;
@@ -27,7 +28,10 @@ use crate::config::GroupAccess;
 pub enum Access {
     None,
     Read,
+    /// A member of a full-access group.
     Full,
+    /// Root or the daemon's own user.
+    Owner,
 }
 
 /// Who may do what on the admin socket.
@@ -59,7 +63,7 @@ impl AccessPolicy {
     /// What a peer with user `uid`, primary group `gid` and supplementary `groups` may do.
     pub fn access(&self, uid: u32, gid: u32, groups: &[u32]) -> Access {
         if uid == 0 || uid == self.owner_uid {
-            return Access::Full;
+            return Access::Owner;
         }
         match self.group {
             Some((g, a)) if gid == g || groups.contains(&g) => match a {
@@ -84,7 +88,59 @@ fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
 }
 
 pub const MAX_LINE: usize = 64 * 1024;
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once, per class of peer: root and the daemon's user have their own
+/// capacity, which group members can never take; a full-access group has its own again, so a
+/// read-only member cannot lock out those who may change things; one group user holds at
+/// most [`MAX_PER_UID`]. Refused peers get a few short-lived connections of their own.
+pub const MAX_CONNECTIONS: [(Access, usize); 4] =
+    [(Access::Owner, 32), (Access::Full, 32), (Access::Read, 32), (Access::None, 8)];
+pub const MAX_PER_UID: usize = 16;
+
+/// The admin socket's connection counts, by class and by user.
+#[derive(Default)]
+struct Slots(std::sync::Mutex<std::collections::BTreeMap<(Access, Option<u32>), usize>>);
+
+/// One connection's place, given back on drop.
+struct Slot {
+    slots: Arc<Slots>,
+    keys: [(Access, Option<u32>); 2],
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(Access, Option<u32>), usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a connection of class `access` from `uid`, if its class and its user have
+    /// room (the owner class has no per-user cap).
+    fn take(self: &Arc<Self>, access: Access, uid: u32) -> Option<Slot> {
+        let max = MAX_CONNECTIONS.iter().find(|(a, _)| *a == access).map_or(0, |(_, n)| *n);
+        let per_uid = if access == Access::Owner { max } else { MAX_PER_UID };
+        let keys = [(access, None), (access, Some(uid))];
+        let mut g = self.lock();
+        if g.get(&keys[0]).copied().unwrap_or(0) >= max || g.get(&keys[1]).copied().unwrap_or(0) >= per_uid {
+            return None;
+        }
+        for k in keys {
+            *g.entry(k).or_insert(0) += 1;
+        }
+        Some(Slot { slots: self.clone(), keys })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.slots.lock();
+        for k in self.keys {
+            if let Some(n) = g.get_mut(&k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    g.remove(&k);
+                }
+            }
+        }
+    }
+}
 
 /// Errors setting up the socket.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +190,7 @@ pub async fn serve<H: Handler>(
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     // Refusals are logged at most every 10 s, with a count.
     let (mut refused, mut last_warning) = (0u64, None);
     let (mut refused_peers, mut last_peer_warning) = (0u64, None);
@@ -152,15 +208,15 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
-        let access = match stream.peer_cred() {
+        let (access, uid) = match stream.peer_cred() {
             // Supplementary groups (a /proc read) only when user and primary group do not decide.
             Ok(c) => match policy.access(c.uid(), c.gid(), &[]) {
                 Access::None if policy.group.is_some() => {
-                    policy.access(c.uid(), c.gid(), &supplementary_groups(c.pid()))
+                    (policy.access(c.uid(), c.gid(), &supplementary_groups(c.pid())), c.uid())
                 }
-                a => a,
+                a => (a, c.uid()),
             },
-            Err(_) => Access::None,
+            Err(_) => (Access::None, u32::MAX),
         };
         if access == Access::None {
             refused_peers += 1;
@@ -171,17 +227,17 @@ pub async fn serve<H: Handler>(
                 refused_peers = 0;
             }
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Some(permit) = slots.take(access, uid) else {
             refused += 1;
             if last_warning.is_none_or(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
-                tracing::warn!(refused, "admin socket: {MAX_CONNECTIONS} connections open, refusing more");
+                tracing::warn!(refused, uid, ?access, "admin socket: this peer's connections are at their cap ({MAX_PER_UID} per user, {MAX_CONNECTIONS:?} per class), refusing more");
                 last_warning = Some(tokio::time::Instant::now());
                 refused = 0;
             }
             // Say why before closing (best effort, never blocking the accept loop).
             let _ = stream.try_write(&response_line(&AdminResponse::from_result(Err(AdminError::new(
                 ErrorCode::Busy,
-                "too many admin connections",
+                "too many admin connections from this user",
             )))));
             continue;
         };
@@ -259,7 +315,7 @@ mod tests {
     #[test]
     fn access_by_user_and_groups() {
         let open = AccessPolicy { owner_uid: 0, group: None };
-        assert_eq!(open.access(0, 0, &[]), Access::Full);
+        assert_eq!(open.access(0, 0, &[]), Access::Owner);
         assert_eq!(open.access(1000, 1000, &[]), Access::None, "no group: root only");
         let read = AccessPolicy { owner_uid: 0, group: Some((990, GroupAccess::Read)) };
         assert_eq!(read.access(1000, 990, &[]), Access::Read, "primary group");
@@ -267,6 +323,19 @@ mod tests {
         assert_eq!(read.access(1000, 1000, &[4]), Access::None);
         let full = AccessPolicy { owner_uid: 500, group: Some((990, GroupAccess::Full)) };
         assert_eq!(full.access(1000, 990, &[]), Access::Full);
-        assert_eq!(full.access(500, 500, &[]), Access::Full, "the daemon's own user");
+        assert_eq!(full.access(500, 500, &[]), Access::Owner, "the daemon's own user");
+    }
+
+    #[test]
+    fn a_group_user_cannot_take_the_owners_capacity() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<Slot> = (0..MAX_PER_UID).filter_map(|_| slots.take(Access::Read, 1000)).collect();
+        assert_eq!(held.len(), MAX_PER_UID);
+        assert!(slots.take(Access::Read, 1000).is_none(), "per-user cap");
+        assert!(slots.take(Access::Read, 1001).is_some(), "another reader still gets in");
+        assert!(slots.take(Access::Full, 1002).is_some(), "a full-access member still gets in");
+        assert!(slots.take(Access::Owner, 0).is_some(), "root still gets in");
+        drop(held);
+        assert!(slots.take(Access::Read, 1000).is_some(), "slots come back on drop");
     }
 }

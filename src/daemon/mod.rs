@@ -85,6 +85,8 @@ pub struct Daemon {
     /// How this node is fenced (from `[fencing]`), published in its record.
     fencing: Option<FencePolicy>,
     host_stats: Arc<dyn HostStats>,
+    /// What the cluster port counts (refusals by reason, connections admitted).
+    pub cluster_port: Arc<herd_raft::server::PortStats>,
     /// The tasks the member duties start (targets, reconcile, flush, self-fence guard).
     tasks: Tasks,
 }
@@ -154,10 +156,17 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         resumed: AtomicBool::new(false),
         fencing,
         host_stats: env.host_stats,
+        cluster_port: Arc::new(herd_raft::server::PortStats::default()),
         tasks: Tasks::new(),
     });
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
-    let cluster_server = herd_storage::types::spawn(server::serve(env.listener, handler, limits, shutdown_rx.clone()));
+    let cluster_server = herd_storage::types::spawn(server::serve(
+        env.listener,
+        handler,
+        limits,
+        daemon.cluster_port.clone(),
+        shutdown_rx.clone(),
+    ));
     tracing::info!(name = %config.name, role = %config.role, "herd daemon started");
 
     let resumed = resume(&daemon).await?;

@@ -168,6 +168,14 @@ where
         Ok(())
     }
 
+    fn member_host(&self, host: &str) -> bool {
+        let Some(member) = self.0.member() else { return false };
+        let metrics = member.raft.metrics();
+        let m = metrics.borrow_watched();
+        let found = m.membership_config.membership().nodes().any(|(_, n)| crate::server::peer_host(&n.addr) == host);
+        found
+    }
+
     fn handle(&self, frame: RequestFrame, peer: Peer) -> BoxFuture<'_, Result<RpcReply, RpcError>> {
         Box::pin(self.0.clone().handle_frame(frame, peer))
     }
