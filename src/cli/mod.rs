@@ -334,9 +334,16 @@ pub async fn call(socket: &Path, req: &AdminRequest, timeout: Duration) -> Resul
         let (read, mut write) = stream.into_split();
         let mut line = serde_json::to_vec(req).map_err(|e| CliError::Usage(e.to_string()))?;
         line.push(b'\n');
-        write.write_all(&line).await.map_err(|e| CliError::Io(e, path.clone()))?;
+        // A daemon that refuses the connection says why and closes before reading the request:
+        // its line is read even when the write failed.
+        let wrote = write.write_all(&line).await;
         let mut answer = String::new();
-        BufReader::new(read).read_line(&mut answer).await.map_err(|e| CliError::Io(e, path.clone()))?;
+        let read = BufReader::new(read).read_line(&mut answer).await;
+        match (wrote, read) {
+            (_, Ok(n)) if n > 0 => {}
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(CliError::Io(e, path.clone())),
+            (Ok(()), Ok(_)) => {}
+        }
         let resp: AdminResponse = serde_json::from_str(&answer)
             .map_err(|e| CliError::Daemon(format!("unreadable answer from the daemon: {e}")))?;
         match (resp.ok, resp.result, resp.error) {

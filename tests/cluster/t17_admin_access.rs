@@ -101,7 +101,66 @@ fn admin_socket_access_follows_peer_credentials() {
         "stranger, credentials: {}",
         text(&o)
     );
+    // A read-only member holding 100 connections cannot lock root out: root's read and write
+    // below run while they are held.
+    let holder = Reaper(hold_connections(&sock, 65534, NOGROUP, 100));
+    let end = Instant::now() + Duration::from_secs(10);
+    while count_connections(&sock) < 16 {
+        assert!(Instant::now() < end, "the holder never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let o = herd_as(&sock, None, &["status"]);
+    assert!(o.status.success(), "root read while a member holds 100 connections: {}", text(&o));
     // Root may do everything.
     let o = herd_as(&sock, None, &["init-cluster"]);
-    assert!(o.status.success(), "root write: {}", text(&o));
+    assert!(o.status.success(), "root write while a member holds 100 connections: {}", text(&o));
+    assert!(started.elapsed() < Duration::from_secs(10), "root waited {:?}", started.elapsed());
+    // The member itself got its per-user share and no more.
+    let o = herd_as(&sock, Some((NOGROUP, &[])), &["status"]);
+    assert!(
+        !o.status.success() && text(&o).contains("too many admin connections from this user"),
+        "the holder's user is at its cap: {}",
+        text(&o)
+    );
+    drop(holder);
+}
+
+/// This test binary, re-run as `nobody`/`gid` ([`hold_admin_connections`]), holding `n`
+/// connections to the admin socket until it is killed.
+fn hold_connections(sock: &std::path::Path, _uid: u32, gid: u32, n: usize) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary");
+    Command::new("setpriv")
+        .arg("--reuid=65534")
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(exe)
+        .args(["t17_admin_access::hold_admin_connections", "--exact", "--ignored", "--nocapture"])
+        .env("HERD_HOLD_SOCKET", sock)
+        .env("HERD_HOLD_N", n.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("connection holder")
+}
+
+/// Not a test: the helper [`hold_connections`] runs (does nothing without its variables).
+#[test]
+#[ignore = "a helper process for admin_socket_access_follows_peer_credentials"]
+fn hold_admin_connections() {
+    let (Some(sock), Some(n)) = (std::env::var_os("HERD_HOLD_SOCKET"), std::env::var("HERD_HOLD_N").ok()) else {
+        return;
+    };
+    let n: usize = n.parse().expect("HERD_HOLD_N");
+    let held: Vec<_> = (0..n).filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok()).collect();
+    assert!(!held.is_empty());
+    std::thread::sleep(Duration::from_secs(300));
+}
+
+/// Connections open on the admin socket, from /proc/net/unix (the listener excluded).
+fn count_connections(sock: &std::path::Path) -> usize {
+    let path = sock.display().to_string();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table.lines().filter(|l| l.ends_with(&path)).count().saturating_sub(1)
 }
