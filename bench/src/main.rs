@@ -11,8 +11,11 @@
 //!   graceful hand-over, each REPS times (default 10), in network namespaces (root).
 //! - `writes [SECONDS]`: see `writes.rs` — replicated writes, herd beside a 3-member etcd, at 1,
 //!   16 and 64 clients (needs the `etcd` feature, Debian's etcd-server and protoc).
+//! - `connections [HYPERVISORS] [SECONDS]`: see `connections.rs` — new cluster connections per
+//!   second at the leader of 3 coordinators + 64 hypervisors in the steady state.
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
+mod connections;
 mod failover;
 #[cfg(feature = "etcd")]
 mod writes;
@@ -303,6 +306,7 @@ fn main() -> Result<()> {
             let writes = rt.block_on(writes_scenario(5))?;
             let hb = rt.block_on(heartbeat(&[10, 100, 1000]))?;
             let fo = failover(10)?;
+            let conns = connections::run(herd_binary()?, 64, 60)?;
             let heartbeat: Vec<Value> = hb
                 .iter()
                 .map(|r| json!({"hosts": r["hosts"], "networks": r["networks"], "coordinator_cpu_percent": r["cpu_percent_of_one_core"], "pulse_rtt_p50_ms": r["pulse_rtt_p50_ms"], "pulse_rtt_p99_ms": r["pulse_rtt_p99_ms"]}))
@@ -325,8 +329,8 @@ fn main() -> Result<()> {
                         "ratio_writes_per_s": r["ratio_writes_per_s"]})
                 })
                 .collect();
-            let latest =
-                json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat });
+            let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
+                "connections": conns });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
@@ -336,6 +340,12 @@ fn main() -> Result<()> {
         ["heartbeat", sizes @ ..] => {
             let sizes: Vec<usize> = sizes.iter().map(|s| s.parse()).collect::<Result<_, _>>().context("host counts")?;
             rt.block_on(heartbeat(&sizes)).map(|_| ())
+        }
+        ["connections"] => connections::run(herd_binary()?, 64, 60).map(|_| ()),
+        ["connections", n] => connections::run(herd_binary()?, n.parse().context("hypervisors")?, 60).map(|_| ()),
+        ["connections", n, secs] => {
+            connections::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?)
+                .map(|_| ())
         }
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!("usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | all"),

@@ -208,6 +208,8 @@ pub struct VmSummary {
     actual: ActualState,
     failure_reason: Option<String>,
     migrating_from: Option<String>,
+    /// Why it should run but no node runs it yet (no node in its `node_limit` is ready).
+    waiting: Option<String>,
 }
 
 impl VmSummary {
@@ -221,6 +223,7 @@ impl VmSummary {
             actual: vm.actual,
             failure_reason: vm.failure_reason.clone(),
             migrating_from: vm.migrating_from.clone(),
+            waiting: vm.waiting.clone(),
         }
     }
 }

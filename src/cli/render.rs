@@ -238,13 +238,13 @@ fn vm_list(v: &Value) -> String {
                         s(&m["node"]),
                         s(&m["last_node"]),
                         paint(s(&m["actual"])),
-                        s(&m["failure_reason"]),
+                        if m["failure_reason"].is_string() { s(&m["failure_reason"]) } else { s(&m["waiting"]) },
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["name", "state", "node", "last_node", "actual", "failure"], &rows)
+    table(&["name", "state", "node", "last_node", "actual", "reason"], &rows)
 }
 
 /// `herd events`.

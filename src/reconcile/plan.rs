@@ -105,9 +105,11 @@ pub fn plan(
                 }
             }
             // Moving here: wait until the source has released it (never two running copies).
+            // A VM waiting for a node that fits is started by no one until it is placed.
             s if s.wants_running()
                 && !running
                 && can_start
+                && vm.waiting.is_none()
                 && !crate::breakage::is(crate::breakage::Breakage::NoStarts)
                 && (vm.migrating_from.is_none()
                     || crate::breakage::is(crate::breakage::Breakage::StartBeforeRelease)) =>

@@ -26,6 +26,7 @@ fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
         failure_reason: None,
         actual,
         migrating_from: None,
+        waiting: None,
         revision: 7,
     }
 }
@@ -50,6 +51,14 @@ fn starts_what_should_run_and_adopts_what_runs() {
         vec![Action::Define { vm: "a".into(), xml: v["a"].spec.xml.clone() }, Action::Start { vm: "a".into() }]
     );
     assert_eq!(p.reports, vec![("a".into(), ActualState::Missing), ("b".into(), ActualState::Running)]);
+}
+
+#[test]
+fn a_vm_waiting_for_a_node_that_fits_is_started_by_no_one() {
+    let mut waiting = vm("a", "me", VmState::Start, ActualState::Unknown);
+    waiting.waiting = Some("waiting: no node in node_limit is ready".into());
+    let p = plan("me", &vms(vec![waiting]), &[], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.actions, vec![]);
 }
 
 #[test]

@@ -502,6 +502,39 @@ fn fence_power_on(
 /// Starts every VM of the fenced node `name` that should run on another node, keeping
 /// `last_node` so `herd node ready` brings them home. A VM that moved away from `name` and was
 /// not released is released (its source is dead); one that fits nowhere is put in `fail`.
+/// Places every VM that waits for a node (see [`VmRecord::waiting`]) where one now fits; run
+/// whenever a node may have become eligible (its daemon or domain state changed).
+pub(crate) fn place_waiting(state: &mut State, index: u64, now: u64) {
+    let waiting: Vec<String> = state.vms.iter().filter(|(_, v)| v.waiting.is_some()).map(|(n, _)| n.clone()).collect();
+    for vm_name in waiting {
+        let Some(vm) = state.vms.get(&vm_name) else { continue };
+        if !vm.state.wants_running() {
+            continue;
+        }
+        let Ok(target) = place(state, vm.spec.selector.unwrap_or_default(), &vm.spec.node_limit, None) else {
+            continue;
+        };
+        let Some(vm) = state.vms.get_mut(&vm_name) else { continue };
+        let from = std::mem::replace(&mut vm.node, target.clone());
+        if from != target {
+            let home = vm.last_node.take().unwrap_or(from);
+            vm.last_node = (home != target).then_some(home);
+            vm.state = if vm.last_node.is_some() { VmState::Migrate } else { VmState::Start };
+        }
+        vm.waiting = None;
+        vm.actual = ActualState::Unknown;
+        vm.revision = index;
+        push_event(
+            state,
+            index,
+            now,
+            "vm-placed",
+            Some(&target),
+            format!("{vm_name}: {target} fits; starting it there"),
+        );
+    }
+}
+
 fn recover(state: &mut State, index: u64, now: u64, name: &str) {
     let names: Vec<String> = state.vms.keys().cloned().collect();
     let (mut moved, mut failed) = (Vec::new(), Vec::new());
@@ -534,8 +567,9 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str) {
                 moved.push(format!("{vm_name} -> {target}"));
             }
             Err(e) => {
-                vm.state = VmState::Fail;
-                vm.failure_reason = Some(format!("fence recovery from {name}: {e}"));
+                // It waits (state unchanged, started by no one) until a node fits.
+                vm.waiting = Some(bounded(&format!("waiting: no node in node_limit is ready ({e})")));
+                vm.actual = ActualState::Unknown;
                 failed.push(vm_name.clone());
             }
         }
@@ -546,7 +580,7 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str) {
         msg.push_str(&format!(" ({})", moved.join(", ")));
     }
     if !failed.is_empty() {
-        msg.push_str(&format!("; no node fits {}", failed.join(", ")));
+        msg.push_str(&format!("; no node fits {} (waiting for one)", failed.join(", ")));
     }
     let owner = name.to_string();
     push_event(state, index, now, "fence-recovery", Some(&owner), bounded(&msg));

@@ -61,6 +61,7 @@ pub(crate) fn set_daemon_state(
     node.revision = index;
     if old != *new {
         push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"));
+        crate::fence::place_waiting(state, index, now);
     }
     Ok(Reply::Done)
 }
@@ -95,6 +96,7 @@ pub(crate) fn set_domain_state(
     node.revision = index;
     if from != *to {
         push_event(state, index, now, "domain-state", Some(name), format!("{name}: {from} -> {to}"));
+        crate::fence::place_waiting(state, index, now);
     }
     Ok(Reply::Done)
 }

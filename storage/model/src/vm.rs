@@ -89,6 +89,7 @@ fn define_vm(state: &mut State, at: At<'_>, spec: &VmSpec, node: &String) -> Res
         failure_reason: None,
         actual: ActualState::Unknown,
         migrating_from: None,
+        waiting: None,
         revision: index,
     };
     state.vms.insert(spec.name.clone(), vm);
@@ -147,6 +148,9 @@ fn set_vm_state(state: &mut State, at: At<'_>, name: &str, to: &VmState) -> Resu
     if *to == VmState::Start {
         vm.failure_reason = None;
     }
+    if !to.wants_running() {
+        vm.waiting = None;
+    }
     vm.revision = index;
     Ok(Reply::Done)
 }
@@ -179,7 +183,19 @@ fn migrate_vm(
     if vm.migrating_from.is_some() {
         return Err(ApplyError::Invalid(format!("{name} is still moving: wait until it runs on {}", vm.node)));
     }
+    let maybe_running = !matches!(vm.actual, ActualState::Shutoff | ActualState::Crashed | ActualState::Missing);
+    // A failed VM still running (a refused live-only move leaves it so) moves as a VM that
+    // should run: stopped here, started there. One known to be off is not moved by a
+    // migration, which promises a running VM on the target: refused with what to do.
+    let revive = vm.state == VmState::Fail && maybe_running;
+    if vm.state == VmState::Fail && !revive {
+        return Err(ApplyError::Invalid(format!(
+            "{name} is in fail and not running: start it (`herd vm start {name}`), then migrate it"
+        )));
+    }
     let from = std::mem::replace(&mut vm.node, to.clone());
+    // Moved by hand to a node that accepts VMs: it waits for nothing any more.
+    vm.waiting = None;
     vm.last_node = match (how, permanent) {
         (_, true) | (VmState::Unmigrate, _) => None,
         // A temporary move keeps the first home; moving back there is arriving home.
@@ -190,9 +206,9 @@ fn migrate_vm(
     // reported it off (that node's daemon may be down while the domain runs on) —
     // without the release, `vm start` would run it on two nodes (found by the
     // simulation, seed 1347). Only a VM last seen off just changes node.
-    let maybe_running = !matches!(vm.actual, ActualState::Shutoff | ActualState::Crashed | ActualState::Missing);
-    if vm.state.wants_running() {
+    if vm.state.wants_running() || revive {
         vm.state = *how;
+        vm.failure_reason = None;
     }
     if vm.state.wants_running() || maybe_running {
         vm.migrating_from = Some(from.clone());

@@ -46,6 +46,7 @@ fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
         failure_reason: None,
         actual: ActualState::Running,
         migrating_from: None,
+        waiting: None,
         revision: 1,
     }
 }
@@ -280,4 +281,42 @@ fn a_reboot_fence_leaves_its_power_on_due_until_done_back_or_given_up() {
     at(&mut s, 2, 100, decide(false)).expect("decided");
     at(&mut s, 3, 200, done(FenceOutcome::Fenced)).expect("fenced");
     assert_eq!(s.nodes["a"].fence.power_on_due_ms, None);
+}
+
+/// Issue 21: a VM whose `node_limit` allows only the fenced node does not go to `fail`: it
+/// waits (state unchanged, a visible reason, started by no one), a node outside its limit
+/// becoming ready does not place it, and it is placed when a node inside the limit is ready.
+#[test]
+fn a_vm_with_no_node_that_fits_waits_and_is_placed_when_one_is_ready() {
+    let mut s = cluster();
+    if let Some(v) = s.vms.get_mut("v1") {
+        v.spec.node_limit = vec!["a".into()];
+    }
+    assert_eq!(at(&mut s, 2, 100, decide(false)), Ok(Reply::Done));
+    assert_eq!(at(&mut s, 3, 200, done(FenceOutcome::Fenced)), Ok(Reply::Done));
+    let v1 = &s.vms["v1"];
+    assert_eq!((v1.node.as_str(), v1.state), ("a", VmState::Start), "not failed, not moved outside its limit");
+    assert!(v1.waiting.as_deref().is_some_and(|w| w.contains("no node in node_limit is ready")), "{v1:?}");
+    assert_ne!(s.vms["v2"].node, "a", "v2 has no limit: recovered");
+    // b flushed and made ready again: outside v1's limit, nothing changes.
+    for (i, st) in
+        [DomainState::Flush, DomainState::Flushed, DomainState::Unflush, DomainState::Ready].iter().enumerate()
+    {
+        let cmd = Command::SetDomainState { name: "b".into(), state: *st, node_id: None };
+        let _ = at(&mut s, 4 + i as u64, 300, cmd);
+    }
+    assert_eq!(s.vms["v1"].node, "a");
+    assert!(s.vms["v1"].waiting.is_some());
+    // a comes back and is made ready: v1 is placed there and no longer waits.
+    let run = Command::SetDaemonState { name: "a".into(), state: DaemonState::Run, return_by_ms: None, node_id: None };
+    assert_eq!(at(&mut s, 10, 400, run), Ok(Reply::Done));
+    assert!(s.vms["v1"].waiting.is_some(), "a is back but still fenced");
+    let unflush = Command::SetDomainState { name: "a".into(), state: DomainState::Unflush, node_id: None };
+    assert_eq!(at(&mut s, 11, 500, unflush), Ok(Reply::Done));
+    assert!(s.vms["v1"].waiting.is_some(), "unflushing is not ready");
+    let ready = Command::SetDomainState { name: "a".into(), state: DomainState::Ready, node_id: None };
+    assert_eq!(at(&mut s, 12, 600, ready), Ok(Reply::Done));
+    let v1 = &s.vms["v1"];
+    assert_eq!((v1.node.as_str(), v1.state, v1.waiting.as_deref()), ("a", VmState::Start, None));
+    assert!(kinds(&s).contains(&"vm-placed"), "{:?}", kinds(&s));
 }

@@ -95,6 +95,7 @@ fn placements_not_yet_reported_count_against_a_node() {
             failure_reason: None,
             actual: ActualState::Unknown,
             migrating_from: None,
+            waiting: None,
             revision: 1,
         },
     );
@@ -157,6 +158,43 @@ fn an_aborted_live_migration_leaves_the_vm_failed_on_its_source() {
     assert_eq!(run(&mut s, 10, abort("c")), Ok(Reply::Done));
     let vm = &s.vms["web"];
     assert_eq!((vm.node.as_str(), vm.last_node.as_deref(), vm.state), ("c", Some("a"), VmState::Fail));
+}
+
+/// Issue 21: `vm migrate` of a VM that a refused live-only move left in `fail`, still running
+/// on its source, is a move of a VM that should run (stopped there, started on the target);
+/// a failed VM known to be off is refused, with what to do, and nothing changes.
+#[test]
+fn migrating_a_failed_vm_that_still_runs_starts_it_on_the_target() {
+    let mut s = three();
+    assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+    let live = Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::MigrateLive, permanent: false };
+    assert_eq!(run(&mut s, 2, live), Ok(Reply::Done));
+    let abort = Command::AbortMigration { name: "web".into(), node: "a".into(), reason: "no".into() };
+    assert_eq!(run(&mut s, 3, abort), Ok(Reply::Done));
+    let running =
+        Command::ReportVm { name: "web".into(), node: "a".into(), actual: ActualState::Running, failure: None };
+    assert_eq!(run(&mut s, 4, running), Ok(Reply::Done));
+    assert_eq!(s.vms["web"].state, VmState::Fail);
+    let plain = Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: false };
+    assert_eq!(run(&mut s, 5, plain.clone()), Ok(Reply::Done));
+    let vm = &s.vms["web"];
+    assert_eq!((vm.node.as_str(), vm.state, vm.migrating_from.as_deref()), ("b", VmState::Migrate, Some("a")));
+    assert!(vm.state.wants_running(), "the target starts it once the source released it");
+    assert_eq!(vm.failure_reason, None);
+
+    // Failed and off: refused, unchanged.
+    let mut s = three();
+    assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+    let live = Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::MigrateLive, permanent: false };
+    assert_eq!(run(&mut s, 2, live), Ok(Reply::Done));
+    let abort = Command::AbortMigration { name: "web".into(), node: "a".into(), reason: "no".into() };
+    assert_eq!(run(&mut s, 3, abort), Ok(Reply::Done));
+    let off = Command::ReportVm { name: "web".into(), node: "a".into(), actual: ActualState::Shutoff, failure: None };
+    assert_eq!(run(&mut s, 4, off), Ok(Reply::Done));
+    let before = s.vms["web"].clone();
+    let refused = run(&mut s, 5, plain);
+    assert!(matches!(&refused, Err(ApplyError::Invalid(m)) if m.contains("vm start web")), "{refused:?}");
+    assert_eq!(s.vms["web"], before);
 }
 
 #[test]

@@ -42,5 +42,10 @@ pub struct VmRecord {
     /// the source has released it (`ReleaseVm`): a VM never runs on two nodes.
     #[serde(default)]
     pub migrating_from: Option<String>,
+    /// Why a VM that should run has no node that will run it yet (its fence recovery found
+    /// no node in run/ready inside its `node_limit`). No reconciler starts it while this is
+    /// set; it is placed, and this cleared, as soon as a node fits.
+    #[serde(default)]
+    pub waiting: Option<String>,
     pub revision: u64,
 }
