@@ -90,7 +90,10 @@ pub fn plan(
     shutdown_timeout_ms: u64,
 ) -> Plan {
     let mut p = Plan::default();
-    let by_name: BTreeMap<&str, &Domain> = domains.iter().map(|d| (d.name.as_str(), d)).collect();
+    // A domain is a managed VM's only if its uuid is the VM's too (libvirt may report none);
+    // a foreign domain that happens to carry a managed VM's name is never touched.
+    let ours = |d: &Domain| vms.get(&d.name).is_some_and(|v| is_ours(d, v));
+    let by_name: BTreeMap<&str, &Domain> = domains.iter().filter(|d| ours(d)).map(|d| (d.name.as_str(), d)).collect();
     for (name, vm) in vms.iter().filter(|(_, v)| v.node == me) {
         let d = by_name.get(name.as_str());
         let observed = d.map_or(ActualState::Missing, |d| d.state);
@@ -155,22 +158,26 @@ pub fn plan(
         }
     }
     for d in domains {
-        match vms.get(&d.name) {
-            // Assigned elsewhere (and not being moved away from here) but running here: it must
-            // not run in two places.
-            Some(vm)
-                if vm.node != me
-                    && vm.migrating_from.as_deref() != Some(me)
-                    && matches!(d.state, ActualState::Running | ActualState::Paused) =>
-            {
-                p.actions.push(Action::Destroy { vm: d.name.clone() })
-            }
-            Some(_) => {}
-            None => p.unmanaged.push(d.name.clone()),
+        let Some(vm) = vms.get(&d.name).filter(|_| ours(d)) else {
+            p.unmanaged.push(d.name.clone());
+            continue;
+        };
+        // Assigned elsewhere (and not being moved away from here) but running here: it must
+        // not run in two places.
+        if vm.node != me
+            && vm.migrating_from.as_deref() != Some(me)
+            && matches!(d.state, ActualState::Running | ActualState::Paused)
+        {
+            p.actions.push(Action::Destroy { vm: d.name.clone() })
         }
     }
     memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
     p
+}
+
+/// Whether domain `d` is VM `vm` (same name, and the same uuid where libvirt reports one).
+pub fn is_ours(d: &Domain, vm: &VmRecord) -> bool {
+    d.name == vm.spec.name && (d.uuid.is_empty() || d.uuid.eq_ignore_ascii_case(&vm.spec.uuid))
 }
 
 /// A graceful shutdown of a running domain: asked once, then a destroy once the timeout passed.

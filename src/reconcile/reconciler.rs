@@ -125,13 +125,19 @@ impl Reconciler {
                 }
                 Err(e) => {
                     tracing::warn!(vm = %vm, "{e}");
-                    failures.insert(vm.clone(), e.to_string());
+                    failures.insert(vm.clone(), format!("on {}: {e}", self.me));
                 }
             }
         }
         // Report what the hypervisor shows now (after the actions), plus refusals as failures.
         let after = if p.actions.is_empty() { domains } else { self.hypervisor.list().await? };
-        let state_of = |n: &str| after.iter().find(|d| d.name == n).map_or(ActualState::Missing, |d| d.state);
+        let state_of = |n: &str| {
+            let vm = vms.get(n);
+            after
+                .iter()
+                .find(|d| vm.is_some_and(|v| super::plan::is_ours(d, v)))
+                .map_or(ActualState::Missing, |d| d.state)
+        };
         for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
             let observed = state_of(name);
             let failure = failures.remove(name);

@@ -62,6 +62,20 @@ fn a_vm_waiting_for_a_node_that_fits_is_started_by_no_one() {
 }
 
 #[test]
+fn a_foreign_domain_with_a_managed_name_is_listed_unmanaged_and_never_touched() {
+    let v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
+    let foreign = Domain { uuid: "11111111-2222-4333-8444-555555555555".into(), ..dom("a", ActualState::Running) };
+    let p = plan("me", &v, std::slice::from_ref(&foreign), true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.actions, vec![], "not destroyed: it is not the managed VM");
+    assert_eq!(p.unmanaged, vec!["a".to_string()]);
+    // The managed VM's own domain (same uuid) running here while assigned elsewhere is.
+    let own = Domain { uuid: v["a"].spec.uuid.to_uppercase(), ..dom("a", ActualState::Running) };
+    let p = plan("me", &v, &[own], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
+    assert!(p.unmanaged.is_empty());
+}
+
+#[test]
 fn without_quorum_contact_it_stops_but_never_starts() {
     let v = vms(vec![
         vm("a", "me", VmState::Start, ActualState::Shutoff),
