@@ -25,10 +25,10 @@ use tokio::io::AsyncReadExt;
 use crate::harness::{wait_until, Cluster};
 
 const SPECS: &[(&str, &str, &str)] = &[
-    ("h1", "coordinator", "127.0.10.1:7400"),
-    ("h2", "coordinator", "127.0.10.2:7400"),
-    ("h3", "coordinator", "127.0.10.3:7400"),
-    ("h4", "hypervisor", "127.0.10.4:7400"),
+    ("h1", "coordinator", "127.0.20.1:7400"),
+    ("h2", "coordinator", "127.0.20.2:7400"),
+    ("h3", "coordinator", "127.0.20.3:7400"),
+    ("h4", "hypervisor", "127.0.20.4:7400"),
 ];
 const VOTERS: [&str; 3] = ["h1", "h2", "h3"];
 
@@ -70,7 +70,7 @@ impl Attack {
         let (stop, handshakes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let mut tasks = Vec::new();
         for host in 1..=9u8 {
-            let src = IpAddr::from([127, 0, 11, host]);
+            let src = IpAddr::from([127, 0, 21, host]);
             let connector = anonymous(dir, token, src);
             for target in targets {
                 for _ in 0..32 {
@@ -137,7 +137,7 @@ fn refused(scrape: &str, reason: &str) -> f64 {
 }
 
 fn metrics_addr(node: &str) -> String {
-    format!("127.0.10.{}:9400", &node[1..])
+    format!("127.0.20.{}:9400", &node[1..])
 }
 
 fn leader_and_quorum(c: &mut Cluster, name: &str) -> Option<String> {
@@ -163,12 +163,12 @@ fn strangers_cannot_cut_members_off() {
     }
     let token = c.node("h1").admin(json!({"op": "init-cluster"}))["token"].as_str().expect("token").to_string();
     for n in ["h2", "h3"] {
-        c.node(n).admin(json!({"op": "join-cluster", "peer": "127.0.10.1:7400", "token": token}));
+        c.node(n).admin(json!({"op": "join-cluster", "peer": "127.0.20.1:7400", "token": token}));
     }
     wait_until("three voters led", Duration::from_secs(20), || all_led(&mut c));
     let work = tempfile::tempdir().expect("tempdir");
 
-    let attack = Attack::start(work.path(), &token, ["127.0.10.1:7400", "127.0.10.2:7400"]);
+    let attack = Attack::start(work.path(), &token, ["127.0.20.1:7400", "127.0.20.2:7400"]);
     wait_until("the attack holds its connections", Duration::from_secs(30), || {
         (attack.handshakes.load(Ordering::Relaxed) >= 36).then_some(())
     });
@@ -206,7 +206,7 @@ fn strangers_cannot_cut_members_off() {
 
     // A real new node joins.
     c.node("h4").start();
-    c.node("h4").admin(json!({"op": "join-cluster", "peer": "127.0.10.1:7400", "token": token}));
+    c.node("h4").admin(json!({"op": "join-cluster", "peer": "127.0.20.1:7400", "token": token}));
     wait_until("h4 a member", Duration::from_secs(20), || {
         let s = c.node("h4").try_admin(&json!({"op": "status"})).ok()?;
         (s["quorum"] == true && s["leader"].is_string()).then_some(())
@@ -238,16 +238,16 @@ fn strangers_cannot_cut_members_off() {
 /// address is refused outright.
 fn wrong_tokens_are_throttled(dir: &std::path::Path, token: &str, to: &str) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let connector = anonymous(dir, token, IpAddr::from([127, 0, 11, 20]));
+    let connector = anonymous(dir, token, IpAddr::from([127, 0, 21, 20]));
     let mut answers = Vec::new();
     for k in 0..6 {
-        let addr = format!("127.0.10.{}:7400", &to[1..]);
+        let addr = format!("127.0.20.{}:7400", &to[1..]);
         let mut client = PeerClient::new(connector.clone(), addr, None, String::new(), Limits::default());
         let join = JoinRequest {
             token: "wrong-token-0000".into(),
             name: format!("x{k}"),
             role: Role::Hypervisor,
-            cluster_addr: "127.0.11.20:7400".into(),
+            cluster_addr: "127.0.21.20:7400".into(),
             request_id: format!("req-{k}"),
             csr: None,
         };
