@@ -7,6 +7,7 @@
 //! `herd_cluster_connections_total{peer="member"}` is read before and after a window of
 //! SECONDS (default 60): every late heartbeat that tore its connection down used to cost a new
 //! TCP and TLS handshake here. Also reported: the leader's CPU over the window.
+//! `HERD_BENCH_KEEP=1` keeps the nodes' directories (logs) in the temporary directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +27,9 @@ impl Drop for Procs {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("HERD_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -53,7 +56,7 @@ fn socket(dir: &Path, i: usize) -> PathBuf {
 fn admin(socket: &Path, req: &Value) -> Result<Value> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| socket.display().to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
@@ -153,7 +156,9 @@ pub fn run(herd: PathBuf, hypervisors: usize, seconds: u64) -> Result<Value> {
             start(&mut p, &herd, i)?;
         }
         let req = json!({"op": "join-cluster", "peer": peer, "token": token});
+        let t = Instant::now();
         admin(&socket(&p.dir, i), &req).with_context(|| format!("{} joins", name(i)))?;
+        eprintln!("{} joined in {} ms", name(i), t.elapsed().as_millis());
     }
     let sock = socket(&p.dir, 1);
     wait("every member in run", Duration::from_secs(300), || {

@@ -60,6 +60,28 @@ impl Connector for TcpConnector {
     }
 }
 
+/// Plain TCP from a chosen source address: a node that listens on one address of a
+/// multi-homed host connects from it too, so its peers see the address the membership names
+/// (their cluster port admits members by it).
+#[derive(Clone, Copy, Debug)]
+pub struct TcpFromConnector(pub std::net::IpAddr);
+
+impl Connector for TcpFromConnector {
+    fn connect<'a>(&'a self, addr: &'a str, _target: Option<NodeId>) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let to = tokio::net::lookup_host(addr)
+                .await?
+                .find(|a| a.is_ipv4() == self.0.is_ipv4())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address of this family")))?;
+            let socket = if self.0.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(self.0, 0))?;
+            let s = socket.connect(to).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s) as BoxStream)
+        })
+    }
+}
+
 pub struct TcpListener(tokio::net::TcpListener);
 
 impl TcpListener {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use herd_raft::tls::{Pki, TlsConnector, TlsListener};
-use herd_raft::transport::{Connector, Listener, TcpConnector, TcpListener};
+use herd_raft::transport::{Connector, Listener, TcpConnector, TcpFromConnector, TcpListener};
 use herd_storage::identity::IdentityStore;
 use herd_storage::log_store::LogStore;
 use herd_storage::sled_store;
@@ -66,7 +66,12 @@ impl Env {
             .map_err(|source| StartError::Listen { addr: listen.to_string(), source })?;
         let pki = Arc::new(Pki::open(config.data_dir.join("tls"))?);
         let listener = TlsListener { inner: Box::new(listener), pki: pki.clone() };
-        let connector = TlsConnector { inner: Arc::new(TcpConnector), pki: pki.clone() };
+        // Connections leave from the address this node listens on, when it names one.
+        let tcp: Arc<dyn Connector> = match listen.ip() {
+            ip if ip.is_unspecified() => Arc::new(TcpConnector),
+            ip => Arc::new(TcpFromConnector(ip)),
+        };
+        let connector = TlsConnector { inner: tcp, pki: pki.clone() };
         let unseal_with = pki.clone();
         let fencer = crate::fence::registry::AgentRegistry::new()
             .unsealing_with(Arc::new(move |sealed: &str| unseal_with.unseal(sealed)));
