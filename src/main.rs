@@ -87,7 +87,7 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
         }
     };
     match runtime.block_on(run::run(config)) {
-        Ok(run::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(run::Exit::Stopped | run::Exit::HostShutdown) => ExitCode::SUCCESS,
         Ok(run::Exit::Restart) => {
             drop(runtime);
             restart()

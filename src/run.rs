@@ -1,5 +1,6 @@
 //! The production daemon process: the production `Env`, the daemon's logic (`daemon::start`),
-//! the admin socket, metrics and signals, until SIGTERM or SIGINT (a service stop).
+//! the admin socket, metrics and signals, until SIGTERM or SIGINT (a service stop) or
+//! `herd node shutdown` (a host shutdown).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub enum RunError {
 pub enum Exit {
     /// SIGTERM or SIGINT.
     Stopped,
+    /// `herd node shutdown`: flushed, `daemon_state shutdown` recorded.
+    HostShutdown,
     /// Raft stopped on a storage error and `data_dir` takes writes again: the process starts
     /// afresh in place (`exec`, same pid), recovering from disk as after a crash.
     Restart,
@@ -64,9 +67,10 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
     let exit = tokio::select! {
         _ = wait_for_signal() => Exit::Stopped,
         _ = running.restart_needed() => Exit::Restart,
+        _ = running.host_shutdown() => Exit::HostShutdown,
     };
     dump_task.abort();
-    running.stop().await;
+    running.stop(exit == Exit::HostShutdown).await;
     let _ = admin_server.await;
     let _ = std::fs::remove_file(&config.admin_socket);
     Ok(exit)

@@ -73,7 +73,8 @@ impl Connector for TcpFromConnector {
                 .await?
                 .find(|a| a.is_ipv4() == self.0.is_ipv4())
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address of this family")))?;
-            let socket = if self.0.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            let socket =
+                if self.0.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             socket.bind(SocketAddr::new(self.0, 0))?;
             let s = socket.connect(to).await?;
             s.set_nodelay(true)?;

@@ -66,6 +66,7 @@ pub async fn handle(d: &Daemon, req: AdminRequest) -> Result<Value, AdminError> 
         R::NodeInfo { name, local } => node::info(d, name, local).await,
         R::NodeRemove { name, force } => node::remove(d, name, force).await,
         R::NodeFlush { name, ready, wait } => node::flush(d, name, ready, wait).await,
+        R::NodeShutdown { name, timeout_ms } => node::shutdown(d, name, timeout_ms).await,
         R::NodePrimary { name, secondary, wait } => node::move_primary(d, name, secondary, wait).await,
         R::NodeFence { name, yes } => fence::fence(d, name, yes).await,
         R::InitCluster {} => cluster::init(d).await,

@@ -179,8 +179,50 @@ pub(super) async fn remove(d: &Daemon, name: String, force: bool) -> Result<Valu
     Ok(json!({ "removed": name }))
 }
 
+/// `herd node shutdown NAME`, on NAME: the primary role moves away first (if it is here),
+/// then every VM (flush, waited for), then `daemon_state shutdown` is recorded and the daemon
+/// exits after this answer. A flush not done by the timeout leaves the node `flush` and herd
+/// running.
+pub(super) async fn shutdown(d: &Daemon, name: String, timeout_ms: Option<u64>) -> Result<Value, AdminError> {
+    let name = if name.is_empty() { d.config.name.clone() } else { name };
+    if name != d.config.name {
+        return Err(AdminError::invalid(format!(
+            "node shutdown runs on the node that goes down: this is {}, not {name}",
+            d.config.name
+        )));
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(timeout_ms.unwrap_or(600_000));
+    let here = primary_of(&member(d)?.view.read().state).as_deref() == Some(name.as_str());
+    let mut primary = None;
+    if here || d.primary.holding() {
+        let moved = move_primary(d, name.clone(), true, true).await?;
+        primary = moved["primary"].as_str().map(str::to_string);
+    }
+    let flushed = flush_until(d, name.clone(), false, true, deadline).await?;
+    d.host_shutdown().await?;
+    let took_ms = started.elapsed().as_millis() as u64;
+    let message = match &primary {
+        Some(p) => format!("{name}: primary moved to {p}; VMs moved off; daemon_state shutdown; herd exits"),
+        None => format!("{name}: VMs moved off; daemon_state shutdown; herd exits"),
+    };
+    Ok(
+        json!({ "node": name, "primary": primary, "flush_ms": flushed["took_ms"], "took_ms": took_ms, "message": message }),
+    )
+}
+
 /// `node flush` (`ready: false`) or `node ready`; with `wait`, answers once done.
 pub(super) async fn flush(d: &Daemon, name: String, ready: bool, wait: bool) -> Result<Value, AdminError> {
+    flush_until(d, name, ready, wait, tokio::time::Instant::now() + FLUSH_WAIT).await
+}
+
+async fn flush_until(
+    d: &Daemon,
+    name: String,
+    ready: bool,
+    wait: bool,
+    deadline: tokio::time::Instant,
+) -> Result<Value, AdminError> {
     let started = tokio::time::Instant::now();
     let (to, done) =
         if ready { (DomainState::Unflush, DomainState::Ready) } else { (DomainState::Flush, DomainState::Flushed) };
@@ -203,7 +245,7 @@ pub(super) async fn flush(d: &Daemon, name: String, ready: bool, wait: bool) -> 
         ))),
     };
     let late = |_: &State| AdminError::new(ErrorCode::Timeout, format!("{name} is still {to}"));
-    wait_for_state(&member, started + FLUSH_WAIT, check, late).await
+    wait_for_state(&member, deadline, check, late).await
 }
 
 /// `herd node primary|secondary NAME [--wait]`.

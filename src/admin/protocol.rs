@@ -58,6 +58,17 @@ pub enum AdminRequest {
         #[serde(default)]
         wait: bool,
     },
+    /// `node shutdown`: this host is going down — the primary role moves away first, then
+    /// every VM (live first, then shutdown migration), `daemon_state shutdown` is recorded and
+    /// the daemon exits. Answers before the exit; refused for another node.
+    NodeShutdown {
+        /// This node's name; empty means this node.
+        #[serde(default)]
+        name: String,
+        /// How long the flush may take before the shutdown is refused (nothing recorded).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
     /// `node fence`: power NAME off through its BMC now (needs `yes`).
     NodeFence {
         name: String,

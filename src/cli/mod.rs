@@ -114,6 +114,16 @@ pub enum NodeCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// This host is going down: move the primary role away, then every VM (live first, then
+    /// shutdown migration), record daemon_state shutdown, and stop the daemon. Run it on that node.
+    /// The node stays flushed after its next start until `herd node ready`.
+    Shutdown {
+        /// This node's name (the default; another node is refused).
+        name: Option<String>,
+        /// How long moving the VMs may take; after it, nothing is recorded and herd keeps running.
+        #[arg(long, value_parser = parse_ttl, default_value = "10m")]
+        timeout: u64,
+    },
     /// Bring NAME's VMs back (unflush → ready).
     Ready {
         name: String,

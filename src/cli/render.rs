@@ -168,6 +168,7 @@ pub fn render(command: &Command, v: &Value) -> String {
                 v["took_ms"].as_u64().map_or(String::new(), |ms| format!(" after {ms} ms"))
             )
         }
+        Command::Node(NodeCommand::Shutdown { .. }) => s(&v["message"]),
         Command::Node(NodeCommand::Fence { .. }) => {
             format!("fence of {} decided; `herd events` shows its outcome", s(&v["node"]))
         }

@@ -44,6 +44,10 @@ fn node(c: &NodeCommand) -> Result<(AdminRequest, Duration), CliError> {
         NodeCommand::Flush { name, wait } => {
             (AdminRequest::NodeFlush { name: name.clone(), ready: false, wait: *wait }, Duration::from_secs(600))
         }
+        NodeCommand::Shutdown { name, timeout } => (
+            AdminRequest::NodeShutdown { name: name.clone().unwrap_or_default(), timeout_ms: Some(*timeout) },
+            Duration::from_millis(*timeout) + Duration::from_secs(60),
+        ),
         NodeCommand::Fence { name, yes } => {
             (AdminRequest::NodeFence { name: name.clone(), yes: *yes }, Duration::from_secs(15))
         }

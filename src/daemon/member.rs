@@ -329,7 +329,7 @@ impl Daemon {
 
     /// Writes a command about this node itself, naming its id. If the cluster no longer has a
     /// record of this node under this id, it was removed while this daemon was away: leave.
-    async fn own_write(
+    pub(super) async fn own_write(
         &self,
         cmds: impl FnOnce(String, Option<u64>) -> Vec<Command>,
         timeout: Duration,

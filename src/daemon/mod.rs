@@ -25,7 +25,7 @@ use herd_raft::network::Limits;
 use herd_raft::node::{ClusterNode, NodeError, NodeSettings};
 use herd_raft::server::{self, Handler};
 use herd_storage::log_store::LogStore;
-use herd_storage::model::{FencePolicy, Role};
+use herd_storage::model::{Command, DaemonState, FencePolicy, Role};
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use env::{Env, HypervisorOpener};
@@ -80,6 +80,8 @@ pub struct Daemon {
     vms_running: Arc<AtomicU32>,
     /// Woken when this node becomes a member (init, join or resume).
     member_started: Notify,
+    /// `herd node shutdown` finished: the process exits without recording `stop`.
+    host_shutdown: Notify,
     /// Set once the node has resumed (or found no) membership from disk.
     resumed: AtomicBool,
     /// How this node is fenced (from `[fencing]`), published in its record.
@@ -100,6 +102,17 @@ impl Daemon {
     /// Wakes the member duties: this node just became a member (init or join).
     pub fn member_started(&self) {
         self.member_started.notify_one();
+    }
+
+    /// `herd node shutdown`, once flushed: records `daemon_state shutdown` and makes the
+    /// process exit (without recording `stop`).
+    pub async fn host_shutdown(&self) -> Result<(), NodeError> {
+        let shutdown = |name, node_id| {
+            vec![Command::SetDaemonState { name, state: DaemonState::Shutdown, return_by_ms: None, node_id }]
+        };
+        self.own_write(shutdown, Duration::from_secs(5)).await?;
+        self.host_shutdown.notify_one();
+        Ok(())
     }
 }
 
@@ -153,6 +166,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         standing: Arc::new(Standing::new(config.keepalive.interval_ms)),
         vms_running: Arc::new(AtomicU32::new(0)),
         member_started: Notify::new(),
+        host_shutdown: Notify::new(),
         resumed: AtomicBool::new(false),
         fencing,
         host_stats: env.host_stats,
@@ -352,21 +366,33 @@ fn observe(daemon: &Daemon) {
 
 impl Running {
     /// A service stop (not a host shutdown: VMs keep running): duties off, `daemon_state
-    /// stop` recorded with its `return_by`, Raft shut down.
-    pub async fn stop(self) {
+    /// stop` recorded with its `return_by`, Raft shut down. After `herd node shutdown`
+    /// (`host_shutdown`: the node is flushed and `shutdown` recorded), nothing is recorded.
+    pub async fn stop(self, host_shutdown: bool) {
         service::stopping();
-        tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
+        if host_shutdown {
+            tracing::info!("stopping for a host shutdown (flushed, daemon_state shutdown recorded)");
+        } else {
+            tracing::info!("stopping (service stop, not a host shutdown: VMs keep running)");
+        }
         self.tasks.abort_all();
         self.daemon.tasks.abort_all();
         // Duties go first: the addresses must be off before this node stops being able to act.
         let _ = self.duty_stop_tx.send(true);
         let _ = self.duty_task.await;
-        self.daemon.record_stop().await;
+        if !host_shutdown {
+            self.daemon.record_stop().await;
+        }
         let _ = self.shutdown_tx.send(true);
         self.daemon.node.shutdown().await;
         let _ = self.cluster_server.await;
         let applied = self.daemon.node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
         tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
+    }
+
+    /// Returns once `herd node shutdown` has flushed this node and recorded `shutdown`.
+    pub async fn host_shutdown(&self) {
+        self.daemon.host_shutdown.notified().await
     }
 
     /// Stops the daemon when this is sent `true` (the admin socket's and metrics' servers).

@@ -209,7 +209,52 @@ fn vms_are_placed_run_and_obey_the_operator() {
     // JSON list carries what the issue asks for.
     let out = c.node("v3").cli(&["vm", "list", "--json"]);
     let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
-    for key in ["name", "uuid", "state", "node", "last_node", "actual"] {
+    for key in ["name", "uuid", "state", "node", "last_node", "actual", "waiting"] {
         assert!(listed[0].get(key).is_some(), "vm list --json lacks {key}");
     }
+
+    host_shutdown_drains_first(&mut c);
+}
+
+/// `herd node shutdown` on the primary with three VMs: the primary role moves first, the VMs
+/// run elsewhere before herd exits (0), `shutdown` is recorded and the node stays flushed
+/// after its next start until `node ready`.
+fn host_shutdown_drains_first(c: &mut Cluster) {
+    let host = c.node("v1").status()["primary"].as_str().expect("a primary").to_string();
+    let other = SPECS.iter().map(|s| s.0).find(|n| *n != host).expect("another node");
+    for n in 20..23u32 {
+        c.node(other).admin(json!({"op": "vm-define", "xml": vm_xml(n), "node": host}));
+    }
+    let names: Vec<String> = (20..23).map(|n| format!("vm{n}")).collect();
+    wait_until("three VMs running on the primary", Duration::from_secs(15), || {
+        let l = vms(c.node(other));
+        names.iter().all(|n| vm(&l, n).is_some_and(|v| v["node"] == host && v["actual"] == "running")).then_some(())
+    });
+    let out = c.node(other).cli(&["node", "shutdown", &host]);
+    assert!(!out.status.success(), "refused on another node: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs on the node that goes down"), "{out:?}");
+    let out = c.node(&host).cli(&["node", "shutdown", &host, "--timeout", "60s"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "node shutdown: {said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("primary moved to") && said.contains("herd exits"), "{said}");
+    eprintln!("node shutdown {host}: {}", said.trim());
+    // Answered only once the VMs ran elsewhere: checked before the exit is even awaited.
+    let l = vms(c.node(other));
+    for n in &names {
+        let v = vm(&l, n).expect("vm");
+        assert!(v["node"] != host.as_str() && v["actual"] == "running", "{v}");
+    }
+    let status = c.node(&host).wait_exit(Duration::from_secs(30)).expect("herd exits after node shutdown");
+    assert!(status.success(), "{status:?}");
+    let info = c.node(other).admin(json!({"op": "node-info", "name": host}));
+    assert_eq!((info["daemon_state"].as_str(), info["domain_state"].as_str()), (Some("shutdown"), Some("flushed")));
+    assert_ne!(c.node(other).status()["primary"].as_str(), Some(host.as_str()));
+    // Booted again: run, but flushed until `node ready`.
+    c.node(&host).start();
+    wait_until("the host back in run, still flushed", Duration::from_secs(20), || {
+        let i = c.node(other).try_admin(&json!({"op": "node-info", "name": host})).ok()?;
+        (i["daemon_state"] == "run").then_some(i)
+    });
+    let info = c.node(other).admin(json!({"op": "node-info", "name": host}));
+    assert_eq!(info["domain_state"], "flushed", "{info}");
 }
