@@ -163,6 +163,10 @@ fn only_cluster_signed_certificates_for_the_right_node_get_in() {
     assert!(matches!(revoked, Err(CallError::Transport { .. })), "a removed node's certificate: {revoked:?}");
     let log = std::fs::read_to_string(c.node("m1").log_path()).expect("m1 log");
     assert!(log.contains("its certificate is revoked"), "m1 says why it refused");
+    // Each kind of refusal above is logged with its reason (and counted for the metrics).
+    for reason in ["tls-handshake", "unauthenticated", "revoked"] {
+        assert!(log.contains(&format!("reason=\"{reason}\"")), "m1 logs refusals of kind {reason}");
+    }
     // The members still talk to each other.
     let still = c.node("m2").status();
     assert_eq!(still["quorum"], true, "{still}");
