@@ -427,11 +427,12 @@ fn lifecycle_fail_and_undefine(mut s: State) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Whatever VM commands arrive, in whatever order: a VM is always on a known node, never
     /// remembers its current node as its home or as the node it is leaving, and a refused
-    /// command changes nothing.
+    /// command changes nothing; an accepted one reaches its promised end (a migrated running
+    /// VM should run; a fence recovery keeps every VM that should run running or waiting).
     #[test]
     fn vm_transitions_keep_their_invariants(
         cmds in proptest::collection::vec((0u8..13, 0u8..2, 0u8..3, 0u8..6, any::<bool>()), 1..60),
@@ -465,15 +466,40 @@ proptest! {
                 _ => Command::SetDomainState { name: n, state: DomainState::Unflush, node_id: None },
             };
             let before = s.vms.clone();
+            let migration = matches!(cmd, Command::MigrateVm { .. });
+            let fenced_now = matches!(cmd, Command::FenceDone { outcome: FenceOutcome::Fenced, .. });
             if run(&mut s, index, cmd).is_err() {
                 prop_assert_eq!(&s.vms, &before, "a refusal changed VMs");
+            } else {
+                // Commands complete or are refused (issue 21): an accepted migration of a VM
+                // that runs promises it runs on the target; a fence recovery never gives up
+                // on a VM that should run (moved, or waiting for a node that fits).
+                for (name, was) in &before {
+                    let Some(now) = s.vms.get(name) else { continue };
+                    // (One the operator stopped moves stopped.)
+                    let should_run = was.state.wants_running() || was.state == VmState::Fail;
+                    let maybe_running = !matches!(was.actual, ActualState::Shutoff | ActualState::Crashed | ActualState::Missing);
+                    if migration && should_run && maybe_running && now.node != was.node {
+                        prop_assert!(now.state.wants_running(), "a migrated running VM will not run: {:?}", now);
+                    }
+                    if fenced_now && was.state.wants_running() {
+                        prop_assert!(now.state.wants_running(), "recovery gave up on {:?}", now);
+                    }
+                }
             }
             for vm in s.vms.values() {
                 prop_assert!(s.nodes.contains_key(&vm.node), "{:?}", vm);
-                // A fenced node runs nothing: its VMs were recovered (or failed) and none
-                // is placed or moved there until it is ready again.
+                // A fenced node runs nothing: its VMs were recovered (or wait for a node that
+                // fits, started by no one) and none is placed or moved there until it is ready.
                 let fenced = s.nodes.get(&vm.node).is_some_and(|n| n.daemon_state == DaemonState::Fenced);
-                prop_assert!(!(fenced && vm.state.wants_running()), "a VM to run on fenced {}: {:?}", vm.node, vm);
+                prop_assert!(
+                    !(fenced && vm.state.wants_running() && vm.waiting.is_none()),
+                    "a VM to run on fenced {}: {:?}", vm.node, vm
+                );
+                // A VM that waits is one that should run, on a node that takes no VMs.
+                if vm.waiting.is_some() {
+                    prop_assert!(vm.state.wants_running(), "waiting but not to run: {:?}", vm);
+                }
                 prop_assert!(vm.last_node.as_deref() != Some(vm.node.as_str()), "home is here: {:?}", vm);
                 prop_assert!(vm.migrating_from.as_deref() != Some(vm.node.as_str()), "leaving here for here: {:?}", vm);
                 prop_assert!(vm.revision <= index);
