@@ -365,9 +365,11 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Scrape>, mut s
         let Some(evict) = conns.admit(id) else { continue };
         let (daemon, conns) = (daemon.clone(), conns.clone());
         herd_storage::types::spawn(async move {
+            // A byte actually there (`peek`), not readiness, which may be spurious.
+            let mut byte = [0u8; 1];
             let first = tokio::select! {
                 _ = evict.notified() => false,
-                r = tokio::time::timeout(FIRST_BYTE, stream.readable()) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout(FIRST_BYTE, stream.peek(&mut byte)) => matches!(r, Ok(Ok(n)) if n > 0),
             };
             if first && conns.start(id) {
                 let _ = tokio::time::timeout(MAX_CONNECTION_TIME, scrape(stream, daemon)).await;
