@@ -10,28 +10,14 @@
 //! `HERD_BENCH_KEEP=1` keeps the nodes' directories (logs) in the temporary directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-struct Procs {
-    dir: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::env::var_os("HERD_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
+use crate::failover::{admin, admin_within, wait};
+use crate::procs::Procs;
 
 fn addr(i: usize) -> String {
     if i <= 3 {
@@ -51,32 +37,6 @@ fn name(i: usize) -> String {
 
 fn socket(dir: &Path, i: usize) -> PathBuf {
     dir.join(name(i)).join("admin.sock")
-}
-
-fn admin(socket: &Path, req: &Value) -> Result<Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| socket.display().to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    s.write_all(format!("{req}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line)?;
-    if v["ok"] == true {
-        Ok(v["result"].clone())
-    } else {
-        bail!("{}: {}", req["op"], v["error"])
-    }
-}
-
-fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
 }
 
 fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
@@ -109,7 +69,7 @@ fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
             .context("herd daemon")?,
     );
     let sock = socket(&p.dir, i);
-    wait("an admin socket", Duration::from_secs(30), || admin(&sock, &json!({"op": "status"})).is_ok())
+    wait("an admin socket", Duration::from_secs(30), || Ok(admin(&sock, &json!({"op": "status"})).is_ok()))
 }
 
 /// `GET /metrics` from `addr`.
@@ -157,15 +117,15 @@ pub fn run(herd: PathBuf, hypervisors: usize, seconds: u64) -> Result<Value> {
         }
         let req = json!({"op": "join-cluster", "peer": peer, "token": token});
         let t = Instant::now();
-        admin(&socket(&p.dir, i), &req).with_context(|| format!("{} joins", name(i)))?;
+        admin_within(&socket(&p.dir, i), &req, Duration::from_secs(120))
+            .with_context(|| format!("{} joins", name(i)))?;
         eprintln!("{} joined in {} ms", name(i), t.elapsed().as_millis());
     }
     let sock = socket(&p.dir, 1);
     wait("every member in run", Duration::from_secs(300), || {
-        admin(&sock, &json!({"op": "status"})).is_ok_and(|s| {
-            let m = s["members"].as_array().cloned().unwrap_or_default();
-            m.len() == total && m.iter().all(|x| x["daemon_state"] == "run")
-        })
+        let s = admin(&sock, &json!({"op": "status"}))?;
+        let m = s["members"].as_array().cloned().unwrap_or_default();
+        Ok(m.len() == total && m.iter().all(|x| x["daemon_state"] == "run"))
     })?;
     let status = admin(&sock, &json!({"op": "status"}))?;
     let leader = status["leader"].as_str().context("a leader")?.to_string();

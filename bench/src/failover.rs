@@ -251,9 +251,14 @@ impl Drop for Bench {
 }
 
 /// One admin request; the result or the daemon's error.
-fn admin(socket: &Path, req: &Value) -> Result<Value> {
+pub(crate) fn admin(socket: &Path, req: &Value) -> Result<Value> {
+    admin_within(socket, req, Duration::from_secs(30))
+}
+
+/// [`admin`], waiting up to `timeout` for the answer.
+pub(crate) fn admin_within(socket: &Path, req: &Value, timeout: Duration) -> Result<Value> {
     let mut s = UnixStream::connect(socket).with_context(|| format!("{}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
@@ -266,7 +271,7 @@ fn admin(socket: &Path, req: &Value) -> Result<Value> {
 }
 
 /// Polls `cond` every 20 ms until true or `timeout`.
-fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+pub(crate) fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond().unwrap_or(false) {

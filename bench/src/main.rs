@@ -17,6 +17,7 @@
 
 mod connections;
 mod failover;
+mod procs;
 #[cfg(feature = "etcd")]
 mod writes;
 

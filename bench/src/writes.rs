@@ -17,30 +17,17 @@
 //! then empty), `HERD_BENCH_CLIENTS=64` (or `1,16`) picks the client counts.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+
+use crate::procs::Procs;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 const CLIENTS: [usize; 3] = [1, 16, 64];
-
-struct Procs {
-    dir: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn herd_socket(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("h{i}/admin.sock"))
