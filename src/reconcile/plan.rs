@@ -52,6 +52,9 @@ pub struct Plan {
     pub reports: Vec<(String, ActualState)>,
     /// Domains the cluster does not know: reported, never touched.
     pub unmanaged: Vec<String>,
+    /// Managed VMs assigned elsewhere that run here (`true`), or no longer do (`false`), where
+    /// the record does not say so yet: reported (`ReportStray`), never destroyed.
+    pub strays: Vec<(String, bool)>,
 }
 
 /// Local memory of the reconciler between rounds.
@@ -108,11 +111,13 @@ pub fn plan(
                 }
             }
             // Moving here: wait until the source has released it (never two running copies).
-            // A VM waiting for a node that fits is started by no one until it is placed.
+            // A VM waiting for a node that fits is started by no one until it is placed; one
+            // seen running elsewhere neither (one authority per VM: adopted or failed first).
             s if s.wants_running()
                 && !running
                 && can_start
                 && vm.waiting.is_none()
+                && vm.seen_on.is_empty()
                 && !crate::breakage::is(crate::breakage::Breakage::NoStarts)
                 && (vm.migrating_from.is_none()
                     || crate::breakage::is(crate::breakage::Breakage::StartBeforeRelease)) =>
@@ -162,13 +167,18 @@ pub fn plan(
             p.unmanaged.push(d.name.clone());
             continue;
         };
-        // Assigned elsewhere (and not being moved away from here) but running here: it must
-        // not run in two places.
-        if vm.node != me
-            && vm.migrating_from.as_deref() != Some(me)
-            && matches!(d.state, ActualState::Running | ActualState::Paused)
-        {
-            p.actions.push(Action::Destroy { vm: d.name.clone() })
+        // Assigned elsewhere (and not being moved away from here) but running here: reported,
+        // never destroyed on this node's own initiative — the record adopts it here or fails
+        // it naming every node (model `stray.rs`).
+        let running = matches!(d.state, ActualState::Running | ActualState::Paused);
+        if vm.node != me && vm.migrating_from.as_deref() != Some(me) && running != vm.seen_on.contains(me) {
+            p.strays.push((d.name.clone(), running));
+        }
+    }
+    // Seen here before, and now gone from this node's libvirt altogether.
+    for (name, vm) in vms.iter().filter(|(_, v)| v.node != me && v.seen_on.contains(me)) {
+        if !domains.iter().any(|d| d.name == *name && is_ours(d, vm)) {
+            p.strays.push((name.clone(), false));
         }
     }
     memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));

@@ -157,6 +157,9 @@ impl Reconciler {
                 });
             }
         }
+        for (name, running) in &p.strays {
+            commands.push(Command::ReportStray { name: name.clone(), node: self.me.clone(), running: *running });
+        }
         // Moves away from here that no longer run here: released, the target may start them.
         for (name, _) in
             vms.iter().filter(|(_, v)| v.node != self.me && v.migrating_from.as_deref() == Some(self.me.as_str()))

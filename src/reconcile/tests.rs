@@ -27,6 +27,7 @@ fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
         actual,
         migrating_from: None,
         waiting: None,
+        seen_on: Default::default(),
         revision: 7,
     }
 }
@@ -67,11 +68,13 @@ fn a_foreign_domain_with_a_managed_name_is_listed_unmanaged_and_never_touched() 
     let foreign = Domain { uuid: "11111111-2222-4333-8444-555555555555".into(), ..dom("a", ActualState::Running) };
     let p = plan("me", &v, std::slice::from_ref(&foreign), true, &mut Memory::default(), 0, 1000);
     assert_eq!(p.actions, vec![], "not destroyed: it is not the managed VM");
+    assert_eq!(p.strays, vec![], "nor reported as the VM");
     assert_eq!(p.unmanaged, vec!["a".to_string()]);
-    // The managed VM's own domain (same uuid) running here while assigned elsewhere is.
+    assert_eq!(p.strays, vec![]);
+    // The managed VM's own domain (same uuid) running here while assigned elsewhere is a stray.
     let own = Domain { uuid: v["a"].spec.uuid.to_uppercase(), ..dom("a", ActualState::Running) };
     let p = plan("me", &v, &[own], true, &mut Memory::default(), 0, 1000);
-    assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
+    assert_eq!(p.strays, vec![("a".to_string(), true)]);
     assert!(p.unmanaged.is_empty());
 }
 
@@ -129,11 +132,23 @@ fn a_restart_happens_once_per_request() {
 }
 
 #[test]
-fn a_vm_assigned_elsewhere_is_not_left_running_here() {
-    let v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
+fn a_vm_assigned_elsewhere_running_here_is_reported_never_destroyed() {
+    let mut v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
     let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
-    assert_eq!(p.actions, vec![Action::Destroy { vm: "a".into() }]);
-    assert!(p.reports.is_empty(), "only the assigned node reports");
+    assert_eq!(p.actions, vec![], "no node destroys a copy on its own initiative");
+    assert_eq!(p.strays, vec![("a".to_string(), true)]);
+    assert!(p.reports.is_empty(), "only the assigned node reports its state");
+    // Once the record says so, nothing more; gone from here, that is said too.
+    v.get_mut("a").map(|r| r.seen_on.insert("me".into()));
+    let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.strays, vec![]);
+    let p = plan("me", &v, &[], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.strays, vec![("a".to_string(), false)]);
+    // Its own node does not start it while a copy is seen elsewhere.
+    let mut own = vm("a", "me", VmState::Start, ActualState::Shutoff);
+    own.seen_on.insert("other".into());
+    let p = plan("me", &vms(vec![own]), &[], true, &mut Memory::default(), 0, 1000);
+    assert_eq!(p.actions, vec![]);
 }
 
 #[test]

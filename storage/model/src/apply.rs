@@ -156,6 +156,7 @@ fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, A
         | Command::FencePowerOn { .. } => crate::fence::apply_fence_op(state, index, now, op),
         Command::RecordEvent { kind, node, message } => cluster_ops::record_event(state, at, kind, node, message),
         Command::SetMaintenance { on } => cluster_ops::set_maintenance(state, at, on),
+        Command::ReportStray { name, node, running } => crate::stray::report_stray(state, at, name, node, *running),
     }
 }
 

@@ -196,6 +196,9 @@ pub(crate) fn remove_node(state: &mut State, at: At<'_>, name: &String) -> Resul
     }
     let id = node.id;
     state.nodes.remove(name);
+    for vm in state.vms.values_mut() {
+        vm.seen_on.remove(name);
+    }
     state.removed.insert(id);
     push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"));
     Ok(Reply::Done)
@@ -212,6 +215,10 @@ pub(crate) fn set_maintenance(state: &mut State, at: At<'_>, on: &bool) -> Resul
     if was != *on {
         let word = if *on { "on" } else { "off" };
         push_event(state, index, now, "maintenance", None, format!("maintenance {word}"));
+        if !*on {
+            // Drift reported during maintenance is acted on now.
+            crate::stray::resolve_all(state, index, now);
+        }
     }
     Ok(Reply::Done)
 }

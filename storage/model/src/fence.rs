@@ -516,6 +516,7 @@ pub(crate) fn place_waiting(state: &mut State, index: u64, now: u64) {
         };
         let Some(vm) = state.vms.get_mut(&vm_name) else { continue };
         let from = std::mem::replace(&mut vm.node, target.clone());
+        vm.seen_on.remove(&target);
         if from != target {
             let home = vm.last_node.take().unwrap_or(from);
             vm.last_node = (home != target).then_some(home);
@@ -562,6 +563,7 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str) {
                     vm.migrating_from = None;
                 }
                 vm.node = target.clone();
+                vm.seen_on.remove(&target);
                 vm.state = if vm.last_node.is_some() { VmState::Migrate } else { VmState::Start };
                 vm.actual = ActualState::Unknown;
                 moved.push(format!("{vm_name} -> {target}"));

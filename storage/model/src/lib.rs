@@ -33,6 +33,7 @@ mod cluster_ops;
 mod fence;
 mod node_ops;
 mod place;
+mod stray;
 mod vm;
 
 pub use apply::{

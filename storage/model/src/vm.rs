@@ -90,6 +90,7 @@ fn define_vm(state: &mut State, at: At<'_>, spec: &VmSpec, node: &String) -> Res
         actual: ActualState::Unknown,
         migrating_from: None,
         waiting: None,
+        seen_on: Default::default(),
         revision: index,
     };
     state.vms.insert(spec.name.clone(), vm);
@@ -194,8 +195,10 @@ fn migrate_vm(
         )));
     }
     let from = std::mem::replace(&mut vm.node, to.clone());
-    // Moved by hand to a node that accepts VMs: it waits for nothing any more.
+    // Moved by hand to a node that accepts VMs: it waits for nothing any more, and a copy
+    // seen running there is now its own.
     vm.waiting = None;
+    vm.seen_on.remove(to);
     vm.last_node = match (how, permanent) {
         (_, true) | (VmState::Unmigrate, _) => None,
         // A temporary move keeps the first home; moving back there is arriving home.
@@ -290,6 +293,7 @@ fn report_vm(
         return Err(ApplyError::Invalid(format!("{name} is assigned to {}, not {node}", vm.node)));
     }
     vm.actual = *actual;
+    vm.seen_on.remove(node);
     let before = vm.state;
     match (failure, vm.state, actual) {
         (Some(reason), _, _) => {
@@ -310,6 +314,10 @@ fn report_vm(
     if after == VmState::Fail && before != VmState::Fail {
         let reason = failure.clone().unwrap_or_default();
         push_event(state, index, now, "vm-fail", Some(node), format!("{name} failed on {node}: {reason}"));
+    }
+    // Copies seen elsewhere wait for this report: adopted there or failed.
+    if !state.meta.as_ref().is_some_and(|m| m.maintenance) {
+        crate::stray::resolve(state, index, now, name);
     }
     Ok(Reply::Done)
 }

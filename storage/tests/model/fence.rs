@@ -47,6 +47,7 @@ fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
         actual: ActualState::Running,
         migrating_from: None,
         waiting: None,
+        seen_on: Default::default(),
         revision: 1,
     }
 }

@@ -96,6 +96,7 @@ fn placements_not_yet_reported_count_against_a_node() {
             actual: ActualState::Unknown,
             migrating_from: None,
             waiting: None,
+            seen_on: Default::default(),
             revision: 1,
         },
     );
@@ -548,4 +549,53 @@ proptest! {
             Err(_) => prop_assert!(eligible.is_empty()),
         }
     }
+}
+
+/// Issue 21, one authority per VM: a copy running where the VM is not assigned is adopted
+/// there once its own node reports it off; a copy beside a running one fails the VM naming
+/// both nodes; in maintenance drift is only reported, and acted on when maintenance ends.
+#[test]
+fn a_vm_running_out_of_place_is_adopted_or_failed_never_destroyed() {
+    let mut s = three();
+    s.meta = Some(ClusterMeta {
+        cluster_id: "c".into(),
+        created_ms: 0,
+        maintenance: false,
+        join_token_hashes: Default::default(),
+        join_tokens: Default::default(),
+        next_node_id: 10,
+        revision: 0,
+    });
+    let report =
+        |node: &str, actual| Command::ReportVm { name: "web".into(), node: node.into(), actual, failure: None };
+    let stray = |node: &str, running| Command::ReportStray { name: "web".into(), node: node.into(), running };
+    assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 2, report("a", ActualState::Running)), Ok(Reply::Done));
+    // Its own node's report of itself is not a stray; an unknown node is refused.
+    assert_eq!(run(&mut s, 3, stray("a", true)), Ok(Reply::Done));
+    assert!(s.vms["web"].seen_on.is_empty());
+    assert!(run(&mut s, 4, stray("zz", true)).is_err());
+    // Started by hand on b while it runs on a: split, failed, both named.
+    assert_eq!(run(&mut s, 5, stray("b", true)), Ok(Reply::Done));
+    let web = &s.vms["web"];
+    assert_eq!((web.state, web.node.as_str()), (VmState::Fail, "a"));
+    assert!(web.failure_reason.as_deref().is_some_and(|r| r.contains("running on a and b")), "{web:?}");
+    assert!(s.events.iter().any(|e| e.kind == "vm-split"));
+    // The operator destroys the copy on a: a reports it off, b's copy is adopted.
+    assert_eq!(run(&mut s, 6, report("a", ActualState::Shutoff)), Ok(Reply::Done));
+    let web = &s.vms["web"];
+    assert_eq!((web.node.as_str(), web.state, web.actual), ("b", VmState::Start, ActualState::Running), "{web:?}");
+    assert!(web.seen_on.is_empty());
+    assert!(s.events.iter().any(|e| e.kind == "vm-adopted"));
+
+    // In maintenance: drift is reported, nothing adopted, until maintenance ends.
+    assert_eq!(run(&mut s, 7, Command::SetMaintenance { on: true }), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 8, report("b", ActualState::Shutoff)), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 9, stray("c", true)), Ok(Reply::Done));
+    let web = &s.vms["web"];
+    assert_eq!((web.node.as_str(), web.seen_on.len()), ("b", 1), "{web:?}");
+    assert!(s.events.iter().any(|e| e.kind == "vm-drift"));
+    assert_eq!(run(&mut s, 10, Command::SetMaintenance { on: false }), Ok(Reply::Done));
+    assert_eq!(s.vms["web"].node, "c", "adopted once maintenance ends");
+    assert!(s.vms["web"].seen_on.is_empty());
 }

@@ -129,6 +129,9 @@ impl State {
             if vm.last_node.as_ref() == Some(&vm.node) {
                 return Err(format!("VM {name}'s last_node is its node"));
             }
+            if vm.seen_on.contains(&vm.node) || vm.seen_on.iter().any(|n| !self.nodes.contains_key(n)) {
+                return Err(format!("VM {name} seen out of place on its own node or an unknown one"));
+            }
         }
         if self.events.len() > crate::MAX_EVENTS {
             return Err("event log over its bound".into());

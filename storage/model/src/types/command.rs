@@ -203,6 +203,13 @@ pub enum Command {
         node: Option<String>,
         message: String,
     },
+    /// `node` finds VM `name`, assigned elsewhere and not leaving `node`, running there
+    /// (`running`) or no longer running there.
+    ReportStray {
+        name: String,
+        node: String,
+        running: bool,
+    },
 }
 
 impl Command {
@@ -229,6 +236,7 @@ impl Command {
             Command::ReleaseVm { .. } => "release-vm",
             Command::AbortMigration { .. } => "abort-migration",
             Command::ReportVm { .. } => "report-vm",
+            Command::ReportStray { .. } => "report-stray",
             Command::SetRouterState { .. } => "set-router-state",
             Command::SetNodeHealth { .. } => "set-node-health",
             Command::SetFencePolicy { .. } => "set-fence-policy",

@@ -47,5 +47,10 @@ pub struct VmRecord {
     /// set; it is placed, and this cleared, as soon as a node fits.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Nodes other than `node` whose latest report (`ReportStray`) shows it running there.
+    /// While any is named, no node starts it (see `stray.rs`: adopted or failed, never
+    /// destroyed by herd on its own).
+    #[serde(default)]
+    pub seen_on: std::collections::BTreeSet<String>,
     pub revision: u64,
 }
