@@ -8,6 +8,7 @@
 //!   so it is adopted there: the record follows the VM (`vm-adopted`);
 //! - it runs in two or more places: the VM goes to `fail` naming every node (`vm-split`),
 //!   and nothing is destroyed: which copy is the right one is the operator's call.
+//!
 //! Its assigned node not having reported yet, it waits for that report.
 
 use crate::apply::{push_event, At};
