@@ -91,6 +91,17 @@ impl Libvirtd {
         Ok(list.iter().filter_map(|d| Some((d.name().ok()?, d.id()?))).collect())
     }
 
+    /// Starts a transient domain from `xml` behind herd's back (an operator by hand).
+    pub fn start_by_hand(&self, xml: &str) {
+        self.conn.create_domain_xml(xml, 0).expect("start a domain by hand");
+    }
+
+    /// Destroys domain `name` behind herd's back.
+    pub fn destroy_by_hand(&self, name: &str) {
+        let d = self.conn.lookup_domain_by_name(name).expect("domain by name");
+        d.destroy().expect("destroy by hand");
+    }
+
     /// Active domains: name → libvirt id.
     pub fn running(&self) -> Vec<(String, u32)> {
         let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
