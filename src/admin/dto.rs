@@ -210,6 +210,9 @@ pub struct VmSummary {
     migrating_from: Option<String>,
     /// Why it should run but no node runs it yet (no node in its `node_limit` is ready).
     waiting: Option<String>,
+    /// Nodes other than `node` that report it running there (adopted or failed, see the
+    /// model's `stray.rs`).
+    seen_on: Vec<String>,
 }
 
 impl VmSummary {
@@ -224,6 +227,7 @@ impl VmSummary {
             failure_reason: vm.failure_reason.clone(),
             migrating_from: vm.migrating_from.clone(),
             waiting: vm.waiting.clone(),
+            seen_on: vm.seen_on.iter().cloned().collect(),
         }
     }
 }
