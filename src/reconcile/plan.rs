@@ -162,14 +162,21 @@ pub fn plan(
             stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p);
         }
     }
+    out_of_place(me, vms, domains, &mut p);
+    memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
+    p
+}
+
+/// Domains here that are not this node's VMs: unmanaged (unknown, or another uuid under a
+/// managed name), or managed VMs assigned elsewhere that run here — reported as strays
+/// (`true`, or `false` once gone), never destroyed on this node's own initiative: the record
+/// adopts the VM here or fails it naming every node (model `stray.rs`).
+fn out_of_place(me: &str, vms: &BTreeMap<String, VmRecord>, domains: &[Domain], p: &mut Plan) {
     for d in domains {
-        let Some(vm) = vms.get(&d.name).filter(|_| ours(d)) else {
+        let Some(vm) = vms.get(&d.name).filter(|v| is_ours(d, v)) else {
             p.unmanaged.push(d.name.clone());
             continue;
         };
-        // Assigned elsewhere (and not being moved away from here) but running here: reported,
-        // never destroyed on this node's own initiative — the record adopts it here or fails
-        // it naming every node (model `stray.rs`).
         let running = matches!(d.state, ActualState::Running | ActualState::Paused);
         if vm.node != me && vm.migrating_from.as_deref() != Some(me) && running != vm.seen_on.contains(me) {
             p.strays.push((d.name.clone(), running));
@@ -177,12 +184,10 @@ pub fn plan(
     }
     // Seen here before, and now gone from this node's libvirt altogether.
     for (name, vm) in vms.iter().filter(|(_, v)| v.node != me && v.seen_on.contains(me)) {
-        if !domains.iter().any(|d| d.name == *name && is_ours(d, vm)) {
+        if !domains.iter().any(|d| is_ours(d, vm)) {
             p.strays.push((name.clone(), false));
         }
     }
-    memory.restarted.retain(|(n, rev)| vms.get(n).is_some_and(|v| v.revision == *rev && v.state == VmState::Restart));
-    p
 }
 
 /// Whether domain `d` is VM `vm` (same name, and the same uuid where libvirt reports one).
