@@ -10,7 +10,6 @@
 //! `HERD_BENCH_KEEP=1` keeps the nodes' directories (logs) in the temporary directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -56,18 +55,7 @@ fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
         a = addr(i),
     );
     std::fs::write(d.join("herd.toml"), config)?;
-    let log = std::fs::File::create(d.join("herd.log"))?;
-    p.children.push(
-        Command::new(herd)
-            .args(["daemon", "--config"])
-            .arg(d.join("herd.toml"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("herd daemon")?,
-    );
+    p.spawn_herd(herd, &d, Some("warn"))?;
     let sock = socket(&p.dir, i);
     wait("an admin socket", Duration::from_secs(30), || Ok(admin(&sock, &json!({"op": "status"})).is_ok()))
 }

@@ -67,17 +67,7 @@ async fn start_herd(p: &mut Procs, herd: &Path) -> Result<()> {
             d = d.display()
         );
         std::fs::write(d.join("herd.toml"), config)?;
-        let log = std::fs::File::create(d.join("herd.log"))?;
-        p.children.push(
-            Command::new(herd)
-                .args(["daemon", "--config"])
-                .arg(d.join("herd.toml"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("herd daemon")?,
-        );
+        p.spawn_herd(herd, &d, None)?;
         let sock = herd_socket(&p.dir, i);
         wait_for("a herd admin socket", Duration::from_secs(20), async || {
             admin(&sock, &json!({"op": "status"})).await.is_ok()
