@@ -16,6 +16,8 @@ use crate::heartbeat::verdict::Verdict;
 
 /// `node flush|ready --wait` gives up after this long.
 const FLUSH_WAIT: Duration = Duration::from_secs(590);
+/// The longest `node shutdown --timeout` (a bound, so no deadline overflows).
+const SHUTDOWN_MAX_MS: u64 = 24 * 3_600_000;
 /// `node primary --wait` gives up after this long.
 const PRIMARY_WAIT: Duration = Duration::from_secs(30);
 
@@ -191,8 +193,15 @@ pub(super) async fn shutdown(d: &Daemon, name: String, timeout_ms: Option<u64>) 
             d.config.name
         )));
     }
+    let timeout_ms = timeout_ms.unwrap_or(600_000);
+    if !(1_000..=SHUTDOWN_MAX_MS).contains(&timeout_ms) {
+        return Err(AdminError::invalid(format!(
+            "node shutdown --timeout must be between 1 s and {} h (got {timeout_ms} ms)",
+            SHUTDOWN_MAX_MS / 3_600_000
+        )));
+    }
     let started = tokio::time::Instant::now();
-    let deadline = started + Duration::from_millis(timeout_ms.unwrap_or(600_000));
+    let deadline = started + Duration::from_millis(timeout_ms);
     let here = primary_of(&member(d)?.view.read().state).as_deref() == Some(name.as_str());
     let mut primary = None;
     if here || d.primary.holding() {

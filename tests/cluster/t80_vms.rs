@@ -229,6 +229,10 @@ fn host_shutdown_drains_first(c: &mut Cluster) {
     let out = c.node(other).cli(&["node", "shutdown", &host]);
     assert!(!out.status.success(), "refused on another node: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("runs on the node that goes down"), "{out:?}");
+    let out = c.node(&host).cli(&["node", "shutdown", &host, "--timeout", "0s"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 1 s and"), "a zero timeout: {out:?}");
+    let still = c.node(other).admin(json!({"op": "node-info", "name": host}));
+    assert_eq!(still["domain_state"], "ready", "a refused shutdown changes nothing");
     let out = c.node(&host).cli(&["node", "shutdown", &host, "--timeout", "60s"]);
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "node shutdown: {said}{}", String::from_utf8_lossy(&out.stderr));
