@@ -30,11 +30,11 @@ impl Looper {
             return None;
         }
         let member = self.node.member()?;
-        let (vms, applied) = {
+        let (vms, meta, applied) = {
             let g = member.view.read();
-            (g.state.vms.clone(), g.last_applied.map_or(0, |l| l.index))
+            (g.state.vms.clone(), g.state.meta.clone(), g.last_applied.map_or(0, |l| l.index))
         };
-        match self.reconciler.round(&vms, self.standing.quorum_contact(applied)).await {
+        match self.reconciler.round(&vms, meta.as_ref(), self.standing.quorum_contact(applied)).await {
             Ok(out) => {
                 if !out.commands.is_empty() {
                     let ops = out.commands.into_iter().map(Into::into).collect();

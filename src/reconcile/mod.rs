@@ -2,14 +2,15 @@
 //! VMs assigned to it, and writes what it sees back.
 //!
 //! ```text
-//!  plan(me, VMs of record, domains, can_start) ─▶ actions (define, start, shutdown, destroy)
+//!  plan(round, VMs of record, domains) ─▶ actions (define, start, shutdown, destroy)
 //!                                              └▶ reports (actual state), unmanaged domains
 //! ```
 //! `plan` is pure and unit-tested; [`Reconciler`] runs it on every applied change (a local
 //! watch) and every `interval` (a crashed VM is restarted), executes the actions one by one,
 //! and reports through Raft. Rules: a domain that is running is adopted, never restarted; a
 //! domain the cluster does not know is reported and never touched; a node without recent quorum
-//! contact only stops VMs and never starts one.
+//! contact only stops VMs and never starts one; in maintenance a VM no one commanded since it
+//! began is left as found (`model::left_alone`) and only reported.
 //!
 //! ```text
 //!   plan.rs        pure: the actions and reports of one round
@@ -24,7 +25,7 @@ mod reconciler;
 mod xml;
 
 pub use looper::Looper;
-pub use plan::{live_policy, plan, Action, Memory, Plan};
+pub use plan::{live_policy, plan, Action, Memory, Plan, Round};
 pub use reconciler::{Outcome, Reconciler};
 pub use xml::spec_from_xml;
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use herd_storage::model::{ActualState, VmRecord, VmState};
+use herd_storage::model::{left_alone, ActualState, ClusterMeta, VmRecord, VmState};
 
 use crate::hypervisor::Domain;
 
@@ -40,6 +40,17 @@ impl Action {
             Action::Shutdown { .. } => "shutdown",
             Action::Destroy { .. } => "destroy",
             Action::MigrateLive { .. } => "migrate live",
+        }
+    }
+
+    /// The VM it acts on.
+    pub fn vm(&self) -> &str {
+        match self {
+            Action::Define { vm, .. }
+            | Action::Start { vm }
+            | Action::Shutdown { vm }
+            | Action::Destroy { vm }
+            | Action::MigrateLive { vm, .. } => vm,
         }
     }
 }
@@ -81,17 +92,23 @@ pub fn live_policy(vm: &VmRecord) -> (bool, bool) {
     }
 }
 
-/// Decides one round for node `me`. `now_ms` and `shutdown_timeout_ms` bound graceful
-/// shutdowns (then destroy).
-pub fn plan(
-    me: &str,
-    vms: &BTreeMap<String, VmRecord>,
-    domains: &[Domain],
-    can_start: bool,
-    memory: &mut Memory,
-    now_ms: u64,
-    shutdown_timeout_ms: u64,
-) -> Plan {
+/// What one round is decided for, besides the VMs of record and the domains.
+#[derive(Clone, Copy, Debug)]
+pub struct Round<'a> {
+    /// This node.
+    pub me: &'a str,
+    /// Whether it may start VMs (it has quorum contact).
+    pub can_start: bool,
+    /// The reconciler's own clock and the graceful-shutdown timeout (then destroy).
+    pub now_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    /// The cluster's metadata (maintenance: VMs left alone, see `model::left_alone`).
+    pub meta: Option<&'a ClusterMeta>,
+}
+
+/// Decides one round for node `r.me`.
+pub fn plan(r: &Round<'_>, vms: &BTreeMap<String, VmRecord>, domains: &[Domain], memory: &mut Memory) -> Plan {
+    let Round { me, can_start, now_ms, shutdown_timeout_ms, meta } = *r;
     let mut p = Plan::default();
     // A domain is a managed VM's only if its uuid is the VM's too (libvirt may report none);
     // a foreign domain that happens to carry a managed VM's name is never touched.
@@ -101,7 +118,10 @@ pub fn plan(
         let d = by_name.get(name.as_str());
         let observed = d.map_or(ActualState::Missing, |d| d.state);
         let running = matches!(observed, ActualState::Running | ActualState::Paused);
+        // In maintenance a VM no one commanded since is only reported: drift, not acted on.
+        let hands_off = left_alone(meta, vm);
         match vm.state {
+            _ if hands_off => {}
             VmState::Restart if running && !memory.restarted.contains(&(name.clone(), vm.revision)) => {
                 memory.restarted.insert((name.clone(), vm.revision));
                 p.actions.push(Action::Destroy { vm: name.clone() });
@@ -141,7 +161,7 @@ pub fn plan(
     let moving_away = |v: &VmRecord| v.node != me && v.migrating_from.as_deref() == Some(me);
     memory.live_tried.retain(|n| vms.get(n).is_some_and(moving_away));
     memory.live_failed.retain(|n| vms.get(n).is_some_and(moving_away));
-    for (name, vm) in vms.iter().filter(|(_, v)| moving_away(v)) {
+    for (name, vm) in vms.iter().filter(|(_, v)| moving_away(v) && !left_alone(meta, v)) {
         let running =
             by_name.get(name.as_str()).is_some_and(|d| matches!(d.state, ActualState::Running | ActualState::Paused));
         if !running {

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herd_storage::model::{ActualState, Command, VmRecord, VmState};
+use herd_storage::model::{ActualState, ClusterMeta, Command, VmRecord, VmState};
 use tokio::time::Instant;
 
-use super::plan::{live_policy, plan, Action, Memory};
+use super::plan::{live_policy, plan, Action, Memory, Round};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
 /// Runs the reconciler of one node.
@@ -94,13 +94,19 @@ impl Reconciler {
     }
 
     /// One round: observe, plan, act, and return the reports to write.
-    pub async fn round(&self, vms: &BTreeMap<String, VmRecord>, can_start: bool) -> Result<Outcome, HypervisorError> {
+    pub async fn round(
+        &self,
+        vms: &BTreeMap<String, VmRecord>,
+        meta: Option<&ClusterMeta>,
+        can_start: bool,
+    ) -> Result<Outcome, HypervisorError> {
         let domains = self.hypervisor.list().await?;
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let timeout_ms = u64::try_from(self.shutdown_timeout.as_millis()).unwrap_or(u64::MAX);
         let p = {
             let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-            plan(&self.me, vms, &domains, can_start, &mut m, now_ms, timeout_ms)
+            let r = Round { me: &self.me, can_start, now_ms, shutdown_timeout_ms: timeout_ms, meta };
+            plan(&r, vms, &domains, &mut m)
         };
         *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
         let mut failures: BTreeMap<String, String> = BTreeMap::new();

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +28,18 @@ fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
         migrating_from: None,
         waiting: None,
         seen_on: Default::default(),
+        desired_at: 0,
         revision: 7,
     }
 }
 
 fn dom(name: &str, state: ActualState) -> Domain {
     Domain { name: name.into(), uuid: String::new(), state, id: (state == ActualState::Running).then_some(3) }
+}
+
+/// A round on node `me` at `now_ms` with quorum contact, shutdown timeout 1 s, no maintenance.
+fn at(me: &str, now_ms: u64) -> Round<'_> {
+    Round { me, can_start: true, now_ms, shutdown_timeout_ms: 1000, meta: None }
 }
 
 fn vms(list: Vec<VmRecord>) -> BTreeMap<String, VmRecord> {
@@ -46,7 +52,7 @@ fn starts_what_should_run_and_adopts_what_runs() {
         vm("a", "me", VmState::Start, ActualState::Unknown),
         vm("b", "me", VmState::Start, ActualState::Unknown),
     ]);
-    let p = plan("me", &v, &[dom("b", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[dom("b", ActualState::Running)], &mut Memory::default());
     assert_eq!(
         p.actions,
         vec![Action::Define { vm: "a".into(), xml: v["a"].spec.xml.clone() }, Action::Start { vm: "a".into() }]
@@ -58,7 +64,7 @@ fn starts_what_should_run_and_adopts_what_runs() {
 fn a_vm_waiting_for_a_node_that_fits_is_started_by_no_one() {
     let mut waiting = vm("a", "me", VmState::Start, ActualState::Unknown);
     waiting.waiting = Some("waiting: no node in node_limit is ready".into());
-    let p = plan("me", &vms(vec![waiting]), &[], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &vms(vec![waiting]), &[], &mut Memory::default());
     assert_eq!(p.actions, vec![]);
 }
 
@@ -66,14 +72,14 @@ fn a_vm_waiting_for_a_node_that_fits_is_started_by_no_one() {
 fn a_foreign_domain_with_a_managed_name_is_listed_unmanaged_and_never_touched() {
     let v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
     let foreign = Domain { uuid: "11111111-2222-4333-8444-555555555555".into(), ..dom("a", ActualState::Running) };
-    let p = plan("me", &v, std::slice::from_ref(&foreign), true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, std::slice::from_ref(&foreign), &mut Memory::default());
     assert_eq!(p.actions, vec![], "not destroyed: it is not the managed VM");
     assert_eq!(p.strays, vec![], "nor reported as the VM");
     assert_eq!(p.unmanaged, vec!["a".to_string()]);
     assert_eq!(p.strays, vec![]);
     // The managed VM's own domain (same uuid) running here while assigned elsewhere is a stray.
     let own = Domain { uuid: v["a"].spec.uuid.to_uppercase(), ..dom("a", ActualState::Running) };
-    let p = plan("me", &v, &[own], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[own], &mut Memory::default());
     assert_eq!(p.strays, vec![("a".to_string(), true)]);
     assert!(p.unmanaged.is_empty());
 }
@@ -85,13 +91,10 @@ fn without_quorum_contact_it_stops_but_never_starts() {
         vm("b", "me", VmState::Stop, ActualState::Running),
     ]);
     let p = plan(
-        "me",
+        &Round { me: "me", can_start: false, now_ms: 0, shutdown_timeout_ms: 1000, meta: None },
         &v,
         &[dom("a", ActualState::Shutoff), dom("b", ActualState::Running)],
-        false,
         &mut Memory::default(),
-        0,
-        1000,
     );
     assert_eq!(p.actions, vec![Action::Destroy { vm: "b".into() }]);
 }
@@ -99,14 +102,56 @@ fn without_quorum_contact_it_stops_but_never_starts() {
 #[test]
 fn a_crashed_vm_that_should_run_is_restarted() {
     let v = vms(vec![vm("a", "me", VmState::Start, ActualState::Running)]);
-    let p = plan("me", &v, &[dom("a", ActualState::Crashed)], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[dom("a", ActualState::Crashed)], &mut Memory::default());
     assert!(p.actions.contains(&Action::Start { vm: "a".into() }));
     assert_eq!(p.reports, vec![("a".into(), ActualState::Crashed)]);
 }
 
+/// In maintenance (turned on at index 100): a VM no one commanded since is reported, never
+/// acted on — neither restarted after a crash nor stopped where it runs against its record;
+/// one commanded since (`desired_at` > 100) or with a command in flight is handled as usual.
+#[test]
+fn in_maintenance_only_commanded_vms_are_acted_on() {
+    let meta = herd_storage::model::ClusterMeta {
+        cluster_id: "c".into(),
+        created_ms: 0,
+        maintenance: true,
+        maintenance_at: 100,
+        join_token_hashes: Default::default(),
+        join_tokens: Default::default(),
+        next_node_id: 2,
+        revision: 100,
+    };
+    let round = Round { meta: Some(&meta), ..at("me", 0) };
+    let crashed = vm("a", "me", VmState::Start, ActualState::Running);
+    let stray_run = vm("b", "me", VmState::Stop, ActualState::Shutoff);
+    let started = VmRecord { desired_at: 101, ..vm("c", "me", VmState::Start, ActualState::Shutoff) };
+    let restarting = vm("d", "me", VmState::Restart, ActualState::Running);
+    let leaving =
+        VmRecord { migrating_from: Some("me".into()), ..vm("e", "other", VmState::Migrate, ActualState::Unknown) };
+    let v = vms(vec![crashed, stray_run, started, restarting, leaving]);
+    let doms = [
+        dom("a", ActualState::Crashed),
+        dom("b", ActualState::Running),
+        dom("d", ActualState::Running),
+        dom("e", ActualState::Running),
+    ];
+    let p = plan(&round, &v, &doms, &mut Memory::default());
+    let touched: BTreeSet<&str> = p.actions.iter().map(|a| a.vm()).collect();
+    assert_eq!(touched, BTreeSet::from(["c", "d", "e"]), "{:?}", p.actions);
+    assert!(
+        p.reports.contains(&("a".into(), ActualState::Crashed))
+            && p.reports.contains(&("b".into(), ActualState::Running))
+    );
+    // Out of maintenance the same round restarts a and stops b.
+    let p = plan(&at("me", 0), &v, &doms, &mut Memory::default());
+    let touched: BTreeSet<&str> = p.actions.iter().map(|a| a.vm()).collect();
+    assert!(touched.contains("a") && touched.contains("b"), "{:?}", p.actions);
+}
+
 #[test]
 fn unknown_domains_are_reported_and_left_alone() {
-    let p = plan("me", &BTreeMap::new(), &[dom("test", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &BTreeMap::new(), &[dom("test", ActualState::Running)], &mut Memory::default());
     assert!(p.actions.is_empty());
     assert_eq!(p.unmanaged, vec!["test".to_string()]);
 }
@@ -116,9 +161,9 @@ fn graceful_shutdown_then_destroy_after_the_timeout() {
     let v = vms(vec![vm("a", "me", VmState::Shutdown, ActualState::Running)]);
     let mut m = Memory::default();
     let running = [dom("a", ActualState::Running)];
-    assert_eq!(plan("me", &v, &running, true, &mut m, 0, 1000).actions, vec![Action::Shutdown { vm: "a".into() }]);
-    assert!(plan("me", &v, &running, true, &mut m, 500, 1000).actions.is_empty(), "waits for the guest");
-    assert_eq!(plan("me", &v, &running, true, &mut m, 1000, 1000).actions, vec![Action::Destroy { vm: "a".into() }]);
+    assert_eq!(plan(&at("me", 0), &v, &running, &mut m).actions, vec![Action::Shutdown { vm: "a".into() }]);
+    assert!(plan(&at("me", 500), &v, &running, &mut m).actions.is_empty(), "waits for the guest");
+    assert_eq!(plan(&at("me", 1000), &v, &running, &mut m).actions, vec![Action::Destroy { vm: "a".into() }]);
 }
 
 #[test]
@@ -126,28 +171,28 @@ fn a_restart_happens_once_per_request() {
     let v = vms(vec![vm("a", "me", VmState::Restart, ActualState::Running)]);
     let mut m = Memory::default();
     let running = [dom("a", ActualState::Running)];
-    let first = plan("me", &v, &running, true, &mut m, 0, 1000);
+    let first = plan(&at("me", 0), &v, &running, &mut m);
     assert_eq!(first.actions.first(), Some(&Action::Destroy { vm: "a".into() }));
-    assert!(plan("me", &v, &running, true, &mut m, 10, 1000).actions.is_empty(), "not again for the same request");
+    assert!(plan(&at("me", 10), &v, &running, &mut m).actions.is_empty(), "not again for the same request");
 }
 
 #[test]
 fn a_vm_assigned_elsewhere_running_here_is_reported_never_destroyed() {
     let mut v = vms(vec![vm("a", "other", VmState::Start, ActualState::Running)]);
-    let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[dom("a", ActualState::Running)], &mut Memory::default());
     assert_eq!(p.actions, vec![], "no node destroys a copy on its own initiative");
     assert_eq!(p.strays, vec![("a".to_string(), true)]);
     assert!(p.reports.is_empty(), "only the assigned node reports its state");
     // Once the record says so, nothing more; gone from here, that is said too.
     v.get_mut("a").map(|r| r.seen_on.insert("me".into()));
-    let p = plan("me", &v, &[dom("a", ActualState::Running)], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[dom("a", ActualState::Running)], &mut Memory::default());
     assert_eq!(p.strays, vec![]);
-    let p = plan("me", &v, &[], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &v, &[], &mut Memory::default());
     assert_eq!(p.strays, vec![("a".to_string(), false)]);
     // Its own node does not start it while a copy is seen elsewhere.
     let mut own = vm("a", "me", VmState::Start, ActualState::Shutoff);
     own.seen_on.insert("other".into());
-    let p = plan("me", &vms(vec![own]), &[], true, &mut Memory::default(), 0, 1000);
+    let p = plan(&at("me", 0), &vms(vec![own]), &[], &mut Memory::default());
     assert_eq!(p.actions, vec![]);
 }
 
@@ -157,26 +202,23 @@ fn a_move_stops_on_the_source_before_the_target_starts() {
     moving.migrating_from = Some("source".into());
     let v = vms(vec![moving.clone()]);
     // The target waits while the source has not released it.
-    assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000).actions.is_empty());
+    assert!(plan(&at("target", 0), &v, &[], &mut Memory::default()).actions.is_empty());
     // The source tries a live migration once (method `none`: live first)...
     let mut m = Memory::default();
     let running = [dom("a", ActualState::Running)];
     assert_eq!(
-        plan("source", &v, &running, true, &mut m, 0, 1000).actions,
+        plan(&at("source", 0), &v, &running, &mut m).actions,
         vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }]
     );
-    assert!(plan("source", &v, &running, true, &mut m, 0, 1000).actions.is_empty(), "tried once");
+    assert!(plan(&at("source", 0), &v, &running, &mut m).actions.is_empty(), "tried once");
     // ... refused (as on the test driver), it shuts it down gracefully, then destroys.
     m.live_failed.insert("a".into());
-    assert_eq!(plan("source", &v, &running, true, &mut m, 0, 1000).actions, vec![Action::Shutdown { vm: "a".into() }]);
-    assert_eq!(
-        plan("source", &v, &running, true, &mut m, 1000, 1000).actions,
-        vec![Action::Destroy { vm: "a".into() }]
-    );
+    assert_eq!(plan(&at("source", 0), &v, &running, &mut m).actions, vec![Action::Shutdown { vm: "a".into() }]);
+    assert_eq!(plan(&at("source", 1000), &v, &running, &mut m).actions, vec![Action::Destroy { vm: "a".into() }]);
     // Released: the target starts it.
     moving.migrating_from = None;
     let v = vms(vec![moving]);
-    assert!(plan("target", &v, &[], true, &mut Memory::default(), 0, 1000)
+    assert!(plan(&at("target", 0), &v, &[], &mut Memory::default())
         .actions
         .contains(&Action::Start { vm: "a".into() }));
 }
@@ -194,7 +236,7 @@ fn the_migration_method_decides_live_and_fallback() {
             m.live_tried.insert("a".into());
             m.live_failed.insert("a".into());
         }
-        plan("source", &vms(vec![v]), &running, true, &mut m, 0, 1000).actions
+        plan(&at("source", 0), &vms(vec![v]), &running, &mut m).actions
     };
     let live = vec![Action::MigrateLive { vm: "a".into(), to: "target".into() }];
     let shut = vec![Action::Shutdown { vm: "a".into() }];
@@ -218,7 +260,7 @@ async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
     forced.migrating_from = Some("source".into());
     // Live only: refused (the memory hypervisor, like the test driver, has no migration),
     // the move is aborted through Raft and the domain keeps running here.
-    let out = r.round(&vms(vec![forced.clone()]), true).await.expect("round");
+    let out = r.round(&vms(vec![forced.clone()]), None, true).await.expect("round");
     assert!(
         matches!(out.commands.as_slice(), [Command::AbortMigration { name, node, .. }] if name == "a" && node == "source"),
         "{:?}",
@@ -230,7 +272,7 @@ async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
     let mut fallback = forced;
     fallback.state = VmState::Migrate;
     let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
-    let out = r.round(&vms(vec![fallback]), true).await.expect("round");
+    let out = r.round(&vms(vec![fallback]), None, true).await.expect("round");
     assert!(
         matches!(out.commands.as_slice(), [Command::ReleaseVm { name, node }] if name == "a" && node == "source"),
         "{:?}",

@@ -69,6 +69,7 @@ pub(crate) fn init_cluster(
         cluster_id: cluster_id.to_string(),
         created_ms: now,
         maintenance: false,
+        maintenance_at: 0,
         join_token_hashes: BTreeSet::from([token_hash.to_string()]),
         join_tokens: Default::default(),
         next_node_id: id + 1,
@@ -214,10 +215,15 @@ pub(crate) fn set_maintenance(state: &mut State, at: At<'_>, on: &bool) -> Resul
     meta.revision = index;
     if was != *on {
         let word = if *on { "on" } else { "off" };
+        if *on {
+            meta.maintenance_at = index;
+        }
         push_event(state, index, now, "maintenance", None, format!("maintenance {word}"));
         if !*on {
-            // Drift reported during maintenance is acted on now.
+            // Drift reported during maintenance is acted on now: strays adopted or failed,
+            // VMs waiting for a node placed where one fits.
             crate::stray::resolve_all(state, index, now);
+            crate::fence::place_waiting(state, index, now);
         }
     }
     Ok(Reply::Done)

@@ -505,6 +505,9 @@ fn fence_power_on(
 /// Places every VM that waits for a node (see [`VmRecord::waiting`]) where one now fits; run
 /// whenever a node may have become eligible (its daemon or domain state changed).
 pub(crate) fn place_waiting(state: &mut State, index: u64, now: u64) {
+    if state.meta.as_ref().is_some_and(|m| m.maintenance) {
+        return; // placed when maintenance ends
+    }
     let waiting: Vec<String> = state.vms.iter().filter(|(_, v)| v.waiting.is_some()).map(|(n, _)| n.clone()).collect();
     for vm_name in waiting {
         let Some(vm) = state.vms.get(&vm_name) else { continue };
@@ -524,6 +527,7 @@ pub(crate) fn place_waiting(state: &mut State, index: u64, now: u64) {
         }
         vm.waiting = None;
         vm.actual = ActualState::Unknown;
+        vm.desired_at = index;
         vm.revision = index;
         push_event(
             state,
@@ -566,6 +570,7 @@ fn recover(state: &mut State, index: u64, now: u64, name: &str) {
                 vm.seen_on.remove(&target);
                 vm.state = if vm.last_node.is_some() { VmState::Migrate } else { VmState::Start };
                 vm.actual = ActualState::Unknown;
+                vm.desired_at = index;
                 moved.push(format!("{vm_name} -> {target}"));
             }
             Err(e) => {

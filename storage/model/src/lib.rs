@@ -18,8 +18,9 @@
 //!   types/        the objects (names, node, cluster + State, vm, command, request)
 //!   apply.rs      apply(): dedup, the clock, all-or-nothing requests; the dispatch per command
 //!   cluster_ops   init, join/remove, join tokens, maintenance, events
+//!   maintenance   what reconcilers leave alone in maintenance; drift events
 //!   node_ops      what a node writes about itself; takeover
-//!   vm.rs         VM commands          place.rs  placement
+//!   vm.rs         VM commands          place.rs  placement     stray.rs  VMs out of place
 //!   fence.rs      fencing: policy, decision, outcome, recovery of a fenced node's VMs
 //! ```
 //!
@@ -31,6 +32,7 @@ mod types;
 mod apply;
 mod cluster_ops;
 mod fence;
+mod maintenance;
 mod node_ops;
 mod place;
 mod stray;
@@ -41,6 +43,7 @@ pub use apply::{
     MAX_REMEMBERED_REQUESTS,
 };
 pub use fence::*;
+pub use maintenance::left_alone;
 pub use place::place;
 pub use types::*;
 pub use vm::MAX_XML_BYTES;

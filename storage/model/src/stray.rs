@@ -85,6 +85,7 @@ pub(crate) fn resolve(state: &mut State, index: u64, now: u64, name: &str) {
             vm.state = VmState::Start;
             vm.failure_reason = None;
         }
+        vm.desired_at = index;
         vm.revision = index;
         let msg = format!("{name} runs on {there}, not on {from}: adopted there");
         push_event(state, index, now, "vm-adopted", Some(&there), msg);

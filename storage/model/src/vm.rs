@@ -91,6 +91,7 @@ fn define_vm(state: &mut State, at: At<'_>, spec: &VmSpec, node: &String) -> Res
         migrating_from: None,
         waiting: None,
         seen_on: Default::default(),
+        desired_at: index,
         revision: index,
     };
     state.vms.insert(spec.name.clone(), vm);
@@ -122,6 +123,7 @@ fn modify_vm(
     if let Some(v) = vcpus {
         vm.spec.vcpus = *v;
     }
+    vm.desired_at = index;
     vm.revision = index;
     Ok(Reply::Done)
 }
@@ -152,6 +154,7 @@ fn set_vm_state(state: &mut State, at: At<'_>, name: &str, to: &VmState) -> Resu
     if !to.wants_running() {
         vm.waiting = None;
     }
+    vm.desired_at = index;
     vm.revision = index;
     Ok(Reply::Done)
 }
@@ -218,6 +221,7 @@ fn migrate_vm(
     }
     // What the old node reported says nothing about the new one.
     vm.actual = ActualState::Unknown;
+    vm.desired_at = index;
     vm.revision = index;
     push_event(state, index, now, "vm-migrate", Some(to), format!("{name}: {from} -> {to} ({how})"));
     Ok(Reply::Done)
@@ -231,6 +235,7 @@ fn release_vm(state: &mut State, at: At<'_>, name: &str, node: &String) -> Resul
         return Err(ApplyError::Invalid(format!("{name} is not moving away from {node}")));
     }
     vm.migrating_from = None;
+    vm.desired_at = index;
     vm.revision = index;
     Ok(Reply::Done)
 }
@@ -316,7 +321,9 @@ fn report_vm(
         push_event(state, index, now, "vm-fail", Some(node), format!("{name} failed on {node}: {reason}"));
     }
     // Copies seen elsewhere wait for this report: adopted there or failed.
-    if !state.meta.as_ref().is_some_and(|m| m.maintenance) {
+    if state.meta.as_ref().is_some_and(|m| m.maintenance) {
+        crate::maintenance::note_drift(state, index, now, name);
+    } else {
         crate::stray::resolve(state, index, now, name);
     }
     Ok(Reply::Done)

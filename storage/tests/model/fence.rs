@@ -48,6 +48,7 @@ fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
         migrating_from: None,
         waiting: None,
         seen_on: Default::default(),
+        desired_at: 0,
         revision: 1,
     }
 }
@@ -58,6 +59,7 @@ fn cluster() -> State {
             cluster_id: "c".into(),
             created_ms: 0,
             maintenance: false,
+            maintenance_at: 0,
             join_token_hashes: Default::default(),
             join_tokens: Default::default(),
             next_node_id: 10,
@@ -286,7 +288,8 @@ fn a_reboot_fence_leaves_its_power_on_due_until_done_back_or_given_up() {
 
 /// Issue 21: a VM whose `node_limit` allows only the fenced node does not go to `fail`: it
 /// waits (state unchanged, a visible reason, started by no one), a node outside its limit
-/// becoming ready does not place it, and it is placed when a node inside the limit is ready.
+/// becoming ready does not place it, and it is placed when a node inside the limit is ready
+/// (in maintenance: when maintenance ends).
 #[test]
 fn a_vm_with_no_node_that_fits_waits_and_is_placed_when_one_is_ready() {
     let mut s = cluster();
@@ -315,8 +318,12 @@ fn a_vm_with_no_node_that_fits_waits_and_is_placed_when_one_is_ready() {
     let unflush = Command::SetDomainState { name: "a".into(), state: DomainState::Unflush, node_id: None };
     assert_eq!(at(&mut s, 11, 500, unflush), Ok(Reply::Done));
     assert!(s.vms["v1"].waiting.is_some(), "unflushing is not ready");
+    // In maintenance a ready node places nothing: the VM is placed once maintenance ends.
+    assert_eq!(at(&mut s, 12, 550, Command::SetMaintenance { on: true }), Ok(Reply::Done));
     let ready = Command::SetDomainState { name: "a".into(), state: DomainState::Ready, node_id: None };
-    assert_eq!(at(&mut s, 12, 600, ready), Ok(Reply::Done));
+    assert_eq!(at(&mut s, 13, 600, ready), Ok(Reply::Done));
+    assert!(s.vms["v1"].waiting.is_some(), "maintenance: no automatic placement");
+    assert_eq!(at(&mut s, 14, 650, Command::SetMaintenance { on: false }), Ok(Reply::Done));
     let v1 = &s.vms["v1"];
     assert_eq!((v1.node.as_str(), v1.state, v1.waiting.as_deref()), ("a", VmState::Start, None));
     assert!(kinds(&s).contains(&"vm-placed"), "{:?}", kinds(&s));

@@ -97,6 +97,7 @@ fn placements_not_yet_reported_count_against_a_node() {
             migrating_from: None,
             waiting: None,
             seen_on: Default::default(),
+            desired_at: 0,
             revision: 1,
         },
     );
@@ -561,6 +562,7 @@ fn a_vm_running_out_of_place_is_adopted_or_failed_never_destroyed() {
         cluster_id: "c".into(),
         created_ms: 0,
         maintenance: false,
+        maintenance_at: 0,
         join_token_hashes: Default::default(),
         join_tokens: Default::default(),
         next_node_id: 10,
@@ -598,4 +600,47 @@ fn a_vm_running_out_of_place_is_adopted_or_failed_never_destroyed() {
     assert_eq!(run(&mut s, 10, Command::SetMaintenance { on: false }), Ok(Reply::Done));
     assert_eq!(s.vms["web"].node, "c", "adopted once maintenance ends");
     assert!(s.vms["web"].seen_on.is_empty());
+}
+
+/// Issue 21, maintenance: a VM no one commanded since maintenance began is left alone — its
+/// drift is an event, nothing more; a command in maintenance makes it the reconcilers' again;
+/// a VM waiting for a node is placed only once maintenance ends.
+#[test]
+fn in_maintenance_drift_is_recorded_and_only_commands_are_acted_on() {
+    let mut s = three();
+    s.meta = Some(ClusterMeta {
+        cluster_id: "c".into(),
+        created_ms: 0,
+        maintenance: false,
+        maintenance_at: 0,
+        join_token_hashes: Default::default(),
+        join_tokens: Default::default(),
+        next_node_id: 10,
+        revision: 0,
+    });
+    let report = |name: &str, actual| Command::ReportVm { name: name.into(), node: "a".into(), actual, failure: None };
+    assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 2, Command::DefineVm { spec: spec("db", 2), node: "a".into() }), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 3, report("web", ActualState::Running)), Ok(Reply::Done));
+    assert!(!left_alone(s.meta.as_ref(), &s.vms["web"]), "out of maintenance nothing is left alone");
+    assert_eq!(run(&mut s, 4, Command::SetMaintenance { on: true }), Ok(Reply::Done));
+    assert_eq!(s.meta.as_ref().map(|m| m.maintenance_at), Some(4));
+    assert!(left_alone(s.meta.as_ref(), &s.vms["web"]) && left_alone(s.meta.as_ref(), &s.vms["db"]));
+    // web crashes: one drift event naming the node and both states, the state of record kept.
+    let drifts = |s: &State| s.events.iter().filter(|e| e.kind == "vm-drift").count();
+    assert_eq!(run(&mut s, 5, report("web", ActualState::Crashed)), Ok(Reply::Done));
+    assert_eq!(drifts(&s), 1);
+    let e = s.events.iter().rev().find(|e| e.kind == "vm-drift").map(|e| e.message.clone()).unwrap_or_default();
+    assert!(e.contains("web on a is crashed, should be start"), "{e}");
+    assert_eq!(s.vms["web"].state, VmState::Start);
+    // The operator stops db and starts web: both are acted on again.
+    assert_eq!(run(&mut s, 6, Command::SetVmState { name: "db".into(), state: VmState::Stop }), Ok(Reply::Done));
+    assert_eq!(run(&mut s, 7, Command::SetVmState { name: "web".into(), state: VmState::Start }), Ok(Reply::Done));
+    assert!(!left_alone(s.meta.as_ref(), &s.vms["web"]) && !left_alone(s.meta.as_ref(), &s.vms["db"]));
+    // A report of a commanded VM's progress is no drift.
+    assert_eq!(run(&mut s, 8, report("web", ActualState::Shutoff)), Ok(Reply::Done));
+    assert_eq!(drifts(&s), 1);
+    // Maintenance off: nothing is left alone.
+    assert_eq!(run(&mut s, 9, Command::SetMaintenance { on: false }), Ok(Reply::Done));
+    assert!(s.vms.values().all(|v| !left_alone(s.meta.as_ref(), v)));
 }

@@ -11,8 +11,12 @@ use super::*;
 pub struct ClusterMeta {
     pub cluster_id: String,
     pub created_ms: u64,
-    /// While on: no automatic fencing and no recovery (`DecideFence` refuses all but manual ones).
+    /// While on: no automatic fencing and no recovery (`DecideFence` refuses all but manual
+    /// ones), and no automatic action on VMs (`maintenance.rs`).
     pub maintenance: bool,
+    /// Log index at which maintenance was last turned on (0: never).
+    #[serde(default)]
+    pub maintenance_at: u64,
     /// SHA-256 (hex) of the cluster's first join token (unlimited until revoked); the tokens
     /// themselves are never stored.
     pub join_token_hashes: BTreeSet<String>,

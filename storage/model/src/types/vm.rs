@@ -52,5 +52,10 @@ pub struct VmRecord {
     /// destroyed by herd on its own).
     #[serde(default)]
     pub seen_on: std::collections::BTreeSet<String>,
+    /// Log index of the last change to what this VM should be or where (define, modify, an
+    /// operator's state or move, a placement, an adoption); reports never touch it. In
+    /// maintenance, reconcilers act only on VMs changed since it began (`maintenance.rs`).
+    #[serde(default)]
+    pub desired_at: u64,
     pub revision: u64,
 }
