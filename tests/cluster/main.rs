@@ -4,7 +4,8 @@
 //! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t55 join tokens, t56 mutual TLS, t57 strangers holding connections on the cluster and metrics ports, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
-//! (root only), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
+//! (root only), t86 the VM lifecycle in namespaces (a failed move, a waiting VM, a host
+//! shutdown, maintenance), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
 //! in namespaces with a simulated BMC and a libvirtd per node (root only); t92-t95 the fence
 //! under a primary restart, the init race, auto_ready, and an executor deposed mid-fence.
 
@@ -27,6 +28,7 @@ mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;
 mod t85_libvirtd;
+mod t86_lifecycle;
 mod t90_fence;
 mod t91_fencing;
 mod t92_fence_restart;
