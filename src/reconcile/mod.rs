@@ -30,4 +30,6 @@ pub use reconciler::{Outcome, Reconciler};
 pub use xml::spec_from_xml;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
