@@ -290,8 +290,8 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let sent = crate::watch::Sent::of(&rpc);
         match self.client.call(Rpc::AppendEntries(rpc), option.soft_ttl()).await {
-            Ok(RpcReply::AppendEntries(r)) => {
-                self.watch.on_append(self.target, &sent, Ok(&r));
+            Ok(RpcReply::AppendEntries(r, boot)) => {
+                self.watch.on_append(self.target, &sent, Ok((&r, boot)));
                 Ok(r)
             }
             Ok(other) => Err(to_rpc_error(unexpected(self.client.addr(), other))),

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use herd_storage::model::NodeId;
+use herd_storage::model::{Held, NodeId};
 use herd_storage::types::{LogId, TypeConfig, Vote};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use tokio::time::Instant;
@@ -27,6 +27,13 @@ struct Target {
     /// The highest log id the follower acknowledged to that vote.
     acked: Option<LogId>,
     reverted: Option<String>,
+    /// The committed index it held as the cluster recorded it (`State::acked`): kept across
+    /// leader changes, when `acked` starts afresh.
+    floor: u64,
+    /// The boot of the follower's Raft that gave the latest acknowledgement, and the highest
+    /// entry that boot acknowledged (to any leader vote of this node): what is recorded.
+    boot: u64,
+    boot_acked: Option<u64>,
     /// Since when its requests fail with an error from its Raft, and the latest error.
     failing: Option<(Instant, String)>,
 }
@@ -58,29 +65,51 @@ impl ReplicationWatch {
 
     /// Records the answer to an append request (`Err`: the follower's Raft refused with this
     /// error; transport failures are not recorded — a node that is down is the heartbeat's).
-    pub fn on_append(&self, target: NodeId, sent: &Sent, answer: Result<&AppendEntriesResponse<TypeConfig>, &str>) {
+    pub fn on_append(
+        &self,
+        target: NodeId,
+        sent: &Sent,
+        answer: Result<(&AppendEntriesResponse<TypeConfig>, u64), &str>,
+    ) {
         let mut targets = self.targets();
         let t = targets.entry(target).or_default();
         if t.vote != Some(sent.vote) {
-            *t = Target { vote: Some(sent.vote), reverted: t.reverted.take(), ..Target::default() };
+            *t = Target {
+                vote: Some(sent.vote),
+                reverted: t.reverted.take(),
+                floor: t.floor,
+                boot: t.boot,
+                boot_acked: t.boot_acked,
+                ..Target::default()
+            };
         }
+        let answer = answer.map(|(r, boot)| {
+            if boot != t.boot {
+                t.boot = boot;
+                t.boot_acked = None;
+            }
+            r
+        });
+        let ack = |t: &mut Target, upto: Option<LogId>| {
+            t.acked = t.acked.max(upto);
+            t.boot_acked = t.boot_acked.max(upto.map(|l| l.index));
+            t.failing = None;
+        };
         match answer {
-            Ok(AppendEntriesResponse::Success) => {
-                t.acked = t.acked.max(sent.last);
-                t.failing = None;
-            }
-            Ok(AppendEntriesResponse::PartialSuccess(upto)) => {
-                t.acked = t.acked.max(*upto);
-                t.failing = None;
-            }
+            Ok(AppendEntriesResponse::Success) => ack(t, sent.last),
+            Ok(AppendEntriesResponse::PartialSuccess(upto)) => ack(t, *upto),
             Ok(AppendEntriesResponse::Conflict) => {
                 // It does not hold `prev`: fine for a follower that never acknowledged it, a
-                // lost acknowledgement for one that did.
-                if let (Some(prev), Some(acked)) = (sent.prev, t.acked) {
-                    if prev.index <= acked.index && t.reverted.is_none() {
+                // lost acknowledgement for one that did — to this leader, or (committed
+                // entries, which are never truncated) as the cluster recorded.
+                let acked = t.acked.map(|a| a.index);
+                let held = acked.max(Some(t.floor).filter(|f| *f > 0));
+                if let (Some(prev), Some(held)) = (sent.prev, held) {
+                    if prev.index <= held && t.reverted.is_none() {
+                        let to = if acked == Some(held) { "to this leader" } else { "(as the cluster recorded)" };
                         let why = format!(
-                            "log went backwards: it acknowledged entry {} to this leader, and no longer holds entry {}",
-                            acked.index, prev.index
+                            "log went backwards: it acknowledged entry {held} {to}, and no longer holds entry {}",
+                            prev.index
                         );
                         tracing::error!(node_id = target, "{why}");
                         t.reverted = Some(why);
@@ -121,6 +150,22 @@ impl ReplicationWatch {
             .collect()
     }
 
+    /// What each follower held as the cluster recorded it (`State::acked`).
+    pub fn set_floors(&self, held: &BTreeMap<NodeId, Held>) {
+        let mut targets = self.targets();
+        for (id, h) in held {
+            let t = targets.entry(*id).or_default();
+            t.floor = t.floor.max(h.floor());
+        }
+    }
+
+    /// What each follower's current boot acknowledged, capped at `committed`, as (boot,
+    /// index): the marks to record in the cluster (committed entries only — an uncommitted
+    /// one may be truncated legitimately by a later leader).
+    pub fn marks(&self, committed: u64) -> BTreeMap<NodeId, (u64, u64)> {
+        self.targets().iter().filter_map(|(id, t)| Some((*id, (t.boot, t.boot_acked?.min(committed))))).collect()
+    }
+
     /// Forgets every target but the members in `keep` (a removed node's id is never used again).
     pub fn retain(&self, keep: &std::collections::BTreeSet<NodeId>) {
         self.targets().retain(|id, _| keep.contains(id));
@@ -143,16 +188,35 @@ mod tests {
     fn a_conflict_below_what_was_acknowledged_is_a_log_gone_backwards() {
         let w = ReplicationWatch::default();
         // A lagging follower's conflicts are the normal search for a match.
-        w.on_append(2, &sent(Some(10), Some(10)), Ok(&AppendEntriesResponse::Conflict));
-        w.on_append(2, &sent(Some(5), Some(12)), Ok(&AppendEntriesResponse::Success));
+        w.on_append(2, &sent(Some(10), Some(10)), Ok((&AppendEntriesResponse::Conflict, 1)));
+        w.on_append(2, &sent(Some(5), Some(12)), Ok((&AppendEntriesResponse::Success, 1)));
         assert!(w.problems().is_empty());
         // It acknowledged 12; now it lacks 11.
-        w.on_append(2, &sent(Some(11), Some(13)), Ok(&AppendEntriesResponse::Conflict));
+        w.on_append(2, &sent(Some(11), Some(13)), Ok((&AppendEntriesResponse::Conflict, 1)));
         assert!(w.problems()[&2].starts_with("log went backwards"), "{:?}", w.problems());
         // Another follower, another story; forgetting clears it.
         assert!(w.reverted(3).is_none());
         w.retain(&[3].into());
         assert!(w.problems().is_empty(), "a removed node is forgotten");
+    }
+
+    /// A new leader knows nothing of what a follower acknowledged to the last one; the mark
+    /// the cluster recorded (committed entries only) tells it.
+    #[test]
+    fn after_a_leader_change_the_recorded_mark_finds_a_log_gone_backwards() {
+        let w = ReplicationWatch::default();
+        w.on_append(2, &sent(Some(5), Some(40)), Ok((&AppendEntriesResponse::Success, 1)));
+        assert_eq!(w.marks(30), BTreeMap::from([(2, (1, 30))]), "capped at what is committed");
+        w.set_floors(&BTreeMap::from([(2, Held { boot: 1, index: 30, before: 0 })]));
+        // A new vote: this leader's memory starts afresh, the floor stays.
+        let new_vote = |prev: u64| Sent { vote: Vote::new_committed(2, 1), prev: Some(log_id(prev)), last: None };
+        w.on_append(2, &new_vote(45), Ok((&AppendEntriesResponse::Conflict, 1)));
+        assert!(w.problems().is_empty(), "above the mark: the normal search for a match");
+        w.on_append(2, &new_vote(31), Ok((&AppendEntriesResponse::Conflict, 1)));
+        assert!(w.problems().is_empty(), "above the mark");
+        w.on_append(2, &new_vote(30), Ok((&AppendEntriesResponse::Conflict, 1)));
+        let p = &w.problems()[&2];
+        assert!(p.starts_with("log went backwards") && p.contains("as the cluster recorded"), "{p}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -163,7 +227,7 @@ mod tests {
         tokio::time::advance(FAILING_FOR).await;
         w.on_append(2, &sent(Some(1), Some(1)), Err("storage error: No space left on device"));
         assert!(w.problems()[&2].contains("No space left"), "{:?}", w.problems());
-        w.on_append(2, &sent(Some(1), Some(2)), Ok(&AppendEntriesResponse::Success));
+        w.on_append(2, &sent(Some(1), Some(2)), Ok((&AppendEntriesResponse::Success, 1)));
         assert!(w.problems().is_empty(), "a success clears it");
     }
 }

@@ -148,7 +148,8 @@ impl LeaderOp {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RpcReply {
-    AppendEntries(AppendEntriesResponse<TypeConfig>),
+    /// The answer, and the boot of the follower's Raft that gave it (`Member::boot`).
+    AppendEntries(AppendEntriesResponse<TypeConfig>, u64),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),

@@ -169,10 +169,20 @@ pub struct NodeDetail {
     last_keepalive_age_ms: Option<u64>,
     read_index: Option<u64>,
     linearizable: bool,
+    /// The committed log index the cluster recorded this node holding (`State::acked`): a
+    /// node whose log later ends before it lost what it acknowledged.
+    log_held: Option<u64>,
 }
 
 impl NodeDetail {
-    pub fn of(n: &NodeRecord, voter: bool, now_ms: u64, read_index: Option<u64>, linearizable: bool) -> NodeDetail {
+    pub fn of(
+        n: &NodeRecord,
+        voter: bool,
+        now_ms: u64,
+        read_index: Option<u64>,
+        linearizable: bool,
+        log_held: Option<u64>,
+    ) -> NodeDetail {
         NodeDetail {
             id: n.id,
             name: n.name.clone(),
@@ -193,6 +203,7 @@ impl NodeDetail {
             last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now_ms.saturating_sub(t)),
             read_index,
             linearizable,
+            log_held,
         }
     }
 }
@@ -312,7 +323,7 @@ mod tests {
             joined_ms: 1,
             revision: 2,
         };
-        let json = serde_json::to_string(&NodeDetail::of(&node, false, 10, None, false)).expect("encodes");
+        let json = serde_json::to_string(&NodeDetail::of(&node, false, 10, None, false, None)).expect("encodes");
         assert!(!json.contains("hunter2"), "{json}");
         assert!(json.contains("\"bmc\":\"10.0.0.9\""), "{json}");
         assert!(json.contains("\"last_keepalive_age_ms\":5"), "{json}");

@@ -171,9 +171,14 @@ pub(super) async fn list(d: &Daemon) -> Value {
 pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
     let index = read_index(d, local).await?;
     let member = member(d)?;
-    let record = member.view.read().state.nodes.get(&name).cloned().ok_or_else(|| no_node(&name))?;
+    let (record, held) = {
+        let g = member.view.read();
+        let record = g.state.nodes.get(&name).cloned().ok_or_else(|| no_node(&name))?;
+        let held = g.state.acked.get(&record.id).map(|h| h.floor());
+        (record, held)
+    };
     let voter = member.raft.metrics().borrow_watched().membership_config.voter_ids().any(|id| id == record.id);
-    Ok(json!(NodeDetail::of(&record, voter, herd_raft::clock::wall_ms(), index, !local)))
+    Ok(json!(NodeDetail::of(&record, voter, herd_raft::clock::wall_ms(), index, !local, held)))
 }
 
 pub(super) async fn remove(d: &Daemon, name: String, force: bool) -> Result<Value, AdminError> {

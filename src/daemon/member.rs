@@ -120,6 +120,9 @@ impl Daemon {
         loop {
             ticker.tick().await;
             self.progress.mark();
+            if self.node.check_log_held().await {
+                return; // refused: its log went backwards (said at ERROR, shown in status)
+            }
             last = self.host_stats.collect(&last, interval / 4).await;
             let mut stats = last.clone();
             self.vm_figures(&mut stats);

@@ -2,9 +2,11 @@
 //! - A full disk (c3's `data_dir` on a 20 MB tmpfs, filled): c3 acknowledges nothing, every
 //!   node shows it unhealthy within 10 s, and within 10 s of freeing space it is healthy again
 //!   — the same process (it restarts itself in place), no acknowledged write lost.
-//! - A `data_dir` restored from an older copy: the leader finds c3's log went backwards; c3 is
-//!   refused (its Raft stopped, it says why) and shown unhealthy on every node within 10 s; the
-//!   documented recovery (`node remove --force`, empty `data_dir`, join again) brings it back.
+//! - A `data_dir` restored from an older copy, with a leader change while c3 was down (the new
+//!   leader never saw c3 acknowledge anything; the cluster's record of what c3 held tells it):
+//!   c3's log went backwards; c3 is refused (its Raft stopped, it says why) and shown unhealthy
+//!   on every node within 10 s; the documented recovery (`node remove --force`, empty
+//!   `data_dir`, join again) brings it back.
 //!
 //! The tmpfs needs root; without it the first test says SKIPPED (a failure under `CI=true`).
 
@@ -141,9 +143,23 @@ fn a_restored_data_dir_is_refused_and_the_documented_recovery_works() {
     wait_until("c3 caught up", Duration::from_secs(10), || {
         (c.node("c3").try_admin(&json!({"op": "status"})).ok()?["applied_index"].as_u64()? >= target).then_some(())
     });
+    // ... and the cluster recorded it holding entries the copy lacks.
+    wait_until("the cluster's record of what c3 holds passes the copy", Duration::from_secs(10), || {
+        let info = c.node("c1").try_admin(&json!({"op": "node-info", "name": "c3"})).ok()?;
+        (info["log_held"].as_u64()? >= target).then_some(())
+    });
     c.node("c3").terminate(Duration::from_secs(10));
     std::fs::remove_dir_all(&data).expect("remove data_dir");
     std::fs::rename(&copy, &data).expect("restore the copy");
+    // The leader changes while c3 is down: the new leader never saw c3 acknowledge anything,
+    // only the cluster's record of what c3 held (`RecordAcked`) can tell.
+    let old = c.node("c1").status()["leader"].as_str().expect("leader").to_string();
+    let new = if old == "c1" { "c2" } else { "c1" };
+    let out = c.node(new).cli(&["node", "primary", new, "--wait"]);
+    assert!(out.status.success(), "node primary {new}: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the leader changed", Duration::from_secs(10), || {
+        (c.node("c1").try_admin(&json!({"op": "status"})).ok()?["leader"] == new).then_some(())
+    });
     let restored = Instant::now();
     c.node("c3").start();
 

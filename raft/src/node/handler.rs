@@ -66,7 +66,13 @@ where
     LS: RaftLogStorage<TypeConfig> + Clone,
 {
     async fn handle_frame(self: Arc<Self>, frame: RequestFrame, peer: Peer) -> Result<RpcReply, RpcError> {
-        let Some(member) = self.member() else { return Err(RpcError::NotMember) };
+        let Some(member) = self.member() else {
+            // A refused node says so to Raft traffic: the leader's health duty shows why.
+            if let (Some(why), false) = (self.refused(), matches!(frame.body, Rpc::Leader(_))) {
+                return Err(RpcError::Raft(format!("refused: {why}")));
+            }
+            return Err(RpcError::NotMember);
+        };
         check_frame(&member, &frame, peer)?;
         let raft = &member.raft;
         let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
@@ -75,10 +81,14 @@ where
             Rpc::AppendEntries(req) => {
                 let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(stopped(&e)))?;
                 *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                Ok(RpcReply::AppendEntries(resp))
+                Ok(RpcReply::AppendEntries(resp, member.boot))
             }
-            Rpc::Vote(req) => Ok(RpcReply::Vote(raft.vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?)),
+            Rpc::Vote(req) => {
+                self.check_vote(&member, frame.from, req.last_log_id)?;
+                Ok(RpcReply::Vote(raft.vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?))
+            }
             Rpc::PreVote(req) => {
+                self.check_vote(&member, frame.from, req.last_log_id)?;
                 Ok(RpcReply::Vote(raft.pre_vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?))
             }
             Rpc::Snapshot { vote, meta, data } => {

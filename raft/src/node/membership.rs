@@ -84,6 +84,14 @@ where
         };
         let sm = StateMachine::open(self.backend.clone())?;
         let view = sm.view();
+        let mut log = self.log.clone();
+        let log_end_at_start = match log.get_log_state().await {
+            Ok(s) => s.last_log_id.map(|l| l.index),
+            Err(e) => {
+                tracing::warn!("cannot read the log's end before starting Raft: {e}");
+                None
+            }
+        };
         let raft =
             Raft::new(id, config, network, self.log.clone(), sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         // Until Raft's core reports for the first time its metrics are the empty initial ones
@@ -92,7 +100,8 @@ where
         if tokio::time::timeout(Duration::from_secs(5), metrics.changed()).await.is_err() {
             tracing::warn!("raft reported no metrics within 5 s of starting");
         }
-        let member = Arc::new(Member { id, cluster_id, raft, view });
+        let boot = super::tokens::random_u64();
+        let member = Arc::new(Member { id, cluster_id, raft, view, boot, log_end_at_start });
         *self.member.write().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
         tracing::info!(node_id = id, cluster = %member.cluster_id, "raft started");
         Ok(member)

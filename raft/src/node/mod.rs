@@ -118,6 +118,11 @@ pub struct Member {
     pub cluster_id: String,
     pub raft: Raft,
     pub view: StateView,
+    /// This start of Raft, drawn at random: every append answer carries it, so the leaders'
+    /// record of what this node holds (`State::acked`) is by boot.
+    pub boot: u64,
+    /// The last log index in the store when Raft started (`None`: empty or unreadable).
+    pub log_end_at_start: Option<u64>,
 }
 
 /// What `init_cluster` hands back.
@@ -172,6 +177,8 @@ pub struct ClusterNode<LS> {
     refused: Mutex<Option<String>>,
     /// What this node, while it leads, learns of each follower from its appends.
     watch: Arc<crate::watch::ReplicationWatch>,
+    /// When a refused vote request was last logged.
+    vote_refused_logged: Mutex<Option<Instant>>,
 }
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
@@ -216,6 +223,7 @@ where
             join_policy: std::sync::OnceLock::new(),
             watch: Arc::default(),
             refused: Mutex::new(None),
+            vote_refused_logged: Mutex::new(None),
         })
     }
 

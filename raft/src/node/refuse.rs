@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use herd_storage::identity::Identity;
-use herd_storage::model::NodeId;
-use herd_storage::types::TypeConfig;
+use herd_storage::model::{NodeId, State};
+use herd_storage::types::{LogId, TypeConfig};
 use openraft::storage::RaftLogStorage;
 
 use super::ClusterNode;
-use crate::wire::Rpc;
+use crate::wire::{Rpc, RpcError};
 
 /// The log line and status text of a refused node: why, and the way back.
 pub fn advice(why: &str, name: &str) -> String {
@@ -21,10 +21,53 @@ pub fn advice(why: &str, name: &str) -> String {
     )
 }
 
+/// Why a vote request from `candidate`, whose log ends at `last`, must be refused: the
+/// cluster recorded it holding a committed entry beyond that (`State::acked`), so its log went
+/// backwards — with the entries it lost, its vote count could elect a leader without them.
+pub fn vote_refusal(state: &State, candidate: NodeId, last: Option<LogId>) -> Option<String> {
+    let mark = state.acked.get(&candidate)?.floor();
+    let ends = last.map_or(0, |l| l.index);
+    (ends < mark).then(|| {
+        format!("vote refused: node {candidate}'s log ends at entry {ends}, but it held entry {mark} (its log went backwards)")
+    })
+}
+
 impl<LS> ClusterNode<LS>
 where
     LS: RaftLogStorage<TypeConfig> + Clone,
 {
+    /// Whether this node's log went backwards, judged by the cluster's record of what its
+    /// earlier boots held (`State::acked`) against where its log ended when Raft started: a
+    /// leader that never saw it acknowledge anything (a leader change while it was down) may
+    /// repair its log without a conflict, but the record tells. Refuses this node if so;
+    /// returns whether it did. Run on every tick of the member duties.
+    pub async fn check_log_held(&self) -> bool {
+        let Some(m) = self.member() else { return false };
+        let held = m.view.read().state.acked.get(&m.id).copied();
+        let Some(why) = held.and_then(|h| h.lost(m.boot, m.log_end_at_start.unwrap_or(0))) else { return false };
+        self.refuse(why).await;
+        true
+    }
+
+    /// Refuses a vote (or pre-vote) request whose candidate lost committed entries it held
+    /// (see [`vote_refusal`]); logged at most once per 10 s.
+    pub(super) fn check_vote(
+        &self,
+        member: &super::Member,
+        candidate: Option<NodeId>,
+        last: Option<LogId>,
+    ) -> Result<(), RpcError> {
+        let Some(candidate) = candidate else { return Ok(()) };
+        let refusal = vote_refusal(&member.view.read().state, candidate, last);
+        let Some(why) = refusal else { return Ok(()) };
+        let mut logged = self.vote_refused_logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *logged = Some(tokio::time::Instant::now());
+            tracing::error!("{why}");
+        }
+        Err(RpcError::Refused(why))
+    }
+
     /// Why this node takes no part in Raft any more (its log went backwards), if so.
     pub fn refused(&self) -> Option<String> {
         self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -61,5 +104,21 @@ where
         if let Err(e) = c.call(Rpc::LogReverted { reason: reason.to_string() }, Duration::from_secs(2)).await {
             tracing::warn!(id, "could not tell the node its log went backwards: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candidate_whose_log_ends_below_its_recorded_mark_gets_no_vote() {
+        let mut s = State::default();
+        s.acked.entry(3).or_default().record(7, 40);
+        let at = |i: u64| Some(openraft::testing::log_id::<TypeConfig>(2, 1, i));
+        assert!(vote_refusal(&s, 3, at(39)).is_some_and(|w| w.contains("went backwards")));
+        assert!(vote_refusal(&s, 3, None).is_some(), "an empty log");
+        assert!(vote_refusal(&s, 3, at(40)).is_none());
+        assert!(vote_refusal(&s, 2, at(1)).is_none(), "no mark: nothing known");
     }
 }

@@ -35,6 +35,16 @@ pub(super) fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// A random id (a boot of this node's Raft: see `Member::boot`).
+pub(super) fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    match RANDOM_SOURCE.with(std::cell::Cell::get) {
+        Some(f) => f(buf.as_mut_slice()),
+        None => rand::rng().fill(buf.as_mut_slice()),
+    }
+    u64::from_le_bytes(buf)
+}
+
 /// A fresh join token (`herd-` and 48 hex digits); the cluster keeps only its hash.
 pub fn new_join_token() -> String {
     format!("herd-{}", random_hex(24))

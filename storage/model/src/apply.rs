@@ -136,6 +136,7 @@ fn apply_op(state: &mut State, index: u64, now: u64, op: &Op) -> Result<Reply, A
         }
         Command::Takeover { name, node_id } => node_ops::takeover(state, at, name, node_id),
         Command::SetNodeHealth { name, problem } => node_ops::set_node_health(state, at, name, problem.as_deref()),
+        Command::RecordAcked { marks } => node_ops::record_acked(state, marks),
         Command::SetRouterState { name, state: to, node_id } => {
             node_ops::set_router_state(state, at, name, to, node_id)
         }

@@ -201,6 +201,7 @@ pub(crate) fn remove_node(state: &mut State, at: At<'_>, name: &String) -> Resul
         vm.seen_on.remove(name);
     }
     state.removed.insert(id);
+    state.acked.remove(&id);
     push_event(state, index, now, "node-remove", Some(name), format!("{name} (id {id}) removed"));
     Ok(Reply::Done)
 }

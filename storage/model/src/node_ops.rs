@@ -204,3 +204,14 @@ pub(crate) fn set_node_health(
     push_event(state, index, now, "node-health", Some(name), msg);
     Ok(Reply::Done)
 }
+
+/// `RecordAcked`: raises each member's mark (see `State::acked`); ids that are not members
+/// (removed, or never were) are ignored. No event: this is bookkeeping, written often.
+pub(crate) fn record_acked(state: &mut State, marks: &BTreeMap<NodeId, (u64, u64)>) -> Result<Reply, ApplyError> {
+    for (id, (boot, index)) in marks {
+        if state.node_by_id(*id).is_some() {
+            state.acked.entry(*id).or_default().record(*boot, *index);
+        }
+    }
+    Ok(Reply::Done)
+}

@@ -276,3 +276,31 @@ fn made_tokens_expire_run_out_and_can_be_revoked() {
     assert_eq!(left, vec![&h('d')], "a (used up at 2 s) and b (expired at 14 s) are gone");
     s.check_invariants().expect("invariants");
 }
+
+/// Issue 17: what the leaders saw each member hold, by boot. A later boot whose log began
+/// before an earlier boot's mark lost what it acknowledged; one that began at or after it did
+/// not; a removed node's record goes with it.
+#[test]
+fn the_acknowledged_log_record_tells_a_log_gone_backwards() {
+    let mut state = State::default();
+    assert!(apply(&mut state, 1, &request("a", 1, vec![op(init())])).response.result.is_ok());
+    assert!(apply(&mut state, 2, &request("b", 2, vec![op(register("n2"))])).response.result.is_ok());
+    let id = state.nodes["n2"].id;
+    let record = |boot: u64, index: u64| Command::RecordAcked { marks: [(id, (boot, index)), (999, (1, 5))].into() };
+    assert!(apply(&mut state, 3, &request("c", 3, vec![op(record(7, 40))])).response.result.is_ok());
+    assert!(!state.acked.contains_key(&999), "no record for a non-member");
+    assert!(apply(&mut state, 4, &request("d", 4, vec![op(record(7, 30))])).response.result.is_ok());
+    let held = state.acked[&id];
+    assert_eq!((held.boot, held.index, held.floor()), (7, 40, 40), "only ever raised");
+    assert_eq!(held.lost(7, 0), None, "boot 7's own marks say nothing of boot 7's start");
+    // Boot 8 began with its log at 35: it lost 36..=40, which boot 7 held.
+    assert!(held.lost(8, 35).is_some_and(|w| w.contains("went backwards")));
+    assert_eq!(held.lost(8, 40), None);
+    // Boot 8's own marks are recorded; boot 7's stay what boot 8 is judged by.
+    assert!(apply(&mut state, 5, &request("e", 5, vec![op(record(8, 50))])).response.result.is_ok());
+    let held = state.acked[&id];
+    assert_eq!((held.boot, held.index, held.before), (8, 50, 40));
+    assert!(held.lost(8, 35).is_some() && held.lost(8, 45).is_none());
+    assert!(apply(&mut state, 6, &request("f", 6, vec![op(remove("n2"))])).response.result.is_ok());
+    assert!(state.acked.is_empty(), "removed with the node");
+}

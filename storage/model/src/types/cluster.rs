@@ -83,6 +83,50 @@ pub struct State {
     /// The ids of removed nodes (tombstones): a node concludes it was removed only from its id
     /// here, never from a record it cannot find (ids are never reused, so this only grows).
     pub removed: BTreeSet<NodeId>,
+    /// By member id: the committed log entries the leaders saw that member hold
+    /// (`RecordAcked`). Committed entries are never truncated, so a member that later lacks
+    /// one it held lost what it acknowledged (a `data_dir` restored from an older copy): any
+    /// leader refuses its appends' answers, any voter its vote requests, and the member itself
+    /// finds out — across leader changes, which a leader's own memory does not survive.
+    pub acked: BTreeMap<NodeId, Held>,
+}
+
+/// What a member was seen to hold, by boot (one start of its Raft) — see `State::acked`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The boot the latest record came from (a random id the member draws at each start).
+    pub boot: u64,
+    /// The highest committed index that boot acknowledged.
+    pub index: u64,
+    /// The highest committed index any earlier boot acknowledged.
+    pub before: u64,
+}
+
+impl Held {
+    /// Raises the record with what boot `boot` acknowledged.
+    pub fn record(&mut self, boot: u64, index: u64) {
+        if boot == self.boot {
+            self.index = self.index.max(index);
+        } else {
+            self.before = self.before.max(self.index);
+            self.boot = boot;
+            self.index = index;
+        }
+    }
+
+    /// The highest committed index the member ever held.
+    pub fn floor(&self) -> u64 {
+        self.index.max(self.before)
+    }
+
+    /// Why boot `boot` of the member, whose log ended at `end` when it started, lost entries an
+    /// earlier boot held (a legitimate member still holds every committed entry it held).
+    pub fn lost(&self, boot: u64, end: u64) -> Option<String> {
+        let earlier = if self.boot == boot { self.before } else { self.floor() };
+        (earlier > end).then(|| {
+            format!("log went backwards: it held entry {earlier} before this start, and its log began this start at entry {end}")
+        })
+    }
 }
 
 impl State {
@@ -136,6 +180,9 @@ impl State {
             if vm.seen_on.contains(&vm.node) || vm.seen_on.iter().any(|n| !self.nodes.contains_key(n)) {
                 return Err(format!("VM {name} seen out of place on its own node or an unknown one"));
             }
+        }
+        if let Some(id) = self.acked.keys().find(|id| !ids.contains(*id)) {
+            return Err(format!("an acknowledged-log mark for node id {id}, which is no member"));
         }
         if self.events.len() > crate::MAX_EVENTS {
             return Err("event log over its bound".into());

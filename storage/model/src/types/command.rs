@@ -93,6 +93,11 @@ pub enum Command {
         #[serde(default)]
         problem: Option<String>,
     },
+    /// The leader's record of the committed log index each member holds, by member id: (the
+    /// member's boot, index) — see `State::acked`.
+    RecordAcked {
+        marks: std::collections::BTreeMap<NodeId, (u64, u64)>,
+    },
     /// Define a VM on `node` (chosen by the leader's placement, or given by the operator).
     DefineVm {
         spec: VmSpec,
@@ -239,6 +244,7 @@ impl Command {
             Command::ReportStray { .. } => "report-stray",
             Command::SetRouterState { .. } => "set-router-state",
             Command::SetNodeHealth { .. } => "set-node-health",
+            Command::RecordAcked { .. } => "record-acked",
             Command::SetFencePolicy { .. } => "set-fence-policy",
             Command::SetFenceReady { .. } => "set-fence-ready",
             Command::DecideFence { .. } => "decide-fence",
