@@ -86,6 +86,7 @@ where
     };
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        crate::sched::leave_realtime();
         INSIDE.with(|i| i.set(true));
         let r = catch_unwind(AssertUnwindSafe(f));
         INSIDE.with(|i| i.set(false));

@@ -17,6 +17,7 @@
 //!   reconcile/ converges the hypervisor to the VMs of record, reports back
 //!   hypervisor/ the libvirt seam (virt crate; in-memory twin for the simulation)
 //!   boundary.rs third-party calls: blocking thread, deadline, panic turned into an error
+//!   sched.rs   real-time scheduling and locked memory for the runtime, runaway watchdog, pauses
 //!   breakage.rs test-only switches that break one mechanism each (feature `breakage`)
 //! ```
 //!
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod primary;
 pub mod reconcile;
 pub mod run;
+pub mod sched;
 pub mod service;
 pub mod standing;
 pub mod stats;

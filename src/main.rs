@@ -74,10 +74,15 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
         std::process::abort();
     }));
     let on_start = node_span.clone();
+    // Real-time scheduling for the runtime's threads and locked memory (issue 19, `sched`).
+    herd::sched::init(config.scheduling.settings());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .on_thread_start(move || std::mem::forget(on_start().entered()))
+        .on_thread_start(move || {
+            std::mem::forget(on_start().entered());
+            herd::sched::on_thread_start();
+        })
         .build()
     {
         Ok(r) => r,

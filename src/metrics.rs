@@ -101,6 +101,9 @@ pub struct Metrics {
     raft_stopped: Gauge,
     cluster_refused: Family<Reason, Counter>,
     cluster_connections: Family<PeerKind, Counter>,
+    pauses: Counter,
+    pause_longest_seconds: FloatGauge,
+    realtime: Gauge,
 }
 
 impl Metrics {
@@ -128,6 +131,9 @@ impl Metrics {
             raft_stopped: Gauge::default(),
             cluster_refused: Family::default(),
             cluster_connections: Family::default(),
+            pauses: Counter::default(),
+            pause_longest_seconds: FloatGauge::default(),
+            realtime: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -190,6 +196,21 @@ impl Metrics {
             m.raft_stopped.clone(),
         );
         registry.register(
+            "pauses",
+            "Times the runtime ran later than a third of the Raft lease (the primary drops its duties at such a pause)",
+            m.pauses.clone(),
+        );
+        registry.register(
+            "pause_longest_seconds",
+            "The runtime's longest pause in the last minute",
+            m.pause_longest_seconds.clone(),
+        );
+        registry.register(
+            "realtime",
+            "1 if the runtime's threads run with real-time scheduling ([scheduling] realtime, granted)",
+            m.realtime.clone(),
+        );
+        registry.register(
             "cluster_refused",
             "Connections and requests the cluster port turned away, by reason",
             m.cluster_refused.clone(),
@@ -223,6 +244,11 @@ impl Metrics {
             || daemon.node.member().is_some_and(|m| m.raft.metrics().borrow_watched().running_state.is_err());
         self.raft_stopped.set(i64::from(stopped));
         self.port_counters(&daemon.cluster_port);
+        let pauses = crate::sched::pauses();
+        let seen = self.pauses.get();
+        self.pauses.inc_by(pauses.total.saturating_sub(seen));
+        self.pause_longest_seconds.set(pauses.longest_last_minute_ms as f64 / 1000.0);
+        self.realtime.set(i64::from(crate::sched::got().policy != "other"));
         if let Some(member) = daemon.node.member() {
             let metrics = member.raft.metrics();
             let (term, leader, state, committed) = {

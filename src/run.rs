@@ -39,6 +39,10 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
     let access = admin::AccessPolicy::new(config.admin_socket_group.as_deref(), config.admin_group_access)
         .map_err(StartError::Config)?;
     let metrics_addr = config.metrics.addr().map_err(StartError::Config)?;
+    // The runtime's own lateness (pauses), and the watchdog against a runaway real-time thread.
+    let lease = Duration::from_millis(config.raft.election_timeout_ms[1]);
+    let pause_monitor = herd_storage::types::spawn(crate::sched::monitor(lease));
+    crate::sched::start_watchdog();
     let running = daemon::start(config.clone(), env).await?;
     let daemon = running.daemon.clone();
     tracing::info!(listen = %listen, socket = %config.admin_socket.display(), "serving");
@@ -70,6 +74,7 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
         _ = running.host_shutdown() => Exit::HostShutdown,
     };
     dump_task.abort();
+    pause_monitor.abort();
     running.stop(exit == Exit::HostShutdown).await;
     let _ = admin_server.await;
     let _ = std::fs::remove_file(&config.admin_socket);

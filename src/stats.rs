@@ -51,7 +51,15 @@ pub struct ProcStats;
 impl HostStats for ProcStats {
     fn collect<'a>(&'a self, last: &'a NodeStats, deadline: Duration) -> BoxFuture<'a, NodeStats> {
         Box::pin(async move {
-            match tokio::time::timeout(deadline, tokio::task::spawn_blocking(read_now)).await {
+            match tokio::time::timeout(
+                deadline,
+                tokio::task::spawn_blocking(|| {
+                    crate::sched::leave_realtime();
+                    read_now()
+                }),
+            )
+            .await
+            {
                 Ok(Ok(stats)) => stats,
                 _ => NodeStats { stale: true, ..last.clone() },
             }

@@ -123,6 +123,9 @@ pub(super) async fn status(d: &Daemon) -> Value {
         "holding_duties": d.primary.holding(),
         "unmanaged_domains": d.reconciler.as_ref().map(|r| r.unmanaged()),
         "tls": tls(d, now),
+        // What the kernel granted herd's runtime (issue 19), and how late it ran.
+        "scheduling": crate::sched::got(),
+        "pauses": crate::sched::pauses(),
         "members": members,
         "raft": {
             "voters": voters,

@@ -222,8 +222,31 @@ fn status(v: &Value) -> String {
         let warn = if days < 30 { "  RENEW SOON" } else { "" };
         out.push_str(&format!("certificate expires in {days} days{warn}\n"));
     }
+    if let Some(line) = scheduling(v) {
+        out.push_str(&line);
+    }
     out.push_str(&members_table(&v["members"]));
     out
+}
+
+/// `scheduling rr/10, memory locked; pauses > lease/3: 0 (longest last minute 3 ms)`, with
+/// what the kernel refused.
+fn scheduling(v: &Value) -> Option<String> {
+    let sc = v.get("scheduling")?;
+    let policy = match sc["policy"].as_str()? {
+        "other" => "normal (not real time)".to_string(),
+        p => format!("{p}/{}", s(&sc["priority"])),
+    };
+    let memory = if sc["memory_locked"].as_bool() == Some(true) { "memory locked" } else { "memory not locked" };
+    let mut line = format!(
+        "scheduling {policy}, {memory}; pauses > lease/3: {} (longest in the last minute {} ms)\n",
+        s(&v["pauses"]["total"]),
+        s(&v["pauses"]["longest_last_minute_ms"])
+    );
+    for r in sc["refused"].as_array().into_iter().flatten() {
+        line.push_str(&format!("  refused: {}\n", s(r)));
+    }
+    Some(line)
 }
 
 /// `herd vm list`.

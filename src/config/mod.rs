@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsSection,
     #[serde(default)]
+    pub scheduling: SchedulingSection,
+    #[serde(default)]
     pub hypervisor: HypervisorSection,
     /// How this node is fenced (its BMC), published in its record; absent: it cannot be fenced.
     #[serde(default)]
@@ -296,6 +298,37 @@ impl MetricsSection {
             .as_ref()
             .map(|a| a.parse().map_err(|e| format!("{a:?} is not an IP:port address ({e})")))
             .transpose()
+    }
+}
+
+/// `[scheduling]`: real-time scheduling and locked memory for herd's runtime (see `sched`).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingSection {
+    /// Real-time scheduling for the runtime's threads (off: normal priority, as before).
+    pub realtime: bool,
+    /// `rr` (default) or `fifo`.
+    pub policy: crate::sched::Policy,
+    /// 1 to 99 (default 10).
+    pub priority: u32,
+    /// `mlockall`: herd's memory is never swapped out.
+    pub lock_memory: bool,
+}
+
+impl Default for SchedulingSection {
+    fn default() -> Self {
+        SchedulingSection { realtime: true, policy: crate::sched::Policy::Rr, priority: 10, lock_memory: true }
+    }
+}
+
+impl SchedulingSection {
+    pub fn settings(&self) -> crate::sched::Settings {
+        crate::sched::Settings {
+            realtime: self.realtime,
+            policy: self.policy,
+            priority: i32::try_from(self.priority).unwrap_or(10),
+            lock_memory: self.lock_memory,
+        }
     }
 }
 

@@ -32,6 +32,7 @@ impl Config {
         if let Err(e) = self.metrics.addr() {
             return err("metrics.listen", e);
         }
+        between("scheduling.priority", u64::from(self.scheduling.priority), 1, 99)?;
         self.validate_fencing()?;
         self.validate_admin()?;
         self.validate_primary()?;

@@ -7,7 +7,8 @@
 //! (root only), t86 the VM lifecycle in namespaces (a failed move, a waiting VM, a host
 //! shutdown, maintenance), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
 //! in namespaces with a simulated BMC and a libvirtd per node (root only); t92-t95 the fence
-//! under a primary restart, the init race, auto_ready, and an executor deposed mid-fence.
+//! under a primary restart, the init race, auto_ready, and an executor deposed mid-fence; t96
+//! real-time scheduling and a busy host.
 
 mod bmc;
 mod fencelab;
@@ -35,3 +36,4 @@ mod t92_fence_restart;
 mod t93_init_race;
 mod t94_auto_ready;
 mod t95_deposed_executor;
+mod t96_busy_host;

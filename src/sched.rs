@@ -1,0 +1,336 @@
+//! Real-time scheduling for herd's own runtime (issue 19): a hypervisor's cores are busy with
+//! its VMs, and herd's timing-critical work — Raft's core and transport, the heartbeat, the
+//! primary gate and its lease — must still run on time, or a busy host costs it its roles.
+//!
+//! ```text
+//!   runtime worker threads  SCHED_RR (or FIFO) at a modest priority, SCHED_RESET_ON_FORK:
+//!                           every thread or process they create starts as SCHED_OTHER
+//!   store IO threads        sled's own (`sled-io-*`, `log flusher`): real time too, the log's
+//!                           appends wait on them
+//!   blocking threads        leave real time before each call (libvirt, IPMI, stats, probes)
+//!   memory                  mlockall(CURRENT | FUTURE | ONFAULT): nothing herd touched is
+//!                           swapped out, nothing is populated ahead of use
+//!   runaway watchdog        a SCHED_OTHER thread; starved for 3 s while the workers are real
+//!                           time (a bug spinning on them would freeze the VMs' CPUs), it puts
+//!                           every worker back to SCHED_OTHER and says so at ERROR
+//!   pause monitor           a task on the runtime measuring its own lateness: pauses longer
+//!                           than a third of the lease, counted (metrics, `status`)
+//! ```
+//!
+//! The kernel may refuse (no CAP_SYS_NICE, RLIMIT_RTPRIO, a cgroup without real-time budget):
+//! then herd runs as before, says so once at WARN and in `status`. This is the only module with
+//! `unsafe` outside the hypervisor binding: three plain syscalls, each with its SAFETY note.
+
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Linux's `SCHED_RESET_ON_FORK` (uapi `sched.h`; the `libc` crate has it for Android only).
+const SCHED_RESET_ON_FORK: libc::c_int = 0x4000_0000;
+/// How long the watchdog may go without running before it calls the workers a runaway.
+const STARVED: Duration = Duration::from_secs(3);
+/// How often the pause monitor looks at the clock.
+const MONITOR_TICK: Duration = Duration::from_millis(20);
+
+/// Which real-time policy (`[scheduling] policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Rr,
+    Fifo,
+}
+
+/// `[scheduling]`: what herd asks of the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Real-time scheduling for the runtime's worker threads (off: SCHED_OTHER as any daemon).
+    pub realtime: bool,
+    pub policy: Policy,
+    /// 1..=99; corosync's default is 99, herd's a modest 10 (above nothing but other RT work).
+    pub priority: i32,
+    pub lock_memory: bool,
+}
+
+/// What herd got from the kernel, for `status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Got {
+    /// `rr`, `fifo`, or `other` (not real time).
+    pub policy: String,
+    pub priority: i32,
+    pub memory_locked: bool,
+    /// Why something asked for was refused (the kernel's words), or why the watchdog
+    /// demoted the workers.
+    pub refused: Vec<String>,
+}
+
+/// Pauses of the runtime, as the monitor measured them.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Pauses {
+    /// Pauses longer than a third of the lease since the start.
+    pub total: u64,
+    /// The longest pause (any length) in the last minute, in milliseconds.
+    pub longest_last_minute_ms: u64,
+}
+
+struct Shared {
+    settings: Option<Settings>,
+    got: Got,
+    /// Worker thread ids, for the watchdog to demote.
+    workers: Vec<libc::pid_t>,
+    /// (when, length) of recent pauses, for the last minute's longest.
+    recent: VecDeque<(Instant, Duration)>,
+}
+
+fn shared() -> std::sync::MutexGuard<'static, Shared> {
+    static S: OnceLock<Mutex<Shared>> = OnceLock::new();
+    S.get_or_init(|| {
+        Mutex::new(Shared { settings: None, got: Got::default(), workers: Vec::new(), recent: VecDeque::new() })
+    })
+    .lock()
+    .unwrap_or_else(|p| p.into_inner())
+}
+
+static REALTIME: AtomicBool = AtomicBool::new(false);
+static PAUSES: AtomicU64 = AtomicU64::new(0);
+/// The watchdog's heartbeat, in milliseconds since `epoch()`.
+static WATCHDOG_SEEN_MS: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static E: OnceLock<Instant> = OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
+
+fn since_epoch_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn errno() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+fn this_thread() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    libc::pid_t::try_from(tid).unwrap_or(0)
+}
+
+/// `sched_setscheduler` on thread `tid` (0: the calling thread).
+fn set_scheduler(tid: libc::pid_t, policy: libc::c_int, priority: i32) -> Result<(), String> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: `param` is a valid sched_param that outlives the call; the kernel only reads it.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Locks the process's memory (once, before the runtime starts) and records what is asked.
+pub fn init(settings: Settings) {
+    let mut s = shared();
+    s.settings = Some(settings);
+    s.got.policy = "other".into();
+    if settings.lock_memory {
+        // SAFETY: mlockall takes flags only.
+        let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+        if rc == 0 {
+            s.got.memory_locked = true;
+        } else {
+            let e = format!("mlockall: {}", errno());
+            tracing::warn!("memory not locked ({e}): herd's pages may be swapped out under pressure");
+            s.got.refused.push(e);
+        }
+    }
+}
+
+/// On every runtime thread as it starts: real time, if asked for and allowed.
+pub fn on_thread_start() {
+    let mut s = shared();
+    let Some(settings) = s.settings.filter(|s| s.realtime) else { return };
+    if s.got.refused.iter().any(|r| r.starts_with("sched_setscheduler")) {
+        return; // refused once: the same answer for every thread
+    }
+    let (policy, name) = match settings.policy {
+        Policy::Rr => (libc::SCHED_RR, "rr"),
+        Policy::Fifo => (libc::SCHED_FIFO, "fifo"),
+    };
+    match set_scheduler(0, policy | SCHED_RESET_ON_FORK, settings.priority) {
+        Ok(()) => {
+            s.workers.push(this_thread());
+            s.got.policy = name.into();
+            s.got.priority = settings.priority;
+            REALTIME.store(true, Ordering::Release);
+        }
+        Err(e) => {
+            tracing::warn!(
+                "real-time scheduling refused ({e}): herd runs at normal priority and may lose its \
+                 roles on a busy host (see [scheduling] in the example config)"
+            );
+            s.got.refused.push(format!("sched_setscheduler: {e}"));
+            for tid in std::mem::take(&mut s.workers) {
+                let _ = set_scheduler(tid, libc::SCHED_OTHER, 0);
+            }
+            s.got.policy = "other".into();
+            s.got.priority = 0;
+            REALTIME.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// At the start of every blocking call: this thread leaves real time (a slow library call must
+/// never hold a real-time thread; the pool's threads were promoted as they started).
+pub fn leave_realtime() {
+    if REALTIME.load(Ordering::Acquire) {
+        let _ = set_scheduler(0, libc::SCHED_OTHER, 0);
+    }
+}
+
+/// What herd got, for `status`.
+pub fn got() -> Got {
+    let mut g = shared().got.clone();
+    if g.policy.is_empty() {
+        g.policy = "other".into(); // never initialised (the simulation)
+    }
+    g
+}
+
+/// The pause figures, for `status` and the metrics.
+pub fn pauses() -> Pauses {
+    let mut s = shared();
+    let now = Instant::now();
+    while s.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60)) {
+        s.recent.pop_front();
+    }
+    let longest = s.recent.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    Pauses {
+        total: PAUSES.load(Ordering::Relaxed),
+        longest_last_minute_ms: u64::try_from(longest.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Records one monitor tick that came `late` after it was due; a pause longer than `third`
+/// (a third of the lease) is counted.
+fn record(late: Duration, third: Duration) {
+    let mut s = shared();
+    if late > third {
+        PAUSES.fetch_add(1, Ordering::Relaxed);
+    }
+    if late >= MONITOR_TICK {
+        s.recent.push_back((Instant::now(), late));
+        if s.recent.len() > 4096 {
+            s.recent.pop_front();
+        }
+    }
+}
+
+/// Threads the store (sled) starts for its own IO, by name: the Raft log's appends wait on
+/// them, so they run in real time too (a real-time worker waiting on a starved IO thread would
+/// be no better off than a starved worker).
+const STORE_THREADS: [&str; 2] = ["sled-io", "log flusher"];
+
+/// Promotes the store's IO threads not yet promoted (see [`STORE_THREADS`]); they start
+/// lazily, so this runs now and then.
+fn promote_store_threads() {
+    let mut s = shared();
+    let Some(settings) = s.settings.filter(|s| s.realtime) else { return };
+    if !REALTIME.load(Ordering::Acquire) {
+        return;
+    }
+    let policy = match settings.policy {
+        Policy::Rr => libc::SCHED_RR,
+        Policy::Fifo => libc::SCHED_FIFO,
+    };
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) else { continue };
+        if s.workers.contains(&tid) {
+            continue;
+        }
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if STORE_THREADS.iter().any(|p| name.starts_with(p))
+            && set_scheduler(tid, policy | SCHED_RESET_ON_FORK, settings.priority).is_ok()
+        {
+            s.workers.push(tid);
+        }
+    }
+}
+
+/// The pause monitor: a task on the runtime that ticks every 20 ms and measures how late each
+/// tick came (and every 5 s promotes the store's new IO threads). Runs until the runtime ends.
+pub async fn monitor(lease: Duration) {
+    let third = lease / 3;
+    let mut last = tokio::time::Instant::now();
+    let mut ticks = 0u32;
+    loop {
+        if ticks.is_multiple_of(250) {
+            promote_store_threads();
+        }
+        ticks = ticks.wrapping_add(1);
+        tokio::time::sleep(MONITOR_TICK).await;
+        let now = tokio::time::Instant::now();
+        let late = now.duration_since(last).saturating_sub(MONITOR_TICK);
+        last = now;
+        record(late, third);
+    }
+}
+
+/// Starts the runaway watchdog: a plain thread (SCHED_OTHER), woken every 250 ms. If it went
+/// [`STARVED`] without running while the workers are real time, they are what kept it from
+/// running: every worker goes back to SCHED_OTHER, at ERROR. Only where real time was granted.
+pub fn start_watchdog() {
+    if !REALTIME.load(Ordering::Acquire) {
+        return;
+    }
+    WATCHDOG_SEEN_MS.store(since_epoch_ms(), Ordering::Relaxed);
+    let spawned = std::thread::Builder::new().name("herd-rt-watchdog".into()).spawn(|| loop {
+        // It must not inherit real time from whoever started it.
+        let _ = set_scheduler(0, libc::SCHED_OTHER, 0);
+        std::thread::sleep(Duration::from_millis(250));
+        let now = since_epoch_ms();
+        let gap = now.saturating_sub(WATCHDOG_SEEN_MS.swap(now, Ordering::Relaxed));
+        if gap >= u64::try_from(STARVED.as_millis()).unwrap_or(u64::MAX) && REALTIME.load(Ordering::Acquire) {
+            demote_all(gap);
+            return;
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("real-time watchdog not started ({e}): real time stays on without it");
+    }
+}
+
+fn demote_all(gap_ms: u64) {
+    let mut s = shared();
+    REALTIME.store(false, Ordering::Release);
+    for tid in s.workers.clone() {
+        let _ = set_scheduler(tid, libc::SCHED_OTHER, 0);
+    }
+    let why = format!(
+        "runaway: the watchdog did not run for {gap_ms} ms while herd's threads were real time; \
+         they were put back to normal scheduling (a bug: please report it)"
+    );
+    tracing::error!("{why}");
+    s.got.policy = "other".into();
+    s.got.priority = 0;
+    s.got.refused.push(why);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_over_a_third_of_the_lease_are_counted_and_the_longest_kept() {
+        let before = pauses().total;
+        record(Duration::from_millis(5), Duration::from_millis(100));
+        record(Duration::from_millis(150), Duration::from_millis(100));
+        record(Duration::from_millis(40), Duration::from_millis(100));
+        let p = pauses();
+        assert_eq!(p.total, before + 1);
+        assert!(p.longest_last_minute_ms >= 150, "{p:?}");
+    }
+}
