@@ -185,42 +185,47 @@ impl Metrics {
             "1 for the host's fencing state: none, fencing, fenced or fence-failed",
             m.fence_state.clone(),
         );
+        m.register_health(&mut registry);
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The health, scheduling and cluster-port families (split from `new`).
+    fn register_health(&self, registry: &mut Registry) {
         registry.register(
             "node_unhealthy",
             "1 if the leader found the host out of Raft (its store cannot write, its log went backwards)",
-            m.node_unhealthy.clone(),
+            self.node_unhealthy.clone(),
         );
         registry.register(
             "raft_stopped",
             "1 if Raft stopped on this node (a storage error, or refused: its log went backwards)",
-            m.raft_stopped.clone(),
+            self.raft_stopped.clone(),
         );
         registry.register(
             "pauses",
             "Times the runtime ran later than a third of the Raft lease (the primary drops its duties at such a pause)",
-            m.pauses.clone(),
+            self.pauses.clone(),
         );
         registry.register(
             "pause_longest_seconds",
             "The runtime's longest pause in the last minute",
-            m.pause_longest_seconds.clone(),
+            self.pause_longest_seconds.clone(),
         );
         registry.register(
             "realtime",
             "1 if the runtime's threads run with real-time scheduling ([scheduling] realtime, granted)",
-            m.realtime.clone(),
+            self.realtime.clone(),
         );
         registry.register(
             "cluster_refused",
             "Connections and requests the cluster port turned away, by reason",
-            m.cluster_refused.clone(),
+            self.cluster_refused.clone(),
         );
         registry.register(
             "cluster_connections",
             "Connections the cluster port admitted: peer=member (certified) or anonymous (a joiner)",
-            m.cluster_connections.clone(),
+            self.cluster_connections.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
     }
 
     /// Brings the port's counters up to the source's counts.
