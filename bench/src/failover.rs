@@ -47,14 +47,14 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Everything the benchmark started; torn down on drop, even after an error.
-struct Bench {
+pub(crate) struct Bench {
     dir: PathBuf,
     herd: PathBuf,
     prefix: String,
 }
 
 impl Bench {
-    fn ns(&self, i: usize) -> String {
+    pub(crate) fn ns(&self, i: usize) -> String {
         format!("{}{i}", self.prefix)
     }
 
@@ -62,11 +62,11 @@ impl Bench {
         format!("10.212.0.{i}")
     }
 
-    fn node_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn node_dir(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    fn socket(&self, name: &str) -> PathBuf {
+    pub(crate) fn socket(&self, name: &str) -> PathBuf {
         self.node_dir(name).join("admin.sock")
     }
 
@@ -91,12 +91,13 @@ impl Bench {
         })
     }
 
-    fn pid(&self, name: &str) -> Result<i32> {
+    pub(crate) fn pid(&self, name: &str) -> Result<i32> {
         let text = std::fs::read_to_string(self.node_dir(name).join("herd.pid"))?;
         text.trim().parse().context("pid file")
     }
 
-    fn setup(herd: PathBuf) -> Result<Bench> {
+    /// Forms the cluster; `extra` is appended to every node's config.
+    pub(crate) fn setup(herd: PathBuf, extra: &str) -> Result<Bench> {
         let prefix = format!("hbf{}n", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("herd-bench-failover-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -140,7 +141,7 @@ impl Bench {
                  [cluster]\nlisten = \"{addr}:7400\"\n[keepalive]\ninterval_ms = 1000\n\
                  [hypervisor]\nuri = \"test://{d}/node.xml\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
                  [fence]\ncheck_interval_ms = 1000\n\
-                 [fencing]\nbmc = \"{addr}:623\"\nuser = \"admin\"\npassword_file = \"{d}/bmc/bmc.pass\"\n{primary}",
+                 [fencing]\nbmc = \"{addr}:623\"\nuser = \"admin\"\npassword_file = \"{d}/bmc/bmc.pass\"\n{primary}{extra}",
                 d = d.display(),
                 addr = Self::addr(i),
             );
@@ -185,7 +186,7 @@ impl Bench {
     }
 
     /// Every VM running, none on `not_on`.
-    fn all_running_elsewhere(&self, not_on: &str) -> Result<bool> {
+    pub(crate) fn all_running_elsewhere(&self, not_on: &str) -> Result<bool> {
         let l = self.vm_list()?;
         Ok(l.len() == VMS && l.iter().all(|v| v["actual"] == "running" && v["node"] != not_on))
     }
@@ -199,7 +200,7 @@ impl Bench {
     }
 
     /// After a fence of h1: it is powered on again by the fence, boots, and is made ready.
-    fn restore_h1(&self) -> Result<()> {
+    pub(crate) fn restore_h1(&self) -> Result<()> {
         wait("h1 back (fenced, its daemon running)", Duration::from_secs(60), || {
             let i = admin(&self.socket("c2"), &json!({"op": "node-info", "name": "h1", "local": true}))?;
             let back = i["daemon_state"] == "fenced"
@@ -220,7 +221,7 @@ impl Bench {
         })
     }
 
-    fn primary(&self) -> Result<String> {
+    pub(crate) fn primary(&self) -> Result<String> {
         let s = admin(&self.socket("c2"), &json!({"op": "status"}))?;
         s["primary"].as_str().map(str::to_string).context("no primary")
     }
@@ -299,7 +300,7 @@ pub fn summary(mut ms: Vec<f64>) -> Value {
     json!({ "n": n, "median_ms": median, "p99_ms": rank(0.99), "max_ms": ms.last().copied().unwrap_or(0.0), "samples_ms": ms })
 }
 
-fn elapsed_ms(t0: Instant) -> f64 {
+pub(crate) fn elapsed_ms(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1000.0
 }
 
@@ -309,7 +310,7 @@ pub fn run(reps: usize) -> Result<Value> {
     if !root || !have("ip") || !have("ipmi_sim") || !have("ipmitool") {
         bail!("the failover benchmark needs root, iproute2, ipmi_sim and ipmitool (make deps installs them)");
     }
-    let b = Bench::setup(crate::herd_binary()?)?;
+    let b = Bench::setup(crate::herd_binary()?, "")?;
     let mut kill = Vec::new();
     let mut hang = Vec::new();
     let mut off = Vec::new();

@@ -15,6 +15,7 @@
 //!   second at the leader of 3 coordinators + 64 hypervisors in the steady state.
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
+mod busy;
 mod connections;
 mod failover;
 mod procs;
@@ -330,8 +331,15 @@ fn main() -> Result<()> {
                         "ratio_writes_per_s": r["ratio_writes_per_s"]})
                 })
                 .collect();
+            let busy = busy::run(600)?;
+            let pick = |r: &Value| {
+                json!({"primary_drops": r["primary_drops"], "takeovers": r["takeovers"], "lost_verdicts": r["lost_verdicts"],
+                    "fence_decisions": r["fence_decisions"], "status_slowest_ms": r["status_slowest_ms"],
+                    "hypervisor_hang_median_ms": r["hypervisor_hang"]["median_ms"]})
+            };
+            let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
             let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
-                "connections": conns });
+                "connections": conns, "busy": busy });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
@@ -348,7 +356,11 @@ fn main() -> Result<()> {
             connections::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?)
                 .map(|_| ())
         }
+        ["busy"] => busy::run(600).map(|_| ()),
+        ["busy", secs] => busy::run(secs.parse().context("seconds")?).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
-        _ => bail!("usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | all"),
+        _ => bail!(
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS] | all"
+        ),
     }
 }

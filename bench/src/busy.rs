@@ -1,0 +1,167 @@
+//! `herd-bench busy [SECONDS]`: herd on a busy host (issue 19), on the failover benchmark's
+//! cluster (3 coordinators + 2 hypervisors in namespaces, simulated BMCs, a floating address).
+//! The host runs, at normal priority, 16 CPU hogs per core, 32 guest-like workers per core
+//! (10 ms of CPU, then 5 ms asleep) and 2 synchronous disk writers. For SECONDS (default 600):
+//! primary drops and takeovers (from the daemons' logs), `lost` verdicts (every coordinator's
+//! `status`, polled every 250 ms from a real-time thread, which also times the answers), fence
+//! decisions (the event log). Then, with the load still on, `h1` is hung (SIGSTOP) 5 times: how
+//! long until its VMs run elsewhere. The whole run twice: with real-time scheduling (herd's
+//! default) and at normal priority (`[scheduling] realtime = false`), for comparison.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::failover::{admin, elapsed_ms, summary, wait, Bench};
+
+/// The load, in this process's threads at normal priority, until dropped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(dir: &Path) -> Load {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let spin = |x: u64| std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        for k in 0..48 * cores {
+            let stop = stop.clone();
+            // The first 16 per core never sleep; the other 32 per core behave like guest vCPUs.
+            let guest = k >= 16 * cores;
+            threads.push(std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let busy = Instant::now();
+                    while !guest || busy.elapsed() < Duration::from_millis(10) {
+                        x = spin(x);
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }));
+        }
+        for k in 0..2 {
+            let (stop, path) = (stop.clone(), dir.join(format!("writer{k}")));
+            threads.push(std::thread::spawn(move || {
+                let Ok(mut f) = std::fs::File::create(&path) else { return };
+                let block = vec![7u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if f.write_all(&block).and_then(|()| f.sync_data()).is_err() {
+                        return;
+                    }
+                    if f.metadata().is_ok_and(|m| m.len() > 64 << 20) {
+                        let _ = f.set_len(0);
+                    }
+                }
+            }));
+        }
+        Load { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+const NAMES: [&str; 5] = ["c1", "c2", "c3", "h1", "h2"];
+
+/// One run: `realtime` or at normal priority.
+fn one(secs: u64, realtime: bool) -> Result<Value> {
+    let extra = if realtime { "" } else { "[scheduling]\nrealtime = false\nlock_memory = false\n" };
+    let b = Bench::setup(crate::herd_binary()?, extra)?;
+    let logs: Vec<std::path::PathBuf> = NAMES.iter().map(|n| b.node_dir(n).join("herd.log")).collect();
+    let from: Vec<usize> =
+        logs.iter().map(|p| std::fs::metadata(p).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0))).collect();
+    let events_before = admin(&b.socket("c1"), &json!({"op": "events"}))?["events"].as_array().map_or(0, Vec::len);
+    // This thread asks in real time: a client at normal priority would time its own wait.
+    let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| p.file_name().map(|n| n.to_owned()));
+    let tid = tid.and_then(|t| t.into_string().ok()).context("this thread's id")?;
+    let _ = std::process::Command::new("chrt").args(["-r", "-p", "20", &tid]).output();
+    let load = Load::start(&b.node_dir("c1"));
+    let started = Instant::now();
+    let (mut asks, mut slowest, mut lost) = (0u64, 0f64, 0u64);
+    while started.elapsed() < Duration::from_secs(secs) {
+        for n in ["c1", "c2", "c3"] {
+            let t0 = Instant::now();
+            let s = admin(&b.socket(n), &json!({"op": "status"}));
+            slowest = slowest.max(elapsed_ms(t0));
+            asks += 1;
+            let members = s.ok().and_then(|s| s["members"].as_array().cloned()).unwrap_or_default();
+            lost += members.iter().filter(|m| m["heartbeat"].as_str().is_some_and(|h| h.starts_with("lost"))).count()
+                as u64;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (mut drops, mut takeovers) = (0usize, 0usize);
+    for (k, p) in logs.iter().enumerate() {
+        let log = std::fs::read_to_string(p).unwrap_or_default();
+        let new = log.get(from[k]..).unwrap_or_default();
+        drops += new.lines().filter(|l| l.contains("dropping the primary duties")).count();
+        takeovers += new.lines().filter(|l| l.contains("taking over the primary role")).count();
+    }
+    let events = admin(&b.socket("c1"), &json!({"op": "events"}))?;
+    let fences = events["events"]
+        .as_array()
+        .map_or(0, |e| e.iter().skip(events_before).filter(|e| e["kind"] == "fence-decided").count());
+    let pauses = admin(&b.socket("c1"), &json!({"op": "status"}))?["pauses"].clone();
+    // Failover under the same load.
+    let mut hang = Vec::new();
+    for rep in 0..5 {
+        let t0 = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid("h1")?), nix::sys::signal::Signal::SIGSTOP)?;
+        wait("h1's VMs running elsewhere", Duration::from_secs(60), || b.all_running_elsewhere("h1"))?;
+        hang.push(elapsed_ms(t0));
+        eprintln!("busy ({}) hang {}: {:.0} ms", if realtime { "real time" } else { "normal" }, rep + 1, hang[rep]);
+        b.restore_h1()?;
+    }
+    let _ = std::process::Command::new("chrt").args(["-o", "-p", "0", &tid]).output();
+    drop(load);
+    let r = json!({
+        "realtime": realtime, "seconds": secs, "primary_drops": drops, "takeovers": takeovers,
+        "lost_verdicts": lost, "fence_decisions": fences, "status_asks": asks, "status_slowest_ms": slowest,
+        "pauses": pauses, "hypervisor_hang": summary(hang),
+    });
+    eprintln!("busy: {r}");
+    Ok(r)
+}
+
+pub fn run(secs: u64) -> Result<Value> {
+    let rt = one(secs, true)?;
+    let normal = one(secs, false)?;
+    let table = |r: &Value| {
+        println!(
+            "{:<10} {:>6} {:>9} {:>5} {:>6} {:>10} {:>14}",
+            if r["realtime"] == true { "real time" } else { "normal" },
+            r["primary_drops"],
+            r["takeovers"],
+            r["lost_verdicts"],
+            r["fence_decisions"],
+            format!("{:.0}", r["status_slowest_ms"].as_f64().unwrap_or(0.0)),
+            format!("{:.0}", r["hypervisor_hang"]["median_ms"].as_f64().unwrap_or(0.0)),
+        )
+    };
+    println!("busy host, {secs} s: 16 hogs + 32 guest-like workers per core + 2 sync writers");
+    println!(
+        "{:<10} {:>6} {:>9} {:>5} {:>6} {:>10} {:>14}",
+        "scheduling", "drops", "takeovers", "lost", "fences", "status ms", "hang median ms"
+    );
+    table(&rt);
+    table(&normal);
+    let v = json!({"realtime": rt, "normal": normal});
+    crate::write_json("busy", &v)?;
+    Ok(v)
+}
