@@ -86,7 +86,7 @@ where
     };
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        crate::sched::leave_realtime();
+        crate::sched::enter_blocking_call();
         INSIDE.with(|i| i.set(true));
         let r = catch_unwind(AssertUnwindSafe(f));
         INSIDE.with(|i| i.set(false));

@@ -79,10 +79,8 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .on_thread_start(move || {
-            std::mem::forget(on_start().entered());
-            herd::sched::on_thread_start();
-        })
+        .on_thread_start(move || std::mem::forget(on_start().entered()))
+        .on_thread_park(herd::sched::on_worker_park)
         .build()
     {
         Ok(r) => r,

@@ -5,9 +5,12 @@
 //! ```text
 //!   runtime worker threads  SCHED_RR (or FIFO) at a modest priority, SCHED_RESET_ON_FORK:
 //!                           every thread or process they create starts as SCHED_OTHER
+//!                           (promoted at their first park: tokio's blocking pool never is)
 //!   store IO threads        sled's own (`sled-io-*`, `log flusher`): real time too, the log's
 //!                           appends wait on them
-//!   blocking threads        leave real time before each call (libvirt, IPMI, stats, probes)
+//!   blocking calls          libvirt, IPMI, stats, probes: on tokio's blocking pool (never a
+//!                           worker), real time one step below the workers (a fence's IPMI
+//!                           exchange must not starve either)
 //!   memory                  mlockall(CURRENT | FUTURE | ONFAULT): nothing herd touched is
 //!                           swapped out, nothing is populated ahead of use
 //!   runaway watchdog        a SCHED_OTHER thread; starved for 3 s while the workers are real
@@ -149,8 +152,22 @@ pub fn init(settings: Settings) {
     }
 }
 
-/// On every runtime thread as it starts: real time, if asked for and allowed.
-pub fn on_thread_start() {
+thread_local! {
+    static PROMOTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The runtime's `on_thread_park` hook, which tokio calls on its worker threads only (never on
+/// its blocking pool): a worker becomes real time the first time it goes idle, before it is
+/// woken for anything. One thread-local check after that.
+pub fn on_worker_park() {
+    if !PROMOTED.with(std::cell::Cell::get) {
+        PROMOTED.with(|p| p.set(true));
+        promote_this_worker();
+    }
+}
+
+/// This worker thread: real time, if asked for and allowed.
+fn promote_this_worker() {
     let mut s = shared();
     let Some(settings) = s.settings.filter(|s| s.realtime) else { return };
     if s.got.refused.iter().any(|r| r.starts_with("sched_setscheduler")) {
@@ -183,12 +200,21 @@ pub fn on_thread_start() {
     }
 }
 
-/// At the start of every blocking call: this thread leaves real time (a slow library call must
-/// never hold a real-time thread; the pool's threads were promoted as they started).
-pub fn leave_realtime() {
-    if REALTIME.load(Ordering::Acquire) {
-        let _ = set_scheduler(0, libc::SCHED_OTHER, 0);
+/// At the start of every blocking call (libvirt, IPMI, stats, the storage probe), on a thread
+/// of tokio's blocking pool — never a worker: real time one step below the workers, so a
+/// fence's IPMI exchange or a recovery's libvirt start is not starved by the VMs either, while
+/// a slow or hung call holds its own thread, never the runtime's. These calls block on IO; a
+/// runaway among them is the watchdog's like any other. No-op unless the workers got real time.
+pub fn enter_blocking_call() {
+    if !REALTIME.load(Ordering::Acquire) {
+        return;
     }
+    let Some(settings) = shared().settings else { return };
+    let policy = match settings.policy {
+        Policy::Rr => libc::SCHED_RR,
+        Policy::Fifo => libc::SCHED_FIFO,
+    };
+    let _ = set_scheduler(0, policy | SCHED_RESET_ON_FORK, (settings.priority - 1).max(1));
 }
 
 /// What herd got, for `status`.
@@ -281,9 +307,10 @@ pub async fn monitor(lease: Duration) {
 
 /// Starts the runaway watchdog: a plain thread (SCHED_OTHER), woken every 250 ms. If it went
 /// [`STARVED`] without running while the workers are real time, they are what kept it from
-/// running: every worker goes back to SCHED_OTHER, at ERROR. Only where real time was granted.
+/// running: every worker goes back to SCHED_OTHER, at ERROR. Only where real time was asked for.
 pub fn start_watchdog() {
-    if !REALTIME.load(Ordering::Acquire) {
+    // Asked for (the workers may not all have parked yet): it judges only while real time holds.
+    if !shared().settings.is_some_and(|s| s.realtime) {
         return;
     }
     WATCHDOG_SEEN_MS.store(since_epoch_ms(), Ordering::Relaxed);
@@ -306,8 +333,11 @@ pub fn start_watchdog() {
 fn demote_all(gap_ms: u64) {
     let mut s = shared();
     REALTIME.store(false, Ordering::Release);
-    for tid in s.workers.clone() {
-        let _ = set_scheduler(tid, libc::SCHED_OTHER, 0);
+    // Every thread of the process, whichever made itself real time.
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) {
+            let _ = set_scheduler(tid, libc::SCHED_OTHER, 0);
+        }
     }
     let why = format!(
         "runaway: the watchdog did not run for {gap_ms} ms while herd's threads were real time; \

@@ -54,7 +54,7 @@ impl HostStats for ProcStats {
             match tokio::time::timeout(
                 deadline,
                 tokio::task::spawn_blocking(|| {
-                    crate::sched::leave_realtime();
+                    crate::sched::enter_blocking_call();
                     read_now()
                 }),
             )

@@ -262,7 +262,9 @@ pub(crate) fn admin_within(socket: &Path, req: &Value, timeout: Duration) -> Res
     s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .with_context(|| format!("{} on {}: no answer within {timeout:?}", req["op"], socket.display()))?;
     let v: Value = serde_json::from_str(&line).context("admin response")?;
     if v["ok"] == true {
         Ok(v["result"].clone())

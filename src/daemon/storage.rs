@@ -35,7 +35,7 @@ impl StorageProbe for DirProbe {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 use std::io::Write;
-                crate::sched::leave_realtime();
+                crate::sched::enter_blocking_call();
                 let result = (|| {
                     let mut f = std::fs::File::create(&path)?;
                     f.write_all(&vec![0u8; PROBE_BYTES])?;

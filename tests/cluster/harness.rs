@@ -225,15 +225,41 @@ impl Node {
     }
 }
 
+/// Cluster tests share the machine (the harness runs them in parallel); one that loads the
+/// machine on purpose (t96's busy host) takes it alone, so no other test runs beside its load.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The machine to this test alone until dropped (waits for the running cluster tests to end).
+pub struct Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>);
+
+pub fn alone() -> Alone {
+    let g = MACHINE.write().unwrap_or_else(|p| p.into_inner());
+    ALONE.with(|a| a.set(true));
+    Alone(g)
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        ALONE.with(|a| a.set(false));
+    }
+}
+
 /// A set of nodes sharing a temporary directory; everything is killed on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// A share of the machine (none while this thread holds it [`alone`]).
+    _share: Option<std::sync::RwLockReadGuard<'static, ()>>,
 }
 
 impl Cluster {
     /// `specs`: (name, role, address).
     pub fn new(specs: &[(&str, &str, &str)], extra_config: &str) -> Cluster {
+        let share = (!ALONE.with(std::cell::Cell::get)).then(|| MACHINE.read().unwrap_or_else(|p| p.into_inner()));
         let dir = tempfile::Builder::new().prefix("herd-test-").tempdir().expect("tempdir");
         let nodes = specs
             .iter()
@@ -251,7 +277,7 @@ impl Cluster {
                 }
             })
             .collect();
-        Cluster { dir, nodes }
+        Cluster { dir, nodes, _share: share }
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {

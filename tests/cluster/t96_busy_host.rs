@@ -175,6 +175,8 @@ fn a_busy_host_costs_herd_nothing() {
     if !netns::available(test) {
         return;
     }
+    // Its load would slow every other test beside it: it runs alone.
+    let _alone = crate::harness::alone();
     let secs: u64 = std::env::var("HERD_T96_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
     // HERD_T96_NORMAL=1: the same run at normal priority, for comparison (reported, not judged).
     let normal = std::env::var("HERD_T96_NORMAL").is_ok_and(|v| v == "1");
@@ -229,7 +231,8 @@ fn a_busy_host_costs_herd_nothing() {
     let started = Instant::now();
     let (mut samples, mut slowest, mut lost) = (0u32, Duration::ZERO, Vec::new());
     // This asking thread runs in real time itself: a client at normal priority among ~100
-    // runnable threads per core would measure its own wait for a CPU, not herd's answer.
+    // runnable threads per core would measure its own wait for a CPU, not herd's answer. Only
+    // after the load started: threads it created would inherit real time.
     let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| p.file_name().map(|n| n.to_owned()));
     let tid = tid.and_then(|t| t.into_string().ok()).expect("this thread's id");
     let chrt = std::process::Command::new("chrt").args(["-r", "-p", "20", &tid]).output();
