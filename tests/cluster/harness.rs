@@ -248,6 +248,11 @@ impl Drop for Alone {
     }
 }
 
+/// A share of the machine for a test that starts processes without a [`Cluster`].
+pub fn share() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    (!ALONE.with(std::cell::Cell::get)).then(|| MACHINE.read().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// A set of nodes sharing a temporary directory; everything is killed on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -259,7 +264,7 @@ pub struct Cluster {
 impl Cluster {
     /// `specs`: (name, role, address).
     pub fn new(specs: &[(&str, &str, &str)], extra_config: &str) -> Cluster {
-        let share = (!ALONE.with(std::cell::Cell::get)).then(|| MACHINE.read().unwrap_or_else(|p| p.into_inner()));
+        let share = share();
         let dir = tempfile::Builder::new().prefix("herd-test-").tempdir().expect("tempdir");
         let nodes = specs
             .iter()

@@ -25,28 +25,33 @@ fn assert_one_line_error(text: Option<&str>, needle: &str) {
 
 #[test]
 fn unknown_key_is_refused_by_name() {
+    let _share = crate::harness::share();
     assert_one_line_error(Some(&format!("{GOOD}colour = \"blue\"\n")), "colour");
     assert_one_line_error(Some(&GOOD.replace("listen =", "lisen = \"x\"\nlisten =")), "lisen");
 }
 
 #[test]
 fn bad_address_is_refused_by_key() {
+    let _share = crate::harness::share();
     assert_one_line_error(Some(&GOOD.replace("127.0.3.1:7400", "nowhere")), "cluster.listen");
 }
 
 #[test]
 fn missing_file_is_refused() {
+    let _share = crate::harness::share();
     assert_one_line_error(None, "cannot read config");
 }
 
 #[test]
 fn bad_value_type_is_refused_by_key() {
+    let _share = crate::harness::share();
     assert_one_line_error(Some(&format!("{GOOD}[raft]\nheartbeat_ms = \"fast\"\n")), "heartbeat_ms");
 }
 
 /// A node name must start with a letter or a digit: hooks get node names as arguments.
 #[test]
 fn names_that_read_as_options_or_paths_are_refused() {
+    let _share = crate::harness::share();
     for bad in [".", "..", "-rf", "--help", "-", "_x"] {
         assert_one_line_error(Some(&GOOD.replace("name = \"c1\"", &format!("name = {bad:?}"))), "name");
     }

@@ -33,6 +33,7 @@ fn collect(sock: &UnixDatagram, deadline: Duration, mut done: impl FnMut(&[Strin
 
 #[test]
 fn sd_notify_ready_watchdog_and_stopping_for_a_node_alone() {
+    let _share = crate::harness::share();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("notify socket");
@@ -81,6 +82,7 @@ fn sd_notify_ready_watchdog_and_stopping_for_a_node_alone() {
 
 #[test]
 fn completions_and_man_page_render() {
+    let _share = crate::harness::share();
     let dir = tempfile::tempdir().expect("tempdir");
     for shell in ["bash", "zsh", "fish"] {
         let out = Command::new(HERD).args(["completions", shell]).output().expect("completions");

@@ -44,6 +44,7 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn admin_socket_access_follows_peer_credentials() {
+    let _share = crate::harness::share();
     if !nix::unistd::geteuid().is_root() {
         crate::harness::skip("admin_socket_access_follows_peer_credentials", "needs root (setpriv to other users)");
         return;
@@ -149,6 +150,7 @@ fn hold_connections(sock: &std::path::Path, _uid: u32, gid: u32, n: usize) -> st
 #[test]
 #[ignore = "a helper process for admin_socket_access_follows_peer_credentials"]
 fn hold_admin_connections() {
+    let _share = crate::harness::share();
     let (Some(sock), Some(n)) = (std::env::var_os("HERD_HOLD_SOCKET"), std::env::var("HERD_HOLD_N").ok()) else {
         return;
     };

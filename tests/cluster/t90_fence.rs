@@ -21,6 +21,7 @@ fn policy(addr: &str, password: &str) -> FencePolicy {
 
 #[test]
 fn ipmi_agent_against_a_live_ipmi_sim() {
+    let _share = crate::harness::share();
     if !bmc::available("ipmi_agent_against_a_live_ipmi_sim") {
         return;
     }
@@ -95,6 +96,7 @@ fn ipmi_agent_against_a_live_ipmi_sim() {
 /// session kept for it, and the power-off goes through.
 #[test]
 fn readiness_checks_cannot_starve_a_fence() {
+    let _share = crate::harness::share();
     if !bmc::available("readiness_checks_cannot_starve_a_fence") {
         return;
     }
@@ -127,6 +129,7 @@ fn readiness_checks_cannot_starve_a_fence() {
 /// `ipmi_sim`: the stdin protocol as the fence-agents project defines it.
 #[test]
 fn external_agent_drives_fence_ipmilan() {
+    let _share = crate::harness::share();
     let test = "external_agent_drives_fence_ipmilan";
     if !bmc::available(test) {
         return;
