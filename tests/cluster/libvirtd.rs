@@ -196,7 +196,12 @@ impl DoubleSampler {
 }
 
 impl Drop for DoubleSampler {
+    /// Stops and joins the sampling thread, so its handles on the libvirtds are dropped (and
+    /// the daemons killed) before a failing test's process ends.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
