@@ -78,8 +78,9 @@ impl ReplicationWatch {
                 vote: Some(sent.vote),
                 reverted: t.reverted.take(),
                 floor: t.floor,
-                boot: t.boot,
-                boot_acked: t.boot_acked,
+                // Nothing of an earlier term is recorded: an answer of this term says which
+                // boot holds what (a stale boot recorded after a newer one would make the
+                // newer boot look as if it lost entries).
                 ..Target::default()
             };
         }
@@ -214,6 +215,7 @@ mod tests {
         assert!(w.problems().is_empty(), "above the mark: the normal search for a match");
         w.on_append(2, &new_vote(31), Ok((&AppendEntriesResponse::Conflict, 1)));
         assert!(w.problems().is_empty(), "above the mark");
+        assert!(w.marks(50).is_empty(), "nothing acknowledged in this term yet: nothing to record");
         w.on_append(2, &new_vote(30), Ok((&AppendEntriesResponse::Conflict, 1)));
         let p = &w.problems()[&2];
         assert!(p.starts_with("log went backwards") && p.contains("as the cluster recorded"), "{p}");
