@@ -31,6 +31,11 @@ pub struct Config {
     pub name: String,
     pub role: Role,
     pub data_dir: PathBuf,
+    /// The log mark: the highest entry this node applied, kept outside `data_dir` so that a
+    /// `data_dir` restored from an earlier copy is refused at start. Default: `log-mark` in
+    /// the directory beside `data_dir` named after it with `-mark` (`/var/lib/herd-mark/`).
+    #[serde(default)]
+    pub log_mark: Option<PathBuf>,
     pub admin_socket: PathBuf,
     pub cluster: ClusterSection,
     #[serde(default)]
@@ -525,6 +530,16 @@ impl Config {
                 format!("key `{path}`: {inner}")
             }
         })
+    }
+
+    /// Where the log mark is kept (see the `log_mark` key).
+    pub fn log_mark_path(&self) -> PathBuf {
+        if let Some(p) = &self.log_mark {
+            return p.clone();
+        }
+        let name = self.data_dir.file_name().map_or_else(|| "herd".into(), |n| n.to_string_lossy().into_owned());
+        let parent = self.data_dir.parent().unwrap_or_else(|| Path::new("/"));
+        parent.join(format!("{name}-mark")).join("log-mark")
     }
 
     /// The cluster address peers use.

@@ -24,6 +24,8 @@ pub struct Env {
     pub log: LogStore,
     pub backend: Arc<dyn Backend>,
     pub identity: Arc<dyn IdentityStore>,
+    /// The log mark, outside `data_dir` (see `herd_storage::mark`).
+    pub mark: Arc<dyn herd_storage::mark::MarkStore>,
     /// Opens cluster connections (mutual TLS over TCP in production).
     pub connector: Arc<dyn Connector>,
     /// The cluster port, already bound (mutual TLS in production).
@@ -53,6 +55,9 @@ impl Env {
         let stores = sled_store::open(&config.data_dir.join("db"))?;
         private_files(&config.data_dir.join("db"))
             .map_err(|e| StartError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+        let mark_path = config.log_mark_path();
+        let mark = herd_storage::mark::FileMark::open(&mark_path)
+            .map_err(|e| StartError::Config(format!("log_mark {}: {e}", mark_path.display())))?;
         let networks = config.heartbeat_networks().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
         let mut heartbeat = BTreeMap::new();
         for (net, addr) in &networks {
@@ -89,6 +94,7 @@ impl Env {
             log: stores.log.into(),
             backend: Arc::new(stores.sm),
             identity: Arc::new(stores.local),
+            mark: Arc::new(mark),
             connector: Arc::new(connector),
             listener: Arc::new(listener),
             pki: Some(pki),

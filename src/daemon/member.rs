@@ -120,8 +120,11 @@ impl Daemon {
         loop {
             ticker.tick().await;
             self.progress.mark();
-            if self.node.check_log_held().await {
-                return; // refused: its log went backwards (said at ERROR, shown in status)
+            if self.node.check_log_held().await || self.node.refused().is_some() {
+                // Refused: its log went backwards (said at ERROR, shown in status). Silent, it
+                // is fenced and its VMs recovered elsewhere rather than run on unmanaged.
+                self.agent.fall_silent();
+                return;
             }
             last = self.host_stats.collect(&last, interval / 4).await;
             let mut stats = last.clone();

@@ -139,6 +139,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     let (agent, notices) = heartbeat_agent(&config, &env, shutdown_rx.clone())?;
     let limits = limits(&config);
     let node = raft_node(&config, &limits, env.connector, env.log, env.backend, env.identity, env.pki);
+    node.set_mark_store(env.mark.clone());
     let mut duties = config.primary.duties().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
     duties.addresses = env.addresses.clone();
     let manager = Manager::new(primary_settings(&config), node.clone(), duties);

@@ -41,6 +41,13 @@ pub trait IdentityStore: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct MemIdentity(Arc<Mutex<Option<Identity>>>);
 
+impl MemIdentity {
+    /// Puts a copied identity back (the simulation's restore of an earlier copy).
+    pub fn restore(&self, copy: Option<Identity>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = copy;
+    }
+}
+
 impl IdentityStore for MemIdentity {
     fn load(&self) -> io::Result<Option<Identity>> {
         Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())

@@ -7,6 +7,7 @@
 //!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
 //!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
 //!   mem_store   the same behaviour in memory, for the deterministic simulation
+//!   mark        the log mark: what this node applied, kept outside data_dir
 //!   log_store   one type for either log store (the daemon is not generic over it)
 //! ```
 //!
@@ -14,6 +15,7 @@
 
 pub mod identity;
 pub mod log_store;
+pub mod mark;
 pub mod mem_store;
 pub mod sled_store;
 pub mod sm;

@@ -19,13 +19,17 @@ use openraft::RaftLogReader;
 use crate::sm::{Backend, StoredSnapshot};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct MemLog {
     vote: Option<Vote>,
     committed: Option<LogId>,
     last_purged: Option<LogId>,
     log: BTreeMap<u64, Entry>,
 }
+
+/// What a [`MemLogStore`] held at one moment.
+#[derive(Clone)]
+pub struct MemLogCopy(MemLog);
 
 /// The Raft log, vote and committed index, in memory.
 #[derive(Clone, Default)]
@@ -43,6 +47,18 @@ impl MemLogStore {
     /// Makes every write fail (or succeed again), shared by every handle.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// A copy of what the store holds now, as a backup of the disk taken at this moment would
+    /// (the simulation's "restore from an earlier copy" fault).
+    pub fn copy(&self) -> MemLogCopy {
+        MemLogCopy(self.lock().clone())
+    }
+
+    /// Puts `copy` back in place of what the store holds, for every handle (only while no
+    /// daemon runs on it, as an operator restoring a backup would).
+    pub fn restore(&self, copy: &MemLogCopy) {
+        *self.lock() = copy.0.clone();
     }
 
     /// Whether writes fail now.
@@ -149,6 +165,16 @@ pub struct MemBackend {
 impl MemBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The snapshot it holds now (see [`MemLogStore::copy`]).
+    pub fn copy(&self) -> Option<StoredSnapshot> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a copied snapshot back (see [`MemLogStore::restore`]).
+    pub fn restore(&self, copy: Option<StoredSnapshot>) {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = copy;
     }
 }
 

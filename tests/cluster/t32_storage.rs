@@ -2,8 +2,10 @@
 //! - A full disk (c3's `data_dir` on a 20 MB tmpfs, filled): c3 acknowledges nothing, every
 //!   node shows it unhealthy within 10 s, and within 10 s of freeing space it is healthy again
 //!   — the same process (it restarts itself in place), no acknowledged write lost.
-//! - A `data_dir` restored from an older copy, with a leader change while c3 was down (the new
-//!   leader never saw c3 acknowledge anything; the cluster's record of what c3 held tells it):
+//! - A `data_dir` restored from an older copy: refused at start by its log mark (kept outside
+//!   `data_dir`). Then data_dir and mark both restored (a machine image), with a leader change
+//!   while c3 was down (the new leader never saw c3 acknowledge anything; the cluster's record
+//!   of what c3 held tells it):
 //!   c3's log went backwards; c3 is refused (its Raft stopped, it says why) and shown unhealthy
 //!   on every node within 10 s; the documented recovery (`node remove --force`, empty
 //!   `data_dir`, join again) brings it back.
@@ -135,6 +137,11 @@ fn a_restored_data_dir_is_refused_and_the_documented_recovery_works() {
     let copy = c.node("c3").dir.join("data.copy");
     let cp = Command::new("cp").arg("-a").arg(&data).arg(&copy).output().expect("cp");
     assert!(cp.status.success(), "copy data_dir: {cp:?}");
+    // The log mark beside data_dir (`<data_dir>-mark/`), copied too: a whole-machine image.
+    let mark = data.with_file_name(format!("{}-mark", data.file_name().expect("name").to_string_lossy()));
+    let mark_copy = c.node("c3").dir.join("mark.copy");
+    let cp = Command::new("cp").arg("-a").arg(&mark).arg(&mark_copy).output().expect("cp");
+    assert!(cp.status.success(), "copy the log mark: {cp:?}");
     c.node("c3").start();
     for i in 0..10 {
         maintenance(&mut c, "c1", i % 2 == 0);
@@ -149,8 +156,27 @@ fn a_restored_data_dir_is_refused_and_the_documented_recovery_works() {
         (info["log_held"].as_u64()? >= target).then_some(())
     });
     c.node("c3").terminate(Duration::from_secs(10));
-    std::fs::remove_dir_all(&data).expect("remove data_dir");
-    std::fs::rename(&copy, &data).expect("restore the copy");
+    let put_back = |from: &Path, to: &Path| {
+        std::fs::remove_dir_all(to).expect("remove");
+        let cp = Command::new("cp").arg("-a").arg(from).arg(to).output().expect("cp");
+        assert!(cp.status.success(), "restore {}: {cp:?}", to.display());
+    };
+    // data_dir alone put back: the log mark, outside it, refuses c3 at once.
+    put_back(&copy, &data);
+    let started = Instant::now();
+    c.node("c3").start();
+    let s = c.node("c3").status();
+    assert_eq!(s["state"], "refused", "{s}");
+    assert!(s["raft_error"].as_str().is_some_and(|e| e.contains("log mark") && e.contains("went backwards")), "{s}");
+    eprintln!(
+        "data_dir restored (mark kept) → refused at start in {} ms: {}",
+        started.elapsed().as_millis(),
+        s["raft_error"]
+    );
+    c.node("c3").terminate(Duration::from_secs(10));
+    // Both put back (a whole-machine image): only the cluster's record can tell.
+    put_back(&copy, &data);
+    put_back(&mark_copy, &mark);
     // The leader changes while c3 is down: the new leader never saw c3 acknowledge anything,
     // only the cluster's record of what c3 held (`RecordAcked`) can tell.
     let old = c.node("c1").status()["leader"].as_str().expect("leader").to_string();

@@ -42,6 +42,7 @@ where
                 *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 Ok(false)
             }
+            Some(id) if self.log_behind_mark(&id).await? => Ok(false),
             Some(id) => {
                 // With a join pending, Raft runs so that the leader can still add this node; a
                 // repeated `join-cluster` finishes the second phase.
@@ -103,6 +104,7 @@ where
         let boot = super::tokens::random_u64();
         let member = Arc::new(Member { id, cluster_id, raft, view, boot, log_end_at_start });
         *self.member.write().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
+        self.keep_mark(&member);
         tracing::info!(node_id = id, cluster = %member.cluster_id, "raft started");
         Ok(member)
     }

@@ -45,6 +45,7 @@ use crate::wire::{LeaderOp, Rpc, RpcError, RpcReply};
 mod cert;
 mod forward;
 mod handler;
+mod log_mark;
 mod membership;
 mod policy;
 mod refuse;
@@ -179,6 +180,8 @@ pub struct ClusterNode<LS> {
     watch: Arc<crate::watch::ReplicationWatch>,
     /// When a refused vote request was last logged.
     vote_refused_logged: Mutex<Option<Instant>>,
+    /// The log mark, kept outside `data_dir` (see [`herd_storage::mark`]); unset: none kept.
+    mark: std::sync::OnceLock<Arc<dyn herd_storage::mark::MarkStore>>,
 }
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
@@ -224,6 +227,7 @@ where
             watch: Arc::default(),
             refused: Mutex::new(None),
             vote_refused_logged: Mutex::new(None),
+            mark: std::sync::OnceLock::new(),
         })
     }
 

@@ -77,12 +77,25 @@ where
     /// backwards; the reason is kept in its identity.
     pub(super) async fn refuse(&self, reason: String) {
         let member = self.member.write().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(m) = member else {
+            tracing::error!("{}", advice(&reason, &self.settings.name));
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+            return;
+        };
+        self.record_refusal(m.id, &m.cluster_id, reason).await;
+        if let Err(e) = m.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+    }
+
+    /// Says why this node is refused (ERROR, status) and keeps it in its identity, so that a
+    /// restart stays refused.
+    pub(super) async fn record_refusal(&self, node_id: NodeId, cluster_id: &str, reason: String) {
         tracing::error!("{}", advice(&reason, &self.settings.name));
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-        let Some(m) = member else { return };
         let identity = Identity {
-            node_id: m.id,
-            cluster_id: m.cluster_id.clone(),
+            node_id,
+            cluster_id: cluster_id.to_string(),
             name: self.settings.name.clone(),
             role: Some(self.settings.role),
             removed: false,
@@ -91,9 +104,6 @@ where
         };
         if let Err(e) = self.identity.save(&identity).await {
             tracing::error!("could not record the refusal in data_dir: {e}");
-        }
-        if let Err(e) = m.raft.shutdown().await {
-            tracing::warn!("raft shutdown: {e}");
         }
     }
 

@@ -79,6 +79,9 @@ struct Inner {
     /// The highest sequence number accepted per (answer?, sender, network), and when: the
     /// replay window (authenticated clusters only; senders are known coordinators or targets).
     last_seq: BTreeMap<(bool, NodeId, NetName), (u64, u64)>,
+    /// Set for good when this node was refused (its log went backwards): it answers and sends
+    /// nothing, so the cluster finds it dead, fences it and runs its VMs elsewhere.
+    silent: bool,
 }
 
 /// The heartbeat agent of one node.
@@ -142,6 +145,7 @@ impl Agent {
                 period_started: None,
                 key: None,
                 last_seq: BTreeMap::new(),
+                silent: false,
             }),
             notices: tx,
             rtt_observer: std::sync::OnceLock::new(),
@@ -170,6 +174,9 @@ impl Agent {
     /// pulses of that cluster, and a coordinator starts its own view.
     pub fn set_identity(&self, node_id: NodeId, cluster_id: &str) {
         let mut g = self.lock();
+        if g.silent {
+            return;
+        }
         g.me = Some((node_id, cluster_id.to_string()));
         g.cache.set_me(node_id);
         if self.role == Role::Coordinator && g.view.as_ref().is_none_or(|v| v.me() != node_id) {
@@ -179,6 +186,22 @@ impl Agent {
         let targets = g.targets.clone();
         drop(g);
         self.set_targets(targets.into_values().collect());
+    }
+
+    /// Falls silent for good: no pulse or answer leaves this node again. For a node the cluster
+    /// refused (its log went backwards): it takes no part in Raft and runs its VMs unmanaged,
+    /// so its peers must find it dead, fence it through its BMC and recover its VMs — as they
+    /// would a hung host.
+    pub fn fall_silent(&self) {
+        let mut g = self.lock();
+        if !g.silent {
+            tracing::error!(
+                "heartbeat: falling silent (this node is refused): the cluster will fence it and run its VMs elsewhere"
+            );
+        }
+        g.silent = true;
+        g.me = None;
+        g.view = None;
     }
 
     /// Sets the cluster's heartbeat key (a TLS cluster's members receive it when they join):

@@ -195,10 +195,25 @@ pub(crate) fn remove_node(state: &mut State, at: At<'_>, name: &String) -> Resul
     if !assigned.is_empty() {
         return Err(ApplyError::Invalid(format!("{name} still has VMs ({}): move them first", assigned.join(", "))));
     }
+    // A move away from it waits for it to stop the VM; once removed it never will. Only a
+    // fenced node (its power-off proved the VM off, as `FenceDone` assumes) lets them go.
+    let fenced = node.daemon_state == DaemonState::Fenced;
+    let leaving: Vec<&str> =
+        state.vms.values().filter(|v| v.migrating_from.as_ref() == Some(name)).map(|v| v.spec.name.as_str()).collect();
+    if !leaving.is_empty() && !fenced {
+        return Err(ApplyError::Invalid(format!(
+            "VMs are still moving away from {name} ({}): wait until it stopped them, or fence it first",
+            leaving.join(", ")
+        )));
+    }
     let id = node.id;
     state.nodes.remove(name);
     for vm in state.vms.values_mut() {
         vm.seen_on.remove(name);
+        if vm.migrating_from.as_ref() == Some(name) {
+            vm.migrating_from = None;
+            vm.revision = index;
+        }
     }
     state.removed.insert(id);
     state.acked.remove(&id);

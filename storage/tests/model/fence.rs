@@ -247,6 +247,24 @@ fn removal_leaves_a_tombstone() {
     assert!(back.was_removed(3), "the tombstone survives a snapshot");
 }
 
+/// A move away from a node waits for that node to stop the VM: removing it would leave the
+/// move waiting for ever, so removal is refused — unless the node is fenced (its power-off
+/// proved the VM off), when removal lets the move go.
+#[test]
+fn removal_lets_moves_away_go_only_from_a_fenced_node() {
+    let mut s = cluster();
+    s.vms.retain(|_, v| v.node != "c");
+    let mut moving = vm("m", "a", VmState::Migrate);
+    moving.migrating_from = Some("c".into());
+    s.vms.insert("m".into(), moving);
+    let err = at(&mut s, 2, 100, Command::RemoveNode { name: "c".into() }).expect_err("refused");
+    assert!(err.to_string().contains("still moving away from c (m)"), "{err}");
+    assert_eq!(s.vms["m"].migrating_from.as_deref(), Some("c"), "a refusal changes nothing");
+    s.nodes.get_mut("c").expect("c").daemon_state = DaemonState::Fenced;
+    at(&mut s, 3, 200, Command::RemoveNode { name: "c".into() }).expect("remove fenced c");
+    assert_eq!(s.vms["m"].migrating_from, None, "the move no longer waits for c");
+}
+
 /// `fence_action = reboot`: the power-on stays due after a confirmed fence until it is done, the
 /// node is back, or `POWER_ON_GIVE_UP_MS` has passed (a primary that crashed in between leaves
 /// it to the next).

@@ -49,9 +49,14 @@ async fn sleep_ms(ms: u64) {
 }
 
 /// A random node whose daemon is up.
+/// A node whose daemon answers and is not refused (a refused node's log went backwards: it
+/// answers nothing about the cluster until the operator removes it and joins it afresh).
 fn pick_up(world: &World) -> Option<usize> {
     let mut w = world.lock();
-    let up: Vec<usize> = (0..w.machines.len()).filter(|i| w.machines[*i].inbox.is_some()).collect();
+    let up: Vec<usize> = (0..w.machines.len())
+        .filter(|i| w.machines[*i].inbox.is_some())
+        .filter(|i| w.machines[*i].daemon.as_ref().is_none_or(|d| d.node.refused().is_none()))
+        .collect();
     if up.is_empty() {
         return None;
     }
@@ -232,27 +237,49 @@ fn ok_or(r: &Result<serde_json::Value, herd::admin::AdminError>) -> String {
     }
 }
 
-/// After the faults: every fenced node made ready again (the operator's `herd node ready`),
+/// After the faults: every fenced node made ready again (the operator's `herd node ready`) —
+/// but a refused one (restored from an earlier copy), whose way back is remove + re-join,
+/// shown on real processes by the cluster test t32 —,
 /// every VM started again (a VM stopped by the client or failed gets its desired state back),
 /// then the final reads once the driver has judged convergence.
 pub async fn finish(world: &World, history: &mut History) {
     for _ in 0..50 {
-        let fenced: Vec<String> = {
+        let (fenced, refused): (Vec<String>, Vec<String>) = {
             let w = world.lock();
+            let refused: Vec<String> = w
+                .machines
+                .iter()
+                .filter(|m| m.daemon.as_ref().is_some_and(|d| d.node.refused().is_some()))
+                .map(|m| m.name.clone())
+                .collect();
             let view = w.machines.iter().filter_map(|m| m.daemon.as_ref()).find_map(|d| d.node.member());
-            view.map(|m| {
-                m.view
-                    .read()
-                    .state
-                    .nodes
-                    .values()
-                    .filter(|n| n.daemon_state == DaemonState::Fenced)
-                    .map(|n| n.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+            match view {
+                None => (Vec::new(), Vec::new()),
+                Some(m) => {
+                    let g = m.view.read();
+                    let present = |name: &String| g.state.nodes.values().any(|n| &n.name == name);
+                    let fenced = g
+                        .state
+                        .nodes
+                        .values()
+                        .filter(|n| n.daemon_state == DaemonState::Fenced)
+                        .map(|n| n.name.clone())
+                        .filter(|name| !refused.contains(name))
+                        .collect();
+                    (fenced, refused.into_iter().filter(present).collect())
+                }
+            }
         };
-        if fenced.is_empty() {
+        // A refused node's way back begins with `herd node remove NAME --force`, which also
+        // recovers its VMs (a move away from it no longer waits for it); the rest (empty its
+        // data_dir, join again) is shown on real processes by the cluster test t32.
+        for name in &refused {
+            if let Some(i) = pick_up(world) {
+                let r = world.call(i, AdminRequest::NodeRemove { name: name.clone(), force: true }, CALL_TIMEOUT).await;
+                world.trace(format!("client: remove refused {name}: {}", ok_or(&r)));
+            }
+        }
+        if fenced.is_empty() && refused.is_empty() {
             break;
         }
         for name in fenced {

@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+use herd_storage::identity::{Identity, IdentityStore};
+use herd_storage::mem_store::MemLogCopy;
+use herd_storage::sm::StoredSnapshot;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use turmoil::Sim;
@@ -43,6 +46,10 @@ pub enum Fault {
     PrimaryCrashInFence { node: usize, bmc_ms: u64 },
     /// `node`'s store refuses every write (a full disk) until the fault ends.
     StoreFails(usize),
+    /// A copy of `node`'s store (log, snapshot, identity) is taken when the fault starts; when
+    /// it ends the daemon is stopped, the copy put back in place of the store, and the daemon
+    /// started again: an operator restoring a backup. Its log went backwards.
+    Restore(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -59,6 +66,9 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
     let mut out = Vec::new();
     let mut t = start;
     let end = start + window;
+    // One restored store per run: two restored coordinators of three leave no quorum that can
+    // be trusted (the cluster must then be rebuilt — outside what the invariants judge).
+    let mut restored = false;
     loop {
         t += Duration::from_millis(rng.random_range(300..2500));
         if t >= end {
@@ -66,7 +76,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         }
         let lasts = Duration::from_millis(rng.random_range(200..6000)).min(end - t);
         let node = rng.random_range(0..n);
-        let fault = match rng.random_range(0..12) {
+        let fault = match rng.random_range(0..13) {
             0 => Fault::Crash(node),
             1 => {
                 let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
@@ -87,11 +97,18 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
             8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
             9 => Fault::PrimaryCrashInFence { node, bmc_ms: rng.random_range(500..3000) },
             10 => Fault::StoreFails(node),
+            11 if !restored => {
+                restored = true;
+                Fault::Restore(node)
+            }
+            11 => Fault::Crash(node),
             _ => Fault::Handover,
         };
         // A hang must outlast the loss and fence_after times for the fence to be decided.
         let lasts = match fault {
             Fault::PrimaryCrashInFence { .. } => lasts.max(Duration::from_millis(4500)).min(end - t),
+            // The copy's age: long enough for the cluster to have recorded more than it holds.
+            Fault::Restore(_) => Duration::from_millis(rng.random_range(3000..15_000)).min(end - t),
             _ => lasts,
         };
         out.push(Scheduled { at: t, lasts, fault });
@@ -146,9 +163,51 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
             }
         }
         Fault::StoreFails(i) => world.lock().machines[*i].log.set_failing(true),
+        Fault::Restore(i) => {
+            let mut w = world.lock();
+            let m = &mut w.machines[*i];
+            if m.backup.is_some() {
+                return false;
+            }
+            m.backup = Some(Backup {
+                log: m.log.copy(),
+                snapshot: m.backend.copy(),
+                identity: m.identity.load().ok().flatten(),
+            });
+        }
         Fault::Handover => {}
     }
     true
+}
+
+/// A copy of a machine's store (see [`Fault::Restore`]).
+pub struct Backup {
+    log: MemLogCopy,
+    snapshot: Option<StoredSnapshot>,
+    identity: Option<Identity>,
+}
+
+/// Ends a `Restore`: the daemon stopped (if it runs), the copy put back, the daemon started
+/// again (if its machine is powered; a powered-off machine boots from the copy later).
+fn restore(sim: &mut Sim<'_>, world: &World, i: usize) {
+    let Some(b) = world.lock().machines[i].backup.take() else { return };
+    let name = world.name(i);
+    let running = sim.is_host_running(name.as_str());
+    if running {
+        crash(sim, world, i);
+    }
+    {
+        let w = world.lock();
+        let m = &w.machines[i];
+        m.log.restore(&b.log);
+        m.backend.restore(b.snapshot);
+        m.identity.restore(b.identity);
+    }
+    world.trace(format!("{name}: store restored from the earlier copy"));
+    let powered = world.lock().machines[i].powered;
+    if powered {
+        restart(sim, world, i);
+    }
 }
 
 /// Fires an armed `PrimaryCrashInFence` once a non-manual fence is pending: the primary's
@@ -236,6 +295,7 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
             }
         }
         Fault::StoreFails(i) => world.lock().machines[*i].log.set_failing(false),
+        Fault::Restore(i) => restore(sim, world, *i),
         Fault::Handover => {}
     }
 }

@@ -102,10 +102,10 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
                 (Arc::new(s) as Arc<dyn herd::heartbeat::agent::DatagramSocket>, (ip, port).into()),
             );
         }
-        let (log, backend, identity, hv) = {
+        let (log, backend, identity, mark, hv) = {
             let w = world.lock();
             let m = &w.machines[i];
-            (m.log.clone(), m.backend.clone(), m.identity.clone(), m.hv.clone())
+            (m.log.clone(), m.backend.clone(), m.identity.clone(), m.mark.clone(), m.hv.clone())
         };
         let log_probe = log.clone();
         let hv: Arc<dyn Hypervisor> = Arc::new(hv);
@@ -114,6 +114,7 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             log: log.into(),
             backend: Arc::new(backend),
             identity: Arc::new(identity),
+            mark: Arc::new(mark),
             connector: Arc::new(SimConnector),
             listener: Arc::new(SimListener::bind(CLUSTER_PORT).await?),
             // Plain simulated TCP: the simulation does not model TLS (see README).

@@ -12,6 +12,7 @@ use herd::admin::{AdminError, AdminRequest, ErrorCode};
 use herd::daemon::Daemon;
 use herd::hypervisor::memory::MemoryHypervisor;
 use herd_storage::identity::MemIdentity;
+use herd_storage::mark::MemMark;
 use herd_storage::mem_store::{MemBackend, MemLogStore};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -63,6 +64,8 @@ pub struct Machine {
     pub log: MemLogStore,
     pub backend: MemBackend,
     pub identity: MemIdentity,
+    /// The log mark: outside the store, so a `Restore` fault does not take it back.
+    pub mark: MemMark,
     pub hv: MemoryHypervisor,
     pub powered: bool,
     /// Since when it has been powered off through its BMC (`None` while powered).
@@ -73,6 +76,8 @@ pub struct Machine {
     pub inbox: Option<mpsc::Sender<AdminCall>>,
     /// Daemon starts so far (each boot gets its own seed).
     pub boots: u64,
+    /// A copy of the store, taken by a `Restore` fault and put back when it ends.
+    pub backup: Option<crate::faults::Backup>,
 }
 
 /// A pulse as the invariants see it: sent by coordinator `from` at `sent`, carrying `from`'s
@@ -179,6 +184,7 @@ impl World {
                 log: MemLogStore::new(),
                 backend: MemBackend::new(),
                 identity: MemIdentity::default(),
+                mark: MemMark::default(),
                 hv: MemoryHypervisor::new(),
                 powered: true,
                 powered_off_at: None,
@@ -186,6 +192,7 @@ impl World {
                 daemon: None,
                 inbox: None,
                 boots: 0,
+                backup: None,
             })
             .collect();
         World(Arc::new(Mutex::new(Inner {
@@ -221,8 +228,14 @@ impl World {
 
     /// Appends a line to the trace, stamped with simulated time.
     pub fn trace(&self, line: impl AsRef<str>) {
+        static LIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let t = now();
-        self.lock().trace.push(format!("{:>8.3} {}", t.as_secs_f64(), line.as_ref()));
+        let line = format!("{:>8.3} {}", t.as_secs_f64(), line.as_ref());
+        // HERD_SIM_TRACE_LIVE=1 prints each line as it happens (a run that panics prints no trace).
+        if *LIVE.get_or_init(|| std::env::var_os("HERD_SIM_TRACE_LIVE").is_some()) {
+            eprintln!("{line}");
+        }
+        self.lock().trace.push(line);
     }
 
     pub fn len(&self) -> usize {
