@@ -155,6 +155,12 @@ fn a_restored_data_dir_is_refused_and_the_documented_recovery_works() {
         let info = c.node("c1").try_admin(&json!({"op": "node-info", "name": "c3"})).ok()?;
         (info["log_held"].as_u64()? >= target).then_some(())
     });
+    // ... and c3's log mark (written once a second) too.
+    wait_until("c3's log mark passes the copy", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(mark.join("log-mark")).ok()?;
+        let index: u64 = text.split_whitespace().find_map(|f| f.strip_prefix("index="))?.parse().ok()?;
+        (index >= target).then_some(())
+    });
     c.node("c3").terminate(Duration::from_secs(10));
     let put_back = |from: &Path, to: &Path| {
         std::fs::remove_dir_all(to).expect("remove");
