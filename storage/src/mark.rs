@@ -93,7 +93,8 @@ impl MarkStore for FileMark {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "log mark {}: not `cluster=<id> node=<id> index=<n>`: {:?}",
+                        "log mark {}: not `cluster=<id> node=<id> index=<n>`: {:?} (remove it only if this \
+                         node's data_dir is known to be the one it last ran with)",
                         self.path.display(),
                         text.trim()
                     ),
