@@ -195,6 +195,13 @@ pub(crate) fn remove_node(state: &mut State, at: At<'_>, name: &String) -> Resul
     if !assigned.is_empty() {
         return Err(ApplyError::Invalid(format!("{name} still has VMs ({}): move them first", assigned.join(", "))));
     }
+    // A fence under way may still send its power-off: the token names a decision on this
+    // record, which must stand until the fence is done or cancelled.
+    if node.fence.pending.is_some() {
+        return Err(ApplyError::Invalid(format!(
+            "a fence of {name} is under way: wait until it is done (or cancel it) before removing it"
+        )));
+    }
     // A move away from it waits for it to stop the VM; once removed it never will. Only a
     // fenced node (its power-off proved the VM off, as `FenceDone` assumes) lets them go.
     let fenced = node.daemon_state == DaemonState::Fenced;

@@ -261,8 +261,21 @@ fn removal_lets_moves_away_go_only_from_a_fenced_node() {
     assert!(err.to_string().contains("still moving away from c (m)"), "{err}");
     assert_eq!(s.vms["m"].migrating_from.as_deref(), Some("c"), "a refusal changes nothing");
     s.nodes.get_mut("c").expect("c").daemon_state = DaemonState::Fenced;
-    at(&mut s, 3, 200, Command::RemoveNode { name: "c".into() }).expect("remove fenced c");
+    at(&mut s, 5, 200, Command::RemoveNode { name: "c".into() }).expect("remove fenced c");
     assert_eq!(s.vms["m"].migrating_from, None, "the move no longer waits for c");
+}
+
+/// A node whose fence is under way is not removed: the executor's token names the decision
+/// on its record, which must stand until the fence is done or cancelled.
+#[test]
+fn a_node_with_a_fence_under_way_is_not_removed() {
+    let mut s = cluster();
+    s.vms.retain(|_, v| v.node != "a");
+    at(&mut s, 2, 100, decide(false)).expect("decided");
+    let err = at(&mut s, 3, 150, Command::RemoveNode { name: "a".into() }).expect_err("a fence under way");
+    assert!(err.to_string().contains("fence of a is under way"), "{err}");
+    at(&mut s, 4, 200, done(FenceOutcome::Fenced)).expect("done");
+    at(&mut s, 5, 300, Command::RemoveNode { name: "a".into() }).expect("removed once the fence is done");
 }
 
 /// `fence_action = reboot`: the power-on stays due after a confirmed fence until it is done, the
