@@ -244,7 +244,7 @@ fn ok_or(r: &Result<serde_json::Value, herd::admin::AdminError>) -> String {
 /// then the final reads once the driver has judged convergence.
 pub async fn finish(world: &World, history: &mut History) {
     for _ in 0..50 {
-        let (fenced, refused): (Vec<String>, Vec<String>) = {
+        let (fenced, refused, stranded): (Vec<String>, Vec<String>, Vec<String>) = {
             let w = world.lock();
             let refused: Vec<String> = w
                 .machines
@@ -254,10 +254,19 @@ pub async fn finish(world: &World, history: &mut History) {
                 .collect();
             let view = w.machines.iter().filter_map(|m| m.daemon.as_ref()).find_map(|d| d.node.member());
             match view {
-                None => (Vec::new(), Vec::new()),
+                None => (Vec::new(), Vec::new(), Vec::new()),
                 Some(m) => {
                     let g = m.view.read();
                     let present = |name: &String| g.state.nodes.values().any(|n| &n.name == name);
+                    // VMs left on a refused node (a stopped one is not recovered by its fence):
+                    // the operator moves them before the removal, as its refusal asks.
+                    let stranded = g
+                        .state
+                        .vms
+                        .values()
+                        .filter(|v| refused.contains(&v.node))
+                        .map(|v| v.spec.name.clone())
+                        .collect();
                     let fenced = g
                         .state
                         .nodes
@@ -266,13 +275,31 @@ pub async fn finish(world: &World, history: &mut History) {
                         .map(|n| n.name.clone())
                         .filter(|name| !refused.contains(name))
                         .collect();
-                    (fenced, refused.into_iter().filter(present).collect())
+                    (fenced, refused.into_iter().filter(present).collect(), stranded)
                 }
             }
         };
         // A refused node's way back begins with `herd node remove NAME --force`, which also
         // recovers its VMs (a move away from it no longer waits for it); the rest (empty its
         // data_dir, join again) is shown on real processes by the cluster test t32.
+        for vm in &stranded {
+            if let Some(i) = pick_up(world) {
+                let r = world
+                    .call(
+                        i,
+                        AdminRequest::VmMigrate {
+                            name: vm.clone(),
+                            to: None,
+                            live: false,
+                            permanent: true,
+                            unmigrate: false,
+                        },
+                        CALL_TIMEOUT,
+                    )
+                    .await;
+                world.trace(format!("client: move {vm} off a refused node: {}", ok_or(&r)));
+            }
+        }
         for name in &refused {
             if let Some(i) = pick_up(world) {
                 let r = world.call(i, AdminRequest::NodeRemove { name: name.clone(), force: true }, CALL_TIMEOUT).await;
