@@ -66,6 +66,23 @@ pub fn power_off(world: &World, i: usize) {
     world.trace(format!("bmc {name}: power off"));
 }
 
+/// Powers machine `i` on by hand, as its BMC's power-on does (the operator's `ipmitool chassis
+/// power on`); a machine that is on is left alone.
+pub fn power_on(world: &World, i: usize) {
+    let name = world.name(i);
+    let mut w = world.lock();
+    let m = &mut w.machines[i];
+    if m.powered {
+        return;
+    }
+    m.powered = true;
+    m.powered_off_at = None;
+    m.hv.power_on();
+    w.power_requests.push(PowerRequest::On(i));
+    drop(w);
+    world.trace(format!("operator: power {name} on"));
+}
+
 impl FenceAgent for SimBmc {
     fn call(&self, action: Action, deadline: Duration) -> BoxFuture<'_, Result<Power, FenceError>> {
         Box::pin(async move {

@@ -237,13 +237,29 @@ fn ok_or(r: &Result<serde_json::Value, herd::admin::AdminError>) -> String {
     }
 }
 
-/// After the faults: every fenced node made ready again (the operator's `herd node ready`) —
+/// The operator's calls after the faults: short, so that one waiting on a cluster without
+/// quorum does not hold the next step back.
+const OPERATOR_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// After the faults: a machine still off after 10 s switched on, every fenced node made ready again (the operator's `herd node ready`) —
 /// but a refused one (restored from an earlier copy), whose way back is remove + re-join,
 /// shown on real processes by the cluster test t32 —,
 /// every VM started again (a VM stopped by the client or failed gets its desired state back),
 /// then the final reads once the driver has judged convergence.
 pub async fn finish(world: &World, history: &mut History) {
-    for _ in 0..50 {
+    let began = now();
+    let mut switched_on = false;
+    // 25 s of the operator's time.
+    while now() - began < Duration::from_secs(25) {
+        // A fence cut short (its primary crashed between the power-off and the power-on) can
+        // leave a coordinator off with no quorum left to finish it: after 10 s the operator
+        // switches on whatever is still off.
+        if !switched_on && now() - began >= Duration::from_secs(10) {
+            switched_on = true;
+            for i in 0..world.len() {
+                crate::bmc::power_on(world, i);
+            }
+        }
         let (fenced, refused, stranded): (Vec<String>, Vec<String>, Vec<String>) = {
             let w = world.lock();
             let refused: Vec<String> = w
@@ -294,7 +310,7 @@ pub async fn finish(world: &World, history: &mut History) {
                             permanent: true,
                             unmigrate: false,
                         },
-                        CALL_TIMEOUT,
+                        OPERATOR_TIMEOUT,
                     )
                     .await;
                 world.trace(format!("client: move {vm} off a refused node: {}", ok_or(&r)));
@@ -302,7 +318,8 @@ pub async fn finish(world: &World, history: &mut History) {
         }
         for name in &refused {
             if let Some(i) = pick_up(world) {
-                let r = world.call(i, AdminRequest::NodeRemove { name: name.clone(), force: true }, CALL_TIMEOUT).await;
+                let r =
+                    world.call(i, AdminRequest::NodeRemove { name: name.clone(), force: true }, OPERATOR_TIMEOUT).await;
                 world.trace(format!("client: remove refused {name}: {}", ok_or(&r)));
             }
         }
@@ -312,7 +329,7 @@ pub async fn finish(world: &World, history: &mut History) {
         for name in fenced {
             if let Some(i) = pick_up(world) {
                 let r = world
-                    .call(i, AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: false }, CALL_TIMEOUT)
+                    .call(i, AdminRequest::NodeFlush { name: name.clone(), ready: true, wait: false }, OPERATOR_TIMEOUT)
                     .await;
                 world.trace(format!("client: ready {name}: {}", ok_or(&r)));
             }
