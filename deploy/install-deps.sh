@@ -8,8 +8,9 @@ set -euo pipefail
 # libvirt-daemon: libvirtd, one per node in the cluster test that checks each node's own libvirt.
 # openipmi: ipmi_sim, the simulated BMC of the fencing tests and the demo; ipmitool: checks that
 # herd leaves a BMC usable by other clients; fence-agents: fence_ipmilan, driven by herd's external
-# agent in the tests.
-PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon openipmi ipmitool fence-agents)
+# agent in the tests. qemu-system-x86 + libvirt-daemon-driver-qemu: real guests (one qemu libvirtd per
+# node) in the real-guest cluster tests and the demo.
+PACKAGES=(gcc libc6-dev pkg-config iproute2 iputils-arping libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 openipmi ipmitool fence-agents)
 # `--bench` adds what `make bench` needs: etcd (the side-by-side write benchmark) and protoc with
 # the protobuf well-known types (the etcd-client crate compiles etcd's protos).
 if [ "${1:-}" = --bench ]; then

@@ -306,10 +306,11 @@ fn primary_settings(config: &Config) -> primary::Settings {
 fn reconciler(config: &Config, hypervisor: Arc<dyn crate::hypervisor::Hypervisor>) -> Arc<Reconciler> {
     let timeout = Duration::from_millis(config.hypervisor.shutdown_timeout_ms);
     let migration = Duration::from_millis(config.hypervisor.migration_timeout_ms);
-    Arc::new(
-        Reconciler::new(config.name.clone(), hypervisor, timeout)
-            .with_migration(&config.hypervisor.migrate_uri, migration),
-    )
+    Arc::new(Reconciler::new(config.name.clone(), hypervisor, timeout).with_migration(
+        &config.hypervisor.migrate_uri,
+        config.hypervisor.parallel_migrations,
+        migration,
+    ))
 }
 
 fn fence_settings(config: &Config) -> crate::fence::manager::Settings {

@@ -47,6 +47,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Pulls the plug.
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
     fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    /// Asks the hypervisor to abort the job (a live migration) running on domain `name`.
+    fn abort_job<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
     /// Live-migrates a running domain to the hypervisor at `dest_uri` (peer to peer, persistent
     /// there, undefined here). On `Ok` it runs there and no longer here; on `Refused` it still
     /// runs here; `Unavailable` (e.g. past `deadline`) means the outcome is unknown.

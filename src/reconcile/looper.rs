@@ -1,5 +1,5 @@
-//! The node's reconcile loop: a round on every applied change (a local watch) and every
-//! interval; the round's reports go through Raft.
+//! The node's reconcile loop: a round on every applied change (a local watch), every landed
+//! live migration and every interval; the round's reports go through Raft.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -61,7 +61,14 @@ impl Looper {
             let mut applied = member.view.subscribe();
             let running = self.once().await;
             self.vms_running.store(running.unwrap_or(0), Ordering::Release);
-            let _ = tokio::time::timeout(self.interval, applied.changed()).await;
+            let landing = self.reconciler.migrations.landing.clone();
+            let _ = tokio::time::timeout(self.interval, async {
+                tokio::select! {
+                    _ = applied.changed() => {}
+                    () = landing.notified() => {}
+                }
+            })
+            .await;
             if self.node.is_removed() {
                 return;
             }

@@ -15,11 +15,13 @@
 //! ```text
 //!   plan.rs        pure: the actions and reports of one round
 //!   reconciler.rs  executes a plan against the hypervisor (libvirt or its in-memory twin)
+//!   migrations.rs  live migrations away from here, each on a task of its own, bounded
 //!   looper.rs      the node's loop: a round on every applied change and every interval
 //!   xml.rs         what `vm define` reads from a domain XML
 //! ```
 
 mod looper;
+mod migrations;
 mod plan;
 mod reconciler;
 mod xml;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use herd_storage::model::{ActualState, ClusterMeta, Command, VmRecord, VmState};
 use tokio::time::Instant;
 
+use super::migrations::Migrations;
 use super::plan::{live_policy, plan, Action, Memory, Round};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
@@ -21,8 +22,8 @@ pub struct Reconciler {
     started: Instant,
     /// Live-migration target URI, `{node}` replaced by the target's name.
     pub migrate_uri: String,
-    /// Deadline of one live migration.
-    pub migration_timeout: Duration,
+    /// Live migrations away from here, each on a task of its own.
+    pub migrations: Migrations,
 }
 
 /// What one executed round produced, for the caller to write through Raft.
@@ -43,48 +44,69 @@ impl Reconciler {
             unmanaged: Mutex::new(Vec::new()),
             started: Instant::now(),
             migrate_uri: "qemu+tcp://{node}/system".into(),
-            migration_timeout: Duration::from_secs(120),
+            migrations: Migrations::new(2, Duration::from_secs(120)),
         }
     }
 
-    /// Where and how long live migrations go (`[hypervisor] migrate_uri`, `migration_timeout_ms`).
-    pub fn with_migration(mut self, migrate_uri: &str, timeout: Duration) -> Reconciler {
+    /// Where live migrations go, how many at once and how long before an abort is asked
+    /// (`[hypervisor] migrate_uri`, `parallel_migrations`, `migration_timeout_ms`).
+    pub fn with_migration(mut self, migrate_uri: &str, parallel: usize, timeout: Duration) -> Reconciler {
         self.migrate_uri = migrate_uri.to_string();
-        self.migration_timeout = timeout;
+        self.migrations = Migrations::new(parallel, timeout);
         self
     }
 
-    /// A live migration was tried: on success the VM is gone from here (the round releases it);
-    /// refused, it shuts down instead where its policy allows, else the move is aborted through
-    /// Raft; an unknown outcome (deadline, libvirt gone) is left for the next rounds to see.
-    async fn migrate_live(&self, vm: &VmRecord, to: &str, now_ms: u64, commands: &mut Vec<Command>) {
-        let name = vm.spec.name.as_str();
-        let uri = self.migrate_uri.replace("{node}", to);
-        match self.hypervisor.migrate_live(name, &uri, self.migration_timeout).await {
-            Ok(()) => tracing::info!(vm = %name, "hypervisor: live-migrated to {to} ({uri})"),
-            Err(e @ HypervisorError::Unavailable(_)) => {
-                tracing::warn!(vm = %name, "live migration to {to}: outcome unknown: {e}")
-            }
-            Err(e) => {
-                let (_, fallback) = live_policy(vm);
-                if fallback {
-                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): shutting it down instead");
-                    {
-                        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-                        m.live_failed.insert(name.to_string());
-                        m.shutdown_asked.insert(name.to_string(), now_ms);
-                    }
-                    if let Err(e) = self.hypervisor.shutdown(name).await {
-                        tracing::warn!(vm = %name, "{e}");
-                    }
-                } else {
-                    tracing::warn!(vm = %name, "live migration to {to} refused ({e}): the move is aborted");
-                    commands.push(Command::AbortMigration {
-                        name: name.to_string(),
-                        node: self.me.clone(),
-                        reason: e.to_string(),
-                    });
+    /// Reads the live migrations that landed since the last round. Done: the VM is gone from
+    /// here (the round releases it). Refused or aborted: it shuts down instead where its policy
+    /// allows, else the move is aborted through Raft. Outcome unknown (libvirt's call gave no
+    /// answer): tried again while the VM still runs here and still moves away.
+    async fn land(&self, vms: &BTreeMap<String, VmRecord>, now_ms: u64, commands: &mut Vec<Command>) {
+        for l in self.migrations.landed() {
+            let (name, to, ms) = (l.vm.as_str(), l.to.as_str(), l.took.as_millis());
+            let e = match l.result {
+                Ok(()) => {
+                    tracing::info!(vm = %name, "hypervisor: live-migrated to {to} in {ms} ms");
+                    continue;
                 }
+                Err(e @ HypervisorError::Unavailable(_)) => {
+                    tracing::warn!(vm = %name, "live migration to {to}: outcome unknown after {ms} ms: {e}");
+                    self.memory.lock().unwrap_or_else(|p| p.into_inner()).live_tried.remove(name);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let Some(vm) = vms.get(name).filter(|v| v.node != self.me && v.migrating_from.as_ref() == Some(&self.me))
+            else {
+                continue;
+            };
+            let reason = if l.aborted {
+                format!("live migration to {to} not done within migration_timeout_ms, aborted after {ms} ms: {e}")
+            } else {
+                e.to_string()
+            };
+            if live_policy(vm).1 {
+                tracing::warn!(vm = %name, "live migration to {to} failed ({reason}): shutting it down instead");
+                {
+                    let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                    m.live_failed.insert(name.to_string());
+                    m.shutdown_asked.insert(name.to_string(), now_ms);
+                }
+                if let Err(e) = self.hypervisor.shutdown(name).await {
+                    tracing::warn!(vm = %name, "{e}");
+                }
+            } else {
+                tracing::warn!(vm = %name, "live migration to {to} failed ({reason}): the move is aborted");
+                commands.push(Command::AbortMigration { name: name.to_string(), node: self.me.clone(), reason });
+            }
+        }
+        for (vm, to, took) in self.migrations.overdue() {
+            tracing::warn!(
+                vm = %vm,
+                "live migration to {to} not done after {} ms: asking libvirt to abort it",
+                took.as_millis()
+            );
+            if let Err(e) = self.hypervisor.abort_job(&vm).await {
+                tracing::warn!(vm = %vm, "abort of the live migration to {to}: {e}");
             }
         }
     }
@@ -100,8 +122,10 @@ impl Reconciler {
         meta: Option<&ClusterMeta>,
         can_start: bool,
     ) -> Result<Outcome, HypervisorError> {
-        let domains = self.hypervisor.list().await?;
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut commands = Vec::new();
+        self.land(vms, now_ms, &mut commands).await;
+        let domains = self.hypervisor.list().await?;
         let timeout_ms = u64::try_from(self.shutdown_timeout.as_millis()).unwrap_or(u64::MAX);
         let p = {
             let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
@@ -110,12 +134,15 @@ impl Reconciler {
         };
         *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
-        let mut commands = Vec::new();
         for a in &p.actions {
             let (vm, r) = match a {
                 Action::MigrateLive { vm, to } => {
-                    if let Some(record) = vms.get(vm) {
-                        self.migrate_live(record, to, now_ms, &mut commands).await;
+                    let uri = self.migrate_uri.replace("{node}", to);
+                    if self.migrations.launch(self.hypervisor.clone(), vm, to, uri.clone()) {
+                        tracing::info!(vm = %vm, "hypervisor: live migration to {to} ({uri}) started");
+                    } else {
+                        // parallel_migrations in the air: the next round tries again.
+                        self.memory.lock().unwrap_or_else(|p| p.into_inner()).live_tried.remove(vm);
                     }
                     continue;
                 }

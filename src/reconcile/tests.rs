@@ -248,6 +248,11 @@ fn the_migration_method_decides_live_and_fallback() {
     assert_eq!(actions(VmState::Unmigrate, MigrationMethod::None, true), shut, "none: falls back");
 }
 
+/// Waits (bounded) until a live migration of `r` landed.
+async fn landed(r: &Reconciler) {
+    tokio::time::timeout(Duration::from_secs(5), r.migrations.landing.notified()).await.expect("a flight landed");
+}
+
 #[tokio::test]
 async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
     use crate::hypervisor::memory::MemoryHypervisor;
@@ -258,8 +263,12 @@ async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
     let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
     let mut forced = vm("a", "target", VmState::MigrateLive, ActualState::Unknown);
     forced.migrating_from = Some("source".into());
-    // Live only: refused (the memory hypervisor, like the test driver, has no migration),
-    // the move is aborted through Raft and the domain keeps running here.
+    // Live only: launched on a task of its own (the round does not wait for it); refused
+    // (the memory hypervisor, like the test driver, has no migration), the next round aborts
+    // the move through Raft and the domain keeps running here.
+    let out = r.round(&vms(vec![forced.clone()]), None, true).await.expect("round");
+    assert!(out.commands.is_empty(), "{:?}", out.commands);
+    landed(&r).await;
     let out = r.round(&vms(vec![forced.clone()]), None, true).await.expect("round");
     assert!(
         matches!(out.commands.as_slice(), [Command::AbortMigration { name, node, .. }] if name == "a" && node == "source"),
@@ -272,6 +281,8 @@ async fn a_refused_live_migration_aborts_or_falls_back_by_policy() {
     let mut fallback = forced;
     fallback.state = VmState::Migrate;
     let r = Reconciler::new("source".into(), Arc::new(hv.clone()), Duration::from_secs(60));
+    r.round(&vms(vec![fallback.clone()]), None, true).await.expect("round");
+    landed(&r).await;
     let out = r.round(&vms(vec![fallback]), None, true).await.expect("round");
     assert!(
         matches!(out.commands.as_slice(), [Command::ReleaseVm { name, node }] if name == "a" && node == "source"),

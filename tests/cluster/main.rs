@@ -8,13 +8,14 @@
 //! shutdown, maintenance), t90 fencing: the IPMI agent against a live `ipmi_sim`, then fencing and recovery
 //! in namespaces with a simulated BMC and a libvirtd per node (root only); t92-t95 the fence
 //! under a primary restart, the init race, auto_ready, and an executor deposed mid-fence; t96
-//! real-time scheduling and a busy host.
+//! real-time scheduling and a busy host; t97 real QEMU guests, one qemu libvirtd per node (root).
 
 mod bmc;
 mod fencelab;
 mod harness;
 mod libvirtd;
 mod netns;
+mod qemud;
 mod t10_config;
 mod t15_service;
 mod t17_admin_access;
@@ -37,3 +38,4 @@ mod t93_init_race;
 mod t94_auto_ready;
 mod t95_deposed_executor;
 mod t96_busy_host;
+mod t97_real_guests;

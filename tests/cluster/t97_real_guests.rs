@@ -1,0 +1,268 @@
+//! Real guests (issue 20): 3 coordinators + 2 hypervisors in network namespaces, each node with
+//! its own qemu libvirtd (`qemud.rs`) and its own `ipmi_sim`, herd's `[hypervisor] uri` and
+//! `migrate_uri` pointing at them as on real hosts. A sampler reads every node's libvirt all
+//! along: no guest may run on two hosts. In one run, in order:
+//! (a) `vm migrate g1 --to hv2 --force-live`: the same guest runs on hv2 (its qemu there was
+//!     started as a migration target, `-incoming`; the source's qemu is gone);
+//! (b) g1's qemu killed on hv2: restarted by hv2 within `reconcile_interval_ms` + 2 s;
+//! (c) `vm migrate g1 --to hv1` with method `shutdown`: the guest ignores the ACPI request
+//!     (it sits in SeaBIOS) and is destroyed after `shutdown_timeout_ms`, then runs on hv1;
+//! (d) `node flush hv1 --wait` with 4 guests (`parallel_migrations` = 2) moves them all live,
+//!     `node ready hv1 --wait` brings them back (live again);
+//! (f) a live move to a destination whose libvirtd is frozen past `migration_timeout_ms`: the
+//!     source restarts its other guest meanwhile; after the thaw the guest runs exactly once
+//!     and the record says where;
+//! (e) hv1 hangs: fenced through its BMC (the power-off kills its herd, libvirtd and qemus),
+//!     its guests running elsewhere within 4 s of the fence.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::bmc::{self, Bmc};
+use crate::fencelab::{self, events, vms};
+use crate::harness::{wait_until, Cluster};
+use crate::libvirtd::{Domains, DoubleSampler};
+use crate::netns::{self, Topology};
+use crate::qemud::{self, Qemud};
+
+const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
+const NAMES: [&str; 5] = ["c1", "c2", "c3", "hv1", "hv2"];
+const RECONCILE_MS: u64 = 500;
+
+fn idx(name: &str) -> usize {
+    NAMES.iter().position(|n| *n == name).expect("known node")
+}
+
+/// Where each guest runs, by each node's own libvirt.
+fn observed(hosts: &[Arc<Qemud>]) -> BTreeMap<String, Vec<&'static str>> {
+    let mut out: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
+    for (i, h) in hosts.iter().enumerate() {
+        for (name, _) in h.running() {
+            out.entry(name).or_default().push(NAMES[i]);
+        }
+    }
+    out
+}
+
+/// `name` runs on `node` alone, and the cluster's record says so.
+fn runs_only_on(c: &mut Cluster, hosts: &[Arc<Qemud>], name: &str, node: &str) -> bool {
+    let seen = observed(hosts);
+    let record = vms(c.node("c1")).into_iter().find(|v| v["name"] == name);
+    seen.get(name).is_some_and(|on| on == &vec![node])
+        && record.is_some_and(|v| v["node"] == node && v["actual"] == "running")
+}
+
+fn ok(out: &std::process::Output, what: &str) -> String {
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{what}: {said}{}", String::from_utf8_lossy(&out.stderr));
+    said
+}
+
+fn node_config(topo: &Topology, k: usize, b: &Bmc, uri: &str) -> String {
+    format!(
+        "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
+         [hypervisor]\nuri = \"{uri}\"\nmigrate_uri = \"qemu+tcp://{{node}}/system\"\n\
+         shutdown_timeout_ms = 3000\nreconcile_interval_ms = {RECONCILE_MS}\n\
+         parallel_migrations = 2\nmigration_timeout_ms = 15000\n\
+         [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\n\
+         [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
+        topo.addr(k + 1, 0),
+        topo.addr(k + 1, 1),
+        b.addr,
+        bmc::USER,
+        b.password_file().display()
+    )
+}
+
+fn define(c: &mut Cluster, name: &str, tail: u64, args: &[&str]) {
+    let path = c.node("c2").dir.join(format!("{name}.xml"));
+    std::fs::write(&path, qemud::guest_xml(name, 0x97_0000 + tail)).expect("xml");
+    let mut all = vec!["vm", "define", path.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    ok(&c.node("c2").cli(&all), &format!("define {name}"));
+}
+
+/// The qemu of `name` on `host` was started as a migration target (not booted afresh).
+fn incoming(host: &Qemud, name: &str) -> bool {
+    host.qemu_pid(name)
+        .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+        .is_some_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == "-incoming"))
+}
+
+#[test]
+fn real_guests_in_namespaces() {
+    let test = "real_guests_in_namespaces";
+    if !netns::available(test) || !qemud::available(test) || !bmc::available(test) {
+        return;
+    }
+    // Declared first, dropped last: processes die before their namespaces go.
+    let topo = Topology::new("qm", NAMES.len(), &NETS);
+    let mut c = fencelab::cluster_on(&topo, &NAMES);
+    let etc_hosts: Vec<(String, String)> =
+        NAMES.iter().enumerate().map(|(k, n)| (n.to_string(), topo.addr(k + 1, 0))).collect();
+    let mut bmcs: Vec<Bmc> = Vec::new();
+    let mut hosts: Vec<Arc<Qemud>> = Vec::new();
+    for (k, name) in NAMES.iter().enumerate() {
+        let (i, dir) = (k + 1, c.node(name).dir.clone());
+        bmcs.push(Bmc::start(&dir.join("bmc"), &topo.addr(i, 2), 623, Some(&topo.ns(i))));
+        hosts.push(Arc::new(Qemud::start(&dir.join("qemud"), &topo.ns(i), &topo.addr(i, 0), i, &etc_hosts)));
+    }
+    for (k, name) in NAMES.iter().enumerate() {
+        let config = node_config(&topo, k, &bmcs[k], &hosts[k].uri());
+        let node = c.node(name);
+        node.netns = Some(topo.ns(k + 1));
+        node.extra_config.push_str(&config);
+        node.start();
+        bmcs[k].kill_on_power_off("herd", node.child.as_ref().expect("running").id());
+        bmcs[k].kill_on_power_off("libvirtd", hosts[k].pid());
+    }
+    let sampler = DoubleSampler::start(hosts.clone());
+    fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
+
+    // (a) A live move by request: the same guest, now on hv2.
+    define(&mut c, "g1", 1, &["--node", "hv1"]);
+    wait_until("g1 running on hv1", Duration::from_secs(30), || {
+        runs_only_on(&mut c, &hosts, "g1", "hv1").then_some(())
+    });
+    let src_pid = hosts[idx("hv1")].qemu_pid("g1").expect("g1's qemu on hv1");
+    let t0 = Instant::now();
+    ok(&c.node("c1").cli(&["vm", "migrate", "g1", "--to", "hv2", "--force-live"]), "migrate --force-live");
+    wait_until("g1 running on hv2", Duration::from_secs(30), || {
+        runs_only_on(&mut c, &hosts, "g1", "hv2").then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(incoming(&hosts[idx("hv2")], "g1"), "g1's qemu on hv2 was started as a migration target");
+    assert!(!std::path::Path::new(&format!("/proc/{src_pid}")).exists(), "g1's qemu on hv1 is gone");
+    eprintln!("(a) vm migrate g1 --to hv2 --force-live: the same guest runs on hv2 after {} ms", took.as_millis());
+
+    // (b) Its qemu killed: hv2 starts it again.
+    let pid = hosts[idx("hv2")].qemu_pid("g1").expect("g1's qemu on hv2");
+    let t0 = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill qemu");
+    let again = wait_until("g1 restarted on hv2", Duration::from_secs(20), || {
+        hosts[idx("hv2")].qemu_pid("g1").filter(|p| *p != pid)
+    });
+    let took = t0.elapsed();
+    assert!(!incoming(&hosts[idx("hv2")], "g1"), "restarted afresh (pid {again})");
+    assert!(took < Duration::from_millis(RECONCILE_MS + 2000), "restarted after {took:?}");
+    eprintln!("(b) g1's qemu killed on hv2: running again after {} ms", took.as_millis());
+
+    // (c) A shutdown migration of a guest that ignores ACPI: destroyed after the timeout.
+    define(&mut c, "g2", 2, &["--node", "hv2", "--method", "shutdown"]);
+    wait_until("g2 running on hv2", Duration::from_secs(30), || {
+        runs_only_on(&mut c, &hosts, "g2", "hv2").then_some(())
+    });
+    let t0 = Instant::now();
+    ok(&c.node("c1").cli(&["vm", "migrate", "g2", "--to", "hv1"]), "migrate g2 (shutdown)");
+    wait_until("g2 running on hv1", Duration::from_secs(30), || {
+        runs_only_on(&mut c, &hosts, "g2", "hv1").then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(3000), "destroyed only after shutdown_timeout_ms: {took:?}");
+    assert!(!incoming(&hosts[idx("hv1")], "g2"), "a shutdown migration boots it afresh");
+    eprintln!(
+        "(c) shutdown migration of a guest ignoring ACPI: destroyed after the timeout, on hv1 after {} ms",
+        took.as_millis()
+    );
+    ok(&c.node("c1").cli(&["vm", "stop", "g2"]), "stop g2");
+    wait_until("g2 stopped", Duration::from_secs(20), || (!observed(&hosts).contains_key("g2")).then_some(()));
+    ok(&c.node("c1").cli(&["vm", "undefine", "g2"]), "undefine g2");
+
+    // (d) A flush of 4 guests, two at a time, live; then back home, live again.
+    let four = ["g3", "g4", "g5", "g6"];
+    for (k, g) in four.iter().enumerate() {
+        define(&mut c, g, 3 + k as u64, &["--node", "hv1"]);
+    }
+    wait_until("4 guests running on hv1", Duration::from_secs(60), || {
+        four.iter().all(|g| runs_only_on(&mut c, &hosts, g, "hv1")).then_some(())
+    });
+    let t0 = Instant::now();
+    ok(&c.node("c1").cli(&["node", "flush", "hv1", "--wait"]), "flush hv1");
+    let flushed = t0.elapsed();
+    let seen = observed(&hosts);
+    for g in four {
+        let on = seen.get(g).cloned().unwrap_or_default();
+        assert!(on.len() == 1 && on[0] != "hv1", "{g} runs once, off hv1: {on:?}");
+        assert!(incoming(&hosts[idx(on[0])], g), "{g} moved live to {}", on[0]);
+    }
+    let t0 = Instant::now();
+    ok(&c.node("c1").cli(&["node", "ready", "hv1", "--wait"]), "ready hv1");
+    let readied = t0.elapsed();
+    wait_until("4 guests home on hv1", Duration::from_secs(30), || {
+        four.iter().all(|g| runs_only_on(&mut c, &hosts, g, "hv1")).then_some(())
+    });
+    for g in four {
+        assert!(incoming(&hosts[idx("hv1")], g), "{g} came home live");
+    }
+    eprintln!(
+        "(d) node flush hv1 --wait, 4 guests live: {} ms; node ready hv1 --wait, all 4 back live: {} ms",
+        flushed.as_millis(),
+        readied.as_millis()
+    );
+
+    // (f) A live move to a frozen destination (c3's libvirtd SIGSTOPped past the migration
+    // timeout): hv2 keeps reconciling its other guest meanwhile; afterwards g1 runs exactly
+    // once and the record says where.
+    define(&mut c, "g7", 7, &["--node", "hv2"]);
+    wait_until("g7 running on hv2", Duration::from_secs(30), || {
+        runs_only_on(&mut c, &hosts, "g7", "hv2").then_some(())
+    });
+    hosts[idx("c3")].freeze(true);
+    let t0 = Instant::now();
+    ok(&c.node("c1").cli(&["vm", "migrate", "g1", "--to", "c3", "--force-live"]), "migrate g1 to a frozen c3");
+    let pid = hosts[idx("hv2")].qemu_pid("g7").expect("g7's qemu");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill qemu");
+    let restarted = wait_until("g7 restarted on hv2 during the hung move", Duration::from_secs(10), || {
+        hosts[idx("hv2")].qemu_pid("g7").filter(|p| *p != pid).map(|_| t0.elapsed())
+    });
+    // Frozen past migration_timeout_ms (15 s): a window in which the move cannot finish.
+    std::thread::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed()));
+    hosts[idx("c3")].freeze(false);
+    let (on, record) = wait_until("g1 settled after the thaw", Duration::from_secs(60), || {
+        let seen = observed(&hosts).get("g1").cloned().unwrap_or_default();
+        let v = vms(c.node("c1")).into_iter().find(|v| v["name"] == "g1")?;
+        (seen.len() == 1 && v["node"] == seen[0] && v["migrating_from"].is_null()).then(|| (seen[0], v))
+    });
+    eprintln!(
+        "(f) move to a frozen destination: g7 restarted on the source meanwhile ({} ms); after the thaw g1 runs on {on} only \
+         and the record agrees (state {}, reason {})",
+        restarted.as_millis(),
+        record["state"],
+        record["failure_reason"]
+    );
+
+    // (e) hv1 hangs: fenced through its BMC (which kills its qemus with it), its guests run
+    // elsewhere.
+    let b = &bmcs[idx("hv1")];
+    for g in four {
+        let pid = hosts[idx("hv1")].qemu_pid(g).expect("qemu on hv1");
+        b.kill_on_power_off(&format!("qemu-{g}"), u32::try_from(pid).expect("pid"));
+    }
+    let t0 = Instant::now();
+    fencelab::signal(c.node("hv1"), nix::sys::signal::Signal::SIGSTOP);
+    let fenced_at = wait_until("hv1 fenced", Duration::from_secs(30), || {
+        events(c.node("c1")).iter().any(|e| e["kind"] == "fenced" && e["node"] == "hv1").then(|| t0.elapsed())
+    });
+    wait_until("hv1's guests running elsewhere", Duration::from_secs(30), || {
+        let seen = observed(&hosts);
+        four.iter().all(|g| seen.get(*g).is_some_and(|on| on.len() == 1 && on[0] != "hv1")).then_some(())
+    });
+    let recovered = t0.elapsed();
+    assert!(b.chassis_log().contains("set power 0"), "the BMC powered hv1 off");
+    assert!(
+        recovered - fenced_at < Duration::from_secs(4),
+        "guests running elsewhere {:?} after the fence",
+        recovered - fenced_at
+    );
+    eprintln!(
+        "(e) hv1 hung: fenced after {} ms, its 4 guests running elsewhere after {} ms ({} ms after the fence)",
+        fenced_at.as_millis(),
+        recovered.as_millis(),
+        (recovered - fenced_at).as_millis()
+    );
+
+    let (samples, doubles) = sampler.finish();
+    assert!(doubles.is_empty(), "a guest ran on two hosts: {doubles:?}");
+    eprintln!("sampler: {samples} samples, no guest on two hosts");
+}
