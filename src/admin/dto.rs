@@ -255,6 +255,9 @@ pub struct VmDetail {
     selector: Option<Selector>,
     autostart: bool,
     migration_method: MigrationMethod,
+    /// Its last move: from, to, when, and once it ran there how (live or by shutdown), how
+    /// long it took and, live, the guest's downtime.
+    last_move: Option<herd_storage::model::LastMove>,
     revision: u64,
 }
 
@@ -269,6 +272,7 @@ impl VmDetail {
             selector: vm.spec.selector,
             autostart: vm.spec.autostart,
             migration_method: vm.spec.migration_method,
+            last_move: vm.last_move.clone(),
             revision: vm.revision,
         }
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herd_storage::model::ActualState;
+use herd_storage::model::{ActualState, Arrival};
 use virt::connect::Connect;
 use virt::domain::DomainState;
 use virt::enumutil::Enum;
@@ -135,6 +135,26 @@ impl Hypervisor for Libvirt {
         Box::pin(self.on_domain("undefine", name, |d| d.undefine().map(|_| ())))
     }
 
+    /// `virDomainGetJobStats(COMPLETED)`: an incoming migration's statistics, kept by the
+    /// destination after it completed. Read through [`completed_job`], not `virt`'s
+    /// `job_stats` (it builds a `Vec` from libvirt's pointer, null when there are no
+    /// statistics: a precondition failure that aborts the process, seen live).
+    fn arrival<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Arrival>, HypervisorError>> {
+        let (conn, owned) = (self.conn.clone(), name.to_string());
+        Box::pin(async move {
+            boundary::run(crate::boundary::Library::Libvirt, "libvirt job stats", CALL_TIMEOUT, move || {
+                let dom = conn.lookup_domain_by_name(&owned)?;
+                let job = completed_job(&dom)?;
+                let incoming = job.kind == virt::sys::VIR_DOMAIN_JOB_COMPLETED as i32
+                    && job.operation == Some(virt::sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN as i32);
+                Ok(incoming.then_some(Arrival { live: true, downtime_ms: job.downtime_ms, job_ms: job.elapsed_ms }))
+            })
+            .await
+            .map_err(bounded)?
+            .map_err(|e| refused("job stats", name, e))
+        })
+    }
+
     /// `virDomainAbortJob`, which the `virt` crate does not wrap: the one `unsafe` call of
     /// this module, on a domain handle the closure owns, behind the panic boundary.
     #[allow(unsafe_code)]
@@ -177,6 +197,54 @@ impl Hypervisor for Libvirt {
     }
 }
 
+/// What herd reads of a domain's last completed job.
+struct CompletedJob {
+    kind: i32,
+    operation: Option<i32>,
+    downtime_ms: Option<u64>,
+    elapsed_ms: Option<u64>,
+}
+
+/// The last completed job of `dom`, through libvirt's own typed-parameter accessors;
+/// libvirt's array is freed by libvirt.
+#[allow(unsafe_code)]
+fn completed_job(dom: &virt::domain::Domain) -> Result<CompletedJob, virt::error::Error> {
+    use std::os::raw::{c_int, c_ulonglong};
+    let mut kind: c_int = 0;
+    let mut params: virt::sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: c_int = 0;
+    // SAFETY: `dom` is a live handle; libvirt allocates `params` (or leaves it null with n = 0)
+    // and reports a failure through its thread-local last error.
+    let r = unsafe {
+        virt::sys::virDomainGetJobStats(
+            dom.as_ptr(),
+            &mut kind,
+            &mut params,
+            &mut n,
+            virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED,
+        )
+    };
+    if r < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let (mut operation, mut downtime, mut elapsed): (c_int, c_ulonglong, c_ulonglong) = (0, 0, 0);
+    // SAFETY: `params`/`n` are what libvirt returned (null with 0 is accepted: the getters
+    // find nothing); the names are NUL-terminated literals; the array is freed once, here.
+    let (has_op, has_downtime, has_elapsed) = unsafe {
+        let op = virt::sys::virTypedParamsGetInt(params, n, c"operation".as_ptr(), &mut operation);
+        let dt = virt::sys::virTypedParamsGetULLong(params, n, c"downtime".as_ptr(), &mut downtime);
+        let el = virt::sys::virTypedParamsGetULLong(params, n, c"time_elapsed".as_ptr(), &mut elapsed);
+        virt::sys::virTypedParamsFree(params, n);
+        (op == 1, dt == 1, el == 1)
+    };
+    Ok(CompletedJob {
+        kind,
+        operation: has_op.then_some(operation),
+        downtime_ms: has_downtime.then_some(downtime),
+        elapsed_ms: has_elapsed.then_some(elapsed),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +270,9 @@ mod tests {
         lv.start("vm1").await.expect("start");
         let running = lv.list().await.expect("list");
         assert_eq!(running[0].state, ActualState::Running);
+        // A domain started here has no incoming migration (no statistics: libvirt's array is
+        // null — `virt`'s own reader aborted the process on that).
+        assert!(matches!(lv.arrival("vm1").await, Ok(None) | Err(HypervisorError::Refused { .. })));
         assert!(running[0].id.is_some());
         lv.shutdown("vm1").await.expect("shutdown");
         assert_eq!(lv.list().await.expect("list")[0].state, ActualState::Shutoff);

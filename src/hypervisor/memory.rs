@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
-use herd_storage::model::ActualState;
+use herd_storage::model::{ActualState, Arrival};
 
 use super::{Domain, Hypervisor, HypervisorError};
 
@@ -146,6 +146,12 @@ impl Hypervisor for MemoryHypervisor {
     }
 
     /// Like libvirt's test driver: no migration.
+    /// The memory hypervisor has no migration: nothing arrives live.
+    fn arrival<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Arrival>, HypervisorError>> {
+        let r = self.with(name, |_, _| Ok(None));
+        Box::pin(async move { r })
+    }
+
     fn abort_job<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>> {
         let r = self.with(name, |_, _| Ok(()));
         Box::pin(async move { r })

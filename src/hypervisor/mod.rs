@@ -11,7 +11,7 @@ pub mod memory;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herd_storage::model::ActualState;
+use herd_storage::model::{ActualState, Arrival};
 use serde::Serialize;
 
 /// A domain as the hypervisor reports it.
@@ -47,6 +47,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Pulls the plug.
     fn destroy<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
     fn undefine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
+    /// Whether domain `name` arrived here by a live migration that completed (libvirt's
+    /// statistics of its last completed job: an incoming migration, with its downtime); `None`
+    /// when it was started here or the hypervisor keeps no such statistics.
+    fn arrival<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Arrival>, HypervisorError>>;
     /// Asks the hypervisor to abort the job (a live migration) running on domain `name`.
     fn abort_job<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HypervisorError>>;
     /// Live-migrates a running domain to the hypervisor at `dest_uri` (peer to peer, persistent

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herd_storage::model::{ActualState, ClusterMeta, Command, VmRecord, VmState};
+use herd_storage::model::{ActualState, Arrival, ClusterMeta, Command, VmRecord, VmState};
 use tokio::time::Instant;
 
 use super::migrations::Migrations;
@@ -111,6 +111,19 @@ impl Reconciler {
         }
     }
 
+    /// How a VM that finished a move here arrived: live (libvirt's incoming migration, with
+    /// its downtime) or started here.
+    async fn arrival(&self, name: &str) -> Arrival {
+        match self.hypervisor.arrival(name).await {
+            Ok(Some(a)) => a,
+            Ok(None) => Arrival { live: false, downtime_ms: None, job_ms: None },
+            Err(e) => {
+                tracing::debug!(vm = %name, "how it arrived: {e}");
+                Arrival { live: false, downtime_ms: None, job_ms: None }
+            }
+        }
+    }
+
     pub fn unmanaged(&self) -> Vec<String> {
         self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -182,11 +195,14 @@ impl Reconciler {
                     | (VmState::Shutdown, ActualState::Shutoff | ActualState::Missing)
             );
             if observed != vm.actual || failure.is_some() || finished {
+                let moved =
+                    if finished && vm.state != VmState::Restart { Some(self.arrival(name).await) } else { None };
                 commands.push(Command::ReportVm {
                     name: name.clone(),
                     node: self.me.clone(),
                     actual: observed,
                     failure,
+                    moved,
                 });
             }
         }

@@ -9,6 +9,7 @@ use crate::hypervisor::{Domain, Hypervisor};
 
 fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
     VmRecord {
+        last_move: None,
         spec: VmSpec {
             uuid: "00000000-0000-0000-0000-000000000001".into(),
             name: name.into(),

@@ -151,7 +151,28 @@ fn real_guests_in_namespaces() {
     wait_until("g1's qemu on hv1 gone", Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{src_pid}")).exists()).then_some(())
     });
-    eprintln!("(a) vm migrate g1 --to hv2 --force-live: the same guest runs on hv2 after {} ms", took.as_millis());
+    let m = wait_until("g1's move recorded", Duration::from_secs(10), || {
+        let info = c.node("c2").try_admin(&serde_json::json!({"op": "vm-info", "name": "g1"})).ok()?;
+        let m = info["last_move"].clone();
+        (m["ended_ms"].is_u64()).then_some(m)
+    });
+    assert_eq!(
+        (m["from"].as_str(), m["to"].as_str(), m["live"].as_bool()),
+        (Some("hv1"), Some("hv2"), Some(true)),
+        "{m}"
+    );
+    let downtime = m["downtime_ms"].as_u64().expect("libvirt's downtime");
+    let record_ms = m["ended_ms"].as_u64().unwrap_or(0) - m["began_ms"].as_u64().unwrap_or(0);
+    let job_ms = m["job_ms"].as_u64().expect("libvirt's job time");
+    assert!(
+        events(c.node("c1")).iter().any(|e| e["kind"] == "vm-moved"
+            && e["message"].as_str().is_some_and(|t| t.starts_with("g1 moved live hv1 -> hv2"))),
+        "a vm-moved event says it went live"
+    );
+    eprintln!(
+        "(a) vm migrate g1 --to hv2 --force-live: the same guest runs on hv2 after {} ms; recorded: live, {record_ms} ms from the command to the report, libvirt's job {job_ms} ms, downtime {downtime} ms",
+        took.as_millis()
+    );
 
     // (b) Its qemu killed: hv2 starts it again.
     let pid = hosts[idx("hv2")].qemu_pid("g1").expect("g1's qemu on hv2");
@@ -178,6 +199,12 @@ fn real_guests_in_namespaces() {
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(3000), "destroyed only after shutdown_timeout_ms: {took:?}");
     assert!(!incoming(&hosts[idx("hv1")], "g2"), "a shutdown migration boots it afresh");
+    let m = wait_until("g2's move recorded", Duration::from_secs(10), || {
+        let info = c.node("c2").try_admin(&serde_json::json!({"op": "vm-info", "name": "g2"})).ok()?;
+        let m = info["last_move"].clone();
+        (m["ended_ms"].is_u64()).then_some(m)
+    });
+    assert_eq!(m["live"].as_bool(), Some(false), "recorded as a move by shutdown: {m}");
     eprintln!(
         "(c) shutdown migration of a guest ignoring ACPI: destroyed after the timeout, on hv1 after {} ms",
         took.as_millis()

@@ -64,7 +64,9 @@ pub(crate) fn apply_vm_op(state: &mut State, index: u64, now: u64, op: &Op) -> R
         Command::ReleaseVm { name, node } => release_vm(state, at, name, node),
         Command::AbortMigration { name, node, reason } => abort_migration(state, at, name, node, reason),
         Command::UndefineVm { name } => undefine_vm(state, at, name),
-        Command::ReportVm { name, node, actual, failure } => report_vm(state, at, name, node, actual, failure),
+        Command::ReportVm { name, node, actual, failure, moved } => {
+            report_vm(state, at, name, node, actual, failure, moved)
+        }
         other => Err(ApplyError::Invalid(format!("{} is not a VM command", other.name()))),
     }
 }
@@ -82,6 +84,7 @@ fn define_vm(state: &mut State, at: At<'_>, spec: &VmSpec, node: &String) -> Res
         return Err(ApplyError::Invalid(format!("{node} is outside the VM's node_limit")));
     }
     let vm = VmRecord {
+        last_move: None,
         spec: spec.clone(),
         state: VmState::Start,
         node: node.clone(),
@@ -218,6 +221,15 @@ fn migrate_vm(
     }
     if vm.state.wants_running() || maybe_running {
         vm.migrating_from = Some(from.clone());
+        vm.last_move = Some(LastMove {
+            from: from.clone(),
+            to: to.clone(),
+            began_ms: now,
+            ended_ms: None,
+            live: None,
+            downtime_ms: None,
+            job_ms: None,
+        });
     }
     // What the old node reported says nothing about the new one.
     vm.actual = ActualState::Unknown;
@@ -290,6 +302,7 @@ fn report_vm(
     node: &String,
     actual: &ActualState,
     failure: &Option<String>,
+    moved: &Option<Arrival>,
 ) -> Result<Reply, ApplyError> {
     let At { index, now, op } = at;
     let vm = vm_mut(state, name, op)?;
@@ -316,6 +329,30 @@ fn report_vm(
     }
     let after = vm.state;
     vm.revision = index;
+    let arrived =
+        matches!(before, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate) && after == VmState::Start;
+    let finished = match vm.last_move.as_mut() {
+        Some(m) if arrived && m.to == *node && m.ended_ms.is_none() => {
+            m.ended_ms = Some(now);
+            m.live = Some(moved.is_some_and(|a| a.live));
+            m.downtime_ms = moved.and_then(|a| a.downtime_ms);
+            m.job_ms = moved.and_then(|a| a.job_ms);
+            Some(m.clone())
+        }
+        _ => None,
+    };
+    if let Some(m) = finished {
+        let took = now.saturating_sub(m.began_ms);
+        let job = m.job_ms.map(|j| format!(", libvirt's job {j} ms")).unwrap_or_default();
+        let text = match (m.live, m.downtime_ms) {
+            (Some(true), Some(d)) => {
+                format!("{name} moved live {} -> {} in {took} ms (downtime {d} ms{job})", m.from, m.to)
+            }
+            (Some(true), None) => format!("{name} moved live {} -> {} in {took} ms{job}", m.from, m.to),
+            _ => format!("{name} moved by shutdown {} -> {} in {took} ms (stopped there, started here)", m.from, m.to),
+        };
+        push_event(state, index, now, "vm-moved", Some(node), text);
+    }
     if after == VmState::Fail && before != VmState::Fail {
         let reason = failure.clone().unwrap_or_default();
         push_event(state, index, now, "vm-fail", Some(node), format!("{name} failed on {node}: {reason}"));

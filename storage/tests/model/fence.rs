@@ -29,6 +29,7 @@ fn node(id: NodeId, name: &str) -> NodeRecord {
 
 fn vm(name: &str, node: &str, state: VmState) -> VmRecord {
     VmRecord {
+        last_move: None,
         spec: VmSpec {
             uuid: format!("uuid-{name}"),
             name: name.into(),

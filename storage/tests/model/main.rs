@@ -8,10 +8,12 @@
 //!   properties  proptest properties over random command sequences
 //!   vm          VM commands and placement
 //!   fence       fencing: decision, outcomes, recovery
+//!   moves       how a finished move went (live with its downtime, or by shutdown)
 //! ```
 
 mod common;
 mod fence;
+mod moves;
 mod properties;
 mod requests;
 mod table;

@@ -39,7 +39,7 @@ fn stats(free: u64, prov: u64, load: u64, vcpus: u32, vms: u32) -> NodeStats {
     }
 }
 
-fn three() -> State {
+pub(crate) fn three() -> State {
     let mut s = State::default();
     s.nodes.insert("a".into(), node("a", DaemonState::Run, DomainState::Ready, stats(10_000, 30_000, 500, 4, 3)));
     s.nodes.insert("b".into(), node("b", DaemonState::Run, DomainState::Ready, stats(20_000, 50_000, 900, 2, 5)));
@@ -88,6 +88,7 @@ fn placements_not_yet_reported_count_against_a_node() {
     s.vms.insert(
         "one".into(),
         VmRecord {
+            last_move: None,
             spec: first,
             state: VmState::Start,
             node: "a".into(),
@@ -115,7 +116,7 @@ fn ties_go_to_the_smallest_name() {
     assert_eq!(place(&s, Selector::Vms, &[], None), Ok("b".into()));
 }
 
-fn spec(name: &str, uuid_tail: u8) -> VmSpec {
+pub(crate) fn spec(name: &str, uuid_tail: u8) -> VmSpec {
     VmSpec {
         uuid: format!("00000000-0000-0000-0000-0000000000{uuid_tail:02x}"),
         name: name.into(),
@@ -129,7 +130,7 @@ fn spec(name: &str, uuid_tail: u8) -> VmSpec {
     }
 }
 
-fn run(s: &mut State, index: u64, cmd: Command) -> Result<Reply, ApplyError> {
+pub(crate) fn run(s: &mut State, index: u64, cmd: Command) -> Result<Reply, ApplyError> {
     apply(s, index, &Request { id: format!("r{index}"), time_ms: index, ops: vec![cmd.into()] }).response.result
 }
 
@@ -173,8 +174,13 @@ fn migrating_a_failed_vm_that_still_runs_starts_it_on_the_target() {
     assert_eq!(run(&mut s, 2, live), Ok(Reply::Done));
     let abort = Command::AbortMigration { name: "web".into(), node: "a".into(), reason: "no".into() };
     assert_eq!(run(&mut s, 3, abort), Ok(Reply::Done));
-    let running =
-        Command::ReportVm { name: "web".into(), node: "a".into(), actual: ActualState::Running, failure: None };
+    let running = Command::ReportVm {
+        name: "web".into(),
+        node: "a".into(),
+        actual: ActualState::Running,
+        failure: None,
+        moved: None,
+    };
     assert_eq!(run(&mut s, 4, running), Ok(Reply::Done));
     assert_eq!(s.vms["web"].state, VmState::Fail);
     let plain = Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: false };
@@ -191,7 +197,13 @@ fn migrating_a_failed_vm_that_still_runs_starts_it_on_the_target() {
     assert_eq!(run(&mut s, 2, live), Ok(Reply::Done));
     let abort = Command::AbortMigration { name: "web".into(), node: "a".into(), reason: "no".into() };
     assert_eq!(run(&mut s, 3, abort), Ok(Reply::Done));
-    let off = Command::ReportVm { name: "web".into(), node: "a".into(), actual: ActualState::Shutoff, failure: None };
+    let off = Command::ReportVm {
+        name: "web".into(),
+        node: "a".into(),
+        actual: ActualState::Shutoff,
+        failure: None,
+        moved: None,
+    };
     assert_eq!(run(&mut s, 4, off), Ok(Reply::Done));
     let before = s.vms["web"].clone();
     let refused = run(&mut s, 5, plain);
@@ -205,7 +217,8 @@ fn a_stopped_vm_that_may_still_run_moves_only_once_released() {
     // ran on; `vm stop`, `vm migrate`, `vm start` started it on the new node as well.
     let mut s = three();
     assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
-    let report = |actual| Command::ReportVm { name: "web".into(), node: "a".into(), actual, failure: None };
+    let report =
+        |actual| Command::ReportVm { name: "web".into(), node: "a".into(), actual, failure: None, moved: None };
     assert_eq!(run(&mut s, 2, report(ActualState::Running)), Ok(Reply::Done));
     assert_eq!(run(&mut s, 3, Command::SetVmState { name: "web".into(), state: VmState::Stop }), Ok(Reply::Done));
     let to =
@@ -219,8 +232,13 @@ fn a_stopped_vm_that_may_still_run_moves_only_once_released() {
     assert_eq!(run(&mut s, 6, Command::ReleaseVm { name: "web".into(), node: "a".into() }), Ok(Reply::Done));
     assert_eq!(s.vms["web"].migrating_from, None);
     // One last seen off just changes node.
-    let report_b =
-        Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Shutoff, failure: None };
+    let report_b = Command::ReportVm {
+        name: "web".into(),
+        node: "b".into(),
+        actual: ActualState::Shutoff,
+        failure: None,
+        moved: None,
+    };
     assert_eq!(run(&mut s, 7, Command::SetVmState { name: "web".into(), state: VmState::Stop }), Ok(Reply::Done));
     assert_eq!(run(&mut s, 8, report_b), Ok(Reply::Done));
     assert_eq!(run(&mut s, 9, to("c")), Ok(Reply::Done));
@@ -336,14 +354,26 @@ fn lifecycle_migrate(mut s: State) -> State {
     assert!(run(
         &mut s,
         10,
-        Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Running, failure: None }
+        Command::ReportVm {
+            name: "web".into(),
+            node: "b".into(),
+            actual: ActualState::Running,
+            failure: None,
+            moved: None
+        }
     )
     .is_err());
     assert_eq!(
         run(
             &mut s,
             11,
-            Command::ReportVm { name: "web".into(), node: "c".into(), actual: ActualState::Running, failure: None }
+            Command::ReportVm {
+                name: "web".into(),
+                node: "c".into(),
+                actual: ActualState::Running,
+                failure: None,
+                moved: None
+            }
         ),
         Ok(Reply::Done)
     );
@@ -398,7 +428,8 @@ fn lifecycle_fail_and_undefine(mut s: State) {
                 name: "web".into(),
                 node: "b".into(),
                 actual: ActualState::Shutoff,
-                failure: Some("libvirt: no such disk".into())
+                failure: Some("libvirt: no such disk".into()),
+                moved: None
             }
         ),
         Ok(Reply::Done)
@@ -415,7 +446,13 @@ fn lifecycle_fail_and_undefine(mut s: State) {
         run(
             &mut s,
             19,
-            Command::ReportVm { name: "web".into(), node: "b".into(), actual: ActualState::Shutoff, failure: None }
+            Command::ReportVm {
+                name: "web".into(),
+                node: "b".into(),
+                actual: ActualState::Shutoff,
+                failure: None,
+                moved: None
+            }
         ),
         Ok(Reply::Done)
     );
@@ -457,7 +494,7 @@ proptest! {
                 4 => Command::MigrateVm { name, to: n, state: VmState::MigrateLive, permanent: false },
                 5 => Command::ReleaseVm { name, node: n },
                 6 => Command::AbortMigration { name, node: n, reason: "refused".into() },
-                7 => Command::ReportVm { name, node: n, actual: if flag { ActualState::Running } else { ActualState::Shutoff }, failure: None },
+                7 => Command::ReportVm { name, node: n, actual: if flag { ActualState::Running } else { ActualState::Shutoff }, failure: None, moved: None },
                 8 => Command::UndefineVm { name },
                 9 => Command::DecideFence { name: n, reason: "lost".into(), manual: flag },
                 10 => Command::FenceDone {
@@ -568,8 +605,13 @@ fn a_vm_running_out_of_place_is_adopted_or_failed_never_destroyed() {
         next_node_id: 10,
         revision: 0,
     });
-    let report =
-        |node: &str, actual| Command::ReportVm { name: "web".into(), node: node.into(), actual, failure: None };
+    let report = |node: &str, actual| Command::ReportVm {
+        name: "web".into(),
+        node: node.into(),
+        actual,
+        failure: None,
+        moved: None,
+    };
     let stray = |node: &str, running| Command::ReportStray { name: "web".into(), node: node.into(), running };
     assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
     assert_eq!(run(&mut s, 2, report("a", ActualState::Running)), Ok(Reply::Done));
@@ -618,7 +660,13 @@ fn in_maintenance_drift_is_recorded_and_only_commands_are_acted_on() {
         next_node_id: 10,
         revision: 0,
     });
-    let report = |name: &str, actual| Command::ReportVm { name: name.into(), node: "a".into(), actual, failure: None };
+    let report = |name: &str, actual| Command::ReportVm {
+        name: name.into(),
+        node: "a".into(),
+        actual,
+        failure: None,
+        moved: None,
+    };
     assert_eq!(run(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() }), Ok(Reply::Done));
     assert_eq!(run(&mut s, 2, Command::DefineVm { spec: spec("db", 2), node: "a".into() }), Ok(Reply::Done));
     assert_eq!(run(&mut s, 3, report("web", ActualState::Running)), Ok(Reply::Done));

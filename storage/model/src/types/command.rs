@@ -151,6 +151,9 @@ pub enum Command {
         actual: ActualState,
         #[serde(default)]
         failure: Option<String>,
+        /// With a report that finishes a move: how the VM arrived.
+        #[serde(default)]
+        moved: Option<Arrival>,
     },
     /// A node publishes how it is fenced (`node_id` as for `Keepalive`).
     SetFencePolicy {

@@ -57,5 +57,40 @@ pub struct VmRecord {
     /// maintenance, reconcilers act only on VMs changed since it began (`maintenance.rs`).
     #[serde(default)]
     pub desired_at: u64,
+    /// The last move of a VM that may have been running, for `vm info`.
+    #[serde(default)]
+    pub last_move: Option<LastMove>,
     pub revision: u64,
+}
+
+/// A move of a VM that may have been running: from where to where, since when, and — once
+/// the target reports it running — how it went (live, or stopped there and started here),
+/// how long it took and, live, the guest's downtime as libvirt measured it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastMove {
+    pub from: String,
+    pub to: String,
+    pub began_ms: u64,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+    #[serde(default)]
+    pub live: Option<bool>,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Live: how long libvirt's migration job took.
+    #[serde(default)]
+    pub job_ms: Option<u64>,
+}
+
+/// How a moved VM arrived on the node that reports it running (`ReportVm`): by libvirt's
+/// incoming live migration (with the downtime libvirt measured), or started there after it
+/// stopped on the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    pub live: bool,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Live: how long libvirt's migration job took.
+    #[serde(default)]
+    pub job_ms: Option<u64>,
 }
