@@ -10,6 +10,10 @@
 # (10.211.0.0/24, inside namespaces this script creates), the coordinators share a floating
 # address 10.211.0.100, and the demo kills the primary to show the address move. Otherwise the
 # nodes run on loopback addresses 127.0.0.11-14 and the floating address part is skipped.
+# With namespaces and QEMU (qemu-system-x86, libvirt-daemon-driver-qemu: deploy/install-deps.sh)
+# every node gets a qemu libvirtd of its own (deploy/qemu-host.sh) and the VMs are real 64 MiB
+# guests: the demo then also moves one live and flushes a node by live migration. Otherwise
+# (or with HERD_DEMO_GUESTS=test) libvirt's test driver stands in.
 # Everything lives under $HERD_DEMO_DIR (default /tmp/herd-demo); nothing else is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +26,9 @@ NS_PREFIX=herddemo
 use_netns() { [ "$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; }
 
 stop() {
+  for q in "$DIR"/*/qemu; do
+    [ -d "$q" ] && deploy/qemu-host.sh stop "$q"
+  done
   for pidfile in "$DIR"/*/bmc/ipmi_sim.pid; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
   done
@@ -58,6 +65,19 @@ else
 fi
 
 addr_of() { if [ $MODE = netns ]; then echo "10.211.0.$1"; else echo "127.0.0.1$1"; fi; }
+GUESTS=test
+if [ $MODE = netns ] && [ "${HERD_DEMO_GUESTS:-qemu}" = qemu ] && command -v qemu-system-x86_64 >/dev/null &&
+  [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ]; then
+  GUESTS=qemu
+  # KVM when /dev/kvm works, else TCG (slower, the same behaviour).
+  if [ -w /dev/kvm ]; then ACCEL=kvm; else ACCEL=qemu; fi
+  : >"$DIR/hosts"
+  echo "127.0.0.1 localhost" >>"$DIR/hosts"
+  for spec in "${NODES[@]}"; do
+    IFS=: read -r name _ i <<<"$spec"
+    echo "$(addr_of "$i") $name" >>"$DIR/hosts"
+  done
+fi
 # The command prefix that runs a program on node $1 (`ip netns exec` execs it: same pid).
 on_node() { if [ $MODE = netns ]; then echo "ip netns exec ${NS_PREFIX}$1"; fi; }
 
@@ -84,8 +104,19 @@ notify_timeout_ms = 500"
   if [ $MODE = netns ]; then bmc_ip=$ip_addr bmc_port=623; else bmc_ip=127.0.0.1 bmc_port=$((9620 + i)); fi
   deploy/bmc-sim/start.sh "$DIR/$name/bmc" "$bmc_ip" "$bmc_port" "demo-pw-$i" "$([ $MODE = netns ] && echo "${NS_PREFIX}$i")"
   # Power on after a fence (fence_action = reboot) boots the node: its herd daemon starts again.
+  boot_hv=""
+  if [ $GUESTS = qemu ]; then
+    uri=$(deploy/qemu-host.sh start "$DIR/$name/qemu" "${NS_PREFIX}$i" "$ip_addr" "$i" "$DIR/hosts")
+    cp "$DIR/$name/qemu/libvirtd.pid" "$DIR/$name/bmc/kill.libvirtd.pid"
+    # A boot starts the node's libvirtd again (the power-off killed it and its guests).
+    boot_hv="$PWD/deploy/qemu-host.sh start $DIR/$name/qemu ${NS_PREFIX}$i $ip_addr $i $DIR/hosts >/dev/null
+cp $DIR/$name/qemu/libvirtd.pid $DIR/$name/bmc/kill.libvirtd.pid"
+  else
+    uri="test://$DIR/$name/node.xml"
+  fi
   cat >"$DIR/$name/bmc/boot.sh" <<BOOT
 #!/bin/bash
+$boot_hv
 echo \$\$ >"$DIR/$name/herd.pid"; echo \$\$ >"$DIR/$name/bmc/kill.herd.pid"
 exec $(on_node "$i") "$BIN" daemon --config "$DIR/$name/herd.toml" >>"$DIR/$name/herd.log" 2>&1
 BOOT
@@ -106,7 +137,7 @@ listen = "$ip_addr:7400"
 [keepalive]
 interval_ms = 1000
 [hypervisor]
-uri = "test://$DIR/$name/node.xml"
+uri = "$uri"
 shutdown_timeout_ms = 5000
 [fence]
 check_interval_ms = 1000
@@ -156,9 +187,16 @@ holder() {
 
 # A few VMs, placed by the cluster (selector: fewest VMs), started by each node's reconciler.
 for n in 1 2 3 4 5; do
-  cat >"$DIR/vm$n.xml" <<XML
+  if [ $GUESTS = qemu ]; then
+    # A real guest: 64 MiB, no disk, sitting in SeaBIOS.
+    cat >"$DIR/vm$n.xml" <<XML
+<domain type='$ACCEL'><name>vm$n</name><uuid>00000000-0000-4000-8000-00000000000$n</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>
+XML
+  else
+    cat >"$DIR/vm$n.xml" <<XML
 <domain type='test'><name>vm$n</name><uuid>00000000-0000-4000-8000-00000000000$n</uuid><memory unit='MiB'>$((256 * n))</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>
 XML
+  fi
   "$BIN" --socket "$DIR/hv4/admin.sock" vm define "$DIR/vm$n.xml" --selector vms
 done
 for i in $(seq 100); do
@@ -166,6 +204,37 @@ for i in $(seq 100); do
   sleep 0.1
 done
 "$BIN" --socket "$DIR/hv4/admin.sock" vm list
+[ $GUESTS = qemu ] && [ ! -d /var/tmp/herd-demo-qemu-caps/qemu ] && mkdir -p /var/tmp/herd-demo-qemu-caps &&
+  cp -a "$DIR/hv1/qemu/cache/qemu" /var/tmp/herd-demo-qemu-caps/ 2>/dev/null || true
+
+if [ $GUESTS = qemu ]; then
+  R=(--socket "$DIR/hv4/admin.sock")
+  node_of() { "$BIN" "${R[@]}" --json vm info "$1" | sed -n 's/^  "node": "\(.*\)",/\1/p'; }
+  from=$(node_of vm1)
+  to=hv1; [ "$from" = hv1 ] && to=hv2
+  echo
+  echo "real guests ($ACCEL): moving vm1 live from $from to $to (herd vm migrate vm1 --to $to --force-live) ..."
+  start=$(date +%s%N)
+  "$BIN" "${R[@]}" vm migrate vm1 --to "$to" --force-live
+  for i in $(seq 300); do
+    "$BIN" "${R[@]}" --json vm info vm1 | grep -q '"ended_ms": [0-9]' && break
+    [ "$i" = 300 ] && { echo "vm1 did not arrive on $to; see $DIR/*/herd.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "vm1 runs on $to after $(( ($(date +%s%N) - start) / 1000000 )) ms; the cluster recorded:"
+  "$BIN" "${R[@]}" events | grep 'vm1 moved' | tail -1
+  busiest=$("$BIN" "${R[@]}" vm list | awk 'NR > 1 {n[$3]++} END {for (k in n) if (n[k] > m) {m = n[k]; b = k}; print b}')
+  echo
+  echo "flushing $busiest by live migration (herd node flush $busiest --wait) ..."
+  start=$(date +%s%N)
+  "$BIN" "${R[@]}" node flush "$busiest" --wait
+  echo "$busiest flushed in $(( ($(date +%s%N) - start) / 1000000 )) ms:"
+  "$BIN" "${R[@]}" events | grep 'moved live' | tail -n +2
+  "$BIN" "${R[@]}" vm list
+  start=$(date +%s%N)
+  "$BIN" "${R[@]}" node ready "$busiest" --wait
+  echo "$busiest ready again, its VMs home (live) in $(( ($(date +%s%N) - start) / 1000000 )) ms"
+fi
 
 if [ $MODE = netns ]; then
   old=$(holder)
@@ -204,6 +273,12 @@ for i in $(seq 300); do
   sleep 0.1
 done
 echo
+# The power-off kills hv4's guests with it (a real host's power-off does).
+for f in "$DIR"/hv4/qemu/run/qemu/*.pid; do
+  if [ -f "$f" ] && grep -qs "guest=" "/proc/$(cat "$f")/cmdline"; then
+    cp "$f" "$DIR/hv4/bmc/kill.qemu-$(basename "$f")"
+  fi
+done
 echo "every node can be fenced (its BMC answers). Hanging hv4 (SIGSTOP), which runs:"
 "$BIN" "${Q[@]}" vm list | awk 'NR == 1 || / hv4 /'
 start=$(date +%s%N)

@@ -13,11 +13,15 @@
 //!   16 and 64 clients (needs the `etcd` feature, Debian's etcd-server and protoc).
 //! - `connections [HYPERVISORS] [SECONDS]`: see `connections.rs` — new cluster connections per
 //!   second at the leader of 3 coordinators + 64 hypervisors in the steady state.
+//! - `migration [REPS]`: see `migration.rs` — live moves of real QEMU guests (time, libvirt's
+//!   job time, downtime; default 10) and a flush of 4 guests by live migration, on the demo
+//!   cluster (root, QEMU).
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
 mod busy;
 mod connections;
 mod failover;
+mod migration;
 mod procs;
 #[cfg(feature = "etcd")]
 mod writes;
@@ -296,6 +300,31 @@ async fn writes_scenario(_seconds: u64) -> Result<Vec<Value>> {
     bail!("herd-bench was built without etcd support: `make bench` builds it with `--features etcd`")
 }
 
+fn migration_scenario(reps: usize) -> Result<Value> {
+    let r = migration::run(reps)?;
+    println!("{:<18} {:>4} {:>10} {:>10} {:>10}", "live migration", "n", "median ms", "p99 ms", "max ms");
+    for k in ["live_move_ms", "live_job_ms", "live_downtime_ms"] {
+        let v = &r[k];
+        println!(
+            "{:<18} {:>4} {:>10.0} {:>10.0} {:>10.0}",
+            k.trim_end_matches("_ms"),
+            v["n"],
+            v["median_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0),
+            v["max_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let ms = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "flush of 4 guests (live): {:.0} ms; ready, all 4 home: {:.0} ms",
+        ms("flush_4_live_ms"),
+        ms("ready_4_live_ms")
+    );
+    let out = json!({ "scenario": "migration", "machine": machine(), "results": r });
+    println!("wrote {}", write_json("migration", &out)?);
+    Ok(r)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -331,6 +360,10 @@ fn main() -> Result<()> {
                         "ratio_writes_per_s": r["ratio_writes_per_s"]})
                 })
                 .collect();
+            let mig = migration_scenario(10)?;
+            let migration = json!({"live_move_median_ms": mig["live_move_ms"]["median_ms"],
+                "live_job_median_ms": mig["live_job_ms"]["median_ms"], "live_downtime_median_ms": mig["live_downtime_ms"]["median_ms"],
+                "flush_4_live_ms": mig["flush_4_live_ms"], "ready_4_live_ms": mig["ready_4_live_ms"]});
             let busy = busy::run(600)?;
             let pick = |r: &Value| {
                 json!({"primary_drops": r["primary_drops"], "takeovers": r["takeovers"], "lost_verdicts": r["lost_verdicts"],
@@ -339,7 +372,7 @@ fn main() -> Result<()> {
             };
             let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
             let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
-                "connections": conns, "busy": busy });
+                "connections": conns, "busy": busy, "migration": migration });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
@@ -356,11 +389,13 @@ fn main() -> Result<()> {
             connections::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?)
                 .map(|_| ())
         }
+        ["migration"] => migration_scenario(10).map(|_| ()),
+        ["migration", reps] => migration_scenario(reps.parse().context("repetitions")?).map(|_| ()),
         ["busy"] => busy::run(600).map(|_| ()),
         ["busy", secs] => busy::run(secs.parse().context("seconds")?).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS] | migration [REPS] | all"
         ),
     }
 }
