@@ -60,7 +60,9 @@ impl Reconciler {
     /// here (the round releases it). Refused or aborted: it shuts down instead where its policy
     /// allows, else the move is aborted through Raft. Outcome unknown (libvirt's call gave no
     /// answer): tried again while the VM still runs here and still moves away.
-    async fn land(&self, vms: &BTreeMap<String, VmRecord>, now_ms: u64, commands: &mut Vec<Command>) {
+    /// Returns whether it asked a guest to shut down (the round lists the domains again).
+    async fn land(&self, vms: &BTreeMap<String, VmRecord>, now_ms: u64, commands: &mut Vec<Command>) -> bool {
+        let mut shut_down = false;
         for l in self.migrations.landed() {
             let (name, to, ms) = (l.vm.as_str(), l.to.as_str(), l.took.as_millis());
             let e = match l.result {
@@ -94,6 +96,7 @@ impl Reconciler {
                 if let Err(e) = self.hypervisor.shutdown(name).await {
                     tracing::warn!(vm = %name, "{e}");
                 }
+                shut_down = true;
             } else {
                 tracing::warn!(vm = %name, "live migration to {to} failed ({reason}): the move is aborted");
                 commands.push(Command::AbortMigration { name: name.to_string(), node: self.me.clone(), reason });
@@ -109,6 +112,7 @@ impl Reconciler {
                 tracing::warn!(vm = %vm, "abort of the live migration to {to}: {e}");
             }
         }
+        shut_down
     }
 
     /// How a VM that finished a move here arrived: live (libvirt's incoming migration, with
@@ -136,9 +140,10 @@ impl Reconciler {
         can_start: bool,
     ) -> Result<Outcome, HypervisorError> {
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut commands = Vec::new();
-        self.land(vms, now_ms, &mut commands).await;
         let domains = self.hypervisor.list().await?;
+        // After the list: a round that fails there must not lose what a landing decided.
+        let mut commands = Vec::new();
+        let shut_down = self.land(vms, now_ms, &mut commands).await;
         let timeout_ms = u64::try_from(self.shutdown_timeout.as_millis()).unwrap_or(u64::MAX);
         let p = {
             let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,7 +181,7 @@ impl Reconciler {
             }
         }
         // Report what the hypervisor shows now (after the actions), plus refusals as failures.
-        let after = if p.actions.is_empty() { domains } else { self.hypervisor.list().await? };
+        let after = if p.actions.is_empty() && !shut_down { domains } else { self.hypervisor.list().await? };
         let state_of = |n: &str| {
             let vm = vms.get(n);
             after

@@ -115,14 +115,13 @@ pub trait Domains: Send + Sync + 'static {
 
 impl Domains for Libvirtd {
     fn running(&self) -> Vec<(String, u32)> {
-        let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
-        self.conn
-            .list_all_domains(flags)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| Some((d.name().ok()?, d.id()?)))
-            .collect()
+        listed(&self.conn, virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
     }
+}
+
+/// The domains `conn` lists with `flags`: name → libvirt id (none when libvirtd cannot say).
+pub fn listed(conn: &Connect, flags: virt::sys::virConnectListAllDomainsFlags) -> Vec<(String, u32)> {
+    conn.list_all_domains(flags).unwrap_or_default().iter().filter_map(|d| Some((d.name().ok()?, d.id()?))).collect()
 }
 
 impl Drop for Libvirtd {

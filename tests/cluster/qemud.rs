@@ -211,13 +211,7 @@ impl Domains for Qemud {
     /// Guests whose CPUs run: a live migration's incoming copy is active but paused until the
     /// switch-over, and the source is paused from then until it is gone.
     fn running(&self) -> Vec<(String, u32)> {
-        let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING;
-        self.conn
-            .list_all_domains(flags)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| Some((d.name().ok()?, d.id()?)))
-            .collect()
+        crate::libvirtd::listed(&self.conn, virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
     }
 }
 
