@@ -192,6 +192,12 @@ impl Reconciler {
         for (name, vm) in vms.iter().filter(|(_, v)| v.node == self.me) {
             let observed = state_of(name);
             let failure = failures.remove(name);
+            // A live migration's copy runs here before its source released it (libvirt's job
+            // may still be finishing, its statistics not kept yet): reported once released,
+            // with how it arrived.
+            if vm.migrating_from.is_some() && observed == ActualState::Running && failure.is_none() {
+                continue;
+            }
             // A finished restart, move or shutdown is reported even when the observed state
             // equals the last report, so the record leaves its transitional state.
             let finished = matches!(
