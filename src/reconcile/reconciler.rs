@@ -151,35 +151,7 @@ impl Reconciler {
             plan(&r, vms, &domains, &mut m)
         };
         *self.unmanaged.lock().unwrap_or_else(|p| p.into_inner()) = p.unmanaged.clone();
-        let mut failures: BTreeMap<String, String> = BTreeMap::new();
-        for a in &p.actions {
-            let (vm, r) = match a {
-                Action::MigrateLive { vm, to } => {
-                    let uri = self.migrate_uri.replace("{node}", to);
-                    if self.migrations.launch(self.hypervisor.clone(), vm, to, uri.clone()) {
-                        tracing::info!(vm = %vm, "hypervisor: live migration to {to} ({uri}) started");
-                    } else {
-                        // parallel_migrations in the air: the next round tries again.
-                        self.memory.lock().unwrap_or_else(|p| p.into_inner()).live_tried.remove(vm);
-                    }
-                    continue;
-                }
-                Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
-                Action::Start { vm } if failures.contains_key(vm) => continue,
-                Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
-                Action::Shutdown { vm } => (vm, self.hypervisor.shutdown(vm).await),
-                Action::Destroy { vm } => (vm, self.hypervisor.destroy(vm).await),
-            };
-            match r {
-                Ok(()) => {
-                    tracing::info!(vm = %vm, "hypervisor: {}", a.verb())
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %vm, "{e}");
-                    failures.insert(vm.clone(), format!("on {}: {e}", self.me));
-                }
-            }
-        }
+        let mut failures = self.act(&p.actions).await;
         // Report what the hypervisor shows now (after the actions), plus refusals as failures.
         let after = if p.actions.is_empty() && !shut_down { domains } else { self.hypervisor.list().await? };
         let state_of = |n: &str| {
@@ -233,5 +205,39 @@ impl Reconciler {
             .filter(|d| d.state == ActualState::Running && vms.get(&d.name).is_some_and(|v| v.node == self.me))
             .count();
         Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX) })
+    }
+
+    /// Carries out a round's actions; returns the refusals, by VM, as failures to report.
+    async fn act(&self, actions: &[Action]) -> BTreeMap<String, String> {
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        for a in actions {
+            let (vm, r) = match a {
+                Action::MigrateLive { vm, to } => {
+                    let uri = self.migrate_uri.replace("{node}", to);
+                    if self.migrations.launch(self.hypervisor.clone(), vm, to, uri.clone()) {
+                        tracing::info!(vm = %vm, "hypervisor: live migration to {to} ({uri}) started");
+                    } else {
+                        // parallel_migrations in the air: the next round tries again.
+                        self.memory.lock().unwrap_or_else(|p| p.into_inner()).live_tried.remove(vm);
+                    }
+                    continue;
+                }
+                Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
+                Action::Start { vm } if failures.contains_key(vm) => continue,
+                Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
+                Action::Shutdown { vm } => (vm, self.hypervisor.shutdown(vm).await),
+                Action::Destroy { vm } => (vm, self.hypervisor.destroy(vm).await),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(vm = %vm, "hypervisor: {}", a.verb())
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, "{e}");
+                    failures.insert(vm.clone(), format!("on {}: {e}", self.me));
+                }
+            }
+        }
+        failures
     }
 }
