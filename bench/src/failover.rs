@@ -49,6 +49,9 @@ fn ip(args: &[&str]) -> Result<()> {
 /// Everything the benchmark started; torn down on drop, even after an error.
 pub(crate) struct Bench {
     dir: PathBuf,
+    /// The simulated BMCs' directories, on a tmpfs where there is one: a BMC is hardware of its
+    /// own, its state never waits on the host's disk (which the busy benchmark saturates).
+    bmcs: PathBuf,
     herd: PathBuf,
     prefix: String,
 }
@@ -101,7 +104,11 @@ impl Bench {
         let prefix = format!("hbf{}n", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("herd-bench-failover-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let b = Bench { dir, herd, prefix };
+        let shm = Path::new("/dev/shm");
+        let bmcs = if shm.is_dir() { shm.to_path_buf() } else { dir.clone() }
+            .join(format!("herd-bench-bmc-{}", std::process::id()));
+        std::fs::create_dir_all(&bmcs)?;
+        let b = Bench { dir, bmcs, herd, prefix };
         let sw = format!("{}sw", b.prefix);
         ip(&["netns", "add", &sw])?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -119,6 +126,8 @@ impl Bench {
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             let d = b.node_dir(name);
             std::fs::create_dir_all(&d)?;
+            std::fs::create_dir_all(b.bmcs.join(name))?;
+            std::os::unix::fs::symlink(b.bmcs.join(name), d.join("bmc"))?;
             let st = Command::new(root.join("deploy/bmc-sim/start.sh"))
                 .arg(d.join("bmc"))
                 .args([&Self::addr(i), "623", &format!("bench-pw-{i}"), &ns])
@@ -244,9 +253,10 @@ impl Drop for Bench {
         }
         let _ = Command::new("ip").args(["netns", "del", &format!("{}sw", self.prefix)]).output();
         if std::env::var_os("HERD_BENCH_KEEP").is_some() {
-            eprintln!("kept {} (HERD_BENCH_KEEP)", self.dir.display());
+            eprintln!("kept {} and {} (HERD_BENCH_KEEP)", self.dir.display(), self.bmcs.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.bmcs);
         }
     }
 }

@@ -393,9 +393,12 @@ fn main() -> Result<()> {
         ["migration", reps] => migration_scenario(reps.parse().context("repetitions")?).map(|_| ()),
         ["busy"] => busy::run(600).map(|_| ()),
         ["busy", secs] => busy::run(secs.parse().context("seconds")?).map(|_| ()),
+        // One variant alone, for looking into it (its figures are printed, not recorded).
+        ["busy", secs, "rt"] => busy::one(secs.parse().context("seconds")?, true).map(|_| ()),
+        ["busy", secs, "normal"] => busy::one(secs.parse().context("seconds")?, false).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS] | migration [REPS] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | all"
         ),
     }
 }
