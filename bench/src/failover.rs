@@ -102,11 +102,13 @@ impl Bench {
     /// Forms the cluster; `extra` is appended to every node's config.
     pub(crate) fn setup(herd: PathBuf, extra: &str) -> Result<Bench> {
         let prefix = format!("hbf{}n", std::process::id() % 100_000);
-        let dir = std::env::temp_dir().join(format!("herd-bench-failover-{}", std::process::id()));
+        // One directory per cluster: a run may set up several, and a kept one stays.
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = format!("{}-{}", std::process::id(), CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(format!("herd-bench-failover-{run}"));
         std::fs::create_dir_all(&dir)?;
         let shm = Path::new("/dev/shm");
-        let bmcs = if shm.is_dir() { shm.to_path_buf() } else { dir.clone() }
-            .join(format!("herd-bench-bmc-{}", std::process::id()));
+        let bmcs = if shm.is_dir() { shm.to_path_buf() } else { dir.clone() }.join(format!("herd-bench-bmc-{run}"));
         std::fs::create_dir_all(&bmcs)?;
         let b = Bench { dir, bmcs, herd, prefix };
         let sw = format!("{}sw", b.prefix);

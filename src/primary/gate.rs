@@ -10,6 +10,9 @@
 //!   runtime) drops the duties at once: the lease may have lapsed while nobody was looking.
 //! - After handing the role over, do not take it back for a while (`suppress_until`).
 
+/// Why duties are dropped when a quorum's acknowledgements grew too old.
+pub const LEASE_LOST: &str = "leader lease not confirmed by a quorum";
+
 /// Timing of the gate, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GateParams {
@@ -100,7 +103,7 @@ impl Gate {
             }
             if !self.lease_valid(&o) {
                 self.holding = false;
-                return Decision::Drop("leader lease not confirmed by a quorum");
+                return Decision::Drop(LEASE_LOST);
             }
             return Decision::Keep;
         }

@@ -29,7 +29,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::duties::Duties;
-use super::gate::{Decision, Gate, GateParams, Observation};
+use super::gate::{self, Decision, Gate, GateParams, Observation};
 
 const TICK: Duration = Duration::from_millis(20);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -129,6 +129,25 @@ impl Manager {
         Observation { now_ms, is_leader, quorum_ack_age_ms: age }
     }
 
+    /// When each member last acknowledged this leader, for the log line of a lost lease (a
+    /// slow follower, or all of them: the network or this node's sending).
+    fn acks(&self) -> String {
+        let Some(member) = self.node.member() else { return "not a member".into() };
+        let metrics = member.raft.metrics();
+        let m = metrics.borrow_watched();
+        let age =
+            |t: &openraft::metrics::SerdeInstant<_>| format!("{} ms ago", openraft::Instant::elapsed(&**t).as_millis());
+        let quorum = m.last_quorum_acked.as_ref().map_or("never".into(), age);
+        let each: Vec<String> = m
+            .heartbeat
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != member.id)
+            .map(|(id, t)| format!("{id}: {}", t.as_ref().map_or("never".into(), age)))
+            .collect();
+        format!("quorum acknowledged {quorum}; by member id {}", each.join(", "))
+    }
+
     /// Starts the guard and the actor; coordinators only. Addresses left over from an earlier
     /// life go first.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -160,6 +179,9 @@ impl Manager {
             Decision::TakeOver => {
                 self.pending().takeover = true;
                 self.wake.notify_one();
+            }
+            Decision::Drop(why) if why == gate::LEASE_LOST => {
+                self.drop_duties(&format!("{why} ({})", self.acks())).await;
             }
             Decision::Drop(why) => self.drop_duties(why).await,
             Decision::Keep => {}
