@@ -10,7 +10,9 @@ power() { P=1; [ -r "$DIR/power" ] && read -r P < "$DIR/power"; }
 power_off() {
   local f pid
   for f in "$DIR"/kill.*.pid; do
-    [ -f "$f" ] && read -r pid < "$f" && kill -9 "$pid" 2>/dev/null
+    # A pid file may lack a final newline: read then fails but has set pid.
+    pid=; [ -f "$f" ] && read -r pid < "$f"
+    [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
     rm -f "$f"
   done
   echo 0 > "$DIR/power"
