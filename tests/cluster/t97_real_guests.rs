@@ -62,13 +62,16 @@ fn ok(out: &std::process::Output, what: &str) -> String {
     said
 }
 
+/// BMC calls get 3 s (each reply up to 3 s / 7): with guests starting and a libvirtd thawing,
+/// the machine stalls for a moment, and at 1 s a BMC that missed 142 ms replies four times in a
+/// row used up the fence's session budget (seen once: "power-off not confirmed within 15s").
 fn node_config(topo: &Topology, k: usize, b: &Bmc, uri: &str) -> String {
     format!(
         "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
          [hypervisor]\nuri = \"{uri}\"\nmigrate_uri = \"qemu+tcp://{{node}}/system\"\n\
          shutdown_timeout_ms = 3000\nreconcile_interval_ms = {RECONCILE_MS}\n\
          parallel_migrations = 2\nmigration_timeout_ms = 15000\n\
-         [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\n\
+         [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 3000\n\
          [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
         topo.addr(k + 1, 0),
         topo.addr(k + 1, 1),
