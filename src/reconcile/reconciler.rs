@@ -4,12 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use herd_storage::model::{ActualState, Arrival, ClusterMeta, Command, VmRecord, VmState};
 use tokio::time::Instant;
 
 use super::migrations::Migrations;
 use super::plan::{live_policy, plan, Action, Memory, Round};
 use crate::hypervisor::{Hypervisor, HypervisorError};
+
+/// VMs one reconcile round acts on at once (libvirt's own bound is in `boundary`).
+const PARALLEL_VMS: usize = 8;
 
 /// Runs the reconciler of one node.
 pub struct Reconciler {
@@ -207,9 +211,31 @@ impl Reconciler {
         Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX) })
     }
 
-    /// Carries out a round's actions; returns the refusals, by VM, as failures to report.
+    /// Carries out a round's actions; returns the refusals, by VM, as failures to report. Each
+    /// VM's actions run in the plan's order; different VMs run side by side (at most
+    /// [`PARALLEL_VMS`]), so a host taking over a fenced node's guests starts them together
+    /// rather than one qemu after another.
     async fn act(&self, actions: &[Action]) -> BTreeMap<String, String> {
-        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        let mut groups: Vec<Vec<&Action>> = Vec::new();
+        let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in actions {
+            let k = *index.entry(a.vm()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[k].push(a);
+        }
+        // The futures made first: a closure inside the stream would keep the round's future
+        // from being Send (a higher-ranked lifetime the compiler cannot prove).
+        let each: Vec<_> = groups.into_iter().map(|g| self.act_on_vm(g)).collect();
+        let failures: Vec<Option<(String, String)>> =
+            futures::stream::iter(each).buffer_unordered(PARALLEL_VMS).collect().await;
+        failures.into_iter().flatten().collect()
+    }
+
+    /// One VM's actions, in order; a failed define skips its start. Returns its last refusal.
+    async fn act_on_vm(&self, actions: Vec<&Action>) -> Option<(String, String)> {
+        let mut failure = None;
         for a in actions {
             let (vm, r) = match a {
                 Action::MigrateLive { vm, to } => {
@@ -223,7 +249,7 @@ impl Reconciler {
                     continue;
                 }
                 Action::Define { vm, xml } => (vm, self.hypervisor.define(xml).await),
-                Action::Start { vm } if failures.contains_key(vm) => continue,
+                Action::Start { .. } if failure.is_some() => continue,
                 Action::Start { vm } => (vm, self.hypervisor.start(vm).await),
                 Action::Shutdown { vm } => (vm, self.hypervisor.shutdown(vm).await),
                 Action::Destroy { vm } => (vm, self.hypervisor.destroy(vm).await),
@@ -234,10 +260,10 @@ impl Reconciler {
                 }
                 Err(e) => {
                     tracing::warn!(vm = %vm, "{e}");
-                    failures.insert(vm.clone(), format!("on {}: {e}", self.me));
+                    failure = Some((vm.clone(), format!("on {}: {e}", self.me)));
                 }
             }
         }
-        failures
+        failure
     }
 }
