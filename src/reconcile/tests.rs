@@ -5,7 +5,7 @@ use std::time::Duration;
 use herd_storage::model::{ActualState, Command, VmRecord, VmSpec, VmState};
 
 use super::*;
-use crate::hypervisor::{Domain, Hypervisor};
+use crate::hypervisor::{Domain, Hypervisor, HypervisorError};
 
 fn vm(name: &str, node: &str, state: VmState, actual: ActualState) -> VmRecord {
     VmRecord {
@@ -311,4 +311,77 @@ fn domain_xml_is_read_or_refused_clearly() {
         let e = spec_from_xml(bad).expect_err("refused");
         assert!(e.contains(why), "{bad}: {e}");
     }
+}
+
+/// A memory hypervisor whose starts each wait until `together` starts are under way at once.
+struct StartsTogether {
+    inner: crate::hypervisor::memory::MemoryHypervisor,
+    barrier: tokio::sync::Barrier,
+}
+
+impl Hypervisor for StartsTogether {
+    fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Domain>, HypervisorError>> {
+        self.inner.list()
+    }
+    fn define<'a>(&'a self, xml: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.define(xml)
+    }
+    fn start<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(async move {
+            self.barrier.wait().await;
+            self.inner.start(name).await
+        })
+    }
+    fn shutdown<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.shutdown(name)
+    }
+    fn destroy<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.destroy(name)
+    }
+    fn undefine<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.undefine(name)
+    }
+    fn arrival<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<herd_storage::model::Arrival>, HypervisorError>> {
+        self.inner.arrival(name)
+    }
+    fn abort_job<'a>(&'a self, name: &'a str) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.abort_job(name)
+    }
+    fn migrate_live<'a>(
+        &'a self,
+        name: &'a str,
+        dest_uri: &'a str,
+        deadline: Duration,
+    ) -> futures::future::BoxFuture<'a, Result<(), HypervisorError>> {
+        self.inner.migrate_live(name, dest_uri, deadline)
+    }
+}
+
+#[tokio::test]
+async fn a_round_starts_several_vms_side_by_side() {
+    // Each start waits for the other three: a round that started them one after another
+    // would never finish.
+    let hv = StartsTogether {
+        inner: crate::hypervisor::memory::MemoryHypervisor::new(),
+        barrier: tokio::sync::Barrier::new(4),
+    };
+    let r = Reconciler::new("n".into(), Arc::new(hv), Duration::from_secs(60));
+    let list: Vec<VmRecord> = (1..=4)
+        .map(|k| {
+            let mut v = vm(&format!("v{k}"), "n", VmState::Start, ActualState::Unknown);
+            v.spec.uuid = format!("00000000-0000-0000-0000-00000000000{k}");
+            v.spec.xml = format!("<domain><name>v{k}</name><uuid>{}</uuid></domain>", v.spec.uuid);
+            v
+        })
+        .collect();
+    let out = tokio::time::timeout(Duration::from_secs(5), r.round(&vms(list), None, true))
+        .await
+        .expect("the four starts ran side by side")
+        .expect("round");
+    let running =
+        out.commands.iter().filter(|c| matches!(c, Command::ReportVm { actual: ActualState::Running, .. })).count();
+    assert_eq!(running, 4, "{:?}", out.commands);
 }
