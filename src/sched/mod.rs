@@ -13,18 +13,20 @@
 //!                           exchange must not starve either)
 //!   memory                  mlockall(CURRENT | FUTURE | ONFAULT): nothing herd touched is
 //!                           swapped out, nothing is populated ahead of use
-//!   runaway watchdog        a SCHED_OTHER thread; starved for 3 s while the workers are real
-//!                           time (a bug spinning on them would freeze the VMs' CPUs), it puts
-//!                           every worker back to SCHED_OTHER and says so at ERROR
+//!   runaway watchdog        a thread real time above the workers (`runaway`): a real-time
+//!                           thread on the CPU for 90 % of 3 s (a bug spinning there would take
+//!                           a core from the VMs) puts every thread back to SCHED_OTHER, at ERROR
 //!   pause monitor           a task on the runtime measuring its own lateness: pauses longer
 //!                           than a third of the lease, counted (metrics, `status`)
 //! ```
 //!
 //! The kernel may refuse (no CAP_SYS_NICE, RLIMIT_RTPRIO, a cgroup without real-time budget):
 //! then herd runs as before, says so once at WARN and in `status`. This is the only module with
-//! `unsafe` outside the hypervisor binding: three plain syscalls, each with its SAFETY note.
+//! `unsafe` outside the hypervisor binding: plain syscalls, each with its SAFETY note.
 
 #![allow(unsafe_code)]
+
+pub mod runaway;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,8 +37,6 @@ use serde::Serialize;
 
 /// Linux's `SCHED_RESET_ON_FORK` (uapi `sched.h`; the `libc` crate has it for Android only).
 const SCHED_RESET_ON_FORK: libc::c_int = 0x4000_0000;
-/// How long the watchdog may go without running before it calls the workers a runaway.
-const STARVED: Duration = Duration::from_secs(3);
 /// How often the pause monitor looks at the clock.
 const MONITOR_TICK: Duration = Duration::from_millis(20);
 
@@ -100,17 +100,8 @@ fn shared() -> std::sync::MutexGuard<'static, Shared> {
 
 static REALTIME: AtomicBool = AtomicBool::new(false);
 static PAUSES: AtomicU64 = AtomicU64::new(0);
-/// The watchdog's heartbeat, in milliseconds since `epoch()`.
-static WATCHDOG_SEEN_MS: AtomicU64 = AtomicU64::new(0);
-
-fn epoch() -> Instant {
-    static E: OnceLock<Instant> = OnceLock::new();
-    *E.get_or_init(Instant::now)
-}
-
-fn since_epoch_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
-}
+/// The runaway watchdog demoted every thread: nothing is promoted again.
+static RUNAWAY: AtomicBool = AtomicBool::new(false);
 
 fn errno() -> String {
     std::io::Error::last_os_error().to_string()
@@ -170,8 +161,8 @@ pub fn on_worker_park() {
 fn promote_this_worker() {
     let mut s = shared();
     let Some(settings) = s.settings.filter(|s| s.realtime) else { return };
-    if s.got.refused.iter().any(|r| r.starts_with("sched_setscheduler")) {
-        return; // refused once: the same answer for every thread
+    if RUNAWAY.load(Ordering::Acquire) || s.got.refused.iter().any(|r| r.starts_with("sched_setscheduler")) {
+        return; // refused once (or a runaway): the same answer for every thread
     }
     let (policy, name) = match settings.policy {
         Policy::Rr => (libc::SCHED_RR, "rr"),
@@ -305,43 +296,48 @@ pub async fn monitor(lease: Duration) {
     }
 }
 
-/// Starts the runaway watchdog: a plain thread (SCHED_OTHER), woken every 250 ms. If it went
-/// [`STARVED`] without running while the workers are real time, they are what kept it from
-/// running: every worker goes back to SCHED_OTHER, at ERROR. Only where real time was asked for.
+/// Starts the runaway watchdog ([`runaway`]), where real time was asked for.
 pub fn start_watchdog() {
-    // Asked for (the workers may not all have parked yet): it judges only while real time holds.
-    if !shared().settings.is_some_and(|s| s.realtime) {
-        return;
-    }
-    WATCHDOG_SEEN_MS.store(since_epoch_ms(), Ordering::Relaxed);
-    let spawned = std::thread::Builder::new().name("herd-rt-watchdog".into()).spawn(|| loop {
-        // It must not inherit real time from whoever started it.
-        let _ = set_scheduler(0, libc::SCHED_OTHER, 0);
-        std::thread::sleep(Duration::from_millis(250));
-        let now = since_epoch_ms();
-        let gap = now.saturating_sub(WATCHDOG_SEEN_MS.swap(now, Ordering::Relaxed));
-        if gap >= u64::try_from(STARVED.as_millis()).unwrap_or(u64::MAX) && REALTIME.load(Ordering::Acquire) {
-            demote_all(gap);
-            return;
-        }
-    });
-    if let Err(e) = spawned {
+    let Some(settings) = shared().settings.filter(|s| s.realtime) else { return };
+    if let Err(e) = spawn_watchdog(runaway::Limits::DEFAULT, (settings.priority + 1).min(99)) {
         tracing::warn!("real-time watchdog not started ({e}): real time stays on without it");
     }
 }
 
-fn demote_all(gap_ms: u64) {
+/// The watchdog's thread: real time at `priority` (above the workers, so none of them keeps it
+/// off the CPU; it sleeps almost always), a look every tick, until it finds a runaway — then
+/// every thread goes back to normal scheduling, and the thread ends with the reason.
+fn spawn_watchdog(limits: runaway::Limits, priority: i32) -> std::io::Result<std::thread::JoinHandle<String>> {
+    std::thread::Builder::new().name("herd-rt-watchdog".into()).spawn(move || {
+        if let Err(e) = set_scheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, priority) {
+            // Then no thread of herd got real time either (the same refusal): nothing to judge
+            // that could starve it.
+            tracing::debug!("the real-time watchdog runs at normal priority ({e})");
+        }
+        let mut judge = runaway::Judge::new(limits);
+        loop {
+            std::thread::sleep(limits.tick);
+            if let Some(why) = judge.look(Instant::now(), &runaway::threads()) {
+                demote_all(&why);
+                return why;
+            }
+        }
+    })
+}
+
+/// Every thread of the process back to SCHED_OTHER, for good, said at ERROR and in `status`.
+fn demote_all(why: &str) {
     let mut s = shared();
+    RUNAWAY.store(true, Ordering::Release);
     REALTIME.store(false, Ordering::Release);
-    // Every thread of the process, whichever made itself real time.
     for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
         if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) {
             let _ = set_scheduler(tid, libc::SCHED_OTHER, 0);
         }
     }
     let why = format!(
-        "runaway: the watchdog did not run for {gap_ms} ms while herd's threads were real time; \
-         they were put back to normal scheduling (a bug: please report it)"
+        "runaway: {why}; every thread of herd was put back to normal scheduling (a bug: please \
+         report it with this log)"
     );
     tracing::error!("{why}");
     s.got.policy = "other".into();
@@ -362,5 +358,43 @@ mod tests {
         let p = pauses();
         assert_eq!(p.total, before + 1);
         assert!(p.longest_last_minute_ms >= 150, "{p:?}");
+    }
+
+    /// A real-time thread that spins is put back to normal scheduling by the watchdog, which
+    /// names it (root: SCHED_FIFO needs CAP_SYS_NICE; skipped loudly otherwise, failed under CI).
+    #[test]
+    fn a_spinning_real_time_thread_is_put_back_to_normal_scheduling() {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI runs the tests as root");
+            eprintln!("SKIPPED a_spinning_real_time_thread_is_put_back_to_normal_scheduling: needs root");
+            return;
+        }
+        let limits =
+            runaway::Limits { tick: Duration::from_millis(100), window: Duration::from_secs(1), share_percent: 90 };
+        let watchdog = spawn_watchdog(limits, 20).expect("watchdog thread");
+        let spinner = std::thread::Builder::new()
+            .name("herd-test-spin".into())
+            .spawn(|| {
+                set_scheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, 10).expect("SCHED_FIFO as root");
+                let t0 = Instant::now();
+                // Spins until it is put back (at most 20 s: then the test fails rather than hang).
+                while t0.elapsed() < Duration::from_secs(20) {
+                    // SAFETY: sched_getscheduler takes a pid only (0: this thread).
+                    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER {
+                        return Some(t0.elapsed());
+                    }
+                }
+                None
+            })
+            .expect("spinner thread");
+        let demoted_after = spinner.join().expect("the spinner got SCHED_FIFO");
+        assert!(demoted_after.is_some_and(|d| d < Duration::from_secs(5)), "demoted after {demoted_after:?}");
+        let why = watchdog.join().expect("the watchdog");
+        assert!(why.contains("herd-test-spin"), "the runaway is named: {why}");
+        let g = got();
+        assert_eq!(g.policy, "other");
+        assert!(g.refused.iter().any(|r| r.starts_with("runaway: thread herd-test-spin")), "{g:?}");
+        eprintln!("spinner demoted after {demoted_after:?}: {why}");
     }
 }
