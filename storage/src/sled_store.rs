@@ -10,7 +10,9 @@
 //! | `raft_meta`| `vote`, `committed`, `last_purged`                           |
 //! | `sm_meta`  | `snapshot` (the latest [`StoredSnapshot`])                   |
 //!
-//! Durability: `append` and `save_vote` flush before they report; `purge` records
+//! Durability: `append` reports once its entries are flushed — it returns before, once they are
+//! readable, and the flush runs on the log flusher (`flusher.rs`: off the Raft core's path,
+//! in order, grouped); `save_vote` and `truncate_after` return once flushed; `purge` records
 //! `last_purged` before deleting (never a hole); a snapshot is flushed before `build_snapshot`
 //! returns. The applied state is not written per apply: a restarted node opens at its latest
 //! snapshot and openraft re-applies the committed entries after it (see `sm.rs`).
@@ -34,6 +36,7 @@ use openraft::RaftLogReader;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::flusher::{Flush, Flusher};
 use crate::identity::{Identity, IdentityStore};
 use crate::model::State;
 use crate::sm::{Backend, StoredSnapshot};
@@ -112,6 +115,7 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
             log: tree("raft_log")?,
             meta: tree("raft_meta")?,
             deleting: Arc::default(),
+            flusher: Flusher::default(),
         },
         sm: SledBackend { db: db.clone(), meta: sm_meta },
         local,
@@ -194,6 +198,8 @@ pub struct SledLogStore {
     meta: sled::Tree,
     /// The deletion of purged entries, while one runs.
     deleting: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Flushes and reports appends off the Raft core's path.
+    flusher: Flusher,
 }
 
 fn index_key(i: u64) -> [u8; 8] {
@@ -209,9 +215,18 @@ fn map_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
 }
 
 impl SledLogStore {
-    async fn flush(&self) -> io::Result<()> {
-        self.db.flush_async().await.map_err(sled_err)?;
-        Ok(())
+    /// A flush of the whole database, run when first polled.
+    fn flush(&self) -> Flush {
+        let db = self.db.clone();
+        Box::pin(async move {
+            db.flush_async().await.map_err(sled_err)?;
+            Ok(())
+        })
+    }
+
+    /// Flushes, after every append before it was flushed and reported.
+    async fn durable(&self) -> io::Result<()> {
+        self.flusher.barrier(self.flush()).await
     }
 }
 
@@ -255,7 +270,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.meta.insert(b"vote", encode(vote)?).map_err(sled_err)?;
-        self.flush().await
+        self.durable().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -287,10 +302,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
                 self.log.apply_batch(batch).map_err(sled_err)?;
             }
         }
-        let result = self.flush().await;
-        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
-        callback.io_completed(report);
-        result
+        // Readable now; on disk when the flusher reports (openraft's core carries on meanwhile).
+        self.flusher.appended(self.flush(), callback).await
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -300,7 +313,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         for k in keys.iter().rev() {
             self.log.remove(k).map_err(sled_err)?;
         }
-        self.flush().await
+        self.durable().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -310,7 +323,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         // deletion runs; one skipped is covered by the next, which deletes everything below
         // its own point. Deleted from the front: never a hole.
         self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
-        self.flush().await?;
+        self.durable().await?;
         let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
         if deleting.as_ref().is_some_and(|h| !h.is_finished()) {
             return Ok(());
