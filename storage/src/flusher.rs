@@ -12,6 +12,7 @@
 
 use std::io;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use openraft::storage::IOFlushed;
@@ -23,6 +24,13 @@ use crate::types::TypeConfig;
 const QUEUE: usize = 1024;
 /// Jobs one flush may report, at most.
 const BATCH: usize = 256;
+/// A flush longer than this is slow: a third of the default leader lease (300 ms). openraft's
+/// followers answer even a heartbeat only once their log is flushed, so flushes this slow on a
+/// quorum of nodes cost the leader its lease (seen: 540–640 ms with two synchronous writers on
+/// the same disk).
+const SLOW: Duration = Duration::from_millis(100);
+/// Slow flushes are said at WARN at most this often (with how many and the longest).
+const SAY_EVERY: Duration = Duration::from_secs(10);
 
 /// A flush of the whole store (each job brings one; a batch runs only its last).
 pub type Flush = BoxFuture<'static, io::Result<()>>;
@@ -83,12 +91,17 @@ fn copy(r: &io::Result<()>) -> io::Result<()> {
 /// The flushing task: takes every job queued, runs the newest job's flush (a flush writes
 /// everything inserted before it started, so it covers the older jobs too), reports them all
 /// in order, and again.
+// The clock times flushes for a log line only; the simulation's stores have no flusher.
+#[allow(clippy::disallowed_methods)]
 async fn run(mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(BATCH);
+    let mut slow = Slow::default();
     while rx.recv_many(&mut jobs, BATCH).await > 0 {
         let Some(last) = jobs.last_mut() else { continue };
         let flush = std::mem::replace(&mut last.flush, Box::pin(async { Ok(()) }));
+        let began = Instant::now();
         let result = flush.await;
+        slow.note(began.elapsed());
         for job in jobs.drain(..) {
             match job.done {
                 Done::Appended(callback) => callback.io_completed(copy(&result)),
@@ -97,6 +110,36 @@ async fn run(mut rx: mpsc::Receiver<Job>) {
                 }
             }
         }
+    }
+}
+
+/// Slow flushes since the last time they were said.
+#[derive(Default)]
+struct Slow {
+    count: u32,
+    longest: Duration,
+    said: Option<Instant>,
+}
+
+impl Slow {
+    #[allow(clippy::disallowed_methods)] // as in `run`: for a log line only
+    fn note(&mut self, took: Duration) {
+        if took <= SLOW {
+            return;
+        }
+        self.count += 1;
+        self.longest = self.longest.max(took);
+        if self.said.is_some_and(|at| at.elapsed() < SAY_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            count = self.count,
+            longest_ms = self.longest.as_millis(),
+            "slow Raft log flushes (the disk is busy with other writers?): over ~270 ms on a quorum of \
+             nodes the leader loses its lease; put data_dir on a quieter disk or raise [raft] \
+             election_timeout_ms"
+        );
+        *self = Slow { said: Some(Instant::now()), ..Slow::default() };
     }
 }
 

@@ -170,11 +170,15 @@ fn log_counts(c: &mut Cluster, from: &[usize]) -> (Vec<String>, usize) {
     (drops, takeovers)
 }
 
-/// Ignored in `make test` for now (issue 19 is open): in about a third of the full-suite runs
-/// one primary drop ("leader lease not confirmed by a quorum") still happens within the
-/// minute, with no runtime pause. Run it by hand: `cargo test --test cluster t96 -- --ignored`.
+/// Ignored in `make test` for now (issue 19 is open): in about one run in ten the primary drops
+/// its duties once, in the first second of the load ("quorum acknowledged 290 ms ago; by member
+/// id 2: 290 ms ago, 3: …, 4: …", every member at once, no runtime pause). The cause, measured:
+/// the synchronous writers share the disk with every node's Raft log, the followers' log
+/// flushes then take 540–640 ms, and openraft's followers answer even a heartbeat only once
+/// their log is flushed — longer than the 300 ms lease. Run it by hand:
+/// `cargo test --test cluster t96 -- --ignored` (`HERD_T96_SECS=15` for a short one).
 #[test]
-#[ignore = "one lease drop per minute in about a third of runs: issue 19 open"]
+#[ignore = "a follower's log flush slower than the lease, about one run in ten: issue 19 open"]
 fn a_busy_host_costs_herd_nothing() {
     let test = "a_busy_host_costs_herd_nothing";
     if !netns::available(test) {
