@@ -6,7 +6,6 @@
 //!   types.rs    the openraft type config (declared here: the stores implement against it)
 //!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
 //!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
-//!   flusher     the log's flushes and their reports, off the Raft core's path, in order
 //!   mem_store   the same behaviour in memory, for the deterministic simulation
 //!   mark        the log mark: what this node applied, kept outside data_dir
 //!   log_store   one type for either log store (the daemon is not generic over it)
@@ -14,7 +13,6 @@
 //!
 //! **Architecture invariant:** only this crate imports `sled`; only `model` decides.
 
-pub mod flusher;
 pub mod identity;
 pub mod log_store;
 pub mod mark;

@@ -10,9 +10,7 @@
 //! | `raft_meta`| `vote`, `committed`, `last_purged`                           |
 //! | `sm_meta`  | `snapshot` (the latest [`StoredSnapshot`])                   |
 //!
-//! Durability: `append` reports once its entries are flushed — it returns before, once they are
-//! readable, and the flush runs on the log flusher (`flusher.rs`: off the Raft core's path,
-//! in order, grouped); `save_vote` and `truncate_after` return once flushed; `purge` records
+//! Durability: `append` and `save_vote` flush before they report; `purge` records
 //! `last_purged` before deleting (never a hole); a snapshot is flushed before `build_snapshot`
 //! returns. The applied state is not written per apply: a restarted node opens at its latest
 //! snapshot and openraft re-applies the committed entries after it (see `sm.rs`).
@@ -29,6 +27,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -36,7 +35,6 @@ use openraft::RaftLogReader;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::flusher::{Flush, Flusher};
 use crate::identity::{Identity, IdentityStore};
 use crate::model::State;
 use crate::sm::{Backend, StoredSnapshot};
@@ -115,7 +113,7 @@ pub fn open(dir: &Path) -> Result<SledStores, OpenError> {
             log: tree("raft_log")?,
             meta: tree("raft_meta")?,
             deleting: Arc::default(),
-            flusher: Flusher::default(),
+            slow: Arc::default(),
         },
         sm: SledBackend { db: db.clone(), meta: sm_meta },
         local,
@@ -198,8 +196,46 @@ pub struct SledLogStore {
     meta: sled::Tree,
     /// The deletion of purged entries, while one runs.
     deleting: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
-    /// Flushes and reports appends off the Raft core's path.
-    flusher: Flusher,
+    /// Slow flushes of appends, said at WARN now and then.
+    slow: Arc<std::sync::Mutex<SlowFlushes>>,
+}
+
+/// A flush of an append longer than this is slow: a third of the default leader lease (300 ms).
+/// openraft's followers answer even a heartbeat only once their log is flushed, so flushes this
+/// slow on a quorum of nodes cost the leader its lease (seen: 540–640 ms with two synchronous
+/// writers on the same disk).
+const SLOW_FLUSH: Duration = Duration::from_millis(100);
+/// Slow flushes are said at WARN at most this often (with how many, and the longest).
+const SAY_SLOW_EVERY: Duration = Duration::from_secs(10);
+
+/// Slow flushes since they were last said.
+#[derive(Default)]
+struct SlowFlushes {
+    count: u32,
+    longest: Duration,
+    said: Option<Instant>,
+}
+
+impl SlowFlushes {
+    // The clock times a flush for a log line only: the simulation's stores are in memory.
+    #[allow(clippy::disallowed_methods)]
+    fn note(&mut self, took: Duration) {
+        if took <= SLOW_FLUSH {
+            return;
+        }
+        self.count += 1;
+        self.longest = self.longest.max(took);
+        if self.said.is_some_and(|at| at.elapsed() < SAY_SLOW_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            count = self.count,
+            longest_ms = self.longest.as_millis(),
+            "slow Raft log flushes (a disk busy with other writers?): over ~270 ms on a quorum of nodes \
+             the leader loses its lease; put data_dir on a quieter disk or raise [raft] election_timeout_ms"
+        );
+        *self = SlowFlushes { said: Some(Instant::now()), ..SlowFlushes::default() };
+    }
 }
 
 fn index_key(i: u64) -> [u8; 8] {
@@ -215,18 +251,9 @@ fn map_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
 }
 
 impl SledLogStore {
-    /// A flush of the whole database, run when first polled.
-    fn flush(&self) -> Flush {
-        let db = self.db.clone();
-        Box::pin(async move {
-            db.flush_async().await.map_err(sled_err)?;
-            Ok(())
-        })
-    }
-
-    /// Flushes, after every append before it was flushed and reported.
-    async fn durable(&self) -> io::Result<()> {
-        self.flusher.barrier(self.flush()).await
+    async fn flush(&self) -> io::Result<()> {
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
     }
 }
 
@@ -270,7 +297,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.meta.insert(b"vote", encode(vote)?).map_err(sled_err)?;
-        self.durable().await
+        self.flush().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -302,8 +329,15 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
                 self.log.apply_batch(batch).map_err(sled_err)?;
             }
         }
-        // Readable now; on disk when the flusher reports (openraft's core carries on meanwhile).
-        self.flusher.appended(self.flush(), callback).await
+        // Inline on purpose: overlapping the flush with replication cost throughput in every
+        // variant measured (docs/benchmarks.md), and a follower's answers wait for it anyway.
+        #[allow(clippy::disallowed_methods)] // timed for the slow-flush log line only
+        let began = Instant::now();
+        let result = self.flush().await;
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).note(began.elapsed());
+        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(report);
+        result
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -313,7 +347,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         for k in keys.iter().rev() {
             self.log.remove(k).map_err(sled_err)?;
         }
-        self.durable().await
+        self.flush().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -323,7 +357,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         // deletion runs; one skipped is covered by the next, which deletes everything below
         // its own point. Deleted from the front: never a hole.
         self.meta.insert(b"last_purged", encode(&log_id)?).map_err(sled_err)?;
-        self.durable().await?;
+        self.flush().await?;
         let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
         if deleting.as_ref().is_some_and(|h| !h.is_finished()) {
             return Ok(());
