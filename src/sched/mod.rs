@@ -66,8 +66,8 @@ pub struct Got {
     pub policy: String,
     pub priority: i32,
     pub memory_locked: bool,
-    /// Why something asked for was refused (the kernel's words), or why the watchdog
-    /// demoted the workers.
+    /// Why something asked for was refused (the kernel's words), or why the runaway watchdog
+    /// put every thread back to normal scheduling.
     pub refused: Vec<String>,
 }
 
@@ -83,7 +83,8 @@ pub struct Pauses {
 struct Shared {
     settings: Option<Settings>,
     got: Got,
-    /// Worker thread ids, for the watchdog to demote.
+    /// Threads promoted so far: put back if a later promotion is refused; the store's threads
+    /// are promoted once.
     workers: Vec<libc::pid_t>,
     /// (when, length) of recent pauses, for the last minute's longest.
     recent: VecDeque<(Instant, Duration)>,
