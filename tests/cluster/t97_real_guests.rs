@@ -312,12 +312,12 @@ fn real_guests_in_namespaces() {
     wait_until("hv1's guests running elsewhere", Duration::from_secs(30), || {
         let seen = observed(&hosts);
         let now = t0.elapsed();
-        for g in &on_hv1 {
-            if seen.get(g).is_some_and(|on| on.len() == 1 && on[0] != "hv1") {
-                each.entry(g.clone()).or_insert(now);
-            }
+        let elsewhere = |g: &String| seen.get(g).is_some_and(|on| on.len() == 1 && on[0] != "hv1");
+        for g in on_hv1.iter().filter(|g| elsewhere(g)) {
+            each.entry(g.clone()).or_insert(now);
         }
-        (each.len() == on_hv1.len()).then_some(())
+        // Done when all of them run elsewhere at once (not merely each at some moment).
+        on_hv1.iter().all(elsewhere).then_some(())
     });
     let recovered = t0.elapsed();
     let mut times: Vec<u128> = each.values().map(Duration::as_millis).collect();
