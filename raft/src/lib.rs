@@ -9,6 +9,7 @@
 //!     cert.rs       certificate renewal (both ends), a joiner's enrolment
 //!     policy.rs     JoinPolicy: what an admitted join writes (set by the caller)
 //!     tokens.rs     join tokens, request ids, the replaceable random source
+//!   follow.rs     following the state outside Raft: serve a coordinator's changes, Follower
 //!   network.rs    PeerClient (deadlines, reconnect) + openraft RaftNetworkV2 (pre-vote too)
 //!   server.rs     accept loop: connection limit, idle timeout, frame deadline
 //!   wire.rs       frames: u32 length + rmp-serde body, bounded
@@ -26,6 +27,7 @@
 //! the caller's [`node::JoinPolicy`].
 
 pub mod clock;
+pub mod follow;
 pub mod network;
 pub mod node;
 pub mod server;

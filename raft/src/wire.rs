@@ -111,6 +111,13 @@ pub enum Rpc {
         kind: String,
         args: Vec<String>,
     },
+    /// A follower outside Raft asks for the committed changes from index `from` on (`None`:
+    /// the whole state); with none yet, the answer waits up to `wait_ms` for one (a long poll,
+    /// bounded by the frame's timeout). `follow.rs` is the asking side.
+    Changes {
+        from: Option<u64>,
+        wait_ms: u64,
+    },
 }
 
 /// Operations executed by the leader, forwarded from any node.
@@ -160,6 +167,13 @@ pub enum RpcReply {
     /// A renewed certificate (PEM).
     Renewed(String),
     Done,
+    /// The changes asked for, in log order (empty: none came within the wait).
+    Changes(Vec<herd_storage::changes::Change>),
+    /// The whole applied state (the snapshot's encoding) and the next index after it.
+    State {
+        next: u64,
+        state: Vec<u8>,
+    },
 }
 
 /// Errors that travel back to the caller. Plain data, so any version can read them.

@@ -5,6 +5,7 @@
 //!               apply; no IO, no clock, serde its only dependency
 //!   types.rs    the openraft type config (declared here: the stores implement against it)
 //!   sm.rs       the openraft state machine: decode, apply, persist through a Backend, respond
+//!   changes.rs  the ring of recent applied requests, for followers outside Raft
 //!   sled_store  log store + state-machine backend + node-local identity on sled 0.34.7
 //!   mem_store   the same behaviour in memory, for the deterministic simulation
 //!   mark        the log mark: what this node applied, kept outside data_dir
@@ -13,6 +14,7 @@
 //!
 //! **Architecture invariant:** only this crate imports `sled`; only `model` decides.
 
+pub mod changes;
 pub mod identity;
 pub mod log_store;
 pub mod mark;

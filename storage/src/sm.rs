@@ -20,6 +20,7 @@ use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::changes::ChangeRing;
 use crate::model::{self, Reply, Response, State};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -32,6 +33,16 @@ pub struct SmState {
     /// The membership configurations this node applied from its log, oldest first (bounded,
     /// not persisted): `[[1,2],[1,2,3]]` is a joint configuration. For diagnosis and tests.
     pub membership_history: std::collections::VecDeque<MembershipChange>,
+    /// The recent applied entries, for followers outside Raft (`changes.rs`; not persisted:
+    /// after a restart it starts at the snapshot's state).
+    pub changes: ChangeRing,
+}
+
+impl SmState {
+    /// One past the last applied index: where a follower of this state continues.
+    pub fn next_index(&self) -> u64 {
+        self.last_applied.as_ref().map_or(0, |l| l.index + 1)
+    }
 }
 
 /// One applied membership entry.
@@ -119,15 +130,16 @@ impl StateMachine {
     /// Opens the state machine at the backend's latest snapshot (empty without one); openraft
     /// re-applies the committed entries after it.
     pub fn open(backend: Arc<dyn Backend>) -> io::Result<Self> {
-        let sm = match backend.load_snapshot()? {
+        let mut sm = match backend.load_snapshot()? {
             Some(s) => SmState {
                 state: decode_snapshot_state(&s.data)?,
                 last_applied: s.meta.last_log_id,
                 membership: s.meta.last_membership,
-                membership_history: Default::default(),
+                ..SmState::default()
             },
             None => SmState::default(),
         };
+        sm.changes = ChangeRing::starting_at(sm.next_index());
         let saved = Arc::new(std::sync::Mutex::new(sm.last_applied));
         Ok(StateMachine { backend, view: StateView::new(sm), saved })
     }
@@ -138,9 +150,14 @@ impl StateMachine {
     }
 }
 
+/// Encodes a state as snapshots hold it (also the whole state a follower outside Raft takes).
+pub fn encode_state(state: &State) -> io::Result<Vec<u8>> {
+    rmp_serde::to_vec_named(state).map_err(io::Error::other)
+}
+
 /// Decodes a snapshot's state and checks the model's invariants on it: a snapshot that breaks
 /// them is refused like one that does not decode.
-fn decode_snapshot_state(data: &[u8]) -> io::Result<State> {
+pub fn decode_snapshot_state(data: &[u8]) -> io::Result<State> {
     let state: State = rmp_serde::from_slice(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     state.check_invariants().map_err(|e| {
         io::Error::new(io::ErrorKind::InvalidData, format!("the snapshot's state breaks an invariant: {e}"))
@@ -179,7 +196,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     g.last_applied
                 );
                 let response = match entry.payload {
-                    EntryPayload::Blank => Response { index, result: Ok(Reply::Done) },
+                    EntryPayload::Blank => {
+                        g.changes.push(index, None);
+                        Response { index, result: Ok(Reply::Done) }
+                    }
                     EntryPayload::Normal(req) => {
                         let applied = model::apply(&mut g.state, index, &req);
                         // A broken invariant is a bug in the model: crash, don't limp on.
@@ -188,6 +208,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             panic!("invariant broken by {req} at index {index}: {e}");
                         }
                         let refused = applied.response.result.as_ref().err().cloned();
+                        g.changes.push(index, Some(req.clone()));
                         logged.push((index, req, refused));
                         applied.response
                     }
@@ -202,6 +223,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             learners: m.learner_ids().collect(),
                         });
                         g.membership = StoredMembership::new(Some(entry.log_id), m);
+                        g.changes.push(index, None);
                         Response { index, result: Ok(Reply::Done) }
                     }
                 };
@@ -242,6 +264,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             g.state = state;
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
+            g.changes = ChangeRing::starting_at(g.next_index());
             save_if_newer(&*self.backend, &self.saved, &StoredSnapshot { meta: meta.clone(), data })?;
             index = g.last_applied.as_ref().map_or(0, |l| l.index);
         }
@@ -275,7 +298,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let g = self.view.read();
             (g.state.clone(), SnapshotMeta { last_log_id: g.last_applied, last_membership: g.membership.clone() })
         };
-        let data = rmp_serde::to_vec_named(&state).map_err(io::Error::other)?;
+        let data = encode_state(&state)?;
         drop(state);
         save_if_newer(&*self.backend, &self.saved, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.backend.flush().await?;

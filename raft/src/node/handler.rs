@@ -18,8 +18,9 @@ use crate::server::Handler;
 use crate::transport::Peer;
 use crate::wire::{LeaderOp, RequestFrame, Rpc, RpcError, RpcReply};
 
-/// Whether `frame`, from `peer`, may be handled here at all: who may send it, and whether it
-/// names this cluster and this node.
+/// A long poll for changes answers this long before the asker's timeout.
+const CHANGES_MARGIN: Duration = Duration::from_millis(250);
+
 /// A Raft error as the leader's health duty shows it: `storage error: …` when this node's Raft
 /// stopped on its store, `raft stopped: …` for another fatal error.
 fn stopped<E: std::fmt::Display>(e: &openraft::errors::RaftError<TypeConfig, E>) -> String {
@@ -30,6 +31,8 @@ fn stopped<E: std::fmt::Display>(e: &openraft::errors::RaftError<TypeConfig, E>)
     }
 }
 
+/// Whether `frame`, from `peer`, may be handled here at all: who may send it, and whether it
+/// names this cluster and this node.
 fn check_frame(member: &Member, frame: &RequestFrame, peer: Peer) -> Result<(), RpcError> {
     // Only a join's first phase may come without the cluster id (the joiner does not know
     // it yet); everything else must name this cluster, and Raft traffic this very node.
@@ -132,6 +135,11 @@ where
                 Ok(RpcReply::Done)
             }
             Rpc::Leader(op) => self.leader_op(&member, op, frame.to, timeout).await,
+            Rpc::Changes { from, wait_ms } => {
+                // Answer before the asker gives up: the wait ends a margin before its timeout.
+                let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
+                crate::follow::serve(&member.view, from, wait).await
+            }
         }
     }
 

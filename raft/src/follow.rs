@@ -1,0 +1,203 @@
+//! Following the replicated state from outside Raft (issue 22, slice 1; the plan is
+//! `docs/design/hypervisors-as-clients.md`): a coordinator serves the committed changes from
+//! its state machine's ring (`herd_storage::changes`) as a long poll on the cluster port, and a
+//! [`Follower`] applies them with the same pure `herd_model::apply`, so its state is the
+//! leader's at that index. A follower further behind than the ring, or with nothing yet, takes
+//! the whole state. Nothing in the daemon uses it yet.
+//!
+//! ```text
+//!   Follower ──Rpc::Changes{from, wait_ms}──▶ any member's handler ──▶ serve(view)
+//!            ◀── Changes([index, request?]…) | State{next, whole state} ──┘
+//! ```
+
+use std::time::Duration;
+
+use herd_storage::changes::{Change, Since};
+use herd_storage::model::{self, State};
+use herd_storage::sm::StateView;
+
+use crate::network::{CallError, PeerClient};
+use crate::wire::{Rpc, RpcError, RpcReply};
+
+/// At most about this many bytes of changes in one answer (at least one change).
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
+
+/// The serving side: the changes from `from` (the whole state for `None`, or when `from` is
+/// older than the ring holds); with none yet, waits up to `wait` for the next apply and
+/// answers an empty list if none came.
+pub async fn serve(view: &StateView, from: Option<u64>, wait: Duration) -> Result<RpcReply, RpcError> {
+    // Subscribed before reading: an apply in between is not missed.
+    let mut applied = view.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let whole = {
+            let g = view.read();
+            match from.map(|f| g.changes.since(f, MAX_REPLY_BYTES)) {
+                Some(Since::Changes(c)) if !c.is_empty() => return Ok(RpcReply::Changes(c)),
+                Some(Since::Changes(_)) => None,
+                None | Some(Since::TooOld) => Some((g.next_index(), g.state.clone())),
+            }
+        };
+        if let Some((next, state)) = whole {
+            // Encoded outside the lock: applying waits for readers.
+            let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
+            return Ok(RpcReply::State { next, state });
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            // The deadline, or the state machine gone: nothing new.
+            Ok(Err(_)) | Err(_) => return Ok(RpcReply::Changes(Vec::new())),
+        }
+    }
+}
+
+/// Why a follower could not take an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("changes from index {got}, expected {expected}: asking again")]
+    Gap { expected: u64, got: u64 },
+    #[error("changes before any state")]
+    NoState,
+    #[error("the whole state does not decode: {0}")]
+    Decode(String),
+    #[error("unexpected answer {0}")]
+    Unexpected(String),
+}
+
+/// What one answer did to a follower's copy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// This many changes applied (0: none came within the wait).
+    Changes(usize),
+    /// The whole state taken.
+    Whole,
+    /// A whole state older than the copy (a lagging coordinator's): kept ours.
+    Stale,
+}
+
+/// A copy of the replicated state, kept by applying a coordinator's changes in log order.
+#[derive(Debug, Default)]
+pub struct Follower {
+    state: State,
+    /// The next log index to apply; `None` before any state was taken.
+    next: Option<u64>,
+}
+
+impl Follower {
+    /// A follower with nothing yet: its first answer is the whole state.
+    pub fn new() -> Follower {
+        Follower::default()
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The next index to apply (`None`: nothing yet).
+    pub fn next(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// The request that asks for what comes next, waiting up to `wait` for it.
+    pub fn ask(&self, wait: Duration) -> Rpc {
+        Rpc::Changes { from: self.next, wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX) }
+    }
+
+    /// Takes one answer to [`Follower::ask`]. Changes apply in order, each exactly at the next
+    /// index; a gap stops the batch (the next ask starts at the first index missing).
+    pub fn take(&mut self, reply: RpcReply) -> Result<Taken, FollowError> {
+        match reply {
+            RpcReply::Changes(changes) => {
+                let n = changes.len();
+                for Change { index, request } in changes {
+                    let expected = self.next.ok_or(FollowError::NoState)?;
+                    if index != expected {
+                        return Err(FollowError::Gap { expected, got: index });
+                    }
+                    if let Some(req) = request {
+                        model::apply(&mut self.state, index, &req);
+                    }
+                    self.next = Some(index + 1);
+                }
+                Ok(Taken::Changes(n))
+            }
+            RpcReply::State { next, state } => {
+                if self.next.is_some_and(|mine| next < mine) {
+                    return Ok(Taken::Stale);
+                }
+                self.state =
+                    herd_storage::sm::decode_snapshot_state(&state).map_err(|e| FollowError::Decode(e.to_string()))?;
+                self.next = Some(next);
+                Ok(Taken::Whole)
+            }
+            other => Err(FollowError::Unexpected(format!("{other:?}").chars().take(120).collect())),
+        }
+    }
+
+    /// Asks `client`'s coordinator for what comes next (waiting up to `wait`) and takes it.
+    pub async fn poll(&mut self, client: &mut PeerClient, wait: Duration) -> Result<Taken, FollowError> {
+        // The coordinator answers a margin before this call's timeout.
+        let reply = client.call(self.ask(wait), wait + Duration::from_secs(2)).await?;
+        self.take(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_storage::changes::ChangeRing;
+    use herd_storage::model::{Command, NewNode, Op, Request, Role};
+
+    /// The request applied at `index` in these tests: the cluster's creation at 1 (index 0 is
+    /// Raft's first membership entry), then tokens.
+    fn request(index: u64) -> Request {
+        let cmd = match index {
+            1 => Command::InitCluster {
+                cluster_id: "c".into(),
+                token_hash: "0".repeat(64),
+                node: NewNode { name: "c1".into(), role: Role::Coordinator, cluster_addr: "c1:7400".into() },
+            },
+            i => Command::CreateJoinToken { token_hash: format!("{i:064x}"), ttl_ms: None, uses: None },
+        };
+        Request { id: format!("r{index}"), time_ms: 1000 + index, ops: vec![Op::from(cmd)] }
+    }
+
+    /// A follower that takes the whole state midway, then changes, ends where the leader is;
+    /// gaps and stale states leave its copy alone.
+    #[test]
+    fn a_follower_ends_with_the_leaders_state() {
+        let (mut leader, mut ring) = (State::default(), ChangeRing::starting_at(1));
+        let mut f = Follower::new();
+        assert!(matches!(f.take(RpcReply::Changes(vec![])), Ok(Taken::Changes(0))));
+        let change = |i: u64| Change { index: i, request: Some(request(i)) };
+        assert!(matches!(f.take(RpcReply::Changes(vec![change(1)])), Err(FollowError::NoState)));
+        for i in 1..7 {
+            let c = change(i);
+            if let Some(r) = &c.request {
+                model::apply(&mut leader, i, r);
+            }
+            ring.push(i, c.request);
+        }
+        let whole =
+            |s: &State, next| RpcReply::State { next, state: herd_storage::sm::encode_state(s).expect("encode") };
+        let at3 = {
+            let mut s = State::default();
+            for i in 1..3 {
+                model::apply(&mut s, i, &request(i));
+            }
+            s
+        };
+        assert_eq!(f.take(whole(&at3, 3)).expect("whole"), Taken::Whole);
+        assert_eq!(f.next(), Some(3));
+        // A gap is refused and changes nothing.
+        assert!(matches!(f.take(RpcReply::Changes(vec![change(4)])), Err(FollowError::Gap { expected: 3, got: 4 })));
+        let Since::Changes(rest) = ring.since(3, MAX_REPLY_BYTES) else { panic!("held") };
+        assert_eq!(f.take(RpcReply::Changes(rest)).expect("changes"), Taken::Changes(4));
+        assert_eq!((f.state(), f.next()), (&leader, Some(7)));
+        // An older whole state (a lagging coordinator's) is not taken.
+        assert_eq!(f.take(whole(&at3, 3)).expect("stale"), Taken::Stale);
+        assert_eq!(f.state(), &leader);
+    }
+}
