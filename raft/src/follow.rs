@@ -3,20 +3,26 @@
 //! its state machine's ring (`herd_storage::changes`) as a long poll on the cluster port, and a
 //! [`Follower`] applies them with the same pure `herd_model::apply`, so its state is the
 //! leader's at that index. A follower further behind than the ring, or with nothing yet, takes
-//! the whole state. Nothing in the daemon uses it yet.
+//! the whole state. Its state is a standalone `StateView`, read like a member's. A [`Session`]
+//! keeps a follower fed from one coordinator at a time and moves to the next when it fails.
+//! Nothing in the daemon uses it yet.
 //!
 //! ```text
-//!   Follower ──Rpc::Changes{from, wait_ms}──▶ any member's handler ──▶ serve(view)
-//!            ◀── Changes([index, request?]…) | State{next, whole state} ──┘
+//!   Session ─ Follower ──Rpc::Changes{from, wait_ms}──▶ any member's handler ──▶ serve(view)
+//!                      ◀── Changes([log id, request?]…) | State{last applied, whole state} ─┘
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use herd_storage::changes::{Change, Since};
-use herd_storage::model::{self, State};
-use herd_storage::sm::StateView;
+use herd_storage::model::{self, NodeId, Role};
+use herd_storage::sm::{StateView, ViewWriter};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::network::{CallError, PeerClient};
+use crate::network::{CallError, Limits, PeerClient};
+use crate::transport::Connector;
 use crate::wire::{Rpc, RpcError, RpcReply};
 
 /// At most about this many bytes of changes in one answer (at least one change).
@@ -35,13 +41,13 @@ pub async fn serve(view: &StateView, from: Option<u64>, wait: Duration) -> Resul
             match from.map(|f| g.changes.since(f, MAX_REPLY_BYTES)) {
                 Some(Since::Changes(c)) if !c.is_empty() => return Ok(RpcReply::Changes(c)),
                 Some(Since::Changes(_)) => None,
-                None | Some(Since::TooOld) => Some((g.next_index(), g.state.clone())),
+                None | Some(Since::TooOld) => Some((g.last_applied, g.state.clone())),
             }
         };
-        if let Some((next, state)) = whole {
+        if let Some((last_applied, state)) = whole {
             // Encoded outside the lock: applying waits for readers.
             let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
-            return Ok(RpcReply::State { next, state });
+            return Ok(RpcReply::State { last_applied, state });
         }
         match tokio::time::timeout_at(deadline, applied.changed()).await {
             Ok(Ok(())) => {}
@@ -77,22 +83,31 @@ pub enum Taken {
     Stale,
 }
 
-/// A copy of the replicated state, kept by applying a coordinator's changes in log order.
-#[derive(Debug, Default)]
+/// A copy of the replicated state in a standalone [`StateView`], kept by applying a
+/// coordinator's changes in log order.
 pub struct Follower {
-    state: State,
+    view: StateView,
+    writer: ViewWriter,
     /// The next log index to apply; `None` before any state was taken.
     next: Option<u64>,
+}
+
+impl Default for Follower {
+    fn default() -> Self {
+        Follower::new()
+    }
 }
 
 impl Follower {
     /// A follower with nothing yet: its first answer is the whole state.
     pub fn new() -> Follower {
-        Follower::default()
+        let (view, writer) = StateView::standalone();
+        Follower { view, writer, next: None }
     }
 
-    pub fn state(&self) -> &State {
-        &self.state
+    /// The followed state, read like a member's (and its applied-index watch).
+    pub fn view(&self) -> &StateView {
+        &self.view
     }
 
     /// The next index to apply (`None`: nothing yet).
@@ -111,24 +126,35 @@ impl Follower {
         match reply {
             RpcReply::Changes(changes) => {
                 let n = changes.len();
-                for Change { index, request } in changes {
-                    let expected = self.next.ok_or(FollowError::NoState)?;
-                    if index != expected {
-                        return Err(FollowError::Gap { expected, got: index });
+                let mut next = self.next;
+                let done = self.writer.update(|sm| {
+                    for Change { log_id, request } in changes {
+                        let expected = next.ok_or(FollowError::NoState)?;
+                        if log_id.index != expected {
+                            return Err(FollowError::Gap { expected, got: log_id.index });
+                        }
+                        if let Some(req) = request {
+                            model::apply(&mut sm.state, log_id.index, &req);
+                        }
+                        next = Some(log_id.index + 1);
+                        sm.last_applied = Some(log_id);
                     }
-                    if let Some(req) = request {
-                        model::apply(&mut self.state, index, &req);
-                    }
-                    self.next = Some(index + 1);
-                }
-                Ok(Taken::Changes(n))
+                    Ok(())
+                });
+                self.next = next;
+                done.map(|()| Taken::Changes(n))
             }
-            RpcReply::State { next, state } => {
+            RpcReply::State { last_applied, state } => {
+                let next = last_applied.as_ref().map_or(0, |l| l.index + 1);
                 if self.next.is_some_and(|mine| next < mine) {
                     return Ok(Taken::Stale);
                 }
-                self.state =
+                let state =
                     herd_storage::sm::decode_snapshot_state(&state).map_err(|e| FollowError::Decode(e.to_string()))?;
+                self.writer.update(|sm| {
+                    sm.state = state;
+                    sm.last_applied = last_applied;
+                });
                 self.next = Some(next);
                 Ok(Taken::Whole)
             }
@@ -144,11 +170,176 @@ impl Follower {
     }
 }
 
+/// How a [`Session`] waits and retries.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// A long poll's wait (the coordinator answers sooner when a change comes).
+    pub wait: Duration,
+    /// The pause after a failure, doubling per failure in a row up to `backoff_max`, with up
+    /// to half again of random jitter (so a coordinator's restart does not send all its
+    /// followers to the next one at the same moment).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub limits: Limits,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            wait: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Where a session stands, published on every answer and every move.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStatus {
+    /// The coordinator followed now (id, cluster address).
+    pub coordinator: Option<(NodeId, String)>,
+    /// When a coordinator last answered (its answer is the session's acknowledgement).
+    pub answered: Option<Instant>,
+    /// Moves to another coordinator after a failure.
+    pub moves: u64,
+    /// The last failure, if the last exchange failed.
+    pub failing: Option<String>,
+}
+
+/// A follower kept fed by one coordinator at a time: the coordinators the followed state
+/// names (or the seeds, before it names any), tried in turn from a random one.
+pub struct Session {
+    follower: Follower,
+    connector: Arc<dyn Connector>,
+    cluster_id: String,
+    me: NodeId,
+    seeds: Vec<(NodeId, String)>,
+    settings: SessionSettings,
+    status: watch::Sender<SessionStatus>,
+}
+
+impl Session {
+    /// A session for node `me` of `cluster_id`, starting at one of `seeds` (id, address).
+    pub fn new(
+        connector: Arc<dyn Connector>,
+        cluster_id: String,
+        me: NodeId,
+        seeds: Vec<(NodeId, String)>,
+        settings: SessionSettings,
+    ) -> Session {
+        let follower = Follower::new();
+        let status = watch::Sender::new(SessionStatus::default());
+        Session { follower, connector, cluster_id, me, seeds, settings, status }
+    }
+
+    /// The followed state.
+    pub fn view(&self) -> StateView {
+        self.follower.view().clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<SessionStatus> {
+        self.status.subscribe()
+    }
+
+    /// The coordinators to follow: those the state names, else the seeds.
+    fn coordinators(&self) -> Vec<(NodeId, String)> {
+        let named: Vec<(NodeId, String)> = {
+            let g = self.follower.view().read();
+            g.state
+                .nodes
+                .values()
+                .filter(|n| n.role == Role::Coordinator)
+                .map(|n| (n.id, n.cluster_addr.clone()))
+                .collect()
+        };
+        if named.is_empty() {
+            self.seeds.clone()
+        } else {
+            named
+        }
+    }
+
+    /// Follows until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut turn = usize::try_from(crate::node::tokens::random_u64() % 1024).unwrap_or(0);
+        let mut failures = 0u32;
+        let mut client: Option<PeerClient> = None;
+        loop {
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => {
+                    let all = self.coordinators();
+                    let Some((id, addr)) = all.get(turn % all.len().max(1)).cloned() else {
+                        failures = failures.saturating_add(1);
+                        if self.pause(failures, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    };
+                    self.status.send_modify(|s| s.coordinator = Some((id, addr.clone())));
+                    let c = PeerClient::new(
+                        self.connector.clone(),
+                        addr,
+                        Some(id),
+                        self.cluster_id.clone(),
+                        self.settings.limits.clone(),
+                    );
+                    client.insert(c.from(Some(self.me)))
+                }
+            };
+            let polled = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return,
+                r = self.follower.poll(c, self.settings.wait) => r,
+            };
+            match polled {
+                Ok(_) => {
+                    failures = 0;
+                    self.status.send_modify(|s| {
+                        s.answered = Some(Instant::now());
+                        s.failing = None;
+                    });
+                }
+                // Asks again from the first index missing, same coordinator.
+                Err(e @ FollowError::Gap { .. }) => tracing::warn!("session: {e}"),
+                Err(e) => {
+                    let was = c.addr().to_string();
+                    tracing::debug!("session with {was}: {e}; trying the next coordinator");
+                    self.status.send_modify(|s| {
+                        s.failing = Some(format!("{was}: {e}"));
+                        s.moves += 1;
+                    });
+                    client = None;
+                    turn = turn.wrapping_add(1);
+                    failures = failures.saturating_add(1);
+                    if self.pause(failures, &mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits the backoff for `failures` in a row; true when shut down meanwhile.
+    async fn pause(&self, failures: u32, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let s = &self.settings;
+        let base = s.backoff_min.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(s.backoff_max);
+        let jitter_ms = u64::try_from(base.as_millis() / 2).unwrap_or(0).max(1);
+        let pause = base + Duration::from_millis(crate::node::tokens::random_u64() % jitter_ms);
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => true,
+            _ = tokio::time::sleep(pause) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use herd_storage::changes::ChangeRing;
-    use herd_storage::model::{Command, NewNode, Op, Request, Role};
+    use herd_storage::model::{Command, NewNode, Op, Request, State};
 
     /// The request applied at `index` in these tests: the cluster's creation at 1 (index 0 is
     /// Raft's first membership entry), then tokens.
@@ -164,24 +355,30 @@ mod tests {
         Request { id: format!("r{index}"), time_ms: 1000 + index, ops: vec![Op::from(cmd)] }
     }
 
-    /// A follower that takes the whole state midway, then changes, ends where the leader is;
-    /// gaps and stale states leave its copy alone.
+    fn id(index: u64) -> herd_storage::types::LogId {
+        openraft::testing::log_id::<crate::TypeConfig>(1, 1, index)
+    }
+
+    /// A follower that takes the whole state midway, then changes, ends where the leader is
+    /// (its view's applied index too); gaps and stale states leave its copy alone.
     #[test]
     fn a_follower_ends_with_the_leaders_state() {
         let (mut leader, mut ring) = (State::default(), ChangeRing::starting_at(1));
         let mut f = Follower::new();
         assert!(matches!(f.take(RpcReply::Changes(vec![])), Ok(Taken::Changes(0))));
-        let change = |i: u64| Change { index: i, request: Some(request(i)) };
+        let change = |i: u64| Change { log_id: id(i), request: Some(request(i)) };
         assert!(matches!(f.take(RpcReply::Changes(vec![change(1)])), Err(FollowError::NoState)));
         for i in 1..7 {
             let c = change(i);
             if let Some(r) = &c.request {
                 model::apply(&mut leader, i, r);
             }
-            ring.push(i, c.request);
+            ring.push(c.log_id, c.request);
         }
-        let whole =
-            |s: &State, next| RpcReply::State { next, state: herd_storage::sm::encode_state(s).expect("encode") };
+        let whole = |s: &State, next: u64| RpcReply::State {
+            last_applied: Some(id(next - 1)),
+            state: herd_storage::sm::encode_state(s).expect("encode"),
+        };
         let at3 = {
             let mut s = State::default();
             for i in 1..3 {
@@ -193,11 +390,13 @@ mod tests {
         assert_eq!(f.next(), Some(3));
         // A gap is refused and changes nothing.
         assert!(matches!(f.take(RpcReply::Changes(vec![change(4)])), Err(FollowError::Gap { expected: 3, got: 4 })));
+        assert_eq!(f.view().read().state, at3);
         let Since::Changes(rest) = ring.since(3, MAX_REPLY_BYTES) else { panic!("held") };
         assert_eq!(f.take(RpcReply::Changes(rest)).expect("changes"), Taken::Changes(4));
-        assert_eq!((f.state(), f.next()), (&leader, Some(7)));
+        assert_eq!((&f.view().read().state, f.next()), (&leader, Some(7)));
+        assert_eq!(*f.view().subscribe().borrow(), 6, "the view's applied index");
         // An older whole state (a lagging coordinator's) is not taken.
         assert_eq!(f.take(whole(&at3, 3)).expect("stale"), Taken::Stale);
-        assert_eq!(f.state(), &leader);
+        assert_eq!(f.view().read().state, leader);
     }
 }

@@ -169,9 +169,9 @@ pub enum RpcReply {
     Done,
     /// The changes asked for, in log order (empty: none came within the wait).
     Changes(Vec<herd_storage::changes::Change>),
-    /// The whole applied state (the snapshot's encoding) and the next index after it.
+    /// The whole applied state (the snapshot's encoding) and where it stands in the log.
     State {
-        next: u64,
+        last_applied: Option<herd_storage::types::LogId>,
         state: Vec<u8>,
     },
 }

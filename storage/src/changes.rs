@@ -12,18 +12,25 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Request;
+use crate::types::LogId;
 
 /// Most changes the ring holds.
 pub const MAX_CHANGES: usize = 4096;
 /// Most bytes (encoded) of requests the ring holds.
 pub const MAX_CHANGE_BYTES: usize = 16 << 20;
 
-/// One applied log entry: its index and, for a normal entry, the request (blank and
+/// One applied log entry: its log id and, for a normal entry, the request (blank and
 /// membership entries carry none and only advance the index).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
-    pub index: u64,
+    pub log_id: LogId,
     pub request: Option<Request>,
+}
+
+impl Change {
+    pub fn index(&self) -> u64 {
+        self.log_id.index
+    }
 }
 
 /// The ring: every applied index in `[start, next)`, oldest first.
@@ -62,20 +69,21 @@ impl ChangeRing {
         self.start
     }
 
-    /// Records the entry applied at `index`. An index that does not follow the last one (a
+    /// Records the entry applied at `log_id`. An index that does not follow the last one (a
     /// snapshot installed meanwhile) starts the ring afresh there: nothing older is served.
-    pub fn push(&mut self, index: u64, request: Option<Request>) {
+    pub fn push(&mut self, log_id: LogId, request: Option<Request>) {
+        let index = log_id.index;
         if index != self.next {
             *self = ChangeRing::starting_at(index);
         }
         let size = request.as_ref().map_or(16, encoded_len);
-        self.held.push_back((Change { index, request }, size));
+        self.held.push_back((Change { log_id, request }, size));
         self.bytes += size;
         self.next = index + 1;
         while self.held.len() > MAX_CHANGES || (self.bytes > MAX_CHANGE_BYTES && self.held.len() > 1) {
             if let Some((c, s)) = self.held.pop_front() {
                 self.bytes -= s;
-                self.start = c.index + 1;
+                self.start = c.index() + 1;
             }
         }
     }
@@ -122,13 +130,17 @@ fn encoded_len(request: &Request) -> usize {
 mod tests {
     use super::*;
 
+    fn id(index: u64) -> LogId {
+        openraft::testing::log_id::<crate::types::TypeConfig>(1, 1, index)
+    }
+
     fn req(id: &str) -> Option<Request> {
         Some(Request { id: id.into(), time_ms: 1, ops: vec![] })
     }
 
     fn indexes(s: Since) -> Vec<u64> {
         match s {
-            Since::Changes(c) => c.iter().map(|c| c.index).collect(),
+            Since::Changes(c) => c.iter().map(Change::index).collect(),
             Since::TooOld => panic!("too old"),
         }
     }
@@ -139,7 +151,7 @@ mod tests {
         assert_eq!(r.since(5, usize::MAX), Since::Changes(vec![]));
         assert_eq!(r.since(4, usize::MAX), Since::TooOld);
         for i in 5..10 {
-            r.push(i, if i == 7 { None } else { req(&format!("r{i}")) });
+            r.push(id(i), if i == 7 { None } else { req(&format!("r{i}")) });
         }
         assert_eq!(indexes(r.since(5, usize::MAX)), vec![5, 6, 7, 8, 9]);
         assert_eq!(indexes(r.since(8, usize::MAX)), vec![8, 9]);
@@ -152,10 +164,10 @@ mod tests {
     #[test]
     fn a_gap_starts_the_ring_afresh() {
         let mut r = ChangeRing::starting_at(0);
-        r.push(0, None);
-        r.push(1, req("a"));
+        r.push(id(0), None);
+        r.push(id(1), req("a"));
         // A snapshot installed up to 9: the next applied index is 10.
-        r.push(10, req("b"));
+        r.push(id(10), req("b"));
         assert_eq!(r.since(1, usize::MAX), Since::TooOld);
         assert_eq!(indexes(r.since(10, usize::MAX)), vec![10]);
         assert_eq!((r.start(), r.next()), (10, 11));
@@ -165,14 +177,14 @@ mod tests {
     fn the_ring_is_bounded_by_count_and_bytes() {
         let mut r = ChangeRing::starting_at(0);
         for i in 0..(MAX_CHANGES as u64 + 10) {
-            r.push(i, req("x"));
+            r.push(id(i), req("x"));
         }
         assert_eq!(r.start(), 10);
         assert_eq!(r.since(9, usize::MAX), Since::TooOld);
         let big = "y".repeat(MAX_CHANGE_BYTES / 3);
         let mut r = ChangeRing::starting_at(0);
         for i in 0..4 {
-            r.push(i, req(&big));
+            r.push(id(i), req(&big));
         }
         assert!(r.bytes <= MAX_CHANGE_BYTES, "{} bytes held", r.bytes);
         assert_eq!((r.start(), r.next()), (2, 4));

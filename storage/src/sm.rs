@@ -102,6 +102,31 @@ impl StateView {
     fn publish(&self, index: u64) {
         self.applied.send_replace(index);
     }
+
+    /// A view with no state machine behind it, and its only writer: the state of a node that
+    /// follows a coordinator's changes instead of applying a Raft log (`herd_raft::follow`).
+    pub fn standalone() -> (StateView, ViewWriter) {
+        let view = StateView::new(SmState::default());
+        (view.clone(), ViewWriter { view })
+    }
+}
+
+/// Writes a standalone [`StateView`] (see [`StateView::standalone`]).
+pub struct ViewWriter {
+    view: StateView,
+}
+
+impl ViewWriter {
+    /// Changes the state under the write lock, then publishes its last applied index.
+    pub fn update<R>(&self, f: impl FnOnce(&mut SmState) -> R) -> R {
+        let (r, index) = {
+            let mut g = self.view.write();
+            let r = f(&mut g);
+            (r, g.last_applied.as_ref().map_or(0, |l| l.index))
+        };
+        self.view.publish(index);
+        r
+    }
 }
 
 /// herd's openraft state machine over a [`Backend`].
@@ -197,7 +222,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 );
                 let response = match entry.payload {
                     EntryPayload::Blank => {
-                        g.changes.push(index, None);
+                        g.changes.push(entry.log_id, None);
                         Response { index, result: Ok(Reply::Done) }
                     }
                     EntryPayload::Normal(req) => {
@@ -208,7 +233,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             panic!("invariant broken by {req} at index {index}: {e}");
                         }
                         let refused = applied.response.result.as_ref().err().cloned();
-                        g.changes.push(index, Some(req.clone()));
+                        g.changes.push(entry.log_id, Some(req.clone()));
                         logged.push((index, req, refused));
                         applied.response
                     }
@@ -223,7 +248,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             learners: m.learner_ids().collect(),
                         });
                         g.membership = StoredMembership::new(Some(entry.log_id), m);
-                        g.changes.push(index, None);
+                        g.changes.push(entry.log_id, None);
                         Response { index, result: Ok(Reply::Done) }
                     }
                 };

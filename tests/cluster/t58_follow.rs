@@ -2,12 +2,12 @@
 //! member's certificate takes the whole state from one coordinator, then the committed changes
 //! as a long poll, and its state equals the leader's at the same index — after writes, after
 //! the coordinator it follows was killed and restarted (writes meanwhile), and after moving to
-//! another coordinator.
+//! another coordinator. A `Session` moves on by itself when the coordinator it follows dies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herd_raft::follow::{Follower, Taken};
+use herd_raft::follow::{Follower, Session, SessionSettings, Taken};
 use herd_raft::network::{Limits, PeerClient};
 use herd_raft::tls::{Pki, TlsConnector};
 use herd_raft::transport::TcpConnector;
@@ -50,7 +50,8 @@ impl Setup {
             }
             // Equal positions: equal states, or the leader moved on meanwhile (ask again).
             (f.next() == Some(target)).then_some(())?;
-            assert_eq!(f.state(), whole.state(), "the follower's state at index {target} is the leader's");
+            let (mine, theirs) = (f.view().read().state.clone(), whole.view().read().state.clone());
+            assert_eq!(mine, theirs, "the follower's state at index {target} is the leader's");
             Some(target)
         })
     }
@@ -118,4 +119,49 @@ fn a_follower_outside_raft_keeps_the_leaders_state() {
     tokens(&mut c, "f2", 5);
     let at = s.caught_up(&mut f, &mut via_f3, 0);
     eprintln!("following f3: at index {at}, equal to f1's state");
+
+    session_moves_on(&mut c, &s);
+}
+
+/// A session follows one coordinator; killed, the session moves to another by itself and its
+/// state goes on equal to the leader's.
+fn session_moves_on(c: &mut Cluster, s: &Setup) {
+    let connector = Arc::new(TlsConnector { inner: Arc::new(TcpConnector), pki: s.pki.clone() });
+    let settings = SessionSettings { wait: Duration::from_secs(1), ..SessionSettings::default() };
+    let seeds = vec![(s.ids[0], SPECS[0].2.to_string())];
+    let session = Session::new(connector, s.cluster_id.clone(), s.ids[2], seeds, settings);
+    let (view, status) = (session.view(), session.status());
+    let bg = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = bg.spawn(session.run(stopped));
+    let same_as = |k: usize| {
+        let mut whole = Follower::new();
+        let mut client = s.client(k);
+        s.rt.block_on(whole.poll(&mut client, Duration::ZERO)).ok()?;
+        let theirs = whole.view().read();
+        let mine = view.read();
+        (mine.last_applied == theirs.last_applied && mine.state == theirs.state).then_some(())
+    };
+    let first = wait_until("the session answered", Duration::from_secs(20), || {
+        let st = status.borrow().clone();
+        st.answered.and(st.coordinator)
+    });
+    let k = s.ids.iter().position(|id| *id == first.0).expect("a coordinator");
+    let other = (k + 1) % 3;
+    wait_until("the session at the leader's state", Duration::from_secs(20), || same_as(other));
+    let name = SPECS[k].0;
+    c.node(name).kill9();
+    tokens(c, SPECS[other].0, 10);
+    let moved = wait_until("the session moved on", Duration::from_secs(20), || {
+        let st = status.borrow().clone();
+        let now = st.coordinator.filter(|(id, _)| *id != first.0)?;
+        same_as(other).map(|()| (now, st.moves))
+    });
+    eprintln!(
+        "session: followed {name}, killed; now follows node {} after {} move(s), equal state",
+        moved.0 .0, moved.1
+    );
+    stop.send_replace(true);
+    bg.block_on(task).expect("the session ends on shutdown");
+    c.node(name).start();
 }

@@ -49,7 +49,7 @@ mod log_mark;
 mod membership;
 mod policy;
 mod refuse;
-mod tokens;
+pub(crate) mod tokens;
 
 pub use handler::NodeHandler;
 pub use policy::{JoinPolicy, RegisterJoiner};

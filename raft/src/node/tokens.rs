@@ -36,7 +36,7 @@ pub(super) fn random_hex(bytes: usize) -> String {
 }
 
 /// A random id (a boot of this node's Raft: see `Member::boot`).
-pub(super) fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut buf = [0u8; 8];
     match RANDOM_SOURCE.with(std::cell::Cell::get) {
         Some(f) => f(buf.as_mut_slice()),
