@@ -16,11 +16,15 @@
 //! - `migration [REPS]`: see `migration.rs` — live moves of real QEMU guests (time, libvirt's
 //!   job time, downtime; default 10) and a flush of 4 guests by live migration, on the demo
 //!   cluster (root, QEMU).
+//! - `follow [FOLLOWERS] [SECONDS]`: see `follow.rs` — 3 coordinators serving the state to 1000
+//!   followers outside Raft (issue 22): bootstrap, write fan-out, coordinator CPU, a
+//!   coordinator's death.
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
 mod busy;
 mod connections;
 mod failover;
+mod follow;
 mod migration;
 mod procs;
 #[cfg(feature = "etcd")]
@@ -371,8 +375,9 @@ fn main() -> Result<()> {
                     "hypervisor_hang_median_ms": r["hypervisor_hang"]["median_ms"]})
             };
             let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
+            let follow = follow::run(herd_binary()?, 1000, 60)?;
             let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
-                "connections": conns, "busy": busy, "migration": migration });
+                "connections": conns, "busy": busy, "migration": migration, "follow": follow });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
@@ -389,6 +394,11 @@ fn main() -> Result<()> {
             connections::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?)
                 .map(|_| ())
         }
+        ["follow"] => follow::run(herd_binary()?, 1000, 60).map(|_| ()),
+        ["follow", n] => follow::run(herd_binary()?, n.parse().context("followers")?, 60).map(|_| ()),
+        ["follow", n, secs] => {
+            follow::run(herd_binary()?, n.parse().context("followers")?, secs.parse().context("seconds")?).map(|_| ())
+        }
         ["migration"] => migration_scenario(10).map(|_| ()),
         ["migration", reps] => migration_scenario(reps.parse().context("repetitions")?).map(|_| ()),
         ["busy"] => busy::run(600).map(|_| ()),
@@ -398,7 +408,7 @@ fn main() -> Result<()> {
         ["busy", secs, "normal"] => busy::one(secs.parse().context("seconds")?, false).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | all"
         ),
     }
 }
