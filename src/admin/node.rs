@@ -126,6 +126,7 @@ pub(super) async fn status(d: &Daemon) -> Value {
         // What the kernel granted herd's runtime (issue 19), and how late it ran.
         "scheduling": crate::sched::got(),
         "pauses": crate::sched::pauses(),
+        "followers": followers(d),
         "members": members,
         "raft": {
             "voters": voters,
@@ -304,4 +305,16 @@ pub(super) async fn move_primary(d: &Daemon, name: String, secondary: bool, wait
         )
     };
     wait_for_state(&member, started + PRIMARY_WAIT, check, late).await
+}
+
+/// The followers outside Raft this node serves (issue 22): how many asked for changes in the
+/// last minute, and the longest silence among them.
+fn followers(d: &Daemon) -> Value {
+    let heard = d.node.followers_heard();
+    let recent: Vec<&Duration> =
+        heard.iter().map(|(_, ago)| ago).filter(|ago| **ago < Duration::from_secs(60)).collect();
+    json!({
+        "count": recent.len(),
+        "longest_silence_ms": recent.iter().map(|d| d.as_millis()).max().unwrap_or(0),
+    })
 }

@@ -97,6 +97,10 @@ fn a_follower_outside_raft_keeps_the_leaders_state() {
     tokens(&mut c, "f1", 20);
     let at = s.caught_up(&mut f, &mut via_f2, 0);
     eprintln!("following f2: at index {at}, equal to f1's state");
+    // f2 heard the follower (it speaks as f3) moments ago.
+    let seen = c.node("f2").status()["followers"].clone();
+    assert_eq!(seen["count"], 1, "{seen}");
+    assert!(seen["longest_silence_ms"].as_u64().is_some_and(|ms| ms < 5_000), "{seen}");
 
     // A long poll answers as soon as a change is applied, not at the end of its wait.
     let mut idle = Follower::new();

@@ -136,6 +136,9 @@ where
             }
             Rpc::Leader(op) => self.leader_op(&member, op, frame.to, timeout).await,
             Rpc::Changes { from, wait_ms } => {
+                if let Some(id) = frame.from {
+                    self.heard_follower(id);
+                }
                 // Answer before the asker gives up: the wait ends a margin before its timeout.
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
                 crate::follow::serve(&member.view, from, wait).await

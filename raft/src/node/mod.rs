@@ -182,7 +182,13 @@ pub struct ClusterNode<LS> {
     vote_refused_logged: Mutex<Option<Instant>>,
     /// The log mark, kept outside `data_dir` (see [`herd_storage::mark`]); unset: none kept.
     mark: std::sync::OnceLock<Arc<dyn herd_storage::mark::MarkStore>>,
+    /// When each follower outside Raft last asked this node for changes (`crate::follow`): the
+    /// evidence that its session lives, for the fence rule of a later slice of issue 22.
+    followers: Mutex<std::collections::HashMap<NodeId, Instant>>,
 }
+
+/// Followers remembered per node; the longest silent is forgotten first.
+const MAX_FOLLOWERS: usize = 65_536;
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
 const LEADER_POOL: usize = 16;
@@ -228,7 +234,27 @@ where
             refused: Mutex::new(None),
             vote_refused_logged: Mutex::new(None),
             mark: std::sync::OnceLock::new(),
+            followers: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// Records that follower `id` asked this node for changes just now.
+    pub(crate) fn heard_follower(&self, id: NodeId) {
+        let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() >= MAX_FOLLOWERS && !f.contains_key(&id) {
+            if let Some(oldest) = f.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id) {
+                f.remove(&oldest);
+            }
+        }
+        f.insert(id, Instant::now());
+    }
+
+    /// How long ago each follower outside Raft last asked this node for changes, by id.
+    pub fn followers_heard(&self) -> Vec<(NodeId, Duration)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(NodeId, Duration)> = f.iter().map(|(id, t)| (*id, t.elapsed())).collect();
+        out.sort_unstable();
+        out
     }
 
     /// What keeps each follower out of Raft, as this node saw while leading (see
