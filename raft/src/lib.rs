@@ -9,7 +9,8 @@
 //!     cert.rs       certificate renewal (both ends), a joiner's enrolment
 //!     policy.rs     JoinPolicy: what an admitted join writes (set by the caller)
 //!     tokens.rs     join tokens, request ids, the replaceable random source
-//!   follow.rs     following the state outside Raft: serve a coordinator's changes, Follower
+//!   follow/       following the state outside Raft: serve a member's changes, Follower (mod.rs),
+//!                 Session (session.rs), LeaderLink: writes and read barriers (link.rs)
 //!   network.rs    PeerClient (deadlines, reconnect) + openraft RaftNetworkV2 (pre-vote too)
 //!   server.rs     accept loop: connection limit, idle timeout, frame deadline
 //!   wire.rs       frames: u32 length + rmp-serde body, bounded

@@ -2,15 +2,19 @@
 //! member's certificate takes the whole state from one coordinator, then the committed changes
 //! as a long poll, and its state equals the leader's at the same index — after writes, after
 //! the coordinator it follows was killed and restarted (writes meanwhile), and after moving to
-//! another coordinator. A `Session` moves on by itself when the coordinator it follows dies.
+//! another coordinator. A `Session` moves on by itself when the coordinator it follows dies. A
+//! `LeaderLink` writes from outside Raft: asked first at a coordinator that does not lead, the
+//! write reaches the leader, and after a read barrier the session's state shows it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herd_raft::follow::{Follower, Session, SessionSettings, Taken};
+use herd_raft::follow::{Follower, LeaderLink, Session, SessionSettings, Taken};
 use herd_raft::network::{Limits, PeerClient};
 use herd_raft::tls::{Pki, TlsConnector};
 use herd_raft::transport::TcpConnector;
+use herd_storage::model::{Command, Op};
+use herd_storage::sm::StateView;
 use serde_json::json;
 
 use crate::harness::{wait_until, Cluster};
@@ -138,6 +142,7 @@ fn session_moves_on(c: &mut Cluster, s: &Setup) {
     let bg = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = bg.spawn(session.run(stopped));
+    writes_reach_the_leader(c, s, &bg, &view);
     let same_as = |k: usize| {
         let mut whole = Follower::new();
         let mut client = s.client(k);
@@ -168,4 +173,22 @@ fn session_moves_on(c: &mut Cluster, s: &Setup) {
     stop.send_replace(true);
     bg.block_on(task).expect("the session ends on shutdown");
     c.node(name).start();
+}
+
+/// With f3 leading, a `LeaderLink` (no leader known yet: it asks f1 first, which answers
+/// `NotLeader`) writes maintenance on; after a read barrier the session's state shows it.
+fn writes_reach_the_leader(c: &mut Cluster, s: &Setup, bg: &tokio::runtime::Runtime, view: &StateView) {
+    c.node("f1").admin(json!({"op": "node-primary", "name": "f3", "wait": true}));
+    wait_until("f3 leads", Duration::from_secs(20), || (c.node("f3").status()["leader"] == "f3").then_some(()));
+    let connector = Arc::new(TlsConnector { inner: Arc::new(TcpConnector), pki: s.pki.clone() });
+    let link = LeaderLink::new(view.clone(), connector, s.cluster_id.clone(), s.ids[2], Limits::default());
+    let on = vec![Op::from(Command::SetMaintenance { on: true })];
+    let (index, _) = bg.block_on(link.write(on, Duration::from_secs(10))).expect("a write from outside Raft");
+    let barrier = bg.block_on(link.read_barrier(Duration::from_secs(10))).expect("a read barrier");
+    assert!(barrier >= index, "read index {barrier} before the write's {index}");
+    assert!(view.read().state.meta.as_ref().is_some_and(|m| m.maintenance), "the session's state shows the write");
+    assert_eq!(c.node("f1").status()["maintenance"], true, "and the cluster's");
+    let off = vec![Op::from(Command::SetMaintenance { on: false })];
+    bg.block_on(link.write(off, Duration::from_secs(10))).expect("a second write");
+    eprintln!("a write from outside Raft applied at index {index}; the read barrier at {barrier}");
 }
