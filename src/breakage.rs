@@ -22,6 +22,8 @@ pub enum Breakage {
     /// A fence executor sends the power-off without its fencing token (no role check, no
     /// committed `ExecuteFence`).
     FenceWithoutToken,
+    /// Every fifth change a member serves to followers outside Raft lacks its request.
+    ChangesWithoutRequests,
 }
 
 #[cfg(feature = "breakage")]
@@ -33,6 +35,7 @@ thread_local! {
 #[cfg(feature = "breakage")]
 pub fn set(b: Option<Breakage>) {
     ACTIVE.with(|a| a.set(b));
+    herd_storage::changes::break_changes(b == Some(Breakage::ChangesWithoutRequests));
 }
 
 /// Whether `b` is on.

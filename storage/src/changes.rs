@@ -73,6 +73,8 @@ impl ChangeRing {
     /// snapshot installed meanwhile) starts the ring afresh there: nothing older is served.
     pub fn push(&mut self, log_id: LogId, request: Option<Request>) {
         let index = log_id.index;
+        #[cfg(feature = "breakage")]
+        let request = if BROKEN.with(std::cell::Cell::get) && index % 5 == 0 { None } else { request };
         if index != self.next {
             *self = ChangeRing::starting_at(index);
         }
@@ -104,6 +106,18 @@ impl ChangeRing {
         }
         Since::Changes(out)
     }
+}
+
+#[cfg(feature = "breakage")]
+thread_local! {
+    static BROKEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test-only (the simulation's `herd::breakage`): every fifth change is held without its
+/// request, so followers skip it (the simulation shows its follower invariant catches that).
+#[cfg(feature = "breakage")]
+pub fn break_changes(on: bool) {
+    BROKEN.with(|b| b.set(on));
 }
 
 /// The size of `request` encoded (counted, not kept).

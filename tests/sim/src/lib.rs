@@ -12,6 +12,7 @@
 //!   host.rs        one node: its config, its Env, `herd::daemon::start`, its admin inbox
 //!   faults.rs      the seeded fault schedule and how each fault is applied
 //!   client.rs      the operator: sets the cluster up, random VM commands, register history
+//!   follower.rs    a follower outside Raft (issue 22): a Session on a host of its own
 //!   invariants/    one module per safety/liveness property, checked every step
 //!   linearizable.rs  a small WGL checker for the VM register histories
 //!   run.rs         one seed from start to verdict: the driver loop and the trace hash
@@ -25,6 +26,7 @@
 pub mod bmc;
 pub mod client;
 pub mod faults;
+pub mod follower;
 pub mod host;
 pub mod invariants;
 pub mod linearizable;

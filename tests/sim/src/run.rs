@@ -141,6 +141,10 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         });
     }
 
+    {
+        let world = world.clone();
+        sim.client("follower", async move { crate::follower::run(world).await });
+    }
     let mut checker = Checker::default();
     let mut violations = Vec::new();
     let mut phase = Phase::Setup;

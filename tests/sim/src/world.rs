@@ -146,6 +146,8 @@ pub struct Inner {
     pub finished: bool,
     /// Primary hand-overs the schedule asks the client for.
     pub handover_requests: u32,
+    /// The follower outside Raft (`follower.rs`) once it runs: its state and session.
+    pub follower: Option<(herd_storage::sm::StateView, tokio::sync::watch::Receiver<herd_raft::follow::SessionStatus>)>,
 }
 
 #[derive(Clone)]
@@ -215,6 +217,7 @@ impl World {
             trace: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),
             setup_done: false,
+            follower: None,
             healed: false,
             settled: false,
             finished: false,

@@ -26,6 +26,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "no-starts" => Some(Breakage::NoStarts),
         "ack-without-commit" => Some(Breakage::AckWithoutCommit),
         "fence-without-token" => Some(Breakage::FenceWithoutToken),
+        "changes-without-requests" => Some(Breakage::ChangesWithoutRequests),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
     }
 }
@@ -197,6 +198,11 @@ fn broken_acks_are_caught() {
 #[test]
 fn broken_fence_token_is_caught() {
     caught("fence-without-token", "fence-authorised");
+}
+
+#[test]
+fn broken_changes_are_caught() {
+    caught("changes-without-requests", "follower");
 }
 
 #[test]

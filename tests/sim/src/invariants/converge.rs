@@ -1,5 +1,6 @@
 //! After the faults stop, the cluster converges within 30 s of simulated time: one primary,
-//! every VM in its desired state on exactly one live node.
+//! every VM in its desired state on exactly one live node, and the follower outside Raft
+//! caught up with the primary's state.
 //!
 //! Why: safety alone is easy (do nothing). HA means the VMs come back: once the network is
 //! whole, BMCs answer and the operator has readied fenced nodes, every VM that should run runs
@@ -25,6 +26,13 @@ pub fn converged(world: &World, primaries: usize) -> Result<(), String> {
             return Err("no primary state".into());
         };
         let g = member.view.read();
+        // The follower outside Raft has caught up with the primary.
+        if let Some((view, _)) = &w.follower {
+            let (mine, primary) = (view.read().last_applied.map(|l| l.index), g.last_applied.map(|l| l.index));
+            if mine < primary {
+                return Err(format!("the follower outside Raft is at index {mine:?}, the primary at {primary:?}"));
+            }
+        }
         g.state.vms.clone()
     };
     let running = runners(world);

@@ -9,6 +9,7 @@ pub mod acknowledged;
 pub mod converge;
 pub mod fence_authorised;
 pub mod fence_justified;
+pub mod follower;
 pub mod no_double_run;
 pub mod one_primary;
 
@@ -36,6 +37,7 @@ pub struct Checker {
     pub one_primary: one_primary::OnePrimary,
     pub fence: fence_justified::FenceJustified,
     pub fence_token: fence_authorised::FenceAuthorised,
+    pub follower: follower::FollowerAgrees,
 }
 
 impl Checker {
@@ -46,6 +48,7 @@ impl Checker {
         out.extend(no_double_run::check(world, now));
         out.extend(self.fence.check(world, now, self.one_primary.last_holder()));
         out.extend(self.fence_token.check(world, now));
+        out.extend(self.follower.check(world, now));
         out
     }
 

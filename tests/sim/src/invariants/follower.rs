@@ -1,0 +1,57 @@
+//! A follower outside Raft holds, at each index it has applied, the state every member holds
+//! at that index.
+//!
+//! Why: hypervisors are to follow the cluster's state without being Raft members (issue 22),
+//! and every decision they take (which VMs to run) reads that state. A follower applies the
+//! committed requests a member serves with the same pure model, or takes a member's whole
+//! state, so equal indexes must mean equal states — through crashes, restarts, moves from one
+//! coordinator to another and snapshots. A skipped, duplicated or reordered change, or a whole
+//! state labelled with the wrong index, breaks it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::Violation;
+use crate::world::World;
+
+/// Compares the follower with each member once per index they share.
+#[derive(Default)]
+pub struct FollowerAgrees {
+    /// Per machine, the last index compared.
+    compared: BTreeMap<usize, u64>,
+}
+
+impl FollowerAgrees {
+    pub fn check(&mut self, world: &World, now: Duration) -> Vec<Violation> {
+        let w = world.lock();
+        let Some((view, _)) = &w.follower else { return Vec::new() };
+        let f = view.read();
+        let Some(at) = f.last_applied else { return Vec::new() };
+        let mut out = Vec::new();
+        for (i, m) in w.machines.iter().enumerate() {
+            let Some(member) = m.daemon.as_ref().and_then(|d| d.node.member()) else { continue };
+            let g = member.view.read();
+            if g.last_applied != Some(at) || self.compared.get(&i) == Some(&at.index) {
+                continue;
+            }
+            self.compared.insert(i, at.index);
+            if g.state != f.state {
+                let differs = [
+                    ("vms", g.state.vms != f.state.vms),
+                    ("nodes", g.state.nodes != f.state.nodes),
+                    ("meta", g.state.meta != f.state.meta),
+                ];
+                let which: Vec<&str> = differs.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
+                out.push(Violation {
+                    invariant: "follower",
+                    at: now,
+                    detail: format!(
+                        "at index {}, the follower's state differs from {}'s ({which:?})",
+                        at.index, m.name
+                    ),
+                });
+            }
+        }
+        out
+    }
+}
