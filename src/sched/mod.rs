@@ -249,7 +249,11 @@ fn record(late: Duration, third: Duration) {
 
 /// Threads the store (sled) starts for its own IO, by name: the Raft log's appends wait on
 /// them, so they run in real time too (a real-time worker waiting on a starved IO thread would
-/// be no better off than a starved worker).
+/// be no better off than a starved worker). sled starts them lazily — at Raft's start or a
+/// join, and more when its queue grows — so the pause monitor looks for new threads every tick:
+/// left at normal priority for the 5 s an earlier version waited, a busy host starved them and
+/// a follower's log flush took 0.2–0.6 s, longer than the lease (t96, in the load's first
+/// second).
 const STORE_THREADS: [&str; 2] = ["sled-io", "log flusher"];
 
 /// Promotes the store's IO threads not yet promoted (see [`STORE_THREADS`]); they start
@@ -278,15 +282,31 @@ fn promote_store_threads() {
     }
 }
 
+/// The number of threads of this process (`/proc/self/stat`, field 20).
+fn thread_count() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(17)?.parse().ok()
+}
+
 /// The pause monitor: a task on the runtime that ticks every 20 ms and measures how late each
-/// tick came (and every 5 s promotes the store's new IO threads). Runs until the runtime ends.
+/// tick came, and promotes the store's IO threads as soon as the process has new threads (one
+/// read of `/proc/self/stat` per tick; then a pass over the threads on the next 5 ticks, since
+/// a new thread names itself only once it runs; a pass every 5 s besides). Runs until the
+/// runtime ends.
 pub async fn monitor(lease: Duration) {
     let third = lease / 3;
     let mut last = tokio::time::Instant::now();
-    let mut ticks = 0u32;
+    let (mut ticks, mut threads, mut rescan) = (0u32, None, 0u8);
     loop {
-        if ticks.is_multiple_of(250) {
+        let now_threads = thread_count();
+        if now_threads != threads {
+            threads = now_threads;
+            // A new thread names itself once it runs: look again for a few ticks.
+            rescan = 5;
+        }
+        if ticks.is_multiple_of(250) || rescan > 0 {
             promote_store_threads();
+            rescan = rescan.saturating_sub(1);
         }
         ticks = ticks.wrapping_add(1);
         tokio::time::sleep(MONITOR_TICK).await;

@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -264,13 +264,8 @@ pub struct Cluster {
 impl Cluster {
     /// `specs`: (name, role, address).
     pub fn new(specs: &[(&str, &str, &str)], extra_config: &str) -> Cluster {
-        Cluster::new_in(&std::env::temp_dir(), specs, extra_config)
-    }
-
-    /// As [`Cluster::new`], with the nodes' directories (data, logs, sockets) under `base`.
-    pub fn new_in(base: &Path, specs: &[(&str, &str, &str)], extra_config: &str) -> Cluster {
         let share = share();
-        let dir = tempfile::Builder::new().prefix("herd-test-").tempdir_in(base).expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("herd-test-").tempdir().expect("tempdir");
         let nodes = specs
             .iter()
             .map(|(name, role, addr)| {
