@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::failover::{admin, admin_within, wait};
-use crate::procs::Procs;
+use crate::procs::{cpu_seconds, Procs};
 
 fn addr(i: usize) -> String {
     if i <= 3 {
@@ -54,10 +54,7 @@ fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
         d = d.display(),
         a = addr(i),
     );
-    std::fs::write(d.join("herd.toml"), config)?;
-    p.spawn_herd(herd, &d, Some("warn"))?;
-    let sock = socket(&p.dir, i);
-    wait("an admin socket", Duration::from_secs(30), || Ok(admin(&sock, &json!({"op": "status"})).is_ok()))
+    p.start_herd(herd, &d, &config)
 }
 
 /// `GET /metrics` from `addr`.
@@ -78,15 +75,6 @@ fn member_connections(addr: &str) -> Result<f64> {
             l.strip_prefix("herd_cluster_connections_total{peer=\"member\"} ").and_then(|v| v.trim().parse().ok())
         })
         .context("no herd_cluster_connections_total in the scrape")
-}
-
-/// CPU seconds process `pid` has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 pub fn run(herd: PathBuf, hypervisors: usize, seconds: u64) -> Result<Value> {
@@ -122,9 +110,9 @@ pub fn run(herd: PathBuf, hypervisors: usize, seconds: u64) -> Result<Value> {
     let pid = p.children[li - 1].id();
     // Settle: the joins' own connections are not the steady state.
     std::thread::sleep(Duration::from_secs(10));
-    let (c0, cpu0, t0) = (member_connections(&metrics)?, cpu_seconds(pid)?, Instant::now());
+    let (c0, cpu0, t0) = (member_connections(&metrics)?, cpu_seconds(Some(pid))?, Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));
-    let (c1, cpu1, window) = (member_connections(&metrics)?, cpu_seconds(pid)?, t0.elapsed().as_secs_f64());
+    let (c1, cpu1, window) = (member_connections(&metrics)?, cpu_seconds(Some(pid))?, t0.elapsed().as_secs_f64());
     let out = json!({
         "scenario": "connections",
         "hypervisors": hypervisors,

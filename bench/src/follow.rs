@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::failover::{admin, admin_within, wait};
-use crate::procs::Procs;
+use crate::procs::{cpu_seconds, Procs};
 
 fn addr(i: usize) -> String {
     format!("127.0.16.{i}")
@@ -44,20 +44,7 @@ fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
         d = d.display(),
         a = addr(i),
     );
-    std::fs::write(d.join("herd.toml"), config)?;
-    p.spawn_herd(herd, &d, Some("warn"))?;
-    let sock = socket(&p.dir, i);
-    wait("an admin socket", Duration::from_secs(30), || Ok(admin(&sock, &json!({"op": "status"})).is_ok()))
-}
-
-/// CPU seconds process `pid` has used (`None`: this process).
-fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
-    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
-    let stat = std::fs::read_to_string(path)?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
-    Ok(ticks / 100.0)
+    p.start_herd(herd, &d, &config)
 }
 
 fn percentile(sorted: &[Duration], p: usize) -> u128 {

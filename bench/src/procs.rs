@@ -3,7 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::failover::{admin, wait};
 
 /// Child processes, killed on drop, and their directory, removed then (kept with
 /// `HERD_BENCH_KEEP=1`, to read the logs).
@@ -38,4 +43,23 @@ impl Procs {
         self.children.push(child);
         Ok(())
     }
+
+    /// Writes `config` to `DIR/herd.toml`, starts the daemon (`RUST_LOG=warn`) and waits for
+    /// its admin socket, `DIR/admin.sock`, to answer.
+    pub fn start_herd(&mut self, herd: &Path, dir: &Path, config: &str) -> Result<()> {
+        std::fs::write(dir.join("herd.toml"), config)?;
+        self.spawn_herd(herd, dir, Some("warn"))?;
+        let sock = dir.join("admin.sock");
+        wait("an admin socket", Duration::from_secs(30), || Ok(admin(&sock, &json!({"op": "status"})).is_ok()))
+    }
+}
+
+/// CPU seconds process `pid` has used (`None`: this process), from `/proc`.
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path)?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / 100.0)
 }
