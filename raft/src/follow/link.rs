@@ -118,7 +118,13 @@ impl LeaderLink {
                 .from(Some(self.me))
         });
         let result = client.call(Rpc::Leader(op), timeout).await;
-        if matches!(&result, Ok(_) | Err(CallError::Remote(_))) {
+        // Kept when the peer answered, unless it is not the node asked for (an address reused).
+        let keep = match &result {
+            Ok(_) => true,
+            Err(CallError::Remote(e)) => !matches!(e, RpcError::WrongNode { .. }),
+            Err(_) => false,
+        };
+        if keep {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() >= POOL {
                 pool.remove(0);
