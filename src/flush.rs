@@ -35,7 +35,7 @@ pub struct Settings {
 pub async fn follow(node: Arc<Node>, s: Settings) {
     let node = &*node;
     loop {
-        let Some(member) = node.member() else {
+        let Some(member) = node.local() else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
@@ -53,7 +53,7 @@ pub async fn follow(node: Arc<Node>, s: Settings) {
 }
 
 fn own_state(node: &Node, s: &Settings) -> Option<DomainState> {
-    let member = node.member()?;
+    let member = node.local()?;
     let g = member.view.read();
     g.state.nodes.get(&s.name).map(|n| n.domain_state)
 }
@@ -70,7 +70,7 @@ async fn move_all(node: &Node, s: &Settings, away: bool) {
     let me = s.name.clone();
     let (expect, done) =
         if away { (DomainState::Flush, DomainState::Flushed) } else { (DomainState::Unflush, DomainState::Ready) };
-    let Some(member) = node.member() else { return };
+    let Some(member) = node.local() else { return };
     // The VMs to move: running ones here (flush), or the ones whose home this is (unflush).
     let names: Vec<String> = {
         let g = member.view.read();

@@ -38,4 +38,4 @@ pub mod watch;
 pub mod wire;
 
 pub use herd_storage::types::TypeConfig;
-pub use node::{ClusterNode, Member, NodeError, NodeSettings, Raft};
+pub use node::{ClusterNode, Local, Member, NodeError, NodeSettings, Raft};

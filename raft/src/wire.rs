@@ -64,6 +64,10 @@ pub struct JoinReply {
     pub cluster_id: String,
     /// The signed certificate (and, for a coordinator, the CA key), over TLS only.
     pub enrolment: Option<crate::tls::Enrolment>,
+    /// The coordinators (id, cluster address) at the join: where a client (a hypervisor outside
+    /// Raft) starts following the cluster.
+    #[serde(default)]
+    pub coordinators: Vec<(NodeId, String)>,
 }
 
 /// A join, phase two: the joiner runs Raft under its new id; the leader adds it as a learner,

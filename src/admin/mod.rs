@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_raft::Member;
+use herd_raft::Local;
 use herd_storage::model::{Command, Op, State};
 use serde_json::Value;
 
@@ -93,9 +93,9 @@ pub async fn handle(d: &Daemon, req: AdminRequest) -> Result<Value, AdminError> 
     }
 }
 
-/// This node's Raft membership, or `not-member`.
-fn member(d: &Daemon) -> Result<Arc<Member>, AdminError> {
-    d.node.member().ok_or_else(|| herd_raft::node::NodeError::NotMember.into())
+/// This node's copy of the cluster's state (a Raft member's or a client's), or `not-member`.
+fn member(d: &Daemon) -> Result<Local, AdminError> {
+    d.node.local().ok_or_else(|| herd_raft::node::NodeError::NotMember.into())
 }
 
 /// For a linearizable read: the read index this node has applied up to; `None` for --local.
@@ -120,7 +120,7 @@ async fn write_one(d: &Daemon, cmd: Command) -> Result<(), AdminError> {
 /// Waits until `check` on this node's applied state gives an answer (`Some`), re-checking on
 /// every applied change, until `deadline`; then `late` is the error.
 async fn wait_for_state<T>(
-    member: &Member,
+    member: &Local,
     deadline: tokio::time::Instant,
     mut check: impl FnMut(&State) -> Option<Result<T, AdminError>>,
     late: impl FnOnce(&State) -> AdminError,

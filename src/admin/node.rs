@@ -50,6 +50,9 @@ struct MemberRow {
 pub(super) async fn status(d: &Daemon) -> Value {
     let quorum = d.node.quorum();
     let Some(member) = d.node.member() else {
+        if let Some(c) = d.node.session() {
+            return client_status(d, &c);
+        }
         let refused = d.node.refused();
         let state = if !d.resumed() {
             "starting"
@@ -73,29 +76,7 @@ pub(super) async fn status(d: &Daemon) -> Value {
     let voters: Vec<u64> = m.membership_config.voter_ids().collect();
     let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
-    let verdicts = d.agent.verdicts();
-    let heartbeat = |id: u64| match verdicts.get(&id) {
-        Some(v) if v.verdict == Verdict::Lost => json!(format!("lost {:.1}s", v.lost_for_ms as f64 / 1000.0)),
-        Some(_) => json!("alive"),
-        None => Value::Null,
-    };
-    let row = |n: &NodeRecord| MemberRow {
-        name: n.name.clone(),
-        id: n.id,
-        role: n.role,
-        voter: voters.contains(&n.id),
-        raft_member: voters.contains(&n.id) || learners.contains(&n.id),
-        daemon_state: n.daemon_state,
-        domain_state: n.domain_state,
-        router_state: n.router_state,
-        last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
-        address: n.cluster_addr.clone(),
-        heartbeat: heartbeat(n.id),
-        fencing: FencingView::of(n),
-        stats: StatsView::of(&n.stats),
-        health: n.health.as_ref().map(|h| h.problem.clone()),
-    };
-    let members: Vec<MemberRow> = g.state.nodes.values().map(row).collect();
+    let members = rows(d, &g.state, &voters, &learners, now);
     let state = match m.state {
         ServerState::Leader => "leader",
         ServerState::Follower => "follower",
@@ -141,6 +122,71 @@ pub(super) async fn status(d: &Daemon) -> Value {
     })
 }
 
+/// One row per node of `state`, with what this node's heartbeat agent says of it.
+fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -> Vec<MemberRow> {
+    let verdicts = d.agent.verdicts();
+    let heartbeat = |id: u64| match verdicts.get(&id) {
+        Some(v) if v.verdict == Verdict::Lost => json!(format!("lost {:.1}s", v.lost_for_ms as f64 / 1000.0)),
+        Some(_) => json!("alive"),
+        None => Value::Null,
+    };
+    let row = |n: &NodeRecord| MemberRow {
+        name: n.name.clone(),
+        id: n.id,
+        role: n.role,
+        voter: voters.contains(&n.id),
+        raft_member: voters.contains(&n.id) || learners.contains(&n.id),
+        daemon_state: n.daemon_state,
+        domain_state: n.domain_state,
+        router_state: n.router_state,
+        last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
+        address: n.cluster_addr.clone(),
+        heartbeat: heartbeat(n.id),
+        fencing: FencingView::of(n),
+        stats: StatsView::of(&n.stats),
+        health: n.health.as_ref().map(|h| h.problem.clone()),
+    };
+    state.nodes.values().map(row).collect()
+}
+
+/// The status of a client (a hypervisor outside Raft): its followed state and its session.
+/// It sees no Raft membership: `voter` and `raft_member` are false in every row.
+fn client_status(d: &Daemon, c: &herd_raft::follow::Client) -> Value {
+    let now = herd_raft::clock::wall_ms();
+    let session = c.status();
+    let g = c.view.read();
+    let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
+    json!({
+        "node": d.config.name,
+        "node_id": c.id,
+        "cluster_id": c.cluster_id,
+        "state": "client",
+        "raft_error": null,
+        "leader": null,
+        "leader_id": null,
+        "term": 0,
+        "quorum": d.node.quorum(),
+        "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),
+        "lease_confirmed": false,
+        "join_pending": false,
+        "maintenance": g.state.meta.as_ref().is_some_and(|meta| meta.maintenance),
+        "primary": primary_of(&g.state),
+        "holding_duties": false,
+        "unmanaged_domains": d.reconciler.as_ref().map(|r| r.unmanaged()),
+        "tls": tls(d, now),
+        "scheduling": crate::sched::got(),
+        "pauses": crate::sched::pauses(),
+        "session": {
+            "coordinator": session.coordinator.as_ref().and_then(|(id, _)| name_of(*id)),
+            "coordinator_id": session.coordinator.as_ref().map(|(id, _)| *id),
+            "answered_ms_ago": session.answered.map(herd_raft::clock::ms_since),
+            "moves": session.moves,
+            "failing": session.failing,
+        },
+        "members": rows(d, &g.state, &[], &[], now),
+    })
+}
+
 /// This node's certificate: whom it names, when it and the CA expire.
 fn tls(d: &Daemon, now_ms: u64) -> Value {
     match d.node.pki().and_then(|p| p.info()) {
@@ -181,7 +227,10 @@ pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value,
         let held = g.state.acked.get(&record.id).map(|h| h.floor());
         (record, held)
     };
-    let voter = member.raft.metrics().borrow_watched().membership_config.voter_ids().any(|id| id == record.id);
+    let voter = d
+        .node
+        .member()
+        .is_some_and(|m| m.raft.metrics().borrow_watched().membership_config.voter_ids().any(|id| id == record.id));
     Ok(json!(NodeDetail::of(&record, voter, herd_raft::clock::wall_ms(), index, !local, held)))
 }
 

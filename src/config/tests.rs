@@ -1,4 +1,5 @@
 use super::*;
+use herd_storage::model::FenceAction;
 
 const GOOD: &str = r#"
 name = "hv1"
@@ -98,4 +99,18 @@ fn bad_values_name_the_key() {
     assert_eq!(c.validate().expect_err("invalid").0, "raft.election_timeout_ms");
     let e = Config::parse(&GOOD.replace("\"coordinator\"", "\"king\"")).expect_err("refused");
     assert!(e.contains("role"), "{e}");
+}
+
+#[test]
+fn client_membership_is_for_hypervisors() {
+    let listen = "listen = \"127.0.0.11:7400\"";
+    let client = GOOD.replace(listen, &format!("{listen}\nmembership = \"client\""));
+    assert_ne!(client, GOOD, "the example has the listen line");
+    let c = Config::parse(&client).expect("parses");
+    assert_eq!(c.validate().expect_err("a coordinator cannot be a client").0, "cluster.membership");
+    let c = Config::parse(&client.replace("\"coordinator\"", "\"hypervisor\"")).expect("parses");
+    assert_eq!(c.cluster.membership, Membership::Client);
+    assert!(c.validate().is_ok());
+    assert_eq!(Config::parse(GOOD).expect("parses").cluster.membership, Membership::Learner);
+    assert!(Config::parse(&GOOD.replace(listen, &format!("{listen}\nmembership = \"voter\""))).is_err());
 }

@@ -1,6 +1,6 @@
 //! Validation of a parsed config: every value checked once at start, errors naming the key.
 
-use herd_storage::model::FailedFence;
+use herd_storage::model::{FailedFence, Role};
 
 use super::Config;
 
@@ -61,6 +61,9 @@ impl Config {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
                 _ => return err("cluster.advertise", format!("{a:?} is not a host:port address")),
             }
+        }
+        if self.cluster.membership == super::Membership::Client && self.role != Role::Hypervisor {
+            return err("cluster.membership", "`client` is for hypervisors: coordinators are Raft members");
         }
         let listen = self.listen_addr().map_err(|e| ("cluster.listen".to_string(), e))?;
         if listen.port() == 0 {

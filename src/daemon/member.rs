@@ -25,8 +25,8 @@ const RENEW_BEFORE_DAYS: u64 = 30;
 impl Daemon {
     /// The VM side of the keepalive: what runs here and what is assigned here.
     fn vm_figures(&self, stats: &mut NodeStats) {
-        let Some(member) = self.node.member() else { return };
-        let g = member.view.read();
+        let Some(local) = self.node.local() else { return };
+        let g = local.view.read();
         let mine = || g.state.vms.values().filter(|v| v.node == self.config.name);
         let running = || mine().filter(|v| v.actual == herd_storage::model::ActualState::Running);
         stats.vms_running = self.vms_running.load(Ordering::Acquire);
@@ -47,8 +47,8 @@ impl Daemon {
     pub(super) async fn member_tasks(self: Arc<Self>) {
         let member = loop {
             self.progress.mark();
-            if let Some(m) = self.node.member() {
-                break m;
+            if let Some(l) = self.node.local() {
+                break l;
             }
             // Waiting for init/join is healthy: wake up now and then to say so.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.member_started.notified()).await;
@@ -140,7 +140,7 @@ impl Daemon {
     /// Waits (bounded) until this node's applied state holds its own record under its id: its
     /// first own write must not be ordered before the entry that created the record (an
     /// `init-cluster` or a join still being applied).
-    async fn await_own_record(&self, member: &herd_raft::Member) {
+    async fn await_own_record(&self, member: &herd_raft::Local) {
         let deadline = tokio::time::Instant::now() + OWN_RECORD_WAIT;
         let mut applied = member.view.subscribe();
         loop {
@@ -166,7 +166,7 @@ impl Daemon {
     }
 
     /// Waits (bounded) until this node's view has applied log `index`.
-    async fn await_applied(&self, member: &herd_raft::Member, index: u64) {
+    async fn await_applied(&self, member: &herd_raft::Local, index: u64) {
         let deadline = tokio::time::Instant::now() + OWN_RECORD_WAIT;
         let mut applied = member.view.subscribe();
         while member.view.read().last_applied.map_or(0, |l| l.index) < index {
@@ -179,7 +179,7 @@ impl Daemon {
 
     /// Feeds the heartbeat agent the nodes to pulse, from the replicated records: a local watch
     /// on this node's applied state, never a poll of the store.
-    async fn follow_targets(self: Arc<Self>, member: Arc<herd_raft::Member>) {
+    async fn follow_targets(self: Arc<Self>, member: herd_raft::Local) {
         let mut applied = member.view.subscribe();
         let mut current: Vec<Target> = Vec::new();
         let mut current_sources = std::collections::BTreeSet::new();
@@ -231,7 +231,7 @@ impl Daemon {
 
     /// Once `run` is recorded: a node that comes back fenced says so (and readies itself with
     /// `auto_ready`); the self-fence guard starts when the policy asks for it.
-    async fn after_run(self: &Arc<Self>, member: &Arc<herd_raft::Member>) {
+    async fn after_run(self: &Arc<Self>, member: &herd_raft::Local) {
         // Judged on this node's own applied record, once its view includes the `run` just
         // committed (a fenced node that boots learns of its fence only by catching up).
         self.await_applied(member, self.standing.last_commit_index()).await;
@@ -272,6 +272,14 @@ impl Daemon {
 
     /// One line for systemd's STATUS=.
     pub(super) fn service_status(&self) -> String {
+        if let (None, Some(c)) = (self.node.member(), self.node.session()) {
+            let st = c.status();
+            let name_of = |id| c.view.read().state.node_by_id(id).map(|n| n.name.clone());
+            return match (self.node.quorum(), st.coordinator.and_then(|(id, _)| name_of(id))) {
+                (true, Some(co)) => format!("client {}, following {co}", c.id),
+                _ => format!("client {}, looking for a coordinator", c.id),
+            };
+        }
         match self.node.member() {
             None if self.node.is_removed() => "removed from the cluster: wipe data_dir to join again".into(),
             None => "not a cluster member: run herd init-cluster or herd join-cluster".into(),
@@ -309,7 +317,7 @@ impl Daemon {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             let Some(info) = self.node.pki().and_then(|p| p.info()) else { continue };
             let left_ms = info.not_after_ms.saturating_sub(herd_raft::clock::wall_ms());
-            if left_ms >= RENEW_BEFORE_DAYS * 86_400_000 || self.node.member().is_none() {
+            if left_ms >= RENEW_BEFORE_DAYS * 86_400_000 || self.node.local().is_none() {
                 continue;
             }
             match self.node.renew_certificate(WRITE_TIMEOUT).await {
@@ -341,7 +349,7 @@ impl Daemon {
         timeout: Duration,
     ) -> Result<(), NodeError> {
         let member =
-            self.node.member().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
+            self.node.local().ok_or(if self.node.is_removed() { NodeError::Removed } else { NodeError::NotMember })?;
         let ops = cmds(self.config.name.clone(), Some(member.id)).into_iter().map(Into::into).collect();
         match self.node.write_indexed(ops, timeout).await {
             Ok((index, _)) => {
@@ -373,7 +381,7 @@ impl Daemon {
     /// Whether this node's id is tombstoned in a linearizable view of the cluster (a read
     /// barrier first: the local view may not have applied the removal yet). An unanswered
     /// barrier concludes nothing.
-    async fn tombstoned(&self, member: &herd_raft::Member) -> bool {
+    async fn tombstoned(&self, member: &herd_raft::Local) -> bool {
         if let Err(e) = self.node.read_barrier(WRITE_TIMEOUT).await {
             tracing::warn!("cannot tell whether this node was removed: {e}");
             return false;
@@ -384,7 +392,7 @@ impl Daemon {
     /// Records `daemon_state = stop` with a `return_by` deadline (a service stop, not a host
     /// shutdown: VMs keep running and the node must not be fenced before the deadline).
     pub(super) async fn record_stop(&self) {
-        if self.node.member().is_none() {
+        if self.node.local().is_none() {
             return;
         }
         let return_by = herd_raft::clock::wall_ms() + self.config.lifecycle.return_by_ms;

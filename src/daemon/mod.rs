@@ -232,6 +232,14 @@ fn check_identity(config: &Config, id: Option<&herd_storage::identity::Identity>
             id.name
         )));
     }
+    if id.client != (config.cluster.membership == crate::config::Membership::Client) {
+        let (was, now) = if id.client { ("client", "learner") } else { ("learner", "client") };
+        return Err(StartError::NotThisNode(format!(
+            "data_dir {dir} belongs to node {:?} which joined as a {was}, but the config says [cluster] membership = {now:?}. \
+             To change it: `herd node remove {}` on another node, empty {dir}, and join again.",
+            id.name, id.name
+        )));
+    }
     Ok(())
 }
 
@@ -282,6 +290,7 @@ fn raft_node(
         heartbeat_ms: config.raft.heartbeat_ms,
         election_timeout_ms: (config.raft.election_timeout_ms[0], config.raft.election_timeout_ms[1]),
         limits: limits.clone(),
+        client: config.cluster.membership == crate::config::Membership::Client,
     };
     let node = ClusterNode::new(settings, connector, log, backend, identity);
     // What an admitted join writes: the node registered as it describes itself.
@@ -388,7 +397,7 @@ impl Running {
         let _ = self.shutdown_tx.send(true);
         self.daemon.node.shutdown().await;
         let _ = self.cluster_server.await;
-        let applied = self.daemon.node.member().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
+        let applied = self.daemon.node.local().map(|m| m.view.read().last_applied.map_or(0, |l| l.index));
         tracing::info!(applied_index = applied.unwrap_or(0), "stopped");
     }
 

@@ -184,15 +184,25 @@ impl FenceManager {
     /// The Raft responses this leader received since it took office at `office`: node → ms
     /// ago. openraft gives every follower a progress instant when it becomes leader; those are
     /// not answers, and they are older than the office, so they are left out.
+    ///
+    /// A client outside Raft (issue 22) counts as heard when it last asked this coordinator for
+    /// changes (its session's long poll). Only this coordinator's sessions are seen here: a
+    /// client following another looks silent (the exchange of session ages between
+    /// coordinators is the next slice).
     fn raft_heard_ago(&self, office: Instant) -> BTreeMap<NodeId, u64> {
         let Some(member) = self.node.member() else { return BTreeMap::new() };
         let acks = member.raft.metrics().borrow_watched().heartbeat.clone();
         let office_ago = ms(office.elapsed());
-        acks.unwrap_or_default()
+        let mut heard: BTreeMap<NodeId, u64> = acks
+            .unwrap_or_default()
             .into_iter()
             .filter_map(|(id, t)| Some((id, ms(openraft::Instant::elapsed(&*t?)))))
-            .filter(|(_, ago)| *ago < office_ago)
-            .collect()
+            .collect();
+        for (id, ago) in self.node.followers_heard() {
+            heard.entry(id).and_modify(|a| *a = (*a).min(ms(ago))).or_insert(ms(ago));
+        }
+        heard.retain(|_, ago| *ago < office_ago);
+        heard
     }
 
     async fn round(self: &Arc<Self>, since: Instant, last_check: &mut BTreeMap<String, Instant>) {

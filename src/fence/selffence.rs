@@ -92,7 +92,7 @@ impl Guard {
             "SELF-FENCE: no keepalive of this node committed for {after_ms} ms; destroying its VMs and \
              letting the watchdog reset the host"
         );
-        if let (Some(hypervisor), Some(member)) = (&self.hypervisor, self.node.member()) {
+        if let (Some(hypervisor), Some(member)) = (&self.hypervisor, self.node.local()) {
             let managed: Vec<String> = member.view.read().state.vms.keys().cloned().collect();
             // Until none of the cluster's domains runs here (the watchdog resets the host
             // meanwhile anyway): a failed list or destroy is retried, never given up on.

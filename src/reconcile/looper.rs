@@ -29,7 +29,7 @@ impl Looper {
         if self.standing.self_fenced() {
             return None;
         }
-        let member = self.node.member()?;
+        let member = self.node.local()?;
         let (vms, meta, applied) = {
             let g = member.view.read();
             (g.state.vms.clone(), g.state.meta.clone(), g.last_applied.map_or(0, |l| l.index))
@@ -54,7 +54,7 @@ impl Looper {
     /// Reconciles on every applied change and every interval, until the node is removed.
     pub async fn run(self: Arc<Self>) {
         loop {
-            let Some(member) = self.node.member() else {
+            let Some(member) = self.node.local() else {
                 tokio::time::sleep(self.interval).await;
                 continue;
             };

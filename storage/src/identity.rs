@@ -28,6 +28,14 @@ pub struct Identity {
     /// A repeated `join-cluster` resumes the second phase under the same id.
     #[serde(default)]
     pub pending_join: bool,
+    /// Set for a hypervisor outside Raft (issue 22): it follows the replicated state through a
+    /// session to a coordinator instead of running Raft.
+    #[serde(default)]
+    pub client: bool,
+    /// The coordinators (id, cluster address) a client asks first at start, before its
+    /// followed state names them: those of the cluster it joined.
+    #[serde(default)]
+    pub seeds: Vec<(NodeId, String)>,
 }
 
 /// Where the identity rests.

@@ -5,7 +5,8 @@
 //! leader's at that index. A follower further behind than the ring, or with nothing yet, takes
 //! the whole state. Its state is a standalone `StateView`, read like a member's. A [`Session`]
 //! keeps a follower fed from one coordinator at a time and moves to the next when it fails.
-//! Nothing in the daemon uses it yet.
+//! A [`Client`] is a node outside Raft: its session's copy of the state and a [`LeaderLink`]
+//! for its writes (a hypervisor with `[cluster] membership = "client"`).
 //!
 //! ```text
 //!   Session ─ Follower ──Rpc::Changes{from, wait_ms}──▶ any member's handler ──▶ serve(view)
@@ -21,9 +22,11 @@ use herd_storage::sm::{StateView, ViewWriter};
 use crate::network::{CallError, PeerClient};
 use crate::wire::{Rpc, RpcError, RpcReply};
 
+mod client;
 mod link;
 mod session;
 
+pub use client::{Client, CLIENT_WAIT};
 pub use link::LeaderLink;
 pub use session::{Session, SessionSettings, SessionStatus};
 

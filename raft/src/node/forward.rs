@@ -50,6 +50,10 @@ where
     /// Runs `op` on the leader: locally if this node leads, else forwarded; retries while no
     /// leader is known, the leader is not ready or cannot be reached, until `timeout`.
     pub async fn leader_call(&self, op: LeaderOp, timeout: Duration) -> Result<RpcReply, NodeError> {
+        // A client (outside Raft) asks the coordinators its followed state names.
+        if let (None, Some(c), false) = (self.member(), self.session(), self.is_removed()) {
+            return c.link.call(op, timeout).await;
+        }
         let member = self.require_member()?;
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(20);

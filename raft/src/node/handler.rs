@@ -14,6 +14,7 @@ use openraft::storage::RaftLogStorage;
 use tokio::time::Instant;
 
 use super::{ClusterNode, Member};
+use crate::follow::Client;
 use crate::server::Handler;
 use crate::transport::Peer;
 use crate::wire::{LeaderOp, RequestFrame, Rpc, RpcError, RpcReply};
@@ -33,7 +34,7 @@ fn stopped<E: std::fmt::Display>(e: &openraft::errors::RaftError<TypeConfig, E>)
 
 /// Whether `frame`, from `peer`, may be handled here at all: who may send it, and whether it
 /// names this cluster and this node.
-fn check_frame(member: &Member, frame: &RequestFrame, peer: Peer) -> Result<(), RpcError> {
+fn check_frame(me: NodeId, cluster_id: &str, frame: &RequestFrame, peer: Peer) -> Result<(), RpcError> {
     // Only a join's first phase may come without the cluster id (the joiner does not know
     // it yet); everything else must name this cluster, and Raft traffic this very node.
     let first_join = matches!(&frame.body, Rpc::Leader(LeaderOp::Join(_))) && frame.cluster_id.is_empty();
@@ -53,12 +54,12 @@ fn check_frame(member: &Member, frame: &RequestFrame, peer: Peer) -> Result<(), 
             )))
         }
     }
-    if !first_join && frame.cluster_id != member.cluster_id {
-        return Err(RpcError::WrongCluster { expected: frame.cluster_id.clone(), actual: member.cluster_id.clone() });
+    if !first_join && frame.cluster_id != cluster_id {
+        return Err(RpcError::WrongCluster { expected: frame.cluster_id.clone(), actual: cluster_id.to_string() });
     }
     let raft_rpc = !matches!(frame.body, Rpc::Leader(_));
     match frame.to {
-        Some(to) if to != member.id => Err(RpcError::WrongNode { expected: to, actual: Some(member.id) }),
+        Some(to) if to != me => Err(RpcError::WrongNode { expected: to, actual: Some(me) }),
         None if raft_rpc => Err(RpcError::BadRequest("raft traffic must name its target node".into())),
         _ => Ok(()),
     }
@@ -70,13 +71,16 @@ where
 {
     async fn handle_frame(self: Arc<Self>, frame: RequestFrame, peer: Peer) -> Result<RpcReply, RpcError> {
         let Some(member) = self.member() else {
+            if let Some(c) = self.session() {
+                return self.client_frame(&c, frame, peer).await;
+            }
             // A refused node says so to Raft traffic: the leader's health duty shows why.
             if let (Some(why), false) = (self.refused(), matches!(frame.body, Rpc::Leader(_))) {
                 return Err(RpcError::Raft(format!("refused: {why}")));
             }
             return Err(RpcError::NotMember);
         };
-        check_frame(&member, &frame, peer)?;
+        check_frame(member.id, &member.cluster_id, &frame, peer)?;
         let raft = &member.raft;
         let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
         let timeout = Duration::from_millis(frame.timeout_ms).min(self.settings.limits.max_request_time);
@@ -146,6 +150,47 @@ where
         }
     }
 
+    /// A frame that reached a client (outside Raft): it answers only its removal and the
+    /// primary's notifications, and only from a coordinator its followed state names.
+    async fn client_frame(self: Arc<Self>, c: &Client, frame: RequestFrame, peer: Peer) -> Result<RpcReply, RpcError> {
+        check_frame(c.id, &c.cluster_id, &frame, peer)?;
+        let coordinator = frame.from.is_some_and(|f| {
+            c.view.read().state.node_by_id(f).is_some_and(|n| n.role == herd_storage::model::Role::Coordinator)
+        });
+        match frame.body {
+            Rpc::Removed | Rpc::Notify { .. } if !coordinator => {
+                Err(RpcError::Refused("only a coordinator may retire or notify a client".into()))
+            }
+            Rpc::Removed => {
+                let node = self.clone();
+                // Concluded only from a tombstone in a linearizable read (the coordinator's word
+                // alone does not retire a node), after the reply.
+                herd_storage::types::spawn(async move { node.leave_if_tombstoned().await });
+                Ok(RpcReply::Done)
+            }
+            Rpc::Notify { kind, args } => {
+                let ext = self.extension.get().ok_or_else(|| RpcError::Refused("no notify handler".into()))?;
+                ext.notify(kind, args).await.map_err(RpcError::Refused)?;
+                Ok(RpcReply::Done)
+            }
+            _ => Err(RpcError::NotMember),
+        }
+    }
+
+    /// A client told it was removed: leaves if a read barrier shows its id tombstoned.
+    async fn leave_if_tombstoned(&self) {
+        let Some(c) = self.session() else { return };
+        if let Err(e) = self.read_barrier(Duration::from_secs(5)).await {
+            tracing::warn!("told this node was removed, but cannot check: {e}");
+            return;
+        }
+        if c.view.read().state.was_removed(c.id) {
+            if let Err(e) = self.leave().await {
+                tracing::error!("leaving the cluster: {e}");
+            }
+        }
+    }
+
     /// A leader operation that reached this node: run here if it leads, else forwarded once.
     async fn leader_op(
         &self,
@@ -178,8 +223,8 @@ where
 {
     fn admit(&self, peer: Peer) -> Result<(), String> {
         let Peer::Node(id) = peer else { return Ok(()) };
-        let Some(member) = self.0.member() else { return Ok(()) };
-        let g = member.view.read();
+        let Some(local) = self.0.local() else { return Ok(()) };
+        let g = local.view.read();
         // Ids are never reused: one below the next id to allocate that no node holds any more
         // belongs to a removed node, whose certificate is thereby revoked.
         let next = g.state.meta.as_ref().map_or(0, |m| m.next_node_id);
@@ -189,12 +234,23 @@ where
         Ok(())
     }
 
+    /// Hosts of the Raft membership and of every registered node (a follower outside Raft
+    /// is no Raft member, and a coordinator's restart must not send a thousand of them to the
+    /// small stranger pool at once).
     fn member_host(&self, host: &str) -> bool {
-        let Some(member) = self.0.member() else { return false };
-        let metrics = member.raft.metrics();
-        let m = metrics.borrow_watched();
-        let found = m.membership_config.membership().nodes().any(|(_, n)| crate::server::peer_host(&n.addr) == host);
-        found
+        let Some(member) = self.0.member() else {
+            let Some(local) = self.0.local() else { return false };
+            let g = local.view.read();
+            return g.state.nodes.values().any(|n| crate::server::peer_host(&n.cluster_addr) == host);
+        };
+        let in_raft = {
+            let metrics = member.raft.metrics();
+            let m = metrics.borrow_watched();
+            let found =
+                m.membership_config.membership().nodes().any(|(_, n)| crate::server::peer_host(&n.addr) == host);
+            found
+        };
+        in_raft || member.view.read().state.nodes.values().any(|n| crate::server::peer_host(&n.cluster_addr) == host)
     }
 
     fn handle(&self, frame: RequestFrame, peer: Peer) -> BoxFuture<'_, Result<RpcReply, RpcError>> {

@@ -21,6 +21,7 @@ use super::{
     Member, NodeError, Raft, RegisterJoiner, MAX_VOTERS, MIN_SAFE_VOTERS,
 };
 use crate::clock;
+use crate::follow::{Client, SessionSettings, CLIENT_WAIT};
 use crate::network::NetworkFactory;
 use crate::tls;
 use crate::wire::{AddMemberReply, AddMemberRequest, JoinReply, JoinRequest, LeaderOp, Rpc, RpcError, RpcReply};
@@ -41,6 +42,10 @@ where
                 tracing::error!("{}", super::refuse::advice(&why, &self.settings.name));
                 *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 Ok(false)
+            }
+            Some(id) if id.client => {
+                self.start_client(id.node_id, id.cluster_id, id.seeds);
+                Ok(true)
             }
             Some(id) if self.log_behind_mark(&id).await? => Ok(false),
             Some(id) => {
@@ -109,6 +114,19 @@ where
         Ok(member)
     }
 
+    /// Starts following the cluster as a client (outside Raft), asking `seeds` first.
+    fn start_client(&self, id: NodeId, cluster_id: String, seeds: Vec<(NodeId, String)>) -> Arc<Client> {
+        if let Some(c) = self.session() {
+            return c;
+        }
+        let settings =
+            SessionSettings { wait: CLIENT_WAIT, limits: self.settings.limits.clone(), ..Default::default() };
+        let client = Client::start(self.connector.clone(), cluster_id, id, seeds, settings);
+        *self.session.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+        tracing::info!(node_id = id, cluster = %client.cluster_id, "following the cluster as a client (outside Raft)");
+        client
+    }
+
     /// Bootstraps a one-voter cluster on this fresh node and returns its join token.
     pub async fn init_cluster(&self, timeout: Duration) -> Result<InitOutcome, NodeError> {
         if self.settings.role != Role::Coordinator {
@@ -127,6 +145,8 @@ where
             removed: false,
             refused: None,
             pending_join: false,
+            client: false,
+            seeds: Vec::new(),
         };
         if let Some(pki) = self.pki.get().cloned() {
             let (id, name) = (cluster_id.clone(), self.settings.name.clone());
@@ -209,7 +229,7 @@ where
                         .map_err(|e| NodeError::Tls(e.to_string()))?
                         .map_err(|e| NodeError::Tls(e.to_string()))?;
                 }
-                tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
+                let client = self.settings.client && self.settings.role == Role::Hypervisor;
                 let identity = Identity {
                     node_id: joined.node_id,
                     cluster_id: joined.cluster_id.clone(),
@@ -217,9 +237,18 @@ where
                     role: Some(self.settings.role),
                     removed: false,
                     refused: None,
-                    pending_join: true,
+                    // A client's join is done once registered: it never joins Raft.
+                    pending_join: !client,
+                    client,
+                    seeds: joined.coordinators.clone(),
                 };
                 self.identity.save(&identity).await?;
+                if client {
+                    tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted as a client");
+                    self.start_client(joined.node_id, joined.cluster_id.clone(), joined.coordinators);
+                    return Ok(JoinOutcome { node_id: joined.node_id, cluster_id: joined.cluster_id, voter: false });
+                }
+                tracing::info!(node_id = joined.node_id, cluster = %joined.cluster_id, "admitted; starting raft");
                 (joined.node_id, joined.cluster_id)
             }
         };
@@ -243,6 +272,8 @@ where
             removed: false,
             refused: None,
             pending_join: false,
+            client: false,
+            seeds: Vec::new(),
         };
         self.identity.save(&identity).await?;
         Ok(JoinOutcome { node_id, cluster_id, voter })
@@ -280,7 +311,13 @@ where
             Ok(Reply::NodeRegistered { id }) => {
                 // Signed only now: the token was accepted and the id allocated.
                 let enrolment = self.enrol(member, &j, id)?;
-                Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id: member.cluster_id.clone(), enrolment }))
+                let coordinators = {
+                    let g = member.view.read();
+                    let c = g.state.nodes.values().filter(|n| n.role == Role::Coordinator);
+                    c.map(|n| (n.id, n.cluster_addr.clone())).collect()
+                };
+                let cluster_id = member.cluster_id.clone();
+                Ok(RpcReply::Joined(JoinReply { node_id: id, cluster_id, enrolment, coordinators }))
             }
             Ok(other) => Err(RpcError::Refused(format!("unexpected reply {other:?}"))),
             Err(ApplyError::BadToken) => Err(RpcError::BadToken),
@@ -436,7 +473,24 @@ where
     /// Stops Raft for good on this node after the cluster removed it.
     pub async fn leave(&self) -> Result<(), NodeError> {
         let member = self.member.write().unwrap_or_else(|p| p.into_inner()).take();
+        let session = self.session.write().unwrap_or_else(|p| p.into_inner()).take();
         *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        if let Some(c) = session {
+            c.stop();
+            let identity = Identity {
+                node_id: c.id,
+                cluster_id: c.cluster_id.clone(),
+                name: self.settings.name.clone(),
+                role: Some(self.settings.role),
+                removed: true,
+                refused: None,
+                pending_join: false,
+                client: true,
+                seeds: Vec::new(),
+            };
+            self.identity.save(&identity).await?;
+            tracing::warn!(node_id = c.id, "removed from the cluster: session ended");
+        }
         if let Some(m) = member {
             let identity = Identity {
                 node_id: m.id,
@@ -446,6 +500,8 @@ where
                 removed: true,
                 refused: None,
                 pending_join: false,
+                client: false,
+                seeds: Vec::new(),
             };
             self.identity.save(&identity).await?;
             if let Err(e) = m.raft.shutdown().await {

@@ -37,6 +37,7 @@ use openraft::ServerState;
 use tokio::time::Instant;
 
 use crate::clock;
+use crate::follow::Client;
 use crate::network::{CallError, Limits, PeerClient};
 use crate::tls::Pki;
 use crate::transport::Connector;
@@ -74,6 +75,9 @@ pub struct NodeSettings {
     pub heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
     pub limits: Limits,
+    /// A hypervisor that joins as a client (outside Raft, following the state through a
+    /// session) rather than as a Raft learner (`[cluster] membership`).
+    pub client: bool,
 }
 
 /// Errors of cluster operations, as the admin socket reports them.
@@ -126,6 +130,15 @@ pub struct Member {
     pub log_end_at_start: Option<u64>,
 }
 
+/// This node's copy of the replicated state, whichever way it arrives: applied by its own
+/// Raft (a member) or followed through a session (a client outside Raft).
+#[derive(Clone)]
+pub struct Local {
+    pub id: NodeId,
+    pub cluster_id: String,
+    pub view: StateView,
+}
+
 /// What `init_cluster` hands back.
 #[derive(Clone, Debug)]
 pub struct InitOutcome {
@@ -158,6 +171,8 @@ pub struct ClusterNode<LS> {
     backend: Arc<dyn Backend>,
     identity: Arc<dyn IdentityStore>,
     member: RwLock<Option<Arc<Member>>>,
+    /// The session of a client (a node outside Raft): set instead of `member`.
+    session: RwLock<Option<Arc<Client>>>,
     removed: Mutex<bool>,
     /// Serialises membership changes on the leader.
     membership_lock: tokio::sync::Mutex<()>,
@@ -222,6 +237,7 @@ where
             backend,
             identity,
             member: RwLock::new(None),
+            session: RwLock::new(None),
             removed: Mutex::new(false),
             membership_lock: tokio::sync::Mutex::new(()),
             leader_contact: Mutex::new(None),
@@ -331,6 +347,19 @@ where
         self.member.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The session, if this node follows the cluster as a client (outside Raft).
+    pub fn session(&self) -> Option<Arc<Client>> {
+        self.session.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This node's id, cluster and copy of the state, whether it is a Raft member or a client.
+    pub fn local(&self) -> Option<Local> {
+        if let Some(m) = self.member() {
+            return Some(Local { id: m.id, cluster_id: m.cluster_id.clone(), view: m.view.clone() });
+        }
+        self.session().map(|c| Local { id: c.id, cluster_id: c.cluster_id.clone(), view: c.view.clone() })
+    }
+
     fn require_member(&self) -> Result<Arc<Member>, NodeError> {
         if self.is_removed() {
             return Err(NodeError::Removed);
@@ -348,7 +377,7 @@ where
     }
 
     fn client(&self, addr: String, target: Option<NodeId>, cluster_id: String) -> PeerClient {
-        let me = self.member().map(|m| m.id);
+        let me = self.local().map(|l| l.id);
         PeerClient::new(self.connector.clone(), addr, target, cluster_id, self.settings.limits.clone()).from(me)
     }
 
@@ -391,6 +420,9 @@ where
     /// Waits until this node's state machine reflects every write acknowledged before the call
     /// (a linearizable read barrier, ReadIndex through the leader).
     pub async fn read_barrier(&self, timeout: Duration) -> Result<u64, NodeError> {
+        if let (None, Some(c), false) = (self.member(), self.session(), self.is_removed()) {
+            return c.link.read_barrier(timeout).await;
+        }
         let member = self.require_member()?;
         let deadline = Instant::now() + timeout;
         let index = match self.leader_call(LeaderOp::ReadIndex, timeout).await? {
@@ -413,8 +445,14 @@ where
 
     /// Whether this node is in contact with a quorum: a leader whose quorum acknowledged it
     /// within the lease; a follower that accepted AppendEntries within two election timeouts.
-    /// Answers from local metrics at once (never waits on Raft).
+    /// Answers from local metrics at once (never waits on Raft). A client: its session's
+    /// coordinator answered within a long poll and two election timeouts.
     pub fn quorum(&self) -> bool {
+        let lease = Duration::from_millis(self.settings.election_timeout_ms.1);
+        if let (None, Some(c)) = (self.member(), self.session()) {
+            // A quiet long poll is answered once per CLIENT_WAIT.
+            return c.status().answered.is_some_and(|t| t.elapsed() < crate::follow::CLIENT_WAIT + 2 * lease);
+        }
         let Some(member) = self.member() else { return false };
         let metrics = member.raft.metrics();
         let (state, acked, alone) = {
@@ -437,6 +475,9 @@ where
 
     /// Orderly stop of Raft (daemon exit), then everything made durable.
     pub async fn shutdown(&self) {
+        if let Some(c) = self.session() {
+            c.stop();
+        }
         if let Some(m) = self.member() {
             // Apply what is already committed first, so a restart from disk finds exactly the
             // state this process last showed.

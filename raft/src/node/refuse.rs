@@ -101,6 +101,8 @@ where
             removed: false,
             refused: Some(reason),
             pending_join: false,
+            client: false,
+            seeds: Vec::new(),
         };
         if let Err(e) = self.identity.save(&identity).await {
             tracing::error!("could not record the refusal in data_dir: {e}");

@@ -1,0 +1,150 @@
+//! Hypervisors outside Raft (issue 22, slice 2): 3 coordinators + 2 hypervisors with
+//! `[cluster] membership = "client"` in network namespaces, each with its own libvirtd (test
+//! driver) and `ipmi_sim`, a sampler checking all along that no VM runs on two nodes. In order:
+//! the Raft group is the coordinators only and the hypervisors follow it through sessions;
+//! VMs defined on h1 run there; h1's herd killed (-9) and started again resumes as a client
+//! and adopts its domains; `node flush h1 --wait` and `node ready h1 --wait` (their progress
+//! written through the session); h1 hangs (SIGSTOP) → fenced through its BMC, its VMs running
+//! elsewhere.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::bmc;
+use crate::fencelab::{self, events, signal, vms};
+use crate::harness::{wait_until, Cluster};
+use crate::libvirtd::{self, DoubleSampler, Libvirtd};
+use crate::netns::{self, Topology};
+
+const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
+const NAMES: [&str; 5] = ["c1", "c2", "c3", "h1", "h2"];
+const VMS: usize = 4;
+
+fn idx(name: &str) -> usize {
+    NAMES.iter().position(|n| *n == name).expect("known node")
+}
+
+/// Where each managed VM runs, by each node's own libvirt.
+fn observed(daemons: &[Arc<Libvirtd>]) -> BTreeMap<String, Vec<&'static str>> {
+    let mut out: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
+    for (i, d) in daemons.iter().enumerate() {
+        for (name, _) in d.running() {
+            if name != "test" {
+                out.entry(name).or_default().push(NAMES[i]);
+            }
+        }
+    }
+    out
+}
+
+/// Every VM runs where the cluster says, by that node's own libvirt, on a node `here` accepts.
+fn settled(list: &[Value], seen: &BTreeMap<String, Vec<&'static str>>, here: impl Fn(&str) -> bool) -> bool {
+    list.len() == VMS
+        && list.iter().all(|v| {
+            let (name, node) = (v["name"].as_str().unwrap_or(""), v["node"].as_str().unwrap_or(""));
+            here(node) && v["actual"] == "running" && seen.get(name).is_some_and(|n| n == &[node])
+        })
+}
+
+fn ok(out: &std::process::Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn hypervisors_as_clients() {
+    let test = "hypervisors_as_clients";
+    if !netns::available(test) || !libvirtd::available(test) || !bmc::available(test) {
+        return;
+    }
+    // Declared first, dropped last: processes die before their namespaces go.
+    let topo = Topology::new("cl", NAMES.len(), &NETS);
+    let mut c = fencelab::cluster_on(&topo, &NAMES);
+    for h in ["h1", "h2"] {
+        let node = c.node(h);
+        node.extra_config = format!("membership = \"client\"\n{}", node.extra_config);
+    }
+    let fence =
+        "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n";
+    let (bmcs, daemons) = fencelab::start_nodes(&mut c, &topo, &NAMES, None, fence);
+    let sampler = DoubleSampler::start(daemons.clone());
+    fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
+
+    // The Raft group is the coordinators; the hypervisors follow it from outside.
+    let s = c.node("c2").status();
+    let ids = |names: &[&str]| -> Vec<u64> {
+        let m = s["members"].as_array().expect("members");
+        names.iter().filter_map(|n| m.iter().find(|x| x["name"] == *n)?["id"].as_u64()).collect()
+    };
+    let mut voters: Vec<u64> =
+        s["raft"]["voters"].as_array().expect("voters").iter().filter_map(Value::as_u64).collect();
+    voters.sort_unstable();
+    assert_eq!(voters, ids(&["c1", "c2", "c3"]), "{s}");
+    assert_eq!(s["raft"]["learners"], json!([]), "no hypervisor is a Raft learner: {s}");
+    for h in ["h1", "h2"] {
+        let row = s["members"].as_array().expect("members").iter().find(|x| x["name"] == h).cloned();
+        assert_eq!(row.as_ref().map(|r| r["raft_member"].clone()), Some(json!(false)), "{h}: {row:?}");
+        let hs = c.node(h).status();
+        assert_eq!(hs["state"], "client", "{hs}");
+        assert!(hs["session"]["coordinator"].is_string(), "{h} follows a coordinator: {hs}");
+        assert!(hs["applied_index"].as_u64().is_some_and(|i| i > 0), "{hs}");
+    }
+    eprintln!("t59: Raft voters {voters:?}, no learners; h1 and h2 follow through sessions");
+
+    // VMs defined on h1 run there.
+    fencelab::define_vms(&mut c, "h2", VMS, "059", &["--node", "h1"]);
+    let settle = |c: &mut Cluster, on_h1: bool, what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            let list = vms(c.node("c1"));
+            settled(&list, &observed(&daemons), |n| (n == "h1") == on_h1).then_some(list)
+        })
+    };
+    settle(&mut c, true, "every VM running on h1");
+
+    // h1's herd killed and started again: it resumes as a client and adopts its domains.
+    let ours = |d: &Libvirtd| -> Vec<(String, u32)> { d.running().into_iter().filter(|(n, _)| n != "test").collect() };
+    let mut before = ours(&daemons[idx("h1")]);
+    c.node("h1").kill9();
+    c.node("h1").start();
+    bmcs[idx("h1")].kill_on_power_off("herd", c.node("h1").child.as_ref().expect("running").id());
+    wait_until("h1 following again", Duration::from_secs(20), || {
+        let hs = c.node("h1").try_admin(&json!({"op": "status"})).ok()?;
+        (hs["state"] == "client" && hs["quorum"] == true).then_some(())
+    });
+    let mut after = ours(&daemons[idx("h1")]);
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "h1's domains kept running with the same libvirt ids");
+    eprintln!("t59: h1's herd killed and restarted: a client again, {} domains adopted", after.len());
+
+    // Flush and ready: progress written through the session.
+    let t = Instant::now();
+    ok(&c.node("h1").cli(&["node", "flush", "h1", "--wait"]), "node flush h1");
+    let flush_ms = t.elapsed().as_millis();
+    settle(&mut c, false, "every VM moved away from h1");
+    let t = Instant::now();
+    ok(&c.node("c3").cli(&["node", "ready", "h1", "--wait"]), "node ready h1");
+    let ready_ms = t.elapsed().as_millis();
+    settle(&mut c, true, "every VM home on h1");
+    eprintln!("t59: node flush h1 --wait {flush_ms} ms, node ready h1 --wait {ready_ms} ms");
+
+    // h1 hangs: fenced through its BMC, its VMs run on h2.
+    let t0 = Instant::now();
+    signal(c.node("h1"), nix::sys::signal::Signal::SIGSTOP);
+    settle(&mut c, false, "every VM running elsewhere after h1's fence");
+    let took = t0.elapsed();
+    assert!(c.node("h1").wait_exit(Duration::from_secs(5)).is_some(), "the power-off killed h1's herd");
+    let ev = events(c.node("c1"));
+    assert_eq!(ev.iter().filter(|e| e["kind"] == "fenced" && e["node"] == "h1").count(), 1, "{ev:?}");
+    let info = c.node("c2").admin(json!({"op": "node-info", "name": "h1"}));
+    assert_eq!(info["daemon_state"], "fenced", "{info}");
+    let (samples, doubles) = sampler.finish();
+    assert!(doubles.is_empty(), "a VM ran on two hosts: {doubles:?}");
+    eprintln!(
+        "t59: h1 hung → fenced, all {VMS} VMs running elsewhere after {} ms; {samples} samples, no VM on two hosts",
+        took.as_millis()
+    );
+    drop(bmcs);
+}
