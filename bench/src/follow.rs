@@ -31,7 +31,7 @@ fn addr(i: usize) -> String {
     format!("127.0.16.{i}")
 }
 
-fn socket(dir: &Path, i: usize) -> PathBuf {
+pub(crate) fn socket(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("c{i}")).join("admin.sock")
 }
 
@@ -47,7 +47,7 @@ fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
     p.start_herd(herd, &d, &config)
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> u128 {
+pub(crate) fn percentile(sorted: &[Duration], p: usize) -> u128 {
     sorted.get((sorted.len() * p).div_ceil(100).saturating_sub(1)).map_or(0, Duration::as_millis)
 }
 
@@ -110,13 +110,14 @@ impl Followers {
     }
 }
 
-fn applied(sock: &Path) -> Result<u64> {
+pub(crate) fn applied(sock: &Path) -> Result<u64> {
     admin(sock, &json!({"op": "status"}))?["applied_index"].as_u64().context("applied_index")
 }
 
-/// The cluster, formed: (procs, cluster id, ids of c1..c3, the leader's number).
-fn cluster(herd: &Path) -> Result<(Procs, String, Vec<u64>, usize)> {
-    let dir = std::env::temp_dir().join(format!("herd-bench-follow-{}", std::process::id()));
+/// The cluster of 3 coordinators, formed (in a directory named after `scenario`): (procs,
+/// cluster id, ids of c1..c3, the leader's number).
+pub(crate) fn cluster(herd: &Path, scenario: &str) -> Result<(Procs, String, Vec<u64>, usize)> {
+    let dir = std::env::temp_dir().join(format!("herd-bench-{scenario}-{}", std::process::id()));
     let mut p = Procs { dir, children: Vec::new() };
     for i in 1..=3 {
         start(&mut p, herd, i)?;
@@ -144,7 +145,7 @@ fn cluster(herd: &Path) -> Result<(Procs, String, Vec<u64>, usize)> {
 }
 
 pub fn run(herd: PathBuf, followers: usize, seconds: u64) -> Result<Value> {
-    let (p, cluster_id, ids, li) = cluster(&herd)?;
+    let (p, cluster_id, ids, li) = cluster(&herd, "follow")?;
     let tls = p.dir.join("follower-tls");
     std::fs::create_dir_all(&tls)?;
     std::fs::set_permissions(&tls, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;

@@ -16,6 +16,8 @@
 //! - `migration [REPS]`: see `migration.rs` — live moves of real QEMU guests (time, libvirt's
 //!   job time, downtime; default 10) and a flush of 4 guests by live migration, on the demo
 //!   cluster (root, QEMU).
+//! - `hypervisors [N] [SECONDS] [learner|client]`: see `hypervisors.rs` — N real hypervisor
+//!   daemons beside 3 coordinators, as Raft learners or as clients (issue 22).
 //! - `follow [FOLLOWERS] [SECONDS]`: see `follow.rs` — 3 coordinators serving the state to 1000
 //!   followers outside Raft (issue 22): bootstrap, write fan-out, coordinator CPU, a
 //!   coordinator's death.
@@ -25,6 +27,7 @@ mod busy;
 mod connections;
 mod failover;
 mod follow;
+mod hypervisors;
 mod migration;
 mod procs;
 #[cfg(feature = "etcd")]
@@ -394,6 +397,16 @@ fn main() -> Result<()> {
             connections::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?)
                 .map(|_| ())
         }
+        ["hypervisors"] => hypervisors::run(herd_binary()?, 64, 60, "client").map(|_| ()),
+        ["hypervisors", n] => hypervisors::run(herd_binary()?, n.parse().context("hypervisors")?, 60, "client").map(|_| ()),
+        ["hypervisors", n, secs] => {
+            hypervisors::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?, "client")
+                .map(|_| ())
+        }
+        ["hypervisors", n, secs, membership] => {
+            hypervisors::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?, membership)
+                .map(|_| ())
+        }
         ["follow"] => follow::run(herd_binary()?, 1000, 60).map(|_| ()),
         ["follow", n] => follow::run(herd_binary()?, n.parse().context("followers")?, 60).map(|_| ()),
         ["follow", n, secs] => {
@@ -408,7 +421,7 @@ fn main() -> Result<()> {
         ["busy", secs, "normal"] => busy::one(secs.parse().context("seconds")?, false).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | hypervisors [N] [SECONDS] [learner|client] | all"
         ),
     }
 }

@@ -1,0 +1,113 @@
+//! `herd-bench hypervisors [N] [SECONDS] [learner|client]`: what N real hypervisor daemons cost
+//! the coordinators, as Raft learners or as clients outside Raft (issue 22).
+//!
+//! 3 coordinators (127.0.16.1-3) and N hypervisors (127.0.19.1 on; default 64), all release
+//! daemons on loopback without libvirt, each hypervisor with `[cluster] membership` as given
+//! (default `client`). Each join's time is measured (one after another, through c1). Then, over
+//! SECONDS (default 60) of 10 writes per second through the leader's admin socket (maintenance
+//! on, off, …): each write's time, the coordinators' CPU, the hypervisors' CPU, elections
+//! (term changes) and the oldest hypervisor keepalive the leader shows (sampled every second).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::failover::{admin, admin_within, wait};
+use crate::follow::{cluster, percentile, socket};
+use crate::procs::cpu_seconds;
+
+fn hv_addr(k: usize) -> String {
+    format!("127.0.19.{k}")
+}
+
+fn hv_config(d: &Path, k: usize, membership: &str) -> String {
+    format!(
+        "name = \"h{k}\"\nrole = \"hypervisor\"\ndata_dir = \"{d}/data\"\nadmin_socket = \"{d}/admin.sock\"\n\
+         [cluster]\nlisten = \"{a}:7400\"\nmembership = \"{membership}\"\n",
+        d = d.display(),
+        a = hv_addr(k),
+    )
+}
+
+/// The oldest keepalive among the hypervisors in the leader's status, and its term.
+fn sample(sock: &Path) -> Result<(u64, u64, usize)> {
+    let s = admin(sock, &json!({"op": "status"}))?;
+    let members = s["members"].as_array().cloned().unwrap_or_default();
+    let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
+    let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
+    let running = hvs.filter(|m| m["daemon_state"] == "run").count();
+    Ok((oldest, s["term"].as_u64().unwrap_or(0), running))
+}
+
+pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Value> {
+    anyhow::ensure!(matches!(membership, "learner" | "client"), "membership: learner or client");
+    anyhow::ensure!((1..=250).contains(&n), "1 to 250 hypervisors");
+    let (mut p, _cluster_id, _ids, li) = cluster(&herd, &format!("hypervisors-{membership}"))?;
+    let c1 = socket(&p.dir, 1);
+    let created = admin(&c1, &json!({"op": "token-create", "uses": n}))?;
+    let token = created["token"].as_str().context("a join token")?.to_string();
+    let mut joins = Vec::new();
+    for k in 1..=n {
+        let d = p.dir.join(format!("h{k}"));
+        std::fs::create_dir_all(&d)?;
+        p.start_herd(&herd, &d, &hv_config(&d, k, membership))?;
+        let req = json!({"op": "join-cluster", "peer": "127.0.16.1:7400", "token": token});
+        let t = Instant::now();
+        admin_within(&d.join("admin.sock"), &req, Duration::from_secs(120)).with_context(|| format!("h{k} joins"))?;
+        joins.push(t.elapsed());
+    }
+    let leader_sock = socket(&p.dir, li);
+    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.2 == n))?;
+    eprintln!("{n} hypervisors ({membership}) joined; last join {} ms", joins.last().map_or(0, Duration::as_millis));
+
+    let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
+    let cpu0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
+    let t0 = Instant::now();
+    let (mut writes, mut oldest, mut terms) = (Vec::new(), 0u64, Vec::new());
+    let mut next_sample = t0;
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let w = Instant::now();
+        admin(&leader_sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
+        writes.push(w.elapsed());
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(1);
+            let (age, term, _) = sample(&leader_sock)?;
+            oldest = oldest.max(age);
+            terms.push(term);
+        }
+    }
+    let window = t0.elapsed().as_secs_f64();
+    let cpu: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / window))
+        .collect::<Result<_>>()?;
+    admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
+    writes.sort();
+    let mut sorted_joins = joins.clone();
+    sorted_joins.sort();
+    let hv_cpu = &cpu[3..];
+    let elections = terms.windows(2).filter(|w| w[1] != w[0]).count();
+    let out = json!({
+        "scenario": "hypervisors",
+        "membership": membership,
+        "hypervisors": n,
+        "window_s": window,
+        "join_ms": {"p50": percentile(&sorted_joins, 50), "max": percentile(&sorted_joins, 100),
+                    "last": joins.last().map_or(0, Duration::as_millis)},
+        "writes_per_s": writes.len() as f64 / window,
+        "write_ms": {"p50": percentile(&writes, 50), "p99": percentile(&writes, 99), "max": percentile(&writes, 100)},
+        "leader": format!("c{li}"),
+        "coordinator_cpu_percent_of_one_core": &cpu[..3],
+        "hypervisor_cpu_percent_each": {"mean": hv_cpu.iter().sum::<f64>() / n as f64,
+                                        "max": hv_cpu.iter().copied().fold(0.0, f64::max)},
+        "elections_in_window": elections,
+        "oldest_keepalive_ms": oldest,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(out)
+}
