@@ -122,7 +122,16 @@ pub enum Rpc {
         from: Option<u64>,
         wait_ms: u64,
     },
+    /// A coordinator (the primary) asks another when it last heard the sessions of clients
+    /// `ids` (their long polls for changes): the fence rule's evidence that a client outside
+    /// Raft lives. At most [`MAX_SESSIONS_ASKED`] ids.
+    SessionsHeard {
+        ids: Vec<NodeId>,
+    },
 }
+
+/// Ids one `SessionsHeard` may ask about.
+pub const MAX_SESSIONS_ASKED: usize = 4096;
 
 /// Operations executed by the leader, forwarded from any node.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -178,6 +187,8 @@ pub enum RpcReply {
         last_applied: Option<herd_storage::types::LogId>,
         state: Vec<u8>,
     },
+    /// How many milliseconds ago each client asked was heard (those never heard left out).
+    SessionsHeard(Vec<(NodeId, u64)>),
 }
 
 /// Errors that travel back to the caller. Plain data, so any version can read them.

@@ -31,8 +31,9 @@ pub struct Facts<'a> {
     pub is_self: bool,
     /// The heartbeat verdict (None: not a heartbeat target).
     pub verdict: Option<&'a HostVerdict>,
-    /// Time since the node last acknowledged Raft traffic from this leader (since the leader
-    /// started, if it never did).
+    /// Time since the node last acknowledged Raft traffic from this leader — for a client
+    /// outside Raft, since any coordinator last heard its session — (since the leader started,
+    /// if it never did).
     pub raft_silent_ms: u64,
     /// The last chassis power its BMC reported, if any.
     pub power: Option<Power>,
@@ -91,7 +92,8 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     }
     let after = policy.fence_after_ms;
     if f.raft_silent_ms < after {
-        // A node that still talks Raft is alive, whatever the heartbeat says.
+        // A node that still talks Raft (or, outside Raft, polls on its session) is alive,
+        // whatever the heartbeat says.
         return Decision::Spare;
     }
     if ctx.primary_for_ms < after {
@@ -105,7 +107,10 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     }
     if f.power == Some(Power::Off) {
         return Decision::Fence {
-            reason: format!("its BMC reports the power off and it has not answered Raft for {} ms", f.raft_silent_ms),
+            reason: format!(
+                "its BMC reports the power off and it has not answered Raft (nor its session) for {} ms",
+                f.raft_silent_ms
+            ),
         };
     }
     if ctx.mnfa {
@@ -114,7 +119,7 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     match f.verdict {
         Some(v) if v.verdict == Verdict::Lost && v.lost_for_ms >= after => Decision::Fence {
             reason: format!(
-                "lost on every network for {} ms ({}) and silent on Raft for {} ms",
+                "lost on every network for {} ms ({}) and silent on Raft (and its session) for {} ms",
                 v.lost_for_ms, v.reason, f.raft_silent_ms
             ),
         },

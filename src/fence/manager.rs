@@ -34,11 +34,14 @@ use tokio::time::Instant;
 use super::agent::{Action, FenceAgent, Fencer, Power, Purpose};
 use super::decide::{decide, heard_again, Context, Decision, Facts, SinceDecision};
 use crate::heartbeat::agent::Agent;
+use crate::heartbeat::verdict::Verdict;
 use crate::primary::manager::Manager;
 use crate::tasks::Tasks;
 use herd_raft::clock::ms;
 
 const TICK: Duration = Duration::from_millis(100);
+/// How long the primary waits for another coordinator to say when it heard a client's session.
+const SESSIONS_ASK_TIMEOUT: Duration = Duration::from_millis(200);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A Raft-silent node's BMC is read this often (a powered-off node is dead, even under MNFA).
 const SILENT_CHECK: Duration = Duration::from_secs(1);
@@ -185,11 +188,10 @@ impl FenceManager {
     /// ago. openraft gives every follower a progress instant when it becomes leader; those are
     /// not answers, and they are older than the office, so they are left out.
     ///
-    /// A client outside Raft (issue 22) counts as heard when it last asked this coordinator for
-    /// changes (its session's long poll). Only this coordinator's sessions are seen here: a
-    /// client following another looks silent (the exchange of session ages between
-    /// coordinators is the next slice).
-    fn raft_heard_ago(&self, office: Instant) -> BTreeMap<NodeId, u64> {
+    /// A client outside Raft (issue 22) has no Raft responses: for each of `clients` the
+    /// primary asks every coordinator when it last heard the client's session (its long poll
+    /// for changes), and the most recent counts the same way.
+    async fn raft_heard_ago(&self, office: Instant, clients: &[NodeId]) -> BTreeMap<NodeId, u64> {
         let Some(member) = self.node.member() else { return BTreeMap::new() };
         let acks = member.raft.metrics().borrow_watched().heartbeat.clone();
         let office_ago = ms(office.elapsed());
@@ -198,11 +200,18 @@ impl FenceManager {
             .into_iter()
             .filter_map(|(id, t)| Some((id, ms(openraft::Instant::elapsed(&*t?)))))
             .collect();
-        for (id, ago) in self.node.followers_heard() {
-            heard.entry(id).and_modify(|a| *a = (*a).min(ms(ago))).or_insert(ms(ago));
+        for (id, ago) in self.node.sessions_heard_everywhere(clients, SESSIONS_ASK_TIMEOUT).await {
+            heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
         }
         heard.retain(|_, ago| *ago < office_ago);
         heard
+    }
+
+    /// Which of `ids` are clients outside Raft (registered, not in the Raft membership).
+    fn clients(&self, ids: impl IntoIterator<Item = NodeId>) -> Vec<NodeId> {
+        let Some(member) = self.node.member() else { return Vec::new() };
+        let m = member.raft.metrics().borrow_watched().membership_config.clone();
+        ids.into_iter().filter(|id| m.membership().get_node(id).is_none()).collect()
     }
 
     async fn round(self: &Arc<Self>, since: Instant, last_check: &mut BTreeMap<String, Instant>) {
@@ -213,8 +222,11 @@ impl FenceManager {
         };
         let verdicts = self.heartbeat.verdicts();
         let mnfa = self.heartbeat.mnfa_active();
-        // Silent since the last response this leader received, or since it took office.
-        let silence = self.raft_heard_ago(since);
+        // Silent since the last response this leader received, or since it took office. The
+        // sessions of clients are asked about only for those the heartbeat lost (the only ones
+        // whose silence decides anything).
+        let lost = verdicts.iter().filter(|(_, v)| v.verdict == Verdict::Lost).map(|(id, _)| *id);
+        let silence = self.raft_heard_ago(since, &self.clients(lost)).await;
         let now_ms = herd_raft::clock::wall_ms();
         let primary_for_ms = ms(since.elapsed());
         let running = self.local().executing.len();
@@ -371,7 +383,7 @@ impl FenceManager {
     /// least since `seen`, when it first saw it standing): Raft responses this leader received
     /// in that time and since it took office, answers to this coordinator's pulses and other
     /// coordinators' views from that time.
-    fn evidence_since(&self, id: NodeId, decided_ms: u64, seen: Instant) -> SinceDecision {
+    async fn evidence_since(&self, id: NodeId, decided_ms: u64, seen: Instant) -> SinceDecision {
         if self.node.member().is_some_and(|m| m.id == id) {
             // The victim is this very primary, running: alive beyond doubt (a decision inherited
             // from a primary that lost it while this node was away).
@@ -382,8 +394,11 @@ impl FenceManager {
         // safe direction), and at least since this primary first saw it standing.
         let within = ms(seen.elapsed()).max(herd_raft::clock::wall_ms().saturating_sub(decided_ms));
         let office = self.local().took_office;
-        let raft_heard_ago_ms =
-            office.and_then(|o| self.raft_heard_ago(o).get(&id).copied()).filter(|ago| *ago < within);
+        let heard = match office {
+            Some(o) => self.raft_heard_ago(o, &self.clients([id])).await.get(&id).copied(),
+            None => None,
+        };
+        let raft_heard_ago_ms = heard.filter(|ago| *ago < within);
         SinceDecision {
             is_self: false,
             raft_heard_ago_ms,
@@ -449,7 +464,7 @@ impl FenceManager {
                 return false;
             }
             if !pending.manual {
-                if let Some(why) = heard_again(&self.evidence_since(id, decided_ms, seen)) {
+                if let Some(why) = heard_again(&self.evidence_since(id, decided_ms, seen).await) {
                     tracing::warn!(node = %name, %why, "fence cancelled: the node was heard again");
                     let reason = format!("heard again before the power-off: {why}");
                     self.record(name, Command::CancelFence { name: name.into(), reason }).await;

@@ -28,6 +28,17 @@ pub fn cluster_on(topo: &Topology, names: &[&str]) -> Cluster {
     c
 }
 
+/// Which of a topology's networks carry what: the two heartbeat networks (`mgmt`, `storage`)
+/// and the BMCs' (the cluster port is always on network 0).
+#[derive(Clone, Copy)]
+pub struct Layout {
+    pub heartbeat: [usize; 2],
+    pub bmc: usize,
+}
+
+/// Heartbeat on networks 0 and 1 (0 shared with the cluster port), BMCs on 2.
+pub const SHARED: Layout = Layout { heartbeat: [0, 1], bmc: 2 };
+
 /// For each of `names`: its BMC on the BMC network (traced for index `traced`) and its own
 /// libvirtd, then its daemon started with `node_config(.., fence)`; a power-off kills both.
 pub fn start_nodes(
@@ -37,11 +48,23 @@ pub fn start_nodes(
     traced: Option<usize>,
     fence: &str,
 ) -> (Vec<Bmc>, Vec<Arc<Libvirtd>>) {
+    start_nodes_on(c, topo, SHARED, names, traced, fence)
+}
+
+/// [`start_nodes`] with the networks laid out as `layout` says.
+pub fn start_nodes_on(
+    c: &mut Cluster,
+    topo: &Topology,
+    layout: Layout,
+    names: &[&str],
+    traced: Option<usize>,
+    fence: &str,
+) -> (Vec<Bmc>, Vec<Arc<Libvirtd>>) {
     let mut bmcs: Vec<Bmc> = Vec::new();
     let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
     for (k, name) in names.iter().enumerate() {
         let dir = c.node(name).dir.clone();
-        let (ip, ns) = (topo.addr(k + 1, 2), topo.ns(k + 1));
+        let (ip, ns) = (topo.addr(k + 1, layout.bmc), topo.ns(k + 1));
         let start = if traced == Some(k) { Bmc::start_traced } else { Bmc::start };
         bmcs.push(start(&dir.join("bmc"), &ip, 623, Some(&ns)));
         daemons.push(Arc::new(Libvirtd::start(&dir.join("lvd"))));
@@ -50,7 +73,7 @@ pub fn start_nodes(
         let (b, uri) = (&bmcs[k], daemons[k].uri());
         let node = c.node(name);
         node.netns = Some(topo.ns(k + 1));
-        node.extra_config.push_str(&node_config(topo, k, b, &uri, fence));
+        node.extra_config.push_str(&node_config_on(topo, layout, k, b, &uri, fence));
         node.start();
         b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
         b.kill_on_power_off("libvirtd", daemons[k].pid());
@@ -61,13 +84,18 @@ pub fn start_nodes(
 /// Node `k`'s (0-based) heartbeat, hypervisor and fencing sections: its libvirtd at `uri`, its
 /// BMC `b`, and `fence` (the `[fence]` section's keys).
 pub fn node_config(topo: &Topology, k: usize, b: &Bmc, uri: &str, fence: &str) -> String {
+    node_config_on(topo, SHARED, k, b, uri, fence)
+}
+
+/// [`node_config`] with the heartbeat networks of `layout`.
+pub fn node_config_on(topo: &Topology, layout: Layout, k: usize, b: &Bmc, uri: &str, fence: &str) -> String {
     format!(
         "[heartbeat.networks]\nmgmt = \"{}:7401\"\nstorage = \"{}:7401\"\n\
          [hypervisor]\nuri = \"{uri}\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
          [fence]\n{fence}\
          [fencing]\nbmc = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n",
-        topo.addr(k + 1, 0),
-        topo.addr(k + 1, 1),
+        topo.addr(k + 1, layout.heartbeat[0]),
+        topo.addr(k + 1, layout.heartbeat[1]),
         b.addr,
         bmc::USER,
         b.password_file().display()

@@ -19,7 +19,9 @@ use crate::harness::{wait_until, Cluster};
 use crate::libvirtd::{self, DoubleSampler, Libvirtd};
 use crate::netns::{self, Topology};
 
-const NETS: [&str; 3] = ["mgmt", "storage", "bmc"];
+/// The cluster port on its own network: a client's heartbeat can be cut while its session lives.
+const NETS: [&str; 4] = ["cluster", "mgmt", "storage", "bmc"];
+const LAYOUT: fencelab::Layout = fencelab::Layout { heartbeat: [1, 2], bmc: 3 };
 const NAMES: [&str; 5] = ["c1", "c2", "c3", "h1", "h2"];
 const VMS: usize = 4;
 
@@ -68,7 +70,7 @@ fn hypervisors_as_clients() {
     }
     let fence =
         "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n";
-    let (bmcs, daemons) = fencelab::start_nodes(&mut c, &topo, &NAMES, None, fence);
+    let (bmcs, daemons) = fencelab::start_nodes_on(&mut c, &topo, LAYOUT, &NAMES, None, fence);
     let sampler = DoubleSampler::start(daemons.clone());
     fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
 
@@ -129,6 +131,33 @@ fn hypervisors_as_clients() {
     let ready_ms = t.elapsed().as_millis();
     settle(&mut c, true, "every VM home on h1");
     eprintln!("t59: node flush h1 --wait {flush_ms} ms, node ready h1 --wait {ready_ms} ms");
+
+    // h2's heartbeat cut on both networks, its session alive, following a coordinator that is
+    // not the primary: lost to every coordinator, yet heard — not fenced. 6 s is the loss time
+    // plus fence_after_ms with room (a window in which nothing may happen, not a wait).
+    let follows = c.node("h2").status()["session"]["coordinator"].as_str().expect("h2 follows").to_string();
+    let primary = ["c1", "c2", "c3"].into_iter().find(|n| *n != follows).expect("another coordinator");
+    c.node("c1").admin(json!({"op": "node-primary", "name": primary, "wait": true}));
+    for net in LAYOUT.heartbeat {
+        topo.link(idx("h2") + 1, net, false);
+    }
+    wait_until("h2 lost to the heartbeat", Duration::from_secs(10), || {
+        let hb = c.node(primary).try_admin(&json!({"op": "status"})).ok()?;
+        let row = hb["members"].as_array()?.iter().find(|m| m["name"] == "h2")?.clone();
+        row["heartbeat"].as_str().is_some_and(|h| h.starts_with("lost")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let ev = events(c.node("c1"));
+    let fences: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["node"] == "h2" && e["kind"] != "fence-readiness")
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("fence")))
+        .collect();
+    assert!(fences.is_empty(), "h2's session lives (it follows {follows}, the primary is {primary}): {fences:?}");
+    for net in LAYOUT.heartbeat {
+        topo.link(idx("h2") + 1, net, true);
+    }
+    eprintln!("t59: h2's heartbeat cut for 6 s, its session to {follows} alive (primary {primary}): not fenced");
 
     // h1 hangs: fenced through its BMC, its VMs run on h2.
     let t0 = Instant::now();

@@ -147,6 +147,15 @@ where
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
                 crate::follow::serve(&member.view, from, wait).await
             }
+            Rpc::SessionsHeard { ids } => {
+                if ids.len() > crate::wire::MAX_SESSIONS_ASKED {
+                    return Err(RpcError::BadRequest(format!(
+                        "at most {} ids per question",
+                        crate::wire::MAX_SESSIONS_ASKED
+                    )));
+                }
+                Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids)))
+            }
         }
     }
 

@@ -273,6 +273,57 @@ where
         out
     }
 
+    /// How many milliseconds ago each of `ids` last asked this node for changes (those never
+    /// heard left out).
+    pub fn sessions_heard(&self, ids: &[NodeId]) -> Vec<(NodeId, u64)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.elapsed())))).collect()
+    }
+
+    /// For each of `ids` (clients outside Raft), the shortest time since any coordinator of the
+    /// Raft membership, this one included, heard its session; asked in parallel within
+    /// `timeout` — one that does not answer in time vouches for nothing.
+    pub async fn sessions_heard_everywhere(
+        &self,
+        ids: &[NodeId],
+        timeout: Duration,
+    ) -> std::collections::BTreeMap<NodeId, u64> {
+        let mut heard: std::collections::BTreeMap<NodeId, u64> = self.sessions_heard(ids).into_iter().collect();
+        let Some(member) = self.member() else { return heard };
+        if ids.is_empty() {
+            return heard;
+        }
+        let peers: Vec<(NodeId, String)> = {
+            let raft_members: Vec<NodeId> =
+                member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
+            let g = member.view.read();
+            let coordinator = |id: &NodeId| g.state.node_by_id(*id).filter(|n| n.role == Role::Coordinator);
+            raft_members
+                .iter()
+                .filter(|id| **id != member.id)
+                .filter_map(coordinator)
+                .map(|n| (n.id, n.cluster_addr.clone()))
+                .collect()
+        };
+        let asks = peers.into_iter().map(|(id, addr)| {
+            let mut c = self.client(addr, Some(id), member.cluster_id.clone());
+            let ids = ids.to_vec();
+            async move { c.call(Rpc::SessionsHeard { ids }, timeout).await }
+        });
+        for answer in futures::future::join_all(asks).await {
+            match answer {
+                Ok(RpcReply::SessionsHeard(ages)) => {
+                    for (id, ago) in ages.into_iter().filter(|(id, _)| ids.contains(id)) {
+                        heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
+                    }
+                }
+                Ok(other) => tracing::debug!("unexpected answer to sessions-heard: {other:?}"),
+                Err(e) => tracing::debug!("sessions-heard not answered: {e}"),
+            }
+        }
+        heard
+    }
+
     /// What keeps each follower out of Raft, as this node saw while leading (see
     /// [`crate::watch`]).
     pub fn replication_watch(&self) -> &crate::watch::ReplicationWatch {
