@@ -42,6 +42,20 @@ impl Standing {
         self.last_commit_ms.store(self.now_ms(), Ordering::Release);
     }
 
+    /// A keepalive of this node's committed at log `index`, `age_ms` before now (a client
+    /// outside Raft: the coordinator that heard its session wrote it, stamped on the leader's
+    /// clock; the age is counted from that stamp, so a slow session makes it older, never
+    /// younger). Never moves the last commit back.
+    /// One older than this process is no contact at all.
+    pub fn committed_at(&self, index: u64, age_ms: u64) {
+        let now = self.now_ms();
+        if age_ms >= now {
+            return;
+        }
+        self.last_commit_index.fetch_max(index, Ordering::AcqRel);
+        self.last_commit_ms.fetch_max(now - age_ms, Ordering::AcqRel);
+    }
+
     /// The log index of the last own write committed (0: none yet).
     pub fn last_commit_index(&self) -> u64 {
         self.last_commit_index.load(Ordering::Acquire)
@@ -87,5 +101,20 @@ mod tests {
         tokio::time::advance(std::time::Duration::from_millis(3000)).await;
         assert!(!s.quorum_contact(7), "older than three intervals");
         assert_eq!(s.commit_age_ms(), 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keepalive_seen_late_counts_from_its_stamp() {
+        let s = Standing::new(1000);
+        tokio::time::advance(std::time::Duration::from_millis(10_000)).await;
+        s.committed_at(9, 20_000);
+        assert!(!s.quorum_contact(9), "a keepalive older than this process is no contact");
+        s.committed_at(9, 2_500);
+        assert!(s.quorum_contact(9));
+        assert_eq!(s.commit_age_ms(), 2_500, "aged from the stamp, not from when it was seen");
+        s.committed_at(10, 4_000);
+        assert_eq!(s.commit_age_ms(), 2_500, "an older stamp seen later does not move it back");
+        tokio::time::advance(std::time::Duration::from_millis(600)).await;
+        assert!(!s.quorum_contact(10), "3.1 s: older than three intervals");
     }
 }

@@ -121,6 +121,10 @@ pub enum Rpc {
     Changes {
         from: Option<u64>,
         wait_ms: u64,
+        /// A client's latest statistics: the coordinator that hears it writes them, with the
+        /// client's keepalive, in its aggregate for all the clients it serves.
+        #[serde(default)]
+        stats: Option<herd_storage::model::NodeStats>,
     },
     /// A coordinator (the primary) asks another when it last heard the sessions of clients
     /// `ids` (their long polls for changes): the fence rule's evidence that a client outside

@@ -57,6 +57,9 @@ impl Daemon {
         self.agent.set_identity(member.id, &member.cluster_id);
         self.await_own_record(&member).await;
         self.tasks.spawn(self.clone().follow_targets(member.clone()));
+        if self.node.session().is_some() {
+            self.tasks.spawn(self.clone().follow_own_keepalive(member.clone()));
+        }
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         let addrs: BTreeMap<String, String> =
             self.agent.addrs().iter().map(|(n, a)| (n.clone(), a.to_string())).collect();
@@ -114,6 +117,11 @@ impl Daemon {
                 }
             }
         }
+        self.keepalives(interval).await;
+    }
+
+    /// A keepalive every interval, with this node's figures, until it is removed or refused.
+    async fn keepalives(&self, interval: Duration) {
         let mut last = NodeStats::default();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -129,6 +137,12 @@ impl Daemon {
             last = self.host_stats.collect(&last, interval / 4).await;
             let mut stats = last.clone();
             self.vm_figures(&mut stats);
+            if let Some(c) = self.node.session() {
+                // A client's keepalive: its figures ride on its session's polls, and the
+                // coordinator that hears it writes them (`clients.rs`).
+                c.report(stats);
+                continue;
+            }
             match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {
                 Ok(()) => {}
                 Err(NodeError::Removed) => return,

@@ -12,6 +12,7 @@
 //! The admin socket, metrics and signals are the production process's (`crate::run`); the
 //! simulation drives `start` directly.
 
+mod clients;
 mod env;
 mod health;
 mod member;
@@ -203,6 +204,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
     tasks.spawn(fence.run(shutdown_rx.clone()));
     if config.role == Role::Coordinator {
         tasks.spawn(health::run(node.clone(), shutdown_rx.clone()));
+        tasks.spawn(daemon.clone().client_keepalives());
     }
     let (restart_tx, restart) = watch::channel(false);
     tasks.spawn(storage::guard(node.clone(), env.storage_probe.clone(), restart_tx));

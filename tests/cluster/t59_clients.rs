@@ -121,6 +121,25 @@ fn hypervisors_as_clients() {
     assert_eq!(before, after, "h1's domains kept running with the same libvirt ids");
     eprintln!("t59: h1's herd killed and restarted: a client again, {} domains adopted", after.len());
 
+    // Keepalives: a client writes none; its figures ride on its polls and the coordinator
+    // that hears it writes them. They arrive (h1's VM count), and stay within two intervals
+    // (1 s here) — sampled for 4 s.
+    wait_until("h1's figures through its session", Duration::from_secs(10), || {
+        let s = c.node("c1").try_admin(&json!({"op": "status"})).ok()?;
+        let row = s["members"].as_array()?.iter().find(|m| m["name"] == "h1")?.clone();
+        (row["stats"]["vms_running"] == VMS).then_some(())
+    });
+    let (t, mut oldest) = (Instant::now(), 0);
+    while t.elapsed() < Duration::from_secs(4) {
+        let s = c.node("c1").status();
+        for m in s["members"].as_array().expect("members").iter().filter(|m| m["role"] == "hypervisor") {
+            oldest = oldest.max(m["last_keepalive_age_ms"].as_u64().expect("a keepalive"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(oldest <= 2000, "a client's keepalive {oldest} ms old (interval 1000 ms)");
+    eprintln!("t59: client keepalives through their coordinators: oldest {oldest} ms in 4 s (interval 1000 ms)");
+
     // Flush and ready: progress written through the session.
     let t = Instant::now();
     ok(&c.node("h1").cli(&["node", "flush", "h1", "--wait"]), "node flush h1");

@@ -1,10 +1,10 @@
 //! [`Client`]: a node outside Raft (a hypervisor, issue 22): its copy of the replicated state
 //! kept by a [`Session`], and its leader operations through a [`LeaderLink`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herd_storage::model::NodeId;
+use herd_storage::model::{NodeId, NodeStats};
 use herd_storage::sm::StateView;
 use tokio::sync::watch;
 
@@ -26,6 +26,8 @@ pub struct Client {
     pub link: LeaderLink,
     status: watch::Receiver<SessionStatus>,
     stop: watch::Sender<bool>,
+    /// Statistics sent with every poll (the coordinator writes them with the keepalive).
+    report: Arc<Mutex<Option<NodeStats>>>,
 }
 
 impl Client {
@@ -38,13 +40,20 @@ impl Client {
         settings: SessionSettings,
     ) -> Arc<Client> {
         let limits = settings.limits.clone();
-        let session = Session::new(connector.clone(), cluster_id.clone(), id, seeds, settings);
+        let report = Arc::new(Mutex::new(None));
+        let session =
+            Session::new(connector.clone(), cluster_id.clone(), id, seeds, settings).with_report(report.clone());
         let view = session.view();
         let status = session.status();
         let (stop, stopped) = watch::channel(false);
         herd_storage::types::spawn(session.run(stopped));
         let link = LeaderLink::new(view.clone(), connector, cluster_id.clone(), id, limits);
-        Arc::new(Client { id, cluster_id, view, link, status, stop })
+        Arc::new(Client { id, cluster_id, view, link, status, stop, report })
+    }
+
+    /// The statistics the next polls carry.
+    pub fn report(&self, stats: NodeStats) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// Where the session stands now.

@@ -95,6 +95,8 @@ pub struct Follower {
     writer: ViewWriter,
     /// The next log index to apply; `None` before any state was taken.
     next: Option<u64>,
+    /// Statistics sent with each ask (a client's report; `None`: a reader only).
+    report: Option<model::NodeStats>,
 }
 
 impl Default for Follower {
@@ -107,7 +109,7 @@ impl Follower {
     /// A follower with nothing yet: its first answer is the whole state.
     pub fn new() -> Follower {
         let (view, writer) = StateView::standalone();
-        Follower { view, writer, next: None }
+        Follower { view, writer, next: None, report: None }
     }
 
     /// The followed state, read like a member's (and its applied-index watch).
@@ -120,9 +122,15 @@ impl Follower {
         self.next
     }
 
+    /// Statistics to send with each ask from now on.
+    pub fn set_report(&mut self, report: Option<model::NodeStats>) {
+        self.report = report;
+    }
+
     /// The request that asks for what comes next, waiting up to `wait` for it.
     pub fn ask(&self, wait: Duration) -> Rpc {
-        Rpc::Changes { from: self.next, wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX) }
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        Rpc::Changes { from: self.next, wait_ms, stats: self.report.clone() }
     }
 
     /// Takes one answer to [`Follower::ask`]. Changes apply in order, each exactly at the next

@@ -1,10 +1,10 @@
 //! [`Session`]: a [`Follower`] kept fed by one coordinator at a time, moving to the next when
 //! it fails.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herd_storage::model::{NodeId, Role};
+use herd_storage::model::{NodeId, NodeStats, Role};
 use herd_storage::sm::StateView;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -66,6 +66,8 @@ pub struct Session {
     seeds: Vec<(NodeId, String)>,
     settings: SessionSettings,
     status: watch::Sender<SessionStatus>,
+    /// Statistics to send with every poll, as the client last set them.
+    report: Option<Arc<Mutex<Option<NodeStats>>>>,
 }
 
 impl Session {
@@ -79,7 +81,13 @@ impl Session {
     ) -> Session {
         let follower = Follower::new();
         let status = watch::Sender::new(SessionStatus::default());
-        Session { follower, connector, cluster_id, me, seeds, settings, status }
+        Session { follower, connector, cluster_id, me, seeds, settings, status, report: None }
+    }
+
+    /// Sends what `report` holds with every poll (a client's statistics).
+    pub fn with_report(mut self, report: Arc<Mutex<Option<NodeStats>>>) -> Session {
+        self.report = Some(report);
+        self
     }
 
     /// The followed state.
@@ -129,6 +137,9 @@ impl Session {
                     client.insert(c.from(Some(self.me)))
                 }
             };
+            if let Some(r) = &self.report {
+                self.follower.set_report(r.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            }
             let polled = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return,

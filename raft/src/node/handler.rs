@@ -139,9 +139,9 @@ where
                 Ok(RpcReply::Done)
             }
             Rpc::Leader(op) => self.leader_op(&member, op, frame.to, timeout).await,
-            Rpc::Changes { from, wait_ms } => {
+            Rpc::Changes { from, wait_ms, stats } => {
                 if let Some(id) = frame.from {
-                    self.heard_follower(id);
+                    self.heard_follower(id, stats);
                 }
                 // Answer before the asker gives up: the wait ends a margin before its timeout.
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herd_storage::identity::IdentityStore;
-use herd_storage::model::{ApplyError, NodeId, Op, Reply, Request, Response, Role};
+use herd_storage::model::{ApplyError, NodeId, NodeStats, Op, Reply, Request, Response, Role};
 use herd_storage::sm::{Backend, StateMachine, StateView};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
@@ -199,7 +199,13 @@ pub struct ClusterNode<LS> {
     mark: std::sync::OnceLock<Arc<dyn herd_storage::mark::MarkStore>>,
     /// When each follower outside Raft last asked this node for changes (`crate::follow`): the
     /// evidence that its session lives, for the fence rule of a later slice of issue 22.
-    followers: Mutex<std::collections::HashMap<NodeId, Instant>>,
+    followers: Mutex<std::collections::HashMap<NodeId, Heard>>,
+}
+
+/// When a follower last asked, and the statistics it sent last.
+struct Heard {
+    at: Instant,
+    stats: Option<NodeStats>,
 }
 
 /// Followers remembered per node; the longest silent is forgotten first.
@@ -255,20 +261,37 @@ where
     }
 
     /// Records that follower `id` asked this node for changes just now.
-    pub(crate) fn heard_follower(&self, id: NodeId) {
+    pub(crate) fn heard_follower(&self, id: NodeId, stats: Option<NodeStats>) {
         let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
         if f.len() >= MAX_FOLLOWERS && !f.contains_key(&id) {
-            if let Some(oldest) = f.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id) {
+            if let Some(oldest) = f.iter().min_by_key(|(_, h)| h.at).map(|(id, _)| *id) {
                 f.remove(&oldest);
             }
         }
-        f.insert(id, Instant::now());
+        let h = f.entry(id).or_insert(Heard { at: Instant::now(), stats: None });
+        h.at = Instant::now();
+        if stats.is_some() {
+            h.stats = stats;
+        }
+    }
+
+    /// The clients heard within `within` and the statistics each sent last: what this
+    /// coordinator writes as their keepalives.
+    pub fn client_reports(&self, within: Duration) -> Vec<(NodeId, NodeStats)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(NodeId, NodeStats)> = f
+            .iter()
+            .filter(|(_, h)| h.at.elapsed() < within)
+            .filter_map(|(id, h)| Some((*id, h.stats.clone()?)))
+            .collect();
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out
     }
 
     /// How long ago each follower outside Raft last asked this node for changes, by id.
     pub fn followers_heard(&self) -> Vec<(NodeId, Duration)> {
         let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(NodeId, Duration)> = f.iter().map(|(id, t)| (*id, t.elapsed())).collect();
+        let mut out: Vec<(NodeId, Duration)> = f.iter().map(|(id, h)| (*id, h.at.elapsed())).collect();
         out.sort_unstable();
         out
     }
@@ -277,7 +300,7 @@ where
     /// heard left out).
     pub fn sessions_heard(&self, ids: &[NodeId]) -> Vec<(NodeId, u64)> {
         let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.elapsed())))).collect()
+        ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.at.elapsed())))).collect()
     }
 
     /// For each of `ids` (clients outside Raft), the shortest time since any coordinator of the

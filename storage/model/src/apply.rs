@@ -12,7 +12,8 @@ pub const MAX_REMEMBERED_REQUESTS: usize = 4096;
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// Bound on names and addresses, so a bad client cannot bloat the state.
 pub(crate) const MAX_NAME_LEN: usize = 253;
-const MAX_OPS: usize = 64;
+/// Operations one request may carry.
+pub const MAX_OPS: usize = 64;
 /// Heartbeat networks per node.
 pub(crate) const MAX_NETWORKS: usize = 8;
 
