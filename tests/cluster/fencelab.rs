@@ -48,10 +48,11 @@ pub fn start_nodes(
     traced: Option<usize>,
     fence: &str,
 ) -> (Vec<Bmc>, Vec<Arc<Libvirtd>>) {
-    start_nodes_on(c, topo, SHARED, names, traced, fence)
+    start_nodes_on(c, topo, SHARED, names, traced, fence, &[])
 }
 
-/// [`start_nodes`] with the networks laid out as `layout` says.
+/// [`start_nodes`] with the networks laid out as `layout` says, and `tail` (node, keys)
+/// appended to a node's `[fencing]` section.
 pub fn start_nodes_on(
     c: &mut Cluster,
     topo: &Topology,
@@ -59,6 +60,7 @@ pub fn start_nodes_on(
     names: &[&str],
     traced: Option<usize>,
     fence: &str,
+    tail: &[(&str, String)],
 ) -> (Vec<Bmc>, Vec<Arc<Libvirtd>>) {
     let mut bmcs: Vec<Bmc> = Vec::new();
     let mut daemons: Vec<Arc<Libvirtd>> = Vec::new();
@@ -74,6 +76,9 @@ pub fn start_nodes_on(
         let node = c.node(name);
         node.netns = Some(topo.ns(k + 1));
         node.extra_config.push_str(&node_config_on(topo, layout, k, b, &uri, fence));
+        for (_, keys) in tail.iter().filter(|(n, _)| n == name) {
+            node.extra_config.push_str(keys);
+        }
         node.start();
         b.kill_on_power_off("herd", node.child.as_ref().expect("running").id());
         b.kill_on_power_off("libvirtd", daemons[k].pid());

@@ -70,7 +70,14 @@ fn hypervisors_as_clients() {
     }
     let fence =
         "check_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 600000\n";
-    let (bmcs, daemons) = fencelab::start_nodes_on(&mut c, &topo, LAYOUT, &NAMES, None, fence);
+    // h2 self-fences when it cannot get a keepalive committed for 4 s (a file as its watchdog).
+    let wd = c.node("h2").dir.join("watchdog");
+    std::fs::write(&wd, b"").expect("watchdog file");
+    let self_fence = format!(
+        "failed_fence = \"recover-after-self-fence\"\nself_fence_after_ms = 4000\nwatchdog = \"{}\"\nwatchdog_timeout_ms = 1000\n",
+        wd.display()
+    );
+    let (bmcs, daemons) = fencelab::start_nodes_on(&mut c, &topo, LAYOUT, &NAMES, None, fence, &[("h2", self_fence)]);
     let sampler = DoubleSampler::start(daemons.clone());
     fencelab::form(&mut c, &NAMES, &format!("{}:7400", topo.addr(1, 0)));
 
@@ -188,11 +195,48 @@ fn hypervisors_as_clients() {
     assert_eq!(ev.iter().filter(|e| e["kind"] == "fenced" && e["node"] == "h1").count(), 1, "{ev:?}");
     let info = c.node("c2").admin(json!({"op": "node-info", "name": "h1"}));
     assert_eq!(info["daemon_state"], "fenced", "{info}");
+    eprintln!("t59: h1 hung → fenced, all {VMS} VMs running elsewhere after {} ms", took.as_millis());
+
+    // h2, running every VM, isolated (cluster and heartbeat networks) with its BMC frozen: no
+    // keepalive of its own committed for 4 s, it destroys its VMs and stops feeding its
+    // watchdog; the fence fails, and once its last keepalive is old enough the primary records
+    // it self-fenced and its VMs run elsewhere.
+    for v in vms(c.node("c1")).iter().filter(|v| v["node"] != "h2") {
+        c.node("c1").admin(json!({"op": "vm-migrate", "name": v["name"], "to": "h2"}));
+    }
+    wait_until("every VM on h2", Duration::from_secs(30), || {
+        let list = vms(c.node("c1"));
+        settled(&list, &observed(&daemons), |n| n == "h2").then_some(())
+    });
+    let t0 = Instant::now();
+    bmcs[idx("h2")].pause();
+    for net in [0, LAYOUT.heartbeat[0], LAYOUT.heartbeat[1]] {
+        topo.link(idx("h2") + 1, net, false);
+    }
+    wait_until("h2 destroyed its VMs (self-fence)", Duration::from_secs(20), || {
+        daemons[idx("h2")].try_running().ok()?.iter().all(|(n, _)| n == "test").then_some(())
+    });
+    let self_fenced = t0.elapsed();
+    let log = std::fs::read_to_string(c.node("h2").log_path()).unwrap_or_default();
+    assert!(log.contains("SELF-FENCE"), "h2 says why in its log");
+    wait_until("h2's VMs recovered after its self-fence", Duration::from_secs(40), || {
+        let ev = events(c.node("c1"));
+        let recorded = ev.iter().any(|e| {
+            e["kind"] == "fenced"
+                && e["node"] == "h2"
+                && e["message"].as_str().is_some_and(|m| m.contains("self-fenced"))
+        });
+        let list = vms(c.node("c1"));
+        (recorded && settled(&list, &observed(&daemons), |n| n != "h1" && n != "h2")).then_some(())
+    });
+    eprintln!(
+        "t59: h2 isolated with a frozen BMC: self-fenced after {} ms, its VMs running elsewhere after {} ms",
+        self_fenced.as_millis(),
+        t0.elapsed().as_millis()
+    );
+    bmcs[idx("h2")].resume();
     let (samples, doubles) = sampler.finish();
     assert!(doubles.is_empty(), "a VM ran on two hosts: {doubles:?}");
-    eprintln!(
-        "t59: h1 hung → fenced, all {VMS} VMs running elsewhere after {} ms; {samples} samples, no VM on two hosts",
-        took.as_millis()
-    );
+    eprintln!("t59: {samples} samples, no VM on two hosts");
     drop(bmcs);
 }
