@@ -197,6 +197,19 @@ fn hypervisors_as_clients() {
     assert_eq!(info["daemon_state"], "fenced", "{info}");
     eprintln!("t59: h1 hung → fenced, all {VMS} VMs running elsewhere after {} ms", took.as_millis());
 
+    // The membership is fixed at the join: h1's data_dir started as a learner is refused at
+    // once, saying how to change it (remove, empty data_dir, join again).
+    let client_config = c.node("h1").extra_config.clone();
+    c.node("h1").extra_config = client_config.replacen("membership = \"client\"\n", "", 1);
+    c.node("h1").spawn();
+    let status = c.node("h1").wait_exit(Duration::from_secs(10));
+    let log = std::fs::read_to_string(c.node("h1").log_path()).unwrap_or_default();
+    assert!(status.and_then(|s| s.code()).is_some_and(|code| code != 0), "h1 as a learner: {status:?}");
+    let line = log.lines().rev().find(|l| l.contains("joined as a client")).unwrap_or_default();
+    assert!(line.contains("membership") && line.contains("node remove"), "says what to do: {line}");
+    c.node("h1").extra_config = client_config;
+    eprintln!("t59: h1's data_dir under membership = learner: refused at start");
+
     // h2, running every VM, isolated (cluster and heartbeat networks) with its BMC frozen: no
     // keepalive of its own committed for 4 s, it destroys its VMs and stops feeding its
     // watchdog; the fence fails, and once its last keepalive is old enough the primary records

@@ -58,16 +58,17 @@ impl Addresses for SimAddresses {
 /// Node `i`'s config: production defaults except where the simulation must be quicker
 /// (keepalive, reconcile interval, BMC checks) — the values the cluster tests use.
 pub fn config(world: &World, i: usize, dir: &Path) -> Result<Config, String> {
-    let (name, coordinator) = {
+    let (name, coordinator, clients) = {
         let w = world.lock();
-        (w.machines[i].name.clone(), w.machines[i].coordinator)
+        (w.machines[i].name.clone(), w.machines[i].coordinator, w.clients)
     };
+    let membership = if clients && !coordinator { "membership = \"client\"\n" } else { "" };
     let ip = turmoil::lookup(name.as_str());
     let role = if coordinator { "coordinator" } else { "hypervisor" };
     let nets: String = NETWORKS.iter().map(|(n, p)| format!("{n} = \"{ip}:{p}\"\n")).collect();
     let text = format!(
         "name = \"{name}\"\nrole = \"{role}\"\ndata_dir = \"{data}\"\nadmin_socket = \"{sock}\"\n\
-         [cluster]\nlisten = \"0.0.0.0:{CLUSTER_PORT}\"\nadvertise = \"{ip}:{CLUSTER_PORT}\"\n\
+         [cluster]\nlisten = \"0.0.0.0:{CLUSTER_PORT}\"\nadvertise = \"{ip}:{CLUSTER_PORT}\"\n{membership}\
          [heartbeat.networks]\n{nets}\
          [keepalive]\ninterval_ms = 1000\n\
          [hypervisor]\nuri = \"test:///sim\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\

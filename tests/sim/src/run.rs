@@ -32,11 +32,13 @@ pub struct Options {
     pub breakage: Option<Breakage>,
     /// How long faults are injected, after the setup.
     pub fault_window: Duration,
+    /// Hypervisors join as clients outside Raft (`[cluster] membership = "client"`).
+    pub clients: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { breakage: None, fault_window: Duration::from_secs(20) }
+        Options { breakage: None, fault_window: Duration::from_secs(20), clients: false }
     }
 }
 
@@ -107,6 +109,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
     let world = World::new(seed, &NODES);
+    world.lock().clients = opts.clients;
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))

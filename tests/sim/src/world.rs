@@ -96,6 +96,8 @@ pub const KEEP_PROOFS: usize = 80;
 
 pub struct Inner {
     pub seed: u64,
+    /// Hypervisors run as clients outside Raft.
+    pub clients: bool,
     pub machines: Vec<Machine>,
     pub by_ip: BTreeMap<IpAddr, usize>,
     /// Heartbeat datagrams on (network, from, to) are dropped.
@@ -199,6 +201,7 @@ impl World {
             .collect();
         World(Arc::new(Mutex::new(Inner {
             seed,
+            clients: false,
             machines,
             by_ip: BTreeMap::new(),
             cuts: BTreeSet::new(),

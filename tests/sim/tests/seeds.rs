@@ -31,11 +31,17 @@ fn breakage_from_env() -> Option<Breakage> {
     }
 }
 
-fn replay_command(seed: u64, brk: Option<&str>) -> String {
+fn replay_command(seed: u64, brk: Option<&str>, clients: bool) -> String {
     format!(
-        "cd tests/sim && {}HERD_SIM_SEED={seed} cargo test --test seeds one_seed -- --ignored --nocapture",
-        brk.map(|b| format!("HERD_SIM_BREAK={b} ")).unwrap_or_default()
+        "cd tests/sim && {}{}HERD_SIM_SEED={seed} cargo test --test seeds one_seed -- --ignored --nocapture",
+        brk.map(|b| format!("HERD_SIM_BREAK={b} ")).unwrap_or_default(),
+        if clients { "HERD_SIM_CLIENTS=1 " } else { "" }
     )
+}
+
+/// `HERD_SIM_CLIENTS` set: the hypervisors are clients outside Raft (for `soak` and replays).
+fn clients_from_env() -> bool {
+    std::env::var_os("HERD_SIM_CLIENTS").is_some()
 }
 
 /// Runs `HERD_SIM_SEED` here and prints one verdict line the parent parses.
@@ -52,7 +58,8 @@ fn one_seed() {
             .try_init();
     }
     let started = Instant::now();
-    let out = run(seed, &Options { breakage: breakage_from_env(), ..Options::default() });
+    let clients = std::env::var_os("HERD_SIM_CLIENTS").is_some();
+    let out = run(seed, &Options { breakage: breakage_from_env(), clients, ..Options::default() });
     if std::env::var_os("HERD_SIM_TRACE").is_some() || !out.violations.is_empty() {
         for line in &out.trace {
             eprintln!("{line}");
@@ -90,11 +97,16 @@ struct Verdict {
 }
 
 /// Runs one seed in a child process (this test binary, `one_seed`).
-fn child(seed: u64, brk: Option<&str>) -> Command {
+fn child(seed: u64, brk: Option<&str>, clients: bool) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("test binary"));
     c.args(["one_seed", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
     c.env("HERD_SIM_SEED", seed.to_string());
     c.env_remove("HERD_SIM_TRACE");
+    if clients {
+        c.env("HERD_SIM_CLIENTS", "1");
+    } else {
+        c.env_remove("HERD_SIM_CLIENTS");
+    }
     match brk {
         Some(b) => c.env("HERD_SIM_BREAK", b),
         None => c.env_remove("HERD_SIM_BREAK"),
@@ -115,12 +127,17 @@ fn verdict_of(seed: u64, out: std::process::Output) -> Verdict {
 
 /// Runs `seeds`, `parallel` children at a time.
 fn run_seeds(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usize) -> Vec<Verdict> {
+    run_seeds_as(seeds, brk, parallel, false)
+}
+
+/// [`run_seeds`], with the hypervisors as clients outside Raft when `clients`.
+fn run_seeds_as(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usize, clients: bool) -> Vec<Verdict> {
     let seeds: Vec<u64> = seeds.collect();
     let mut out = Vec::new();
     for chunk in seeds.chunks(parallel.max(1)) {
         let children: Vec<(u64, std::process::Child)> = chunk
             .iter()
-            .map(|s| (*s, child(*s, brk).stdout(std::process::Stdio::piped()).spawn().expect("spawn a seed")))
+            .map(|s| (*s, child(*s, brk, clients).stdout(std::process::Stdio::piped()).spawn().expect("spawn a seed")))
             .collect();
         for (seed, c) in children {
             let v = verdict_of(seed, c.wait_with_output().expect("seed child"));
@@ -131,11 +148,18 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usiz
     out
 }
 
-fn assert_clean(verdicts: &[Verdict], brk: Option<&str>) {
+fn assert_clean(verdicts: &[Verdict], brk: Option<&str>, clients: bool) {
     let bad: Vec<String> = verdicts
         .iter()
         .filter(|v| !v.violations.is_empty())
-        .map(|v| format!("seed {}: {}\n  replay: {}", v.seed, v.violations.join("\n  "), replay_command(v.seed, brk)))
+        .map(|v| {
+            format!(
+                "seed {}: {}\n  replay: {}",
+                v.seed,
+                v.violations.join("\n  "),
+                replay_command(v.seed, brk, clients)
+            )
+        })
         .collect();
     assert!(bad.is_empty(), "{} of {} seeds broke an invariant:\n{}", bad.len(), verdicts.len(), bad.join("\n"));
 }
@@ -145,7 +169,16 @@ fn ci_seeds() {
     let started = Instant::now();
     let verdicts = run_seeds(CI_SEEDS, None, 2);
     println!("{} seeds in {:.1} s", verdicts.len(), started.elapsed().as_secs_f64());
-    assert_clean(&verdicts, None);
+    assert_clean(&verdicts, None, false);
+}
+
+/// The CI seeds' first half again, with the hypervisors as clients outside Raft (issue 22).
+#[test]
+fn ci_seeds_with_clients() {
+    let started = Instant::now();
+    let verdicts = run_seeds_as(CI_SEEDS.start..CI_SEEDS.start + 16, None, 2, true);
+    println!("{} seeds with clients in {:.1} s", verdicts.len(), started.elapsed().as_secs_f64());
+    assert_clean(&verdicts, None, true);
 }
 
 #[test]
@@ -216,7 +249,7 @@ fn soak() {
     let n: u64 = std::env::var("HERD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     let from: u64 = std::env::var("HERD_SIM_FROM").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let started = Instant::now();
-    let verdicts = run_seeds(from..from + n, None, 2);
+    let verdicts = run_seeds_as(from..from + n, None, 2, clients_from_env());
     println!("soak: {} seeds in {:.0} s", verdicts.len(), started.elapsed().as_secs_f64());
-    assert_clean(&verdicts, None);
+    assert_clean(&verdicts, None, clients_from_env());
 }

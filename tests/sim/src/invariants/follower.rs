@@ -14,27 +14,49 @@ use std::time::Duration;
 use super::Violation;
 use crate::world::World;
 
-/// Compares the follower with each member once per index they share.
+/// Compares each follower (the simulation's own, and every hypervisor that runs as a client)
+/// with each member once per index they share.
 #[derive(Default)]
 pub struct FollowerAgrees {
-    /// Per machine, the last index compared.
-    compared: BTreeMap<usize, u64>,
+    /// Per (follower, member machine), the last index compared.
+    compared: BTreeMap<(String, usize), u64>,
 }
 
 impl FollowerAgrees {
     pub fn check(&mut self, world: &World, now: Duration) -> Vec<Violation> {
         let w = world.lock();
-        let Some((view, _)) = &w.follower else { return Vec::new() };
+        let mut followers: Vec<(String, herd_storage::sm::StateView)> =
+            w.follower.iter().map(|(v, _)| ("the follower".to_string(), v.clone())).collect();
+        for m in &w.machines {
+            if let Some(c) = m.daemon.as_ref().and_then(|d| d.node.session()) {
+                followers.push((format!("client {}", m.name), c.view.clone()));
+            }
+        }
+        let mut out = Vec::new();
+        for (who, view) in followers {
+            out.extend(self.compare(&w, &who, &view, now));
+        }
+        out
+    }
+
+    fn compare(
+        &mut self,
+        w: &crate::world::Inner,
+        who: &str,
+        view: &herd_storage::sm::StateView,
+        now: Duration,
+    ) -> Vec<Violation> {
         let f = view.read();
         let Some(at) = f.last_applied else { return Vec::new() };
         let mut out = Vec::new();
         for (i, m) in w.machines.iter().enumerate() {
             let Some(member) = m.daemon.as_ref().and_then(|d| d.node.member()) else { continue };
             let g = member.view.read();
-            if g.last_applied != Some(at) || self.compared.get(&i) == Some(&at.index) {
+            let key = (who.to_string(), i);
+            if g.last_applied != Some(at) || self.compared.get(&key) == Some(&at.index) {
                 continue;
             }
-            self.compared.insert(i, at.index);
+            self.compared.insert(key, at.index);
             if g.state != f.state {
                 let differs = [
                     ("vms", g.state.vms != f.state.vms),
@@ -45,10 +67,7 @@ impl FollowerAgrees {
                 out.push(Violation {
                     invariant: "follower",
                     at: now,
-                    detail: format!(
-                        "at index {}, the follower's state differs from {}'s ({which:?})",
-                        at.index, m.name
-                    ),
+                    detail: format!("at index {}, {who}'s state differs from {}'s ({which:?})", at.index, m.name),
                 });
             }
         }
