@@ -379,8 +379,12 @@ fn main() -> Result<()> {
             };
             let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
             let follow = follow::run(herd_binary()?, 1000, 60)?;
+            let hypervisors = json!({
+                "client": hypervisors::run(herd_binary()?, 64, 60, "client")?,
+                "learner": hypervisors::run(herd_binary()?, 64, 60, "learner")?,
+            });
             let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
-                "connections": conns, "busy": busy, "migration": migration, "follow": follow });
+                "connections": conns, "busy": busy, "migration": migration, "follow": follow, "hypervisors": hypervisors });
             std::fs::create_dir_all("docs/bench")?;
             std::fs::write("docs/bench/latest.json", serde_json::to_string_pretty(&latest)?)?;
             println!("wrote docs/bench/latest.json");
