@@ -218,6 +218,9 @@ fn status(v: &Value) -> String {
     if let Some(e) = v["raft_error"].as_str() {
         out.push_str(&format!("RAFT STOPPED ON THIS NODE: {e}\n"));
     }
+    if let Some(line) = session(&v["session"]) {
+        out.push_str(&line);
+    }
     if let Some(days) = v["tls"]["cert_expires_in_days"].as_u64() {
         let warn = if days < 30 { "  RENEW SOON" } else { "" };
         out.push_str(&format!("certificate expires in {days} days{warn}\n"));
@@ -227,6 +230,20 @@ fn status(v: &Value) -> String {
     }
     out.push_str(&members_table(&v["members"]));
     out
+}
+
+/// A client's session (outside Raft): `session: following c2 (answered 180 ms ago, 0 moves)`,
+/// or why it fails.
+fn session(sess: &Value) -> Option<String> {
+    let moves = sess.get("moves")?;
+    let line = match (sess["coordinator"].as_str(), sess["failing"].as_str()) {
+        (_, Some(why)) => format!("session: FAILING ({why}), {moves} moves\n"),
+        (Some(c), None) => {
+            format!("session: following {c} (answered {} ms ago, {moves} moves)\n", s(&sess["answered_ms_ago"]))
+        }
+        (None, None) => "session: looking for a coordinator\n".to_string(),
+    };
+    Some(line)
 }
 
 /// `scheduling rr/10, memory locked; pauses > lease/3: 0 (longest last minute 3 ms)`, with
@@ -402,5 +419,16 @@ mod tests {
         let t = table(&["a", "b"], &[vec![red, "x".into()], vec!["alive".into(), "y".into()]]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
+    }
+
+    #[test]
+    fn a_clients_status_shows_its_session() {
+        let v = serde_json::json!({"node": "h1", "state": "client", "quorum": true, "members": [],
+            "session": {"coordinator": "c2", "coordinator_id": 2, "answered_ms_ago": 180, "moves": 1, "failing": null}});
+        assert!(status(&v).contains("session: following c2 (answered 180 ms ago, 1 moves)"), "{}", status(&v));
+        let v = serde_json::json!({"session": {"coordinator": "c2", "moves": 3, "failing": "c2:7400: refused"}});
+        assert!(status(&v).contains("session: FAILING (c2:7400: refused), 3 moves"));
+        let member = serde_json::json!({"node": "c1", "state": "leader", "members": []});
+        assert!(!status(&member).contains("session"), "a Raft member has no session line");
     }
 }
