@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use herd_raft::node::{ClusterNode, Extension, NodeError};
 use herd_storage::log_store::LogStore;
-use herd_storage::model::{Command, NodeId, Role, RouterState};
+use herd_storage::model::{Command, DaemonState, NodeId, Role, RouterState};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use tokio::sync::{watch, Notify};
@@ -400,7 +400,8 @@ impl Manager {
     /// missing ones are recorded, and the takeover goes on (the fence made it safe).
     async fn notify_survivors(&self, kind: &str, args: Vec<String>) {
         let Some(member) = self.node.member() else { return };
-        // Every Raft member (a node registered but not yet added has nothing to be told).
+        // Every Raft member, and every client outside Raft that runs (a learner registered but
+        // not yet added has nothing to be told: it is not `run` yet).
         let members: Vec<NodeId> =
             member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
         let peers: Vec<(NodeId, String, String)> = {
@@ -408,7 +409,7 @@ impl Manager {
             g.state
                 .nodes
                 .values()
-                .filter(|n| n.id != member.id && members.contains(&n.id))
+                .filter(|n| n.id != member.id && (members.contains(&n.id) || n.daemon_state == DaemonState::Run))
                 .map(|n| (n.id, n.name.clone(), n.cluster_addr.clone()))
                 .collect()
         };

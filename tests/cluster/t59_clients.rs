@@ -162,8 +162,20 @@ fn hypervisors_as_clients() {
     // not the primary: lost to every coordinator, yet heard — not fenced. 6 s is the loss time
     // plus fence_after_ms with room (a window in which nothing may happen, not a wait).
     let follows = c.node("h2").status()["session"]["coordinator"].as_str().expect("h2 follows").to_string();
-    let primary = ["c1", "c2", "c3"].into_iter().find(|n| *n != follows).expect("another coordinator");
+    // A coordinator that is neither the one h2 follows nor the primary now: the role moves.
+    let now = c.node("c1").status()["primary"].as_str().expect("a primary").to_string();
+    let primary = ["c1", "c2", "c3"].into_iter().find(|n| *n != follows && *n != now).expect("a third coordinator");
     c.node("c1").admin(json!({"op": "node-primary", "name": primary, "wait": true}));
+    // The new primary tells the clients too (not only Raft members).
+    wait_until("h1 and h2 told of the primary's change", Duration::from_secs(10), || {
+        ["h1", "h2"]
+            .iter()
+            .all(|h| {
+                let log = std::fs::read_to_string(c.node(h).log_path()).unwrap_or_default();
+                log.lines().any(|l| l.contains("notified: primary-change") && l.contains(primary))
+            })
+            .then_some(())
+    });
     for net in LAYOUT.heartbeat {
         topo.link(idx("h2") + 1, net, false);
     }
