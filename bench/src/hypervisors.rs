@@ -6,7 +6,8 @@
 //! (default `client`). Each join's time is measured (one after another, through c1). Then, over
 //! SECONDS (default 60) of 10 writes per second through the leader's admin socket (maintenance
 //! on, off, …): each write's time, the coordinators' CPU, the hypervisors' CPU, elections
-//! (term changes) and the oldest hypervisor keepalive the leader shows (sampled every second).
+//! (term changes) and the oldest hypervisor keepalive the leader shows (sampled every second);
+//! before that, 30 s without writes measure what the daemons cost idle.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +18,9 @@ use serde_json::{json, Value};
 use crate::failover::{admin, admin_within, wait};
 use crate::follow::{cluster, percentile, socket};
 use crate::procs::cpu_seconds;
+
+/// The quiet phase before the writes: what the daemons cost doing nothing but their own work.
+const IDLE: Duration = Duration::from_secs(30);
 
 fn hv_addr(k: usize) -> String {
     format!("127.0.19.{k}")
@@ -63,6 +67,16 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
     eprintln!("{n} hypervisors ({membership}) joined; last join {} ms", joins.last().map_or(0, Duration::as_millis));
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
+    // Idle first: no writes but the daemons' own (keepalives), for IDLE.
+    let idle0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
+    let i0 = Instant::now();
+    std::thread::sleep(IDLE);
+    let idle_window = i0.elapsed().as_secs_f64();
+    let idle: Vec<f64> = pids
+        .iter()
+        .zip(&idle0)
+        .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / idle_window))
+        .collect::<Result<_>>()?;
     let cpu0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
     let t0 = Instant::now();
     let (mut writes, mut oldest, mut terms) = (Vec::new(), 0u64, Vec::new());
@@ -106,6 +120,9 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
         "hypervisor_cpu_percent_each": {"mean": hv_cpu.iter().sum::<f64>() / n as f64,
                                         "max": hv_cpu.iter().copied().fold(0.0, f64::max)},
         "elections_in_window": elections,
+        "idle": {"seconds": idle_window, "coordinator_cpu_percent_of_one_core": &idle[..3],
+                 "hypervisor_cpu_percent_each": {"mean": idle[3..].iter().sum::<f64>() / n as f64,
+                                                 "max": idle[3..].iter().copied().fold(0.0, f64::max)}},
         "oldest_keepalive_ms": oldest,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
