@@ -230,6 +230,9 @@ where
                         .map_err(|e| NodeError::Tls(e.to_string()))?;
                 }
                 let client = self.settings.client && self.settings.role == Role::Hypervisor;
+                if client && joined.coordinators.is_empty() {
+                    return Err(no_coordinators(joined.node_id, &self.settings.name));
+                }
                 let identity = Identity {
                     node_id: joined.node_id,
                     cluster_id: joined.cluster_id.clone(),
@@ -511,4 +514,13 @@ where
         }
         Ok(())
     }
+}
+
+/// A client's join answered by a leader that named no coordinators (an older version, which
+/// knows no clients): there is nothing to follow.
+fn no_coordinators(id: NodeId, name: &str) -> NodeError {
+    NodeError::Refused(format!(
+        "registered as node {id}, but the leader named no coordinators to follow (an older version?): \
+         upgrade the coordinators, `herd node remove {name}`, and join again"
+    ))
 }
