@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::failover::{admin, admin_within, wait};
-use crate::procs::{cpu_seconds, Procs};
+use crate::procs::{cpu_seconds, CpuMark, Procs};
 
 fn addr(i: usize) -> String {
     format!("127.0.16.{i}")
@@ -167,7 +167,7 @@ pub fn run(herd: PathBuf, followers: usize, seconds: u64) -> Result<Value> {
     eprintln!("{followers} followers hold the state after {} ms; per coordinator {spread:?}", bootstrap.as_millis());
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
-    let cpu0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
+    let mark = CpuMark::now(&pids)?;
     let (me0, t0) = (cpu_seconds(None)?, Instant::now());
     let (mut writes, mut fanout) = (Vec::new(), Vec::new());
     while t0.elapsed() < Duration::from_secs(seconds) {
@@ -179,12 +179,7 @@ pub fn run(herd: PathBuf, followers: usize, seconds: u64) -> Result<Value> {
         let index = applied(&leader_sock)?;
         fanout.push(w.elapsed() + f.all_at(index, Duration::from_secs(30))?);
     }
-    let window = t0.elapsed().as_secs_f64();
-    let cpu: Vec<f64> = pids
-        .iter()
-        .zip(&cpu0)
-        .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / window))
-        .collect::<Result<_>>()?;
+    let (cpu, window) = mark.percent()?;
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     writes.sort();
     fanout.sort();

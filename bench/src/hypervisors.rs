@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::failover::{admin, admin_within, wait};
 use crate::follow::{cluster, percentile, socket};
-use crate::procs::cpu_seconds;
+use crate::procs::CpuMark;
 
 /// The quiet phase before the writes: what the daemons cost doing nothing but their own work.
 const IDLE: Duration = Duration::from_secs(30);
@@ -68,16 +68,10 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
     // Idle first: no writes but the daemons' own (keepalives), for IDLE.
-    let idle0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
-    let i0 = Instant::now();
+    let quiet = CpuMark::now(&pids)?;
     std::thread::sleep(IDLE);
-    let idle_window = i0.elapsed().as_secs_f64();
-    let idle: Vec<f64> = pids
-        .iter()
-        .zip(&idle0)
-        .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / idle_window))
-        .collect::<Result<_>>()?;
-    let cpu0: Vec<f64> = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
+    let (idle, idle_window) = quiet.percent()?;
+    let busy = CpuMark::now(&pids)?;
     let t0 = Instant::now();
     let (mut writes, mut oldest, mut terms) = (Vec::new(), 0u64, Vec::new());
     let mut next_sample = t0;
@@ -94,12 +88,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
             terms.push(term);
         }
     }
-    let window = t0.elapsed().as_secs_f64();
-    let cpu: Vec<f64> = pids
-        .iter()
-        .zip(&cpu0)
-        .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / window))
-        .collect::<Result<_>>()?;
+    let (cpu, window) = busy.percent()?;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();
     let mut sorted_joins = joins.clone();

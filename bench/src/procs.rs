@@ -54,6 +54,33 @@ impl Procs {
     }
 }
 
+/// A start of measuring the CPU of some processes.
+pub(crate) struct CpuMark {
+    pids: Vec<u32>,
+    seconds: Vec<f64>,
+    at: std::time::Instant,
+}
+
+impl CpuMark {
+    /// The CPU seconds each of `pids` has used, now.
+    pub fn now(pids: &[u32]) -> Result<CpuMark> {
+        let seconds = pids.iter().map(|pid| cpu_seconds(Some(*pid))).collect::<Result<_>>()?;
+        Ok(CpuMark { pids: pids.to_vec(), seconds, at: std::time::Instant::now() })
+    }
+
+    /// Each process's CPU since the mark, in percent of one core; and the window in seconds.
+    pub fn percent(&self) -> Result<(Vec<f64>, f64)> {
+        let window = self.at.elapsed().as_secs_f64();
+        let cpu = self
+            .pids
+            .iter()
+            .zip(&self.seconds)
+            .map(|(pid, c0)| Ok(100.0 * (cpu_seconds(Some(*pid))? - c0) / window))
+            .collect::<Result<_>>()?;
+        Ok((cpu, window))
+    }
+}
+
 /// CPU seconds process `pid` has used (`None`: this process), from `/proc`.
 pub(crate) fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
     let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
