@@ -31,9 +31,37 @@ pub enum Exit {
     Restart,
 }
 
+/// Descriptors beyond the cluster port's connections: the admin socket, sled's files, the
+/// heartbeat sockets, libvirt and IPMI.
+const OTHER_FILES: u64 = 1024;
+
+/// Raises this process's soft limit on open files towards the hard one, so the cluster port can
+/// hold `max_cluster_connections` (each hypervisor outside Raft holds a session and leader
+/// connections; the usual soft limit of 1024 is below a few hundred of them). A refusal is said
+/// at WARN and the daemon runs on: the port's own cap then meets EMFILE first.
+fn raise_open_files(max_cluster_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = u64::try_from(max_cluster_connections).unwrap_or(u64::MAX).saturating_add(OTHER_FILES);
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < want => {
+            let to = want.min(hard);
+            match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
+                Ok(()) if to < want => tracing::warn!(
+                    "open files limited to {to} (hard limit), below the {want} that max_cluster_connections needs"
+                ),
+                Ok(()) => tracing::debug!("open-file limit raised from {soft} to {to}"),
+                Err(e) => tracing::warn!("open-file limit stays {soft} ({e}); max_cluster_connections needs {want}"),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("open-file limit unknown: {e}"),
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT, or until it must restart itself.
 pub async fn run(config: Config) -> Result<Exit, RunError> {
     let listen = config.listen_addr().map_err(StartError::Config)?;
+    raise_open_files(config.limits.max_cluster_connections);
     let env = Env::production(&config).await?;
     let admin_listener = admin::bind(&config.admin_socket, config.admin_socket_group.as_deref())?;
     let access = admin::AccessPolicy::new(config.admin_socket_group.as_deref(), config.admin_group_access)

@@ -35,12 +35,12 @@ pub(crate) fn socket(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("c{i}")).join("admin.sock")
 }
 
-fn start(p: &mut Procs, herd: &Path, i: usize) -> Result<()> {
+fn start(p: &mut Procs, herd: &Path, i: usize, extra: &str) -> Result<()> {
     let d = p.dir.join(format!("c{i}"));
     std::fs::create_dir_all(&d)?;
     let config = format!(
         "name = \"c{i}\"\nrole = \"coordinator\"\ndata_dir = \"{d}/data\"\nadmin_socket = \"{d}/admin.sock\"\n\
-         [cluster]\nlisten = \"{a}:7400\"\n[limits]\nmax_cluster_connections = 4096\n",
+         [cluster]\nlisten = \"{a}:7400\"\n[limits]\nmax_cluster_connections = 4096\n{extra}",
         d = d.display(),
         a = addr(i),
     );
@@ -117,10 +117,15 @@ pub(crate) fn applied(sock: &Path) -> Result<u64> {
 /// The cluster of 3 coordinators, formed (in a directory named after `scenario`): (procs,
 /// cluster id, ids of c1..c3, the leader's number).
 pub(crate) fn cluster(herd: &Path, scenario: &str) -> Result<(Procs, String, Vec<u64>, usize)> {
+    cluster_with(herd, scenario, "")
+}
+
+/// [`cluster`], with `extra` appended to each coordinator's config.
+pub(crate) fn cluster_with(herd: &Path, scenario: &str, extra: &str) -> Result<(Procs, String, Vec<u64>, usize)> {
     let dir = std::env::temp_dir().join(format!("herd-bench-{scenario}-{}", std::process::id()));
     let mut p = Procs { dir, children: Vec::new() };
     for i in 1..=3 {
-        start(&mut p, herd, i)?;
+        start(&mut p, herd, i, extra)?;
     }
     let init = admin(&socket(&p.dir, 1), &json!({"op": "init-cluster"}))?;
     let token = init["token"].as_str().context("token")?.to_string();

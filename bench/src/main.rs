@@ -21,9 +21,13 @@
 //! - `follow [FOLLOWERS] [SECONDS]`: see `follow.rs` — 3 coordinators serving the state to 1000
 //!   followers outside Raft (issue 22): bootstrap, write fan-out, coordinator CPU, a
 //!   coordinator's death.
+//! - `clients [N] [SECONDS] [HEARTBEAT_MS]`: see `clients.rs` — the scale step of issue 22: 3 coordinators and
+//!   N (default 1000) simulated hypervisors outside Raft (the real client code and heartbeat
+//!   responders, in this process): coordinator CPU, joins, writes.
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
 
 mod busy;
+mod clients;
 mod connections;
 mod failover;
 mod follow;
@@ -63,7 +67,7 @@ fn coordinator_addrs(base_port: u16) -> BTreeMap<String, SocketAddr> {
         .collect()
 }
 
-fn raise_fd_limit() -> Result<()> {
+pub(crate) fn raise_fd_limit() -> Result<()> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard).context("raising the open-file limit")?;
@@ -380,6 +384,7 @@ fn main() -> Result<()> {
             let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
             let follow = follow::run(herd_binary()?, 1000, 60)?;
             let hypervisors = json!({
+                "scale": clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS)?,
                 "client": hypervisors::run(herd_binary()?, 64, 60, "client")?,
                 "learner": hypervisors::run(herd_binary()?, 64, 60, "learner")?,
             });
@@ -411,6 +416,24 @@ fn main() -> Result<()> {
             hypervisors::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?, membership)
                 .map(|_| ())
         }
+        ["clients"] => clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS).map(|_| ()),
+        ["clients", n] => {
+            clients::run(herd_binary()?, n.parse().context("hypervisors")?, 60, clients::HEARTBEAT_MS).map(|_| ())
+        }
+        ["clients", n, secs] => clients::run(
+            herd_binary()?,
+            n.parse().context("hypervisors")?,
+            secs.parse().context("seconds")?,
+            clients::HEARTBEAT_MS,
+        )
+        .map(|_| ()),
+        ["clients", n, secs, hb] => clients::run(
+            herd_binary()?,
+            n.parse().context("hypervisors")?,
+            secs.parse().context("seconds")?,
+            hb.parse().context("heartbeat interval (ms)")?,
+        )
+        .map(|_| ()),
         ["follow"] => follow::run(herd_binary()?, 1000, 60).map(|_| ()),
         ["follow", n] => follow::run(herd_binary()?, n.parse().context("followers")?, 60).map(|_| ()),
         ["follow", n, secs] => {
@@ -425,7 +448,7 @@ fn main() -> Result<()> {
         ["busy", secs, "normal"] => busy::one(secs.parse().context("seconds")?, false).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | hypervisors [N] [SECONDS] [learner|client] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | clients [N] [SECONDS] [HEARTBEAT_MS] | hypervisors [N] [SECONDS] [learner|client] | all"
         ),
     }
 }

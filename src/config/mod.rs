@@ -336,7 +336,10 @@ pub struct LimitsSection {
     pub cluster_frame_timeout_ms: u64,
     /// An admin connection silent this long is closed.
     pub admin_idle_timeout_ms: u64,
-    /// Concurrent connections on the cluster port; more are refused.
+    /// Concurrent connections on the cluster port from members and registered nodes; more are
+    /// refused. Each hypervisor outside Raft holds its session and a leader connection or two
+    /// (1000 hypervisors over 3 coordinators: about 700 at the leader). The daemon raises its
+    /// open-file limit to fit.
     pub max_cluster_connections: usize,
 }
 
@@ -347,7 +350,7 @@ impl Default for LimitsSection {
             cluster_idle_timeout_ms: 30_000,
             cluster_frame_timeout_ms: 10_000,
             admin_idle_timeout_ms: 120_000,
-            max_cluster_connections: 256,
+            max_cluster_connections: 4096,
         }
     }
 }

@@ -197,12 +197,17 @@ impl Daemon {
         let mut applied = member.view.subscribe();
         let mut current: Vec<Target> = Vec::new();
         let mut current_sources = std::collections::BTreeSet::new();
+        // A hypervisor pulses nobody and answers only coordinators: it needs their records
+        // alone (with 1000 hypervisors, all of them on every change would cost it more than
+        // its heartbeat).
+        let coordinators_only = self.config.role != herd_storage::model::Role::Coordinator;
         loop {
             let targets: Vec<Target> = {
                 let g = member.view.read();
                 g.state
                     .nodes
                     .values()
+                    .filter(|n| !coordinators_only || n.role == herd_storage::model::Role::Coordinator)
                     // A fenced node is not pulsed until it is made ready again: it would keep
                     // MNFA's count of bad hosts up for as long as it stays off.
                     .filter(|n| n.daemon_state != DaemonState::Fenced)

@@ -288,17 +288,21 @@ fn thread_count() -> Option<u64> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(17)?.parse().ok()
 }
 
+/// Ticks between two looks at the thread count: 100 ms (a read of `/proc/self/stat` on every
+/// 20 ms tick was a tenth of an idle hypervisor's CPU).
+const THREAD_LOOK_TICKS: u32 = 5;
+
 /// The pause monitor: a task on the runtime that ticks every 20 ms and measures how late each
-/// tick came, and promotes the store's IO threads as soon as the process has new threads (one
-/// read of `/proc/self/stat` per tick; then a pass over the threads on the next 5 ticks, since
-/// a new thread names itself only once it runs; a pass every 5 s besides). Runs until the
-/// runtime ends.
+/// tick came, and promotes the store's IO threads soon after the process has new threads (a
+/// read of `/proc/self/stat` every [`THREAD_LOOK_TICKS`] ticks; then a pass over the threads
+/// on the next 5 ticks, since a new thread names itself only once it runs; a pass every 5 s
+/// besides). Runs until the runtime ends.
 pub async fn monitor(lease: Duration) {
     let third = lease / 3;
     let mut last = tokio::time::Instant::now();
     let (mut ticks, mut threads, mut rescan) = (0u32, None, 0u8);
     loop {
-        let now_threads = thread_count();
+        let now_threads = if ticks.is_multiple_of(THREAD_LOOK_TICKS) { thread_count() } else { threads };
         if now_threads != threads {
             threads = now_threads;
             // A new thread names itself once it runs: look again for a few ticks.

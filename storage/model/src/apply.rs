@@ -57,18 +57,72 @@ fn apply_ops(state: &mut State, index: u64, now: u64, ops: &[Op]) -> Result<Repl
         // One operation validates fully before it mutates: no copy needed.
         return apply_op(state, index, now, op);
     }
-    let backup = state.clone();
+    let backup = Backup::take(state, ops);
     let mut reply = Reply::Done;
     for op in ops {
         match apply_op(state, index, now, op) {
             Ok(r) => reply = r,
             Err(e) => {
-                *state = backup;
+                backup.restore(state);
                 return Err(e);
             }
         }
     }
     Ok(reply)
+}
+
+/// A copy of what a multi-op request may change, put back when one of its ops is refused. A
+/// copy of the whole state costs its size on every node (and every client following the
+/// state) for every such request; the requests that grow with the cluster — the keepalives a
+/// coordinator writes for its clients, up to [`MAX_OPS`] at once — touch only the records
+/// they name, so only those are copied.
+enum Backup {
+    /// The named node records as they were (`None`: absent).
+    Nodes(Vec<(String, Option<NodeRecord>)>),
+    /// Everything but the request log, which no operation touches (`remember` writes it
+    /// after the operations).
+    All(Box<State>),
+}
+
+impl Backup {
+    fn take(state: &mut State, ops: &[Op]) -> Backup {
+        let keepalives: Option<Vec<&String>> = ops
+            .iter()
+            .map(|op| match &op.cmd {
+                // `node_ops::keepalive` changes its own record only.
+                Command::Keepalive { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect();
+        match keepalives {
+            Some(names) => Backup::Nodes(names.into_iter().map(|n| (n.clone(), state.nodes.get(n).cloned())).collect()),
+            None => {
+                let requests = std::mem::take(&mut state.requests);
+                let copy = state.clone();
+                state.requests = requests;
+                Backup::All(Box::new(copy))
+            }
+        }
+    }
+
+    fn restore(self, state: &mut State) {
+        match self {
+            // In reverse: a name given twice ends as it was before the first.
+            Backup::Nodes(records) => {
+                for (name, record) in records.into_iter().rev() {
+                    match record {
+                        Some(r) => state.nodes.insert(name, r),
+                        None => state.nodes.remove(&name),
+                    };
+                }
+            }
+            Backup::All(copy) => {
+                let requests = std::mem::take(&mut state.requests);
+                *state = *copy;
+                state.requests = requests;
+            }
+        }
+    }
 }
 
 pub(crate) fn check_revision(object: String, actual: u64, op: &Op) -> Result<(), ApplyError> {

@@ -93,6 +93,16 @@ fn command_strategy() -> impl Strategy<Value = Command> {
     ]
 }
 
+/// A keepalive alone: requests of them only are what coordinators write for their clients,
+/// and `apply` backs up only the records they name.
+fn keepalive_op_strategy() -> impl Strategy<Value = Op> {
+    let expect = prop_oneof![5 => Just(None), 1 => (0..12u64).prop_map(Some)];
+    (name_strategy(), stats_strategy(), expect).prop_map(|(name, stats, expect_revision)| Op {
+        cmd: Command::Keepalive { name, stats, node_id: None },
+        expect_revision,
+    })
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     let expect = prop_oneof![5 => Just(None), 1 => (0..12u64).prop_map(Some)];
     (command_strategy(), expect).prop_map(|(cmd, expect_revision)| Op { cmd, expect_revision })
@@ -103,6 +113,7 @@ fn request_strategy() -> impl Strategy<Value = Request> {
     let ops = prop_oneof![
         8 => proptest::collection::vec(op_strategy(), 1..=1),
         2 => proptest::collection::vec(op_strategy(), 2..=4),
+        1 => proptest::collection::vec(keepalive_op_strategy(), 2..=4),
         1 => Just(Vec::new()),
     ];
     (0..100u32, 0..100_000u64, ops).prop_map(|(id, time_ms, ops)| Request { id: format!("r{id}"), time_ms, ops })

@@ -42,6 +42,28 @@ fn retry_of_a_refused_request_returns_the_same_refusal_and_changes_nothing() {
     assert_eq!(state, before);
 }
 
+#[test]
+fn a_request_of_keepalives_is_all_or_nothing() {
+    let (mut state, last) = build(&[op(init()), op(register("n2")), op(register("n3"))]);
+    let before = state.clone();
+    // n2 twice, n3, then a node that does not exist: refused, and every record as it was.
+    let ops = vec![op(keepalive("n2")), op(keepalive("n3")), op(keepalive("n2")), op(keepalive("ghost"))];
+    let refused = apply(&mut state, last + 1, &request("k1", 90_000, ops));
+    assert!(refused.response.result.is_err());
+    assert_eq!(state.nodes, before.nodes);
+    assert_eq!((&state.vms, &state.events, &state.meta), (&before.vms, &before.events, &before.meta));
+    // A refusal in the middle puts back what the ops before it changed.
+    let stale = vec![op(keepalive("n3")), op_rev(keepalive("n2"), 999), op(keepalive("n3"))];
+    assert!(apply(&mut state, last + 2, &request("k2", 91_000, stale)).response.result.is_err());
+    assert_eq!(state.nodes, before.nodes);
+    // Accepted together: each named record moves, nothing else.
+    let ok = apply(&mut state, last + 3, &request("k3", 92_000, vec![op(keepalive("n2")), op(keepalive("n3"))]));
+    assert_eq!(ok.response.result, Ok(Reply::Done));
+    assert_eq!(node(&state, "n2").last_keepalive_ms, Some(92_000));
+    assert_eq!(node(&state, "n3").revision, last + 3);
+    assert_eq!(state.requests.len(), before.requests.len() + 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Time
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+//! `herd-bench clients [N] [SECONDS]`: the scale step of issue 22 — 3 coordinator daemons and N
+//! (default 1000) hypervisors outside Raft.
+//!
+//! The coordinators are release daemons on loopback (127.0.16.1-3). The hypervisors are the
+//! real client code, all in this process on a 2-thread runtime: each a `ClusterNode` (in-memory
+//! store) that joins with the token (its key made here, its certificate signed by the leader),
+//! follows the state through its session, writes its heartbeat addresses and `run` through the
+//! leader as a hypervisor daemon does, reports figures on its polls (the coordinators write its
+//! keepalives), and answers the coordinators' heartbeat pulses with the real heartbeat agent,
+//! each from an address of its own (127.0.20.1 on). Measured: each join's time; then over
+//! SECONDS (default 60) of 10 writes per second through the leader's admin socket, each write's
+//! time, the coordinators' CPU, this process's CPU, elections, the oldest keepalive and how
+//! many hypervisors the coordinators' heartbeat lost; then the join of one more hypervisor, a
+//! real daemon process, at N.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use herd::heartbeat::agent::{Agent, Target};
+use herd::heartbeat::Params;
+use herd_raft::network::Limits;
+use herd_raft::tls::{Pki, TlsConnector};
+use herd_raft::transport::TcpFromConnector;
+use herd_raft::{ClusterNode, NodeSettings};
+use herd_storage::identity::MemIdentity;
+use herd_storage::mem_store::{MemBackend, MemLogStore};
+use herd_storage::model::{Command, DaemonState, NodeStats, Op, Role};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::failover::{admin, admin_within, wait};
+use crate::follow::{cluster_with, percentile, socket};
+use crate::procs::{cpu_seconds, CpuMark};
+
+/// The heartbeat interval the scale step runs at by default (`[heartbeat] interval_ms`; the
+/// product's default is 100). 1000 hosts answering 3 coordinators every 100 ms are 30 000
+/// answers a second, which the responders in this process cannot send on the same 2 cores as
+/// the coordinators: tried, the heartbeat collapsed (hundreds of hosts lost, MNFA entered and
+/// left every few hundred ms) and what was measured was the machine. At 500 ms the
+/// coordinators still pulse 2 000 hosts a second each.
+pub const HEARTBEAT_MS: u64 = 500;
+
+/// The simulated hypervisors' addresses: 127.0.20.1 on, 250 per /24.
+fn sim_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, u8::try_from(20 + k / 250).unwrap_or(255), 1 + (k % 250) as u8)
+}
+
+/// One simulated hypervisor: its node (session and leader link) and its heartbeat responder.
+struct SimHypervisor {
+    _node: Arc<ClusterNode<MemLogStore>>,
+    _agent: Arc<Agent>,
+}
+
+/// Joins simulated hypervisor `k` with `token`, as a daemon would: join, heartbeat agent, `run`.
+async fn join(dir: &Path, k: usize, token: &str, hb: &Params, stop: watch::Receiver<bool>) -> Result<SimHypervisor> {
+    let name = format!("s{k}");
+    let ip = sim_ip(k);
+    let tls = dir.join(&name);
+    std::fs::create_dir_all(&tls)?;
+    std::fs::set_permissions(&tls, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let pki = Arc::new(Pki::open(tls).context("a fresh PKI directory")?);
+    let connector = Arc::new(TlsConnector { inner: Arc::new(TcpFromConnector(ip.into())), pki: pki.clone() });
+    let raft = herd::config::RaftSection::default();
+    let settings = NodeSettings {
+        name: name.clone(),
+        role: Role::Hypervisor,
+        advertise: format!("{ip}:7400"),
+        heartbeat_ms: raft.heartbeat_ms,
+        election_timeout_ms: (raft.election_timeout_ms[0], raft.election_timeout_ms[1]),
+        limits: Limits::default(),
+        client: true,
+    };
+    let node = ClusterNode::new(
+        settings,
+        connector,
+        MemLogStore::new(),
+        Arc::new(MemBackend::new()),
+        Arc::new(MemIdentity::default()),
+    );
+    node.set_pki(pki.clone());
+    node.join_cluster("127.0.16.1:7400", token, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("{name} joins"))?;
+    let local = node.local().context("a client after its join")?;
+    let nets: BTreeMap<String, SocketAddr> = [("mgmt".to_string(), SocketAddr::new(ip.into(), 7401))].into();
+    let (agent, _notices) = Agent::bind(&name, Role::Hypervisor, hb.clone(), &nets).await?;
+    agent.set_key(pki.heartbeat_key());
+    agent.set_identity(local.id, &local.cluster_id);
+    agent.spawn(stop);
+    if let Some(client) = node.session() {
+        client.report(NodeStats { cpu_count: 32, mem_total_mib: 65_536, mem_used_mib: 4_096, ..NodeStats::default() });
+    }
+    let id = Some(local.id);
+    let addrs: BTreeMap<String, String> = nets.iter().map(|(n, a)| (n.clone(), a.to_string())).collect();
+    // A daemon writes these in one request (with its fence policy). Here they go one by one:
+    // a request of several ops makes every copy of the state (each of the N here) back up its
+    // node records before it applies — O(N) each, O(N²) in this process per join, which
+    // would measure this process rather than the coordinators.
+    let writes: [Op; 2] = [
+        Command::SetHeartbeatAddrs { name: name.clone(), addrs, node_id: id }.into(),
+        Command::SetDaemonState { name: name.clone(), state: DaemonState::Run, return_by_ms: None, node_id: id }.into(),
+    ];
+    let mut index = 0;
+    for w in writes {
+        index =
+            node.write_indexed(vec![w], Duration::from_secs(30)).await.with_context(|| format!("{name} writes run"))?.0;
+    }
+    // The coordinators to answer, from the followed state once it holds this write.
+    let mut applied = local.view.subscribe();
+    tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|i| *i >= index))
+        .await
+        .with_context(|| format!("{name}'s state reaches its own run"))??;
+    let coordinators: Vec<Target> = {
+        let g = local.view.read();
+        g.state
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Coordinator)
+            .map(|n| Target {
+                id: n.id,
+                name: n.name.clone(),
+                role: n.role,
+                addrs: n.heartbeat.iter().filter_map(|(net, a)| Some((net.clone(), a.parse().ok()?))).collect(),
+            })
+            .collect()
+    };
+    agent.set_targets(coordinators);
+    Ok(SimHypervisor { _node: node, _agent: agent })
+}
+
+/// From the leader's status: (hypervisors in `run`, the oldest hypervisor keepalive, the term).
+fn sample(sock: &Path) -> Result<(usize, u64, u64)> {
+    let s = admin(sock, &json!({"op": "status"}))?;
+    let members = s["members"].as_array().cloned().unwrap_or_default();
+    let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
+    let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
+    let running = hvs.filter(|m| m["daemon_state"] == "run").count();
+    Ok((running, oldest, s["term"].as_u64().unwrap_or(0)))
+}
+
+/// Links a coordinator's own heartbeat view shows lost.
+fn lost_links(sock: &Path) -> Result<usize> {
+    let h = admin(sock, &json!({"op": "heartbeat"}))?;
+    let nets = h["own_view"]["nets"].as_array().cloned().unwrap_or_default();
+    Ok(nets
+        .iter()
+        .flat_map(|n| n["hosts"].as_array().cloned().unwrap_or_default())
+        .filter(|x| x["state"] == "lost")
+        .count())
+}
+
+pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<Value> {
+    anyhow::ensure!((1..=2000).contains(&n), "1 to 2000 hypervisors");
+    anyhow::ensure!((100..=1000).contains(&heartbeat_ms), "a heartbeat interval of 100 to 1000 ms");
+    crate::raise_fd_limit()?;
+    let hb = Params { interval_ms: heartbeat_ms, history_ms: (heartbeat_ms * 50).max(5000), ..Params::default() };
+    let extra = format!("[heartbeat]\ninterval_ms = {}\nhistory_ms = {}\n", hb.interval_ms, hb.history_ms);
+    let (mut p, _cluster_id, _ids, li) = cluster_with(&herd, "clients", &extra)?;
+    let c1 = socket(&p.dir, 1);
+    let created = admin(&c1, &json!({"op": "token-create", "uses": n + 1}))?;
+    let token = created["token"].as_str().context("a join token")?.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (stop, stopped) = watch::channel(false);
+    let sims_dir = p.dir.join("sims");
+    let (mut sims, mut joins) = (Vec::new(), Vec::new());
+    for k in 0..n {
+        let t = Instant::now();
+        sims.push(rt.block_on(join(&sims_dir, k, &token, &hb, stopped.clone()))?);
+        joins.push(t.elapsed());
+        if (k + 1) % 100 == 0 {
+            eprintln!("{} joined; the last in {} ms", k + 1, t.elapsed().as_millis());
+        }
+    }
+    let leader_sock = socket(&p.dir, li);
+    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.0 == n))?;
+
+    let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
+    let mark = CpuMark::now(&pids)?;
+    let (me0, t0) = (cpu_seconds(None)?, Instant::now());
+    let (mut writes, mut oldest, mut terms, mut lost) = (Vec::new(), 0u64, Vec::new(), 0usize);
+    let mut next_sample = t0;
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let w = Instant::now();
+        admin(&leader_sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
+        writes.push(w.elapsed());
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(5);
+            let (_, age, term) = sample(&leader_sock)?;
+            oldest = oldest.max(age);
+            terms.push(term);
+            lost = lost.max(lost_links(&leader_sock)?);
+        }
+    }
+    let (cpu, window) = mark.percent()?;
+    let me = 100.0 * (cpu_seconds(None)? - me0) / window;
+    admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
+    writes.sort();
+
+    // One more hypervisor, a real daemon process, joins the cluster of N.
+    let d = p.dir.join("last");
+    std::fs::create_dir_all(&d)?;
+    let config = format!(
+        "name = \"last\"\nrole = \"hypervisor\"\ndata_dir = \"{d}/data\"\nadmin_socket = \"{d}/admin.sock\"\n\
+         [cluster]\nlisten = \"127.0.24.1:7400\"\nmembership = \"client\"\n{extra}",
+        d = d.display()
+    );
+    p.start_herd(&herd, &d, &config)?;
+    let req = json!({"op": "join-cluster", "peer": "127.0.16.1:7400", "token": token});
+    let t = Instant::now();
+    admin_within(&d.join("admin.sock"), &req, Duration::from_secs(60)).context("the last hypervisor joins")?;
+    let last_join = t.elapsed();
+    stop.send_replace(true);
+    drop(sims);
+    rt.shutdown_timeout(Duration::from_secs(5));
+
+    let elections = terms.windows(2).filter(|w| w[1] != w[0]).count();
+    let tail: Vec<Duration> = {
+        let mut t = joins[joins.len().saturating_sub(100)..].to_vec();
+        t.sort();
+        t
+    };
+    let out = json!({
+        "scenario": "clients",
+        "hypervisors": n,
+        "heartbeat_interval_ms": heartbeat_ms,
+        "window_s": window,
+        "join_ms": {"last_100_p50": percentile(&tail, 50), "last_100_max": percentile(&tail, 100),
+                    "daemon_at_n": last_join.as_millis()},
+        "writes_per_s": writes.len() as f64 / window,
+        "write_ms": {"p50": percentile(&writes, 50), "p99": percentile(&writes, 99), "max": percentile(&writes, 100)},
+        "leader": format!("c{li}"),
+        "coordinator_cpu_percent_of_one_core": cpu,
+        "simulated_hypervisors_process_cpu_percent": me,
+        "elections_in_window": elections,
+        "oldest_keepalive_ms": oldest,
+        "heartbeat_links_lost_max": lost,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(out)
+}
