@@ -1,7 +1,7 @@
 //! Keepalives of clients outside Raft (issue 22): a client's statistics ride on its session's
 //! polls and it writes no keepalive of its own; every coordinator writes, each keepalive
-//! interval, the keepalives of the clients whose sessions it heard in that interval (up to
-//! [`MAX_OPS`] per request). A client takes each keepalive of its own that it sees committed
+//! interval, the keepalives of the clients whose sessions it heard in that interval, in one
+//! request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused one is alone). A client takes each keepalive of its own that it sees committed
 //! in its followed state as its quorum contact, aged from the leader's stamp.
 //!
 //! ```text
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herd_raft::node::NodeError;
-use herd_storage::model::{Command, NodeStats, Op, Role, MAX_OPS, MAX_UNMANAGED};
+use herd_storage::model::{Command, NodeStats, Op, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
 
 use super::Daemon;
 
@@ -42,26 +42,28 @@ impl Daemon {
                     })
                     .collect()
             };
-            for chunk in ops.chunks(MAX_OPS) {
+            for chunk in ops.chunks(MAX_KEEPALIVE_OPS) {
                 self.write_keepalives(chunk, interval).await;
             }
         }
     }
 
-    /// One request of keepalives; refused as a whole (a client removed meanwhile), each one
-    /// alone, so that one does not hold back the others.
+    /// One request of keepalives. Refused as a whole (a client removed meanwhile), it is split
+    /// in halves and each half written again, so one refused keepalive costs a few more
+    /// requests rather than one per client.
     async fn write_keepalives(&self, ops: &[Op], timeout: Duration) {
-        match self.node.write(ops.to_vec(), timeout).await {
-            Ok(_) => {}
-            Err(NodeError::Apply(e)) if ops.len() > 1 => {
-                tracing::debug!("client keepalives refused together ({e}): one by one");
-                for op in ops {
-                    if let Err(e) = self.node.write(vec![op.clone()], timeout).await {
-                        tracing::debug!("a client keepalive refused: {e}");
-                    }
+        let mut pending = vec![ops];
+        while let Some(ops) = pending.pop() {
+            match self.node.write(ops.to_vec(), timeout).await {
+                Ok(_) => {}
+                Err(NodeError::Apply(e)) if ops.len() > 1 => {
+                    tracing::debug!(clients = ops.len(), "client keepalives refused together ({e}): in halves");
+                    let (a, b) = ops.split_at(ops.len() / 2);
+                    pending.extend([b, a]);
                 }
+                Err(NodeError::Apply(e)) => tracing::debug!("a client keepalive refused: {e}"),
+                Err(e) => tracing::warn!(clients = ops.len(), "client keepalives not committed: {e}"),
             }
-            Err(e) => tracing::warn!(clients = ops.len(), "client keepalives not committed: {e}"),
         }
     }
 

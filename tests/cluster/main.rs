@@ -1,7 +1,7 @@
 //! Integration tests with real `herd daemon` processes on loopback addresses.
 //!
 //! One harness binary (so the slow tests build once); each `tNN_` file is one layer:
-//! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t55 join tokens, t56 mutual TLS, t57 strangers holding connections on the cluster and metrics ports, t58 a follower outside Raft that keeps the leader's state, t59 hypervisors as clients outside Raft (root), t60 the
+//! t10 config handling, t15 systemd notify/watchdog and CLI comforts, t20 robustness of both ports, t50 the cluster lifecycle, t55 join tokens, t56 mutual TLS, t57 strangers holding connections on the cluster and metrics ports, t58 a follower outside Raft that keeps the leader's state, t59 hypervisors as clients outside Raft (root) and a learner made a client by rejoining, t60 the
 //! heartbeat in network namespaces, t70 never two primaries (both root only; skipped loudly
 //! otherwise), t80 VMs through libvirt's test driver, t85 VMs against one libvirtd per node
 //! (root only), t86 the VM lifecycle in namespaces (a failed move, a waiting VM, a host
@@ -28,6 +28,7 @@ mod t56_tls;
 mod t57_hostile;
 mod t58_follow;
 mod t59_clients;
+mod t59_convert;
 mod t60_heartbeat;
 mod t70_primary;
 mod t80_vms;

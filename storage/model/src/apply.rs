@@ -14,6 +14,11 @@ pub const MAX_REQUEST_ID_LEN: usize = 64;
 pub(crate) const MAX_NAME_LEN: usize = 253;
 /// Operations one request may carry.
 pub const MAX_OPS: usize = 64;
+/// Operations a request of keepalives only may carry: a coordinator writes those of all the
+/// clients it heard in one request per interval (each is small, its statistics bounded, and
+/// only the records they name are backed up), so 1000 clients cost the log a few changes per
+/// interval rather than one per 64 of them.
+pub const MAX_KEEPALIVE_OPS: usize = 1024;
 /// Heartbeat networks per node.
 pub(crate) const MAX_NETWORKS: usize = 8;
 
@@ -50,8 +55,11 @@ pub fn apply(state: &mut State, index: u64, req: &Request) -> Applied {
 }
 
 fn apply_ops(state: &mut State, index: u64, now: u64, ops: &[Op]) -> Result<Reply, ApplyError> {
-    if ops.is_empty() || ops.len() > MAX_OPS {
-        return Err(ApplyError::Invalid(format!("a request carries 1 to {MAX_OPS} operations")));
+    let keepalives = ops.iter().all(|op| matches!(op.cmd, Command::Keepalive { .. }));
+    if ops.is_empty() || ops.len() > MAX_OPS && !(keepalives && ops.len() <= MAX_KEEPALIVE_OPS) {
+        return Err(ApplyError::Invalid(format!(
+            "a request carries 1 to {MAX_OPS} operations (1 to {MAX_KEEPALIVE_OPS} keepalives)"
+        )));
     }
     if let [op] = ops {
         // One operation validates fully before it mutates: no copy needed.
@@ -74,7 +82,7 @@ fn apply_ops(state: &mut State, index: u64, now: u64, ops: &[Op]) -> Result<Repl
 /// A copy of what a multi-op request may change, put back when one of its ops is refused. A
 /// copy of the whole state costs its size on every node (and every client following the
 /// state) for every such request; the requests that grow with the cluster — the keepalives a
-/// coordinator writes for its clients, up to [`MAX_OPS`] at once — touch only the records
+/// coordinator writes for its clients, up to [`MAX_KEEPALIVE_OPS`] at once — touch only the records
 /// they name, so only those are copied.
 enum Backup {
     /// The named node records as they were (`None`: absent).

@@ -40,7 +40,7 @@ mod vm;
 
 pub use apply::{
     apply, validate_name as validate_node_name, validate_new_name as validate_new_node_name, Applied, MAX_EVENTS,
-    MAX_OPS, MAX_REMEMBERED_REQUESTS,
+    MAX_KEEPALIVE_OPS, MAX_OPS, MAX_REMEMBERED_REQUESTS,
 };
 pub use fence::*;
 pub use maintenance::left_alone;

@@ -62,6 +62,20 @@ fn a_request_of_keepalives_is_all_or_nothing() {
     assert_eq!(node(&state, "n2").last_keepalive_ms, Some(92_000));
     assert_eq!(node(&state, "n3").revision, last + 3);
     assert_eq!(state.requests.len(), before.requests.len() + 3);
+    // Keepalives alone may go beyond MAX_OPS (a coordinator's clients in one request); mixed
+    // requests may not, nor keepalives beyond MAX_KEEPALIVE_OPS.
+    let many = |n: usize| (0..n).map(|k| op(keepalive(if k % 2 == 0 { "n2" } else { "n3" }))).collect::<Vec<_>>();
+    let big = apply(&mut state, last + 4, &request("k4", 93_000, many(MAX_OPS + 1)));
+    assert_eq!(big.response.result, Ok(Reply::Done));
+    let mut mixed = many(MAX_OPS);
+    mixed.push(op(maintenance(true)));
+    assert!(matches!(
+        apply(&mut state, last + 5, &request("k5", 94_000, mixed)).response.result,
+        Err(ApplyError::Invalid(_))
+    ));
+    let too_many = apply(&mut state, last + 6, &request("k6", 95_000, many(MAX_KEEPALIVE_OPS + 1)));
+    assert!(matches!(too_many.response.result, Err(ApplyError::Invalid(_))));
+    assert_eq!(node(&state, "n2").last_keepalive_ms, Some(93_000));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -358,7 +358,8 @@ fn batch_cases() -> Vec<Case> {
         },
         invalid("empty ops", vec![op(init())], vec![]),
         invalid("empty ops before init", vec![], vec![]),
-        invalid("more than 64 ops", vec![op(init())], vec![op(keepalive("n1")); 65]),
+        invalid("more than 64 ops", vec![op(init())], vec![op(maintenance(true)); 65]),
+        invalid("more than 1024 keepalives", vec![op(init())], vec![op(keepalive("n1")); 1025]),
     ]
 }
 
