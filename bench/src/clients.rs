@@ -153,6 +153,16 @@ fn lost_links(sock: &Path) -> Result<usize> {
         .count())
 }
 
+/// `clients [N] [SECONDS] [HEARTBEAT_MS]`, with defaults 1000, 60 and [`HEARTBEAT_MS`].
+pub fn cli(herd: PathBuf, args: &[&str]) -> Result<Value> {
+    anyhow::ensure!(args.len() <= 3, "usage: clients [N] [SECONDS] [HEARTBEAT_MS]");
+    let arg = |k: usize, default: u64, what: &str| -> Result<u64> {
+        args.get(k).map_or(Ok(default), |a| a.parse().with_context(|| what.to_string()))
+    };
+    let n = usize::try_from(arg(0, 1000, "hypervisors")?)?;
+    run(herd, n, arg(1, 60, "seconds")?, arg(2, HEARTBEAT_MS, "heartbeat interval (ms)")?)
+}
+
 pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<Value> {
     anyhow::ensure!((1..=2000).contains(&n), "1 to 2000 hypervisors");
     anyhow::ensure!((100..=1000).contains(&heartbeat_ms), "a heartbeat interval of 100 to 1000 ms");

@@ -416,24 +416,7 @@ fn main() -> Result<()> {
             hypervisors::run(herd_binary()?, n.parse().context("hypervisors")?, secs.parse().context("seconds")?, membership)
                 .map(|_| ())
         }
-        ["clients"] => clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS).map(|_| ()),
-        ["clients", n] => {
-            clients::run(herd_binary()?, n.parse().context("hypervisors")?, 60, clients::HEARTBEAT_MS).map(|_| ())
-        }
-        ["clients", n, secs] => clients::run(
-            herd_binary()?,
-            n.parse().context("hypervisors")?,
-            secs.parse().context("seconds")?,
-            clients::HEARTBEAT_MS,
-        )
-        .map(|_| ()),
-        ["clients", n, secs, hb] => clients::run(
-            herd_binary()?,
-            n.parse().context("hypervisors")?,
-            secs.parse().context("seconds")?,
-            hb.parse().context("heartbeat interval (ms)")?,
-        )
-        .map(|_| ()),
+        ["clients", rest @ ..] => clients::cli(herd_binary()?, rest).map(|_| ()),
         ["follow"] => follow::run(herd_binary()?, 1000, 60).map(|_| ()),
         ["follow", n] => follow::run(herd_binary()?, n.parse().context("followers")?, 60).map(|_| ()),
         ["follow", n, secs] => {
