@@ -334,7 +334,8 @@ pub fn start_watchdog() {
 }
 
 /// The watchdog's thread: real time at `priority` (above the workers, so none of them keeps it
-/// off the CPU; it sleeps almost always), a look every tick, until it finds a runaway — then
+/// off the CPU; it sleeps almost always), a look at the process's CPU time every tick and at every
+/// thread when that shows enough use ([`runaway::Gate`]), until it finds a runaway — then
 /// every thread goes back to normal scheduling, and the thread ends with the reason.
 fn spawn_watchdog(limits: runaway::Limits, priority: i32) -> std::io::Result<std::thread::JoinHandle<String>> {
     std::thread::Builder::new().name("herd-rt-watchdog".into()).spawn(move || {
@@ -343,10 +344,14 @@ fn spawn_watchdog(limits: runaway::Limits, priority: i32) -> std::io::Result<std
             // that could starve it.
             tracing::debug!("the real-time watchdog runs at normal priority ({e})");
         }
-        let mut judge = runaway::Judge::new(limits);
+        let (mut gate, mut judge) = (runaway::Gate::new(limits), runaway::Judge::new(limits));
         loop {
             std::thread::sleep(limits.tick);
-            if let Some(why) = judge.look(Instant::now(), &runaway::threads()) {
+            let now = Instant::now();
+            if !gate.open(now, runaway::process_cpu()) {
+                continue;
+            }
+            if let Some(why) = judge.look(now, &runaway::threads()) {
                 demote_all(&why);
                 return why;
             }

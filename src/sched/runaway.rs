@@ -3,8 +3,9 @@
 //! second, so such a thread starves nothing for long; it shows in what it costs instead.
 //!
 //! A thread of its own, real time one step *above* the workers (so no worker can keep it off
-//! the CPU), wakes every 250 ms and reads every thread's policy and CPU time from
-//! `/proc/self/task`. A real-time thread that was on the CPU for [`Limits::share_percent`] of
+//! the CPU), wakes every 250 ms, reads the process's CPU time (one `getrusage`) and — only when
+//! the whole process spent the share of the last window on the CPU, which any runaway thread
+//! makes it do ([`Gate`]) — every thread's policy and CPU time from `/proc/self/task`. A real-time thread that was on the CPU for [`Limits::share_percent`] of
 //! the last [`Limits::window`] is a runaway — herd's real-time threads mostly wait on
 //! sockets, timers and the disk — and every thread of the process goes back to SCHED_OTHER:
 //! the VMs get their core back, herd carries on at normal priority, and says so at ERROR and
@@ -87,6 +88,56 @@ impl Judge {
     }
 }
 
+/// Whether a look at every thread is worth it: no thread can have been on the CPU for the
+/// share of a window unless the whole process was. Fed the process's CPU time at each tick;
+/// pure. When it opens after an idle spell, the [`Judge`] judges a window later (its history
+/// restarts), so a runaway is found within two windows rather than one, and an idle process
+/// reads `/proc` for none of its threads (a tenth of an idle hypervisor's CPU, looking at
+/// every thread 4 times a second).
+#[derive(Debug)]
+pub struct Gate {
+    limits: Limits,
+    seen: VecDeque<(Instant, Duration)>,
+}
+
+impl Gate {
+    pub fn new(limits: Limits) -> Gate {
+        Gate { limits, seen: VecDeque::new() }
+    }
+
+    /// The process's CPU time `cpu` at `now`: whether the threads must be looked at.
+    pub fn open(&mut self, now: Instant, cpu: Duration) -> bool {
+        self.seen.push_back((now, cpu));
+        while self.seen.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= self.limits.window) {
+            self.seen.pop_front();
+        }
+        let Some(&(since, then)) = self.seen.front() else { return true };
+        let span = now.duration_since(since);
+        // Less than a window known yet: look, as before.
+        if span < self.limits.window {
+            return true;
+        }
+        let used = cpu.saturating_sub(then).as_millis().saturating_mul(100);
+        used >= u128::from(self.limits.share_percent).saturating_mul(span.as_millis())
+    }
+}
+
+/// The CPU time (user + system) of every thread of this process so far.
+pub fn process_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::from_secs(u64::try_from(tv.tv_sec()).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(tv.tv_usec()).unwrap_or(0))
+            };
+            t(u.user_time()) + t(u.system_time())
+        }
+        // Unknown: counts as busy (the threads are looked at, as before the gate).
+        Err(_) => Duration::MAX,
+    }
+}
+
 /// Every thread of this process, from `/proc/self/task`.
 pub fn threads() -> Vec<ThreadCpu> {
     // SAFETY: sysconf only reads a constant of the system.
@@ -152,6 +203,32 @@ mod tests {
             ];
             assert_eq!(j.look(at(t0, ms), &threads), None, "at {ms} ms");
         }
+    }
+
+    #[test]
+    fn the_gate_opens_only_when_the_process_spent_the_share_of_a_window() {
+        let t0 = Instant::now();
+        let mut g = Gate::new(LIMITS);
+        // The first window: open (nothing known yet).
+        for step in 0..12u64 {
+            assert!(g.open(at(t0, step * 250), Duration::from_millis(step * 10)), "step {step}");
+        }
+        // An idle process (4 % of a core): shut from a whole window on.
+        for step in 12..24u64 {
+            assert!(!g.open(at(t0, step * 250), Duration::from_millis(step * 10)), "step {step}");
+        }
+        // Busy (one thread spinning, another idle): open once a window's share is spent.
+        let base = 240;
+        let mut opened = None;
+        for step in 24..40u64 {
+            let cpu = base + (step - 23) * 250;
+            if g.open(at(t0, step * 250), Duration::from_millis(cpu)) {
+                opened.get_or_insert(step);
+            }
+        }
+        assert!(opened.is_some_and(|s| s <= 36), "opened at step {opened:?}");
+        // Two cores' worth over a window is open too.
+        assert!(g.open(at(t0, 40 * 250), Duration::from_secs(100)));
     }
 
     #[test]
