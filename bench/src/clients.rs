@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::failover::{admin, admin_within, wait};
-use crate::follow::{cluster_with, percentile, socket};
+use crate::follow::{cluster_with, percentile, socket, ten_writes_a_second};
 use crate::procs::{cpu_seconds, CpuMark};
 
 /// The heartbeat interval the scale step runs at by default (`[heartbeat] interval_ms`; the
@@ -116,17 +116,7 @@ async fn join(dir: &Path, k: usize, token: &str, hb: &Params, stop: watch::Recei
         .with_context(|| format!("{name}'s state reaches its own run"))??;
     let coordinators: Vec<Target> = {
         let g = local.view.read();
-        g.state
-            .nodes
-            .values()
-            .filter(|n| n.role == Role::Coordinator)
-            .map(|n| Target {
-                id: n.id,
-                name: n.name.clone(),
-                role: n.role,
-                addrs: n.heartbeat.iter().filter_map(|(net, a)| Some((net.clone(), a.parse().ok()?))).collect(),
-            })
-            .collect()
+        g.state.nodes.values().filter(|n| n.role == Role::Coordinator).map(Target::of).collect()
     };
     agent.set_targets(coordinators);
     Ok(SimHypervisor { _node: node, _agent: agent })
@@ -190,15 +180,9 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
     let mark = CpuMark::now(&pids)?;
-    let (me0, t0) = (cpu_seconds(None)?, Instant::now());
-    let (mut writes, mut oldest, mut terms, mut lost) = (Vec::new(), 0u64, Vec::new(), 0usize);
-    let mut next_sample = t0;
-    while t0.elapsed() < Duration::from_secs(seconds) {
-        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let w = Instant::now();
-        admin(&leader_sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
-        writes.push(w.elapsed());
+    let me0 = cpu_seconds(None)?;
+    let (mut oldest, mut terms, mut lost, mut next_sample) = (0u64, Vec::new(), 0usize, Instant::now());
+    let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(5);
             let (_, age, term) = sample(&leader_sock)?;
@@ -206,7 +190,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
             terms.push(term);
             lost = lost.max(lost_links(&leader_sock)?);
         }
-    }
+        Ok(())
+    })?;
     let (cpu, window) = mark.percent()?;
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;

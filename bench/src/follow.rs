@@ -110,6 +110,27 @@ impl Followers {
     }
 }
 
+/// Writes through the admin socket `sock` ten times a second for `seconds` (maintenance on,
+/// off, …), calling `after` after each write with the moment it started; returns each write's
+/// time.
+pub(crate) fn ten_writes_a_second(
+    sock: &Path,
+    seconds: u64,
+    mut after: impl FnMut(Instant) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    let t0 = Instant::now();
+    let mut writes = Vec::new();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let w = Instant::now();
+        admin(sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
+        writes.push(w.elapsed());
+        after(w)?;
+    }
+    Ok(writes)
+}
+
 pub(crate) fn applied(sock: &Path) -> Result<u64> {
     admin(sock, &json!({"op": "status"}))?["applied_index"].as_u64().context("applied_index")
 }
@@ -173,17 +194,13 @@ pub fn run(herd: PathBuf, followers: usize, seconds: u64) -> Result<Value> {
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
     let mark = CpuMark::now(&pids)?;
-    let (me0, t0) = (cpu_seconds(None)?, Instant::now());
-    let (mut writes, mut fanout) = (Vec::new(), Vec::new());
-    while t0.elapsed() < Duration::from_secs(seconds) {
-        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let w = Instant::now();
-        admin(&leader_sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
-        writes.push(w.elapsed());
+    let me0 = cpu_seconds(None)?;
+    let mut fanout = Vec::new();
+    let mut writes = ten_writes_a_second(&leader_sock, seconds, |w| {
         let index = applied(&leader_sock)?;
         fanout.push(w.elapsed() + f.all_at(index, Duration::from_secs(30))?);
-    }
+        Ok(())
+    })?;
     let (cpu, window) = mark.percent()?;
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     writes.sort();

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::failover::{admin, admin_within, wait};
-use crate::follow::{cluster, percentile, socket};
+use crate::follow::{cluster, percentile, socket, ten_writes_a_second};
 use crate::procs::CpuMark;
 
 /// The quiet phase before the writes: what the daemons cost doing nothing but their own work.
@@ -72,22 +72,16 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
     std::thread::sleep(IDLE);
     let (idle, idle_window) = quiet.percent()?;
     let busy = CpuMark::now(&pids)?;
-    let t0 = Instant::now();
-    let (mut writes, mut oldest, mut terms) = (Vec::new(), 0u64, Vec::new());
-    let mut next_sample = t0;
-    while t0.elapsed() < Duration::from_secs(seconds) {
-        let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let w = Instant::now();
-        admin(&leader_sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
-        writes.push(w.elapsed());
+    let (mut oldest, mut terms, mut next_sample) = (0u64, Vec::new(), Instant::now());
+    let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(1);
             let (age, term, _) = sample(&leader_sock)?;
             oldest = oldest.max(age);
             terms.push(term);
         }
-    }
+        Ok(())
+    })?;
     let (cpu, window) = busy.percent()?;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();

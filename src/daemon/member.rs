@@ -211,12 +211,7 @@ impl Daemon {
                     // A fenced node is not pulsed until it is made ready again: it would keep
                     // MNFA's count of bad hosts up for as long as it stays off.
                     .filter(|n| n.daemon_state != DaemonState::Fenced)
-                    .map(|n| Target {
-                        id: n.id,
-                        name: n.name.clone(),
-                        role: n.role,
-                        addrs: n.heartbeat.iter().filter_map(|(net, a)| Some((net.clone(), a.parse().ok()?))).collect(),
-                    })
+                    .map(Target::of)
                     .collect()
             };
             if targets != current {

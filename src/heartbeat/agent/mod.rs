@@ -40,6 +40,18 @@ pub struct Target {
     pub addrs: BTreeMap<NetName, SocketAddr>,
 }
 
+impl Target {
+    /// The target a replicated node record describes (addresses that do not parse are left out).
+    pub fn of(n: &herd_storage::model::NodeRecord) -> Target {
+        Target {
+            id: n.id,
+            name: n.name.clone(),
+            role: n.role,
+            addrs: n.heartbeat.iter().filter_map(|(net, a)| Some((net.clone(), a.parse().ok()?))).collect(),
+        }
+    }
+}
+
 /// What arrived and what was dropped, for `herd heartbeat`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Counters {
