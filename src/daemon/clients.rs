@@ -1,7 +1,8 @@
 //! Keepalives of clients outside Raft (issue 22): a client's statistics ride on its session's
 //! polls and it writes no keepalive of its own; every coordinator writes, each keepalive
 //! interval, the keepalives of the clients whose sessions it heard in that interval, in one
-//! request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused one is alone). A client takes each keepalive of its own that it sees committed
+//! request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused one is alone).
+//! A client takes each keepalive of its own that it sees committed
 //! in its followed state as its quorum contact, aged from the leader's stamp.
 //!
 //! ```text
