@@ -298,7 +298,7 @@ const THREAD_LOOK_TICKS: u32 = 2;
 
 /// The pause monitor: a task on the runtime that ticks every 50 ms and measures how late each
 /// tick came, and promotes the store's IO threads soon after the process has new threads (a
-/// read of `/proc/self/stat` every [`THREAD_LOOK_TICKS`] ticks; then a pass over the threads
+/// read of `/proc/self/stat` every `THREAD_LOOK_TICKS` ticks; then a pass over the threads
 /// on the next 5 ticks, since a new thread names itself only once it runs; a pass every 5 s
 /// besides). Runs until the runtime ends.
 pub async fn monitor(lease: Duration) {
