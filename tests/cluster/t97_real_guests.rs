@@ -6,14 +6,14 @@
 //!     started as a migration target, `-incoming`; the source's qemu is gone);
 //! (b) g1's qemu killed on hv2: restarted by hv2 within `reconcile_interval_ms` + 2 s;
 //! (c) `vm migrate g1 --to hv1` with method `shutdown`: the guest ignores the ACPI request
-//!     (it sits in SeaBIOS) and is destroyed after `shutdown_timeout_ms`, then runs on hv1;
+//!     (its firmware halts the vCPU) and is destroyed after `shutdown_timeout_ms`, then runs on hv1;
 //! (d) `node flush hv1 --wait` with 4 guests (`parallel_migrations` = 2) moves them all live,
 //!     `node ready hv1 --wait` brings them back (live again), g1 too (its home is hv1);
 //! (f) a live move to a destination whose libvirtd is frozen past `migration_timeout_ms`: the
 //!     source restarts a killed guest of its own meanwhile; after the thaw the moved guest runs
 //!     exactly once and the record says where;
 //! (e) hv1 hangs: fenced through its BMC (the power-off kills its herd, libvirtd and qemus),
-//!     its guests running elsewhere within 4 s of the fence.
+//!     its guests running elsewhere within 4 s of the hang.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -83,7 +83,8 @@ fn node_config(topo: &Topology, k: usize, b: &Bmc, uri: &str) -> String {
 
 fn define(c: &mut Cluster, name: &str, tail: u64, args: &[&str]) {
     let path = c.node("c2").dir.join(format!("{name}.xml"));
-    std::fs::write(&path, qemud::guest_xml(name, 0x97_0000 + tail)).expect("xml");
+    let rom = qemud::firmware(c.dir.path());
+    std::fs::write(&path, qemud::guest_xml(name, 0x97_0000 + tail, &rom)).expect("xml");
     let mut all = vec!["vm", "define", path.to_str().expect("utf-8")];
     all.extend_from_slice(args);
     ok(&c.node("c2").cli(&all), &format!("define {name}"));
@@ -324,9 +325,10 @@ fn real_guests_in_namespaces() {
     times.sort_unstable();
     assert!(b.chassis_log().contains("set power 0"), "the BMC powered hv1 off");
     assert!(
-        // The promise is 4 s (quiet runs: 1.5–2.7 s); twice that here, as above.
-        recovered - fenced_at < SLACK * Duration::from_secs(4),
-        "guests running elsewhere {:?} after the fence",
+        // The promise is 4 s from the hang (`herd-bench migration`'s `hang_4`, release build);
+        // twice that here, as above.
+        recovered < SLACK * Duration::from_secs(4),
+        "guests running elsewhere {recovered:?} after the hang ({:?} after the fence)",
         recovered - fenced_at
     );
     eprintln!(
