@@ -331,6 +331,14 @@ fn migration_scenario(reps: usize) -> Result<Value> {
         ms("flush_4_live_ms"),
         ms("ready_4_live_ms")
     );
+    let h = &r["hang_ms"];
+    println!(
+        "hv4 hung with {} guests → all running elsewhere: median {:.0} ms, max {:.0} ms ({} hangs)",
+        r["hang_guests"],
+        h["median_ms"].as_f64().unwrap_or(f64::NAN),
+        h["max_ms"].as_f64().unwrap_or(f64::NAN),
+        h["n"]
+    );
     let out = json!({ "scenario": "migration", "machine": machine(), "results": r });
     println!("wrote {}", write_json("migration", &out)?);
     Ok(r)
@@ -374,7 +382,8 @@ fn main() -> Result<()> {
             let mig = migration_scenario(10)?;
             let migration = json!({"live_move_median_ms": mig["live_move_ms"]["median_ms"],
                 "live_job_median_ms": mig["live_job_ms"]["median_ms"], "live_downtime_median_ms": mig["live_downtime_ms"]["median_ms"],
-                "flush_4_live_ms": mig["flush_4_live_ms"], "ready_4_live_ms": mig["ready_4_live_ms"]});
+                "flush_4_live_ms": mig["flush_4_live_ms"], "ready_4_live_ms": mig["ready_4_live_ms"],
+                "hang_guests": mig["hang_guests"], "hang_median_ms": mig["hang_ms"]["median_ms"], "hang_max_ms": mig["hang_ms"]["max_ms"]});
             let busy = busy::run(600)?;
             let pick = |r: &Value| {
                 json!({"primary_drops": r["primary_drops"], "takeovers": r["takeovers"], "lost_verdicts": r["lost_verdicts"],
