@@ -33,12 +33,27 @@ impl Tasks {
         handles.iter().filter(|h| !h.is_finished()).count()
     }
 
+    /// A guard that aborts every task of the set when it is dropped (however the owner's
+    /// future ends: returned, or itself aborted).
+    pub fn abort_on_drop(&self) -> AbortOnDrop<'_> {
+        AbortOnDrop(self)
+    }
+
     /// Aborts every task of the set.
     pub fn abort_all(&self) {
         let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
         for h in handles {
             h.abort();
         }
+    }
+}
+
+/// See [`Tasks::abort_on_drop`].
+pub struct AbortOnDrop<'a>(&'a Tasks);
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.abort_all();
     }
 }
 

@@ -128,6 +128,20 @@ fn decide_unchecked(ctx: &Context, f: &Facts<'_>) -> Decision {
     }
 }
 
+/// How long until a node the heartbeat holds lost has been lost, and silent on Raft (or its
+/// session), for its `fence_after_ms` — the moment [`decide`] may turn from waiting to fencing,
+/// so the primary looks again then rather than at its next tick. `None` for a node that is not
+/// lost, has no fence policy, has a fence pending or is due already (whatever keeps its fence
+/// waiting then — MNFA, the parallel bound — is not a matter of milliseconds).
+pub fn due_in_ms(f: &Facts<'_>) -> Option<u64> {
+    let after = f.record.fencing.as_ref()?.fence_after_ms;
+    let v = f.verdict.filter(|v| v.verdict == Verdict::Lost)?;
+    if f.record.fence.pending.is_some() {
+        return None;
+    }
+    Some(after.saturating_sub(v.lost_for_ms).max(after.saturating_sub(f.raft_silent_ms))).filter(|ms| *ms > 0)
+}
+
 /// What the executor knows, just before the power-off, of a node's life since the decision it
 /// executes: only evidence the node produced after that evidence of death counts.
 #[derive(Clone, Debug, Default)]
@@ -304,6 +318,35 @@ mod tests {
         assert!(is_fence(&check(&ctx(), &failed, false)));
         let busy = Context { running: 4, ..ctx() };
         assert!(matches!(check(&busy, &run, false), Decision::Wait { .. }));
+    }
+
+    /// The moment a lost node's fence falls due: the later of the two clocks reaching
+    /// fence_after_ms (1 500 ms here); none for a node not lost, due already or with a fence
+    /// pending.
+    #[test]
+    fn a_fence_falls_due_when_both_clocks_reach_fence_after() {
+        let rec = record(DaemonState::Run);
+        let due = |lost: Option<u64>, silent: u64| {
+            let v = verdict(lost);
+            due_in_ms(&Facts { record: &rec, is_self: false, verdict: Some(&v), raft_silent_ms: silent, power: None })
+        };
+        assert_eq!(due(Some(1_000), 2_000), Some(500), "the heartbeat's clock is the later");
+        assert_eq!(due(Some(1_400), 1_200), Some(300), "Raft's silence is the later");
+        assert_eq!(due(Some(1_499), 1_500), Some(1));
+        assert_eq!(due(Some(1_500), 1_500), None, "due already: decide() says what now");
+        assert_eq!(due(Some(9_000), 9_000), None);
+        assert_eq!(due(None, 9_000), None, "alive");
+        let mut pending = record(DaemonState::Run);
+        pending.fence.pending = Some(PendingFence {
+            decided_ms: 1,
+            reason: "x".into(),
+            manual: false,
+            executing_ms: None,
+            executing_by: None,
+        });
+        let v = verdict(Some(100));
+        let f = Facts { record: &pending, is_self: false, verdict: Some(&v), raft_silent_ms: 100, power: None };
+        assert_eq!(due_in_ms(&f), None, "its fence is already pending");
     }
 
     #[test]

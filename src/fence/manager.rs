@@ -1,7 +1,7 @@
 //! The fence manager: every coordinator runs it; only the one holding the primary duties acts.
 //!
 //! ```text
-//!  every 100 ms, while primary:
+//!  every 100 ms (at once when a lost node's fence_after_ms runs out), while primary:
 //!    facts (applied node records, heartbeat verdicts, Raft acks, BMC readings) ─▶ decide()
 //!      Fence ─▶ DecideFence (proposed locally: a deposed primary's decision fails)
 //!    every pending fence without an executor here ─▶ executor (≤ fence.max_parallel at once)
@@ -31,7 +31,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use super::agent::{Action, FenceAgent, Fencer, Power, Purpose};
-use super::decide::{decide, heard_again, Context, Decision, Facts, SinceDecision};
+use super::decide::{decide, due_in_ms, heard_again, Context, Decision, Facts, SinceDecision};
 use crate::heartbeat::agent::Agent;
 use crate::heartbeat::verdict::{HostVerdict, Verdict};
 use crate::primary::manager::Manager;
@@ -39,6 +39,8 @@ use crate::tasks::Tasks;
 use herd_raft::clock::ms;
 
 const TICK: Duration = Duration::from_millis(100);
+/// The shortest wait between two rounds (a fence due now is decided in the next round).
+const MIN_TICK: Duration = Duration::from_millis(5);
 /// How long the primary waits for another coordinator to say when it heard a client's session.
 const SESSIONS_ASK_TIMEOUT: Duration = Duration::from_millis(200);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -134,26 +136,20 @@ impl FenceManager {
         if self.settings.role != Role::Coordinator {
             return;
         }
-        /// Aborts the manager's tasks however `run` ends (returned or aborted).
-        struct StopTasks<'a>(&'a Tasks);
-        impl Drop for StopTasks<'_> {
-            fn drop(&mut self) {
-                self.0.abort_all();
-            }
-        }
-        let _stop = StopTasks(&self.tasks);
-        let _stop_aftercare = StopTasks(&self.aftercare);
+        // The manager's tasks stop however `run` ends (returned or aborted).
+        let (_stop, _stop_aftercare) = (self.tasks.abort_on_drop(), self.aftercare.abort_on_drop());
         self.decide_until(shutdown).await;
     }
 
     async fn decide_until(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut primary_since: Option<Instant> = None;
+        let (mut primary_since, mut next): (Option<Instant>, _) = (None, TICK);
         let mut last_check = BTreeMap::<String, Instant>::new();
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep(next) => {}
             }
+            next = TICK;
             if !self.primary.holding() {
                 if primary_since.take().is_some() {
                     self.drop_duties();
@@ -165,7 +161,7 @@ impl FenceManager {
                 self.local().took_office = Some(now);
                 now
             });
-            self.round(since, &mut last_check).await;
+            next = self.round(since, &mut last_check).await.clamp(MIN_TICK, TICK);
         }
     }
 
@@ -209,8 +205,9 @@ impl FenceManager {
         m.map_or(Vec::new(), |m| ids.into_iter().filter(|id| m.membership().get_node(id).is_none()).collect())
     }
 
-    async fn round(self: &Arc<Self>, since: Instant, last_check: &mut BTreeMap<String, Instant>) {
-        let Some(member) = self.node.member() else { return };
+    /// One look at every node; returns how soon a waiting fence falls due (at most [`TICK`]).
+    async fn round(self: &Arc<Self>, since: Instant, last_check: &mut BTreeMap<String, Instant>) -> Duration {
+        let Some(member) = self.node.member() else { return TICK };
         let (nodes, maintenance) = {
             let g = member.view.read();
             (g.state.nodes.clone(), g.state.meta.as_ref().is_some_and(|m| m.maintenance))
@@ -239,6 +236,7 @@ impl FenceManager {
             max_parallel: self.settings.max_parallel,
             retry_after_ms: self.settings.retry_after_ms,
         };
+        let mut soonest = TICK;
         for rec in nodes.values() {
             let Some(policy) = rec.fencing.clone() else { continue };
             let silent =
@@ -265,6 +263,7 @@ impl FenceManager {
                 .filter(|r| r.at.elapsed() < 3 * SILENT_CHECK)
                 .and_then(|r| r.power);
             let facts = Facts { record: rec, is_self, verdict: verdicts.get(&rec.id), raft_silent_ms: silent, power };
+            soonest = due_in_ms(&facts).map_or(soonest, |ms| soonest.min(Duration::from_millis(ms)));
             match decide(&ctx, &facts) {
                 Decision::Fence { reason } => {
                     tracing::warn!(node = %rec.name, %reason, "fence decided");
@@ -284,6 +283,7 @@ impl FenceManager {
             }
             self.maybe_self_fenced(rec, &policy, now_ms).await;
         }
+        soonest
     }
 
     /// After a failed fence, a node whose policy self-fences is recovered once its last
