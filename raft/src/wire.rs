@@ -193,6 +193,12 @@ pub enum RpcReply {
     },
     /// How many milliseconds ago each client asked was heard (those never heard left out).
     SessionsHeard(Vec<(NodeId, u64)>),
+    /// An answer already encoded — the frame body of `Ok(Changes(..))` —, shared by every
+    /// session that asks for the same changes (`follow::Answers`). The server writes its bytes
+    /// as they are: on the wire it is that `Changes`, and nothing ever decodes into it. Last,
+    /// so no other variant's index moves.
+    #[serde(skip)]
+    Encoded(std::sync::Arc<Vec<u8>>),
 }
 
 /// Errors that travel back to the caller. Plain data, so any version can read them.

@@ -145,7 +145,7 @@ where
                 }
                 // Answer before the asker gives up: the wait ends a margin before its timeout.
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-                crate::follow::serve(&member.view, from, wait).await
+                crate::follow::serve(&member.view, from, wait, &self.answers).await
             }
             Rpc::SessionsHeard { ids } => {
                 if ids.len() > crate::wire::MAX_SESSIONS_ASKED {

@@ -200,6 +200,8 @@ pub struct ClusterNode<LS> {
     /// When each follower outside Raft last asked this node for changes (`crate::follow`): the
     /// evidence that its session lives, for the fence rule of a later slice of issue 22.
     followers: Mutex<std::collections::HashMap<NodeId, Heard>>,
+    /// The last answer of changes to the followers, encoded once for all of them.
+    answers: crate::follow::Answers,
 }
 
 /// When a follower last asked, and the statistics it sent last.
@@ -257,6 +259,7 @@ where
             vote_refused_logged: Mutex::new(None),
             mark: std::sync::OnceLock::new(),
             followers: Mutex::new(std::collections::HashMap::new()),
+            answers: crate::follow::Answers::default(),
         })
     }
 

@@ -252,10 +252,15 @@ impl Port {
                 }
                 _ => {}
             }
-            let bytes = match wire::encode(&reply, limits.max_frame) {
+            let encoded = match &reply {
+                // Encoded once for every session asking the same changes.
+                Ok(RpcReply::Encoded(b)) if b.len() <= limits.max_frame as usize => Ok(b.clone()),
+                _ => wire::encode(&reply, limits.max_frame).map(std::sync::Arc::new),
+            };
+            let bytes = match encoded {
                 Ok(b) => b,
                 Err(e) => match wire::encode(&Err::<RpcReply, _>(RpcError::Refused(e.to_string())), limits.max_frame) {
-                    Ok(b) => b,
+                    Ok(b) => std::sync::Arc::new(b),
                     Err(_) => return,
                 },
             };
