@@ -14,8 +14,9 @@
 //! - `connections [HYPERVISORS] [SECONDS]`: see `connections.rs` — new cluster connections per
 //!   second at the leader of 3 coordinators + 64 hypervisors in the steady state.
 //! - `migration [REPS]`: see `migration.rs` — live moves of real QEMU guests (time, libvirt's
-//!   job time, downtime; default 10) and a flush of 4 guests by live migration, on the demo
-//!   cluster (root, QEMU).
+//!   job time, downtime; default 10), a flush of 4 guests by live migration and 3 hangs of a
+//!   hypervisor with 5 guests (the time until all run elsewhere), on the demo cluster (root,
+//!   QEMU).
 //! - `hypervisors [N] [SECONDS] [learner|client]`: see `hypervisors.rs` — N real hypervisor
 //!   daemons beside 3 coordinators, as Raft learners or as clients (issue 22).
 //! - `follow [FOLLOWERS] [SECONDS]`: see `follow.rs` — 3 coordinators serving the state to 1000
