@@ -253,8 +253,15 @@ impl Port {
                 _ => {}
             }
             let encoded = match &reply {
-                // Encoded once for every session asking the same changes.
-                Ok(RpcReply::Encoded(b)) if b.len() <= limits.max_frame as usize => Ok(b.clone()),
+                // Encoded once for every session asking the same changes; bounded as any frame
+                // (its variant cannot be encoded again: said as what it is, too large).
+                Ok(RpcReply::Encoded(b)) => match u32::try_from(b.len()) {
+                    Ok(len) if len <= limits.max_frame => Ok(b.clone()),
+                    _ => Err(FrameError::TooLarge {
+                        len: u32::try_from(b.len()).unwrap_or(u32::MAX),
+                        max: limits.max_frame,
+                    }),
+                },
                 _ => wire::encode(&reply, limits.max_frame).map(std::sync::Arc::new),
             };
             let bytes = match encoded {
