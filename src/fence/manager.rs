@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use super::agent::{Action, FenceAgent, Fencer, Power, Purpose};
 use super::decide::{decide, due_in_ms, heard_again, Context, Decision, Facts, SinceDecision};
 use crate::heartbeat::agent::Agent;
-use crate::heartbeat::verdict::{HostVerdict, Verdict};
+use crate::heartbeat::verdict::Verdict;
 use crate::primary::manager::Manager;
 use crate::tasks::Tasks;
 use herd_raft::clock::ms;
@@ -199,6 +199,11 @@ impl FenceManager {
         heard
     }
 
+    /// The chassis power `name`'s BMC last reported, if that reading is recent.
+    fn power(&self, name: &str) -> Option<Power> {
+        self.local().readings.get(name).filter(|r| r.at.elapsed() < 3 * SILENT_CHECK).and_then(|r| r.power)
+    }
+
     /// Which of `ids` are clients outside Raft (registered, not in the Raft membership).
     fn clients(&self, ids: impl IntoIterator<Item = NodeId>) -> Vec<NodeId> {
         let m = self.node.member().map(|m| m.raft.metrics().borrow_watched().membership_config.clone());
@@ -212,18 +217,18 @@ impl FenceManager {
             let g = member.view.read();
             (g.state.nodes.clone(), g.state.meta.as_ref().is_some_and(|m| m.maintenance))
         };
-        // Silent since the last response this leader received, or since it took office; the
-        // sessions asked about only for the clients the heartbeat lost.
-        let lost = |v: &BTreeMap<NodeId, HostVerdict>| {
-            self.clients(v.iter().filter(|(_, v)| v.verdict == Verdict::Lost).map(|(id, _)| *id))
-        };
-        let asked = lost(&self.heartbeat.verdicts());
+        // Silent since the last response this leader received, or since it took office; only
+        // the clients the heartbeat lost or whose BMC reports the power off asked about.
+        let v = self.heartbeat.verdicts();
+        let lost = |id: &NodeId| v.get(id).is_some_and(|v| v.verdict == Verdict::Lost);
+        let off = |r: &&NodeRecord| self.power(&r.name) == Some(Power::Off) || lost(&r.id);
+        let asked = self.clients(nodes.values().filter(off).map(|r| r.id));
         let silence = self.raft_heard_ago(since, &asked).await;
-        // The question may take 200 ms: decide on the verdicts as they are then (simulation
-        // seed 2632, clients); a client lost only since was not asked: heard, this round.
+        // The question may take 200 ms: decide on the verdicts as they are then (sim seed 2632);
+        // a client not asked was neither lost nor off: heard, this round (t94).
         let verdicts = self.heartbeat.verdicts();
         let mnfa = self.heartbeat.mnfa_active();
-        let unasked: BTreeSet<NodeId> = lost(&verdicts).into_iter().filter(|id| !asked.contains(id)).collect();
+        let unasked = self.clients(nodes.values().map(|r| r.id).filter(|id| !asked.contains(id)));
         let now_ms = herd_raft::clock::wall_ms();
         let primary_for_ms = ms(since.elapsed());
         let running = self.local().executing.len();
@@ -256,12 +261,7 @@ impl FenceManager {
             if rec.fence.power_on_due_ms.is_some() && rec.daemon_state == DaemonState::Fenced {
                 self.spawn_power_on(&rec.name, policy.clone());
             }
-            let power = self
-                .local()
-                .readings
-                .get(&rec.name)
-                .filter(|r| r.at.elapsed() < 3 * SILENT_CHECK)
-                .and_then(|r| r.power);
+            let power = self.power(&rec.name);
             let facts = Facts { record: rec, is_self, verdict: verdicts.get(&rec.id), raft_silent_ms: silent, power };
             soonest = due_in_ms(&facts).map_or(soonest, |ms| soonest.min(Duration::from_millis(ms)));
             match decide(&ctx, &facts) {

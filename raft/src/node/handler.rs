@@ -138,7 +138,18 @@ where
                 ext.notify(kind, args).await.map_err(RpcError::Refused)?;
                 Ok(RpcReply::Done)
             }
-            Rpc::Leader(op) => self.leader_op(&member, op, frame.to, timeout).await,
+            Rpc::Leader(op) => {
+                // A client's own request (its writes, read barriers) is word from it as much as
+                // a poll: a client back from a power cycle writes `run` before its session's
+                // first poll may have arrived, and must not look silent then (t94: fenced again
+                // at once, on a power-off reading from before its boot).
+                let outside_raft =
+                    |id: &NodeId| raft.metrics().borrow_watched().membership_config.membership().get_node(id).is_none();
+                if let Some(id) = frame.from.filter(outside_raft) {
+                    self.heard_follower(id, None);
+                }
+                self.leader_op(&member, op, frame.to, timeout).await
+            }
             Rpc::Changes { from, wait_ms, stats } => {
                 if let Some(id) = frame.from {
                     self.heard_follower(id, stats);
