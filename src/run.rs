@@ -69,11 +69,9 @@ pub async fn run(config: Config) -> Result<Exit, RunError> {
     let metrics_addr = config.metrics.addr().map_err(StartError::Config)?;
     // The runtime's own lateness (pauses), and the watchdog against a runaway real-time thread.
     let lease = Duration::from_millis(config.raft.election_timeout_ms[1]);
-    let tick = if config.cluster.membership == crate::config::Membership::Client {
-        crate::sched::CLIENT_MONITOR_TICK
-    } else {
-        crate::sched::MONITOR_TICK
-    };
+    let joined_as_client = env.identity.load().map_err(StartError::Identity)?.map(|i| i.client);
+    let tick =
+        if config.is_client(joined_as_client) { crate::sched::CLIENT_MONITOR_TICK } else { crate::sched::MONITOR_TICK };
     let pause_monitor = herd_storage::types::spawn(crate::sched::monitor(lease, tick));
     crate::sched::start_watchdog();
     let running = daemon::start(config.clone(), env).await?;

@@ -29,7 +29,8 @@ pub(super) async fn join(d: &Daemon, peer: String, token: String, role: Option<R
     }
     let out = d.node.join_cluster(&peer, token.trim(), JOIN_TIMEOUT).await?;
     d.member_started();
-    Ok(json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter }))
+    let client = d.node.session().is_some();
+    Ok(json!({ "node_id": out.node_id, "cluster_id": out.cluster_id, "voter": out.voter, "client": client }))
 }
 
 pub(super) async fn info(d: &Daemon, local: bool) -> Result<Value, AdminError> {

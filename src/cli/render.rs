@@ -52,13 +52,32 @@ fn visible_len(s: &str) -> usize {
     n
 }
 
+/// The `raft` column: `voter`, `learner`, or `client` (a hypervisor outside Raft); `-` where
+/// it is not known (a client sees no Raft membership: no row is a Raft member).
+fn raft_part(m: &Value, sees_raft: bool) -> &'static str {
+    if !sees_raft {
+        "-"
+    } else if m["voter"].as_bool() == Some(true) {
+        "voter"
+    } else if m["raft_member"].as_bool() == Some(true) {
+        "learner"
+    } else if m["role"] == "hypervisor" {
+        "client"
+    } else {
+        "-"
+    }
+}
+
+/// The members of a `status` or `node-list` answer as a table.
 fn members_table(members: &Value) -> String {
+    let all = members.as_array().map(Vec::as_slice).unwrap_or_default();
+    let sees_raft = all.iter().any(|m| m["raft_member"].as_bool() == Some(true));
     let rows: Vec<Vec<String>> = members
         .as_array()
         .map(|a| {
             a.iter()
                 .map(|m| {
-                    let voter = if m["voter"].as_bool() == Some(true) { "voter" } else { "learner" };
+                    let voter = raft_part(m, sees_raft);
                     let age = m["last_keepalive_age_ms"]
                         .as_u64()
                         .map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0));
@@ -153,7 +172,11 @@ pub fn render(command: &Command, v: &Value) -> String {
             "joined cluster {} as node {} ({})",
             s(&v["cluster_id"]),
             s(&v["node_id"]),
-            if v["voter"].as_bool() == Some(true) { "voter" } else { "learner" }
+            match (v["voter"].as_bool(), v["client"].as_bool()) {
+                (Some(true), _) => "voter",
+                (_, Some(true)) => "client outside Raft",
+                _ => "learner",
+            }
         ),
         Command::Node(NodeCommand::Remove { name, .. }) => format!("{name} removed"),
         Command::Heartbeat => render_heartbeat(v),

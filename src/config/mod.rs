@@ -271,20 +271,33 @@ pub struct ClusterSection {
     /// Address peers reach this node on; defaults to `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// How a hypervisor takes part: `learner` (default: a Raft learner) or `client` (outside
-    /// Raft: it follows the state through a session to one coordinator and writes through the
-    /// leader; issue 22, in progress). Coordinators are always Raft members.
+    /// How a hypervisor takes part: `client` (outside Raft: it follows the state through a
+    /// session to one coordinator and writes through the leader) or `learner` (a Raft learner,
+    /// as hypervisors of clusters made before clients were). Unset: as its `data_dir` joined,
+    /// and `client` for a join still to come. Coordinators are always Raft members.
     #[serde(default)]
-    pub membership: Membership,
+    pub membership: Option<Membership>,
 }
 
 /// How a hypervisor takes part in the cluster (`[cluster] membership`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
-    #[default]
     Learner,
     Client,
+}
+
+impl Config {
+    /// Whether this node runs as a client outside Raft, given how its `data_dir` joined
+    /// (`None`: not joined yet). Only a hypervisor can; an explicit `membership` is taken as
+    /// it is (the start refuses one that disagrees with the `data_dir`).
+    pub fn is_client(&self, joined_as_client: Option<bool>) -> bool {
+        self.role == Role::Hypervisor
+            && match self.cluster.membership {
+                Some(m) => m == Membership::Client,
+                None => joined_as_client.unwrap_or(true),
+            }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

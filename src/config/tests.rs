@@ -109,8 +109,19 @@ fn client_membership_is_for_hypervisors() {
     let c = Config::parse(&client).expect("parses");
     assert_eq!(c.validate().expect_err("a coordinator cannot be a client").0, "cluster.membership");
     let c = Config::parse(&client.replace("\"coordinator\"", "\"hypervisor\"")).expect("parses");
-    assert_eq!(c.cluster.membership, Membership::Client);
+    assert_eq!(c.cluster.membership, Some(Membership::Client));
     assert!(c.validate().is_ok());
-    assert_eq!(Config::parse(GOOD).expect("parses").cluster.membership, Membership::Learner);
+    assert!(c.is_client(None) && c.is_client(Some(false)), "an explicit client is one");
+    let learner =
+        Config::parse(&client.replace("\"client\"", "\"learner\"").replace("\"coordinator\"", "\"hypervisor\""))
+            .expect("parses");
+    assert!(!learner.is_client(None) && !learner.is_client(Some(true)), "an explicit learner is one");
+    // Unset: a coordinator is never a client; a hypervisor joins as one, and stays what its
+    // data_dir joined as (a learner of an older cluster keeps running after an upgrade).
+    let coordinator = Config::parse(GOOD).expect("parses");
+    assert_eq!(coordinator.cluster.membership, None);
+    assert!(!coordinator.is_client(None));
+    let hypervisor = Config::parse(&GOOD.replace("\"coordinator\"", "\"hypervisor\"")).expect("parses");
+    assert!(hypervisor.is_client(None) && hypervisor.is_client(Some(true)) && !hypervisor.is_client(Some(false)));
     assert!(Config::parse(&GOOD.replace(listen, &format!("{listen}\nmembership = \"voter\""))).is_err());
 }

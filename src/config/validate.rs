@@ -62,7 +62,7 @@ impl Config {
                 _ => return err("cluster.advertise", format!("{a:?} is not a host:port address")),
             }
         }
-        if self.cluster.membership == super::Membership::Client && self.role != Role::Hypervisor {
+        if self.cluster.membership == Some(super::Membership::Client) && self.role != Role::Hypervisor {
             return err("cluster.membership", "`client` is for hypervisors: coordinators are Raft members");
         }
         let listen = self.listen_addr().map_err(|e| ("cluster.listen".to_string(), e))?;

@@ -135,11 +135,14 @@ pub struct Running {
 /// recovers), the cluster port, Raft resumed from the stores, then the member tasks, the
 /// primary's duties and the fence manager.
 pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
-    check_identity(&config, env.identity.load().map_err(StartError::Identity)?.as_ref())?;
+    let identity = env.identity.load().map_err(StartError::Identity)?;
+    check_identity(&config, identity.as_ref())?;
+    let client = config.is_client(identity.as_ref().map(|i| i.client));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (agent, notices) = heartbeat_agent(&config, &env, shutdown_rx.clone())?;
     let limits = limits(&config);
-    let node = raft_node(&config, &limits, env.connector, env.log, env.backend, env.identity, env.pki);
+    let settings = node_settings(&config, client, &limits);
+    let node = raft_node(settings, env.connector, env.log, env.backend, env.identity, env.pki);
     node.set_mark_store(env.mark.clone());
     let mut duties = config.primary.duties().map_err(|(k, e)| StartError::Config(format!("{k}: {e}")))?;
     duties.addresses = env.addresses.clone();
@@ -234,7 +237,7 @@ fn check_identity(config: &Config, id: Option<&herd_storage::identity::Identity>
             id.name
         )));
     }
-    if id.client != (config.cluster.membership == crate::config::Membership::Client) {
+    if config.cluster.membership.is_some() && id.client != config.is_client(Some(id.client)) {
         let (was, now) = if id.client { ("client", "learner") } else { ("learner", "client") };
         return Err(StartError::NotThisNode(format!(
             "data_dir {dir} belongs to node {:?} which joined as a {was}, but the config says [cluster] membership = {now:?}. \
@@ -276,24 +279,27 @@ fn limits(config: &Config) -> Limits {
     }
 }
 
-fn raft_node(
-    config: &Config,
-    limits: &Limits,
-    connector: Arc<dyn herd_raft::transport::Connector>,
-    log: LogStore,
-    backend: Arc<dyn herd_storage::sm::Backend>,
-    identity: Arc<dyn herd_storage::identity::IdentityStore>,
-    pki: Option<Arc<herd_raft::tls::Pki>>,
-) -> Arc<ClusterNode<LogStore>> {
-    let settings = NodeSettings {
+/// The cluster node's settings; `client`: it runs outside Raft ([`Config::is_client`]).
+fn node_settings(config: &Config, client: bool, limits: &Limits) -> NodeSettings {
+    NodeSettings {
         name: config.name.clone(),
         role: config.role,
         advertise: config.advertise().to_string(),
         heartbeat_ms: config.raft.heartbeat_ms,
         election_timeout_ms: (config.raft.election_timeout_ms[0], config.raft.election_timeout_ms[1]),
         limits: limits.clone(),
-        client: config.cluster.membership == crate::config::Membership::Client,
-    };
+        client,
+    }
+}
+
+fn raft_node(
+    settings: NodeSettings,
+    connector: Arc<dyn herd_raft::transport::Connector>,
+    log: LogStore,
+    backend: Arc<dyn herd_storage::sm::Backend>,
+    identity: Arc<dyn herd_storage::identity::IdentityStore>,
+    pki: Option<Arc<herd_raft::tls::Pki>>,
+) -> Arc<ClusterNode<LogStore>> {
     let node = ClusterNode::new(settings, connector, log, backend, identity);
     // What an admitted join writes: the node registered as it describes itself.
     node.set_join_policy(Arc::new(herd_raft::node::RegisterJoiner));

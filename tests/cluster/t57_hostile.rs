@@ -207,9 +207,9 @@ fn strangers_cannot_cut_members_off() {
     // A real new node joins.
     c.node("h4").start();
     c.node("h4").admin(json!({"op": "join-cluster", "peer": "127.0.20.1:7400", "token": token}));
-    wait_until("h4 a member", Duration::from_secs(20), || {
+    wait_until("h4 a client in contact", Duration::from_secs(20), || {
         let s = c.node("h4").try_admin(&json!({"op": "status"})).ok()?;
-        (s["quorum"] == true && s["leader"].is_string()).then_some(())
+        (s["quorum"] == true && s["state"] == "client" && s["session"]["coordinator"].is_string()).then_some(())
     });
 
     wrong_tokens_are_throttled(work.path(), &token, keep);

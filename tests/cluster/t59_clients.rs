@@ -212,7 +212,7 @@ fn hypervisors_as_clients() {
     // The membership is fixed at the join: h1's data_dir started as a learner is refused at
     // once, saying how to change it (remove, empty data_dir, join again).
     let client_config = c.node("h1").extra_config.clone();
-    c.node("h1").extra_config = client_config.replacen("membership = \"client\"\n", "", 1);
+    c.node("h1").extra_config = client_config.replacen("membership = \"client\"", "membership = \"learner\"", 1);
     c.node("h1").spawn();
     let status = c.node("h1").wait_exit(Duration::from_secs(10));
     let log = std::fs::read_to_string(c.node("h1").log_path()).unwrap_or_default();

@@ -1,8 +1,10 @@
-//! The upgrade issue 22 decided on: a hypervisor that joined as a Raft learner becomes a client
-//! outside Raft with no in-place conversion — `herd node remove`, an empty `data_dir`,
-//! `[cluster] membership = "client"`, join again (README, "Many hypervisors"). Checked on
-//! loopback: before, the hypervisor is a Raft learner; after, Raft is the coordinators only, the
-//! hypervisor follows as a client under a new id, is `run`, and its keepalives (written by the
+//! The upgrade issue 22 decided on. A hypervisor that joined as a Raft learner (a cluster made
+//! before clients were the default) stays one after an upgrade: with `[cluster] membership`
+//! unset it runs as its `data_dir` joined. It becomes a client outside Raft with no in-place
+//! conversion — `herd node remove`, an empty `data_dir`, join again (README, "Many
+//! hypervisors"). Checked on loopback: before, the hypervisor is a Raft learner, and still one
+//! after a restart with the setting unset; after, Raft is the coordinators only, the hypervisor
+//! follows as a client under a new id, is `run`, and its keepalives (written by the
 //! coordinators) keep coming.
 
 use std::collections::BTreeSet;
@@ -33,6 +35,9 @@ fn uh_running(s: &Value) -> Option<Value> {
 #[test]
 fn a_learner_hypervisor_becomes_a_client_by_rejoining() {
     let mut c = Cluster::new(SPECS, "[keepalive]\ninterval_ms = 1000\n");
+    // As a node of an older cluster: a learner (the setting said so, or had no other value).
+    let unset = c.node("uh").extra_config.clone();
+    c.node("uh").extra_config = format!("membership = \"learner\"\n{unset}");
     for n in ["u1", "u2", "u3", "uh"] {
         c.node(n).start();
     }
@@ -46,6 +51,16 @@ fn a_learner_hypervisor_becomes_a_client_by_rejoining() {
         let id = uh_running(&s)?["id"].as_u64()?;
         ids(&s["raft"]["learners"]).contains(&id).then_some(id)
     });
+    // The upgrade: the new version, the setting unset — uh runs as its data_dir joined.
+    c.node("uh").kill9();
+    c.node("uh").extra_config = unset;
+    c.node("uh").start();
+    let own = c.node("uh").status();
+    assert_eq!(own["state"], "learner", "still a Raft learner after the restart: {own}");
+    wait_until("uh, restarted, a Raft learner in run", Duration::from_secs(30), || {
+        let s = c.node("u1").try_admin(&json!({"op": "status"})).ok()?;
+        (uh_running(&s)?["id"] == old_id && ids(&s["raft"]["learners"]).contains(&old_id)).then_some(())
+    });
 
     // The conversion: removed, wiped, started as a client, joined again.
     c.node("u1").admin(json!({"op": "node-remove", "name": "uh"}));
@@ -54,9 +69,8 @@ fn a_learner_hypervisor_becomes_a_client_by_rejoining() {
     });
     c.node("uh").kill9();
     std::fs::remove_dir_all(c.node("uh").data_dir()).expect("wipe uh");
-    let uh = c.node("uh");
-    uh.extra_config = format!("membership = \"client\"\n{}", uh.extra_config);
-    uh.start();
+    // A fresh data_dir joins as a client (the default).
+    c.node("uh").start();
     let joined = c.node("uh").admin(json!({"op": "join-cluster", "peer": PEER, "token": token}));
     let new_id = joined["node_id"].as_u64().expect("a new id");
     assert!(new_id > old_id, "rejoined under id {new_id}, was {old_id}: ids are never reused");

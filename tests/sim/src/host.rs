@@ -62,7 +62,8 @@ pub fn config(world: &World, i: usize, dir: &Path) -> Result<Config, String> {
         let w = world.lock();
         (w.machines[i].name.clone(), w.machines[i].coordinator, w.clients)
     };
-    let membership = if clients && !coordinator { "membership = \"client\"\n" } else { "" };
+    // Hypervisors are clients by default; learners are written out (clusters made before).
+    let membership = if coordinator || clients { "" } else { "membership = \"learner\"\n" };
     let ip = turmoil::lookup(name.as_str());
     let role = if coordinator { "coordinator" } else { "hypervisor" };
     let nets: String = NETWORKS.iter().map(|(n, p)| format!("{n} = \"{ip}:{p}\"\n")).collect();

@@ -32,13 +32,14 @@ pub struct Options {
     pub breakage: Option<Breakage>,
     /// How long faults are injected, after the setup.
     pub fault_window: Duration,
-    /// Hypervisors join as clients outside Raft (`[cluster] membership = "client"`).
+    /// Hypervisors join as clients outside Raft (the default `[cluster] membership`);
+    /// `false`: as Raft learners (`membership = "learner"`, clusters made before clients).
     pub clients: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { breakage: None, fault_window: Duration::from_secs(20), clients: false }
+        Options { breakage: None, fault_window: Duration::from_secs(20), clients: true }
     }
 }
 
