@@ -216,7 +216,8 @@ impl Bench {
             let i = admin(&self.socket("c2"), &json!({"op": "node-info", "name": "h1", "local": true}))?;
             let back = i["daemon_state"] == "fenced"
                 && i["domain_state"] == "flushed"
-                && admin(&self.socket("h1"), &json!({"op": "status"})).is_ok_and(|s| s["state"] == "learner");
+                && admin(&self.socket("h1"), &json!({"op": "status"}))
+                    .is_ok_and(|s| s["state"] == "client" || s["state"] == "learner");
             Ok(back && i["last_keepalive_ms"].as_u64() > i["fence"]["fenced_ms"].as_u64())
         })?;
         admin(&self.socket("c2"), &json!({"op": "node-flush", "name": "h1", "ready": true, "wait": true}))?;
