@@ -182,6 +182,9 @@ pub struct ClusterNode<LS> {
     /// concurrent forwarded calls each take one, so none waits behind another (a minute-long
     /// join, say) and none pays a TCP connect while the pool has one.
     leader_pool: Mutex<Vec<PeerClient>>,
+    /// Idle connections to the other coordinators for `SessionsHeard`, one each, reused: the
+    /// primary asks every fence round while a client is lost (no handshake per question).
+    sessions_pool: Mutex<Vec<PeerClient>>,
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
     /// Told how long each successful write took (metrics).
     write_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
@@ -250,6 +253,7 @@ where
             membership_lock: tokio::sync::Mutex::new(()),
             leader_contact: Mutex::new(None),
             leader_pool: Mutex::new(Vec::new()),
+            sessions_pool: Mutex::new(Vec::new()),
             extension: std::sync::OnceLock::new(),
             write_observer: std::sync::OnceLock::new(),
             pki: std::sync::OnceLock::new(),
@@ -332,9 +336,24 @@ where
                 .collect()
         };
         let asks = peers.into_iter().map(|(id, addr)| {
-            let mut c = self.client(addr, Some(id), member.cluster_id.clone());
+            let pooled = {
+                let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
+                pool.iter().position(|c| c.target() == Some(id) && c.addr() == addr).map(|k| pool.swap_remove(k))
+            };
+            let mut c = pooled.unwrap_or_else(|| self.client(addr, Some(id), member.cluster_id.clone()));
             let ids = ids.to_vec();
-            async move { c.call(Rpc::SessionsHeard { ids }, timeout).await }
+            async move {
+                let answer = c.call(Rpc::SessionsHeard { ids }, timeout).await;
+                // Kept unless the peer is not the node asked for (an address reused); a call
+                // that timed out keeps its connection too (the late reply is dropped by position).
+                if !matches!(answer, Err(CallError::Remote(RpcError::WrongNode { .. }))) {
+                    let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool.len() < MAX_VOTERS * 2 {
+                        pool.push(c);
+                    }
+                }
+                answer
+            }
         });
         for answer in futures::future::join_all(asks).await {
             match answer {
