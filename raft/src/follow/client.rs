@@ -61,6 +61,11 @@ impl Client {
         self.status.borrow().clone()
     }
 
+    /// Turns true when the session ends.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
     /// Ends the session.
     pub fn stop(&self) {
         let _ = self.stop.send(true);

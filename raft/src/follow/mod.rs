@@ -25,6 +25,7 @@ use crate::wire::{Rpc, RpcError, RpcReply};
 
 mod client;
 mod link;
+pub mod seeds;
 mod session;
 
 pub use client::{Client, CLIENT_WAIT};

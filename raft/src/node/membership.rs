@@ -123,6 +123,8 @@ where
             SessionSettings { wait: CLIENT_WAIT, limits: self.settings.limits.clone(), ..Default::default() };
         let client = Client::start(self.connector.clone(), cluster_id, id, seeds, settings);
         *self.session.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+        let (store, lock) = (self.identity.clone(), self.identity_lock.clone());
+        herd_storage::types::spawn(crate::follow::seeds::keep(store, lock, client.view.clone(), client.stopped()));
         tracing::info!(node_id = id, cluster = %client.cluster_id, "following the cluster as a client (outside Raft)");
         client
     }
@@ -491,6 +493,7 @@ where
                 client: true,
                 seeds: Vec::new(),
             };
+            let _held = self.identity_lock.lock().await;
             self.identity.save(&identity).await?;
             tracing::warn!(node_id = c.id, "removed from the cluster: session ended");
         }

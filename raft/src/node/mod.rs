@@ -185,6 +185,8 @@ pub struct ClusterNode<LS> {
     /// Idle connections to the other coordinators for `SessionsHeard`, one each, reused: the
     /// primary asks every fence round while a client is lost (no handshake per question).
     sessions_pool: Mutex<Vec<PeerClient>>,
+    /// Held by every save of a client's identity (its removal, its seeds kept current).
+    identity_lock: Arc<tokio::sync::Mutex<()>>,
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
     /// Told how long each successful write took (metrics).
     write_observer: std::sync::OnceLock<Arc<dyn Fn(Duration) + Send + Sync>>,
@@ -254,6 +256,7 @@ where
             leader_contact: Mutex::new(None),
             leader_pool: Mutex::new(Vec::new()),
             sessions_pool: Mutex::new(Vec::new()),
+            identity_lock: Arc::default(),
             extension: std::sync::OnceLock::new(),
             write_observer: std::sync::OnceLock::new(),
             pki: std::sync::OnceLock::new(),
