@@ -146,7 +146,7 @@ where
                 let outside_raft =
                     |id: &NodeId| raft.metrics().borrow_watched().membership_config.membership().get_node(id).is_none();
                 if let Some(id) = frame.from.filter(outside_raft) {
-                    self.heard_follower(id, None);
+                    self.heard_request(id);
                 }
                 self.leader_op(&member, op, frame.to, timeout).await
             }

@@ -18,6 +18,7 @@
 //!   forward.rs     leader_call: run a LeaderOp here if leading, else forward (pooled
 //!                  connections), retry with backoff inside the deadline
 //!   handler.rs     NodeHandler: the cluster port's request handler (auth rules, dispatch)
+//!   sessions.rs    followers outside Raft as heard here, and asked of every coordinator
 //!   cert.rs        certificate renewal (both ends) and a joiner's enrolment
 //!   policy.rs      JoinPolicy: what the leader writes for an admitted join (the caller's)
 //!   tokens.rs      join tokens, request ids, the (replaceable) random source
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herd_storage::identity::IdentityStore;
-use herd_storage::model::{ApplyError, NodeId, NodeStats, Op, Reply, Request, Response, Role};
+use herd_storage::model::{ApplyError, NodeId, Op, Reply, Request, Response, Role};
 use herd_storage::sm::{Backend, StateMachine, StateView};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
@@ -50,6 +51,7 @@ mod log_mark;
 mod membership;
 mod policy;
 mod refuse;
+mod sessions;
 pub(crate) mod tokens;
 
 pub use handler::NodeHandler;
@@ -204,19 +206,10 @@ pub struct ClusterNode<LS> {
     mark: std::sync::OnceLock<Arc<dyn herd_storage::mark::MarkStore>>,
     /// When each follower outside Raft last asked this node for changes (`crate::follow`): the
     /// evidence that its session lives, for the fence rule of a later slice of issue 22.
-    followers: Mutex<std::collections::HashMap<NodeId, Heard>>,
+    followers: Mutex<std::collections::HashMap<NodeId, sessions::Heard>>,
     /// The last answer of changes to the followers, encoded once for all of them.
     answers: crate::follow::Answers,
 }
-
-/// When a follower last asked, and the statistics it sent last.
-struct Heard {
-    at: Instant,
-    stats: Option<NodeStats>,
-}
-
-/// Followers remembered per node; the longest silent is forgotten first.
-const MAX_FOLLOWERS: usize = 65_536;
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
 const LEADER_POOL: usize = 16;
@@ -268,108 +261,6 @@ where
             followers: Mutex::new(std::collections::HashMap::new()),
             answers: crate::follow::Answers::default(),
         })
-    }
-
-    /// Records that follower `id` asked this node for changes just now.
-    pub(crate) fn heard_follower(&self, id: NodeId, stats: Option<NodeStats>) {
-        let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        if f.len() >= MAX_FOLLOWERS && !f.contains_key(&id) {
-            if let Some(oldest) = f.iter().min_by_key(|(_, h)| h.at).map(|(id, _)| *id) {
-                f.remove(&oldest);
-            }
-        }
-        let h = f.entry(id).or_insert(Heard { at: Instant::now(), stats: None });
-        h.at = Instant::now();
-        if stats.is_some() {
-            h.stats = stats;
-        }
-    }
-
-    /// The clients heard within `within` and the statistics each sent last: what this
-    /// coordinator writes as their keepalives.
-    pub fn client_reports(&self, within: Duration) -> Vec<(NodeId, NodeStats)> {
-        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(NodeId, NodeStats)> = f
-            .iter()
-            .filter(|(_, h)| h.at.elapsed() < within)
-            .filter_map(|(id, h)| Some((*id, h.stats.clone()?)))
-            .collect();
-        out.sort_unstable_by_key(|(id, _)| *id);
-        out
-    }
-
-    /// How long ago each follower outside Raft last asked this node for changes, by id.
-    pub fn followers_heard(&self) -> Vec<(NodeId, Duration)> {
-        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(NodeId, Duration)> = f.iter().map(|(id, h)| (*id, h.at.elapsed())).collect();
-        out.sort_unstable();
-        out
-    }
-
-    /// How many milliseconds ago each of `ids` last asked this node for changes (those never
-    /// heard left out).
-    pub fn sessions_heard(&self, ids: &[NodeId]) -> Vec<(NodeId, u64)> {
-        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.at.elapsed())))).collect()
-    }
-
-    /// For each of `ids` (clients outside Raft), the shortest time since any coordinator of the
-    /// Raft membership, this one included, heard its session; asked in parallel within
-    /// `timeout` — one that does not answer in time vouches for nothing.
-    pub async fn sessions_heard_everywhere(
-        &self,
-        ids: &[NodeId],
-        timeout: Duration,
-    ) -> std::collections::BTreeMap<NodeId, u64> {
-        let mut heard: std::collections::BTreeMap<NodeId, u64> = self.sessions_heard(ids).into_iter().collect();
-        let Some(member) = self.member() else { return heard };
-        if ids.is_empty() {
-            return heard;
-        }
-        let peers: Vec<(NodeId, String)> = {
-            let raft_members: Vec<NodeId> =
-                member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
-            let g = member.view.read();
-            let coordinator = |id: &NodeId| g.state.node_by_id(*id).filter(|n| n.role == Role::Coordinator);
-            raft_members
-                .iter()
-                .filter(|id| **id != member.id)
-                .filter_map(coordinator)
-                .map(|n| (n.id, n.cluster_addr.clone()))
-                .collect()
-        };
-        let asks = peers.into_iter().map(|(id, addr)| {
-            let pooled = {
-                let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
-                pool.iter().position(|c| c.target() == Some(id) && c.addr() == addr).map(|k| pool.swap_remove(k))
-            };
-            let mut c = pooled.unwrap_or_else(|| self.client(addr, Some(id), member.cluster_id.clone()));
-            let ids = ids.to_vec();
-            async move {
-                let answer = c.call(Rpc::SessionsHeard { ids }, timeout).await;
-                // Kept unless the peer is not the node asked for (an address reused); a call
-                // that timed out keeps its connection too (the late reply is dropped by position).
-                if !matches!(answer, Err(CallError::Remote(RpcError::WrongNode { .. }))) {
-                    let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
-                    if pool.len() < MAX_VOTERS * 2 {
-                        pool.push(c);
-                    }
-                }
-                answer
-            }
-        });
-        for answer in futures::future::join_all(asks).await {
-            match answer {
-                Ok(RpcReply::SessionsHeard(ages)) => {
-                    for (id, ago) in ages.into_iter().filter(|(id, _)| ids.contains(id)) {
-                        heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
-                    }
-                }
-                Ok(other) => tracing::debug!("unexpected answer to sessions-heard: {other:?}"),
-                Err(e) => tracing::debug!("sessions-heard not answered: {e}"),
-            }
-        }
-        heard
     }
 
     /// What keeps each follower out of Raft, as this node saw while leading (see

@@ -1,0 +1,153 @@
+//! Followers outside Raft (clients) as this node hears them — each poll for changes, and each
+//! leader op of their own — and the fence rule's question to every coordinator: when did any of
+//! you last hear these clients.
+
+use std::time::Duration;
+
+use herd_storage::model::{NodeId, NodeStats, Role};
+use herd_storage::types::TypeConfig;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::storage::RaftLogStorage;
+use tokio::time::Instant;
+
+use super::ClusterNode;
+use crate::clock;
+use crate::network::{CallError, PeerClient};
+use crate::wire::{Rpc, RpcError, RpcReply};
+
+/// When a follower last asked for changes, when it was last heard at all (a poll or a leader
+/// op of its own), and the statistics it sent last.
+pub(super) struct Heard {
+    polled: Option<Instant>,
+    contact: Instant,
+    stats: Option<NodeStats>,
+}
+
+/// Followers remembered per node; the longest silent is forgotten first.
+const MAX_FOLLOWERS: usize = 65_536;
+
+impl<LS> ClusterNode<LS>
+where
+    LS: RaftLogStorage<TypeConfig> + Clone,
+{
+    /// Records that follower `id` asked this node for changes just now.
+    pub(crate) fn heard_follower(&self, id: NodeId, stats: Option<NodeStats>) {
+        self.heard(id, true, stats);
+    }
+
+    /// Records a leader op from `id`, a node outside the Raft membership: evidence that it
+    /// lives (the fence rule), not a poll — no keepalive is written for it here.
+    pub(crate) fn heard_request(&self, id: NodeId) {
+        self.heard(id, false, None);
+    }
+
+    fn heard(&self, id: NodeId, poll: bool, stats: Option<NodeStats>) {
+        let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() >= MAX_FOLLOWERS && !f.contains_key(&id) {
+            if let Some(oldest) = f.iter().min_by_key(|(_, h)| h.contact).map(|(id, _)| *id) {
+                f.remove(&oldest);
+            }
+        }
+        let now = Instant::now();
+        let h = f.entry(id).or_insert(Heard { polled: None, contact: now, stats: None });
+        h.contact = now;
+        if poll {
+            h.polled = Some(now);
+        }
+        if stats.is_some() {
+            h.stats = stats;
+        }
+    }
+
+    /// The clients heard within `within` and the statistics each sent last: what this
+    /// coordinator writes as their keepalives.
+    pub fn client_reports(&self, within: Duration) -> Vec<(NodeId, NodeStats)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(NodeId, NodeStats)> = f
+            .iter()
+            .filter(|(_, h)| h.polled.is_some_and(|p| p.elapsed() < within))
+            .filter_map(|(id, h)| Some((*id, h.stats.clone()?)))
+            .collect();
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// How long ago each follower outside Raft last asked this node for changes, by id.
+    pub fn followers_heard(&self) -> Vec<(NodeId, Duration)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(NodeId, Duration)> =
+            f.iter().filter_map(|(id, h)| Some((*id, h.polled?.elapsed()))).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// How many milliseconds ago each of `ids` was last heard here — a poll or a leader op of
+    /// its own (those never heard left out).
+    pub fn sessions_heard(&self, ids: &[NodeId]) -> Vec<(NodeId, u64)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.contact.elapsed())))).collect()
+    }
+
+    /// For each of `ids` (clients outside Raft), the shortest time since any coordinator of the
+    /// Raft membership, this one included, heard its session; asked in parallel within
+    /// `timeout` — one that does not answer in time vouches for nothing.
+    pub async fn sessions_heard_everywhere(
+        &self,
+        ids: &[NodeId],
+        timeout: Duration,
+    ) -> std::collections::BTreeMap<NodeId, u64> {
+        let mut heard: std::collections::BTreeMap<NodeId, u64> = self.sessions_heard(ids).into_iter().collect();
+        let Some(member) = self.member() else { return heard };
+        if ids.is_empty() {
+            return heard;
+        }
+        let peers: Vec<(NodeId, String)> = {
+            let raft_members: Vec<NodeId> =
+                member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
+            let g = member.view.read();
+            let coordinator = |id: &NodeId| g.state.node_by_id(*id).filter(|n| n.role == Role::Coordinator);
+            raft_members
+                .iter()
+                .filter(|id| **id != member.id)
+                .filter_map(coordinator)
+                .map(|n| (n.id, n.cluster_addr.clone()))
+                .collect()
+        };
+        // Connections to coordinators no longer asked (replaced, moved) are dropped.
+        let current = |c: &PeerClient| peers.iter().any(|(id, addr)| c.target() == Some(*id) && c.addr() == addr);
+        self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner()).retain(current);
+        let asks = peers.iter().map(|(id, addr)| {
+            let pooled = {
+                let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
+                pool.iter().position(|c| c.target() == Some(*id) && c.addr() == addr).map(|k| pool.swap_remove(k))
+            };
+            let mut c = pooled.unwrap_or_else(|| self.client(addr.clone(), Some(*id), member.cluster_id.clone()));
+            let ids = ids.to_vec();
+            async move {
+                let answer = c.call(Rpc::SessionsHeard { ids }, timeout).await;
+                // Kept unless the peer is not the node asked for (an address reused); a call
+                // that timed out keeps its connection too (the late reply is dropped by position).
+                if !matches!(answer, Err(CallError::Remote(RpcError::WrongNode { .. }))) {
+                    let mut pool = self.sessions_pool.lock().unwrap_or_else(|p| p.into_inner());
+                    // One each: a second (two questions at once) is closed.
+                    if !pool.iter().any(|p| p.target() == c.target()) {
+                        pool.push(c);
+                    }
+                }
+                answer
+            }
+        });
+        for answer in futures::future::join_all(asks).await {
+            match answer {
+                Ok(RpcReply::SessionsHeard(ages)) => {
+                    for (id, ago) in ages.into_iter().filter(|(id, _)| ids.contains(id)) {
+                        heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
+                    }
+                }
+                Ok(other) => tracing::debug!("unexpected answer to sessions-heard: {other:?}"),
+                Err(e) => tracing::debug!("sessions-heard not answered: {e}"),
+            }
+        }
+        heard
+    }
+}
