@@ -131,10 +131,14 @@ fn hypervisors_as_clients() {
     // Keepalives: a client writes none; its figures ride on its polls and the coordinator
     // that hears it writes them. They arrive (h1's VM count), and stay within two intervals
     // (1 s here) — sampled for 4 s.
-    wait_until("h1's figures through its session", Duration::from_secs(10), || {
+    // The first keepalive of a client comes at its coordinator's next interval: the sampling
+    // starts once every client has one (a fast run got here within a second of the joins).
+    wait_until("h1's figures through its session, a keepalive for each client", Duration::from_secs(10), || {
         let s = c.node("c1").try_admin(&json!({"op": "status"})).ok()?;
-        let row = s["members"].as_array()?.iter().find(|m| m["name"] == "h1")?.clone();
-        (row["stats"]["vms_running"] == VMS).then_some(())
+        let rows = s["members"].as_array()?;
+        let h1 = rows.iter().find(|m| m["name"] == "h1")?;
+        let all = rows.iter().filter(|m| m["role"] == "hypervisor").all(|m| m["last_keepalive_age_ms"].is_u64());
+        (h1["stats"]["vms_running"] == VMS && all).then_some(())
     });
     let (t, mut oldest) = (Instant::now(), 0);
     while t.elapsed() < Duration::from_secs(4) {
