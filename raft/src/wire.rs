@@ -132,6 +132,15 @@ pub enum Rpc {
     SessionsHeard {
         ids: Vec<NodeId>,
     },
+    /// As `Changes`, answered with deltas (`RpcReply::Steps`): the records each entry changed,
+    /// for a node asking as itself without the figures other nodes' keepalives write. What
+    /// followers of this version ask; `Changes` stays for those of the previous one.
+    Follow {
+        from: Option<u64>,
+        wait_ms: u64,
+        #[serde(default)]
+        stats: Option<herd_storage::model::NodeStats>,
+    },
 }
 
 /// Ids one `SessionsHeard` may ask about.
@@ -193,10 +202,13 @@ pub enum RpcReply {
     },
     /// How many milliseconds ago each client asked was heard (those never heard left out).
     SessionsHeard(Vec<(NodeId, u64)>),
-    /// An answer already encoded — the frame body of `Ok(Changes(..))` —, shared by every
-    /// session that asks for the same changes (`follow::Answers`). The server writes its bytes
-    /// as they are: on the wire it is that `Changes`, and nothing ever decodes into it. Last,
-    /// so no other variant's index moves.
+    /// The deltas asked for (`Rpc::Follow`), in log order (empty: none came within the wait).
+    Steps(Vec<herd_storage::changes::Step>),
+    /// An answer already encoded — the frame body of `Ok(Changes(..))` or `Ok(Steps(..))` —,
+    /// shared by every session that asks for the same changes (`follow::Answers`). The server
+    /// writes its bytes as they are: on the wire it is that answer, and nothing ever decodes
+    /// into it. Last: a skipped variant before one that travels could give decoders other
+    /// variant indexes than encoders.
     #[serde(skip)]
     Encoded(std::sync::Arc<Vec<u8>>),
 }

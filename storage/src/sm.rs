@@ -222,10 +222,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 );
                 let response = match entry.payload {
                     EntryPayload::Blank => {
-                        g.changes.push(entry.log_id, None);
+                        g.changes.push(entry.log_id, None, None);
                         Response { index, result: Ok(Reply::Done) }
                     }
                     EntryPayload::Normal(req) => {
+                        // What changed, for followers outside Raft: a request of keepalives
+                        // changes only the records it names; any other is compared with a copy
+                        // of the state before it (the request log aside: no follower holds it).
+                        let keepalives = model::Delta::keepalives(&req).is_some();
+                        let before = (!keepalives).then(|| {
+                            let requests = std::mem::take(&mut g.state.requests);
+                            let before = g.state.clone();
+                            g.state.requests = requests;
+                            before
+                        });
                         let applied = model::apply(&mut g.state, index, &req);
                         // A broken invariant is a bug in the model: crash, don't limp on.
                         #[cfg(debug_assertions)]
@@ -233,7 +243,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             panic!("invariant broken by {req} at index {index}: {e}");
                         }
                         let refused = applied.response.result.as_ref().err().cloned();
-                        g.changes.push(entry.log_id, Some(req.clone()));
+                        let delta = match (&before, model::Delta::keepalives(&req)) {
+                            (Some(before), _) => model::Delta::between(before, &g.state, index),
+                            (None, names) => model::Delta::of_keepalives(&g.state, names.into_iter().flatten()),
+                        };
+                        g.changes.push(entry.log_id, Some(req.clone()), Some(delta));
                         logged.push((index, req, refused));
                         applied.response
                     }
@@ -248,7 +262,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             learners: m.learner_ids().collect(),
                         });
                         g.membership = StoredMembership::new(Some(entry.log_id), m);
-                        g.changes.push(entry.log_id, None);
+                        g.changes.push(entry.log_id, None, None);
                         Response { index, result: Ok(Reply::Done) }
                     }
                 };

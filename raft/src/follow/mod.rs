@@ -1,22 +1,24 @@
-//! Following the replicated state from outside Raft (issue 22, slice 1; the plan is
+//! Following the replicated state from outside Raft (issue 22; the plan is
 //! `docs/design/hypervisors-as-clients.md`): a coordinator serves the committed changes from
 //! its state machine's ring (`herd_storage::changes`) as a long poll on the cluster port, and a
-//! [`Follower`] applies them with the same pure `herd_model::apply`, so its state is the
-//! leader's at that index. A follower further behind than the ring, or with nothing yet, takes
-//! the whole state. Its state is a standalone `StateView`, read like a member's. A [`Session`]
+//! [`Follower`] takes them in log order: as deltas (`Rpc::Follow` — the records each entry
+//! changed; a node asking as itself gets the other nodes' keepalives left out), or, from a
+//! follower of the previous version, as requests it applies with the model (`Rpc::Changes`).
+//! Its state is the leader's at that index as projected for it (`State::projected_for`). A
+//! follower further behind than the ring, or with nothing yet, takes the whole state. Its state is a standalone `StateView`, read like a member's. A [`Session`]
 //! keeps a follower fed from one coordinator at a time and moves to the next when it fails.
 //! A [`Client`] is a node outside Raft: its session's copy of the state and a [`LeaderLink`]
 //! for its writes (a hypervisor with `[cluster] membership = "client"`).
 //!
 //! ```text
-//!   Session ─ Follower ──Rpc::Changes{from, wait_ms}──▶ any member's handler ──▶ serve(view)
-//!                      ◀── Changes([log id, request?]…) | State{last applied, whole state} ─┘
+//!   Session ─ Follower ──Rpc::Follow{from, wait_ms, stats}──▶ any member's handler ──▶ serve(view)
+//!                      ◀── Steps([log id, delta?]…) | State{last applied, whole state} ─┘
 //! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_storage::changes::{Change, Since};
+use herd_storage::changes::{Change, Since, Step};
 use herd_storage::model;
 use herd_storage::sm::{StateView, ViewWriter};
 
@@ -35,75 +37,109 @@ pub use session::{Session, SessionSettings, SessionStatus};
 /// At most about this many bytes of changes in one answer (at least one change).
 pub const MAX_REPLY_BYTES: usize = 4 << 20;
 
-/// The last answer of changes, encoded, with what it answered (`from`, the applied index).
+/// What a follower asks for: the requests (`Rpc::Changes`, a follower of the previous
+/// version, which applies them with the model) or the deltas (`Rpc::Follow`), as node `me`
+/// follows them when it asks as one (without other nodes' figures).
+#[derive(Clone, Copy, Debug)]
+pub enum Want<'a> {
+    Requests,
+    Deltas { me: Option<&'a str> },
+}
+
+impl Want<'_> {
+    fn slot(self) -> usize {
+        match self {
+            Want::Requests => 0,
+            Want::Deltas { .. } => 1,
+        }
+    }
+}
+
+/// The last answer of each kind, encoded, with what it answered (`from`, the applied index).
 /// When an entry applies, every session that was caught up asks for exactly it: at 1000
 /// clients a coordinator answers some 333 sessions the same bytes, so the first to ask encodes
 /// them and the others send that frame (cloning and encoding each answer per session was a
-/// tenth of a coordinator's CPU).
+/// tenth of a coordinator's CPU). Deltas that differ per node (a request of keepalives) are
+/// encoded per session; they are small (its own record).
 #[derive(Default)]
-pub struct Answers(std::sync::Mutex<Option<Answer>>);
+pub struct Answers(std::sync::Mutex<[Option<Answer>; 2]>);
 
 /// `from`, the applied index, the frame body.
 type Answer = (u64, u64, Arc<Vec<u8>>);
 
 impl Answers {
-    fn get(&self, from: u64, applied: u64) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, slot: usize, from: u64, applied: u64) -> Option<Arc<Vec<u8>>> {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().filter(|(f, a, _)| (*f, *a) == (from, applied)).map(|(_, _, b)| b.clone())
+        g[slot].as_ref().filter(|(f, a, _)| (*f, *a) == (from, applied)).map(|(_, _, b)| b.clone())
     }
 
-    fn put(&self, from: u64, applied: u64, bytes: Arc<Vec<u8>>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((from, applied, bytes));
+    fn put(&self, slot: usize, from: u64, applied: u64, bytes: Arc<Vec<u8>>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some((from, applied, bytes));
     }
 }
 
-/// The serving side: the changes from `from` (the whole state for `None`, or when `from` is
-/// older than the ring holds); with none yet, waits up to `wait` for the next apply and
-/// answers an empty list if none came. Changes are answered encoded ([`RpcReply::Encoded`]),
+/// Encodes `reply` as the server would (outside any lock).
+fn encoded(reply: RpcReply) -> Result<Arc<Vec<u8>>, RpcError> {
+    crate::wire::encode(&Ok::<_, RpcError>(reply), u32::MAX).map(Arc::new).map_err(|e| RpcError::Refused(e.to_string()))
+}
+
+/// The serving side: what `want` asks from `from` on (the whole state for `None`, or when
+/// `from` is older than the ring holds); with none yet, waits up to `wait` for the next apply
+/// and answers an empty list if none came. Answers are encoded ([`RpcReply::Encoded`]),
 /// through `answers`: the same changes at the same applied index are the same bytes.
 pub async fn serve(
     view: &StateView,
     from: Option<u64>,
     wait: Duration,
     answers: &Answers,
+    want: Want<'_>,
 ) -> Result<RpcReply, RpcError> {
     // Subscribed before reading: an apply in between is not missed.
     let mut applied = view.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let whole = {
+    let slot = want.slot();
+    let (last_applied, state) = loop {
+        {
             let g = view.read();
             let at = g.last_applied.map_or(0, |l| l.index);
-            if let Some(bytes) = from.and_then(|f| answers.get(f, at)) {
+            if let Some(bytes) = from.and_then(|f| answers.get(slot, f, at)) {
                 return Ok(RpcReply::Encoded(bytes));
             }
-            match from.map(|f| g.changes.since(f, MAX_REPLY_BYTES)) {
-                Some(Since::Changes(c)) if !c.is_empty() => {
-                    drop(g);
-                    // Encoded as the server would encode this answer (outside the lock).
-                    let bytes = crate::wire::encode(&Ok::<_, RpcError>(RpcReply::Changes(c)), u32::MAX)
-                        .map_err(|e| RpcError::Refused(e.to_string()))?;
-                    let bytes = Arc::new(bytes);
-                    if let Some(f) = from {
-                        answers.put(f, at, bytes.clone());
-                    }
-                    return Ok(RpcReply::Encoded(bytes));
+            let Some(f) = from else { break (g.last_applied, g.state.clone()) };
+            // The answer, and whether every session asking it gets the same.
+            let answer = match want {
+                Want::Requests => match g.changes.since(f, MAX_REPLY_BYTES) {
+                    Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
+                    Since::TooOld => break (g.last_applied, g.state.clone()),
+                },
+                Want::Deltas { me } => match g.changes.steps_since(f, MAX_REPLY_BYTES, me) {
+                    Since::Changes(c) => (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f))),
+                    Since::TooOld => break (g.last_applied, g.state.clone()),
+                },
+            };
+            drop(g);
+            if let Some((reply, shared)) = answer {
+                let bytes = encoded(reply)?;
+                if shared {
+                    answers.put(slot, f, at, bytes.clone());
                 }
-                Some(Since::Changes(_)) => None,
-                None | Some(Since::TooOld) => Some((g.last_applied, g.state.clone())),
+                return Ok(RpcReply::Encoded(bytes));
             }
-        };
-        if let Some((last_applied, state)) = whole {
-            // Encoded outside the lock: applying waits for readers.
-            let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
-            return Ok(RpcReply::State { last_applied, state });
         }
         match tokio::time::timeout_at(deadline, applied.changed()).await {
             Ok(Ok(())) => {}
             // The deadline, or the state machine gone: nothing new.
-            Ok(Err(_)) | Err(_) => return Ok(RpcReply::Changes(Vec::new())),
+            Ok(Err(_)) | Err(_) => {
+                return Ok(match want {
+                    Want::Requests => RpcReply::Changes(Vec::new()),
+                    Want::Deltas { .. } => RpcReply::Steps(Vec::new()),
+                })
+            }
         }
-    }
+    };
+    // Encoded outside the lock: applying waits for readers.
+    let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
+    Ok(RpcReply::State { last_applied, state })
 }
 
 /// Why a follower could not take an answer.
@@ -174,13 +210,34 @@ impl Follower {
     /// The request that asks for what comes next, waiting up to `wait` for it.
     pub fn ask(&self, wait: Duration) -> Rpc {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Rpc::Changes { from: self.next, wait_ms, stats: self.report.clone() }
+        Rpc::Follow { from: self.next, wait_ms, stats: self.report.clone() }
     }
 
-    /// Takes one answer to [`Follower::ask`]. Changes apply in order, each exactly at the next
-    /// index; a gap stops the batch (the next ask starts at the first index missing).
+    /// Takes one answer to [`Follower::ask`]. Steps apply in order, each exactly at the next
+    /// index; a gap stops the batch (the next ask starts at the first index missing). Changes
+    /// (requests, as `Rpc::Changes` is answered) apply the same way, with the model.
     pub fn take(&mut self, reply: RpcReply) -> Result<Taken, FollowError> {
         match reply {
+            RpcReply::Steps(steps) => {
+                let n = steps.len();
+                let mut next = self.next;
+                let done = self.writer.update(|sm| {
+                    for Step { log_id, delta } in steps {
+                        let expected = next.ok_or(FollowError::NoState)?;
+                        if log_id.index != expected {
+                            return Err(FollowError::Gap { expected, got: log_id.index });
+                        }
+                        if let Some(d) = delta {
+                            d.apply_to(&mut sm.state);
+                        }
+                        next = Some(log_id.index + 1);
+                        sm.last_applied = Some(log_id);
+                    }
+                    Ok(())
+                });
+                self.next = next;
+                done.map(|()| Taken::Changes(n))
+            }
             RpcReply::Changes(changes) => {
                 let n = changes.len();
                 let mut next = self.next;
@@ -261,14 +318,14 @@ mod tests {
         let apply = |i: u64| {
             writer.update(|sm| {
                 model::apply(&mut sm.state, i, &request(i));
-                sm.changes.push(id(i), Some(request(i)));
+                sm.changes.push(id(i), Some(request(i)), None);
                 sm.last_applied = Some(id(i));
             })
         };
         writer.update(|sm| sm.changes = ChangeRing::starting_at(1));
         apply(1);
         apply(2);
-        let ask = |from| serve(&view, Some(from), Duration::from_millis(10), &answers);
+        let ask = |from| serve(&view, Some(from), Duration::from_millis(10), &answers, Want::Requests);
         let (Ok(RpcReply::Encoded(a)), Ok(RpcReply::Encoded(b))) = (ask(2).await, ask(2).await) else {
             panic!("encoded answers")
         };
@@ -299,7 +356,7 @@ mod tests {
             if let Some(r) = &c.request {
                 model::apply(&mut leader, i, r);
             }
-            ring.push(c.log_id, c.request);
+            ring.push(c.log_id, c.request, None);
         }
         let whole = |s: &State, next: u64| RpcReply::State {
             last_applied: Some(id(next - 1)),
@@ -324,5 +381,71 @@ mod tests {
         // An older whole state (a lagging coordinator's) is not taken.
         assert_eq!(f.take(whole(&at3, 3)).expect("stale"), Taken::Stale);
         assert_eq!(f.view().read().state, leader);
+    }
+
+    /// Deltas: a node following as itself gets another node's keepalive as nothing but the
+    /// index, its own in full, and ends with the leader's state as projected for it; answers
+    /// that hold a keepalive are encoded per session, the others shared.
+    #[tokio::test]
+    async fn a_node_follows_deltas_without_other_nodes_figures() {
+        let (view, writer) = StateView::standalone();
+        let answers = Answers::default();
+        let keepalive = |i: u64| {
+            let stats = model::NodeStats { load_milli: i, ..Default::default() };
+            let cmd = Command::Keepalive { name: "c1".into(), stats, node_id: None };
+            Request { id: format!("k{i}"), time_ms: 1000 + i, ops: vec![Op::from(cmd)] }
+        };
+        let apply = |i: u64, req: Request| {
+            writer.update(|sm| {
+                let before = sm.state.clone();
+                model::apply(&mut sm.state, i, &req);
+                let delta = match model::Delta::keepalives(&req) {
+                    Some(names) => model::Delta::of_keepalives(&sm.state, names),
+                    None => model::Delta::between(&before, &sm.state, i),
+                };
+                sm.changes.push(id(i), Some(req), Some(delta));
+                sm.last_applied = Some(id(i));
+            })
+        };
+        writer.update(|sm| sm.changes = ChangeRing::starting_at(1));
+        apply(1, request(1));
+        apply(2, keepalive(2));
+        apply(3, request(3));
+        let ask = |me: &'static str| {
+            serve(&view, Some(1), Duration::from_millis(10), &answers, Want::Deltas { me: Some(me) })
+        };
+        let decode = |r: Result<RpcReply, RpcError>| {
+            let Ok(RpcReply::Encoded(b)) = r else { panic!("encoded") };
+            let read: Result<RpcReply, RpcError> = crate::wire::decode(&b).expect("a frame body");
+            (b, read)
+        };
+        let (h2a, read) = decode(ask("h2").await);
+        let (h2b, _) = decode(ask("h2").await);
+        assert!(!Arc::ptr_eq(&h2a, &h2b), "a keepalive among them: encoded per session");
+        let Ok(RpcReply::Steps(steps)) = read else { panic!("steps: {read:?}") };
+        assert_eq!(steps.iter().map(|s| s.log_id.index).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(steps[1].delta.as_ref().is_some_and(|d| d.nodes.is_empty()), "c1's figures left out for h2");
+        let (_, own) = decode(ask("c1").await);
+        let Ok(RpcReply::Steps(own)) = own else { panic!("steps") };
+        assert_eq!(own[1].delta.as_ref().map(|d| d.nodes.len()), Some(1), "c1 gets its own record");
+        let shared =
+            |from| serve(&view, Some(from), Duration::from_millis(10), &answers, Want::Deltas { me: Some("h2") });
+        let (Ok(RpcReply::Encoded(a)), Ok(RpcReply::Encoded(b))) = (shared(3).await, shared(3).await) else {
+            panic!("encoded")
+        };
+        assert!(Arc::ptr_eq(&a, &b), "no keepalive among them: one answer for every session");
+        let mut f = Follower::new();
+        f.take(RpcReply::State {
+            last_applied: None,
+            state: herd_storage::sm::encode_state(&State::default()).expect("encode"),
+        })
+        .expect("empty whole state");
+        assert_eq!(f.next(), Some(0));
+        let mut all = vec![Step { log_id: id(0), delta: None }];
+        all.extend(steps);
+        assert_eq!(f.take(RpcReply::Steps(all)).expect("steps"), Taken::Changes(4));
+        let leader = view.read().state.clone();
+        assert_eq!(f.view().read().state.projected_for("h2"), leader.projected_for("h2"));
+        assert_ne!(f.view().read().state.projected_for("c1"), leader.projected_for("c1"), "c1's figures never came");
     }
 }

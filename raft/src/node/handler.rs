@@ -14,7 +14,7 @@ use openraft::storage::RaftLogStorage;
 use tokio::time::Instant;
 
 use super::{ClusterNode, Member};
-use crate::follow::Client;
+use crate::follow::{Client, Want};
 use crate::server::Handler;
 use crate::transport::Peer;
 use crate::wire::{LeaderOp, RequestFrame, Rpc, RpcError, RpcReply};
@@ -156,7 +156,17 @@ where
                 }
                 // Answer before the asker gives up: the wait ends a margin before its timeout.
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-                crate::follow::serve(&member.view, from, wait, &self.answers).await
+                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Requests).await
+            }
+            Rpc::Follow { from, wait_ms, stats } => {
+                if let Some(id) = frame.from {
+                    self.heard_follower(id, stats);
+                }
+                // A node follows without the other nodes' figures; any other asker (a reader
+                // that is no node) takes every record.
+                let me = frame.from.and_then(|id| member.view.read().state.node_by_id(id).map(|n| n.name.clone()));
+                let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
+                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Deltas { me: me.as_deref() }).await
             }
             Rpc::SessionsHeard { ids } => {
                 if ids.len() > crate::wire::MAX_SESSIONS_ASKED {

@@ -17,6 +17,7 @@
 //! ```text
 //!   types/        the objects (names, node, cluster + State, vm, command, request)
 //!   apply.rs      apply(): dedup, the clock, all-or-nothing requests; the dispatch per command
+//!   delta.rs      what a request changed, as records: the stream followers outside Raft take
 //!   cluster_ops   init, join/remove, join tokens, maintenance, events
 //!   maintenance   what reconcilers leave alone in maintenance; drift events
 //!   node_ops      what a node writes about itself; takeover
@@ -31,6 +32,7 @@
 mod types;
 mod apply;
 mod cluster_ops;
+mod delta;
 mod fence;
 mod maintenance;
 mod node_ops;
@@ -42,6 +44,7 @@ pub use apply::{
     apply, validate_name as validate_node_name, validate_new_name as validate_new_node_name, Applied, MAX_EVENTS,
     MAX_KEEPALIVE_OPS, MAX_OPS, MAX_REMEMBERED_REQUESTS,
 };
+pub use delta::Delta;
 pub use fence::*;
 pub use maintenance::left_alone;
 pub use place::place;

@@ -283,4 +283,26 @@ proptest! {
             Ok(())
         })?;
     }
+
+    /// f. A follower of deltas (issue 22) holds the leader's state as projected for it, at
+    /// every step: whether it follows as a node of the cluster, or as no node (every record).
+    #[test]
+    fn prop_deltas_follow_the_leader(reqs in sequence_strategy()) {
+        let mut followers: Vec<(&str, State)> = ["n0", "n1", "n2", "nobody"].iter().map(|n| (*n, State::default())).collect();
+        run(&reqs, |s| {
+            let delta = match Delta::keepalives(s.req) {
+                Some(names) => Delta::of_keepalives(&s.after, names),
+                None => Delta::between(&s.before, &s.after, s.index),
+            };
+            for (me, state) in followers.iter_mut() {
+                delta.for_node(me).apply_to(state);
+                prop_assert_eq!(
+                    state.projected_for(me),
+                    s.after.projected_for(me),
+                    "step {} ({}): follower {} differs", s.index, s.req, me
+                );
+            }
+            Ok(())
+        })?;
+    }
 }

@@ -1,12 +1,13 @@
 //! A follower outside Raft holds, at each index it has applied, the state every member holds
-//! at that index.
+//! at that index, as projected for it (`State::projected_for`: no request log; a client, which
+//! follows as a node, without the figures other nodes' keepalives write).
 //!
-//! Why: hypervisors are to follow the cluster's state without being Raft members (issue 22),
-//! and every decision they take (which VMs to run) reads that state. A follower applies the
-//! committed requests a member serves with the same pure model, or takes a member's whole
-//! state, so equal indexes must mean equal states — through crashes, restarts, moves from one
-//! coordinator to another and snapshots. A skipped, duplicated or reordered change, or a whole
-//! state labelled with the wrong index, breaks it.
+//! Why: hypervisors follow the cluster's state without being Raft members (issue 22), and
+//! every decision they take (which VMs to run) reads that state. A follower takes the records
+//! each committed entry changed (deltas) from a member, or a member's whole state, so equal
+//! indexes must mean equal states — through crashes, restarts, moves from one coordinator to
+//! another and snapshots. A skipped, duplicated or reordered change, a record a delta left
+//! out, or a whole state labelled with the wrong index, breaks it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,16 +26,17 @@ pub struct FollowerAgrees {
 impl FollowerAgrees {
     pub fn check(&mut self, world: &World, now: Duration) -> Vec<Violation> {
         let w = world.lock();
-        let mut followers: Vec<(String, herd_storage::sm::StateView)> =
-            w.follower.iter().map(|(v, _)| ("the follower".to_string(), v.clone())).collect();
+        // Who, as which node it follows (the simulation's own follower is none: every record).
+        let mut followers: Vec<(String, Option<String>, herd_storage::sm::StateView)> =
+            w.follower.iter().map(|(v, _)| ("the follower".to_string(), None, v.clone())).collect();
         for m in &w.machines {
             if let Some(c) = m.daemon.as_ref().and_then(|d| d.node.session()) {
-                followers.push((format!("client {}", m.name), c.view.clone()));
+                followers.push((format!("client {}", m.name), Some(m.name.clone()), c.view.clone()));
             }
         }
         let mut out = Vec::new();
-        for (who, view) in followers {
-            out.extend(self.compare(&w, &who, &view, now));
+        for (who, me, view) in followers {
+            out.extend(self.compare(&w, &who, me.as_deref(), &view, now));
         }
         out
     }
@@ -43,6 +45,7 @@ impl FollowerAgrees {
         &mut self,
         w: &crate::world::Inner,
         who: &str,
+        me: Option<&str>,
         view: &herd_storage::sm::StateView,
         now: Duration,
     ) -> Vec<Violation> {
@@ -57,11 +60,18 @@ impl FollowerAgrees {
                 continue;
             }
             self.compared.insert(key, at.index);
-            if g.state != f.state {
+            let project = |s: &herd_storage::model::State| match me {
+                Some(me) => s.projected_for(me),
+                None => herd_storage::model::State { requests: Default::default(), ..s.clone() },
+            };
+            let (theirs, mine) = (project(&g.state), project(&f.state));
+            if theirs != mine {
                 let differs = [
-                    ("vms", g.state.vms != f.state.vms),
-                    ("nodes", g.state.nodes != f.state.nodes),
-                    ("meta", g.state.meta != f.state.meta),
+                    ("vms", theirs.vms != mine.vms),
+                    ("nodes", theirs.nodes != mine.nodes),
+                    ("meta", theirs.meta != mine.meta),
+                    ("events", theirs.events != mine.events),
+                    ("removed/acked/clock", (&theirs.removed, &theirs.acked, theirs.clock_ms) != (&mine.removed, &mine.acked, mine.clock_ms)),
                 ];
                 let which: Vec<&str> = differs.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
                 out.push(Violation {
