@@ -71,7 +71,11 @@ impl FollowerAgrees {
                     ("nodes", theirs.nodes != mine.nodes),
                     ("meta", theirs.meta != mine.meta),
                     ("events", theirs.events != mine.events),
-                    ("removed/acked/clock", (&theirs.removed, &theirs.acked, theirs.clock_ms) != (&mine.removed, &mine.acked, mine.clock_ms)),
+                    (
+                        "removed/acked/clock",
+                        (&theirs.removed, &theirs.acked, theirs.clock_ms)
+                            != (&mine.removed, &mine.acked, mine.clock_ms),
+                    ),
                 ];
                 let which: Vec<&str> = differs.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
                 out.push(Violation {
