@@ -164,6 +164,9 @@ pub enum LeaderOp {
     MovePrimary {
         to: Option<String>,
     },
+    /// The leader's whole applied state (`RpcReply::State`): for a client's reads that need
+    /// every node's figures — its own copy leaves other nodes' keepalives out.
+    State,
 }
 
 impl LeaderOp {
@@ -175,6 +178,7 @@ impl LeaderOp {
             LeaderOp::AddMember(_) => "add-member",
             LeaderOp::RemoveNode { .. } => "remove-node",
             LeaderOp::MovePrimary { .. } => "move-primary",
+            LeaderOp::State => "state",
         }
     }
 }

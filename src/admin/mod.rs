@@ -98,6 +98,22 @@ fn member(d: &Daemon) -> Result<Local, AdminError> {
     d.node.local().ok_or_else(|| herd_raft::node::NodeError::NotMember.into())
 }
 
+/// The cluster's state with every node's figures, for what shows or weighs them (node rows,
+/// placement): this node's own copy on a Raft member; on a client — whose followed copy
+/// leaves other nodes' keepalive figures out (`State::projected_for`) — the leader's, fetched
+/// within `timeout`.
+async fn full_view(d: &Daemon, timeout: Duration) -> Result<Local, AdminError> {
+    let local = member(d)?;
+    let Some(c) = d.node.session() else { return Ok(local) };
+    let (last_applied, state) = c.link.leader_state(timeout).await?;
+    let (view, writer) = herd_storage::sm::StateView::standalone();
+    writer.update(|sm| {
+        sm.state = state;
+        sm.last_applied = last_applied;
+    });
+    Ok(Local { view, ..local })
+}
+
 /// For a linearizable read: the read index this node has applied up to; `None` for --local.
 async fn read_index(d: &Daemon, local: bool) -> Result<Option<u64>, AdminError> {
     if local || crate::breakage::is(crate::breakage::Breakage::StaleReads) {

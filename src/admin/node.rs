@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeRecord, Role, RouterState, State};
 
 use super::dto::{FencingView, NodeDetail, StatsView};
-use super::{member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
+use super::{full_view, member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
 use crate::daemon::Daemon;
 use crate::heartbeat::verdict::Verdict;
 
@@ -51,7 +51,7 @@ pub(super) async fn status(d: &Daemon) -> Value {
     let quorum = d.node.quorum();
     let Some(member) = d.node.member() else {
         if let Some(c) = d.node.session() {
-            return client_status(d, &c);
+            return client_status(d, &c).await;
         }
         let refused = d.node.refused();
         let state = if !d.resumed() {
@@ -150,11 +150,19 @@ fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -
 }
 
 /// The status of a client (a hypervisor outside Raft): its followed state and its session.
-/// It sees no Raft membership: `voter` and `raft_member` are false in every row.
-fn client_status(d: &Daemon, c: &herd_raft::follow::Client) -> Value {
+/// It sees no Raft membership: `voter` and `raft_member` are false in every row. The rows come
+/// from the leader's state (`members_from: "leader"`): the client's own copy leaves other
+/// nodes' figures out; without a leader within a second, from that copy (`"own copy"`: other
+/// nodes' figures and keepalive ages as of their last change of state).
+async fn client_status(d: &Daemon, c: &herd_raft::follow::Client) -> Value {
+    let leader = super::full_view(d, Duration::from_secs(1)).await.ok();
     let now = herd_raft::clock::wall_ms();
     let session = c.status();
     let g = c.view.read();
+    let (members, from) = match &leader {
+        Some(l) => (rows(d, &l.view.read().state, &[], &[], now), "leader"),
+        None => (rows(d, &g.state, &[], &[], now), "own copy"),
+    };
     let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
     json!({
         "node": d.config.name,
@@ -183,7 +191,8 @@ fn client_status(d: &Daemon, c: &herd_raft::follow::Client) -> Value {
             "moves": session.moves,
             "failing": session.failing,
         },
-        "members": rows(d, &g.state, &[], &[], now),
+        "members": members,
+        "members_from": from,
     })
 }
 
@@ -220,7 +229,8 @@ pub(super) async fn list(d: &Daemon) -> Value {
 /// One node (linearizable unless `local`).
 pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
     let index = read_index(d, local).await?;
-    let member = member(d)?;
+    // Another node's figures, on a client, are the leader's to tell (unless `local`).
+    let member = if local || name == d.config.name { member(d)? } else { full_view(d, super::READ_TIMEOUT).await? };
     let (record, held) = {
         let g = member.view.read();
         let record = g.state.nodes.get(&name).cloned().ok_or_else(|| no_node(&name))?;

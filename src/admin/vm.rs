@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use herd_storage::model::{place, Command, MigrationMethod, Op, Selector, VmState};
 
 use super::dto::{VmDetail, VmSummary};
-use super::{member, read_index, write, write_one, AdminError};
+use super::{full_view, member, read_index, write, write_one, AdminError};
 use crate::daemon::Daemon;
 
 /// `vm define`'s arguments.
@@ -38,9 +38,10 @@ pub(super) async fn define(d: &Daemon, a: Define) -> Result<Value, AdminError> {
     spec.node_limit = a.limit;
     spec.autostart = a.autostart;
     spec.migration_method = a.method.unwrap_or_default();
-    // Place on an up-to-date view of the cluster (a linearizable read first).
+    // Place on an up-to-date view of the cluster (a linearizable read first; on a client, the
+    // leader's state: its own copy lacks other nodes' figures).
     read_index(d, false).await?;
-    let member = member(d)?;
+    let member = full_view(d, super::READ_TIMEOUT).await?;
     let target = match a.node {
         Some(n) => n,
         None => {

@@ -150,6 +150,14 @@ fn hypervisors_as_clients() {
     }
     assert!(oldest <= 2000, "a client's keepalive {oldest} ms old (interval 1000 ms)");
     eprintln!("t59: client keepalives through their coordinators: oldest {oldest} ms in 4 s (interval 1000 ms)");
+    // A client's rows come from the leader: its own followed copy leaves other nodes' figures
+    // out (deltas: a keepalive reaches only the node it is about).
+    let hs = c.node("h2").status();
+    assert_eq!(hs["members_from"], "leader", "{hs}");
+    let rows = hs["members"].as_array().expect("members");
+    let h1 = rows.iter().find(|m| m["name"] == "h1").cloned().expect("h1's row");
+    assert_eq!(h1["stats"]["vms_running"], VMS, "h1's figures as h2 shows them: {h1}");
+    assert!(h1["last_keepalive_age_ms"].as_u64().is_some_and(|a| a <= 2000), "h1's keepalive on h2: {h1}");
 
     // Flush and ready: progress written through the session.
     let t = Instant::now();

@@ -60,6 +60,22 @@ impl LeaderLink {
         }
     }
 
+    /// The leader's whole applied state and where it stands in the log: for reads that need
+    /// every node's figures, which this node's followed copy leaves out.
+    pub async fn leader_state(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Option<herd_storage::types::LogId>, herd_storage::model::State), NodeError> {
+        match self.call(LeaderOp::State, timeout).await? {
+            RpcReply::State { last_applied, state } => {
+                let state = herd_storage::sm::decode_snapshot_state(&state)
+                    .map_err(|e| NodeError::Refused(format!("the leader's state does not decode: {e}")))?;
+                Ok((last_applied, state))
+            }
+            other => Err(NodeError::Refused(format!("unexpected state reply {other:?}"))),
+        }
+    }
+
     /// Runs `op` at the leader within `timeout`: asks the leader last seen (else a coordinator),
     /// follows `NotLeader` to the one named, moves on from one that cannot be reached, with
     /// backoff when no leader is known.

@@ -151,6 +151,15 @@ where
             LeaderOp::AddMember(a) => self.add_member(member, a, timeout).await,
             LeaderOp::RemoveNode { name, force } => self.remove_member(member, &name, force).await,
             LeaderOp::MovePrimary { to } => self.move_primary(member, to).await,
+            LeaderOp::State => {
+                let (last_applied, state) = {
+                    let g = member.view.read();
+                    (g.last_applied, g.state.clone())
+                };
+                // Encoded outside the lock: applying waits for readers.
+                let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
+                Ok(RpcReply::State { last_applied, state })
+            }
         }
     }
 
