@@ -1,6 +1,7 @@
 //! Following the replicated state from outside Raft (issue 22, slice 1): a `Follower` with a
 //! member's certificate takes the whole state from one coordinator, then the committed changes
-//! as a long poll, and its state equals the leader's at the same index — after writes, after
+//! (deltas) as a long poll, and its state equals the leader's at the same index (as projected
+//! for the node it speaks as) — after writes, after
 //! the coordinator it follows was killed and restarted (writes meanwhile), and after moving to
 //! another coordinator. A `Session` moves on by itself when the coordinator it follows dies. A
 //! `LeaderLink` writes from outside Raft: asked first at a coordinator that does not lead, the
@@ -54,7 +55,9 @@ impl Setup {
             }
             // Equal positions: equal states, or the leader moved on meanwhile (ask again).
             (f.next() == Some(target)).then_some(())?;
-            let (mine, theirs) = (f.view().read().state.clone(), whole.view().read().state.clone());
+            // It speaks as f3 (with f3's certificate): the leader's state as projected for f3.
+            let (mine, theirs) =
+                (f.view().read().state.projected_for("f3"), whole.view().read().state.projected_for("f3"));
             assert_eq!(mine, theirs, "the follower's state at index {target} is the leader's");
             Some(target)
         })
@@ -149,7 +152,8 @@ fn session_moves_on(c: &mut Cluster, s: &Setup) {
         s.rt.block_on(whole.poll(&mut client, Duration::ZERO)).ok()?;
         let theirs = whole.view().read();
         let mine = view.read();
-        (mine.last_applied == theirs.last_applied && mine.state == theirs.state).then_some(())
+        let same = mine.state.projected_for("f3") == theirs.state.projected_for("f3");
+        (mine.last_applied == theirs.last_applied && same).then_some(())
     };
     let first = wait_until("the session answered", Duration::from_secs(20), || {
         let st = status.borrow().clone();
