@@ -9,8 +9,9 @@
 //! keepalives), and answers the coordinators' heartbeat pulses with the real heartbeat agent,
 //! each from an address of its own (127.0.20.1 on). Measured: each join's time; then over
 //! SECONDS (default 60) of 10 writes per second through the leader's admin socket, each write's
-//! time, the coordinators' CPU, this process's CPU, elections, the oldest keepalive and how
-//! many hypervisors the coordinators' heartbeat lost; then the join of one more hypervisor, a
+//! time, the coordinators' CPU, this process's CPU, the bytes the coordinators served the
+//! sessions, elections, the oldest keepalive and how many hypervisors the coordinators'
+//! heartbeat lost; then the join of one more hypervisor, a
 //! real daemon process, at N.
 
 use std::collections::BTreeMap;
@@ -132,6 +133,15 @@ fn sample(sock: &Path) -> Result<(usize, u64, u64)> {
     Ok((running, oldest, s["term"].as_u64().unwrap_or(0)))
 }
 
+/// Bytes each coordinator served its followers so far (`status.followers.served_bytes`).
+fn served(dir: &Path) -> Result<Vec<u64>> {
+    (1..=3)
+        .map(|i| {
+            Ok(admin(&socket(dir, i), &json!({"op": "status"}))?["followers"]["served_bytes"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
 /// Links a coordinator's own heartbeat view shows lost.
 fn lost_links(sock: &Path) -> Result<usize> {
     let h = admin(sock, &json!({"op": "heartbeat"}))?;
@@ -179,6 +189,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.0 == n))?;
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
+    let served0 = served(&p.dir)?;
     let mark = CpuMark::now(&pids)?;
     let me0 = cpu_seconds(None)?;
     let (mut oldest, mut terms, mut lost, mut next_sample) = (0u64, Vec::new(), 0usize, Instant::now());
@@ -193,6 +204,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         Ok(())
     })?;
     let (cpu, window) = mark.percent()?;
+    let served_per_s: Vec<u64> =
+        served(&p.dir)?.iter().zip(&served0).map(|(b, a)| ((b - a) as f64 / window) as u64).collect();
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();
@@ -232,6 +245,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         "leader": format!("c{li}"),
         "coordinator_cpu_percent_of_one_core": cpu,
         "simulated_hypervisors_process_cpu_percent": me,
+        "stream_bytes_per_s_per_coordinator": served_per_s,
+        "stream_bytes_per_s_per_hypervisor": served_per_s.iter().sum::<u64>() / n as u64,
         "elections_in_window": elections,
         "oldest_keepalive_ms": oldest,
         "heartbeat_links_lost_max": lost,

@@ -62,19 +62,38 @@ impl Want<'_> {
 /// tenth of a coordinator's CPU). Deltas that differ per node (a request of keepalives) are
 /// encoded per session; they are small (its own record).
 #[derive(Default)]
-pub struct Answers(std::sync::Mutex<[Option<Answer>; 2]>);
+pub struct Answers {
+    last: std::sync::Mutex<[Option<Answer>; 2]>,
+    /// Bytes of answers served (changes, steps and whole states), since the start.
+    served: std::sync::atomic::AtomicU64,
+}
 
 /// `from`, the applied index, the frame body.
 type Answer = (u64, u64, Arc<Vec<u8>>);
 
 impl Answers {
     fn get(&self, slot: usize, from: u64, applied: u64) -> Option<Arc<Vec<u8>>> {
-        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.last.lock().unwrap_or_else(|p| p.into_inner());
         g[slot].as_ref().filter(|(f, a, _)| (*f, *a) == (from, applied)).map(|(_, _, b)| b.clone())
     }
 
     fn put(&self, slot: usize, from: u64, applied: u64, bytes: Arc<Vec<u8>>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some((from, applied, bytes));
+        self.last.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some((from, applied, bytes));
+    }
+
+    /// Counts an answer's bytes as served.
+    fn served(&self, reply: &RpcReply) {
+        let n = match reply {
+            RpcReply::Encoded(b) => b.len(),
+            RpcReply::State { state, .. } => state.len(),
+            _ => 0,
+        };
+        self.served.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of answers served since the start (what following costs this member's network).
+    pub fn served_bytes(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -88,6 +107,20 @@ fn encoded(reply: RpcReply) -> Result<Arc<Vec<u8>>, RpcError> {
 /// and answers an empty list if none came. Answers are encoded ([`RpcReply::Encoded`]),
 /// through `answers`: the same changes at the same applied index are the same bytes.
 pub async fn serve(
+    view: &StateView,
+    from: Option<u64>,
+    wait: Duration,
+    answers: &Answers,
+    want: Want<'_>,
+) -> Result<RpcReply, RpcError> {
+    let reply = answer(view, from, wait, answers, want).await;
+    if let Ok(r) = &reply {
+        answers.served(r);
+    }
+    reply
+}
+
+async fn answer(
     view: &StateView,
     from: Option<u64>,
     wait: Duration,

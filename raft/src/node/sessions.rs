@@ -72,6 +72,11 @@ where
         out
     }
 
+    /// Bytes of changes, steps and whole states this node served its followers since it started.
+    pub fn followers_served_bytes(&self) -> u64 {
+        self.answers.served_bytes()
+    }
+
     /// How long ago each follower outside Raft last asked this node for changes, by id.
     pub fn followers_heard(&self) -> Vec<(NodeId, Duration)> {
         let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
