@@ -126,8 +126,8 @@ impl ChangeRing {
     }
 
     /// The steps (deltas) from `from` on, up to about `max_bytes` (at least one when there is
-    /// one); for node `me`, as it follows them ([`Delta::for_node`]).
-    pub fn steps_since(&self, from: u64, max_bytes: usize, me: Option<&str>) -> Since<Step> {
+    /// one); for node id `me`, as it follows them ([`Delta::for_node`]; `None`: every record).
+    pub fn steps_since(&self, from: u64, max_bytes: usize, me: Option<crate::model::NodeId>) -> Since<Step> {
         self.collect(from, max_bytes, |e| {
             let delta = match (me, &e.delta) {
                 (Some(me), Some(d)) => Some(d.for_node(me)),
@@ -288,8 +288,8 @@ mod tests {
             Since::TooOld => panic!("too old"),
         };
         assert_eq!(steps(None), vec![d1.clone(), d2.clone()], "no node: everything");
-        assert_eq!(steps(Some("c1")), vec![d1.clone(), d2.clone()], "its own keepalive");
-        let other = steps(Some("h2"));
+        assert_eq!(steps(Some(1)), vec![d1.clone(), d2.clone()], "c1 (id 1): its own keepalive");
+        let other = steps(Some(2));
         assert_eq!(other[0], d1);
         assert!(
             other[1].nodes.is_empty() && other[1].stats_only,
@@ -301,7 +301,7 @@ mod tests {
         for d in other {
             d.apply_to(&mut follower);
         }
-        assert_eq!(follower.projected_for("h2"), state.projected_for("h2"));
-        assert_ne!(follower.projected_for("c1"), state.projected_for("c1"), "c1's figures were not sent to h2");
+        assert_eq!(follower.projected_for(2), state.projected_for(2));
+        assert_ne!(follower.projected_for(1), state.projected_for(1), "c1's figures were not sent to node 2");
     }
 }

@@ -56,8 +56,8 @@ impl Setup {
             // Equal positions: equal states, or the leader moved on meanwhile (ask again).
             (f.next() == Some(target)).then_some(())?;
             // It speaks as f3 (with f3's certificate): the leader's state as projected for f3.
-            let (mine, theirs) =
-                (f.view().read().state.projected_for("f3"), whole.view().read().state.projected_for("f3"));
+            let me = self.ids[2];
+            let (mine, theirs) = (f.view().read().state.projected_for(me), whole.view().read().state.projected_for(me));
             assert_eq!(mine, theirs, "the follower's state at index {target} is the leader's");
             Some(target)
         })
@@ -152,7 +152,7 @@ fn session_moves_on(c: &mut Cluster, s: &Setup) {
         s.rt.block_on(whole.poll(&mut client, Duration::ZERO)).ok()?;
         let theirs = whole.view().read();
         let mine = view.read();
-        let same = mine.state.projected_for("f3") == theirs.state.projected_for("f3");
+        let same = mine.state.projected_for(s.ids[2]) == theirs.state.projected_for(s.ids[2]);
         (mine.last_applied == theirs.last_applied && same).then_some(())
     };
     let first = wait_until("the session answered", Duration::from_secs(20), || {

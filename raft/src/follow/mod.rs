@@ -41,12 +41,12 @@ pub const MAX_REPLY_BYTES: usize = 4 << 20;
 /// version, which applies them with the model) or the deltas (`Rpc::Follow`), as node `me`
 /// follows them when it asks as one (without other nodes' figures).
 #[derive(Clone, Copy, Debug)]
-pub enum Want<'a> {
+pub enum Want {
     Requests,
-    Deltas { me: Option<&'a str> },
+    Deltas { me: Option<model::NodeId> },
 }
 
-impl Want<'_> {
+impl Want {
     fn slot(self) -> usize {
         match self {
             Want::Requests => 0,
@@ -111,7 +111,7 @@ pub async fn serve(
     from: Option<u64>,
     wait: Duration,
     answers: &Answers,
-    want: Want<'_>,
+    want: Want,
 ) -> Result<RpcReply, RpcError> {
     let reply = answer(view, from, wait, answers, want).await;
     if let Ok(r) = &reply {
@@ -125,7 +125,7 @@ async fn answer(
     from: Option<u64>,
     wait: Duration,
     answers: &Answers,
-    want: Want<'_>,
+    want: Want,
 ) -> Result<RpcReply, RpcError> {
     // Subscribed before reading: an apply in between is not missed.
     let mut applied = view.subscribe();
@@ -444,25 +444,22 @@ mod tests {
         apply(1, request(1));
         apply(2, keepalive(2));
         apply(3, request(3));
-        let ask = |me: &'static str| {
-            serve(&view, Some(1), Duration::from_millis(10), &answers, Want::Deltas { me: Some(me) })
-        };
+        let ask = |me: u64| serve(&view, Some(1), Duration::from_millis(10), &answers, Want::Deltas { me: Some(me) });
         let decode = |r: Result<RpcReply, RpcError>| {
             let Ok(RpcReply::Encoded(b)) = r else { panic!("encoded") };
             let read: Result<RpcReply, RpcError> = crate::wire::decode(&b).expect("a frame body");
             (b, read)
         };
-        let (h2a, read) = decode(ask("h2").await);
-        let (h2b, _) = decode(ask("h2").await);
+        let (h2a, read) = decode(ask(2).await);
+        let (h2b, _) = decode(ask(2).await);
         assert!(!Arc::ptr_eq(&h2a, &h2b), "a keepalive among them: encoded per session");
         let Ok(RpcReply::Steps(steps)) = read else { panic!("steps: {read:?}") };
         assert_eq!(steps.iter().map(|s| s.log_id.index).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert!(steps[1].delta.as_ref().is_some_and(|d| d.nodes.is_empty()), "c1's figures left out for h2");
-        let (_, own) = decode(ask("c1").await);
+        let (_, own) = decode(ask(1).await);
         let Ok(RpcReply::Steps(own)) = own else { panic!("steps") };
         assert_eq!(own[1].delta.as_ref().map(|d| d.nodes.len()), Some(1), "c1 gets its own record");
-        let shared =
-            |from| serve(&view, Some(from), Duration::from_millis(10), &answers, Want::Deltas { me: Some("h2") });
+        let shared = |from| serve(&view, Some(from), Duration::from_millis(10), &answers, Want::Deltas { me: Some(2) });
         let (Ok(RpcReply::Encoded(a)), Ok(RpcReply::Encoded(b))) = (shared(3).await, shared(3).await) else {
             panic!("encoded")
         };
@@ -478,7 +475,7 @@ mod tests {
         all.extend(steps);
         assert_eq!(f.take(RpcReply::Steps(all)).expect("steps"), Taken::Changes(4));
         let leader = view.read().state.clone();
-        assert_eq!(f.view().read().state.projected_for("h2"), leader.projected_for("h2"));
-        assert_ne!(f.view().read().state.projected_for("c1"), leader.projected_for("c1"), "c1's figures never came");
+        assert_eq!(f.view().read().state.projected_for(2), leader.projected_for(2));
+        assert_ne!(f.view().read().state.projected_for(1), leader.projected_for(1), "c1's figures never came");
     }
 }

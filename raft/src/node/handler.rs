@@ -162,11 +162,10 @@ where
                 if let Some(id) = frame.from {
                     self.heard_follower(id, stats);
                 }
-                // A node follows without the other nodes' figures; any other asker (a reader
-                // that is no node) takes every record.
-                let me = frame.from.and_then(|id| member.view.read().state.node_by_id(id).map(|n| n.name.clone()));
+                // The asker follows as the id its certificate names: without other nodes'
+                // keepalive figures.
                 let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Deltas { me: me.as_deref() }).await
+                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Deltas { me: frame.from }).await
             }
             Rpc::SessionsHeard { ids } => {
                 if ids.len() > crate::wire::MAX_SESSIONS_ASKED {

@@ -10,7 +10,7 @@
 //!   follower's copy ─Delta::apply_to─▶ the leader's state at index, as projected for the follower
 //! ```
 //!
-//! What a follower of node `me` holds equals [`State::projected_for`]`(me)` of the leader's
+//! What a follower speaking as node id `me` holds equals [`State::projected_for`]`(me)` of the leader's
 //! state at the same index: everything but the request log (deduplication is the leader's)
 //! and, for other nodes, the figures a keepalive writes (statistics, keepalive time and the
 //! revision it bumps) — the simulation's `follower` invariant checks exactly that.
@@ -103,15 +103,16 @@ impl Delta {
             .collect()
     }
 
-    /// The delta as node `me` follows it: of a request of keepalives, only its own record.
-    pub fn for_node(&self, me: &str) -> Delta {
+    /// The delta as node id `me` follows it: of a request of keepalives, only its own record
+    /// (by id: a coordinator serving a session knows the id its certificate names, no lookup).
+    pub fn for_node(&self, me: NodeId) -> Delta {
         if !self.stats_only {
             return self.clone();
         }
         Delta {
             clock_ms: self.clock_ms,
             stats_only: true,
-            nodes: self.nodes.iter().filter(|n| n.name == me).cloned().collect(),
+            nodes: self.nodes.iter().filter(|n| n.id == me).cloned().collect(),
             ..Delta::default()
         }
     }
@@ -154,12 +155,12 @@ impl Delta {
 }
 
 impl State {
-    /// What a follower of node `me` holds of this state (see the module doc): no request log,
-    /// and other nodes' records without the figures their keepalives write.
-    pub fn projected_for(&self, me: &str) -> State {
+    /// What a follower speaking as node id `me` holds of this state (see the module doc): no
+    /// request log, and other nodes' records without the figures their keepalives write.
+    pub fn projected_for(&self, me: NodeId) -> State {
         let mut s = self.clone();
         s.requests = RequestLog::default();
-        for n in s.nodes.values_mut().filter(|n| n.name != me) {
+        for n in s.nodes.values_mut().filter(|n| n.id != me) {
             n.stats = NodeStats::default();
             n.last_keepalive_ms = None;
             n.revision = 0;

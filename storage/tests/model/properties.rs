@@ -263,7 +263,7 @@ proptest! {
     }
 
     /// e. Revisions never exceed the applied index, and what changes at step i carries
-    /// revision i.
+    /// revision i (meta, nodes and VMs: a delta finds what changed by it, `Delta::of`).
     #[test]
     fn prop_revisions_track_the_log_index(reqs in sequence_strategy()) {
         run(&reqs, |s| {
@@ -280,25 +280,32 @@ proptest! {
                     prop_assert_eq!(n.revision, i, "step {}: {} changed", i, name);
                 }
             }
+            for (name, v) in &s.after.vms {
+                prop_assert!(v.revision <= i, "step {}: VM {} has revision {}", i, name, v.revision);
+                if s.before.vms.get(name) != Some(v) {
+                    prop_assert_eq!(v.revision, i, "step {}: VM {} changed", i, name);
+                }
+            }
             Ok(())
         })?;
     }
 
     /// f. A follower of deltas (issue 22) holds the leader's state as projected for it, at
-    /// every step: whether it follows as a node of the cluster, or as no node (every record).
+    /// every step: whether it follows as a node of the cluster or as an id no node holds.
     #[test]
     fn prop_deltas_follow_the_leader(reqs in sequence_strategy()) {
-        let mut followers: Vec<(&str, State)> = ["n0", "n1", "n2", "nobody"].iter().map(|n| (*n, State::default())).collect();
+        // Node ids 1 to 3 and one no node holds.
+        let mut followers: Vec<(NodeId, State)> = [1, 2, 3, 999].iter().map(|n| (*n, State::default())).collect();
         run(&reqs, |s| {
             let delta = match Delta::keepalives(s.req) {
                 Some(names) => Delta::of_keepalives(&s.after, names),
                 None => Delta::between(&s.before, &s.after, s.index),
             };
             for (me, state) in followers.iter_mut() {
-                delta.for_node(me).apply_to(state);
+                delta.for_node(*me).apply_to(state);
                 prop_assert_eq!(
-                    state.projected_for(me),
-                    s.after.projected_for(me),
+                    state.projected_for(*me),
+                    s.after.projected_for(*me),
                     "step {} ({}): follower {} differs", s.index, s.req, me
                 );
             }

@@ -13,7 +13,7 @@ use crate::net::SimConnector;
 use crate::world::World;
 
 /// The id the follower speaks as (no node holds it; the simulation's transport is plain).
-const FOLLOWER_ID: u64 = 1000;
+pub const FOLLOWER_ID: u64 = 1000;
 
 async fn sleep_ms(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -1,6 +1,6 @@
 //! A follower outside Raft holds, at each index it has applied, the state every member holds
-//! at that index, as projected for it (`State::projected_for`: no request log; a client, which
-//! follows as a node, without the figures other nodes' keepalives write).
+//! at that index, as projected for the node id it follows as (`State::projected_for`: no
+//! request log, no figures other nodes' keepalives write).
 //!
 //! Why: hypervisors follow the cluster's state without being Raft members (issue 22), and
 //! every decision they take (which VMs to run) reads that state. A follower takes the records
@@ -26,17 +26,20 @@ pub struct FollowerAgrees {
 impl FollowerAgrees {
     pub fn check(&mut self, world: &World, now: Duration) -> Vec<Violation> {
         let w = world.lock();
-        // Who, as which node it follows (the simulation's own follower is none: every record).
-        let mut followers: Vec<(String, Option<String>, herd_storage::sm::StateView)> =
-            w.follower.iter().map(|(v, _)| ("the follower".to_string(), None, v.clone())).collect();
+        // Who, and the node id it follows as (the simulation's own follower: one no node holds).
+        let mut followers: Vec<(String, u64, herd_storage::sm::StateView)> = w
+            .follower
+            .iter()
+            .map(|(v, _)| ("the follower".to_string(), crate::follower::FOLLOWER_ID, v.clone()))
+            .collect();
         for m in &w.machines {
             if let Some(c) = m.daemon.as_ref().and_then(|d| d.node.session()) {
-                followers.push((format!("client {}", m.name), Some(m.name.clone()), c.view.clone()));
+                followers.push((format!("client {}", m.name), c.id, c.view.clone()));
             }
         }
         let mut out = Vec::new();
         for (who, me, view) in followers {
-            out.extend(self.compare(&w, &who, me.as_deref(), &view, now));
+            out.extend(self.compare(&w, &who, me, &view, now));
         }
         out
     }
@@ -45,7 +48,7 @@ impl FollowerAgrees {
         &mut self,
         w: &crate::world::Inner,
         who: &str,
-        me: Option<&str>,
+        me: u64,
         view: &herd_storage::sm::StateView,
         now: Duration,
     ) -> Vec<Violation> {
@@ -60,11 +63,7 @@ impl FollowerAgrees {
                 continue;
             }
             self.compared.insert(key, at.index);
-            let project = |s: &herd_storage::model::State| match me {
-                Some(me) => s.projected_for(me),
-                None => herd_storage::model::State { requests: Default::default(), ..s.clone() },
-            };
-            let (theirs, mine) = (project(&g.state), project(&f.state));
+            let (theirs, mine) = (g.state.projected_for(me), f.state.projected_for(me));
             if theirs != mine {
                 let differs = [
                     ("vms", theirs.vms != mine.vms),
