@@ -133,11 +133,12 @@ fn sample(sock: &Path) -> Result<(usize, u64, u64)> {
     Ok((running, oldest, s["term"].as_u64().unwrap_or(0)))
 }
 
-/// Bytes each coordinator served its followers so far (`status.followers.served_bytes`).
-fn served(dir: &Path) -> Result<Vec<u64>> {
+/// Answers and bytes each coordinator served its followers so far (`status.followers`).
+fn served(dir: &Path) -> Result<Vec<(u64, u64)>> {
     (1..=3)
         .map(|i| {
-            Ok(admin(&socket(dir, i), &json!({"op": "status"}))?["followers"]["served_bytes"].as_u64().unwrap_or(0))
+            let f = admin(&socket(dir, i), &json!({"op": "status"}))?["followers"].clone();
+            Ok((f["served_answers"].as_u64().unwrap_or(0), f["served_bytes"].as_u64().unwrap_or(0)))
         })
         .collect()
 }
@@ -204,8 +205,10 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         Ok(())
     })?;
     let (cpu, window) = mark.percent()?;
-    let served_per_s: Vec<u64> =
-        served(&p.dir)?.iter().zip(&served0).map(|(b, a)| ((b - a) as f64 / window) as u64).collect();
+    let per_s = |x: u64, y: u64| (x.saturating_sub(y) as f64 / window) as u64;
+    let served1 = served(&p.dir)?;
+    let answers_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.0, a.0)).collect();
+    let served_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.1, a.1)).collect();
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();
@@ -245,6 +248,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         "leader": format!("c{li}"),
         "coordinator_cpu_percent_of_one_core": cpu,
         "simulated_hypervisors_process_cpu_percent": me,
+        "stream_answers_per_s_per_coordinator": answers_per_s,
         "stream_bytes_per_s_per_coordinator": served_per_s,
         "stream_bytes_per_s_per_hypervisor": served_per_s.iter().sum::<u64>() / n as u64,
         "elections_in_window": elections,

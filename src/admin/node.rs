@@ -375,6 +375,7 @@ fn followers(d: &Daemon) -> Value {
     json!({
         "count": recent.len(),
         "longest_silence_ms": recent.iter().map(|d| d.as_millis()).max().unwrap_or(0),
-        "served_bytes": d.node.followers_served_bytes(),
+        "served_answers": d.node.followers_served().0,
+        "served_bytes": d.node.followers_served().1,
     })
 }

@@ -66,6 +66,8 @@ pub struct Answers {
     last: std::sync::Mutex<[Option<Answer>; 2]>,
     /// Bytes of answers served (changes, steps and whole states), since the start.
     served: std::sync::atomic::AtomicU64,
+    /// Answers served, since the start.
+    count: std::sync::atomic::AtomicU64,
 }
 
 /// `from`, the applied index, the frame body.
@@ -82,18 +84,20 @@ impl Answers {
     }
 
     /// Counts an answer's bytes as served.
-    fn served(&self, reply: &RpcReply) {
+    fn count(&self, reply: &RpcReply) {
         let n = match reply {
             RpcReply::Encoded(b) => b.len(),
             RpcReply::State { state, .. } => state.len(),
             _ => 0,
         };
         self.served.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Bytes of answers served since the start (what following costs this member's network).
-    pub fn served_bytes(&self) -> u64 {
-        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    /// Answers and their bytes served since the start (what following costs this member).
+    pub fn served(&self) -> (u64, u64) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.count), load(&self.served))
     }
 }
 
@@ -115,7 +119,7 @@ pub async fn serve(
 ) -> Result<RpcReply, RpcError> {
     let reply = answer(view, from, wait, answers, want).await;
     if let Ok(r) = &reply {
-        answers.served(r);
+        answers.count(r);
     }
     reply
 }

@@ -72,9 +72,10 @@ where
         out
     }
 
-    /// Bytes of changes, steps and whole states this node served its followers since it started.
-    pub fn followers_served_bytes(&self) -> u64 {
-        self.answers.served_bytes()
+    /// Answers (changes, steps, whole states) this node served its followers since it
+    /// started, and their bytes.
+    pub fn followers_served(&self) -> (u64, u64) {
+        self.answers.served()
     }
 
     /// How long ago each follower outside Raft last asked this node for changes, by id.
