@@ -205,6 +205,12 @@ pub enum Taken {
     Stale,
 }
 
+/// How long a follower asks a coordinator that did not know `Rpc::Follow` — one of the
+/// previous version, which answers it `BadRequest` — for requests instead, before it tries
+/// deltas again. Coordinators are upgraded first; a hypervisor upgraded before them must still
+/// follow (a client that cannot follow stops seeing its keepalives and self-fences).
+pub const REQUESTS_FOR: Duration = Duration::from_secs(60);
+
 /// A copy of the replicated state in a standalone [`StateView`], kept by applying a
 /// coordinator's changes in log order.
 pub struct Follower {
@@ -214,6 +220,9 @@ pub struct Follower {
     next: Option<u64>,
     /// Statistics sent with each ask (a client's report; `None`: a reader only).
     report: Option<model::NodeStats>,
+    /// Until when to ask for requests (`Rpc::Changes`) rather than deltas: a coordinator of
+    /// the previous version answered (see [`REQUESTS_FOR`]).
+    requests_until: Option<tokio::time::Instant>,
 }
 
 impl Default for Follower {
@@ -226,7 +235,7 @@ impl Follower {
     /// A follower with nothing yet: its first answer is the whole state.
     pub fn new() -> Follower {
         let (view, writer) = StateView::standalone();
-        Follower { view, writer, next: None, report: None }
+        Follower { view, writer, next: None, report: None, requests_until: None }
     }
 
     /// The followed state, read like a member's (and its applied-index watch).
@@ -247,7 +256,12 @@ impl Follower {
     /// The request that asks for what comes next, waiting up to `wait` for it.
     pub fn ask(&self, wait: Duration) -> Rpc {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Rpc::Follow { from: self.next, wait_ms, stats: self.report.clone() }
+        let (from, stats) = (self.next, self.report.clone());
+        if self.requests_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+            Rpc::Changes { from, wait_ms, stats }
+        } else {
+            Rpc::Follow { from, wait_ms, stats }
+        }
     }
 
     /// Takes one answer to [`Follower::ask`]. Steps apply in order, each exactly at the next
@@ -316,7 +330,17 @@ impl Follower {
     /// Asks `client`'s coordinator for what comes next (waiting up to `wait`) and takes it.
     pub async fn poll(&mut self, client: &mut PeerClient, wait: Duration) -> Result<Taken, FollowError> {
         // The coordinator answers a margin before this call's timeout.
-        let reply = client.call(self.ask(wait), wait + Duration::from_secs(2)).await?;
+        let timeout = wait + Duration::from_secs(2);
+        let ask = self.ask(wait);
+        let deltas = matches!(ask, Rpc::Follow { .. });
+        let reply = match client.call(ask, timeout).await {
+            Err(CallError::Remote(RpcError::BadRequest(why))) if deltas => {
+                tracing::warn!(%why, "a coordinator of the previous version: following its requests for {REQUESTS_FOR:?}");
+                self.requests_until = Some(tokio::time::Instant::now() + REQUESTS_FOR);
+                client.call(self.ask(wait), timeout).await?
+            }
+            r => r?,
+        };
         self.take(reply)
     }
 }
@@ -481,5 +505,64 @@ mod tests {
         let leader = view.read().state.clone();
         assert_eq!(f.view().read().state.projected_for(2), leader.projected_for(2));
         assert_ne!(f.view().read().state.projected_for(1), leader.projected_for(1), "c1's figures never came");
+    }
+
+    /// A coordinator of the previous version (it answers `Rpc::Follow` with `BadRequest`, as
+    /// its decoder does, and serves requests): a follower falls back to requests and follows.
+    #[tokio::test]
+    async fn a_coordinator_of_the_previous_version_is_followed_through_requests() {
+        use crate::server::Handler;
+        use crate::wire::RequestFrame;
+        struct Old(StateView, Answers);
+        impl Handler for Old {
+            fn admit(&self, _: crate::transport::Peer) -> Result<(), String> {
+                Ok(())
+            }
+            fn member_host(&self, _: &str) -> bool {
+                true
+            }
+            fn handle(
+                &self,
+                frame: RequestFrame,
+                _: crate::transport::Peer,
+            ) -> futures::future::BoxFuture<'_, Result<RpcReply, RpcError>> {
+                Box::pin(async move {
+                    match frame.body {
+                        Rpc::Changes { from, .. } => {
+                            serve(&self.0, from, Duration::from_millis(10), &self.1, Want::Requests).await
+                        }
+                        _ => Err(RpcError::BadRequest("unknown variant".into())),
+                    }
+                })
+            }
+        }
+        let (view, writer) = StateView::standalone();
+        writer.update(|sm| {
+            sm.changes = ChangeRing::starting_at(1);
+            for i in 1..4 {
+                model::apply(&mut sm.state, i, &request(i));
+                sm.changes.push(id(i), Some(request(i)), None);
+                sm.last_applied = Some(id(i));
+            }
+        });
+        let listener =
+            crate::transport::TcpListener::bind("127.0.0.1:0".parse().expect("an address")).await.expect("bind");
+        let addr = crate::transport::Listener::local_addr(&listener).expect("its address");
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let old: Arc<dyn Handler> = Arc::new(Old(view.clone(), Answers::default()));
+        let limits = crate::network::Limits::default();
+        tokio::spawn(crate::server::serve(Arc::new(listener), old, limits.clone(), Arc::default(), stopped));
+        let mut client = PeerClient::new(Arc::new(crate::transport::TcpConnector), addr, None, "c".into(), limits);
+        let mut f = Follower::new();
+        assert_eq!(f.poll(&mut client, Duration::ZERO).await.expect("the whole state"), Taken::Whole);
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Changes { .. }), "requests from now on");
+        assert_eq!(f.view().read().state, view.read().state);
+        writer.update(|sm| {
+            model::apply(&mut sm.state, 4, &request(4));
+            sm.changes.push(id(4), Some(request(4)), None);
+            sm.last_applied = Some(id(4));
+        });
+        assert_eq!(f.poll(&mut client, Duration::from_millis(50)).await.expect("a change"), Taken::Changes(1));
+        assert_eq!(f.view().read().state, view.read().state);
     }
 }
