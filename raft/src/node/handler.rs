@@ -151,21 +151,11 @@ where
                 self.leader_op(&member, op, frame.to, timeout).await
             }
             Rpc::Changes { from, wait_ms, stats } => {
-                if let Some(id) = frame.from {
-                    self.heard_follower(id, stats);
-                }
-                // Answer before the asker gives up: the wait ends a margin before its timeout.
-                let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Requests).await
+                self.follow(&member, frame.from, (from, wait_ms, stats), timeout, Want::Requests).await
             }
             Rpc::Follow { from, wait_ms, stats } => {
-                if let Some(id) = frame.from {
-                    self.heard_follower(id, stats);
-                }
-                // The asker follows as the id its certificate names: without other nodes'
-                // keepalive figures.
-                let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-                crate::follow::serve(&member.view, from, wait, &self.answers, Want::Deltas { me: frame.from }).await
+                let want = Want::Deltas { me: frame.from };
+                self.follow(&member, frame.from, (from, wait_ms, stats), timeout, want).await
             }
             Rpc::SessionsHeard { ids } => {
                 if ids.len() > crate::wire::MAX_SESSIONS_ASKED {
@@ -177,6 +167,25 @@ where
                 Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids)))
             }
         }
+    }
+
+    /// A follower's long poll (`Rpc::Changes` or `Rpc::Follow`: `from`, its wait, its
+    /// statistics): noted as heard, answered before the asker gives up (the wait ends a margin
+    /// before its timeout). `Rpc::Follow`'s asker follows as the id its certificate names:
+    /// without other nodes' keepalive figures.
+    async fn follow(
+        &self,
+        member: &Member,
+        asker: Option<NodeId>,
+        (from, wait_ms, stats): (Option<u64>, u64, Option<herd_storage::model::NodeStats>),
+        timeout: Duration,
+        want: Want,
+    ) -> Result<RpcReply, RpcError> {
+        if let Some(id) = asker {
+            self.heard_follower(id, stats);
+        }
+        let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
+        crate::follow::serve(&member.view, from, wait, &self.answers, want).await
     }
 
     /// A frame that reached a client (outside Raft): it answers only its removal and the
