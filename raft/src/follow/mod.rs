@@ -5,7 +5,8 @@
 //! changed; a node asking as itself gets the other nodes' keepalives left out), or, from a
 //! follower of the previous version, as requests it applies with the model (`Rpc::Changes`).
 //! Its state is the leader's at that index as projected for it (`State::projected_for`). A
-//! follower further behind than the ring, or with nothing yet, takes the whole state. Its state is a standalone `StateView`, read like a member's. A [`Session`]
+//! follower further behind than the ring, or with nothing yet, takes the whole state. Its
+//! state is a standalone `StateView`, read like a member's. A [`Session`]
 //! keeps a follower fed from one coordinator at a time and moves to the next when it fails.
 //! A [`Client`] is a node outside Raft: its session's copy of the state and a [`LeaderLink`]
 //! for its writes (a hypervisor with `[cluster] membership = "client"`).
@@ -18,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_storage::changes::{Change, Since, Step};
+use herd_storage::changes::Since;
 use herd_storage::model;
 use herd_storage::sm::{StateView, ViewWriter};
 
@@ -270,44 +271,12 @@ impl Follower {
     pub fn take(&mut self, reply: RpcReply) -> Result<Taken, FollowError> {
         match reply {
             RpcReply::Steps(steps) => {
-                let n = steps.len();
-                let mut next = self.next;
-                let done = self.writer.update(|sm| {
-                    for Step { log_id, delta } in steps {
-                        let expected = next.ok_or(FollowError::NoState)?;
-                        if log_id.index != expected {
-                            return Err(FollowError::Gap { expected, got: log_id.index });
-                        }
-                        if let Some(d) = delta {
-                            d.apply_to(&mut sm.state);
-                        }
-                        next = Some(log_id.index + 1);
-                        sm.last_applied = Some(log_id);
-                    }
-                    Ok(())
-                });
-                self.next = next;
-                done.map(|()| Taken::Changes(n))
+                self.in_order(steps.into_iter().map(|s| (s.log_id, s.delta)), |state, _, d| d.apply_to(state))
             }
             RpcReply::Changes(changes) => {
-                let n = changes.len();
-                let mut next = self.next;
-                let done = self.writer.update(|sm| {
-                    for Change { log_id, request } in changes {
-                        let expected = next.ok_or(FollowError::NoState)?;
-                        if log_id.index != expected {
-                            return Err(FollowError::Gap { expected, got: log_id.index });
-                        }
-                        if let Some(req) = request {
-                            model::apply(&mut sm.state, log_id.index, &req);
-                        }
-                        next = Some(log_id.index + 1);
-                        sm.last_applied = Some(log_id);
-                    }
-                    Ok(())
-                });
-                self.next = next;
-                done.map(|()| Taken::Changes(n))
+                self.in_order(changes.into_iter().map(|c| (c.log_id, c.request)), |state, index, req| {
+                    model::apply(state, index, &req);
+                })
             }
             RpcReply::State { last_applied, state } => {
                 let next = last_applied.as_ref().map_or(0, |l| l.index + 1);
@@ -325,6 +294,33 @@ impl Follower {
             }
             other => Err(FollowError::Unexpected(format!("{other:?}").chars().take(120).collect())),
         }
+    }
+
+    /// Applies entries (a step's delta, or a request) exactly at the next index each, in order;
+    /// a gap stops the batch. Entries without one (blank, membership) only advance the index.
+    fn in_order<T>(
+        &mut self,
+        entries: impl ExactSizeIterator<Item = (herd_storage::types::LogId, Option<T>)>,
+        apply: impl Fn(&mut model::State, u64, T),
+    ) -> Result<Taken, FollowError> {
+        let n = entries.len();
+        let mut next = self.next;
+        let done = self.writer.update(|sm| {
+            for (log_id, entry) in entries {
+                let expected = next.ok_or(FollowError::NoState)?;
+                if log_id.index != expected {
+                    return Err(FollowError::Gap { expected, got: log_id.index });
+                }
+                if let Some(e) = entry {
+                    apply(&mut sm.state, log_id.index, e);
+                }
+                next = Some(log_id.index + 1);
+                sm.last_applied = Some(log_id);
+            }
+            Ok(())
+        });
+        self.next = next;
+        done.map(|()| Taken::Changes(n))
     }
 
     /// Asks `client`'s coordinator for what comes next (waiting up to `wait`) and takes it.
@@ -348,7 +344,7 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herd_storage::changes::ChangeRing;
+    use herd_storage::changes::{Change, ChangeRing, Step};
     use herd_storage::model::{Command, NewNode, Op, Request, Role, State};
 
     /// The request applied at `index` in these tests: the cluster's creation at 1 (index 0 is
