@@ -144,6 +144,13 @@ impl ChangeRing {
         self.held.iter().skip(skip).all(|e| e.delta.as_ref().is_none_or(Delta::same_for_all))
     }
 
+    /// The deltas of the entries from `from` on, without copies (`None`: `from` is older than
+    /// the ring; blank and membership entries have none).
+    pub fn deltas_since(&self, from: u64) -> Option<impl Iterator<Item = &Delta>> {
+        let skip = usize::try_from(from.checked_sub(self.start)?).unwrap_or(usize::MAX);
+        Some(self.held.iter().skip(skip).filter_map(|e| e.delta.as_ref()))
+    }
+
     fn collect<T>(&self, from: u64, max_bytes: usize, each: impl Fn(&Entry) -> (T, usize)) -> Since<T> {
         if from < self.start {
             return Since::TooOld;

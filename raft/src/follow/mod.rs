@@ -65,6 +65,9 @@ impl Want {
 #[derive(Default)]
 pub struct Answers {
     last: std::sync::Mutex<[Option<Answer>; 2]>,
+    /// When each node asking as itself was last answered changes (for [`LINGER`]); at most
+    /// [`MAX_LINGERING`] nodes, the oldest forgotten first.
+    answered: std::sync::Mutex<std::collections::HashMap<model::NodeId, tokio::time::Instant>>,
     /// Bytes of answers served (changes, steps and whole states), since the start.
     served: std::sync::atomic::AtomicU64,
     /// Answers served, since the start.
@@ -74,7 +77,36 @@ pub struct Answers {
 /// `from`, the applied index, the frame body.
 type Answer = (u64, u64, Arc<Vec<u8>>);
 
+/// A session answered changes less than this long ago is answered changes that do not
+/// concern it ([`model::Delta::concerns`]: another node's record, meta, events) only once the
+/// rest of this time has passed, with whatever came meanwhile; a change that concerns it goes
+/// at once. Under sustained writes a coordinator answers each session at most a few times a
+/// second instead of once per write (at 1000 clients and 10 writes a second, one answer per
+/// session per write was most of a coordinator's work); a quiet session is answered at once.
+pub const LINGER: Duration = Duration::from_millis(250);
+
+/// Most nodes whose last answer [`Answers`] remembers.
+const MAX_LINGERING: usize = 8192;
+
 impl Answers {
+    /// Until when node `me`'s session lingers ([`LINGER`] after its last answer of changes).
+    fn linger_until(&self, me: model::NodeId) -> Option<tokio::time::Instant> {
+        let g = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&me).map(|t| *t + LINGER).filter(|t| *t > tokio::time::Instant::now())
+    }
+
+    /// Node `me` was answered changes now.
+    fn answered(&self, me: model::NodeId) {
+        let now = tokio::time::Instant::now();
+        let mut g = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MAX_LINGERING && !g.contains_key(&me) {
+            g.retain(|_, t| now.duration_since(*t) < LINGER);
+        }
+        if g.len() < MAX_LINGERING || g.contains_key(&me) {
+            g.insert(me, now);
+        }
+    }
+
     fn get(&self, slot: usize, from: u64, applied: u64) -> Option<Arc<Vec<u8>>> {
         let g = self.last.lock().unwrap_or_else(|p| p.into_inner());
         g[slot].as_ref().filter(|(f, a, _)| (*f, *a) == (from, applied)).map(|(_, _, b)| b.clone())
@@ -136,36 +168,53 @@ async fn answer(
     let mut applied = view.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     let slot = want.slot();
+    let me = match want {
+        Want::Deltas { me } => me,
+        Want::Requests => None,
+    };
+    // A node answered changes within LINGER waits out the rest for changes not its own.
+    let mut linger = me.and_then(|me| answers.linger_until(me)).map(|t| t.min(deadline));
     let (last_applied, state) = loop {
         {
             let g = view.read();
             let at = g.last_applied.map_or(0, |l| l.index);
-            if let Some(bytes) = from.and_then(|f| answers.get(slot, f, at)) {
-                return Ok(RpcReply::Encoded(bytes));
-            }
-            let Some(f) = from else { break (g.last_applied, g.state.clone()) };
-            // The answer, and whether every session asking it gets the same.
-            let answer = match want {
-                Want::Requests => match g.changes.since(f, MAX_REPLY_BYTES) {
-                    Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
-                    Since::TooOld => break (g.last_applied, g.state.clone()),
-                },
-                Want::Deltas { me } => match g.changes.steps_since(f, MAX_REPLY_BYTES, me) {
-                    Since::Changes(c) => (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f))),
-                    Since::TooOld => break (g.last_applied, g.state.clone()),
-                },
+            let hold = match (from, me, linger) {
+                (Some(f), Some(me), Some(_)) => !concerns(&g, f, me),
+                _ => false,
             };
-            drop(g);
-            if let Some((reply, shared)) = answer {
-                let bytes = encoded(reply)?;
-                if shared {
-                    answers.put(slot, f, at, bytes.clone());
+            if !hold {
+                linger = None;
+                if let Some(bytes) = from.and_then(|f| answers.get(slot, f, at)) {
+                    return Ok(answered(answers, me, RpcReply::Encoded(bytes)));
                 }
-                return Ok(RpcReply::Encoded(bytes));
+                let Some(f) = from else { break (g.last_applied, g.state.clone()) };
+                // The answer, and whether every session asking it gets the same.
+                let answer = match want {
+                    Want::Requests => match g.changes.since(f, MAX_REPLY_BYTES) {
+                        Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
+                        Since::TooOld => break (g.last_applied, g.state.clone()),
+                    },
+                    Want::Deltas { me } => match g.changes.steps_since(f, MAX_REPLY_BYTES, me) {
+                        Since::Changes(c) => {
+                            (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f)))
+                        }
+                        Since::TooOld => break (g.last_applied, g.state.clone()),
+                    },
+                };
+                drop(g);
+                if let Some((reply, shared)) = answer {
+                    let bytes = encoded(reply)?;
+                    if shared {
+                        answers.put(slot, f, at, bytes.clone());
+                    }
+                    return Ok(answered(answers, me, RpcReply::Encoded(bytes)));
+                }
             }
         }
-        match tokio::time::timeout_at(deadline, applied.changed()).await {
+        match tokio::time::timeout_at(linger.unwrap_or(deadline), applied.changed()).await {
             Ok(Ok(())) => {}
+            // Lingered long enough: what came meanwhile goes now.
+            Err(_) if linger.take().is_some() => {}
             // The deadline, or the state machine gone: nothing new.
             Ok(Err(_)) | Err(_) => {
                 return Ok(match want {
@@ -177,7 +226,31 @@ async fn answer(
     };
     // Encoded outside the lock: applying waits for readers.
     let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
-    Ok(RpcReply::State { last_applied, state })
+    Ok(answered(answers, me, RpcReply::State { last_applied, state }))
+}
+
+/// Whether what applied from `from` on concerns node `me` ([`model::Delta::concerns`]); a
+/// follower further behind than the ring: yes (its whole state goes at once).
+fn concerns(g: &herd_storage::sm::SmState, from: u64, me: model::NodeId) -> bool {
+    let Some(mut deltas) = g.changes.deltas_since(from) else { return true };
+    // Its name only when a VM record must be matched (looking it up is a scan of the nodes).
+    let mut name: Option<Option<&str>> = None;
+    deltas.any(|d| {
+        let n = match (&name, d.vms.is_empty()) {
+            (_, true) => None,
+            (Some(n), false) => *n,
+            (None, false) => *name.insert(g.state.node_by_id(me).map(|n| n.name.as_str())),
+        };
+        d.concerns(me, n)
+    })
+}
+
+/// Notes that node `me` was answered changes now (for [`LINGER`]); `reply` as it was.
+fn answered(answers: &Answers, me: Option<model::NodeId>, reply: RpcReply) -> RpcReply {
+    if let Some(me) = me {
+        answers.answered(me);
+    }
+    reply
 }
 
 /// Why a follower could not take an answer.
@@ -501,6 +574,62 @@ mod tests {
         let leader = view.read().state.clone();
         assert_eq!(f.view().read().state.projected_for(2), leader.projected_for(2));
         assert_ne!(f.view().read().state.projected_for(1), leader.projected_for(1), "c1's figures never came");
+    }
+
+    /// A session answered changes a moment ago gets a change that does not concern it (a
+    /// token) only once LINGER has passed since, one that does (its own keepalive) at once; a
+    /// session never answered gets everything at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_not_its_own_waits_out_the_linger() {
+        let (view, writer) = StateView::standalone();
+        let answers = Answers::default();
+        let apply = |i: u64, req: Request| {
+            writer.update(|sm| {
+                let before = sm.state.clone();
+                model::apply(&mut sm.state, i, &req);
+                let delta = match model::Delta::keepalives(&req) {
+                    Some(names) => model::Delta::of_keepalives(&sm.state, names),
+                    None => model::Delta::between(&before, &sm.state, i),
+                };
+                sm.changes.push(id(i), Some(req), Some(delta));
+                sm.last_applied = Some(id(i));
+            })
+        };
+        writer.update(|sm| sm.changes = ChangeRing::starting_at(1));
+        apply(1, request(1));
+        apply(2, request(2));
+        let wait = Duration::from_secs(5);
+        // Node `me` asks from `from` while `then` applies 10 ms later: how long the answer took
+        // and the indexes it held.
+        let ask_while = |me: u64, from: u64, then: Option<(u64, Request)>| {
+            let (view, answers, apply) = (&view, &answers, &apply);
+            async move {
+                let t = tokio::time::Instant::now();
+                let later = async {
+                    if let Some((i, req)) = then {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        apply(i, req);
+                    }
+                };
+                let (reply, ()) =
+                    tokio::join!(serve(view, Some(from), wait, answers, Want::Deltas { me: Some(me) }), later);
+                let Ok(RpcReply::Encoded(b)) = reply else { panic!("encoded") };
+                let read: Result<RpcReply, RpcError> = crate::wire::decode(&b).expect("a frame body");
+                let Ok(RpcReply::Steps(steps)) = read else { panic!("steps: {read:?}") };
+                (t.elapsed(), steps.iter().map(Step::index).collect::<Vec<_>>())
+            }
+        };
+        assert_eq!(ask_while(2, 1, None).await, (Duration::ZERO, vec![1, 2]), "never answered: at once");
+        let (took, got) = ask_while(2, 3, Some((3, request(3)))).await;
+        assert_eq!((took, got), (LINGER, vec![3]), "a token, not h2's: after the linger");
+        assert_eq!(ask_while(1, 3, None).await, (Duration::ZERO, vec![3]), "c1 never answered: at once");
+        let keepalive = Request {
+            id: "k4".into(),
+            time_ms: 1004,
+            ops: vec![Op::from(Command::Keepalive { name: "c1".into(), stats: Default::default(), node_id: None })],
+        };
+        let (took, got) = ask_while(1, 4, Some((4, keepalive))).await;
+        assert_eq!((took, got), (Duration::from_millis(10), vec![4]), "c1's own keepalive: at once");
     }
 
     /// A coordinator of the previous version (it answers `Rpc::Follow` with `BadRequest`, as

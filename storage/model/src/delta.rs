@@ -91,6 +91,26 @@ impl Delta {
         }
     }
 
+    /// Whether this delta concerns node `me` (named `name`, when it has a record) at once:
+    /// its own record, a VM assigned to it, coming from it, leaving it or seen on it, or a
+    /// removal (of a node or VM: rare, and whose it was is not in the delta). Anything else —
+    /// another node's record, meta, events, `acked` — a follower needs, but not within
+    /// milliseconds (a coordinator may batch it: `herd_raft::follow::LINGER`).
+    pub fn concerns(&self, me: NodeId, name: Option<&str>) -> bool {
+        let named = |n: &Option<String>| n.is_some() && n.as_deref() == name;
+        let vm = |v: &VmRecord| {
+            Some(v.node.as_str()) == name
+                || named(&v.last_node)
+                || named(&v.migrating_from)
+                || name.is_some_and(|n| v.seen_on.contains(n))
+        };
+        !self.nodes_gone.is_empty()
+            || !self.vms_gone.is_empty()
+            || !self.removed.is_empty()
+            || self.nodes.iter().any(|n| n.id == me)
+            || self.vms.iter().any(vm)
+    }
+
     /// The names a request of keepalives only names (`None` for any other request): its delta
     /// is [`Delta::of_keepalives`], no copy of the state before it needed.
     pub fn keepalives(req: &Request) -> Option<Vec<&String>> {

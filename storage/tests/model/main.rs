@@ -9,9 +9,11 @@
 //!   vm          VM commands and placement
 //!   fence       fencing: decision, outcomes, recovery
 //!   moves       how a finished move went (live with its downtime, or by shutdown)
+//!   concerns    which deltas concern a node at once (what its session is never made to wait for)
 //! ```
 
 mod common;
+mod concerns;
 mod fence;
 mod moves;
 mod properties;

@@ -1,0 +1,68 @@
+//! Which deltas concern a node at once (`Delta::concerns`): what a coordinator never holds back
+//! from that node's session (`herd_raft::follow::LINGER`).
+
+use herd_storage::model::*;
+
+use crate::vm::{run, spec, three};
+
+/// Nodes a, b, c with ids 1, 2, 3.
+fn nodes() -> State {
+    let mut s = three();
+    for (id, n) in (1..).zip(["a", "b", "c"]) {
+        if let Some(r) = s.nodes.get_mut(n) {
+            r.id = id;
+        }
+    }
+    s
+}
+
+/// Applies `cmd` at `index` and says which of a, b, c its delta concerns.
+fn concerned(s: &mut State, index: u64, cmd: Command) -> Vec<&'static str> {
+    let before = s.clone();
+    assert_eq!(run(s, index, cmd), Ok(Reply::Done));
+    let d = Delta::between(&before, s, index);
+    ["a", "b", "c"].into_iter().filter(|n| d.concerns(s.nodes.get(*n).map_or(0, |r| r.id), Some(n))).collect()
+}
+
+#[test]
+fn a_delta_concerns_the_nodes_its_records_name() {
+    let mut s = nodes();
+    let define = Command::DefineVm { spec: spec("web", 1), node: "a".into() };
+    assert_eq!(concerned(&mut s, 1, define), ["a"], "a VM assigned to a");
+    let report = |node: &str| Command::ReportVm {
+        name: "web".into(),
+        node: node.into(),
+        actual: ActualState::Running,
+        failure: None,
+        moved: None,
+    };
+    assert_eq!(concerned(&mut s, 2, report("a")), ["a"]);
+    let away = Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: false };
+    assert_eq!(concerned(&mut s, 3, away), ["a", "b"], "the source and the target of a move");
+    let daemon = Command::SetDaemonState {
+        name: "c".into(),
+        state: DaemonState::Stop,
+        return_by_ms: Some(60_000),
+        node_id: None,
+    };
+    assert_eq!(concerned(&mut s, 4, daemon), ["c"], "a node's own record");
+    let stray = Command::ReportStray { name: "web".into(), node: "c".into(), running: true };
+    assert_eq!(concerned(&mut s, 5, stray), ["a", "b", "c"], "seen on c, still a's, moving to b");
+}
+
+#[test]
+fn a_removal_concerns_everyone_and_meta_or_events_nobody() {
+    let gone = [
+        Delta { vms_gone: vec!["web".into()], ..Delta::default() },
+        Delta { nodes_gone: vec!["c".into()], ..Delta::default() },
+        Delta { removed: vec![3], ..Delta::default() },
+    ];
+    assert!(gone.iter().all(|d| d.concerns(2, Some("b")) && d.concerns(9, None)), "whose it was is not in the delta");
+    let (mut s, index) = crate::common::build(&[crate::common::op(crate::common::init())]);
+    let before = s.clone();
+    assert_eq!(run(&mut s, index + 1, Command::SetMaintenance { on: true }), Ok(Reply::Done));
+    let meta = Delta::between(&before, &s, index + 1);
+    assert!(meta.meta.is_some() && !meta.events.is_empty(), "{meta:?}");
+    assert!(!meta.concerns(2, Some("b")), "meta (maintenance, tokens) and events can wait out a linger");
+    assert!(!Delta::default().concerns(2, None));
+}
