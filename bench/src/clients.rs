@@ -9,9 +9,10 @@
 //! keepalives), and answers the coordinators' heartbeat pulses with the real heartbeat agent,
 //! each from an address of its own (127.0.20.1 on). Measured: each join's time; then over
 //! SECONDS (default 60) of 10 writes per second through the leader's admin socket, each write's
-//! time, the coordinators' CPU, this process's CPU, the bytes the coordinators served the
-//! sessions, elections, the oldest keepalive and how many hypervisors the coordinators'
-//! heartbeat lost; then the join of one more hypervisor, a
+//! time and how long until every hypervisor's state held it (a change that does not concern a
+//! session may wait out `follow::LINGER`), the coordinators' CPU, this process's CPU, the bytes
+//! the coordinators served the sessions, elections, the oldest keepalive and how many
+//! hypervisors the coordinators' heartbeat lost; then the join of one more hypervisor, a
 //! real daemon process, at N.
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use herd_raft::{ClusterNode, NodeSettings};
 use herd_storage::identity::MemIdentity;
 use herd_storage::mem_store::{MemBackend, MemLogStore};
 use herd_storage::model::{Command, DaemonState, NodeStats, Op, Role};
+use herd_storage::sm::StateView;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -54,6 +56,8 @@ fn sim_ip(k: usize) -> Ipv4Addr {
 struct SimHypervisor {
     _node: Arc<ClusterNode<MemLogStore>>,
     _agent: Arc<Agent>,
+    /// Its followed state.
+    view: StateView,
 }
 
 /// Joins simulated hypervisor `k` with `token`, as a daemon would: join, heartbeat agent, `run`.
@@ -120,7 +124,7 @@ async fn join(dir: &Path, k: usize, token: &str, hb: &Params, stop: watch::Recei
         g.state.nodes.values().filter(|n| n.role == Role::Coordinator).map(Target::of).collect()
     };
     agent.set_targets(coordinators);
-    Ok(SimHypervisor { _node: node, _agent: agent })
+    Ok(SimHypervisor { _node: node, _agent: agent, view: local.view.clone() })
 }
 
 /// From the leader's status: (hypervisors in `run`, the oldest hypervisor keepalive, the term).
@@ -152,6 +156,51 @@ fn lost_links(sock: &Path) -> Result<usize> {
         .flat_map(|n| n["hosts"].as_array().cloned().unwrap_or_default())
         .filter(|x| x["state"] == "lost")
         .count())
+}
+
+/// Samples every 5 ms, on a thread of its own, the lowest applied index of `views` until `stop`:
+/// each rise, with when it was seen.
+fn lowest_applied(views: Vec<StateView>, stop: watch::Receiver<bool>) -> std::thread::JoinHandle<Vec<(u64, Instant)>> {
+    std::thread::spawn(move || {
+        let mut rises: Vec<(u64, Instant)> = Vec::new();
+        while !*stop.borrow() {
+            let low = views.iter().map(|v| *v.subscribe().borrow()).min().unwrap_or(0);
+            if rises.last().is_none_or(|(l, _)| low > *l) {
+                rises.push((low, Instant::now()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rises
+    })
+}
+
+/// For each write (the leader's applied index once it returned, and when): how long until
+/// every simulated hypervisor had applied it, sorted (writes never seen by all are left out).
+fn seen_by_all(writes: &[(u64, Instant)], rises: &[(u64, Instant)]) -> Vec<Duration> {
+    let mut out: Vec<Duration> = writes
+        .iter()
+        .filter_map(|(index, done)| {
+            rises.iter().find(|(low, _)| low >= index).map(|(_, at)| at.saturating_duration_since(*done))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// One more hypervisor, a real daemon process, joins the cluster: how long its join took.
+fn join_daemon(p: &mut crate::procs::Procs, herd: &Path, extra: &str, token: &str) -> Result<Duration> {
+    let d = p.dir.join("last");
+    std::fs::create_dir_all(&d)?;
+    let config = format!(
+        "name = \"last\"\nrole = \"hypervisor\"\ndata_dir = \"{d}/data\"\nadmin_socket = \"{d}/admin.sock\"\n\
+         [cluster]\nlisten = \"127.0.24.1:7400\"\nmembership = \"client\"\n{extra}",
+        d = d.display()
+    );
+    p.start_herd(herd, &d, &config)?;
+    let req = json!({"op": "join-cluster", "peer": "127.0.16.1:7400", "token": token});
+    let t = Instant::now();
+    admin_within(&d.join("admin.sock"), &req, Duration::from_secs(60)).context("the last hypervisor joins")?;
+    Ok(t.elapsed())
 }
 
 /// `clients [N] [SECONDS] [HEARTBEAT_MS]`, with defaults 1000, 60 and [`HEARTBEAT_MS`].
@@ -194,7 +243,13 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     let mark = CpuMark::now(&pids)?;
     let me0 = cpu_seconds(None)?;
     let (mut oldest, mut terms, mut lost, mut next_sample) = (0u64, Vec::new(), 0usize, Instant::now());
+    let (sampling, sampler_stop) = watch::channel(false);
+    let sampler = lowest_applied(sims.iter().map(|s| s.view.clone()).collect(), sampler_stop);
+    let mut written: Vec<(u64, Instant)> = Vec::new();
     let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
+        let done = Instant::now();
+        let info = admin(&leader_sock, &json!({"op": "cluster-info", "local": true}))?;
+        written.push((info["applied_index"].as_u64().context("applied_index")?, done));
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(5);
             let (_, age, term) = sample(&leader_sock)?;
@@ -205,6 +260,10 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         Ok(())
     })?;
     let (cpu, window) = mark.percent()?;
+    // The last writes get a moment to reach every hypervisor.
+    std::thread::sleep(Duration::from_secs(1));
+    sampling.send_replace(true);
+    let fanout = seen_by_all(&written, &sampler.join().map_err(|_| anyhow::anyhow!("the sampler panicked"))?);
     let per_s = |x: u64, y: u64| (x.saturating_sub(y) as f64 / window) as u64;
     let served1 = served(&p.dir)?;
     let answers_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.0, a.0)).collect();
@@ -213,19 +272,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();
 
-    // One more hypervisor, a real daemon process, joins the cluster of N.
-    let d = p.dir.join("last");
-    std::fs::create_dir_all(&d)?;
-    let config = format!(
-        "name = \"last\"\nrole = \"hypervisor\"\ndata_dir = \"{d}/data\"\nadmin_socket = \"{d}/admin.sock\"\n\
-         [cluster]\nlisten = \"127.0.24.1:7400\"\nmembership = \"client\"\n{extra}",
-        d = d.display()
-    );
-    p.start_herd(&herd, &d, &config)?;
-    let req = json!({"op": "join-cluster", "peer": "127.0.16.1:7400", "token": token});
-    let t = Instant::now();
-    admin_within(&d.join("admin.sock"), &req, Duration::from_secs(60)).context("the last hypervisor joins")?;
-    let last_join = t.elapsed();
+    let last_join = join_daemon(&mut p, &herd, &extra, &token)?;
     stop.send_replace(true);
     drop(sims);
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -245,6 +292,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
                     "daemon_at_n": last_join.as_millis()},
         "writes_per_s": writes.len() as f64 / window,
         "write_ms": {"p50": percentile(&writes, 50), "p99": percentile(&writes, 99), "max": percentile(&writes, 100)},
+        "write_seen_by_all_ms": {"p50": percentile(&fanout, 50), "p99": percentile(&fanout, 99),
+                                 "max": percentile(&fanout, 100), "writes": fanout.len(), "of": written.len()},
         "leader": format!("c{li}"),
         "coordinator_cpu_percent_of_one_core": cpu,
         "simulated_hypervisors_process_cpu_percent": me,

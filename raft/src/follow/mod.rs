@@ -16,10 +16,8 @@
 //!                      ◀── Steps([log id, delta?]…) | State{last applied, whole state} ─┘
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use herd_storage::changes::Since;
 use herd_storage::model;
 use herd_storage::sm::{StateView, ViewWriter};
 
@@ -29,229 +27,13 @@ use crate::wire::{Rpc, RpcError, RpcReply};
 mod client;
 mod link;
 pub mod seeds;
+mod serve;
 mod session;
 
 pub use client::{Client, CLIENT_WAIT};
 pub use link::LeaderLink;
+pub use serve::{serve, Answers, Want, LINGER, MAX_REPLY_BYTES};
 pub use session::{Session, SessionSettings, SessionStatus};
-
-/// At most about this many bytes of changes in one answer (at least one change).
-pub const MAX_REPLY_BYTES: usize = 4 << 20;
-
-/// What a follower asks for: the requests (`Rpc::Changes`, a follower of the previous
-/// version, which applies them with the model) or the deltas (`Rpc::Follow`), as node `me`
-/// follows them when it asks as one (without other nodes' figures).
-#[derive(Clone, Copy, Debug)]
-pub enum Want {
-    Requests,
-    Deltas { me: Option<model::NodeId> },
-}
-
-impl Want {
-    fn slot(self) -> usize {
-        match self {
-            Want::Requests => 0,
-            Want::Deltas { .. } => 1,
-        }
-    }
-}
-
-/// The last answer of each kind, encoded, with what it answered (`from`, the applied index).
-/// When an entry applies, every session that was caught up asks for exactly it: at 1000
-/// clients a coordinator answers some 333 sessions the same bytes, so the first to ask encodes
-/// them and the others send that frame (cloning and encoding each answer per session was a
-/// tenth of a coordinator's CPU). Deltas that differ per node (a request of keepalives) are
-/// encoded per session; they are small (its own record).
-#[derive(Default)]
-pub struct Answers {
-    last: std::sync::Mutex<[Option<Answer>; 2]>,
-    /// When each node asking as itself was last answered changes (for [`LINGER`]); at most
-    /// [`MAX_LINGERING`] nodes, the oldest forgotten first.
-    answered: std::sync::Mutex<std::collections::HashMap<model::NodeId, tokio::time::Instant>>,
-    /// Bytes of answers served (changes, steps and whole states), since the start.
-    served: std::sync::atomic::AtomicU64,
-    /// Answers served, since the start.
-    count: std::sync::atomic::AtomicU64,
-}
-
-/// `from`, the applied index, the frame body.
-type Answer = (u64, u64, Arc<Vec<u8>>);
-
-/// A session answered changes less than this long ago is answered changes that do not
-/// concern it ([`model::Delta::concerns`]: another node's record, meta, events) only once the
-/// rest of this time has passed, with whatever came meanwhile; a change that concerns it goes
-/// at once. Under sustained writes a coordinator answers each session at most a few times a
-/// second instead of once per write (at 1000 clients and 10 writes a second, one answer per
-/// session per write was most of a coordinator's work); a quiet session is answered at once.
-pub const LINGER: Duration = Duration::from_millis(250);
-
-/// Most nodes whose last answer [`Answers`] remembers.
-const MAX_LINGERING: usize = 8192;
-
-impl Answers {
-    /// Until when node `me`'s session lingers ([`LINGER`] after its last answer of changes).
-    fn linger_until(&self, me: model::NodeId) -> Option<tokio::time::Instant> {
-        let g = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        g.get(&me).map(|t| *t + LINGER).filter(|t| *t > tokio::time::Instant::now())
-    }
-
-    /// Node `me` was answered changes now.
-    fn answered(&self, me: model::NodeId) {
-        let now = tokio::time::Instant::now();
-        let mut g = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-        if g.len() >= MAX_LINGERING && !g.contains_key(&me) {
-            g.retain(|_, t| now.duration_since(*t) < LINGER);
-        }
-        if g.len() < MAX_LINGERING || g.contains_key(&me) {
-            g.insert(me, now);
-        }
-    }
-
-    fn get(&self, slot: usize, from: u64, applied: u64) -> Option<Arc<Vec<u8>>> {
-        let g = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        g[slot].as_ref().filter(|(f, a, _)| (*f, *a) == (from, applied)).map(|(_, _, b)| b.clone())
-    }
-
-    fn put(&self, slot: usize, from: u64, applied: u64, bytes: Arc<Vec<u8>>) {
-        self.last.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some((from, applied, bytes));
-    }
-
-    /// Counts an answer's bytes as served.
-    fn count(&self, reply: &RpcReply) {
-        let n = match reply {
-            RpcReply::Encoded(b) => b.len(),
-            RpcReply::State { state, .. } => state.len(),
-            _ => 0,
-        };
-        self.served.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Answers and their bytes served since the start (what following costs this member).
-    pub fn served(&self) -> (u64, u64) {
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (load(&self.count), load(&self.served))
-    }
-}
-
-/// Encodes `reply` as the server would (outside any lock).
-fn encoded(reply: RpcReply) -> Result<Arc<Vec<u8>>, RpcError> {
-    crate::wire::encode(&Ok::<_, RpcError>(reply), u32::MAX).map(Arc::new).map_err(|e| RpcError::Refused(e.to_string()))
-}
-
-/// The serving side: what `want` asks from `from` on (the whole state for `None`, or when
-/// `from` is older than the ring holds); with none yet, waits up to `wait` for the next apply
-/// and answers an empty list if none came. Answers are encoded ([`RpcReply::Encoded`]),
-/// through `answers`: the same changes at the same applied index are the same bytes.
-pub async fn serve(
-    view: &StateView,
-    from: Option<u64>,
-    wait: Duration,
-    answers: &Answers,
-    want: Want,
-) -> Result<RpcReply, RpcError> {
-    let reply = answer(view, from, wait, answers, want).await;
-    if let Ok(r) = &reply {
-        answers.count(r);
-    }
-    reply
-}
-
-async fn answer(
-    view: &StateView,
-    from: Option<u64>,
-    wait: Duration,
-    answers: &Answers,
-    want: Want,
-) -> Result<RpcReply, RpcError> {
-    // Subscribed before reading: an apply in between is not missed.
-    let mut applied = view.subscribe();
-    let deadline = tokio::time::Instant::now() + wait;
-    let slot = want.slot();
-    let me = match want {
-        Want::Deltas { me } => me,
-        Want::Requests => None,
-    };
-    // A node answered changes within LINGER waits out the rest for changes not its own.
-    let mut linger = me.and_then(|me| answers.linger_until(me)).map(|t| t.min(deadline));
-    let (last_applied, state) = loop {
-        {
-            let g = view.read();
-            let at = g.last_applied.map_or(0, |l| l.index);
-            let hold = match (from, me, linger) {
-                (Some(f), Some(me), Some(_)) => !concerns(&g, f, me),
-                _ => false,
-            };
-            if !hold {
-                linger = None;
-                if let Some(bytes) = from.and_then(|f| answers.get(slot, f, at)) {
-                    return Ok(answered(answers, me, RpcReply::Encoded(bytes)));
-                }
-                let Some(f) = from else { break (g.last_applied, g.state.clone()) };
-                // The answer, and whether every session asking it gets the same.
-                let answer = match want {
-                    Want::Requests => match g.changes.since(f, MAX_REPLY_BYTES) {
-                        Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
-                        Since::TooOld => break (g.last_applied, g.state.clone()),
-                    },
-                    Want::Deltas { me } => match g.changes.steps_since(f, MAX_REPLY_BYTES, me) {
-                        Since::Changes(c) => {
-                            (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f)))
-                        }
-                        Since::TooOld => break (g.last_applied, g.state.clone()),
-                    },
-                };
-                drop(g);
-                if let Some((reply, shared)) = answer {
-                    let bytes = encoded(reply)?;
-                    if shared {
-                        answers.put(slot, f, at, bytes.clone());
-                    }
-                    return Ok(answered(answers, me, RpcReply::Encoded(bytes)));
-                }
-            }
-        }
-        match tokio::time::timeout_at(linger.unwrap_or(deadline), applied.changed()).await {
-            Ok(Ok(())) => {}
-            // Lingered long enough: what came meanwhile goes now.
-            Err(_) if linger.take().is_some() => {}
-            // The deadline, or the state machine gone: nothing new.
-            Ok(Err(_)) | Err(_) => {
-                return Ok(match want {
-                    Want::Requests => RpcReply::Changes(Vec::new()),
-                    Want::Deltas { .. } => RpcReply::Steps(Vec::new()),
-                })
-            }
-        }
-    };
-    // Encoded outside the lock: applying waits for readers.
-    let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
-    Ok(answered(answers, me, RpcReply::State { last_applied, state }))
-}
-
-/// Whether what applied from `from` on concerns node `me` ([`model::Delta::concerns`]); a
-/// follower further behind than the ring: yes (its whole state goes at once).
-fn concerns(g: &herd_storage::sm::SmState, from: u64, me: model::NodeId) -> bool {
-    let Some(mut deltas) = g.changes.deltas_since(from) else { return true };
-    // Its name only when a VM record must be matched (looking it up is a scan of the nodes).
-    let mut name: Option<Option<&str>> = None;
-    deltas.any(|d| {
-        let n = match (&name, d.vms.is_empty()) {
-            (_, true) => None,
-            (Some(n), false) => *n,
-            (None, false) => *name.insert(g.state.node_by_id(me).map(|n| n.name.as_str())),
-        };
-        d.concerns(me, n)
-    })
-}
-
-/// Notes that node `me` was answered changes now (for [`LINGER`]); `reply` as it was.
-fn answered(answers: &Answers, me: Option<model::NodeId>, reply: RpcReply) -> RpcReply {
-    if let Some(me) = me {
-        answers.answered(me);
-    }
-    reply
-}
 
 /// Why a follower could not take an answer.
 #[derive(Debug, thiserror::Error)]
@@ -416,8 +198,10 @@ impl Follower {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use herd_storage::changes::{Change, ChangeRing, Step};
+    use herd_storage::changes::{Change, ChangeRing, Since, Step};
     use herd_storage::model::{Command, NewNode, Op, Request, Role, State};
 
     /// The request applied at `index` in these tests: the cluster's creation at 1 (index 0 is
