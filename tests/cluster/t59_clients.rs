@@ -209,6 +209,47 @@ fn hypervisors_as_clients() {
     }
     eprintln!("t59: h2's heartbeat cut for 6 s, its session to {follows} alive (primary {primary}): not fenced");
 
+    // The coordinator h2 follows cut off from the other two on the cluster network: it serves
+    // sessions only while in contact with the leader, so h2's session moves on and the
+    // coordinators it reaches keep committing its keepalives — h2 (self-fence after 4 s)
+    // must not self-fence for its coordinator's partition. 8 s is twice that deadline.
+    let cut_off = c.node("h2").status()["session"]["coordinator"].as_str().expect("h2 follows").to_string();
+    if c.node("c1").status()["primary"] == cut_off.as_str() {
+        let other = ["c1", "c2", "c3"].into_iter().find(|n| *n != cut_off).expect("another coordinator");
+        c.node("c1").admin(json!({"op": "node-primary", "name": other, "wait": true}));
+    }
+    let others: Vec<&str> = ["c1", "c2", "c3"].into_iter().filter(|n| *n != cut_off).collect();
+    for o in &others {
+        topo.cut_between_on(idx(&cut_off) + 1, idx(o) + 1, &[0], true);
+    }
+    let t0 = Instant::now();
+    let moved_to = wait_until("h2's session off its cut-off coordinator", Duration::from_secs(10), || {
+        let now = c.node("h2").try_admin(&json!({"op": "status"})).ok()?["session"]["coordinator"].clone();
+        now.as_str().filter(|n| *n != cut_off).map(str::to_string)
+    });
+    let moved = t0.elapsed();
+    while t0.elapsed() < Duration::from_secs(8) {
+        let log = std::fs::read_to_string(c.node("h2").log_path()).unwrap_or_default();
+        assert!(!log.contains("SELF-FENCE"), "h2 self-fenced while {cut_off} was cut off from the leader");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let row =
+        c.node(others[0]).status()["members"].as_array().expect("members").iter().find(|m| m["name"] == "h2").cloned();
+    let age = row.as_ref().and_then(|r| r["last_keepalive_age_ms"].as_u64());
+    assert!(age.is_some_and(|a| a <= 2000), "h2's keepalive while {cut_off} is cut off: {row:?}");
+    for o in &others {
+        topo.cut_between_on(idx(&cut_off) + 1, idx(o) + 1, &[0], false);
+    }
+    wait_until("the cut-off coordinator back in contact", Duration::from_secs(20), || {
+        let s = c.node(&cut_off).try_admin(&json!({"op": "status"})).ok()?;
+        (s["quorum"] == true).then_some(())
+    });
+    eprintln!(
+        "t59: {cut_off} cut off from the other coordinators: h2's session moved to {moved_to} after {} ms, \
+         its keepalive {age:?} ms old after 8 s, no self-fence",
+        moved.as_millis()
+    );
+
     // h1 hangs: fenced through its BMC, its VMs run on h2.
     let t0 = Instant::now();
     signal(c.node("h1"), nix::sys::signal::Signal::SIGSTOP);

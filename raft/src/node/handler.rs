@@ -185,7 +185,22 @@ where
             self.heard_follower(id, stats);
         }
         let wait = Duration::from_millis(wait_ms).min(timeout.saturating_sub(CHANGES_MARGIN));
-        crate::follow::serve(&member.view, from, wait, &self.answers, want).await
+        let deadline = Instant::now() + wait;
+        // Served only while in contact with the leader, and ended the moment that contact is
+        // older than its window (the serve starts again if it was renewed meanwhile).
+        loop {
+            let Some(lost_at) = self.leader_contact_until() else {
+                return Err(RpcError::Unavailable(format!(
+                    "no contact with the leader for {:?}: follow another coordinator",
+                    self.serve_contact_window()
+                )));
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                r = crate::follow::serve(&member.view, from, remaining, &self.answers, want) => return r,
+                () = tokio::time::sleep_until(lost_at) => {}
+            }
+        }
     }
 
     /// A frame that reached a client (outside Raft): it answers only its removal and the

@@ -463,6 +463,35 @@ where
         }
     }
 
+    /// How long a member serves followers without contact with the leader
+    /// ([`ClusterNode::leader_contact_until`]): longer than an election (so sessions do not
+    /// move for one), short against a client's self-fence deadline (its keepalives are
+    /// written by the coordinator it follows, which cannot commit them cut off).
+    pub fn serve_contact_window(&self) -> Duration {
+        (2 * Duration::from_millis(self.settings.election_timeout_ms.1)).max(Duration::from_secs(1))
+    }
+
+    /// Until when this member counts as in contact with the leader, from what it last saw
+    /// (`None`: not now): a leader, from its quorum's last acknowledgement; a follower, from
+    /// the last AppendEntries it accepted; a sole voter, always — each plus
+    /// [`ClusterNode::serve_contact_window`]. A member cut off from the leader has a state
+    /// that stops, and serving sessions from it would keep its clients on it.
+    pub fn leader_contact_until(&self) -> Option<Instant> {
+        let window = self.serve_contact_window();
+        let member = self.member()?;
+        let now = Instant::now();
+        let age = {
+            let m = member.raft.metrics();
+            let m = m.borrow_watched();
+            match m.state {
+                ServerState::Leader if m.membership_config.voter_ids().eq([member.id]) => Some(Duration::ZERO),
+                ServerState::Leader => m.last_quorum_acked.as_ref().map(|t| openraft::Instant::elapsed(&**t)),
+                _ => self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()).map(|t| now.duration_since(t)),
+            }
+        };
+        age.filter(|a| *a < window).map(|a| now + (window - a))
+    }
+
     /// Orderly stop of Raft (daemon exit), then everything made durable.
     pub async fn shutdown(&self) {
         if let Some(c) = self.session() {
