@@ -23,6 +23,9 @@ pub enum Fault {
     Crash(usize),
     /// The machines split into two groups that cannot reach each other.
     Partition(Vec<usize>),
+    /// Coordinator `c` cannot reach the other coordinators (nor they it); every hypervisor still
+    /// reaches every coordinator — a client following `c` must move on, not self-fence.
+    CoordinatorCut(usize),
     /// `from` cannot reach `to`; the other way works.
     OneWay { from: usize, to: usize },
     /// One heartbeat network of one machine is cut both ways (Raft and the other network work).
@@ -81,6 +84,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         let node = rng.random_range(0..n);
         let fault = match rng.random_range(0..13) {
             0 => Fault::Crash(node),
+            1 if rng.random_bool(0.3) => Fault::CoordinatorCut(node % coordinators().len()),
             1 => {
                 let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
                 if group.is_empty() {
@@ -122,6 +126,11 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
     out
 }
 
+/// The coordinators' indexes.
+fn coordinators() -> Vec<usize> {
+    crate::run::NODES.iter().enumerate().filter(|(_, (_, coordinator))| *coordinator).map(|(i, _)| i).collect()
+}
+
 fn others(n: usize, group: &[usize]) -> Vec<usize> {
     (0..n).filter(|i| !group.contains(i)).collect()
 }
@@ -143,6 +152,11 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
                 for b in others(n, group) {
                     sim.partition(name(*a).as_str(), name(b).as_str());
                 }
+            }
+        }
+        Fault::CoordinatorCut(c) => {
+            for o in coordinators().into_iter().filter(|o| o != c) {
+                sim.partition(name(*c).as_str(), name(o).as_str());
             }
         }
         Fault::OneWay { from, to } => sim.partition_oneway(name(*from).as_str(), name(*to).as_str()),
@@ -260,6 +274,11 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
                 for b in others(n, group) {
                     sim.repair(name(*a).as_str(), name(b).as_str());
                 }
+            }
+        }
+        Fault::CoordinatorCut(c) => {
+            for o in coordinators().into_iter().filter(|o| o != c) {
+                sim.repair(name(*c).as_str(), name(o).as_str());
             }
         }
         Fault::OneWay { from, to } => sim.repair_oneway(name(*from).as_str(), name(*to).as_str()),
