@@ -164,14 +164,16 @@ async fn client_status(d: &Daemon, c: &herd_raft::follow::Client) -> Value {
         None => (rows(d, &g.state, &[], &[], now), "own copy"),
     };
     let name_of = |id: u64| g.state.node_by_id(id).map(|n| n.name.clone());
+    // The leader is what answered the rows just now (a client sees no Raft metrics).
+    let leader_id = leader.as_ref().and_then(|_| c.link.leader());
     json!({
         "node": d.config.name,
         "node_id": c.id,
         "cluster_id": c.cluster_id,
         "state": "client",
         "raft_error": null,
-        "leader": null,
-        "leader_id": null,
+        "leader": leader_id.and_then(name_of),
+        "leader_id": leader_id,
         "term": 0,
         "quorum": d.node.quorum(),
         "applied_index": g.last_applied.as_ref().map_or(0, |l| l.index),

@@ -154,6 +154,8 @@ fn hypervisors_as_clients() {
     // out (deltas: a keepalive reaches only the node it is about).
     let hs = c.node("h2").status();
     assert_eq!(hs["members_from"], "leader", "{hs}");
+    let leader = c.node("c1").status()["leader"].clone();
+    assert!(leader.is_string() && hs["leader"] == leader, "a client names the leader that answered: {hs}");
     let rows = hs["members"].as_array().expect("members");
     let h1 = rows.iter().find(|m| m["name"] == "h1").cloned().expect("h1's row");
     assert_eq!(h1["stats"]["vms_running"], VMS, "h1's figures as h2 shows them: {h1}");

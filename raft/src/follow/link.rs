@@ -35,6 +35,11 @@ impl LeaderLink {
         LeaderLink { view, connector, cluster_id, me, limits, leader: Mutex::new(None), pool: Mutex::new(Vec::new()) }
     }
 
+    /// The leader as the last call found it (`None`: not known, or it stopped answering).
+    pub fn leader(&self) -> Option<NodeId> {
+        *self.leader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Replicates `ops` as one request; the log index it was applied at and its result.
     pub async fn write(&self, ops: Vec<Op>, timeout: Duration) -> Result<(u64, Reply), NodeError> {
         let req = Request { id: crate::node::tokens::request_id(), time_ms: 0, ops };
