@@ -361,8 +361,8 @@ mod tests {
     }
 
     /// A session answered changes a moment ago gets a change that does not concern it (a
-    /// token) only once LINGER has passed since, one that does (its own keepalive) at once; a
-    /// session never answered gets everything at once.
+    /// token) only once LINGER has passed since, one that does (its own keepalive) at once, and
+    /// a backlog longer than MAX_HELD at once; a session never answered gets everything at once.
     #[tokio::test(start_paused = true)]
     async fn a_change_not_its_own_waits_out_the_linger() {
         let (view, writer) = StateView::standalone();
@@ -414,6 +414,13 @@ mod tests {
         };
         let (took, got) = ask_while(1, 4, Some((4, keepalive))).await;
         assert_eq!((took, got), (Duration::from_millis(10), vec![4]), "c1's own keepalive: at once");
+        // h2 still lingers, but a backlog of more than MAX_HELD entries goes at once.
+        let held = serve::MAX_HELD;
+        for i in 5..5 + held {
+            apply(i, request(i));
+        }
+        let (took, got) = ask_while(2, 4, None).await;
+        assert_eq!((took, got.len() as u64), (Duration::ZERO, held + 1), "a backlog: at once");
     }
 
     /// A coordinator of the previous version (it answers `Rpc::Follow` with `BadRequest`, as

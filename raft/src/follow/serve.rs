@@ -43,7 +43,8 @@ impl Want {
 pub struct Answers {
     last: std::sync::Mutex<[Option<Answer>; 2]>,
     /// When each node asking as itself was last answered changes (for [`LINGER`]); at most
-    /// [`MAX_LINGERING`] nodes, the oldest forgotten first.
+    /// [`MAX_LINGERING`] nodes (when full, those answered longer than `LINGER` ago are
+    /// forgotten; a node beyond that is not held).
     answered: std::sync::Mutex<std::collections::HashMap<model::NodeId, tokio::time::Instant>>,
     /// Bytes of answers served (changes, steps and whole states), since the start.
     served: std::sync::atomic::AtomicU64,
@@ -64,6 +65,10 @@ pub const LINGER: Duration = Duration::from_millis(250);
 
 /// Most nodes whose last answer [`Answers`] remembers.
 const MAX_LINGERING: usize = 8192;
+
+/// Most entries held back from a lingering session: a follower catching up on a backlog (or a
+/// burst of writes) is answered at once, a page at a time.
+pub(super) const MAX_HELD: u64 = 64;
 
 impl Answers {
     /// Until when node `me`'s session lingers ([`LINGER`] after its last answer of changes).
@@ -151,12 +156,14 @@ async fn answer(
     };
     // A node answered changes within LINGER waits out the rest for changes not its own.
     let mut linger = me.and_then(|me| answers.linger_until(me)).map(|t| t.min(deadline));
+    // The asker's name, looked up once (a scan of the nodes), if a VM record needs it.
+    let mut name: Option<Option<String>> = None;
     let (last_applied, state) = loop {
         {
             let g = view.read();
             let at = g.last_applied.map_or(0, |l| l.index);
             let hold = match (from, me, linger) {
-                (Some(f), Some(me), Some(_)) => !concerns(&g, f, me),
+                (Some(f), Some(me), Some(_)) => at < f + MAX_HELD && !concerns(&g, f, me, &mut name),
                 _ => false,
             };
             if !hold {
@@ -207,18 +214,16 @@ async fn answer(
 }
 
 /// Whether what applied from `from` on concerns node `me` ([`model::Delta::concerns`]); a
-/// follower further behind than the ring: yes (its whole state goes at once).
-fn concerns(g: &herd_storage::sm::SmState, from: u64, me: model::NodeId) -> bool {
+/// follower further behind than the ring: yes (its whole state goes at once). `name`: its
+/// name, looked up here the first time a VM record must be matched.
+fn concerns(g: &herd_storage::sm::SmState, from: u64, me: model::NodeId, name: &mut Option<Option<String>>) -> bool {
     let Some(mut deltas) = g.changes.deltas_since(from) else { return true };
-    // Its name only when a VM record must be matched (looking it up is a scan of the nodes).
-    let mut name: Option<Option<&str>> = None;
     deltas.any(|d| {
-        let n = match (&name, d.vms.is_empty()) {
-            (_, true) => None,
-            (Some(n), false) => *n,
-            (None, false) => *name.insert(g.state.node_by_id(me).map(|n| n.name.as_str())),
-        };
-        d.concerns(me, n)
+        if d.vms.is_empty() {
+            return d.concerns(me, None);
+        }
+        let n = name.get_or_insert_with(|| g.state.node_by_id(me).map(|n| n.name.clone()));
+        d.concerns(me, n.as_deref())
     })
 }
 

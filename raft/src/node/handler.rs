@@ -85,11 +85,7 @@ where
         let fatal = |e: openraft::errors::Fatal<TypeConfig>| RpcError::Raft(e.to_string());
         let timeout = Duration::from_millis(frame.timeout_ms).min(self.settings.limits.max_request_time);
         match frame.body {
-            Rpc::AppendEntries(req) => {
-                let resp = raft.append_entries(req).await.map_err(|e| RpcError::Raft(stopped(&e)))?;
-                *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                Ok(RpcReply::AppendEntries(resp, member.boot))
-            }
+            Rpc::AppendEntries(req) => self.append_entries(&member, req).await,
             Rpc::Vote(req) => {
                 self.check_vote(&member, frame.from, req.last_log_id)?;
                 Ok(RpcReply::Vote(raft.vote(req).await.map_err(|e| RpcError::Raft(e.to_string()))?))
@@ -167,6 +163,20 @@ where
                 Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids)))
             }
         }
+    }
+
+    /// The leader's appends. Each one taken is contact with the leader; one refused for a
+    /// higher vote is not (a deposed leader cut off with a minority keeps sending them).
+    async fn append_entries(
+        &self,
+        member: &Member,
+        req: openraft::raft::AppendEntriesRequest<TypeConfig>,
+    ) -> Result<RpcReply, RpcError> {
+        let resp = member.raft.append_entries(req).await.map_err(|e| RpcError::Raft(stopped(&e)))?;
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        Ok(RpcReply::AppendEntries(resp, member.boot))
     }
 
     /// A follower's long poll (`Rpc::Changes` or `Rpc::Follow`: `from`, its wait, its

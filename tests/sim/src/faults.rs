@@ -84,7 +84,10 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         let node = rng.random_range(0..n);
         let fault = match rng.random_range(0..13) {
             0 => Fault::Crash(node),
-            1 if rng.random_bool(0.3) => Fault::CoordinatorCut(node % coordinators().len()),
+            1 if rng.random_bool(0.3) => {
+                let c = coordinators();
+                Fault::CoordinatorCut(c[node % c.len()])
+            }
             1 => {
                 let mut group: Vec<usize> = (0..n).filter(|_| rng.random_bool(0.4)).collect();
                 if group.is_empty() {
