@@ -383,3 +383,24 @@ pub fn restart(sim: &mut Sim<'_>, world: &World, i: usize) {
     sim.bounce(name.as_str());
     world.trace(format!("{name}: restarted"));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The menu draws coordinator cuts, each of a coordinator (the run's first three nodes are
+    /// not assumed: the cut names an index `NODES` marks as one).
+    #[test]
+    fn the_menu_draws_coordinator_cuts_of_coordinators() {
+        let window = Duration::from_secs(20);
+        let cuts: Vec<usize> = (0..200)
+            .flat_map(|seed| schedule(seed, crate::run::NODES.len(), Duration::from_secs(1), window))
+            .filter_map(|s| match s.fault {
+                Fault::CoordinatorCut(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert!(cuts.len() > 20, "{} coordinator cuts in 200 runs", cuts.len());
+        assert!(cuts.iter().all(|c| coordinators().contains(c)), "{cuts:?}");
+    }
+}
