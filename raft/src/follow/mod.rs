@@ -222,6 +222,21 @@ mod tests {
         openraft::testing::log_id::<crate::TypeConfig>(1, 1, index)
     }
 
+    /// Applies `req` at `index` as the state machine does: the request, its delta in the ring,
+    /// the applied index.
+    fn apply_with_delta(writer: &ViewWriter, index: u64, req: Request) {
+        writer.update(|sm| {
+            let before = sm.state.clone();
+            model::apply(&mut sm.state, index, &req);
+            let delta = match model::Delta::keepalives(&req) {
+                Some(names) => model::Delta::of_keepalives(&sm.state, names),
+                None => model::Delta::between(&before, &sm.state, index),
+            };
+            sm.changes.push(id(index), Some(req), Some(delta));
+            sm.last_applied = Some(id(index));
+        });
+    }
+
     /// Sessions asking for the same changes at the same applied index get the same encoded
     /// answer (one encoding); it decodes, as a client reads a frame, to those changes; a new
     /// apply makes a new one.
@@ -309,18 +324,7 @@ mod tests {
             let cmd = Command::Keepalive { name: "c1".into(), stats, node_id: None };
             Request { id: format!("k{i}"), time_ms: 1000 + i, ops: vec![Op::from(cmd)] }
         };
-        let apply = |i: u64, req: Request| {
-            writer.update(|sm| {
-                let before = sm.state.clone();
-                model::apply(&mut sm.state, i, &req);
-                let delta = match model::Delta::keepalives(&req) {
-                    Some(names) => model::Delta::of_keepalives(&sm.state, names),
-                    None => model::Delta::between(&before, &sm.state, i),
-                };
-                sm.changes.push(id(i), Some(req), Some(delta));
-                sm.last_applied = Some(id(i));
-            })
-        };
+        let apply = |i: u64, req: Request| apply_with_delta(&writer, i, req);
         writer.update(|sm| sm.changes = ChangeRing::starting_at(1));
         apply(1, request(1));
         apply(2, keepalive(2));
@@ -367,18 +371,7 @@ mod tests {
     async fn a_change_not_its_own_waits_out_the_linger() {
         let (view, writer) = StateView::standalone();
         let answers = Answers::default();
-        let apply = |i: u64, req: Request| {
-            writer.update(|sm| {
-                let before = sm.state.clone();
-                model::apply(&mut sm.state, i, &req);
-                let delta = match model::Delta::keepalives(&req) {
-                    Some(names) => model::Delta::of_keepalives(&sm.state, names),
-                    None => model::Delta::between(&before, &sm.state, i),
-                };
-                sm.changes.push(id(i), Some(req), Some(delta));
-                sm.last_applied = Some(id(i));
-            })
-        };
+        let apply = |i: u64, req: Request| apply_with_delta(&writer, i, req);
         writer.update(|sm| sm.changes = ChangeRing::starting_at(1));
         apply(1, request(1));
         apply(2, request(2));
