@@ -141,6 +141,19 @@ pub enum Rpc {
         #[serde(default)]
         stats: Option<herd_storage::model::NodeStats>,
     },
+    /// A member asks the leader (directly, never forwarded) to confirm it, every quarter of the
+    /// serving window: the answer (`Done`, given only by a leader its quorum acknowledged
+    /// lately) dates this member's contact with the leader from when it sent the ask, and the
+    /// leader notes when it received it. A member serves sessions only within that contact
+    /// (`node/contact.rs`).
+    Contact,
+    /// The primary asks a coordinator, for clients `ids`, when it last heard each (absent:
+    /// not since it started) and how long it has served at all (`RpcReply::SessionsQuiet`):
+    /// the evidence that no coordinator can have acknowledged a client's session lately. At
+    /// most [`MAX_SESSIONS_ASKED`] ids.
+    SessionsQuiet {
+        ids: Vec<NodeId>,
+    },
 }
 
 /// Ids one `SessionsHeard` may ask about.
@@ -206,6 +219,12 @@ pub enum RpcReply {
     },
     /// How many milliseconds ago each client asked was heard (those never heard left out).
     SessionsHeard(Vec<(NodeId, u64)>),
+    /// How many milliseconds ago this coordinator last heard each client asked about (those
+    /// not heard since it started left out), and how long it has been up to hear any.
+    SessionsQuiet {
+        heard: Vec<(NodeId, u64)>,
+        serving_ms: u64,
+    },
     /// The deltas asked for (`Rpc::Follow`), in log order (empty: none came within the wait).
     Steps(Vec<herd_storage::changes::Step>),
     /// An answer already encoded — the frame body of `Ok(Changes(..))` or `Ok(Steps(..))` —,

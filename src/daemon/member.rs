@@ -141,7 +141,9 @@ impl Daemon {
             self.vm_figures(&mut stats);
             if let Some(c) = self.node.session() {
                 // A client's keepalive: its figures ride on its session's polls, and the
-                // coordinator that hears it writes them (`clients.rs`).
+                // coordinator that hears it writes them (`clients.rs`). It self-fences on its
+                // session's acknowledgements too (`fence/selffence.rs`), and says so.
+                stats.session_self_fence = true;
                 c.report(stats);
                 continue;
             }

@@ -8,6 +8,14 @@
 //! itself is dead or stuck. The primary recovers the VMs only once the same committed keepalive
 //! is older than `self_fence_after_ms` + the watchdog timeout + a margin: both sides measure from
 //! one committed fact, so asymmetric loss cannot make them disagree.
+//!
+//! A client outside Raft also self-fences when no coordinator acknowledged its session (answered
+//! a poll) for `self_fence_after_ms`, counted from when it *sent* the last poll answered; it says
+//! so in its reports (`NodeStats::session_self_fence`). A coordinator serves polls only within a
+//! round trip with the leader, so the primary can bound, on its own clock, when any coordinator
+//! last can have acknowledged it, and records it self-fenced on that evidence
+//! (`FenceOutcome::SessionsQuiet`) without waiting for the keepalive's age. Both rules hold at
+//! once: the node fences itself at the earlier, so either record is safe.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,6 +72,20 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// How long ago a client's session was last acknowledged, counted from the sending of the
+    /// poll answered (since this process started when none was); `None` on a Raft member.
+    fn session_age_ms(&self) -> Option<u64> {
+        let c = self.node.session()?;
+        let acknowledged = c.status().acknowledged;
+        Some(acknowledged.map_or(self.standing.now_ms(), |t| herd_raft::clock::ms(t.elapsed())))
+    }
+
+    /// The age this node self-fences on: its last own keepalive committed and, for a client,
+    /// its session's last acknowledgement — the older.
+    fn contact_age_ms(&self) -> u64 {
+        self.standing.commit_age_ms().max(self.session_age_ms().unwrap_or(0))
+    }
+
     /// Feeds the watchdog while this node's own writes commit; past `after_ms` without one,
     /// destroys its VMs and stops feeding (the host resets).
     pub async fn run(self) {
@@ -78,7 +100,7 @@ impl Guard {
         };
         tracing::info!(device = %device, after_ms, "self-fence armed: watchdog fed while keepalives commit");
         loop {
-            if must_self_fence(self.standing.commit_age_ms(), after_ms) {
+            if must_self_fence(self.contact_age_ms(), after_ms) {
                 break;
             }
             if let Err(e) = wd.feed(Duration::from_secs(1)).await {
@@ -88,9 +110,10 @@ impl Guard {
         }
         self.standing.set_self_fenced();
         tracing::error!(
-            age_ms = self.standing.commit_age_ms(),
-            "SELF-FENCE: no keepalive of this node committed for {after_ms} ms; destroying its VMs and \
-             letting the watchdog reset the host"
+            keepalive_age_ms = self.standing.commit_age_ms(),
+            session_age_ms = self.session_age_ms(),
+            "SELF-FENCE: no keepalive of this node committed, or no coordinator acknowledged its session, \
+             for {after_ms} ms; destroying its VMs and letting the watchdog reset the host"
         );
         if let (Some(hypervisor), Some(member)) = (&self.hypervisor, self.node.local()) {
             let managed: Vec<String> = member.view.read().state.vms.keys().cloned().collect();

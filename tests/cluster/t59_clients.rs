@@ -278,9 +278,10 @@ fn hypervisors_as_clients() {
     eprintln!("t59: h1's data_dir under membership = learner: refused at start");
 
     // h2, running every VM, isolated (cluster and heartbeat networks) with its BMC frozen: no
-    // keepalive of its own committed for 4 s, it destroys its VMs and stops feeding its
-    // watchdog; the fence fails, and once its last keepalive is old enough the primary records
-    // it self-fenced and its VMs run elsewhere.
+    // coordinator acknowledged its session for 4 s, it destroys its VMs and stops feeding its
+    // watchdog; the fence fails, and once no coordinator can have acknowledged its session for
+    // 4 s + the watchdog + the margin (each says when it last heard it) the primary records it
+    // self-fenced on that evidence, and its VMs run elsewhere.
     for v in vms(c.node("c1")).iter().filter(|v| v["node"] != "h2") {
         c.node("c1").admin(json!({"op": "vm-migrate", "name": v["name"], "to": "h2"}));
     }
@@ -304,7 +305,7 @@ fn hypervisors_as_clients() {
         let recorded = ev.iter().any(|e| {
             e["kind"] == "fenced"
                 && e["node"] == "h2"
-                && e["message"].as_str().is_some_and(|m| m.contains("self-fenced"))
+                && e["message"].as_str().is_some_and(|m| m.contains("no coordinator acknowledged its session"))
         });
         let list = vms(c.node("c1"));
         (recorded && settled(&list, &observed(&daemons), |n| n != "h1" && n != "h2")).then_some(())

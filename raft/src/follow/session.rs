@@ -44,6 +44,10 @@ pub struct SessionStatus {
     pub coordinator: Option<(NodeId, String)>,
     /// When a coordinator last answered (its answer is the session's acknowledgement).
     pub answered: Option<Instant>,
+    /// When the last poll a coordinator answered was sent: the acknowledgement dated the way
+    /// the primary can bound it (the coordinator heard the poll after it was sent, and serves
+    /// only within its round trip with the leader) — what a client self-fences on.
+    pub acknowledged: Option<Instant>,
     /// Moves to another coordinator after a failure.
     pub moves: u64,
     /// The last failure, if the last exchange failed.
@@ -140,6 +144,7 @@ impl Session {
             if let Some(r) = &self.report {
                 self.follower.set_report(r.lock().unwrap_or_else(|p| p.into_inner()).clone());
             }
+            let sent = Instant::now();
             let polled = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -150,6 +155,7 @@ impl Session {
                     failures = 0;
                     self.status.send_modify(|s| {
                         s.answered = Some(Instant::now());
+                        s.acknowledged = s.acknowledged.max(Some(sent));
                         s.failing = None;
                     });
                 }

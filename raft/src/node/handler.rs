@@ -162,6 +162,17 @@ where
                 }
                 Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids)))
             }
+            Rpc::Contact => self.answer_contact(&member, frame.from),
+            Rpc::SessionsQuiet { ids } => {
+                if ids.len() > crate::wire::MAX_SESSIONS_ASKED {
+                    return Err(RpcError::BadRequest(format!(
+                        "at most {} ids per question",
+                        crate::wire::MAX_SESSIONS_ASKED
+                    )));
+                }
+                let (heard, serving_ms) = self.sessions_quiet_here(&ids);
+                Ok(RpcReply::SessionsQuiet { heard, serving_ms })
+            }
         }
     }
 

@@ -110,6 +110,7 @@ where
         let member = Arc::new(Member { id, cluster_id, raft, view, boot, log_end_at_start });
         *self.member.write().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
         self.keep_mark(&member);
+        self.keep_contact(&member);
         tracing::info!(node_id = id, cluster = %member.cluster_id, "raft started");
         Ok(member)
     }

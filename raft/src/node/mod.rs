@@ -45,6 +45,7 @@ use crate::transport::Connector;
 use crate::wire::{LeaderOp, Rpc, RpcError, RpcReply};
 
 mod cert;
+mod contact;
 mod forward;
 mod handler;
 mod log_mark;
@@ -180,6 +181,13 @@ pub struct ClusterNode<LS> {
     membership_lock: tokio::sync::Mutex<()>,
     /// When this node last accepted AppendEntries from a leader.
     leader_contact: Mutex<Option<Instant>>,
+    /// Round trips with the leader: this member's last answered ask, and on the leader, the
+    /// asks it received (`contact.rs`).
+    round_trips: Arc<Mutex<contact::RoundTrips>>,
+    /// When this node was made: it heard no session before.
+    born: Instant,
+    /// The most recent contact of a follower forgotten (the map of them is bounded).
+    forgotten: Mutex<Option<Instant>>,
     /// Idle connections to the leader for forwarding, reused (at most [`LEADER_POOL`] kept):
     /// concurrent forwarded calls each take one, so none waits behind another (a minute-long
     /// join, say) and none pays a TCP connect while the pool has one.
@@ -247,6 +255,9 @@ where
             removed: Mutex::new(false),
             membership_lock: tokio::sync::Mutex::new(()),
             leader_contact: Mutex::new(None),
+            round_trips: Arc::default(),
+            born: Instant::now(),
+            forgotten: Mutex::new(None),
             leader_pool: Mutex::new(Vec::new()),
             sessions_pool: Mutex::new(Vec::new()),
             identity_lock: Arc::default(),
@@ -473,7 +484,8 @@ where
 
     /// Until when this member counts as in contact with the leader, from what it last saw
     /// (`None`: not now): a leader, from its quorum's last acknowledgement; a follower, from
-    /// the last AppendEntries it accepted; a sole voter, always — each plus
+    /// the older of the last AppendEntries it accepted and the sending of the last round trip
+    /// the leader answered (`contact.rs`); a sole voter, always — each plus
     /// [`ClusterNode::serve_contact_window`]. A member cut off from the leader has a state
     /// that stops, and serving sessions from it would keep its clients on it.
     pub fn leader_contact_until(&self) -> Option<Instant> {
@@ -486,7 +498,13 @@ where
             match m.state {
                 ServerState::Leader if m.membership_config.voter_ids().eq([member.id]) => Some(Duration::ZERO),
                 ServerState::Leader => m.last_quorum_acked.as_ref().map(|t| openraft::Instant::elapsed(&**t)),
-                _ => self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()).map(|t| now.duration_since(t)),
+                // A follower needs both: appends taken (its state moves on) and a round trip
+                // the leader answered (the leader can vouch for it) — the older of the two.
+                _ => {
+                    let appended = *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner());
+                    let asked = self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).answered_sent;
+                    appended.zip(asked).map(|(a, r)| now.duration_since(a.min(r)))
+                }
             }
         };
         age.filter(|a| *a < window).map(|a| now + (window - a))

@@ -2,12 +2,14 @@
 //! leader op of their own — and the fence rule's question to every coordinator: when did any of
 //! you last hear these clients.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use herd_storage::model::{NodeId, NodeStats, Role};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::storage::RaftLogStorage;
+use openraft::ServerState;
 use tokio::time::Instant;
 
 use super::ClusterNode;
@@ -44,8 +46,10 @@ where
     fn heard(&self, id: NodeId, poll: bool, stats: Option<NodeStats>) {
         let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
         if f.len() >= MAX_FOLLOWERS && !f.contains_key(&id) {
-            if let Some(oldest) = f.iter().min_by_key(|(_, h)| h.contact).map(|(id, _)| *id) {
+            if let Some((oldest, h)) = f.iter().min_by_key(|(_, h)| h.contact).map(|(id, h)| (*id, h.contact)) {
                 f.remove(&oldest);
+                let mut e = self.forgotten.lock().unwrap_or_else(|p| p.into_inner());
+                *e = (*e).max(Some(h));
             }
         }
         let now = Instant::now();
@@ -94,6 +98,15 @@ where
         ids.iter().filter_map(|id| Some((*id, clock::ms(f.get(id)?.contact.elapsed())))).collect()
     }
 
+    /// How many milliseconds ago each of `ids` was last heard here (those not heard since this
+    /// node started, or forgotten, left out), and since when this node could have heard any:
+    /// its start, or the last contact it forgot (the map is bounded).
+    pub(crate) fn sessions_quiet_here(&self, ids: &[NodeId]) -> (Vec<(NodeId, u64)>, u64) {
+        let forgotten = *self.forgotten.lock().unwrap_or_else(|p| p.into_inner());
+        let since = forgotten.map_or(self.born, |f| f.max(self.born));
+        (self.sessions_heard(ids), clock::ms(since.elapsed()))
+    }
+
     /// For each of `ids` (clients outside Raft), the shortest time since any coordinator of the
     /// Raft membership, this one included, heard its session; asked in parallel within
     /// `timeout` — one that does not answer in time vouches for nothing.
@@ -103,10 +116,80 @@ where
         timeout: Duration,
     ) -> std::collections::BTreeMap<NodeId, u64> {
         let mut heard: std::collections::BTreeMap<NodeId, u64> = self.sessions_heard(ids).into_iter().collect();
-        let Some(member) = self.member() else { return heard };
         if ids.is_empty() {
             return heard;
         }
+        for (_, answer) in self.ask_coordinators(|| Rpc::SessionsHeard { ids: ids.to_vec() }, timeout).await {
+            match answer {
+                Ok(RpcReply::SessionsHeard(ages)) => {
+                    for (id, ago) in ages.into_iter().filter(|(id, _)| ids.contains(id)) {
+                        heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
+                    }
+                }
+                Ok(other) => tracing::debug!("unexpected answer to sessions-heard: {other:?}"),
+                Err(e) => tracing::debug!("sessions-heard not answered: {e}"),
+            }
+        }
+        heard
+    }
+
+    /// On the leader: for each of `ids` (clients outside Raft), how many milliseconds no
+    /// coordinator can have acknowledged its session — the least, over every coordinator of
+    /// the Raft membership, of its own word (when it last heard the client, or how long it has
+    /// been up) or, when it does not answer within `timeout`, how long ago it stopped serving
+    /// on a round trip with this leader (`contact.rs`). A coordinator that neither answers
+    /// nor asked this office for contact leaves no evidence (0). Empty when this node does not
+    /// lead.
+    pub async fn sessions_quiet(&self, ids: &[NodeId], timeout: Duration) -> BTreeMap<NodeId, u64> {
+        let Some(member) = self.member() else { return BTreeMap::new() };
+        let (leading, term) = {
+            let m = member.raft.metrics();
+            let m = m.borrow_watched();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        if !leading || ids.is_empty() {
+            return BTreeMap::new();
+        }
+        let (heard, serving_ms) = self.sessions_quiet_here(ids);
+        let mut quiet: BTreeMap<NodeId, u64> = ids.iter().map(|id| (*id, serving_ms)).collect();
+        let lower = |quiet: &mut BTreeMap<NodeId, u64>, id: NodeId, ms: u64| {
+            if let Some(q) = quiet.get_mut(&id) {
+                *q = (*q).min(ms);
+            }
+        };
+        for (id, ago) in heard {
+            lower(&mut quiet, id, ago);
+        }
+        for (peer, answer) in self.ask_coordinators(|| Rpc::SessionsQuiet { ids: ids.to_vec() }, timeout).await {
+            match answer {
+                Ok(RpcReply::SessionsQuiet { heard, serving_ms }) => {
+                    let heard: BTreeMap<NodeId, u64> = heard.into_iter().collect();
+                    for id in ids {
+                        lower(&mut quiet, *id, heard.get(id).copied().unwrap_or(serving_ms));
+                    }
+                }
+                other => {
+                    if let Err(e) = &other {
+                        tracing::debug!(peer, "sessions-quiet not answered: {e}");
+                    }
+                    let bound = self.served_ago(term, peer).map_or(0, clock::ms);
+                    for id in ids {
+                        lower(&mut quiet, *id, bound);
+                    }
+                }
+            }
+        }
+        quiet
+    }
+
+    /// Asks every other coordinator of the Raft membership `rpc()` in parallel within
+    /// `timeout` (one pooled connection each): each one's id and answer.
+    async fn ask_coordinators(
+        &self,
+        rpc: impl Fn() -> Rpc,
+        timeout: Duration,
+    ) -> Vec<(NodeId, Result<RpcReply, CallError>)> {
+        let Some(member) = self.member() else { return Vec::new() };
         let peers: Vec<(NodeId, String)> = {
             let raft_members: Vec<NodeId> =
                 member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
@@ -128,9 +211,9 @@ where
                 pool.iter().position(|c| c.target() == Some(*id) && c.addr() == addr).map(|k| pool.swap_remove(k))
             };
             let mut c = pooled.unwrap_or_else(|| self.client(addr.clone(), Some(*id), member.cluster_id.clone()));
-            let ids = ids.to_vec();
+            let rpc = rpc();
             async move {
-                let answer = c.call(Rpc::SessionsHeard { ids }, timeout).await;
+                let answer = c.call(rpc, timeout).await;
                 // Kept unless the peer is not the node asked for (an address reused); a call
                 // that timed out keeps its connection too (the late reply is dropped by position).
                 if !matches!(answer, Err(CallError::Remote(RpcError::WrongNode { .. }))) {
@@ -140,20 +223,9 @@ where
                         pool.push(c);
                     }
                 }
-                answer
+                (*id, answer)
             }
         });
-        for answer in futures::future::join_all(asks).await {
-            match answer {
-                Ok(RpcReply::SessionsHeard(ages)) => {
-                    for (id, ago) in ages.into_iter().filter(|(id, _)| ids.contains(id)) {
-                        heard.entry(id).and_modify(|a| *a = (*a).min(ago)).or_insert(ago);
-                    }
-                }
-                Ok(other) => tracing::debug!("unexpected answer to sessions-heard: {other:?}"),
-                Err(e) => tracing::debug!("sessions-heard not answered: {e}"),
-            }
-        }
-        heard
+        futures::future::join_all(asks).await
     }
 }

@@ -10,7 +10,9 @@
 //!  FenceDone Fenced with fence_action = reboot ─▶ power_on_due until FencePowerOn (done), the
 //!  node is back, or POWER_ON_GIVE_UP_MS have passed.
 //!  FenceDone SelfFenced: after a failed fence, only with failed_fence = recover-after-self-fence
-//!  and the node's last committed keepalive older than self_fence_after + watchdog + margin.
+//!  and the node's last committed keepalive older than self_fence_after + watchdog + margin;
+//!  FenceDone SessionsQuiet: the same for a client that self-fences on its session, with the
+//!  primary's evidence that no coordinator can have acknowledged it for as long.
 //! ```
 //! The executor (the primary) acts outside the log; this module only records and checks.
 
@@ -231,6 +233,14 @@ pub enum FenceOutcome {
     Failed { reason: String },
     /// The node has self-fenced by now (its policy and its keepalive age say so).
     SelfFenced,
+    /// The node, a client outside Raft that self-fences on its session
+    /// (`NodeStats::session_self_fence`), has self-fenced by now: the primary asked at leader
+    /// time `asked_ms`, and no coordinator can have acknowledged its session for `quiet_ms`
+    /// (each said when it last heard it, or has been out of contact with the leader that
+    /// long). Refused unless `quiet_ms` covers the self-fence deadline, the watchdog and the
+    /// margin, and unless no keepalive of the node committed since `asked_ms` (a node back
+    /// meanwhile).
+    SessionsQuiet { quiet_ms: u64, asked_ms: u64 },
 }
 
 impl NodeRecord {
@@ -418,23 +428,8 @@ fn fence_done(
                 return Err(ApplyError::Invalid(format!("no fence of {name} is in progress")));
             }
         }
-        FenceOutcome::SelfFenced => {
-            if policy.failed_fence != FailedFence::RecoverAfterSelfFence {
-                return Err(ApplyError::Invalid(format!("{name}'s policy does not self-fence")));
-            }
-            if node.daemon_state == DaemonState::Fenced {
-                return Err(ApplyError::Invalid(format!("{name} is already fenced")));
-            }
-            let wait = policy
-                .self_fence_after_ms
-                .saturating_add(policy.watchdog_timeout_ms)
-                .saturating_add(SELF_FENCE_MARGIN_MS);
-            let age = node.last_keepalive_ms.map_or(u64::MAX, |k| now.saturating_sub(k));
-            if age < wait {
-                return Err(ApplyError::Invalid(format!(
-                    "{name}'s last committed keepalive is {age} ms old; it has certainly self-fenced only after {wait} ms"
-                )));
-            }
+        FenceOutcome::SelfFenced | FenceOutcome::SessionsQuiet { .. } => {
+            certainly_self_fenced(name, node, &policy, outcome, now)?;
             node.fence.pending = None;
         }
     }
@@ -448,10 +443,12 @@ fn fence_done(
     node.fence.failed_ms = None;
     node.fence.failure = None;
     node.revision = index;
-    let how = if matches!(outcome, FenceOutcome::SelfFenced) {
-        "self-fenced (by its policy and keepalive age)"
-    } else {
-        "fenced: power-off confirmed"
+    let how = match outcome {
+        FenceOutcome::SelfFenced => "self-fenced (by its policy and keepalive age)".to_string(),
+        FenceOutcome::SessionsQuiet { quiet_ms, .. } => {
+            format!("self-fenced (by its policy; no coordinator acknowledged its session for {quiet_ms} ms)")
+        }
+        _ => "fenced: power-off confirmed".to_string(),
     };
     push_event(state, index, now, "fenced", Some(name), format!("{name} {how} (was {old})"));
     if policy.successful_fence == SuccessfulFence::Migrate {
@@ -461,6 +458,57 @@ fn fence_done(
         node.domain_state = DomainState::Flushed;
     }
     Ok(Reply::Done)
+}
+
+/// Whether `node` has certainly self-fenced by leader time `now`, as `outcome` (a self-fence)
+/// claims: its policy self-fences, it is not fenced already, and either its last committed
+/// keepalive is older than the self-fence deadline + the watchdog + the margin (`SelfFenced`),
+/// or it self-fences on its session and the primary's evidence shows no coordinator can have
+/// acknowledged that session for as long, with no keepalive of it committed since the primary
+/// asked (`SessionsQuiet`).
+fn certainly_self_fenced(
+    name: &str,
+    node: &NodeRecord,
+    policy: &FencePolicy,
+    outcome: &FenceOutcome,
+    now: u64,
+) -> Result<(), ApplyError> {
+    if policy.failed_fence != FailedFence::RecoverAfterSelfFence {
+        return Err(ApplyError::Invalid(format!("{name}'s policy does not self-fence")));
+    }
+    if node.daemon_state == DaemonState::Fenced {
+        return Err(ApplyError::Invalid(format!("{name} is already fenced")));
+    }
+    let wait =
+        policy.self_fence_after_ms.saturating_add(policy.watchdog_timeout_ms).saturating_add(SELF_FENCE_MARGIN_MS);
+    match outcome {
+        FenceOutcome::SessionsQuiet { quiet_ms, asked_ms } => {
+            if !node.stats.session_self_fence {
+                return Err(ApplyError::Invalid(format!(
+                    "{name} does not self-fence on its session; only its keepalive's age can show it self-fenced"
+                )));
+            }
+            if *quiet_ms < wait {
+                return Err(ApplyError::Invalid(format!(
+                    "{name}'s session may have been acknowledged {quiet_ms} ms ago; it has certainly self-fenced only after {wait} ms"
+                )));
+            }
+            if *asked_ms > now || node.last_keepalive_ms.is_some_and(|k| k >= *asked_ms) {
+                return Err(ApplyError::Invalid(format!(
+                    "{name} was heard from after the primary asked about its session (a keepalive committed)"
+                )));
+            }
+        }
+        _ => {
+            let age = node.last_keepalive_ms.map_or(u64::MAX, |k| now.saturating_sub(k));
+            if age < wait {
+                return Err(ApplyError::Invalid(format!(
+                    "{name}'s last committed keepalive is {age} ms old; it has certainly self-fenced only after {wait} ms"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `FencePowerOn`: the power-on after a fence was done, or failed (then it stays due until

@@ -164,6 +164,36 @@ fn self_fenced_recovery_waits_for_the_keepalive_age_its_policy_names() {
 }
 
 #[test]
+fn sessions_quiet_needs_a_session_self_fence_the_full_wait_and_no_keepalive_since_asked() {
+    let mut s = cluster();
+    let p = s.nodes.get_mut("a").and_then(|n| n.fencing.as_mut()).expect("policy");
+    p.failed_fence = FailedFence::RecoverAfterSelfFence;
+    p.watchdog_timeout_ms = 10_000;
+    s.nodes.get_mut("a").expect("a").last_keepalive_ms = Some(40_000);
+    let quiet = |quiet_ms, asked_ms| done(FenceOutcome::SessionsQuiet { quiet_ms, asked_ms });
+    // The node does not say it self-fences on its session (a learner, an older client).
+    let refused = at(&mut s, 2, 50_000, quiet(60_000, 49_000));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("does not self-fence on its session")),
+        "{refused:?}"
+    );
+    s.nodes.get_mut("a").expect("a").stats.session_self_fence = true;
+    // 30 000 + 10 000 + 5 000: quieter for less is not enough, whatever the keepalive's age.
+    let refused = at(&mut s, 3, 50_000, quiet(44_999, 49_000));
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("only after 45000 ms")), "{refused:?}");
+    // A keepalive committed at or after the question: the node is back; so is a question
+    // from the future.
+    assert!(at(&mut s, 4, 50_000, quiet(45_000, 40_000)).is_err(), "a keepalive stamped when asked");
+    assert!(at(&mut s, 5, 50_000, quiet(45_000, 50_001)).is_err(), "asked after now");
+    // The keepalive rule would wait until 85 000; the session's evidence needs no more.
+    assert_eq!(at(&mut s, 6, 50_000, quiet(45_000, 40_001)), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+    assert_ne!(s.vms["v1"].node, "a");
+    assert!(s.events.iter().any(|e| e.message.contains("no coordinator acknowledged its session for 45000 ms")));
+    assert!(at(&mut s, 7, 90_000, quiet(90_000, 89_000)).is_err(), "already fenced");
+}
+
+#[test]
 fn maintenance_policy_and_validation_refusals() {
     let mut s = cluster();
     s.meta.as_mut().expect("meta").maintenance = true;

@@ -38,6 +38,13 @@ pub struct NodeStats {
     /// Domains the node's hypervisor runs or knows that the cluster does not manage: reported,
     /// never touched. At most [`MAX_UNMANAGED`] names.
     pub unmanaged_domains: Vec<String>,
+    /// The node self-fences when no coordinator acknowledged its session (a poll answered)
+    /// within `self_fence_after_ms`, as well as when no keepalive of its own committed: a
+    /// client outside Raft of this version says so with every report. Only then may the
+    /// primary record it self-fenced on its sessions' silence (`FenceOutcome::SessionsQuiet`);
+    /// a node that does not say so (a learner, a client of the previous version) is recorded
+    /// self-fenced on its keepalive's age alone.
+    pub session_self_fence: bool,
 }
 
 /// Bound on the unmanaged domain names one keepalive carries.

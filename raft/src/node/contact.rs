@@ -1,0 +1,179 @@
+//! Round-trip contact with the leader: what lets a coordinator serve sessions, and what lets
+//! the primary tell how long ago a coordinator can last have served one.
+//!
+//! ```text
+//!  member (not leading), every window/4:  sent = now ── Rpc::Contact ──▶ leader
+//!                                                            leader: answers only while its
+//!                                                            quorum acknowledged it within the
+//!                                                            window; notes received[member] = now
+//!  answered ◀── Done ──┘  contact dated from `sent`: serves sessions until sent + window
+//! ```
+//!
+//! So every poll a member answered, it answered before `received + window` on the leader's
+//! clock (its ask was sent before the leader received it). Appends it accepted are not enough
+//! on their own: a member that hears the leader but cannot reach it would serve sessions the
+//! leader cannot vouch for. The primary's `SessionsQuiet` evidence for a client combines, per
+//! coordinator, its own word (when it last heard the client) or, when it does not answer, this
+//! bound (`ClusterNode::sessions_quiet`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use herd_storage::model::NodeId;
+use herd_storage::types::TypeConfig;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::storage::RaftLogStorage;
+use openraft::ServerState;
+use tokio::time::Instant;
+
+use super::{ClusterNode, Member};
+use crate::network::PeerClient;
+use crate::wire::{Rpc, RpcError, RpcReply};
+
+/// What this node knows of round trips with the leader, both ends.
+#[derive(Default)]
+pub(super) struct RoundTrips {
+    /// When this member sent the last ask the leader answered.
+    pub(super) answered_sent: Option<Instant>,
+    /// On the leader: the term of its office and when it first noted it (no earlier than the
+    /// office began, so a bound counted from it errs on the safe side).
+    office: Option<(u64, Instant)>,
+    /// On the leader: when it received each member's last ask in this office.
+    received: BTreeMap<NodeId, Instant>,
+}
+
+impl RoundTrips {
+    /// The office of `term` (a new one forgets the previous office's asks).
+    fn office(&mut self, term: u64) -> Instant {
+        match self.office {
+            Some((t, since)) if t == term => since,
+            _ => {
+                let now = Instant::now();
+                self.office = Some((term, now));
+                self.received.clear();
+                now
+            }
+        }
+    }
+
+    /// On the leader of `term`: `from` asked for contact just now.
+    fn note(&mut self, term: u64, from: NodeId) {
+        self.office(term);
+        self.received.insert(from, Instant::now());
+    }
+
+    /// On the leader of `term`: how long ago member `id` certainly stopped serving sessions on
+    /// a round trip answered by this leader or an earlier one, each round trip lasting
+    /// `window` — `None` when this office has no ask of it (it may run a version that asks
+    /// none, and serve on appends alone).
+    fn served_ago(&mut self, term: u64, id: NodeId, window: Duration) -> Option<Duration> {
+        let office = self.office(term);
+        let received = *self.received.get(&id)?;
+        // A previous leader answered asks until at most a window into this office (it needs
+        // its quorum's acknowledgement within the window, and that quorum had moved on).
+        let last = received.max(office + window);
+        Some(Instant::now().saturating_duration_since(last + window))
+    }
+}
+
+impl<LS> ClusterNode<LS>
+where
+    LS: RaftLogStorage<TypeConfig> + Clone,
+{
+    /// The leader's answer to a member's `Rpc::Contact`.
+    pub(super) fn answer_contact(&self, member: &Member, from: Option<NodeId>) -> Result<RpcReply, RpcError> {
+        let (leading, leader, term, is_member) = {
+            let m = member.raft.metrics();
+            let m = m.borrow_watched();
+            let is_member = from.is_some_and(|f| m.membership_config.membership().get_node(&f).is_some());
+            (m.state == ServerState::Leader, m.current_leader, m.current_term, is_member)
+        };
+        if !leading {
+            return Err(RpcError::NotLeader { leader_id: leader, leader_addr: None });
+        }
+        let Some(from) = from.filter(|_| is_member) else {
+            return Err(RpcError::Refused("only a member of the Raft membership asks for contact".into()));
+        };
+        if self.leader_contact_until().is_none() {
+            return Err(RpcError::Unavailable("this leader's quorum has not acknowledged it lately".into()));
+        }
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note(term, from);
+        Ok(RpcReply::Done)
+    }
+
+    /// On the leader (office `term`): how long ago member `id` certainly stopped serving
+    /// sessions on a round trip with this leader or an earlier one — `None` when this office
+    /// has no ask of it (it may run a version that asks none, and serve on appends alone).
+    pub(super) fn served_ago(&self, term: u64, id: NodeId) -> Option<Duration> {
+        let window = self.serve_contact_window();
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).served_ago(term, id, window)
+    }
+
+    /// Asks the leader for a round trip every quarter of the serving window, while `member`'s
+    /// Raft runs.
+    pub(super) fn keep_contact(&self, member: &Member) {
+        let round_trips = self.round_trips.clone();
+        let (me, cluster_id, metrics) = (member.id, member.cluster_id.clone(), member.raft.metrics());
+        let (connector, limits) = (self.connector.clone(), self.settings.limits.clone());
+        let every = (self.serve_contact_window() / 4).max(Duration::from_millis(100));
+        let timeout = self.serve_contact_window() / 2;
+        herd_storage::types::spawn(async move {
+            let mut client: Option<PeerClient> = None;
+            loop {
+                tokio::time::sleep(every).await;
+                let target = {
+                    let m = metrics.borrow_watched();
+                    if m.running_state.is_err() {
+                        return; // Raft stopped
+                    }
+                    let leader = m.current_leader.filter(|l| *l != me);
+                    leader.and_then(|l| Some((l, m.membership_config.membership().get_node(&l)?.addr.clone())))
+                };
+                let Some((leader, addr)) = target else { continue };
+                if client.as_ref().is_none_or(|c| c.target() != Some(leader) || c.addr() != addr) {
+                    let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
+                    client = Some(c.from(Some(me)));
+                }
+                let Some(c) = client.as_mut() else { continue };
+                let sent = Instant::now();
+                match c.call(Rpc::Contact, timeout).await {
+                    Ok(RpcReply::Done) => {
+                        let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
+                        rt.answered_sent = rt.answered_sent.max(Some(sent));
+                    }
+                    Ok(other) => tracing::debug!("unexpected answer to a contact ask: {other:?}"),
+                    Err(e) => {
+                        tracing::debug!(leader, "contact ask not answered: {e}");
+                        client = None;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_stops_serving_a_window_after_its_last_ask_and_never_before_the_office_plus_one() {
+        let mut rt = RoundTrips::default();
+        assert_eq!(rt.served_ago(3, 2, WINDOW), None, "no ask this office: no evidence");
+        rt.note(3, 2);
+        // Received at the office's start: the previous leader may have answered until a
+        // window into the office, and that answer lasts a window more.
+        assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::ZERO));
+        tokio::time::advance(Duration::from_millis(2_500)).await;
+        assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::from_millis(500)));
+        rt.note(3, 2);
+        assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::ZERO), "a fresh ask: serving now");
+        tokio::time::advance(Duration::from_millis(4_000)).await;
+        assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::from_millis(3_000)));
+        assert_eq!(rt.served_ago(3, 5, WINDOW), None, "another member, never asked");
+        // A new office forgets the asks of the last one.
+        assert_eq!(rt.served_ago(4, 2, WINDOW), None);
+    }
+}
