@@ -24,6 +24,9 @@ pub enum Breakage {
     FenceWithoutToken,
     /// Every fifth change a member serves to followers outside Raft lacks its request.
     ChangesWithoutRequests,
+    /// The primary records a client that self-fences on its session self-fenced without the
+    /// coordinators' evidence (as if none could have acknowledged it for the whole wait).
+    SelfFencedWithoutEvidence,
 }
 
 #[cfg(feature = "breakage")]

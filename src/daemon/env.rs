@@ -43,6 +43,8 @@ pub struct Env {
     pub host_stats: Arc<dyn HostStats>,
     /// Whether the store takes writes (probed after Raft stopped on a storage error).
     pub storage_probe: Arc<dyn super::storage::StorageProbe>,
+    /// Where the self-fence guard arms its watchdog (`[fencing] watchdog`).
+    pub watchdogs: Arc<dyn crate::fence::selffence::WatchdogDevice>,
 }
 
 impl Env {
@@ -104,6 +106,7 @@ impl Env {
             addresses: Arc::new(crate::primary::duties::IpCommand),
             host_stats: Arc::new(stats::ProcStats),
             storage_probe: Arc::new(super::storage::DirProbe(config.data_dir.clone())),
+            watchdogs: Arc::new(crate::fence::selffence::DeviceFile),
         })
     }
 }

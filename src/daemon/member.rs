@@ -291,6 +291,7 @@ impl Daemon {
                     node: self.node.clone(),
                     hypervisor,
                     device: f.watchdog.clone(),
+                    watchdogs: self.watchdogs.clone(),
                     after_ms: p.self_fence_after_ms,
                 };
                 self.tasks.spawn(guard.run());

@@ -88,6 +88,8 @@ pub struct Daemon {
     /// How this node is fenced (from `[fencing]`), published in its record.
     fencing: Option<FencePolicy>,
     host_stats: Arc<dyn HostStats>,
+    /// Where the self-fence guard arms its watchdog.
+    watchdogs: Arc<dyn crate::fence::selffence::WatchdogDevice>,
     /// What the cluster port counts (refusals by reason, connections admitted).
     pub cluster_port: Arc<herd_raft::server::PortStats>,
     /// The tasks the member duties start (targets, reconcile, flush, self-fence guard).
@@ -175,6 +177,7 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         resumed: AtomicBool::new(false),
         fencing,
         host_stats: env.host_stats,
+        watchdogs: env.watchdogs,
         cluster_port: Arc::new(herd_raft::server::PortStats::default()),
         tasks: Tasks::new(),
     });

@@ -23,8 +23,7 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 use herd_storage::model::{
-    Command, DaemonState, FailedFence, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, PendingFence, Role,
-    SELF_FENCE_MARGIN_MS,
+    Command, DaemonState, FenceAction, FenceOutcome, FencePolicy, NodeId, NodeRecord, PendingFence, Role,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::sync::{watch, Semaphore};
@@ -42,8 +41,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// The shortest wait between two rounds (a fence due now is decided in the next round).
 const MIN_TICK: Duration = Duration::from_millis(5);
 /// How long the primary waits for another coordinator to say when it heard a client's session.
-const SESSIONS_ASK_TIMEOUT: Duration = Duration::from_millis(200);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const SESSIONS_ASK_TIMEOUT: Duration = Duration::from_millis(200);
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A Raft-silent node's BMC is read this often (a powered-off node is dead, even under MNFA).
 const SILENT_CHECK: Duration = Duration::from_secs(1);
 const CONFIRM_POLL: Duration = Duration::from_millis(200);
@@ -91,7 +90,7 @@ struct Local {
 
 pub struct FenceManager {
     settings: Settings,
-    node: Arc<ClusterNode<LogStore>>,
+    pub(super) node: Arc<ClusterNode<LogStore>>,
     heartbeat: Arc<Agent>,
     primary: Arc<Manager>,
     fencer: Arc<dyn Fencer>,
@@ -205,7 +204,7 @@ impl FenceManager {
     }
 
     /// Which of `ids` are clients outside Raft (registered, not in the Raft membership).
-    fn clients(&self, ids: impl IntoIterator<Item = NodeId>) -> Vec<NodeId> {
+    pub(super) fn clients(&self, ids: impl IntoIterator<Item = NodeId>) -> Vec<NodeId> {
         let m = self.node.member().map(|m| m.raft.metrics().borrow_watched().membership_config.clone());
         m.map_or(Vec::new(), |m| ids.into_iter().filter(|id| m.membership().get_node(id).is_none()).collect())
     }
@@ -286,51 +285,15 @@ impl FenceManager {
         soonest
     }
 
-    /// After a failed fence, a node whose policy self-fences is recovered once its last
-    /// committed keepalive is older than its self-fence deadline plus its watchdog plus a margin
-    /// (the model checks the same arithmetic on the leader's clock) — or, for a client that
-    /// self-fences on its session, once no coordinator can have acknowledged that session for
-    /// as long (`ClusterNode::sessions_quiet`, the evidence the model checks).
-    async fn maybe_self_fenced(&self, rec: &NodeRecord, policy: &FencePolicy, now_ms: u64) {
-        if policy.failed_fence != FailedFence::RecoverAfterSelfFence
-            || rec.fence.failure.is_none()
-            || rec.fence.pending.is_some()
-            || rec.daemon_state == herd_storage::model::DaemonState::Fenced
-        {
-            return;
+    /// Whether to try recording `name` self-fenced now: at most once a second (each try is a
+    /// log entry).
+    pub(super) fn self_fenced_try(&self, name: &str) -> bool {
+        let mut l = self.local();
+        if l.self_fenced_tried.get(name).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
         }
-        let wait = policy.self_fence_after_ms + policy.watchdog_timeout_ms + SELF_FENCE_MARGIN_MS;
-        let by_keepalive = rec.last_keepalive_ms.is_none_or(|k| now_ms.saturating_sub(k) >= wait);
-        let on_session = rec.stats.session_self_fence && !self.clients([rec.id]).is_empty();
-        if !by_keepalive && !on_session {
-            return;
-        }
-        {
-            let mut l = self.local();
-            if l.self_fenced_tried.get(&rec.name).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return;
-            }
-            l.self_fenced_tried.insert(rec.name.clone(), Instant::now());
-        }
-        // The session's evidence first (sooner: the keepalive is written up to an interval after
-        // the session was last heard), the keepalive's age when the evidence falls short.
-        let mut outcome = by_keepalive.then_some(FenceOutcome::SelfFenced);
-        if on_session {
-            let asked_ms = herd_raft::clock::wall_ms();
-            let quiet = self.node.sessions_quiet(&[rec.id], SESSIONS_ASK_TIMEOUT).await;
-            let quiet_ms = quiet.get(&rec.id).copied().unwrap_or(0);
-            if quiet_ms >= wait {
-                outcome = Some(FenceOutcome::SessionsQuiet { quiet_ms, asked_ms });
-            } else {
-                tracing::debug!(node = %rec.name, quiet_ms, wait, "self-fence: its session may have been acknowledged");
-            }
-        }
-        let Some(outcome) = outcome else { return };
-        let cmd = Command::FenceDone { name: rec.name.clone(), outcome };
-        match self.node.write_local(vec![cmd.into()], WRITE_TIMEOUT).await {
-            Ok(_) => tracing::warn!(node = %rec.name, "recorded as self-fenced by its policy; its VMs are recovered"),
-            Err(e) => tracing::debug!(node = %rec.name, "self-fenced recovery not recorded: {e}"),
-        }
+        l.self_fenced_tried.insert(name.to_string(), Instant::now());
+        true
     }
 
     fn spawn_check(self: &Arc<Self>, rec: &NodeRecord, policy: FencePolicy) {

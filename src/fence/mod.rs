@@ -20,4 +20,5 @@ pub mod external;
 pub mod ipmi;
 pub mod manager;
 pub mod registry;
+mod self_fenced;
 pub mod selffence;

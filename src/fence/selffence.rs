@@ -22,6 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 
@@ -32,6 +34,28 @@ use crate::standing::Standing;
 /// none since this process started, counted from the start).
 pub fn must_self_fence(age_ms: u64, self_fence_after_ms: u64) -> bool {
     age_ms >= self_fence_after_ms
+}
+
+/// Where a watchdog is armed: the device in production, the simulated machine's in the
+/// simulation (which resets the machine when it goes unfed).
+pub trait WatchdogDevice: Send + Sync {
+    /// Opens (and so arms) the watchdog at `path`.
+    fn open(&self, path: &str) -> Result<Box<dyn Feed>, String>;
+}
+
+/// An armed watchdog.
+pub trait Feed: Send {
+    /// Feeds it once, within `deadline`.
+    fn feed(&mut self, deadline: Duration) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// The hardware watchdog: a device file.
+pub struct DeviceFile;
+
+impl WatchdogDevice for DeviceFile {
+    fn open(&self, path: &str) -> Result<Box<dyn Feed>, String> {
+        Watchdog::open(path).map(|w| Box::new(w) as Box<dyn Feed>).map_err(|e| e.to_string())
+    }
 }
 
 /// An open watchdog device.
@@ -46,17 +70,21 @@ impl Watchdog {
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
         Ok(Watchdog { path: PathBuf::from(path), file })
     }
+}
 
+impl Feed for Watchdog {
     /// Feeds it (one byte that is not `V`, the magic close).
-    pub async fn feed(&mut self, deadline: Duration) -> Result<(), String> {
-        let mut f = self.file.try_clone().map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let path = self.path.display().to_string();
-        crate::boundary::run(crate::boundary::Library::Watchdog, "watchdog", deadline, move || {
-            f.write_all(b"\0").and_then(|_| f.flush())
+    fn feed(&mut self, deadline: Duration) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let mut f = self.file.try_clone().map_err(|e| format!("{}: {e}", self.path.display()))?;
+            let path = self.path.display().to_string();
+            crate::boundary::run(crate::boundary::Library::Watchdog, "watchdog", deadline, move || {
+                f.write_all(b"\0").and_then(|_| f.flush())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{path}: {e}"))
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{path}: {e}"))
     }
 }
 
@@ -66,8 +94,9 @@ pub struct Guard {
     pub node: Arc<ClusterNode<LogStore>>,
     /// This node's hypervisor (none on a coordinator without one).
     pub hypervisor: Option<Arc<dyn Hypervisor>>,
-    /// The watchdog device.
+    /// The watchdog device, and where it is opened.
     pub device: String,
+    pub watchdogs: Arc<dyn WatchdogDevice>,
     pub after_ms: u64,
 }
 
@@ -90,7 +119,7 @@ impl Guard {
     /// destroys its VMs and stops feeding (the host resets).
     pub async fn run(self) {
         let (device, after_ms) = (self.device.clone(), self.after_ms);
-        let mut wd = match Watchdog::open(&device) {
+        let mut wd = match self.watchdogs.open(&device) {
             Ok(w) => w,
             Err(e) => {
                 // Validation required the device; failing to open it is loud, not silent.

@@ -153,26 +153,15 @@ where
                 let want = Want::Deltas { me: frame.from };
                 self.follow(&member, frame.from, (from, wait_ms, stats), timeout, want).await
             }
-            Rpc::SessionsHeard { ids } => {
-                if ids.len() > crate::wire::MAX_SESSIONS_ASKED {
-                    return Err(RpcError::BadRequest(format!(
-                        "at most {} ids per question",
-                        crate::wire::MAX_SESSIONS_ASKED
-                    )));
-                }
-                Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids)))
+            Rpc::SessionsHeard { ids } | Rpc::SessionsQuiet { ids } if ids.len() > crate::wire::MAX_SESSIONS_ASKED => {
+                Err(RpcError::BadRequest(format!("at most {} ids per question", crate::wire::MAX_SESSIONS_ASKED)))
             }
-            Rpc::Contact => self.answer_contact(&member, frame.from),
+            Rpc::SessionsHeard { ids } => Ok(RpcReply::SessionsHeard(self.sessions_heard(&ids))),
             Rpc::SessionsQuiet { ids } => {
-                if ids.len() > crate::wire::MAX_SESSIONS_ASKED {
-                    return Err(RpcError::BadRequest(format!(
-                        "at most {} ids per question",
-                        crate::wire::MAX_SESSIONS_ASKED
-                    )));
-                }
                 let (heard, serving_ms) = self.sessions_quiet_here(&ids);
                 Ok(RpcReply::SessionsQuiet { heard, serving_ms })
             }
+            Rpc::Contact => self.answer_contact(&member, frame.from),
         }
     }
 

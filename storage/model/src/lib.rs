@@ -37,6 +37,7 @@ mod fence;
 mod maintenance;
 mod node_ops;
 mod place;
+mod self_fence;
 mod stray;
 mod vm;
 

@@ -60,6 +60,7 @@ pub fn power_off(world: &World, i: usize) {
     }
     m.powered = false;
     m.powered_off_at = Some(crate::world::now());
+    m.watchdog = None;
     m.hv.power_off();
     w.power_requests.push(PowerRequest::Off(i));
     drop(w);
@@ -76,6 +77,7 @@ pub fn power_on(world: &World, i: usize) {
         return;
     }
     m.powered = true;
+    m.was_off = m.powered_off_at.map(|off| (off, crate::world::now()));
     m.powered_off_at = None;
     m.hv.power_on();
     w.power_requests.push(PowerRequest::On(i));
@@ -126,6 +128,7 @@ impl FenceAgent for SimBmc {
                     if !powered {
                         let m = &mut w.machines[i];
                         m.powered = true;
+                        m.was_off = m.powered_off_at.map(|off| (off, crate::world::now()));
                         m.powered_off_at = None;
                         m.hv.power_on();
                         w.power_requests.push(PowerRequest::On(i));

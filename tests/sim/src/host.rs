@@ -25,6 +25,13 @@ fn stats() -> NodeStats {
     NodeStats { cpu_count: 16, load_milli: 100, mem_total_mib: 65_536, mem_used_mib: 2_048, ..NodeStats::default() }
 }
 
+/// The nodes whose policy self-fences (`recover-after-self-fence`, by index: h2), and how.
+pub const SELF_FENCING: [usize; 1] = [4];
+const SELF_FENCE: &str = "failed_fence = \"recover-after-self-fence\"\nself_fence_after_ms = 4000\n\
+                          watchdog = \"/dev/watchdog\"\nwatchdog_timeout_ms = 5000\n";
+/// Its watchdog's timeout, as `SELF_FENCE` arms it.
+pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The cluster's floating address (only ever held in the world's record).
 pub const FLOATING_IP: &str = "192.0.2.10/24 dev sim0";
 
@@ -75,7 +82,8 @@ pub fn config(world: &World, i: usize, dir: &Path) -> Result<Config, String> {
          [hypervisor]\nuri = \"test:///sim\"\nshutdown_timeout_ms = 2000\nreconcile_interval_ms = 500\n\
          [fence]\ncheck_interval_ms = 1000\ncall_timeout_ms = 1000\nconfirm_timeout_ms = 3000\nretry_after_ms = 10000\n\
          [primary]\nfloating_ips = [\"{FLOATING_IP}\"]\n\
-         [fencing]\nbmc = \"{bmc}\"\nuser = \"admin\"\npassword_file = \"{pw}\"\n",
+         [fencing]\nbmc = \"{bmc}\"\nuser = \"admin\"\npassword_file = \"{pw}\"\n{self_fence}",
+        self_fence = if SELF_FENCING.contains(&i) { SELF_FENCE } else { "" },
         data = dir.join(&name).display(),
         sock = dir.join(format!("{name}.sock")).display(),
         bmc = bmc_addr(i),
@@ -127,6 +135,11 @@ pub async fn run(world: World, i: usize, dir: Arc<tempfile::TempDir>) -> turmoil
             addresses: Arc::new(SimAddresses { world: world.clone(), machine: i }),
             host_stats: Arc::new(FixedStats(stats())),
             storage_probe: Arc::new(SimProbe(log_probe)),
+            watchdogs: Arc::new(crate::watchdog::SimWatchdog {
+                world: world.clone(),
+                machine: i,
+                timeout: WATCHDOG_TIMEOUT,
+            }),
         };
         let running = match daemon::start(config, env).await {
             Ok(r) => r,

@@ -32,4 +32,5 @@ pub mod invariants;
 pub mod linearizable;
 pub mod net;
 pub mod run;
+pub mod watchdog;
 pub mod world;

@@ -170,6 +170,8 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         for i in due {
             crate::bmc::power_off(&world, i);
         }
+        // Watchdogs of self-fencing machines left unfed reset them.
+        crate::watchdog::step(&world, now);
         // Daemons to start again (after a storage error, or a failed start), unless crashed or
         // powered off meanwhile.
         let restarts = std::mem::take(&mut world.lock().restart_requests);

@@ -70,6 +70,8 @@ pub struct Machine {
     pub powered: bool,
     /// Since when it has been powered off through its BMC (`None` while powered).
     pub powered_off_at: Option<Duration>,
+    /// Its last time off, once powered on again: (off, on).
+    pub was_off: Option<(Duration, Duration)>,
     pub bmc: BmcMode,
     /// The running daemon (None while crashed or powered off).
     pub daemon: Option<Arc<Daemon>>,
@@ -78,6 +80,10 @@ pub struct Machine {
     pub boots: u64,
     /// A copy of the store, taken by a `Restore` fault and put back when it ends.
     pub backup: Option<crate::faults::Backup>,
+    /// Its watchdog, once a self-fence guard armed it: when it was last fed, and how long it
+    /// waits unfed before it resets the machine. A crashed daemon leaves it armed (as an
+    /// unexpected close does); a power-off disarms it.
+    pub watchdog: Option<crate::watchdog::Armed>,
 }
 
 /// A pulse as the invariants see it: sent by coordinator `from` at `sent`, carrying `from`'s
@@ -136,6 +142,8 @@ pub struct Inner {
     pub address_holders: BTreeSet<usize>,
     /// Machines that fault crashed (restarted when it ends).
     pub fence_crashed: Vec<usize>,
+    /// Machines a watchdog reset, and when each boots again.
+    pub reboots: Vec<(Duration, usize)>,
     pub trace: Vec<String>,
     pub rng: StdRng,
     /// Set by the client once the cluster is set up (the faults start a second later).
@@ -197,6 +205,8 @@ impl World {
                 inbox: None,
                 boots: 0,
                 backup: None,
+                watchdog: None,
+                was_off: None,
             })
             .collect();
         World(Arc::new(Mutex::new(Inner {
@@ -217,6 +227,7 @@ impl World {
             crash_primary_on_fence: None,
             address_holders: BTreeSet::new(),
             fence_crashed: Vec::new(),
+            reboots: Vec::new(),
             trace: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),
             setup_done: false,

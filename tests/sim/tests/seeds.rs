@@ -27,6 +27,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "ack-without-commit" => Some(Breakage::AckWithoutCommit),
         "fence-without-token" => Some(Breakage::FenceWithoutToken),
         "changes-without-requests" => Some(Breakage::ChangesWithoutRequests),
+        "self-fenced-without-evidence" => Some(Breakage::SelfFencedWithoutEvidence),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
     }
 }
@@ -253,4 +254,11 @@ fn soak() {
     let verdicts = run_seeds_as(from..from + n, None, 2, clients_from_env());
     println!("soak: {} seeds in {:.0} s", verdicts.len(), started.elapsed().as_secs_f64());
     assert_clean(&verdicts, None, clients_from_env());
+}
+
+#[test]
+fn broken_self_fence_evidence_is_caught() {
+    // A client recorded self-fenced while a coordinator still acknowledged its session: its
+    // VMs start elsewhere while it runs them.
+    caught("self-fenced-without-evidence", "no-double-run");
 }

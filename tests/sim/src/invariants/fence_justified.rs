@@ -17,7 +17,8 @@
 //! relayed through answers are not tracked: the check may miss a violation that only a
 //! relayed view could have shown, but never reports one that did not happen. Manual fences
 //! (`herd node fence`) are exempt, and so is a victim already powered off through its BMC
-//! before the decision (then it is dead, and herd's dead-on-BMC path decides on that reading).
+//! before the decision (then it is dead, and herd's dead-on-BMC path decides on that reading),
+//! or powered on again less than a BMC reading's lifetime (3 s) before it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -76,6 +77,9 @@ impl FenceJustified {
     }
 }
 
+/// How long the fence manager takes a BMC's power reading as current (`3 × SILENT_CHECK`).
+const BMC_READING_FRESH: Duration = Duration::from_secs(3);
+
 /// Which coordinator with a fresh view at `p` had heard `v` too recently at time `t`.
 fn heard_by_fresh_view(world: &World, p: usize, v: usize, t: Duration, fence_after_ms: u64) -> Option<String> {
     let params = Params::default();
@@ -88,6 +92,12 @@ fn heard_by_fresh_view(world: &World, p: usize, v: usize, t: Duration, fence_aft
     // of it earlier: herd's dead-on-BMC path fences it on that reading (seed 5400: a late
     // power-off of a cancelled fence, then the new primary's decision 1.6 s later).
     if w.machines[v].powered_off_at.is_some_and(|off| off < t) {
+        return None;
+    }
+    // Nor is a decision on a reading of the power off taken while it was off (a watchdog's
+    // reset: off, then on again 2 s later): herd takes a BMC reading as current for 3 s
+    // (seed 1119 with h2's watchdog).
+    if w.machines[v].was_off.is_some_and(|(off, on)| off < t && t < on + BMC_READING_FRESH) {
         return None;
     }
     let recent = |h: Duration| h <= t && t < h + window;
