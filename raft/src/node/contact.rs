@@ -27,7 +27,7 @@ use openraft::ServerState;
 use tokio::time::Instant;
 
 use super::{ClusterNode, Member};
-use crate::network::PeerClient;
+use crate::network::{CallError, PeerClient};
 use crate::wire::{Rpc, RpcError, RpcReply};
 
 /// What this node knows of round trips with the leader, both ends.
@@ -35,6 +35,10 @@ use crate::wire::{Rpc, RpcError, RpcReply};
 pub(super) struct RoundTrips {
     /// When this member sent the last ask the leader answered.
     pub(super) answered_sent: Option<Instant>,
+    /// A leader (id, term) of the previous version, which does not know the ask: while it
+    /// leads, this member serves on its appends alone, as that version did (its primary
+    /// records no self-fence on sessions' evidence).
+    pub(super) old_leader: Option<(NodeId, u64)>,
     /// On the leader: the term of its office and when it first noted it (no earlier than the
     /// office began, so a bound counted from it errs on the safe side).
     office: Option<(u64, Instant)>,
@@ -54,6 +58,20 @@ impl RoundTrips {
                 now
             }
         }
+    }
+
+    /// A follower's contact with the leader `leader` (id, term), `appended` being when it last
+    /// took its appends: how long ago the older of those and the sending of its last answered
+    /// ask — or of the appends alone, under a leader of the previous version (`old_leader`).
+    pub(super) fn follower_contact(
+        &self,
+        appended: Option<Instant>,
+        leader: Option<(NodeId, u64)>,
+        now: Instant,
+    ) -> Option<Duration> {
+        let old = leader.is_some_and(|l| self.old_leader == Some(l));
+        let asked = if old { appended } else { self.answered_sent };
+        appended.zip(asked).map(|(a, r)| now.duration_since(a.min(r)))
     }
 
     /// On the leader of `term`: `from` asked for contact just now.
@@ -127,9 +145,10 @@ where
                         return; // Raft stopped
                     }
                     let leader = m.current_leader.filter(|l| *l != me);
-                    leader.and_then(|l| Some((l, m.membership_config.membership().get_node(&l)?.addr.clone())))
+                    let term = m.current_term;
+                    leader.and_then(|l| Some((l, term, m.membership_config.membership().get_node(&l)?.addr.clone())))
                 };
-                let Some((leader, addr)) = target else { continue };
+                let Some((leader, term, addr)) = target else { continue };
                 if client.as_ref().is_none_or(|c| c.target() != Some(leader) || c.addr() != addr) {
                     let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
                     client = Some(c.from(Some(me)));
@@ -140,6 +159,16 @@ where
                     Ok(RpcReply::Done) => {
                         let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
                         rt.answered_sent = rt.answered_sent.max(Some(sent));
+                        rt.old_leader = None;
+                    }
+                    // Only a frame it cannot decode is a bad request to a leader.
+                    Err(CallError::Remote(RpcError::BadRequest(why))) => {
+                        let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
+                        if rt.old_leader != Some((leader, term)) {
+                            tracing::info!(leader, %why, "the leader does not know contact asks (an older version): serving on its appends alone while it leads");
+                        }
+                        rt.old_leader = Some((leader, term));
+                        client = None;
                     }
                     Ok(other) => tracing::debug!("unexpected answer to a contact ask: {other:?}"),
                     Err(e) => {
@@ -175,5 +204,25 @@ mod tests {
         assert_eq!(rt.served_ago(3, 5, WINDOW), None, "another member, never asked");
         // A new office forgets the asks of the last one.
         assert_eq!(rt.served_ago(4, 2, WINDOW), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_counts_the_older_of_appends_and_round_trip_unless_the_leader_is_old() {
+        let mut rt = RoundTrips::default();
+        let t0 = Instant::now();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        let leader = Some((1, 7));
+        assert_eq!(rt.follower_contact(Some(now), leader, now), None, "appends without a round trip");
+        rt.answered_sent = Some(t0);
+        assert_eq!(rt.follower_contact(Some(now), leader, now), Some(Duration::from_millis(500)), "the older");
+        assert_eq!(rt.follower_contact(None, leader, now), None, "a round trip without appends");
+        // A leader of the previous version answers no ask: its appends alone count, for that
+        // leader and term only.
+        rt.answered_sent = None;
+        rt.old_leader = Some((1, 7));
+        assert_eq!(rt.follower_contact(Some(now), leader, now), Some(Duration::ZERO));
+        assert_eq!(rt.follower_contact(Some(now), Some((1, 8)), now), None, "re-elected: it may be new now");
+        assert_eq!(rt.follower_contact(Some(now), Some((2, 8)), now), None, "another leader");
     }
 }

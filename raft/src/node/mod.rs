@@ -502,8 +502,8 @@ where
                 // the leader answered (the leader can vouch for it) — the older of the two.
                 _ => {
                     let appended = *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner());
-                    let asked = self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).answered_sent;
-                    appended.zip(asked).map(|(a, r)| now.duration_since(a.min(r)))
+                    let rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+                    rt.follower_contact(appended, m.current_leader.map(|l| (l, m.current_term)), now)
                 }
             }
         };

@@ -121,14 +121,16 @@ pub async fn setup(world: &World, history: &mut History) -> Result<(), String> {
         }
         sleep_ms(100).await;
     }
+    let place_on = world.lock().place_on.clone();
     for v in 0..VMS {
         let call = now();
+        let node = place_on.clone();
         until_ok(
             world,
             0,
             move || AdminRequest::VmDefine {
                 xml: vm_xml(v, 0),
-                node: None,
+                node: node.clone(),
                 selector: None,
                 limit: Vec::new(),
                 autostart: true,

@@ -38,6 +38,10 @@ pub enum Fault {
     Pause(usize),
     /// The machine's BMC does not answer.
     BmcSilent(usize),
+    /// The machine is cut from every other one and its BMC does not answer (a host whose
+    /// switch died with its BMC's): its fence fails, and only a self-fence lets its VMs be
+    /// recovered — h2's policy (`host::SELF_FENCING`).
+    Isolated(usize),
     /// The machine's BMC answers late.
     BmcLate { node: usize, ms: u64 },
     /// The client hands the primary role to another coordinator.
@@ -103,6 +107,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
             4 => Fault::Loss { pct: rng.random_range(5..40) },
             5 => Fault::Delay { max_ms: rng.random_range(5..120) },
             6 => Fault::Pause(node),
+            7 if rng.random_bool(0.4) => Fault::Isolated(node),
             7 => Fault::BmcSilent(node),
             8 => Fault::BmcLate { node, ms: rng.random_range(100..3000) },
             9 => Fault::PrimaryCrashInFence { node, bmc_ms: rng.random_range(500..3000) },
@@ -120,6 +125,9 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         // A hang must outlast the loss and fence_after times for the fence to be decided.
         let lasts = match fault {
             Fault::PrimaryCrashInFence { .. } => lasts.max(Duration::from_millis(4500)).min(end - t),
+            // Long enough, often, for a self-fence to be recorded (its deadline, the watchdog
+            // and the margin: 14 s for h2).
+            Fault::Isolated(_) => Duration::from_millis(rng.random_range(3000..18_000)).min(end - t),
             // The copy's age: long enough for the cluster to have recorded more than it holds.
             Fault::Restore(_) => Duration::from_millis(rng.random_range(3000..15_000)).min(end - t),
             _ => lasts,
@@ -178,6 +186,12 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
             }
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Silent,
+        Fault::Isolated(i) => {
+            for o in (0..n).filter(|o| o != i) {
+                sim.partition(name(*i).as_str(), name(o).as_str());
+            }
+            world.lock().machines[*i].bmc = BmcMode::Silent;
+        }
         Fault::BmcLate { node, ms } => world.lock().machines[*node].bmc = BmcMode::Late(Duration::from_millis(*ms)),
         Fault::PrimaryCrashInFence { node, bmc_ms } => {
             world.lock().crash_primary_on_fence = Some(Duration::from_millis(*bmc_ms));
@@ -300,6 +314,12 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
             }
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Normal,
+        Fault::Isolated(i) => {
+            for o in (0..n).filter(|o| o != i) {
+                sim.repair(name(*i).as_str(), name(o).as_str());
+            }
+            world.lock().machines[*i].bmc = BmcMode::Normal;
+        }
         Fault::BmcLate { node, .. } => world.lock().machines[*node].bmc = BmcMode::Normal,
         Fault::PrimaryCrashInFence { node, .. } => {
             for o in (0..n).filter(|o| o != node) {

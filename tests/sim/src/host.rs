@@ -27,7 +27,7 @@ fn stats() -> NodeStats {
 
 /// The nodes whose policy self-fences (`recover-after-self-fence`, by index: h2), and how.
 pub const SELF_FENCING: [usize; 1] = [4];
-const SELF_FENCE: &str = "failed_fence = \"recover-after-self-fence\"\nself_fence_after_ms = 4000\n\
+const SELF_FENCE: &str = "failed_fence = \"recover-after-self-fence\"\nself_fence_after_ms = 8000\n\
                           watchdog = \"/dev/watchdog\"\nwatchdog_timeout_ms = 5000\n";
 /// Its watchdog's timeout, as `SELF_FENCE` arms it.
 pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(5);

@@ -35,11 +35,19 @@ pub struct Options {
     /// Hypervisors join as clients outside Raft (the default `[cluster] membership`);
     /// `false`: as Raft learners (`membership = "learner"`, clusters made before clients).
     pub clients: bool,
+    /// Instead of the seeded schedule, one fault: this node isolated (cut from every other,
+    /// its BMC silent) for [`ISOLATION`] from a second after the setup — the self-fence
+    /// scenario (`HERD_SIM_SCENARIO=isolate-h2`).
+    pub isolate: Option<usize>,
 }
+
+/// How long the isolation scenario lasts: past h2's self-fence (8 s), its watchdog (5 s) and
+/// the margin (5 s), with the failed fence's retry on top.
+pub const ISOLATION: Duration = Duration::from_secs(26);
 
 impl Default for Options {
     fn default() -> Self {
-        Options { breakage: None, fault_window: Duration::from_secs(20), clients: true }
+        Options { breakage: None, fault_window: Duration::from_secs(20), clients: true, isolate: None }
     }
 }
 
@@ -53,6 +61,9 @@ pub struct Outcome {
     pub simulated: Duration,
     pub faults: usize,
     pub converged_after: Option<Duration>,
+    /// The nodes recorded self-fenced (from the committed events), each as `name:how` — `how`
+    /// being `session` (the coordinators' evidence) or `keepalive` (its age).
+    pub self_fenced: Vec<String>,
 }
 
 thread_local! {
@@ -111,6 +122,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     }
     let world = World::new(seed, &NODES);
     world.lock().clients = opts.clients;
+    world.lock().place_on = opts.isolate.map(|i| NODES[i].0.to_string());
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
@@ -196,7 +208,11 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         }
         match phase {
             Phase::Setup if world.lock().setup_done => {
-                schedule = faults::schedule(seed, NODES.len(), now + Duration::from_secs(1), opts.fault_window);
+                let start = now + Duration::from_secs(1);
+                schedule = match opts.isolate {
+                    Some(i) => vec![Scheduled { at: start, lasts: ISOLATION, fault: Fault::Isolated(i) }],
+                    None => faults::schedule(seed, NODES.len(), start, opts.fault_window),
+                };
                 world.trace(format!("faults: {} scheduled", schedule.len()));
                 phase = Phase::Faults;
             }
@@ -287,6 +303,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     for v in &violations {
         world.trace(format!("VIOLATION {v}"));
     }
+    let self_fenced = self_fence_records(&world);
     let trace = std::mem::take(&mut world.lock().trace);
     let mut hasher = Sha256::new();
     for line in &trace {
@@ -303,5 +320,27 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         simulated,
         faults: schedule.len(),
         converged_after,
+        self_fenced,
     }
+}
+
+/// The self-fence records in the most advanced state any running daemon applied.
+fn self_fence_records(world: &World) -> Vec<String> {
+    let w = world.lock();
+    let records = |l: herd_raft::node::Local| {
+        let g = l.view.read();
+        let found: Vec<String> = g
+            .state
+            .events
+            .iter()
+            .filter(|e| e.kind == "fenced" && e.message.contains("self-fenced"))
+            .map(|e| {
+                let how = if e.message.contains("acknowledged its session") { "session" } else { "keepalive" };
+                format!("{}:{how}", e.node.as_deref().unwrap_or("?"))
+            })
+            .collect();
+        (g.last_applied.map_or(0, |l| l.index), found)
+    };
+    let newest = w.machines.iter().filter_map(|m| m.daemon.as_ref()?.node.local()).map(records).max_by_key(|(i, _)| *i);
+    newest.map(|(_, found)| found).unwrap_or_default()
 }

@@ -148,6 +148,9 @@ pub struct Inner {
     pub rng: StdRng,
     /// Set by the client once the cluster is set up (the faults start a second later).
     pub setup_done: bool,
+    /// Where the setup defines the VMs (`None`: placed by herd) — the isolation scenario puts
+    /// them all on the node it isolates.
+    pub place_on: Option<String>,
     /// Set by the driver once the faults have stopped and the network is healed.
     pub healed: bool,
     /// Set by the client once it has readied fenced nodes and restarted VMs after the heal.
@@ -231,6 +234,7 @@ impl World {
             trace: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_c11e),
             setup_done: false,
+            place_on: None,
             follower: None,
             healed: false,
             settled: false,

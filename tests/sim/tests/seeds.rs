@@ -60,20 +60,27 @@ fn one_seed() {
             .try_init();
     }
     let started = Instant::now();
-    let out = run(seed, &Options { breakage: breakage_from_env(), clients: clients_from_env(), ..Options::default() });
+    let isolate = match std::env::var("HERD_SIM_SCENARIO").ok().as_deref() {
+        None => None,
+        Some("isolate-h2") => Some(4),
+        Some(other) => panic!("unknown HERD_SIM_SCENARIO {other:?}"),
+    };
+    let opts = Options { breakage: breakage_from_env(), clients: clients_from_env(), isolate, ..Options::default() };
+    let out = run(seed, &opts);
     if std::env::var_os("HERD_SIM_TRACE").is_some() || !out.violations.is_empty() {
         for line in &out.trace {
             eprintln!("{line}");
         }
     }
     println!(
-        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={}",
+        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={} self_fenced={}",
         out.trace_hash,
         out.violations.len(),
         out.faults,
         out.simulated.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         out.converged_after.map_or(-1, |d| d.as_millis() as i64),
+        if out.self_fenced.is_empty() { "-".to_string() } else { out.self_fenced.join(",") },
     );
     for v in &out.violations {
         println!("VIOLATION {v}");
@@ -98,11 +105,15 @@ struct Verdict {
 }
 
 /// Runs one seed in a child process (this test binary, `one_seed`).
-fn child(seed: u64, brk: Option<&str>, clients: bool) -> Command {
+fn child(seed: u64, brk: Option<&str>, clients: bool, scenario: Option<&str>) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("test binary"));
     c.args(["one_seed", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
     c.env("HERD_SIM_SEED", seed.to_string());
     c.env_remove("HERD_SIM_TRACE");
+    match scenario {
+        Some(s) => c.env("HERD_SIM_SCENARIO", s),
+        None => c.env_remove("HERD_SIM_SCENARIO"),
+    };
     if clients {
         c.env_remove("HERD_SIM_LEARNERS");
     } else {
@@ -128,17 +139,31 @@ fn verdict_of(seed: u64, out: std::process::Output) -> Verdict {
 
 /// Runs `seeds`, `parallel` children at a time, the hypervisors clients outside Raft.
 fn run_seeds(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usize) -> Vec<Verdict> {
-    run_seeds_as(seeds, brk, parallel, true)
+    run_seeds_as(seeds, brk, parallel, true, None)
 }
 
 /// [`run_seeds`], with the hypervisors as Raft learners unless `clients`.
-fn run_seeds_as(seeds: impl Iterator<Item = u64>, brk: Option<&str>, parallel: usize, clients: bool) -> Vec<Verdict> {
+fn run_seeds_as(
+    seeds: impl Iterator<Item = u64>,
+    brk: Option<&str>,
+    parallel: usize,
+    clients: bool,
+    scenario: Option<&str>,
+) -> Vec<Verdict> {
     let seeds: Vec<u64> = seeds.collect();
     let mut out = Vec::new();
     for chunk in seeds.chunks(parallel.max(1)) {
         let children: Vec<(u64, std::process::Child)> = chunk
             .iter()
-            .map(|s| (*s, child(*s, brk, clients).stdout(std::process::Stdio::piped()).spawn().expect("spawn a seed")))
+            .map(|s| {
+                (
+                    *s,
+                    child(*s, brk, clients, scenario)
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .expect("spawn a seed"),
+                )
+            })
             .collect();
         for (seed, c) in children {
             let v = verdict_of(seed, c.wait_with_output().expect("seed child"));
@@ -178,7 +203,7 @@ fn ci_seeds() {
 #[test]
 fn ci_seeds_with_learners() {
     let started = Instant::now();
-    let verdicts = run_seeds_as(CI_SEEDS.start..CI_SEEDS.start + 16, None, 2, false);
+    let verdicts = run_seeds_as(CI_SEEDS.start..CI_SEEDS.start + 16, None, 2, false, None);
     println!("{} seeds with learners in {:.1} s", verdicts.len(), started.elapsed().as_secs_f64());
     assert_clean(&verdicts, None, false);
 }
@@ -251,14 +276,43 @@ fn soak() {
     let n: u64 = std::env::var("HERD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     let from: u64 = std::env::var("HERD_SIM_FROM").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let started = Instant::now();
-    let verdicts = run_seeds_as(from..from + n, None, 2, clients_from_env());
+    let verdicts = run_seeds_as(from..from + n, None, 2, clients_from_env(), None);
     println!("soak: {} seeds in {:.0} s", verdicts.len(), started.elapsed().as_secs_f64());
     assert_clean(&verdicts, None, clients_from_env());
 }
 
+/// Seeds of the isolation scenario (`HERD_SIM_SCENARIO=isolate-h2`): h2 cut from every other
+/// node with its BMC silent for `run::ISOLATION`, nothing else.
+const ISOLATION_SEEDS: std::ops::Range<u64> = 1..9;
+
+/// h2, isolated with a silent BMC, self-fences (its watchdog resets the machine); its fence
+/// fails, and the primary records it self-fenced on the coordinators' evidence that none can
+/// have acknowledged its session — every invariant holding, in every seed.
+#[test]
+fn an_isolated_self_fencing_client_is_recorded_self_fenced_on_its_sessions_evidence() {
+    let verdicts = run_seeds_as(ISOLATION_SEEDS, None, 2, true, Some("isolate-h2"));
+    assert_clean(&verdicts, None, true);
+    for v in &verdicts {
+        assert!(
+            v.line.contains("self_fenced=h2:session"),
+            "seed {}: h2 not recorded self-fenced on its sessions' evidence: {}",
+            v.seed,
+            v.line
+        );
+    }
+}
+
+/// The same scenario with the primary skipping the evidence: the record comes as soon as the
+/// fence failed, while h2 still runs its VMs (it self-fences only after 8 s), and they start
+/// elsewhere — `no-double-run` must see it.
 #[test]
 fn broken_self_fence_evidence_is_caught() {
-    // A client recorded self-fenced while a coordinator still acknowledged its session: its
-    // VMs start elsewhere while it runs them.
-    caught("self-fenced-without-evidence", "no-double-run");
+    let brk = "self-fenced-without-evidence";
+    let verdicts = run_seeds_as(ISOLATION_SEEDS, Some(brk), 2, true, Some("isolate-h2"));
+    let hit = verdicts.iter().any(|v| v.violations.iter().any(|l| l.contains("[no-double-run]")));
+    assert!(
+        hit,
+        "breaking {brk} went unnoticed by [no-double-run] in seeds {ISOLATION_SEEDS:?}:\n{}",
+        verdicts.iter().map(|v| format!("{} {:?}", v.line, v.violations)).collect::<Vec<_>>().join("\n")
+    );
 }
