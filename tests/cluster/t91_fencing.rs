@@ -14,9 +14,10 @@
 //! (g) h1 boots again (its herd and a fresh libvirtd): it stays fenced/flushed until
 //!     `herd node ready`, which brings its VMs home;
 //! (h) h1 (policy `recover-after-self-fence`, a file as its watchdog) isolated with its BMC
-//!     frozen: it destroys its VMs and stops feeding the watchdog; the fence fails; once its
-//!     last committed keepalive is old enough the primary records it self-fenced and its VMs
-//!     run elsewhere.
+//!     frozen: it destroys its VMs and stops feeding the watchdog; the fence fails; once no
+//!     coordinator can have acknowledged its session for long enough (a client; a learner:
+//!     once its last committed keepalive is that old) the primary records it self-fenced and
+//!     its VMs run elsewhere.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

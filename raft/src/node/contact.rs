@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herd_storage::model::NodeId;
+use herd_storage::model::{NodeId, Role};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::storage::RaftLogStorage;
@@ -128,10 +128,12 @@ where
     }
 
     /// Asks the leader for a round trip every quarter of the serving window, while `member`'s
-    /// Raft runs.
+    /// Raft runs and its record names it a coordinator (a hypervisor that is a Raft learner
+    /// serves no session: clients ask only coordinators).
     pub(super) fn keep_contact(&self, member: &Member) {
         let round_trips = self.round_trips.clone();
         let (me, cluster_id, metrics) = (member.id, member.cluster_id.clone(), member.raft.metrics());
+        let view = member.view.clone();
         let (connector, limits) = (self.connector.clone(), self.settings.limits.clone());
         let every = (self.serve_contact_window() / 4).max(Duration::from_millis(100));
         let timeout = self.serve_contact_window() / 2;
@@ -149,6 +151,10 @@ where
                     leader.and_then(|l| Some((l, term, m.membership_config.membership().get_node(&l)?.addr.clone())))
                 };
                 let Some((leader, term, addr)) = target else { continue };
+                let coordinator = view.read().state.node_by_id(me).is_some_and(|n| n.role == Role::Coordinator);
+                if !coordinator {
+                    continue;
+                }
                 if client.as_ref().is_none_or(|c| c.target() != Some(leader) || c.addr() != addr) {
                     let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
                     client = Some(c.from(Some(me)));
