@@ -100,7 +100,12 @@ fn a_follower_outside_raft_keeps_the_leaders_state() {
     // The first answer is the whole state; then changes.
     let mut f = Follower::new();
     let mut via_f2 = s.client(1);
-    assert_eq!(s.rt.block_on(f.poll(&mut via_f2, Duration::ZERO)).expect("whole state"), Taken::Whole);
+    // f2 serves once its first round trip with the leader was answered (a quarter second
+    // after its Raft started): until then it answers `Unavailable`.
+    let first = wait_until("f2 serving sessions (a round trip with the leader)", Duration::from_secs(10), || {
+        s.rt.block_on(f.poll(&mut via_f2, Duration::ZERO)).ok()
+    });
+    assert_eq!(first, Taken::Whole);
     tokens(&mut c, "f1", 20);
     let at = s.caught_up(&mut f, &mut via_f2, 0);
     eprintln!("following f2: at index {at}, equal to f1's state");
