@@ -17,6 +17,9 @@ pub struct Standing {
     contact_window_ms: u64,
     /// Set when this node self-fenced: it starts nothing any more.
     self_fenced: AtomicBool,
+    /// Set once the self-fence guard armed the watchdog on a client: only then does it
+    /// self-fence on its session (and say so in its reports).
+    session_guard: AtomicBool,
 }
 
 impl Standing {
@@ -28,6 +31,7 @@ impl Standing {
             last_commit_index: AtomicU64::new(0),
             contact_window_ms: 3 * keepalive_interval_ms.max(1000),
             self_fenced: AtomicBool::new(false),
+            session_guard: AtomicBool::new(false),
         }
     }
 
@@ -75,6 +79,15 @@ impl Standing {
         last != 0
             && self.now_ms().saturating_sub(last) < self.contact_window_ms
             && applied >= self.last_commit_index.load(Ordering::Acquire)
+    }
+
+    pub fn set_session_guard(&self) {
+        self.session_guard.store(true, Ordering::Release);
+    }
+
+    /// Whether a guard with an armed watchdog self-fences this client on its session.
+    pub fn session_guard(&self) -> bool {
+        self.session_guard.load(Ordering::Acquire)
     }
 
     pub fn set_self_fenced(&self) {

@@ -145,8 +145,12 @@ pub enum Rpc {
     /// serving window: the answer (`Done`, given only by a leader its quorum acknowledged
     /// lately) dates this member's contact with the leader from when it sent the ask, and the
     /// leader notes when it received it. A member serves sessions only within that contact
-    /// (`node/contact.rs`).
-    Contact,
+    /// (`node/contact.rs`). It carries the asker's serving window: the leader's bound on when a
+    /// member stops serving holds only for its own window, so it refuses a member whose window
+    /// differs (coordinators must share `[raft] election_timeout_ms`).
+    Contact {
+        window_ms: u64,
+    },
     /// The primary asks a coordinator, for clients `ids`, when it last heard each (absent:
     /// not since it started) and how long it has served at all (`RpcReply::SessionsQuiet`):
     /// the evidence that no coordinator can have acknowledged a client's session lately. At

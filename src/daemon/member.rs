@@ -141,9 +141,10 @@ impl Daemon {
             self.vm_figures(&mut stats);
             if let Some(c) = self.node.session() {
                 // A client's keepalive: its figures ride on its session's polls, and the
-                // coordinator that hears it writes them (`clients.rs`). It self-fences on its
-                // session's acknowledgements too (`fence/selffence.rs`), and says so.
-                stats.session_self_fence = true;
+                // coordinator that hears it writes them (`clients.rs`). Once its guard armed
+                // the watchdog it self-fences on its session's acknowledgements too
+                // (`fence/selffence.rs`), and says so.
+                stats.session_self_fence = self.standing.session_guard();
                 c.report(stats);
                 continue;
             }

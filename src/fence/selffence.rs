@@ -128,6 +128,10 @@ impl Guard {
             }
         };
         tracing::info!(device = %device, after_ms, "self-fence armed: watchdog fed while keepalives commit");
+        if self.node.session().is_some() {
+            // From now on this client self-fences on its session too, and may say so.
+            self.standing.set_session_guard();
+        }
         loop {
             if must_self_fence(self.contact_age_ms(), after_ms) {
                 break;

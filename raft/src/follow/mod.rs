@@ -114,6 +114,8 @@ impl Follower {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let (from, stats) = (self.next, self.report.clone());
         if self.requests_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+            // A coordinator of the previous version cannot decode the flag (nor would it keep it).
+            let stats = stats.map(|s| herd_storage::model::NodeStats { session_self_fence: false, ..s });
             Rpc::Changes { from, wait_ms, stats }
         } else {
             Rpc::Follow { from, wait_ms, stats }

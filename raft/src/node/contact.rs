@@ -27,8 +27,12 @@ use openraft::ServerState;
 use tokio::time::Instant;
 
 use super::{ClusterNode, Member};
+use crate::clock;
 use crate::network::{CallError, PeerClient};
 use crate::wire::{Rpc, RpcError, RpcReply};
+
+/// How often a leader of the previous version is asked again (it may have been upgraded).
+const OLD_LEADER_ASK: Duration = Duration::from_secs(10);
 
 /// What this node knows of round trips with the leader, both ends.
 #[derive(Default)]
@@ -58,6 +62,18 @@ impl RoundTrips {
                 now
             }
         }
+    }
+
+    /// On the leader of `term`: the longest any coordinator no longer in `members` can have
+    /// gone without serving — those that asked this office and then left (removed: their
+    /// asks are refused since) by their last ask, and any other (one removed before this
+    /// office, which the leader never heard) by the office's start: a previous leader
+    /// answered asks until at most a window into it, and an answer lasts a window more.
+    fn others_served_ago(&mut self, term: u64, members: &[NodeId], window: Duration) -> Duration {
+        let office = self.office(term);
+        let gone: Vec<NodeId> = self.received.keys().filter(|id| !members.contains(id)).copied().collect();
+        let since_office = Instant::now().saturating_duration_since(office + 2 * window);
+        gone.into_iter().filter_map(|id| self.served_ago(term, id, window)).fold(since_office, Duration::min)
     }
 
     /// A follower's contact with the leader `leader` (id, term), `appended` being when it last
@@ -99,7 +115,12 @@ where
     LS: RaftLogStorage<TypeConfig> + Clone,
 {
     /// The leader's answer to a member's `Rpc::Contact`.
-    pub(super) fn answer_contact(&self, member: &Member, from: Option<NodeId>) -> Result<RpcReply, RpcError> {
+    pub(super) fn answer_contact(
+        &self,
+        member: &Member,
+        from: Option<NodeId>,
+        window_ms: u64,
+    ) -> Result<RpcReply, RpcError> {
         let (leading, leader, term, is_member) = {
             let m = member.raft.metrics();
             let m = m.borrow_watched();
@@ -112,11 +133,48 @@ where
         let Some(from) = from.filter(|_| is_member) else {
             return Err(RpcError::Refused("only a member of the Raft membership asks for contact".into()));
         };
+        let mine = clock::ms(self.serve_contact_window());
+        if window_ms != mine {
+            return Err(RpcError::Refused(format!(
+                "serving window {window_ms} ms, the leader's is {mine} ms: coordinators must share [raft] election_timeout_ms"
+            )));
+        }
         if self.leader_contact_until().is_none() {
             return Err(RpcError::Unavailable("this leader's quorum has not acknowledged it lately".into()));
         }
         self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note(term, from);
         Ok(RpcReply::Done)
+    }
+
+    /// On the leader: makes `req` readable by every member. A client's flag that it
+    /// self-fences on its session (`NodeStats::session_self_fence`) is encoded only when set,
+    /// and a node of the previous version cannot decode it: it is kept only while every other
+    /// member asked this office for contact (so runs this version); else it is dropped, and the
+    /// primary records such a client self-fenced on its keepalive's age, as before — safe,
+    /// since the client self-fences on that too.
+    pub(super) fn keep_readable(&self, member: &Member, req: &mut herd_storage::model::Request) {
+        use herd_storage::model::Command;
+        let flagged = |c: &Command| matches!(c, Command::Keepalive { stats, .. } if stats.session_self_fence);
+        if !req.ops.iter().any(|o| flagged(&o.cmd)) {
+            return;
+        }
+        let (term, others): (u64, Vec<NodeId>) = {
+            let m = member.raft.metrics();
+            let m = m.borrow_watched();
+            (m.current_term, m.membership_config.nodes().map(|(id, _)| *id).filter(|id| *id != member.id).collect())
+        };
+        let all_new = {
+            let mut rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+            rt.office(term);
+            others.iter().all(|id| rt.received.contains_key(id))
+        };
+        if !all_new {
+            for op in &mut req.ops {
+                if let Command::Keepalive { stats, .. } = &mut op.cmd {
+                    stats.session_self_fence = false;
+                }
+            }
+        }
     }
 
     /// On the leader (office `term`): how long ago member `id` certainly stopped serving
@@ -125,6 +183,13 @@ where
     pub(super) fn served_ago(&self, term: u64, id: NodeId) -> Option<Duration> {
         let window = self.serve_contact_window();
         self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).served_ago(term, id, window)
+    }
+
+    /// On the leader (office `term`): [`RoundTrips::others_served_ago`] for the coordinators
+    /// outside `members`.
+    pub(super) fn others_served_ago(&self, term: u64, members: &[NodeId]) -> Duration {
+        let window = self.serve_contact_window();
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).others_served_ago(term, members, window)
     }
 
     /// Asks the leader for a round trip every quarter of the serving window, while `member`'s
@@ -136,9 +201,12 @@ where
         let view = member.view.clone();
         let (connector, limits) = (self.connector.clone(), self.settings.limits.clone());
         let every = (self.serve_contact_window() / 4).max(Duration::from_millis(100));
+        let window_ms = clock::ms(self.serve_contact_window());
         let timeout = self.serve_contact_window() / 2;
         herd_storage::types::spawn(async move {
             let mut client: Option<PeerClient> = None;
+            let mut warned: Option<Instant> = None;
+            let mut last_ask: Option<Instant> = None;
             loop {
                 tokio::time::sleep(every).await;
                 let target = {
@@ -159,9 +227,16 @@ where
                     let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
                     client = Some(c.from(Some(me)));
                 }
+                // Under a leader of the previous version, ask again only now and then (it
+                // closes the connection on every ask it cannot decode).
+                let old = round_trips.lock().unwrap_or_else(|p| p.into_inner()).old_leader == Some((leader, term));
+                if old && last_ask.is_some_and(|t: Instant| t.elapsed() < OLD_LEADER_ASK) {
+                    continue;
+                }
                 let Some(c) = client.as_mut() else { continue };
                 let sent = Instant::now();
-                match c.call(Rpc::Contact, timeout).await {
+                last_ask = Some(sent);
+                match c.call(Rpc::Contact { window_ms }, timeout).await {
                     Ok(RpcReply::Done) => {
                         let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
                         rt.answered_sent = rt.answered_sent.max(Some(sent));
@@ -177,6 +252,20 @@ where
                         client = None;
                     }
                     Ok(other) => tracing::debug!("unexpected answer to a contact ask: {other:?}"),
+                    // Refused (a window that differs): loud, since this coordinator then
+                    // serves no session; the connection stays.
+                    Err(CallError::Remote(RpcError::Refused(why))) => {
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            warned = Some(Instant::now());
+                            tracing::warn!(
+                                leader,
+                                "the leader refuses this coordinator's contact asks, so it serves no session: {why}"
+                            );
+                        }
+                    }
+                    // The leader answered (no quorum yet, not the leader any more): the
+                    // connection is fine.
+                    Err(CallError::Remote(e)) => tracing::debug!(leader, "contact ask not answered: {e}"),
                     Err(e) => {
                         tracing::debug!(leader, "contact ask not answered: {e}");
                         client = None;
@@ -210,6 +299,22 @@ mod tests {
         assert_eq!(rt.served_ago(3, 5, WINDOW), None, "another member, never asked");
         // A new office forgets the asks of the last one.
         assert_eq!(rt.served_ago(4, 2, WINDOW), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_coordinator_gone_counts_from_its_last_ask_any_other_from_the_office() {
+        let mut rt = RoundTrips::default();
+        rt.note(3, 2);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        rt.note(3, 4);
+        tokio::time::advance(Duration::from_millis(4_000)).await;
+        // No one gone: a coordinator removed before this office is bounded by its start.
+        assert_eq!(rt.others_served_ago(3, &[1, 2, 4], WINDOW), Duration::from_millis(3_000));
+        // 4 asked at 1 s and left: it served until 2 s at most.
+        assert_eq!(rt.others_served_ago(3, &[1, 2], WINDOW), Duration::from_millis(3_000));
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        rt.note(3, 4);
+        assert_eq!(rt.others_served_ago(3, &[1, 2], WINDOW), Duration::ZERO, "it asked just now, then left");
     }
 
     #[tokio::test(start_paused = true)]

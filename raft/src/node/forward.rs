@@ -136,6 +136,7 @@ where
         match op {
             LeaderOp::Write(mut req) => {
                 req.time_ms = clock::wall_ms();
+                self.keep_readable(member, &mut req);
                 Ok(RpcReply::Written(self.propose(member, req).await?))
             }
             LeaderOp::ReadIndex => {

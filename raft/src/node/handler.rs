@@ -161,7 +161,7 @@ where
                 let (heard, serving_ms) = self.sessions_quiet_here(&ids);
                 Ok(RpcReply::SessionsQuiet { heard, serving_ms })
             }
-            Rpc::Contact => self.answer_contact(&member, frame.from),
+            Rpc::Contact { window_ms } => self.answer_contact(&member, frame.from, window_ms),
         }
     }
 

@@ -150,8 +150,15 @@ where
         if !leading || ids.is_empty() {
             return BTreeMap::new();
         }
+        if self.leader_contact_until().is_none() {
+            return BTreeMap::new(); // a leader its quorum stopped acknowledging vouches for nothing
+        }
         let (heard, serving_ms) = self.sessions_quiet_here(ids);
-        let mut quiet: BTreeMap<NodeId, u64> = ids.iter().map(|id| (*id, serving_ms)).collect();
+        let members: Vec<NodeId> =
+            member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
+        // Coordinators that left, and any the leader cannot know of from before its office.
+        let gone_ms = clock::ms(self.others_served_ago(term, &members));
+        let mut quiet: BTreeMap<NodeId, u64> = ids.iter().map(|id| (*id, serving_ms.min(gone_ms))).collect();
         let lower = |quiet: &mut BTreeMap<NodeId, u64>, id: NodeId, ms: u64| {
             if let Some(q) = quiet.get_mut(&id) {
                 *q = (*q).min(ms);

@@ -58,6 +58,9 @@ pub(crate) fn set_daemon_state(
     }
     node.daemon_state = *new;
     node.return_by_ms = if *new == DaemonState::Stop { *return_by_ms } else { None };
+    // Its own word, as a keepalive is: a client back from a reset writes `run` before its first
+    // keepalive, and may start VMs on that commit — a self-fence record asked before must fail.
+    node.last_keepalive_ms = Some(now);
     node.revision = index;
     if old != *new {
         push_event(state, index, now, "daemon-state", Some(name), format!("{name}: {old} -> {new}"));

@@ -390,3 +390,35 @@ fn a_vm_with_no_node_that_fits_waits_and_is_placed_when_one_is_ready() {
     assert_eq!((v1.node.as_str(), v1.state, v1.waiting.as_deref()), ("a", VmState::Start, None));
     assert!(kinds(&s).contains(&"vm-placed"), "{:?}", kinds(&s));
 }
+
+/// `NodeStats` as the previous version knew it (the wire encodes structs as arrays, by
+/// position; a node of that version refuses an array longer than it knows).
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct StatsBefore {
+    cpu_count: u32,
+    load_milli: u64,
+    mem_total_mib: u64,
+    mem_used_mib: u64,
+    vms_running: u32,
+    mem_allocated_mib: u64,
+    mem_provisioned_mib: u64,
+    vcpus_allocated: u32,
+    stale: bool,
+    unmanaged_domains: Vec<String>,
+}
+
+#[test]
+fn statistics_without_the_session_flag_are_what_the_previous_version_reads_and_writes() {
+    let stats = NodeStats { cpu_count: 4, mem_total_mib: 8192, unmanaged_domains: vec!["x".into()], ..Default::default() };
+    let bytes = rmp_serde::to_vec(&stats).expect("encode");
+    let before: StatsBefore = rmp_serde::from_slice(&bytes).expect("the previous version reads it");
+    assert_eq!((before.cpu_count, before.mem_total_mib), (4, 8192));
+    assert_eq!(rmp_serde::to_vec(&before).expect("encode"), bytes, "byte for byte");
+    let back: NodeStats = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(back, stats);
+    // Set, it is one element more: only for a cluster whose members all run this version.
+    let flagged = NodeStats { session_self_fence: true, ..stats };
+    let bytes = rmp_serde::to_vec(&flagged).expect("encode");
+    assert!(rmp_serde::from_slice::<StatsBefore>(&bytes).is_err(), "the previous version cannot read the flag");
+    assert_eq!(rmp_serde::from_slice::<NodeStats>(&bytes).expect("decode"), flagged);
+}

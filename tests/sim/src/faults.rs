@@ -126,7 +126,7 @@ pub fn schedule(seed: u64, n: usize, start: Duration, window: Duration) -> Vec<S
         let lasts = match fault {
             Fault::PrimaryCrashInFence { .. } => lasts.max(Duration::from_millis(4500)).min(end - t),
             // Long enough, often, for a self-fence to be recorded (its deadline, the watchdog
-            // and the margin: 14 s for h2).
+            // and the margin: 18 s for h2; the isolation scenario is what reaches it).
             Fault::Isolated(_) => Duration::from_millis(rng.random_range(3000..18_000)).min(end - t),
             // The copy's age: long enough for the cluster to have recorded more than it holds.
             Fault::Restore(_) => Duration::from_millis(rng.random_range(3000..15_000)).min(end - t),

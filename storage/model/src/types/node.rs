@@ -43,7 +43,10 @@ pub struct NodeStats {
     /// client outside Raft of this version says so with every report. Only then may the
     /// primary record it self-fenced on its sessions' silence (`FenceOutcome::SessionsQuiet`);
     /// a node that does not say so (a learner, a client of the previous version) is recorded
-    /// self-fenced on its keepalive's age alone.
+    /// self-fenced on its keepalive's age alone. Not encoded while false, so that a record
+    /// without it is byte for byte what the previous version wrote and reads (the wire encodes
+    /// structs as arrays: a node of that version refuses one longer than it knows).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub session_self_fence: bool,
 }
 
