@@ -409,7 +409,8 @@ struct StatsBefore {
 
 #[test]
 fn statistics_without_the_session_flag_are_what_the_previous_version_reads_and_writes() {
-    let stats = NodeStats { cpu_count: 4, mem_total_mib: 8192, unmanaged_domains: vec!["x".into()], ..Default::default() };
+    let stats =
+        NodeStats { cpu_count: 4, mem_total_mib: 8192, unmanaged_domains: vec!["x".into()], ..Default::default() };
     let bytes = rmp_serde::to_vec(&stats).expect("encode");
     let before: StatsBefore = rmp_serde::from_slice(&bytes).expect("the previous version reads it");
     assert_eq!((before.cpu_count, before.mem_total_mib), (4, 8192));
