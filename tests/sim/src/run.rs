@@ -207,7 +207,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
             }
         }
         match phase {
-            Phase::Setup if world.lock().setup_done => {
+            Phase::Setup if world.lock().setup_done && isolation_ready(&world, opts, now) => {
                 let start = now + Duration::from_secs(1);
                 schedule = match opts.isolate {
                     Some(i) => vec![Scheduled { at: start, lasts: ISOLATION, fault: Fault::Isolated(i) }],
@@ -322,6 +322,23 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         converged_after,
         self_fenced,
     }
+}
+
+/// Whether the isolation scenario may start: once the node it isolates says, in a committed
+/// report, that it self-fences on its session (its guard armed the watchdog and the leader kept
+/// the flag) — else the primary could only judge it by its keepalive. At most 20 s after the
+/// start; the scenario's test then sees the keepalive record and says so. Always, without it.
+fn isolation_ready(world: &World, opts: &Options, now: Duration) -> bool {
+    let Some(i) = opts.isolate else { return true };
+    if !opts.clients || now > Duration::from_secs(20) {
+        return true;
+    }
+    let w = world.lock();
+    let name = &w.machines[i].name;
+    w.machines
+        .iter()
+        .filter_map(|m| m.daemon.as_ref()?.node.member())
+        .any(|m| m.view.read().state.nodes.get(name).is_some_and(|n| n.stats.session_self_fence))
 }
 
 /// The self-fence records in the most advanced state any running daemon applied.
