@@ -31,15 +31,11 @@ pub struct SimWatchdog {
 
 impl WatchdogDevice for SimWatchdog {
     fn open(&self, _path: &str) -> Result<Box<dyn Feed>, String> {
-        let mut w = self.world.lock();
-        let m = &mut w.machines[self.machine];
-        if m.watchdog.is_none() {
-            let name = m.name.clone();
-            m.watchdog = Some(Armed { fed_at: now(), timeout: self.timeout });
-            drop(w);
-            self.world.trace(format!("{name}: watchdog armed"));
-        } else {
-            m.watchdog = Some(Armed { fed_at: now(), timeout: self.timeout });
+        // Opened again by a restarted daemon, an armed watchdog is only fed.
+        let was =
+            self.world.lock().machines[self.machine].watchdog.replace(Armed { fed_at: now(), timeout: self.timeout });
+        if was.is_none() {
+            self.world.trace(format!("{}: watchdog armed", self.world.name(self.machine)));
         }
         Ok(Box::new(SimFeed { world: self.world.clone(), machine: self.machine }))
     }
