@@ -87,19 +87,23 @@ impl Libvirtd {
     /// Active domains, or why libvirtd could not say.
     pub fn try_running(&self) -> Result<Vec<(String, u32)>, String> {
         let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
-        let list = self.conn.list_all_domains(flags).map_err(|e| e.to_string())?;
+        let list =
+            within(self.pid(), "list its domains", || self.conn.list_all_domains(flags)).map_err(|e| e.to_string())?;
         Ok(list.iter().filter_map(|d| Some((d.name().ok()?, d.id()?))).collect())
     }
 
     /// Starts a transient domain from `xml` behind herd's back (an operator by hand).
     pub fn start_by_hand(&self, xml: &str) {
-        self.conn.create_domain_xml(xml, 0).expect("start a domain by hand");
+        within(self.pid(), "start a domain", || self.conn.create_domain_xml(xml, 0)).expect("start a domain by hand");
     }
 
     /// Destroys domain `name` behind herd's back.
     pub fn destroy_by_hand(&self, name: &str) {
-        let d = self.conn.lookup_domain_by_name(name).expect("domain by name");
-        d.destroy().expect("destroy by hand");
+        within(self.pid(), "destroy a domain", || {
+            let d = self.conn.lookup_domain_by_name(name).expect("domain by name");
+            d.destroy()
+        })
+        .expect("destroy by hand");
     }
 
     /// Active domains: name → libvirt id.
@@ -115,13 +119,51 @@ pub trait Domains: Send + Sync + 'static {
 
 impl Domains for Libvirtd {
     fn running(&self) -> Vec<(String, u32)> {
-        listed(&self.conn, virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        listed(&self.conn, self.pid(), virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
     }
 }
 
-/// The domains `conn` lists with `flags`: name → libvirt id (none when libvirtd cannot say).
-pub fn listed(conn: &Connect, flags: virt::sys::virConnectListAllDomainsFlags) -> Vec<(String, u32)> {
-    conn.list_all_domains(flags).unwrap_or_default().iter().filter_map(|d| Some((d.name().ok()?, d.id()?))).collect()
+/// The domains `conn` (to the libvirtd whose pid is `pid`) lists with `flags`: name → libvirt
+/// id (none when libvirtd cannot say).
+pub fn listed(conn: &Connect, pid: u32, flags: virt::sys::virConnectListAllDomainsFlags) -> Vec<(String, u32)> {
+    within(pid, "list its domains", || conn.list_all_domains(flags))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| Some((d.name().ok()?, d.id()?)))
+        .collect()
+}
+
+/// How long the harness waits on one call to a libvirtd of its own (herd's own calls give up
+/// after 30 s).
+const CALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `call` on a libvirtd (pid `pid`); a daemon that does not answer within [`CALL_LIMIT`]
+/// is killed — its socket closes, so the call returns — and the test fails saying so: a hung
+/// libvirtd must fail a test, never stall the suite.
+pub fn within<T>(pid: u32, what: &str, call: impl FnOnce() -> T) -> T {
+    within_limit(pid, what, CALL_LIMIT, call)
+}
+
+fn within_limit<T>(pid: u32, what: &str, limit: Duration, call: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let killed = &AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        s.spawn(move || {
+            if wait.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                killed.store(true, Ordering::SeqCst);
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        let out = call();
+        let _ = done.send(());
+        out
+    });
+    assert!(
+        !killed.load(Ordering::SeqCst),
+        "libvirtd (pid {pid}) did not {what} within {limit:?}: killed it (a hung libvirtd fails the test)"
+    );
+    out
 }
 
 impl Drop for Libvirtd {
@@ -196,12 +238,15 @@ impl DoubleSampler {
     }
 
     /// Stops sampling; returns how many samples were taken and every double seen.
+    /// A sampler that failed (a libvirtd that hung) counts as a double: the test fails.
     pub fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let mut doubles = Vec::new();
+        if let Some(Err(why)) = self.thread.take().map(|t| t.join()) {
+            let said = why.downcast_ref::<String>().cloned().unwrap_or_else(|| "a panic".into());
+            doubles.push(format!("the sampler stopped: {said}"));
         }
-        let doubles = self.doubles.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        doubles.extend(self.doubles.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
         (self.samples.load(Ordering::Relaxed), doubles)
     }
 }
@@ -215,4 +260,22 @@ impl Drop for DoubleSampler {
             let _ = t.join();
         }
     }
+}
+
+/// A call blocked on a daemon that never answers ends when the deadline kills the daemon, and
+/// fails saying so; a call that returns in time leaves the daemon alone.
+#[test]
+fn a_hung_daemon_is_killed_and_the_call_fails() {
+    let mut hung = Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+    let pid = hung.id();
+    let quick = within_limit(pid, "answer", Duration::from_secs(5), || 7);
+    assert_eq!(quick, 7);
+    assert!(hung.try_wait().expect("try_wait").is_none(), "a call in time leaves the daemon running");
+    let t = std::time::Instant::now();
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        within_limit(pid, "answer", Duration::from_millis(300), || hung.wait().expect("wait"))
+    }));
+    let said = failed.expect_err("a hung call fails").downcast::<String>().map(|s| *s).unwrap_or_default();
+    assert!(said.contains("did not answer within 300ms: killed it"), "{said}");
+    assert!(t.elapsed() < Duration::from_secs(30), "the deadline ended the call");
 }

@@ -228,7 +228,7 @@ impl Domains for Qemud {
     /// Guests whose CPUs run: a live migration's incoming copy is active but paused until the
     /// switch-over, and the source is paused from then until it is gone.
     fn running(&self) -> Vec<(String, u32)> {
-        crate::libvirtd::listed(&self.conn, virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
+        crate::libvirtd::listed(&self.conn, self.pid(), virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
     }
 }
 
