@@ -127,14 +127,21 @@ async fn join(dir: &Path, k: usize, token: &str, hb: &Params, stop: watch::Recei
     Ok(SimHypervisor { _node: node, _agent: agent, view: local.view.clone() })
 }
 
-/// From the leader's status: (hypervisors in `run`, the oldest hypervisor keepalive, the term).
-fn sample(sock: &Path) -> Result<(usize, u64, u64)> {
+/// From the leader's status: (hypervisors in `run`, the oldest hypervisor keepalive and the
+/// longest any went unheard, the term).
+fn sample(sock: &Path) -> Result<(usize, (u64, u64), u64)> {
     let s = admin(sock, &json!({"op": "status"}))?;
     let members = s["members"].as_array().cloned().unwrap_or_default();
     let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
     let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
+    // Liveness: a client's, when any coordinator last heard its session; a learner's, its keepalive.
+    let heard = hvs
+        .clone()
+        .filter_map(|m| m["last_heard_age_ms"].as_u64().or_else(|| m["last_keepalive_age_ms"].as_u64()))
+        .max()
+        .unwrap_or(0);
     let running = hvs.filter(|m| m["daemon_state"] == "run").count();
-    Ok((running, oldest, s["term"].as_u64().unwrap_or(0)))
+    Ok((running, (oldest, heard), s["term"].as_u64().unwrap_or(0)))
 }
 
 /// Answers and bytes each coordinator served its followers so far (`status.followers`).
@@ -242,7 +249,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     let served0 = served(&p.dir)?;
     let mark = CpuMark::now(&pids)?;
     let me0 = cpu_seconds(None)?;
-    let (mut oldest, mut terms, mut lost, mut next_sample) = (0u64, Vec::new(), 0usize, Instant::now());
+    let (mut oldest, mut unheard, mut terms, mut lost, mut next_sample) =
+        (0u64, 0u64, Vec::new(), 0usize, Instant::now());
     let (sampling, sampler_stop) = watch::channel(false);
     let sampler = lowest_applied(sims.iter().map(|s| s.view.clone()).collect(), sampler_stop);
     let mut written: Vec<(u64, Instant)> = Vec::new();
@@ -252,8 +260,9 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         written.push((info["applied_index"].as_u64().context("applied_index")?, done));
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(5);
-            let (_, age, term) = sample(&leader_sock)?;
+            let (_, (age, heard), term) = sample(&leader_sock)?;
             oldest = oldest.max(age);
+            unheard = unheard.max(heard);
             terms.push(term);
             lost = lost.max(lost_links(&leader_sock)?);
         }
@@ -302,6 +311,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         "stream_bytes_per_s_per_hypervisor": served_per_s.iter().sum::<u64>() / n as u64,
         "elections_in_window": elections,
         "oldest_keepalive_ms": oldest,
+        "oldest_heard_ms": unheard,
         "heartbeat_links_lost_max": lost,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

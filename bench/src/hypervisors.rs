@@ -35,14 +35,21 @@ fn hv_config(d: &Path, k: usize, membership: &str) -> String {
     )
 }
 
-/// The oldest keepalive among the hypervisors in the leader's status, and its term.
-fn sample(sock: &Path) -> Result<(u64, u64, usize)> {
+/// The oldest keepalive among the hypervisors in the leader's status and the longest any went
+/// unheard, its term, and how many are in `run`.
+fn sample(sock: &Path) -> Result<((u64, u64), u64, usize)> {
     let s = admin(sock, &json!({"op": "status"}))?;
     let members = s["members"].as_array().cloned().unwrap_or_default();
     let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
     let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
+    // Liveness: a client's, when any coordinator last heard its session; a learner's, its keepalive.
+    let heard = hvs
+        .clone()
+        .filter_map(|m| m["last_heard_age_ms"].as_u64().or_else(|| m["last_keepalive_age_ms"].as_u64()))
+        .max()
+        .unwrap_or(0);
     let running = hvs.filter(|m| m["daemon_state"] == "run").count();
-    Ok((oldest, s["term"].as_u64().unwrap_or(0), running))
+    Ok(((oldest, heard), s["term"].as_u64().unwrap_or(0), running))
 }
 
 pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Value> {
@@ -72,12 +79,13 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
     std::thread::sleep(IDLE);
     let (idle, idle_window) = quiet.percent()?;
     let busy = CpuMark::now(&pids)?;
-    let (mut oldest, mut terms, mut next_sample) = (0u64, Vec::new(), Instant::now());
+    let (mut oldest, mut unheard, mut terms, mut next_sample) = (0u64, 0u64, Vec::new(), Instant::now());
     let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(1);
-            let (age, term, _) = sample(&leader_sock)?;
+            let ((age, heard), term, _) = sample(&leader_sock)?;
             oldest = oldest.max(age);
+            unheard = unheard.max(heard);
             terms.push(term);
         }
         Ok(())
@@ -107,6 +115,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
                  "hypervisor_cpu_percent_each": {"mean": idle[3..].iter().sum::<f64>() / n as f64,
                                                  "max": idle[3..].iter().copied().fold(0.0, f64::max)}},
         "oldest_keepalive_ms": oldest,
+        "oldest_heard_ms": unheard,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(out)

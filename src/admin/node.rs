@@ -37,6 +37,9 @@ struct MemberRow {
     domain_state: DomainState,
     router_state: RouterState,
     last_keepalive_age_ms: Option<u64>,
+    /// A client outside Raft: how long ago any coordinator last heard its session, as this
+    /// coordinator gathered it (its liveness is not in the log; null elsewhere).
+    last_heard_age_ms: Option<u64>,
     address: String,
     heartbeat: Value,
     fencing: FencingView,
@@ -140,6 +143,7 @@ fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -
         domain_state: n.domain_state,
         router_state: n.router_state,
         last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
+        last_heard_age_ms: d.client_heard_ms(n.id),
         address: n.cluster_addr.clone(),
         heartbeat: heartbeat(n.id),
         fencing: FencingView::of(n),

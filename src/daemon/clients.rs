@@ -1,21 +1,28 @@
 //! Keepalives of clients outside Raft (issue 22): a client's statistics ride on its session's
 //! polls and it writes no keepalive of its own; every coordinator writes, each keepalive
-//! interval, the keepalives of the clients whose sessions it heard in that interval, in one
-//! request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused one is alone).
-//! A client takes each keepalive of its own that it sees committed
-//! in its followed state as its quorum contact, aged from the leader's stamp.
+//! interval, in one request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused
+//! one is alone), the keepalives of the clients whose sessions it heard in that interval —
+//! only those worth a log entry ([`worth_writing`]): liveness is not in the log (the heartbeat
+//! decides a node's death, the sessions show who is heard), so a client's keepalive is written
+//! when its figures moved enough to matter to placement, and at least every
+//! [`REFRESH_INTERVALS`] intervals; only a client that self-fences (its guard, and any primary's
+//! keepalive rule, count on its committed keepalive) has one written every interval.
+//! A client takes each keepalive of its own that it sees committed in its followed state as its
+//! quorum contact, aged from the leader's stamp; one that must start VMs without it writes one
+//! itself (`reconcile::Looper`).
 //!
 //! ```text
-//!  client ──poll (stats)──▶ coordinator: heard_follower ─every interval─▶ Keepalive × n ─▶ leader
-//!    ▲                                                                            │ committed
-//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀┘
+//!  client ──poll (stats)──▶ coordinator: heard_follower ─every interval, if worth it─▶ Keepalive × n ─▶ leader
+//!    ▲                                                                                       │ committed
+//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀──────────┘
 //! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use herd_raft::node::NodeError;
-use herd_storage::model::{Command, NodeStats, Op, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
+use herd_storage::model::{Command, FailedFence, NodeRecord, NodeStats, Op, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
+use openraft::async_runtime::watch::WatchReceiver;
 
 use super::Daemon;
 
@@ -32,6 +39,8 @@ impl Daemon {
             if reports.is_empty() {
                 continue;
             }
+            let refresh_ms = self.config.keepalive.interval_ms.saturating_mul(REFRESH_INTERVALS);
+            let now_ms = herd_raft::clock::wall_ms();
             let ops: Vec<Op> = {
                 let g = member.view.read();
                 reports
@@ -39,14 +48,46 @@ impl Daemon {
                     .filter_map(|(id, stats)| {
                         let n = g.state.node_by_id(id).filter(|n| n.role == Role::Hypervisor)?;
                         let stats = sanitized(stats);
-                        Some(Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into())
+                        worth_writing(n, &stats, now_ms, refresh_ms)
+                            .then(|| Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into())
                     })
                     .collect()
             };
+            if ops.is_empty() {
+                continue;
+            }
             for chunk in ops.chunks(MAX_KEEPALIVE_OPS) {
                 self.write_keepalives(chunk, interval).await;
             }
         }
+    }
+
+    /// On a coordinator: every keepalive interval, asks every other coordinator when it last
+    /// heard each client's session and keeps the least (its own sessions included) — the
+    /// clients' liveness, in memory (`status` shows it as `last_heard_age_ms`).
+    pub(super) async fn gather_clients_heard(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.config.keepalive.interval_ms);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let Some(member) = self.node.member() else { continue };
+            let ids: Vec<u64> = {
+                let raft_members = member.raft.metrics().borrow_watched().membership_config.clone();
+                let g = member.view.read();
+                let outside = |n: &&NodeRecord| raft_members.membership().get_node(&n.id).is_none();
+                g.state.nodes.values().filter(|n| n.role == Role::Hypervisor).filter(outside).map(|n| n.id).collect()
+            };
+            let asked = tokio::time::Instant::now();
+            let ages = self.node.sessions_heard_everywhere(&ids, interval.min(HEARD_ASK_TIMEOUT)).await;
+            *self.clients_heard.lock().unwrap_or_else(|p| p.into_inner()) = ClientsHeard { at: Some(asked), ages };
+        }
+    }
+
+    /// How long ago any coordinator last heard client `id`'s session, as this coordinator last
+    /// gathered it (None: not gathered here, never heard, or a Raft member).
+    pub fn client_heard_ms(&self, id: u64) -> Option<u64> {
+        self.clients_heard.lock().unwrap_or_else(|p| p.into_inner()).age_ms(id)
     }
 
     /// One request of keepalives. Refused as a whole (a client removed meanwhile), it is split
@@ -98,10 +139,117 @@ impl Daemon {
     }
 }
 
+/// How long gathering the clients' liveness waits for a coordinator.
+const HEARD_ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// When each client was last heard by any coordinator: ms ago at `at` (when it was asked).
+#[derive(Default)]
+pub struct ClientsHeard {
+    at: Option<tokio::time::Instant>,
+    ages: std::collections::BTreeMap<u64, u64>,
+}
+
+impl ClientsHeard {
+    /// How long ago `id` was heard, now.
+    fn age_ms(&self, id: u64) -> Option<u64> {
+        Some(self.ages.get(&id)?.saturating_add(herd_raft::clock::ms(self.at?.elapsed())))
+    }
+}
+
+/// A client's keepalive is written again at least every this many keepalive intervals, its
+/// figures unchanged (so its statistics' age stays bounded for those who watch it).
+pub const REFRESH_INTERVALS: u64 = 12;
+
+/// Load (× 1000) and used memory moves below which a client's figures count as unchanged;
+/// memory: the larger of this and 2 % of the host's.
+const LOAD_STEP_MILLI: u64 = 500;
+const MEM_STEP_MIB: u64 = 256;
+
+/// Whether a client's `report`, heard at `now_ms` (wall clock), is worth a log entry over its
+/// committed `record`: it self-fences (its guard and the primary's keepalive rule count on its
+/// committed keepalive: every interval), its figures moved enough to matter to placement, or
+/// its record's keepalive is `refresh_ms` old.
+pub fn worth_writing(record: &NodeRecord, report: &NodeStats, now_ms: u64, refresh_ms: u64) -> bool {
+    let self_fences = report.session_self_fence
+        || record.fencing.as_ref().is_some_and(|p| p.failed_fence == FailedFence::RecoverAfterSelfFence);
+    let due = record.last_keepalive_ms.is_none_or(|k| now_ms.saturating_sub(k) >= refresh_ms);
+    self_fences || due || moved(&record.stats, report)
+}
+
+/// Whether figures moved enough to matter: any count, total, allocation, flag or unmanaged
+/// domain changed, or the load or the used memory moved by a step.
+fn moved(was: &NodeStats, now: &NodeStats) -> bool {
+    let mem_step = MEM_STEP_MIB.max(now.mem_total_mib / 50);
+    (was.cpu_count, was.mem_total_mib, was.vms_running, was.mem_allocated_mib, was.mem_provisioned_mib)
+        != (now.cpu_count, now.mem_total_mib, now.vms_running, now.mem_allocated_mib, now.mem_provisioned_mib)
+        || (was.vcpus_allocated, was.stale, was.session_self_fence)
+            != (now.vcpus_allocated, now.stale, now.session_self_fence)
+        || was.unmanaged_domains != now.unmanaged_domains
+        || was.load_milli.abs_diff(now.load_milli) >= LOAD_STEP_MILLI
+        || was.mem_used_mib.abs_diff(now.mem_used_mib) >= mem_step
+}
+
 /// `stats` as the model accepts them: at most [`MAX_UNMANAGED`] unmanaged domains, each of 1
 /// to 256 bytes (one client's bad figures must not get the whole request refused).
 fn sanitized(mut stats: NodeStats) -> NodeStats {
     stats.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= 256);
     stats.unmanaged_domains.truncate(MAX_UNMANAGED);
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_storage::model::{DaemonState, DomainState, RouterState};
+
+    fn record(stats: NodeStats, keepalive_ms: Option<u64>) -> NodeRecord {
+        NodeRecord {
+            id: 7,
+            name: "hv1".into(),
+            role: Role::Hypervisor,
+            cluster_addr: "127.0.0.1:7400".into(),
+            daemon_state: DaemonState::Run,
+            domain_state: DomainState::Ready,
+            router_state: RouterState::initial(Role::Hypervisor),
+            return_by_ms: None,
+            stats,
+            last_keepalive_ms: keepalive_ms,
+            heartbeat: Default::default(),
+            fencing: None,
+            fence: Default::default(),
+            health: None,
+            joined_ms: 0,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn a_client_keepalive_is_written_when_its_figures_move_or_it_is_due() {
+        let base = NodeStats {
+            cpu_count: 8,
+            load_milli: 1000,
+            mem_total_mib: 65536,
+            mem_used_mib: 10000,
+            ..NodeStats::default()
+        };
+        let rec = record(base.clone(), Some(100_000));
+        let at = |ms: u64| 100_000 + ms;
+        assert!(!worth_writing(&rec, &base, at(5_000), 60_000), "unchanged and recent: nothing to write");
+        assert!(worth_writing(&rec, &base, at(60_000), 60_000), "unchanged but due");
+        assert!(worth_writing(&record(base.clone(), None), &base, at(0), 60_000), "never written");
+        let small = NodeStats { load_milli: 1400, mem_used_mib: 11000, ..base.clone() };
+        assert!(!worth_writing(&rec, &small, at(5_000), 60_000), "small moves wait for the refresh");
+        for moved in [
+            NodeStats { load_milli: 1500, ..base.clone() },
+            NodeStats { mem_used_mib: 10000 + 1311, ..base.clone() },
+            NodeStats { vms_running: 1, ..base.clone() },
+            NodeStats { stale: true, ..base.clone() },
+            NodeStats { unmanaged_domains: vec!["x".into()], ..base.clone() },
+        ] {
+            assert!(worth_writing(&rec, &moved, at(5_000), 60_000), "{moved:?}");
+        }
+        let flagged = NodeStats { session_self_fence: true, ..base.clone() };
+        let rec_flagged = record(flagged.clone(), Some(100_000));
+        assert!(worth_writing(&rec_flagged, &flagged, at(1_000), 60_000), "a self-fencing client: every interval");
+    }
 }

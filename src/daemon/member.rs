@@ -74,6 +74,8 @@ impl Daemon {
                 standing: self.standing.clone(),
                 vms_running: self.vms_running.clone(),
                 interval: Duration::from_millis(self.config.hypervisor.reconcile_interval_ms),
+                name: self.config.name.clone(),
+                contact_asked: std::sync::Mutex::new(None),
             });
             looper.once().await;
             self.tasks.spawn(looper.run());

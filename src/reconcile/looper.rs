@@ -8,6 +8,8 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 
+use herd_storage::model::Command;
+
 use super::Reconciler;
 use crate::standing::Standing;
 use crate::WRITE_TIMEOUT;
@@ -21,6 +23,10 @@ pub struct Looper {
     /// How many of its VMs run here, as the last round saw (for the keepalive).
     pub vms_running: Arc<AtomicU32>,
     pub interval: Duration,
+    /// This node's name (its contact write names it).
+    pub name: String,
+    /// When a client last asked for contact (at most one ask a second).
+    pub contact_asked: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Looper {
@@ -42,12 +48,45 @@ impl Looper {
                         tracing::warn!("VM reports not committed: {e}");
                     }
                 }
+                if out.held_back > 0 {
+                    self.ask_contact(&member, applied).await;
+                }
                 Some(out.running)
             }
             Err(e) => {
                 tracing::warn!("reconcile: {e}");
                 None
             }
+        }
+    }
+
+    /// A client with starts to make but no recent write of its own committed (its coordinators
+    /// write its keepalive only when its figures change: `daemon::clients`) writes its
+    /// keepalive again — the figures of record, newly stamped — and starts once its view has
+    /// applied it (the next round, on that change). A write, not a read barrier: the log orders
+    /// it against a fence or self-fence record of this node, so its view then shows that record
+    /// or the record is refused (`model::self_fence`). At most one ask a second.
+    async fn ask_contact(&self, member: &herd_raft::Local, applied: u64) {
+        if self.node.session().is_none() || self.standing.quorum_contact(applied) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        {
+            let mut asked = self.contact_asked.lock().unwrap_or_else(|p| p.into_inner());
+            if asked.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+                return;
+            }
+            *asked = Some(now);
+        }
+        let stats = {
+            let g = member.view.read();
+            let Some(own) = g.state.nodes.get(&self.name).filter(|n| n.id == member.id) else { return };
+            own.stats.clone()
+        };
+        let cmd = Command::Keepalive { name: self.name.clone(), stats, node_id: Some(member.id) };
+        match self.node.write_indexed(vec![cmd.into()], WRITE_TIMEOUT).await {
+            Ok((index, _)) => self.standing.committed_at(index, herd_raft::clock::ms(now.elapsed())),
+            Err(e) => tracing::warn!("no quorum contact to start VMs: this node's keepalive not committed: {e}"),
         }
     }
 

@@ -66,6 +66,9 @@ pub struct Plan {
     /// Managed VMs assigned elsewhere that run here (`true`), or no longer do (`false`), where
     /// the record does not say so yet: reported (`ReportStray`), never destroyed.
     pub strays: Vec<(String, bool)>,
+    /// Starts this round would have made but for quorum contact: a client without a recent
+    /// write of its own committed asks for one (`Looper`), then starts them.
+    pub held_back: usize,
 }
 
 /// Local memory of the reconciler between rounds.
@@ -128,6 +131,8 @@ pub fn plan(r: &Round<'_>, vms: &BTreeMap<String, VmRecord>, domains: &[Domain],
                 if can_start {
                     p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
                     p.actions.push(Action::Start { vm: name.clone() });
+                } else {
+                    p.held_back += 1;
                 }
             }
             // Moving here: wait until the source has released it (never two running copies).
@@ -135,15 +140,18 @@ pub fn plan(r: &Round<'_>, vms: &BTreeMap<String, VmRecord>, domains: &[Domain],
             // seen running elsewhere neither (one authority per VM: adopted or failed first).
             s if s.wants_running()
                 && !running
-                && can_start
                 && vm.waiting.is_none()
                 && vm.seen_on.is_empty()
                 && !crate::breakage::is(crate::breakage::Breakage::NoStarts)
                 && (vm.migrating_from.is_none()
                     || crate::breakage::is(crate::breakage::Breakage::StartBeforeRelease)) =>
             {
-                p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
-                p.actions.push(Action::Start { vm: name.clone() });
+                if can_start {
+                    p.actions.push(Action::Define { vm: name.clone(), xml: vm.spec.xml.clone() });
+                    p.actions.push(Action::Start { vm: name.clone() });
+                } else {
+                    p.held_back += 1;
+                }
             }
             VmState::Stop | VmState::Disable if running => p.actions.push(Action::Destroy { vm: name.clone() }),
             VmState::Shutdown if running => stop_gracefully(name, memory, now_ms, shutdown_timeout_ms, &mut p),

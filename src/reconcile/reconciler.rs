@@ -36,6 +36,8 @@ pub struct Outcome {
     pub commands: Vec<Command>,
     /// Running VMs and their footprint, for the keepalive.
     pub running: u32,
+    /// Starts held back for want of quorum contact (see `Plan::held_back`).
+    pub held_back: usize,
 }
 
 impl Reconciler {
@@ -208,7 +210,7 @@ impl Reconciler {
             .iter()
             .filter(|d| d.state == ActualState::Running && vms.get(&d.name).is_some_and(|v| v.node == self.me))
             .count();
-        Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX) })
+        Ok(Outcome { commands, running: u32::try_from(running).unwrap_or(u32::MAX), held_back: p.held_back })
     }
 
     /// Carries out a round's actions; returns the refusals, by VM, as failures to report. Each

@@ -98,6 +98,14 @@ fn without_quorum_contact_it_stops_but_never_starts() {
         &mut Memory::default(),
     );
     assert_eq!(p.actions, vec![Action::Destroy { vm: "b".into() }]);
+    assert_eq!(p.held_back, 1, "the start it did not make is counted, so a client can ask for contact");
+    let with = plan(
+        &at("me", 0),
+        &v,
+        &[dom("a", ActualState::Shutoff), dom("b", ActualState::Running)],
+        &mut Memory::default(),
+    );
+    assert_eq!(with.held_back, 0);
 }
 
 #[test]

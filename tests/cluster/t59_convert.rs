@@ -84,10 +84,13 @@ fn a_learner_hypervisor_becomes_a_client_by_rejoining() {
     let own = c.node("uh").status();
     assert_eq!(own["state"], "client", "{own}");
     assert!(own["session"]["coordinator"].is_string(), "follows a coordinator: {own}");
-    // Its keepalives come from the coordinators now: the record's age stays within 2 intervals.
-    let first = wait_until("a keepalive of uh written for it", Duration::from_secs(10), || {
+    // Its keepalives come from the coordinators now (the new record's first at once), and the
+    // coordinators hear its session.
+    let (first, heard) = wait_until("a keepalive of uh written for it, uh heard", Duration::from_secs(10), || {
         let s = c.node("u1").try_admin(&json!({"op": "status"})).ok()?;
-        uh_running(&s)?["last_keepalive_age_ms"].as_u64().filter(|a| *a < 2000)
+        let m = uh_running(&s)?;
+        Some((m["last_keepalive_age_ms"].as_u64().filter(|a| *a < 2000)?, m["last_heard_age_ms"].as_u64()?))
     });
-    eprintln!("t59_convert: uh learner {old_id} → client {new_id}; keepalive age {first} ms");
+    assert!(heard < 2000, "uh last heard {heard} ms ago");
+    eprintln!("t59_convert: uh learner {old_id} → client {new_id}; keepalive age {first} ms, heard {heard} ms ago");
 }
