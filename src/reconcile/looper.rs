@@ -83,6 +83,7 @@ impl Looper {
             let Some(own) = g.state.nodes.get(&self.name).filter(|n| n.id == member.id) else { return };
             own.stats.clone()
         };
+        tracing::info!("no recent quorum contact: writing this node's keepalive to start VMs");
         let cmd = Command::Keepalive { name: self.name.clone(), stats, node_id: Some(member.id) };
         match self.node.write_indexed(vec![cmd.into()], WRITE_TIMEOUT).await {
             Ok((index, _)) => self.standing.committed_at(index, herd_raft::clock::ms(now.elapsed())),

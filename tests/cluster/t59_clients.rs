@@ -166,6 +166,35 @@ fn hypervisors_as_clients() {
         "t59: clients heard within {heard} ms in 4 s (interval 1000 ms); keepalives written for them: \
          h2 (self-fences) oldest {h2_keepalive} ms, h1 (on change) oldest {h1_keepalive} ms"
     );
+    // A VM that stops behind h1's back is started again though h1's last keepalive is older
+    // than its quorum contact (3 intervals): h1 writes one itself first, then starts it.
+    let h1_row = |c: &mut Cluster| -> Option<Value> {
+        let s = c.node("c1").try_admin(&json!({"op": "status"})).ok()?;
+        s["members"].as_array()?.iter().find(|m| m["name"] == "h1").cloned()
+    };
+    let before = wait_until("h1's keepalive older than its contact window", Duration::from_secs(20), || {
+        h1_row(&mut c)?["last_keepalive_age_ms"].as_u64().filter(|a| *a > 3000)
+    });
+    let victim = "vm1";
+    let asked = |c: &mut Cluster| {
+        let log = std::fs::read_to_string(c.node("h1").log_path()).unwrap_or_default();
+        log.matches("writing this node's keepalive to start VMs").count()
+    };
+    let asked_before = asked(&mut c);
+    let t = Instant::now();
+    daemons[idx("h1")].destroy_by_hand(victim);
+    wait_until("the VM destroyed by hand running on h1 again", Duration::from_secs(10), || {
+        observed(&daemons).get(victim).is_some_and(|on| on == &["h1"]).then_some(())
+    });
+    let restarted = t.elapsed();
+    let after = h1_row(&mut c).and_then(|r| r["last_keepalive_age_ms"].as_u64());
+    assert!(after.is_some_and(|a| a < before), "h1 wrote a keepalive to start it: {after:?} (was {before} ms)");
+    assert!(asked(&mut c) > asked_before, "h1 asked for contact itself");
+    eprintln!(
+        "t59: {victim} destroyed behind h1's back, its keepalive {before} ms old: running again after {} ms",
+        restarted.as_millis()
+    );
+
     // A client's rows come from the leader: its own followed copy leaves other nodes' figures
     // out (deltas: a keepalive reaches only the node it is about).
     let hs = c.node("h2").status();
