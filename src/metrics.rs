@@ -95,6 +95,7 @@ pub struct Metrics {
     primary_holding: Gauge,
     nodes: Family<State, Gauge>,
     keepalive_age_seconds: Family<Host, FloatGauge>,
+    client_heard_age_seconds: Family<Host, FloatGauge>,
     fence_ready: Family<Host, Gauge>,
     fence_state: Family<HostState, Gauge>,
     node_unhealthy: Family<Host, Gauge>,
@@ -125,6 +126,7 @@ impl Metrics {
             primary_holding: Gauge::default(),
             nodes: Family::default(),
             keepalive_age_seconds: Family::default(),
+            client_heard_age_seconds: Family::default(),
             fence_ready: Family::default(),
             fence_state: Family::default(),
             node_unhealthy: Family::default(),
@@ -174,6 +176,11 @@ impl Metrics {
             "keepalive_age_seconds",
             "Age of each node's last committed keepalive",
             m.keepalive_age_seconds.clone(),
+        );
+        registry.register(
+            "client_heard_age_seconds",
+            "A client outside Raft: since any coordinator last heard its session (coordinators only)",
+            m.client_heard_age_seconds.clone(),
         );
         registry.register(
             "fence_ready",
@@ -273,6 +280,7 @@ impl Metrics {
             let g = member.view.read();
             self.nodes.clear();
             self.keepalive_age_seconds.clear();
+            self.client_heard_age_seconds.clear();
             self.fence_ready.clear();
             self.fence_state.clear();
             self.node_unhealthy.clear();
@@ -287,6 +295,9 @@ impl Metrics {
                 let state = n.fence_state();
                 self.fence_state.get_or_create(&HostState { host: n.name.clone(), state: state.into() }).set(1);
                 self.nodes.get_or_create(&State { state: n.daemon_state.to_string() }).inc();
+                if let Some(ms) = daemon.node.client_heard_ms(n.id) {
+                    self.client_heard_age_seconds.get_or_create(&Host { host: n.name.clone() }).set(ms as f64 / 1000.0);
+                }
                 if let Some(t) = n.last_keepalive_ms {
                     self.keepalive_age_seconds
                         .get_or_create(&Host { host: n.name.clone() })

@@ -143,7 +143,7 @@ fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -
         domain_state: n.domain_state,
         router_state: n.router_state,
         last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
-        last_heard_age_ms: d.client_heard_ms(n.id),
+        last_heard_age_ms: d.node.client_heard_ms(n.id),
         address: n.cluster_addr.clone(),
         heartbeat: heartbeat(n.id),
         fencing: FencingView::of(n),

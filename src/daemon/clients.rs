@@ -64,7 +64,8 @@ impl Daemon {
 
     /// On a coordinator: every keepalive interval, asks every other coordinator when it last
     /// heard each client's session and keeps the least (its own sessions included) — the
-    /// clients' liveness, in memory (`status` shows it as `last_heard_age_ms`).
+    /// clients' liveness, in memory (`status` shows it as `last_heard_age_ms`, the metrics as
+    /// `herd_client_heard_age_seconds`).
     pub(super) async fn gather_clients_heard(self: Arc<Self>) {
         let interval = Duration::from_millis(self.config.keepalive.interval_ms);
         let mut ticker = tokio::time::interval(interval);
@@ -78,16 +79,8 @@ impl Daemon {
                 let outside = |n: &&NodeRecord| raft_members.membership().get_node(&n.id).is_none();
                 g.state.nodes.values().filter(|n| n.role == Role::Hypervisor).filter(outside).map(|n| n.id).collect()
             };
-            let asked = tokio::time::Instant::now();
-            let ages = self.node.sessions_heard_everywhere(&ids, interval.min(HEARD_ASK_TIMEOUT)).await;
-            *self.clients_heard.lock().unwrap_or_else(|p| p.into_inner()) = ClientsHeard { at: Some(asked), ages };
+            self.node.gather_clients_heard(&ids, interval.min(HEARD_ASK_TIMEOUT)).await;
         }
-    }
-
-    /// How long ago any coordinator last heard client `id`'s session, as this coordinator last
-    /// gathered it (None: not gathered here, never heard, or a Raft member).
-    pub fn client_heard_ms(&self, id: u64) -> Option<u64> {
-        self.clients_heard.lock().unwrap_or_else(|p| p.into_inner()).age_ms(id)
     }
 
     /// One request of keepalives. Refused as a whole (a client removed meanwhile), it is split
@@ -141,20 +134,6 @@ impl Daemon {
 
 /// How long gathering the clients' liveness waits for a coordinator.
 const HEARD_ASK_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// When each client was last heard by any coordinator: ms ago at `at` (when it was asked).
-#[derive(Default)]
-pub struct ClientsHeard {
-    at: Option<tokio::time::Instant>,
-    ages: std::collections::BTreeMap<u64, u64>,
-}
-
-impl ClientsHeard {
-    /// How long ago `id` was heard, now.
-    fn age_ms(&self, id: u64) -> Option<u64> {
-        Some(self.ages.get(&id)?.saturating_add(herd_raft::clock::ms(self.at?.elapsed())))
-    }
-}
 
 /// A client's keepalive is written again at least every this many keepalive intervals, its
 /// figures unchanged (so its statistics' age stays bounded for those who watch it).

@@ -94,8 +94,6 @@ pub struct Daemon {
     pub cluster_port: Arc<herd_raft::server::PortStats>,
     /// The tasks the member duties start (targets, reconcile, flush, self-fence guard).
     tasks: Tasks,
-    /// On a coordinator: when each client outside Raft was last heard (`clients.rs`).
-    clients_heard: std::sync::Mutex<clients::ClientsHeard>,
 }
 
 impl Daemon {
@@ -182,7 +180,6 @@ pub async fn start(config: Config, env: Env) -> Result<Running, StartError> {
         watchdogs: env.watchdogs,
         cluster_port: Arc::new(herd_raft::server::PortStats::default()),
         tasks: Tasks::new(),
-        clients_heard: Default::default(),
     });
     let handler: Arc<dyn Handler> = Arc::new(herd_raft::node::NodeHandler(node.clone()));
     let cluster_server = herd_storage::types::spawn(server::serve(

@@ -195,6 +195,9 @@ pub struct ClusterNode<LS> {
     /// Idle connections to the other coordinators for `SessionsHeard`, one each, reused: the
     /// primary asks every fence round while a client is lost (no handshake per question).
     sessions_pool: Mutex<Vec<PeerClient>>,
+    /// On a coordinator: when each client was last heard by any coordinator, as last gathered
+    /// ([`ClusterNode::gather_clients_heard`]): ms ago at the instant of asking.
+    clients_heard: Mutex<(Option<Instant>, std::collections::BTreeMap<NodeId, u64>)>,
     /// Held by every save of a client's identity (its removal, its seeds kept current).
     identity_lock: Arc<tokio::sync::Mutex<()>>,
     extension: std::sync::OnceLock<Arc<dyn Extension>>,
@@ -260,6 +263,7 @@ where
             forgotten: Mutex::new(None),
             leader_pool: Mutex::new(Vec::new()),
             sessions_pool: Mutex::new(Vec::new()),
+            clients_heard: Mutex::new((None, std::collections::BTreeMap::new())),
             identity_lock: Arc::default(),
             extension: std::sync::OnceLock::new(),
             write_observer: std::sync::OnceLock::new(),

@@ -133,6 +133,21 @@ where
         heard
     }
 
+    /// Gathers [`ClusterNode::sessions_heard_everywhere`] for `ids` (the clients outside
+    /// Raft) and keeps it: their liveness, in memory rather than in the log.
+    pub async fn gather_clients_heard(&self, ids: &[NodeId], timeout: Duration) {
+        let asked = Instant::now();
+        let heard = self.sessions_heard_everywhere(ids, timeout).await;
+        *self.clients_heard.lock().unwrap_or_else(|p| p.into_inner()) = (Some(asked), heard);
+    }
+
+    /// How long ago any coordinator last heard client `id`'s session, as last gathered here
+    /// (None: not gathered on this node, or never heard).
+    pub fn client_heard_ms(&self, id: NodeId) -> Option<u64> {
+        let g = self.clients_heard.lock().unwrap_or_else(|p| p.into_inner());
+        Some(g.1.get(&id)?.saturating_add(clock::ms(g.0?.elapsed())))
+    }
+
     /// On the leader: for each of `ids` (clients outside Raft), how many milliseconds no
     /// coordinator can have acknowledged its session — the least, over every coordinator of
     /// the Raft membership, of its own word (when it last heard the client, or how long it has
