@@ -27,6 +27,8 @@ pub enum Breakage {
     /// The primary records a client that self-fences on its session self-fenced without the
     /// coordinators' evidence (as if none could have acknowledged it for the whole wait).
     SelfFencedWithoutEvidence,
+    /// A coordinator serves sessions as if always in contact with the leader.
+    ServeWithoutContact,
 }
 
 #[cfg(feature = "breakage")]
@@ -39,6 +41,7 @@ thread_local! {
 pub fn set(b: Option<Breakage>) {
     ACTIVE.with(|a| a.set(b));
     herd_storage::changes::break_changes(b == Some(Breakage::ChangesWithoutRequests));
+    herd_raft::node::break_contact(b == Some(Breakage::ServeWithoutContact));
 }
 
 /// Whether `b` is on.

@@ -199,7 +199,7 @@ where
         // Served only while in contact with the leader, and ended the moment that contact is
         // older than its window (the serve starts again if it was renewed meanwhile).
         loop {
-            let Some(lost_at) = self.leader_contact_until() else {
+            let Some(lost_at) = self.leader_contact_until().or_else(super::broken_contact) else {
                 return Err(RpcError::Unavailable(format!(
                     "no contact with the leader for {:?}: follow another coordinator",
                     self.serve_contact_window()

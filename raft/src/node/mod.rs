@@ -535,3 +535,25 @@ where
         }
     }
 }
+
+#[cfg(feature = "breakage")]
+thread_local! {
+    static SERVE_WITHOUT_CONTACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test-only (the simulation's `herd::breakage`): a coordinator serves sessions as if always
+/// in contact with the leader (the simulation shows its `served-in-contact` invariant catches
+/// that).
+#[cfg(feature = "breakage")]
+pub fn break_contact(on: bool) {
+    SERVE_WITHOUT_CONTACT.with(|b| b.set(on));
+}
+
+/// Serving contact the breakage grants: a window from now while on; never in other builds.
+fn broken_contact() -> Option<Instant> {
+    #[cfg(feature = "breakage")]
+    if SERVE_WITHOUT_CONTACT.with(std::cell::Cell::get) {
+        return Some(Instant::now() + Duration::from_secs(1));
+    }
+    None
+}

@@ -142,6 +142,38 @@ fn coordinators() -> Vec<usize> {
     crate::run::NODES.iter().enumerate().filter(|(_, (_, coordinator))| *coordinator).map(|(i, _)| i).collect()
 }
 
+/// Cuts the cluster link between machines `a` and `b` both ways (turmoil's partition), and
+/// says so in the world.
+fn cut(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
+    sim.partition(world.name(a).as_str(), world.name(b).as_str());
+    world.lock().links_cut.extend([(a, b), (b, a)]);
+}
+
+/// Mends what [`cut`] cut.
+fn mend(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
+    sim.repair(world.name(a).as_str(), world.name(b).as_str());
+    let mut w = world.lock();
+    w.links_cut.remove(&(a, b));
+    w.links_cut.remove(&(b, a));
+}
+
+/// Holds the link between `a` and `b` (turmoil's hold: its state becomes "held", whatever
+/// cut it had — so it is no longer cut).
+fn hold(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
+    sim.hold(world.name(a).as_str(), world.name(b).as_str());
+    let mut w = world.lock();
+    w.links_cut.remove(&(a, b));
+    w.links_cut.remove(&(b, a));
+}
+
+/// Releases a held link (turmoil's release: healthy both ways, a cut made meanwhile too).
+fn release(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
+    sim.release(world.name(a).as_str(), world.name(b).as_str());
+    let mut w = world.lock();
+    w.links_cut.remove(&(a, b));
+    w.links_cut.remove(&(b, a));
+}
+
 fn others(n: usize, group: &[usize]) -> Vec<usize> {
     (0..n).filter(|i| !group.contains(i)).collect()
 }
@@ -161,16 +193,19 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
         Fault::Partition(group) => {
             for a in group {
                 for b in others(n, group) {
-                    sim.partition(name(*a).as_str(), name(b).as_str());
+                    cut(sim, world, *a, b);
                 }
             }
         }
         Fault::CoordinatorCut(c) => {
             for o in coordinators().into_iter().filter(|o| o != c) {
-                sim.partition(name(*c).as_str(), name(o).as_str());
+                cut(sim, world, *c, o);
             }
         }
-        Fault::OneWay { from, to } => sim.partition_oneway(name(*from).as_str(), name(*to).as_str()),
+        Fault::OneWay { from, to } => {
+            sim.partition_oneway(name(*from).as_str(), name(*to).as_str());
+            world.lock().links_cut.insert((*from, *to));
+        }
         Fault::NetCut { net, node } => {
             let mut w = world.lock();
             for other in (0..n).filter(|o| o != node) {
@@ -182,13 +217,13 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
         Fault::Delay { max_ms } => sim.set_max_message_latency(Duration::from_millis(*max_ms)),
         Fault::Pause(i) => {
             for o in (0..n).filter(|o| o != i) {
-                sim.hold(name(*i).as_str(), name(o).as_str());
+                hold(sim, world, *i, o);
             }
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Silent,
         Fault::Isolated(i) => {
             for o in (0..n).filter(|o| o != i) {
-                sim.partition(name(*i).as_str(), name(o).as_str());
+                cut(sim, world, *i, o);
             }
             world.lock().machines[*i].bmc = BmcMode::Silent;
         }
@@ -196,7 +231,7 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
         Fault::PrimaryCrashInFence { node, bmc_ms } => {
             world.lock().crash_primary_on_fence = Some(Duration::from_millis(*bmc_ms));
             for o in (0..n).filter(|o| o != node) {
-                sim.hold(name(*node).as_str(), name(o).as_str());
+                hold(sim, world, *node, o);
             }
         }
         Fault::StoreFails(i) => world.lock().machines[*i].log.set_failing(true),
@@ -289,16 +324,19 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
         Fault::Partition(group) => {
             for a in group {
                 for b in others(n, group) {
-                    sim.repair(name(*a).as_str(), name(b).as_str());
+                    mend(sim, world, *a, b);
                 }
             }
         }
         Fault::CoordinatorCut(c) => {
             for o in coordinators().into_iter().filter(|o| o != c) {
-                sim.repair(name(*c).as_str(), name(o).as_str());
+                mend(sim, world, *c, o);
             }
         }
-        Fault::OneWay { from, to } => sim.repair_oneway(name(*from).as_str(), name(*to).as_str()),
+        Fault::OneWay { from, to } => {
+            sim.repair_oneway(name(*from).as_str(), name(*to).as_str());
+            world.lock().links_cut.remove(&(*from, *to));
+        }
         Fault::NetCut { net, node } => {
             let mut w = world.lock();
             for other in (0..n).filter(|o| o != node) {
@@ -310,20 +348,20 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
         Fault::Delay { .. } => sim.set_max_message_latency(LATENCY),
         Fault::Pause(i) => {
             for o in (0..n).filter(|o| o != i) {
-                sim.release(name(*i).as_str(), name(o).as_str());
+                release(sim, world, *i, o);
             }
         }
         Fault::BmcSilent(i) => world.lock().machines[*i].bmc = BmcMode::Normal,
         Fault::Isolated(i) => {
             for o in (0..n).filter(|o| o != i) {
-                sim.repair(name(*i).as_str(), name(o).as_str());
+                mend(sim, world, *i, o);
             }
             world.lock().machines[*i].bmc = BmcMode::Normal;
         }
         Fault::BmcLate { node, .. } => world.lock().machines[*node].bmc = BmcMode::Normal,
         Fault::PrimaryCrashInFence { node, .. } => {
             for o in (0..n).filter(|o| o != node) {
-                sim.release(name(*node).as_str(), name(o).as_str());
+                release(sim, world, *node, o);
             }
             let crashed = {
                 let mut w = world.lock();
@@ -366,6 +404,7 @@ pub fn heal(sim: &mut Sim<'_>, world: &World) {
     sim.set_max_message_latency(LATENCY);
     let mut w = world.lock();
     w.cuts.clear();
+    w.links_cut.clear();
     w.udp_loss_pct = 0;
     w.crash_primary_on_fence = None;
     w.fence_crashed.clear();

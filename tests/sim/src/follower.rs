@@ -43,12 +43,35 @@ pub async fn run(world: World) -> turmoil::Result {
     let session = Session::new(Arc::new(SimConnector), cluster_id, FOLLOWER_ID, seeds, settings);
     world.lock().follower = Some((session.view(), session.status()));
     world.trace("follower: started");
+    let mut status = session.status();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(session.run(stopped));
+    let mut answered = None;
     while !world.lock().finished {
-        sleep_ms(100).await;
+        // Each answer is published with the coordinator that gave it (a move publishes the
+        // next one, the answer not yet): recorded when `answered` moves, on this host's clock.
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(100), status.changed()).await {
+            let s = status.borrow_and_update().clone();
+            if s.answered != answered {
+                answered = s.answered;
+                record_acknowledged(&world, &s);
+            }
+        }
     }
     stop.send_replace(true);
     let _ = task.await;
     Ok(())
+}
+
+/// Records, in simulated time, the follower's last acknowledgement: which coordinator (by
+/// machine) answered, when the poll it answered was sent, and how often the session moved
+/// (read on the follower's host, whose clock its instants are on).
+fn record_acknowledged(world: &World, s: &herd_raft::follow::SessionStatus) {
+    let (Some((_, addr)), Some(acknowledged)) = (&s.coordinator, s.acknowledged) else { return };
+    let sent = crate::world::now().saturating_sub(acknowledged.elapsed());
+    let mut w = world.lock();
+    let machine = addr.parse::<std::net::SocketAddr>().ok().and_then(|a| w.by_ip.get(&a.ip()).copied());
+    if let Some(m) = machine {
+        w.follower_acked = Some((m, sent, s.moves));
+    }
 }

@@ -39,7 +39,14 @@ pub struct Options {
     /// its BMC silent) for [`ISOLATION`] from a second after the setup — the self-fence
     /// scenario (`HERD_SIM_SCENARIO=isolate-h2`).
     pub isolate: Option<usize>,
+    /// Instead of the seeded schedule, one fault: the coordinator the follower outside Raft
+    /// follows cut from the other coordinators for [`CUT`] (`HERD_SIM_SCENARIO=cut-followed`):
+    /// its session must move, within the serving window (`served-in-contact`).
+    pub cut_followed: bool,
 }
+
+/// How long the cut of the followed coordinator lasts.
+pub const CUT: Duration = Duration::from_secs(8);
 
 /// How long the isolation scenario lasts: past h2's self-fence (8 s), its watchdog (5 s) and
 /// the margin (5 s), with the failed fence's retry on top.
@@ -47,7 +54,13 @@ pub const ISOLATION: Duration = Duration::from_secs(26);
 
 impl Default for Options {
     fn default() -> Self {
-        Options { breakage: None, fault_window: Duration::from_secs(20), clients: true, isolate: None }
+        Options {
+            breakage: None,
+            fault_window: Duration::from_secs(20),
+            clients: true,
+            isolate: None,
+            cut_followed: false,
+        }
     }
 }
 
@@ -64,6 +77,8 @@ pub struct Outcome {
     /// The nodes recorded self-fenced (from the committed events), each as `name:how` — `how`
     /// being `session` (the coordinators' evidence) or `keepalive` (its age).
     pub self_fenced: Vec<String>,
+    /// How often the follower outside Raft moved to another coordinator after a failure.
+    pub follower_moves: u64,
 }
 
 thread_local! {
@@ -209,9 +224,13 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         match phase {
             Phase::Setup if world.lock().setup_done && isolation_ready(&world, opts, now) => {
                 let start = now + Duration::from_secs(1);
-                schedule = match opts.isolate {
-                    Some(i) => vec![Scheduled { at: start, lasts: ISOLATION, fault: Fault::Isolated(i) }],
-                    None => faults::schedule(seed, NODES.len(), start, opts.fault_window),
+                let followed = world.lock().follower_acked.map(|(m, _, _)| m);
+                schedule = match (opts.isolate, followed) {
+                    (Some(i), _) => vec![Scheduled { at: start, lasts: ISOLATION, fault: Fault::Isolated(i) }],
+                    (None, Some(c)) if opts.cut_followed => {
+                        vec![Scheduled { at: start, lasts: CUT, fault: Fault::CoordinatorCut(c) }]
+                    }
+                    _ => faults::schedule(seed, NODES.len(), start, opts.fault_window),
                 };
                 world.trace(format!("faults: {} scheduled", schedule.len()));
                 phase = Phase::Faults;
@@ -304,6 +323,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         world.trace(format!("VIOLATION {v}"));
     }
     let self_fenced = self_fence_records(&world);
+    let follower_moves = world.lock().follower_acked.map_or(0, |(_, _, moves)| moves);
     let trace = std::mem::take(&mut world.lock().trace);
     let mut hasher = Sha256::new();
     for line in &trace {
@@ -321,6 +341,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         faults: schedule.len(),
         converged_after,
         self_fenced,
+        follower_moves,
     }
 }
 
@@ -329,6 +350,9 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
 /// the flag) — else the primary could only judge it by its keepalive. At most 20 s after the
 /// start; the scenario's test then sees the keepalive record and says so. Always, without it.
 fn isolation_ready(world: &World, opts: &Options, now: Duration) -> bool {
+    if opts.cut_followed {
+        return world.lock().follower_acked.is_some();
+    }
     let Some(i) = opts.isolate else { return true };
     if !opts.clients || now > Duration::from_secs(20) {
         return true;

@@ -161,6 +161,12 @@ pub struct Inner {
     pub handover_requests: u32,
     /// The follower outside Raft (`follower.rs`) once it runs: its state and session.
     pub follower: Option<(herd_storage::sm::StateView, tokio::sync::watch::Receiver<herd_raft::follow::SessionStatus>)>,
+    /// The follower's last acknowledgement as it saw it: the coordinator (machine) that
+    /// answered and when the poll answered was sent (simulated time), with how often it moved.
+    pub follower_acked: Option<(usize, Duration, u64)>,
+    /// Cluster links (Raft, sessions) cut: `from` cannot reach `to` — what the faults did to
+    /// turmoil's links (the `served-in-contact` invariant reads it).
+    pub links_cut: BTreeSet<(usize, usize)>,
 }
 
 #[derive(Clone)]
@@ -236,6 +242,8 @@ impl World {
             setup_done: false,
             place_on: None,
             follower: None,
+            follower_acked: None,
+            links_cut: BTreeSet::new(),
             healed: false,
             settled: false,
             finished: false,

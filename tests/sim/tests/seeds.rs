@@ -28,6 +28,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "fence-without-token" => Some(Breakage::FenceWithoutToken),
         "changes-without-requests" => Some(Breakage::ChangesWithoutRequests),
         "self-fenced-without-evidence" => Some(Breakage::SelfFencedWithoutEvidence),
+        "serve-without-contact" => Some(Breakage::ServeWithoutContact),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
     }
 }
@@ -60,12 +61,19 @@ fn one_seed() {
             .try_init();
     }
     let started = Instant::now();
-    let isolate = match std::env::var("HERD_SIM_SCENARIO").ok().as_deref() {
-        None => None,
-        Some("isolate-h2") => Some(4),
+    let (isolate, cut_followed) = match std::env::var("HERD_SIM_SCENARIO").ok().as_deref() {
+        None => (None, false),
+        Some("isolate-h2") => (Some(4), false),
+        Some("cut-followed") => (None, true),
         Some(other) => panic!("unknown HERD_SIM_SCENARIO {other:?}"),
     };
-    let opts = Options { breakage: breakage_from_env(), clients: clients_from_env(), isolate, ..Options::default() };
+    let opts = Options {
+        breakage: breakage_from_env(),
+        clients: clients_from_env(),
+        isolate,
+        cut_followed,
+        ..Options::default()
+    };
     let out = run(seed, &opts);
     if std::env::var_os("HERD_SIM_TRACE").is_some() || !out.violations.is_empty() {
         for line in &out.trace {
@@ -73,7 +81,7 @@ fn one_seed() {
         }
     }
     println!(
-        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={} self_fenced={}",
+        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={} self_fenced={} follower_moves={}",
         out.trace_hash,
         out.violations.len(),
         out.faults,
@@ -81,6 +89,7 @@ fn one_seed() {
         started.elapsed().as_secs_f64(),
         out.converged_after.map_or(-1, |d| d.as_millis() as i64),
         if out.self_fenced.is_empty() { "-".to_string() } else { out.self_fenced.join(",") },
+        out.follower_moves,
     );
     for v in &out.violations {
         println!("VIOLATION {v}");
@@ -313,6 +322,41 @@ fn broken_self_fence_evidence_is_caught() {
     assert!(
         hit,
         "breaking {brk} went unnoticed by [no-double-run] in seeds {ISOLATION_SEEDS:?}:\n{}",
+        verdicts.iter().map(|v| format!("{} {:?}", v.line, v.violations)).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// Seeds of the cut scenario (`HERD_SIM_SCENARIO=cut-followed`): the coordinator the follower
+/// outside Raft follows is cut from the other coordinators for `run::CUT`, nothing else.
+const CUT_SEEDS: std::ops::Range<u64> = 1..5;
+
+/// The cut-off coordinator stops acknowledging the follower's session within its serving
+/// window (`served-in-contact`), and the session moves to another coordinator — every
+/// invariant holding, in every seed.
+#[test]
+fn a_cut_off_coordinator_serves_no_session_and_its_session_moves() {
+    let verdicts = run_seeds_as(CUT_SEEDS, None, 2, true, Some("cut-followed"));
+    assert_clean(&verdicts, None, true);
+    for v in &verdicts {
+        let moves: u64 = v
+            .line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("follower_moves=")?.parse().ok())
+            .expect("follower_moves in the verdict");
+        assert!(moves >= 1, "seed {}: the follower's session never moved: {}", v.seed, v.line);
+    }
+}
+
+/// The same scenario with coordinators serving as if always in contact with the leader: the
+/// cut-off coordinator goes on answering, and `served-in-contact` must see it.
+#[test]
+fn broken_contact_is_caught() {
+    let brk = "serve-without-contact";
+    let verdicts = run_seeds_as(CUT_SEEDS, Some(brk), 2, true, Some("cut-followed"));
+    let hit = verdicts.iter().any(|v| v.violations.iter().any(|l| l.contains("[served-in-contact]")));
+    assert!(
+        hit,
+        "breaking {brk} went unnoticed by [served-in-contact] in seeds {CUT_SEEDS:?}:\n{}",
         verdicts.iter().map(|v| format!("{} {:?}", v.line, v.violations)).collect::<Vec<_>>().join("\n")
     );
 }

@@ -12,6 +12,7 @@ pub mod fence_justified;
 pub mod follower;
 pub mod no_double_run;
 pub mod one_primary;
+pub mod served_in_contact;
 
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ pub struct Checker {
     pub fence: fence_justified::FenceJustified,
     pub fence_token: fence_authorised::FenceAuthorised,
     pub follower: follower::FollowerAgrees,
+    pub served: served_in_contact::ServedInContact,
 }
 
 impl Checker {
@@ -49,6 +51,7 @@ impl Checker {
         out.extend(self.fence.check(world, now, self.one_primary.last_holder()));
         out.extend(self.fence_token.check(world, now));
         out.extend(self.follower.check(world, now));
+        out.extend(self.served.check(world, now));
         out
     }
 
