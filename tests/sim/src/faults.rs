@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use turmoil::Sim;
 
+use crate::links::{cut, cut_oneway, hold, mend, mend_oneway, release};
 use crate::net::NETWORKS;
 use crate::world::{BmcMode, World};
 
@@ -142,38 +143,6 @@ fn coordinators() -> Vec<usize> {
     crate::run::NODES.iter().enumerate().filter(|(_, (_, coordinator))| *coordinator).map(|(i, _)| i).collect()
 }
 
-/// Cuts the cluster link between machines `a` and `b` both ways (turmoil's partition), and
-/// says so in the world.
-fn cut(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
-    sim.partition(world.name(a).as_str(), world.name(b).as_str());
-    world.lock().links_cut.extend([(a, b), (b, a)]);
-}
-
-/// Mends what [`cut`] cut.
-fn mend(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
-    sim.repair(world.name(a).as_str(), world.name(b).as_str());
-    let mut w = world.lock();
-    w.links_cut.remove(&(a, b));
-    w.links_cut.remove(&(b, a));
-}
-
-/// Holds the link between `a` and `b` (turmoil's hold: its state becomes "held", whatever
-/// cut it had — so it is no longer cut).
-fn hold(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
-    sim.hold(world.name(a).as_str(), world.name(b).as_str());
-    let mut w = world.lock();
-    w.links_cut.remove(&(a, b));
-    w.links_cut.remove(&(b, a));
-}
-
-/// Releases a held link (turmoil's release: healthy both ways, a cut made meanwhile too).
-fn release(sim: &mut Sim<'_>, world: &World, a: usize, b: usize) {
-    sim.release(world.name(a).as_str(), world.name(b).as_str());
-    let mut w = world.lock();
-    w.links_cut.remove(&(a, b));
-    w.links_cut.remove(&(b, a));
-}
-
 fn others(n: usize, group: &[usize]) -> Vec<usize> {
     (0..n).filter(|i| !group.contains(i)).collect()
 }
@@ -181,7 +150,6 @@ fn others(n: usize, group: &[usize]) -> Vec<usize> {
 /// Starts `f`. Returns whether it did something (a crash of a powered-off host does nothing).
 pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
     let n = world.len();
-    let name = |i: usize| world.name(i);
     match f {
         Fault::Crash(i) => {
             let powered = world.lock().machines[*i].powered;
@@ -202,10 +170,7 @@ pub fn apply(sim: &mut Sim<'_>, world: &World, f: &Fault) -> bool {
                 cut(sim, world, *c, o);
             }
         }
-        Fault::OneWay { from, to } => {
-            sim.partition_oneway(name(*from).as_str(), name(*to).as_str());
-            world.lock().links_cut.insert((*from, *to));
-        }
+        Fault::OneWay { from, to } => cut_oneway(sim, world, *from, *to),
         Fault::NetCut { net, node } => {
             let mut w = world.lock();
             for other in (0..n).filter(|o| o != node) {
@@ -333,10 +298,7 @@ pub fn undo(sim: &mut Sim<'_>, world: &World, f: &Fault) {
                 mend(sim, world, *c, o);
             }
         }
-        Fault::OneWay { from, to } => {
-            sim.repair_oneway(name(*from).as_str(), name(*to).as_str());
-            world.lock().links_cut.remove(&(*from, *to));
-        }
+        Fault::OneWay { from, to } => mend_oneway(sim, world, *from, *to),
         Fault::NetCut { net, node } => {
             let mut w = world.lock();
             for other in (0..n).filter(|o| o != node) {
@@ -393,18 +355,10 @@ pub const LATENCY: Duration = Duration::from_millis(2);
 /// BMCs, every powered host's daemon running.
 pub fn heal(sim: &mut Sim<'_>, world: &World) {
     let n = world.len();
-    for a in 0..n {
-        for b in 0..n {
-            if a != b {
-                sim.repair(world.name(a).as_str(), world.name(b).as_str());
-                sim.release(world.name(a).as_str(), world.name(b).as_str());
-            }
-        }
-    }
+    crate::links::clear(sim, world);
     sim.set_max_message_latency(LATENCY);
     let mut w = world.lock();
     w.cuts.clear();
-    w.links_cut.clear();
     w.udp_loss_pct = 0;
     w.crash_primary_on_fence = None;
     w.fence_crashed.clear();

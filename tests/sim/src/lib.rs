@@ -30,6 +30,7 @@ pub mod follower;
 pub mod host;
 pub mod invariants;
 pub mod linearizable;
+pub mod links;
 pub mod net;
 pub mod run;
 pub mod watchdog;

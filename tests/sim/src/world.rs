@@ -164,9 +164,8 @@ pub struct Inner {
     /// The follower's last acknowledgement as it saw it: the coordinator (machine) that
     /// answered and when the poll answered was sent (simulated time), with how often it moved.
     pub follower_acked: Option<(usize, Duration, u64)>,
-    /// Cluster links (Raft, sessions) cut: `from` cannot reach `to` — what the faults did to
-    /// turmoil's links (the `served-in-contact` invariant reads it).
-    pub links_cut: BTreeSet<(usize, usize)>,
+    /// The faults in force on the cluster links (Raft, sessions), composed (`links.rs`).
+    pub links: crate::links::Links,
 }
 
 #[derive(Clone)]
@@ -243,7 +242,7 @@ impl World {
             place_on: None,
             follower: None,
             follower_acked: None,
-            links_cut: BTreeSet::new(),
+            links: Default::default(),
             healed: false,
             settled: false,
             finished: false,

@@ -32,7 +32,7 @@ impl ServedInContact {
         let w = world.lock();
         let coordinators: Vec<usize> =
             crate::run::NODES.iter().enumerate().filter(|(_, (_, c))| *c).map(|(i, _)| i).collect();
-        let two_way = |a: usize, b: usize| !w.links_cut.contains(&(a, b)) && !w.links_cut.contains(&(b, a));
+        let two_way = |a: usize, b: usize| !w.links.is_cut(a, b) && !w.links.is_cut(b, a);
         for &c in &coordinators {
             let alone = coordinators.iter().filter(|o| **o != c).all(|o| !two_way(c, *o));
             if alone {
