@@ -29,9 +29,7 @@ use super::Daemon;
 impl Daemon {
     /// On a coordinator: writes the keepalives of the clients it heard, every interval.
     pub(super) async fn client_keepalives(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.config.keepalive.interval_ms);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (interval, mut ticker) = self.keepalive_ticker();
         loop {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
@@ -67,9 +65,7 @@ impl Daemon {
     /// clients' liveness, in memory (`status` shows it as `last_heard_age_ms`, the metrics as
     /// `herd_client_heard_age_seconds`).
     pub(super) async fn gather_clients_heard(self: Arc<Self>) {
-        let interval = Duration::from_millis(self.config.keepalive.interval_ms);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (interval, mut ticker) = self.keepalive_ticker();
         loop {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
@@ -81,6 +77,14 @@ impl Daemon {
             };
             self.node.gather_clients_heard(&ids, interval.min(HEARD_ASK_TIMEOUT)).await;
         }
+    }
+
+    /// The keepalive interval, and a ticker of it that never bursts to catch up.
+    fn keepalive_ticker(&self) -> (Duration, tokio::time::Interval) {
+        let interval = Duration::from_millis(self.config.keepalive.interval_ms);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        (interval, ticker)
     }
 
     /// One request of keepalives. Refused as a whole (a client removed meanwhile), it is split
