@@ -20,6 +20,10 @@ pub struct Standing {
     /// Set once the self-fence guard armed the watchdog on a client: only then does it
     /// self-fence on its session (and say so in its reports).
     session_guard: AtomicBool,
+    /// Set once this node's `run` committed and its duties after it were taken (the guard
+    /// spawned, when its policy self-fences — then `self_fences` too).
+    ran: AtomicBool,
+    self_fences: AtomicBool,
 }
 
 impl Standing {
@@ -32,6 +36,8 @@ impl Standing {
             contact_window_ms: 3 * keepalive_interval_ms.max(1000),
             self_fenced: AtomicBool::new(false),
             session_guard: AtomicBool::new(false),
+            ran: AtomicBool::new(false),
+            self_fences: AtomicBool::new(false),
         }
     }
 
@@ -81,6 +87,30 @@ impl Standing {
             && applied >= self.last_commit_index.load(Ordering::Acquire)
     }
 
+    /// Whether a write of its own committed lately that the view at `applied` has not applied
+    /// yet: contact comes once it has (no need to write another).
+    pub fn awaiting_apply(&self, applied: u64) -> bool {
+        let last = self.last_commit_ms.load(Ordering::Acquire);
+        last != 0
+            && self.now_ms().saturating_sub(last) < self.contact_window_ms
+            && applied < self.last_commit_index.load(Ordering::Acquire)
+    }
+
+    /// This node's `run` committed and the duties after it were taken; `self_fences`: its
+    /// policy self-fences (a guard was spawned).
+    pub fn set_ran(&self, self_fences: bool) {
+        self.self_fences.store(self_fences, Ordering::Release);
+        self.ran.store(true, Ordering::Release);
+    }
+
+    /// Whether a client may write its own keepalive for quorum contact: only after its `run`
+    /// (a restarted node's first contact is its `run`, after which its duties start) and, when
+    /// it self-fences, once its guard armed (else it could start VMs with no guard to stop
+    /// them when cut off, while the primary counts on one).
+    pub fn may_write_contact(&self) -> bool {
+        self.ran.load(Ordering::Acquire) && (!self.self_fences.load(Ordering::Acquire) || self.session_guard())
+    }
+
     pub fn set_session_guard(&self) {
         self.session_guard.store(true, Ordering::Release);
     }
@@ -114,6 +144,19 @@ mod tests {
         tokio::time::advance(std::time::Duration::from_millis(3000)).await;
         assert!(!s.quorum_contact(7), "older than three intervals");
         assert_eq!(s.commit_age_ms(), 3000);
+    }
+
+    #[test]
+    fn a_client_writes_for_contact_only_after_its_run_and_its_guard() {
+        let s = Standing::new(1000);
+        assert!(!s.may_write_contact(), "before its run");
+        s.set_ran(true);
+        assert!(!s.may_write_contact(), "it self-fences: not before its guard armed");
+        s.set_session_guard();
+        assert!(s.may_write_contact());
+        let t = Standing::new(1000);
+        t.set_ran(false);
+        assert!(t.may_write_contact(), "no self-fence: once its run committed");
     }
 
     #[tokio::test(start_paused = true)]

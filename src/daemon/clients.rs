@@ -4,9 +4,11 @@
 //! one is alone), the keepalives of the clients whose sessions it heard in that interval —
 //! only those worth a log entry ([`worth_writing`]): liveness is not in the log (the heartbeat
 //! decides a node's death, the sessions show who is heard), so a client's keepalive is written
-//! when its figures moved enough to matter to placement, and at least every
-//! [`REFRESH_INTERVALS`] intervals; only a client that self-fences (its guard, and any primary's
-//! keepalive rule, count on its committed keepalive) has one written every interval.
+//! when its figures moved enough to matter to placement, while it has a VM of record to start
+//! (it needs quorum contact for that: a client of the previous version gets it only so), and at
+//! least every [`REFRESH_INTERVALS`] intervals; only a client that self-fences (its guard, and
+//! any primary's keepalive rule, count on its committed keepalive) has one written every
+//! interval.
 //! A client takes each keepalive of its own that it sees committed in its followed state as its
 //! quorum contact, aged from the leader's stamp; one that must start VMs without it writes one
 //! itself (`reconcile::Looper`).
@@ -30,6 +32,8 @@ impl Daemon {
     /// On a coordinator: writes the keepalives of the clients it heard, every interval.
     pub(super) async fn client_keepalives(self: Arc<Self>) {
         let (interval, mut ticker) = self.keepalive_ticker();
+        // When this coordinator last wrote each client's keepalive (on its own clock).
+        let mut written: std::collections::HashMap<u64, tokio::time::Instant> = std::collections::HashMap::new();
         loop {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
@@ -37,17 +41,22 @@ impl Daemon {
             if reports.is_empty() {
                 continue;
             }
-            let refresh_ms = self.config.keepalive.interval_ms.saturating_mul(REFRESH_INTERVALS);
-            let now_ms = herd_raft::clock::wall_ms();
+            let refresh = interval.saturating_mul(u32::try_from(REFRESH_INTERVALS).unwrap_or(u32::MAX));
+            let now = tokio::time::Instant::now();
+            written.retain(|_, t| now.duration_since(*t) < refresh);
             let ops: Vec<Op> = {
                 let g = member.view.read();
+                let starting = nodes_starting_vms(&g.state);
                 reports
                     .into_iter()
                     .filter_map(|(id, stats)| {
                         let n = g.state.node_by_id(id).filter(|n| n.role == Role::Hypervisor)?;
                         let stats = sanitized(stats);
-                        worth_writing(n, &stats, now_ms, refresh_ms)
-                            .then(|| Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into())
+                        let why = Why { due: !written.contains_key(&id), starting: starting.contains(n.name.as_str()) };
+                        worth_writing(n, &stats, why).then(|| {
+                            written.insert(id, now);
+                            Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into()
+                        })
                     })
                     .collect()
             };
@@ -139,8 +148,9 @@ impl Daemon {
 /// How long gathering the clients' liveness waits for a coordinator.
 const HEARD_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A client's keepalive is written again at least every this many keepalive intervals, its
-/// figures unchanged (so its statistics' age stays bounded for those who watch it).
+/// A coordinator writes a client's keepalive again at least every this many keepalive
+/// intervals, its figures unchanged (so its statistics' age stays bounded for those who watch
+/// it); counted on the coordinator's own clock.
 pub const REFRESH_INTERVALS: u64 = 12;
 
 /// Load (× 1000) and used memory moves below which a client's figures count as unchanged;
@@ -148,15 +158,35 @@ pub const REFRESH_INTERVALS: u64 = 12;
 const LOAD_STEP_MILLI: u64 = 500;
 const MEM_STEP_MIB: u64 = 256;
 
-/// Whether a client's `report`, heard at `now_ms` (wall clock), is worth a log entry over its
-/// committed `record`: it self-fences (its guard and the primary's keepalive rule count on its
-/// committed keepalive: every interval), its figures moved enough to matter to placement, or
-/// its record's keepalive is `refresh_ms` old.
-pub fn worth_writing(record: &NodeRecord, report: &NodeStats, now_ms: u64, refresh_ms: u64) -> bool {
+/// Besides its figures, why a client's keepalive may be due.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Why {
+    /// This coordinator wrote none for it within [`REFRESH_INTERVALS`] intervals.
+    pub due: bool,
+    /// A VM of record on it should run and does not (it needs quorum contact to start it: a
+    /// client of the previous version gets it only from these keepalives).
+    pub starting: bool,
+}
+
+/// Whether a client's `report` is worth a log entry over its committed `record`: it
+/// self-fences (its guard and the primary's keepalive rule count on its committed keepalive:
+/// every interval), it has a VM to start, its figures moved enough to matter to placement, or
+/// its refresh is due.
+pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> bool {
     let self_fences = report.session_self_fence
         || record.fencing.as_ref().is_some_and(|p| p.failed_fence == FailedFence::RecoverAfterSelfFence);
-    let due = record.last_keepalive_ms.is_none_or(|k| now_ms.saturating_sub(k) >= refresh_ms);
-    self_fences || due || moved(&record.stats, report)
+    self_fences || why.due || why.starting || moved(&record.stats, report)
+}
+
+/// The nodes with a VM of record that should run there and does not run (yet).
+fn nodes_starting_vms(state: &herd_storage::model::State) -> std::collections::BTreeSet<&str> {
+    use herd_storage::model::ActualState::{Paused, Running};
+    state
+        .vms
+        .values()
+        .filter(|v| v.state.wants_running() && !matches!(v.actual, Running | Paused) && v.waiting.is_none())
+        .map(|v| v.node.as_str())
+        .collect()
 }
 
 /// Whether figures moved enough to matter: any count, total, allocation, flag or unmanaged
@@ -216,12 +246,12 @@ mod tests {
             ..NodeStats::default()
         };
         let rec = record(base.clone(), Some(100_000));
-        let at = |ms: u64| 100_000 + ms;
-        assert!(!worth_writing(&rec, &base, at(5_000), 60_000), "unchanged and recent: nothing to write");
-        assert!(worth_writing(&rec, &base, at(60_000), 60_000), "unchanged but due");
-        assert!(worth_writing(&record(base.clone(), None), &base, at(0), 60_000), "never written");
+        let quiet = Why::default();
+        assert!(!worth_writing(&rec, &base, quiet), "unchanged, not due: nothing to write");
+        assert!(worth_writing(&rec, &base, Why { due: true, ..quiet }), "unchanged but due");
+        assert!(worth_writing(&rec, &base, Why { starting: true, ..quiet }), "a VM to start: contact needed");
         let small = NodeStats { load_milli: 1400, mem_used_mib: 11000, ..base.clone() };
-        assert!(!worth_writing(&rec, &small, at(5_000), 60_000), "small moves wait for the refresh");
+        assert!(!worth_writing(&rec, &small, quiet), "small moves wait for the refresh");
         for moved in [
             NodeStats { load_milli: 1500, ..base.clone() },
             NodeStats { mem_used_mib: 10000 + 1311, ..base.clone() },
@@ -229,10 +259,10 @@ mod tests {
             NodeStats { stale: true, ..base.clone() },
             NodeStats { unmanaged_domains: vec!["x".into()], ..base.clone() },
         ] {
-            assert!(worth_writing(&rec, &moved, at(5_000), 60_000), "{moved:?}");
+            assert!(worth_writing(&rec, &moved, quiet), "{moved:?}");
         }
         let flagged = NodeStats { session_self_fence: true, ..base.clone() };
         let rec_flagged = record(flagged.clone(), Some(100_000));
-        assert!(worth_writing(&rec_flagged, &flagged, at(1_000), 60_000), "a self-fencing client: every interval");
+        assert!(worth_writing(&rec_flagged, &flagged, quiet), "a self-fencing client: every interval");
     }
 }

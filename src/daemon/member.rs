@@ -300,6 +300,9 @@ impl Daemon {
                 self.tasks.spawn(guard.run());
             }
         }
+        let self_fences = self.fencing.as_ref().is_some_and(|p| p.failed_fence == FailedFence::RecoverAfterSelfFence)
+            && self.config.fencing.is_some();
+        self.standing.set_ran(self_fences);
     }
 
     /// One line for systemd's STATUS=.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 
-use herd_storage::model::Command;
+use herd_storage::model::{Command, NodeStats};
 
 use super::Reconciler;
 use crate::standing::Standing;
@@ -65,9 +65,16 @@ impl Looper {
     /// keepalive again — the figures of record, newly stamped — and starts once its view has
     /// applied it (the next round, on that change). A write, not a read barrier: the log orders
     /// it against a fence or self-fence record of this node, so its view then shows that record
-    /// or the record is refused (`model::self_fence`). At most one ask a second.
+    /// or the record is refused (`model::self_fence`). At most one ask a second, none while
+    /// the last one waits to be applied, and only once this node's `run` committed and (if it
+    /// self-fences) its guard armed (`Standing::may_write_contact`).
     async fn ask_contact(&self, member: &herd_raft::Local, applied: u64) {
-        if self.node.session().is_none() || self.standing.quorum_contact(applied) {
+        let s = &self.standing;
+        if self.node.session().is_none()
+            || s.quorum_contact(applied)
+            || s.awaiting_apply(applied)
+            || !s.may_write_contact()
+        {
             return;
         }
         let now = tokio::time::Instant::now();
@@ -81,7 +88,8 @@ impl Looper {
         let stats = {
             let g = member.view.read();
             let Some(own) = g.state.nodes.get(&self.name).filter(|n| n.id == member.id) else { return };
-            own.stats.clone()
+            // Its own word on the flag: the record's may be a previous incarnation's.
+            NodeStats { session_self_fence: s.session_guard(), ..own.stats.clone() }
         };
         tracing::info!("no recent quorum contact: writing this node's keepalive to start VMs");
         let cmd = Command::Keepalive { name: self.name.clone(), stats, node_id: Some(member.id) };

@@ -50,12 +50,17 @@ pub async fn run(world: World) -> turmoil::Result {
     while !world.lock().finished {
         // Each answer is published with the coordinator that gave it (a move publishes the
         // next one, the answer not yet): recorded when `answered` moves, on this host's clock.
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(100), status.changed()).await {
-            let s = status.borrow_and_update().clone();
-            if s.answered != answered {
-                answered = s.answered;
-                record_acknowledged(&world, &s);
+        match tokio::time::timeout(Duration::from_millis(100), status.changed()).await {
+            Ok(Ok(())) => {
+                let s = status.borrow_and_update().clone();
+                if s.answered != answered {
+                    answered = s.answered;
+                    record_acknowledged(&world, &s);
+                }
             }
+            // The session ended: nothing more to record (and nothing to spin on).
+            Ok(Err(_)) => sleep_ms(100).await,
+            Err(_) => {}
         }
     }
     stop.send_replace(true);

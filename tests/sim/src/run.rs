@@ -77,7 +77,8 @@ pub struct Outcome {
     /// The nodes recorded self-fenced (from the committed events), each as `name:how` — `how`
     /// being `session` (the coordinators' evidence) or `keepalive` (its age).
     pub self_fenced: Vec<String>,
-    /// How often the follower outside Raft moved to another coordinator after a failure.
+    /// How often the follower outside Raft moved to another coordinator after a failure, from
+    /// the start of the faults.
     pub follower_moves: u64,
 }
 
@@ -180,6 +181,8 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     let mut violations = Vec::new();
     let mut phase = Phase::Setup;
     let mut schedule: Vec<Scheduled> = Vec::new();
+    // The follower's moves before the faults (a first poll refused during the setup moves it).
+    let mut moves_before = 0;
     let mut active: Vec<(Duration, Fault)> = Vec::new();
     let mut next = 0;
     let mut converged_after = None;
@@ -225,6 +228,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
             Phase::Setup if world.lock().setup_done && isolation_ready(&world, opts, now) => {
                 let start = now + Duration::from_secs(1);
                 let followed = world.lock().follower_acked.map(|(m, _, _)| m);
+                moves_before = world.lock().follower_acked.map_or(0, |(_, _, moves)| moves);
                 schedule = match (opts.isolate, followed) {
                     (Some(i), _) => vec![Scheduled { at: start, lasts: ISOLATION, fault: Fault::Isolated(i) }],
                     (None, Some(c)) if opts.cut_followed => {
@@ -323,7 +327,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         world.trace(format!("VIOLATION {v}"));
     }
     let self_fenced = self_fence_records(&world);
-    let follower_moves = world.lock().follower_acked.map_or(0, |(_, _, moves)| moves);
+    let follower_moves = world.lock().follower_acked.map_or(0, |(_, _, moves)| moves).saturating_sub(moves_before);
     let trace = std::mem::take(&mut world.lock().trace);
     let mut hasher = Sha256::new();
     for line in &trace {

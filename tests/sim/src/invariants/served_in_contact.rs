@@ -17,9 +17,13 @@ use std::time::Duration;
 use super::Violation;
 use crate::world::World;
 
-/// The coordinators' serving window in the simulation: max(1 s, 2 × the election timeout's
-/// maximum, 300 ms).
-const WINDOW: Duration = Duration::from_secs(1);
+/// The coordinators' serving window in the simulation, as `ClusterNode::serve_contact_window`
+/// computes it: max(1 s, 2 × the election timeout's maximum) — the simulation's hosts keep
+/// `[raft]`'s default.
+fn window() -> Duration {
+    let max = herd::config::RaftSection::default().election_timeout_ms[1];
+    Duration::from_secs(1).max(Duration::from_millis(2 * max))
+}
 
 #[derive(Default)]
 pub struct ServedInContact {
@@ -43,7 +47,7 @@ impl ServedInContact {
         }
         let Some((by, sent, _)) = w.follower_acked else { return Vec::new() };
         match self.cut_since.get(&by) {
-            Some(since) if sent > *since + WINDOW => vec![Violation {
+            Some(since) if sent > *since + window() => vec![Violation {
                 invariant: "served-in-contact",
                 at: now,
                 detail: format!(
