@@ -77,7 +77,7 @@ fn run_daemon(path: &std::path::Path, log_format: Option<config::LogFormat>) -> 
     // Real-time scheduling for the runtime's threads and locked memory (issue 19, `sched`).
     herd::sched::init(config.scheduling.settings());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::try_from(config.scheduling.workers).unwrap_or(1))
         .enable_all()
         .on_thread_start(move || std::mem::forget(on_start().entered()))
         .on_thread_park(herd::sched::on_worker_park)

@@ -155,11 +155,22 @@ pub struct SchedulingSection {
     pub priority: u32,
     /// `mlockall`: herd's memory is never swapped out.
     pub lock_memory: bool,
+    /// Threads of the async runtime (1 to 16, default 1). One does the work of a coordinator
+    /// with 1000 clients at a fifth of a core; a second costs more than it gives: tokio wakes
+    /// it for work the first would have done, and every wake-up of a real-time thread is a
+    /// context switch (measured: `docs/benchmarks.md`, "runtime threads").
+    pub workers: u32,
 }
 
 impl Default for SchedulingSection {
     fn default() -> Self {
-        SchedulingSection { realtime: true, policy: crate::sched::Policy::Rr, priority: 10, lock_memory: true }
+        SchedulingSection {
+            realtime: true,
+            policy: crate::sched::Policy::Rr,
+            priority: 10,
+            lock_memory: true,
+            workers: 1,
+        }
     }
 }
 

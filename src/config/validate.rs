@@ -33,6 +33,7 @@ impl Config {
             return err("metrics.listen", e);
         }
         between("scheduling.priority", u64::from(self.scheduling.priority), 1, 99)?;
+        between("scheduling.workers", u64::from(self.scheduling.workers), 1, 16)?;
         self.validate_fencing()?;
         self.validate_admin()?;
         self.validate_primary()?;
