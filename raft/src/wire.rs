@@ -158,7 +158,18 @@ pub enum Rpc {
     SessionsQuiet {
         ids: Vec<NodeId>,
     },
+    /// A member tells the leader (directly, once per leader and term) what it knows beyond
+    /// [`PROTOCOL_VERSION`]: [`LEVEL`]. A leader of a version before it cannot decode this and
+    /// answers `BadRequest`. The leader keeps a record only every member can decode
+    /// (`NodeStats::session_only` needs every member at level 1).
+    Level {
+        level: u32,
+    },
 }
+
+/// What this version knows beyond [`PROTOCOL_VERSION`], told the leader by [`Rpc::Level`]:
+/// 1 — a client that self-fences on its session alone (`NodeStats::session_only`).
+pub const LEVEL: u32 = 1;
 
 /// Ids one `SessionsHeard` may ask about.
 pub const MAX_SESSIONS_ASKED: usize = 4096;

@@ -128,6 +128,10 @@ pub struct StatsView {
     vcpus_allocated: u32,
     stale: bool,
     unmanaged_domains: Vec<String>,
+    /// The node self-fences when no coordinator acknowledged its session lately.
+    session_self_fence: bool,
+    /// … and on that alone: its keepalive is written only when its figures move.
+    session_only: bool,
 }
 
 impl StatsView {
@@ -143,6 +147,8 @@ impl StatsView {
             vcpus_allocated: s.vcpus_allocated,
             stale: s.stale,
             unmanaged_domains: s.unmanaged_domains.clone(),
+            session_self_fence: s.session_self_fence,
+            session_only: s.session_only,
         }
     }
 }

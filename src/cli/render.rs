@@ -78,9 +78,10 @@ fn members_table(members: &Value) -> String {
             a.iter()
                 .map(|m| {
                     let voter = raft_part(m, sees_raft);
-                    let age = m["last_keepalive_age_ms"]
-                        .as_u64()
-                        .map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0));
+                    let secs = |v: &Value| v.as_u64().map_or("-".into(), |a| format!("{:.1}s", a as f64 / 1000.0));
+                    // A client's keepalive is written when its figures move (up to a minute
+                    // apart); when a coordinator last heard its session is its liveness.
+                    let (age, heard) = (secs(&m["last_keepalive_age_ms"]), secs(&m["last_heard_age_ms"]));
                     vec![
                         s(&m["name"]),
                         s(&m["id"]),
@@ -93,6 +94,7 @@ fn members_table(members: &Value) -> String {
                         paint(fence_cell(&m["fencing"])),
                         paint(m["health"].as_str().map_or("ok".into(), |h| format!("UNHEALTHY: {h}"))),
                         age,
+                        heard,
                         s(&m["address"]),
                     ]
                 })
@@ -112,6 +114,7 @@ fn members_table(members: &Value) -> String {
             "fence",
             "health",
             "keepalive",
+            "heard",
             "address",
         ],
         &rows,
@@ -442,6 +445,21 @@ mod tests {
         let t = table(&["a", "b"], &[vec![red, "x".into()], vec!["alive".into(), "y".into()]]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(visible_len(lines[1]), visible_len(lines[2]));
+    }
+
+    #[test]
+    fn the_members_table_shows_when_a_client_was_last_heard() {
+        let v = serde_json::json!({"node": "c1", "state": "leader", "members": [
+            {"name": "h1", "role": "hypervisor", "last_keepalive_age_ms": 41_000, "last_heard_age_ms": 800},
+            {"name": "c2", "role": "coordinator", "raft_member": true, "last_keepalive_age_ms": 900},
+        ]});
+        let out = status(&v);
+        let header = out.lines().find(|l| l.contains("KEEPALIVE")).expect("a header");
+        assert!(header.contains("HEARD"), "{out}");
+        let h1 = out.lines().find(|l| l.starts_with("h1")).expect("h1's row");
+        assert!(h1.contains("41.0s") && h1.contains("0.8s"), "{out}");
+        let c2 = out.lines().find(|l| l.starts_with("c2")).expect("c2's row");
+        assert!(c2.contains("0.9s") && c2.contains(" - "), "a member has no heard age: {out}");
     }
 
     #[test]

@@ -169,13 +169,15 @@ pub struct Why {
 }
 
 /// Whether a client's `report` is worth a log entry over its committed `record`: it
-/// self-fences (its guard and the primary's keepalive rule count on its committed keepalive:
-/// every interval), it has a VM to start, its figures moved enough to matter to placement, or
-/// its refresh is due.
+/// self-fences on its committed keepalive (its guard and the primary's keepalive rule count on
+/// it: every interval — unless its record says it self-fences on its session alone, and its
+/// report still does), it has a VM to start, its figures moved enough to matter to placement,
+/// or its refresh is due.
 pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> bool {
     let self_fences = report.session_self_fence
         || record.fencing.as_ref().is_some_and(|p| p.failed_fence == FailedFence::RecoverAfterSelfFence);
-    self_fences || why.due || why.starting || moved(&record.stats, report)
+    let on_session_alone = record.stats.session_only && report.session_only;
+    (self_fences && !on_session_alone) || why.due || why.starting || moved(&record.stats, report)
 }
 
 /// The nodes with a VM of record that should run there and does not run (yet).
@@ -195,8 +197,8 @@ fn moved(was: &NodeStats, now: &NodeStats) -> bool {
     let mem_step = MEM_STEP_MIB.max(now.mem_total_mib / 50);
     (was.cpu_count, was.mem_total_mib, was.vms_running, was.mem_allocated_mib, was.mem_provisioned_mib)
         != (now.cpu_count, now.mem_total_mib, now.vms_running, now.mem_allocated_mib, now.mem_provisioned_mib)
-        || (was.vcpus_allocated, was.stale, was.session_self_fence)
-            != (now.vcpus_allocated, now.stale, now.session_self_fence)
+        || (was.vcpus_allocated, was.stale, was.session_self_fence, was.session_only)
+            != (now.vcpus_allocated, now.stale, now.session_self_fence, now.session_only)
         || was.unmanaged_domains != now.unmanaged_domains
         || was.load_milli.abs_diff(now.load_milli) >= LOAD_STEP_MILLI
         || was.mem_used_mib.abs_diff(now.mem_used_mib) >= mem_step
@@ -264,5 +266,12 @@ mod tests {
         let flagged = NodeStats { session_self_fence: true, ..base.clone() };
         let rec_flagged = record(flagged.clone(), Some(100_000));
         assert!(worth_writing(&rec_flagged, &flagged, quiet), "a self-fencing client: every interval");
+        // On its session alone: its keepalive's age counts for nothing once its record says so.
+        let alone = base.clone().with_session_guard(true);
+        assert!(worth_writing(&rec_flagged, &alone, quiet), "its record does not say so yet: written");
+        let rec_alone = record(alone.clone(), Some(100_000));
+        assert!(!worth_writing(&rec_alone, &alone, quiet), "on its session alone: on change only");
+        assert!(worth_writing(&rec_alone, &flagged, quiet), "its report no longer says so: every interval");
+        assert!(worth_writing(&rec_alone, &NodeStats { vms_running: 1, ..alone.clone() }, quiet), "moved");
     }
 }

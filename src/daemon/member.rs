@@ -144,10 +144,9 @@ impl Daemon {
             if let Some(c) = self.node.session() {
                 // A client's keepalive: its figures ride on its session's polls, and the
                 // coordinator that hears it writes them (`clients.rs`). Once its guard armed
-                // the watchdog it self-fences on its session's acknowledgements too
-                // (`fence/selffence.rs`), and says so.
-                stats.session_self_fence = self.standing.session_guard();
-                c.report(stats);
+                // the watchdog it self-fences on its session's acknowledgements too — on them
+                // alone once its record says so (`fence/selffence.rs`) — and says so.
+                c.report(stats.with_session_guard(self.standing.session_guard()));
                 continue;
             }
             match self.own_write(|name, node_id| vec![Command::Keepalive { name, stats, node_id }], interval).await {

@@ -23,7 +23,10 @@ impl FenceManager {
             return;
         }
         let wait = policy.self_fence_after_ms + policy.watchdog_timeout_ms + SELF_FENCE_MARGIN_MS;
-        let by_keepalive = rec.last_keepalive_ms.is_none_or(|k| now_ms.saturating_sub(k) >= wait);
+        // A client on its session alone: its keepalive is written on change only (the model
+        // refuses this rule for it).
+        let by_keepalive =
+            !rec.stats.session_only && rec.last_keepalive_ms.is_none_or(|k| now_ms.saturating_sub(k) >= wait);
         let on_session = rec.stats.session_self_fence && !self.clients([rec.id]).is_empty();
         if !by_keepalive && !on_session {
             return;

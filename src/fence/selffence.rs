@@ -15,7 +15,11 @@
 //! round trip with the leader, so the primary can bound, on its own clock, when any coordinator
 //! last can have acknowledged it, and records it self-fenced on that evidence
 //! (`FenceOutcome::SessionsQuiet`) without waiting for the keepalive's age. Both rules hold at
-//! once: the node fences itself at the earlier, so either record is safe.
+//! once: the node fences itself at the earlier, so either record is safe — until a keepalive
+//! of it saying it self-fences on its session *alone* (`NodeStats::session_only`, kept by the
+//! leader only once every member knows it) committed: from then on the model refuses the
+//! keepalive's rule for it, so its guard counts the session alone and the coordinators write
+//! its keepalive only when its figures move.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -109,10 +113,24 @@ impl Guard {
         Some(acknowledged.map_or(self.standing.now_ms(), |t| herd_raft::clock::ms(t.elapsed())))
     }
 
+    /// Whether this client's record, as it applied it, says it self-fences on its session
+    /// alone (`NodeStats::session_only`): from that commit on, the model records it
+    /// self-fenced only on the sessions' evidence, never on its keepalive's age, and its
+    /// keepalive is written only when its figures move.
+    fn on_session_alone(&self) -> bool {
+        let Some(local) = self.node.local() else { return false };
+        let g = local.view.read();
+        g.state.node_by_id(local.id).is_some_and(|n| n.stats.session_only)
+    }
+
     /// The age this node self-fences on: its last own keepalive committed and, for a client,
-    /// its session's last acknowledgement — the older.
+    /// its session's last acknowledgement — the older; the acknowledgement alone for a client
+    /// whose record says it self-fences on its session alone.
     fn contact_age_ms(&self) -> u64 {
-        self.standing.commit_age_ms().max(self.session_age_ms().unwrap_or(0))
+        match self.session_age_ms() {
+            Some(session) if self.on_session_alone() => session,
+            session => self.standing.commit_age_ms().max(session.unwrap_or(0)),
+        }
     }
 
     /// Feeds the watchdog while this node's own writes commit; past `after_ms` without one,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use herd_raft::node::ClusterNode;
 use herd_storage::log_store::LogStore;
 
-use herd_storage::model::{Command, NodeStats};
+use herd_storage::model::Command;
 
 use super::Reconciler;
 use crate::standing::Standing;
@@ -89,7 +89,7 @@ impl Looper {
             let g = member.view.read();
             let Some(own) = g.state.nodes.get(&self.name).filter(|n| n.id == member.id) else { return };
             // Its own word on the flag: the record's may be a previous incarnation's.
-            NodeStats { session_self_fence: s.session_guard(), ..own.stats.clone() }
+            own.stats.clone().with_session_guard(s.session_guard())
         };
         tracing::info!("no recent quorum contact: writing this node's keepalive to start VMs");
         let cmd = Command::Keepalive { name: self.name.clone(), stats, node_id: Some(member.id) };

@@ -114,8 +114,8 @@ impl Follower {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let (from, stats) = (self.next, self.report.clone());
         if self.requests_until.is_some_and(|t| tokio::time::Instant::now() < t) {
-            // A coordinator of the previous version cannot decode the flag (nor would it keep it).
-            let stats = stats.map(|s| herd_storage::model::NodeStats { session_self_fence: false, ..s });
+            // A coordinator of a previous version cannot decode the flags (nor would it keep them).
+            let stats = stats.map(herd_storage::model::NodeStats::without_session_flags);
             Rpc::Changes { from, wait_ms, stats }
         } else {
             Rpc::Follow { from, wait_ms, stats }

@@ -48,6 +48,10 @@ pub(super) struct RoundTrips {
     office: Option<(u64, Instant)>,
     /// On the leader: when it received each member's last ask in this office.
     received: BTreeMap<NodeId, Instant>,
+    /// On the leader: the level each member told this office (`Rpc::Level`).
+    levels: BTreeMap<NodeId, u32>,
+    /// The leader (id, term) this member told its level to (or found of an older version).
+    pub(super) level_told: Option<(NodeId, u64)>,
 }
 
 impl RoundTrips {
@@ -59,6 +63,7 @@ impl RoundTrips {
                 let now = Instant::now();
                 self.office = Some((term, now));
                 self.received.clear();
+                self.levels.clear();
                 now
             }
         }
@@ -94,6 +99,19 @@ impl RoundTrips {
     fn note(&mut self, term: u64, from: NodeId) {
         self.office(term);
         self.received.insert(from, Instant::now());
+    }
+
+    /// On the leader of `term`: member `from` runs at `level`.
+    fn note_level(&mut self, term: u64, from: NodeId, level: u32) {
+        self.office(term);
+        self.levels.insert(from, level);
+    }
+
+    /// On the leader of `term`: whether every one of `members` told this office a level of at
+    /// least `level`.
+    fn all_at(&mut self, term: u64, members: &[NodeId], level: u32) -> bool {
+        self.office(term);
+        members.iter().all(|id| self.levels.get(id).is_some_and(|l| *l >= level))
     }
 
     /// On the leader of `term`: how long ago member `id` certainly stopped serving sessions on
@@ -146,15 +164,18 @@ where
         Ok(RpcReply::Done)
     }
 
-    /// On the leader: makes `req` readable by every member. A client's flag that it
-    /// self-fences on its session (`NodeStats::session_self_fence`) is encoded only when set,
-    /// and a node of the previous version cannot decode it: it is kept only while every other
-    /// member asked this office for contact (so runs this version); else it is dropped, and the
-    /// primary records such a client self-fenced on its keepalive's age, as before — safe,
-    /// since the client self-fences on that too.
+    /// On the leader: makes `req` readable by every member. A client's flags that it
+    /// self-fences on its session (`NodeStats::session_self_fence`), and on it alone
+    /// (`session_only`), are each encoded only when set, and a member of a version before
+    /// cannot decode them: the first is kept only while every other member asked this office
+    /// for contact (so runs a version that knows it), the second only while every other
+    /// member also told this office its level is at least 1 (`Rpc::Level`); else they are
+    /// dropped, and the primary records such a client self-fenced on its keepalive's age, as
+    /// before — safe, since without `session_only` in its record the client self-fences on
+    /// that too.
     pub(super) fn keep_readable(&self, member: &Member, req: &mut herd_storage::model::Request) {
         use herd_storage::model::Command;
-        let flagged = |c: &Command| matches!(c, Command::Keepalive { stats, .. } if stats.session_self_fence);
+        let flagged = |c: &Command| matches!(c, Command::Keepalive { stats, .. } if stats.session_self_fence || stats.session_only);
         if !req.ops.iter().any(|o| flagged(&o.cmd)) {
             return;
         }
@@ -163,18 +184,38 @@ where
             let m = m.borrow_watched();
             (m.current_term, m.membership_config.nodes().map(|(id, _)| *id).filter(|id| *id != member.id).collect())
         };
-        let all_new = {
+        let (all_asked, all_level) = {
             let mut rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
             rt.office(term);
-            others.iter().all(|id| rt.received.contains_key(id))
+            (others.iter().all(|id| rt.received.contains_key(id)), rt.all_at(term, &others, 1))
         };
-        if !all_new {
-            for op in &mut req.ops {
-                if let Command::Keepalive { stats, .. } = &mut op.cmd {
-                    stats.session_self_fence = false;
+        for op in &mut req.ops {
+            if let Command::Keepalive { stats, .. } = &mut op.cmd {
+                if !all_asked {
+                    *stats = std::mem::take(stats).without_session_flags();
+                } else if !all_level {
+                    stats.session_only = false;
                 }
             }
         }
+    }
+
+    /// The leader's answer to a member's `Rpc::Level`.
+    pub(super) fn answer_level(&self, member: &Member, from: Option<NodeId>, level: u32) -> Result<RpcReply, RpcError> {
+        let (leading, leader, term, is_member) = {
+            let m = member.raft.metrics();
+            let m = m.borrow_watched();
+            let is_member = from.is_some_and(|f| m.membership_config.membership().get_node(&f).is_some());
+            (m.state == ServerState::Leader, m.current_leader, m.current_term, is_member)
+        };
+        if !leading {
+            return Err(RpcError::NotLeader { leader_id: leader, leader_addr: None });
+        }
+        let Some(from) = from.filter(|_| is_member) else {
+            return Err(RpcError::Refused("only a member of the Raft membership tells its level".into()));
+        };
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note_level(term, from, level);
+        Ok(RpcReply::Done)
     }
 
     /// On the leader (office `term`): how long ago member `id` certainly stopped serving
@@ -219,13 +260,26 @@ where
                     leader.and_then(|l| Some((l, term, m.membership_config.membership().get_node(&l)?.addr.clone())))
                 };
                 let Some((leader, term, addr)) = target else { continue };
+                if client.as_ref().is_none_or(|c| c.target() != Some(leader) || c.addr() != addr) {
+                    let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
+                    client = Some(c.from(Some(me)));
+                }
+                // Every member (a hypervisor learner too: it decodes every entry) tells each
+                // leader its level, once per term.
+                let told = round_trips.lock().unwrap_or_else(|p| p.into_inner()).level_told == Some((leader, term));
+                if !told {
+                    if let Some(c) = client.as_mut() {
+                        if tell_level(c, &round_trips, (leader, term), timeout).await {
+                            client = None;
+                        }
+                    }
+                }
                 let coordinator = view.read().state.node_by_id(me).is_some_and(|n| n.role == Role::Coordinator);
                 if !coordinator {
                     continue;
                 }
-                if client.as_ref().is_none_or(|c| c.target() != Some(leader) || c.addr() != addr) {
-                    let c = PeerClient::new(connector.clone(), addr, Some(leader), cluster_id.clone(), limits.clone());
-                    client = Some(c.from(Some(me)));
+                if client.is_none() {
+                    continue; // made again next time
                 }
                 // Under a leader of the previous version, ask again only now and then (it
                 // closes the connection on every ask it cannot decode).
@@ -274,6 +328,39 @@ where
             }
         });
     }
+}
+
+/// Tells `leader` (id, term) this member's level; whether the connection is to be dropped (the
+/// leader could not decode the frame, or it failed).
+async fn tell_level(
+    c: &mut PeerClient,
+    round_trips: &std::sync::Mutex<RoundTrips>,
+    leader: (NodeId, u64),
+    timeout: Duration,
+) -> bool {
+    let (drop, told) = match c.call(Rpc::Level { level: crate::wire::LEVEL }, timeout).await {
+        Ok(RpcReply::Done) => (false, true),
+        Err(CallError::Remote(RpcError::BadRequest(why))) => {
+            tracing::info!(leader = leader.0, %why, "the leader does not know levels (an older version)");
+            (true, true)
+        }
+        Ok(other) => {
+            tracing::debug!("unexpected answer to a level: {other:?}");
+            (false, false)
+        }
+        Err(CallError::Remote(e)) => {
+            tracing::debug!(leader = leader.0, "level not taken: {e}");
+            (false, false)
+        }
+        Err(e) => {
+            tracing::debug!(leader = leader.0, "level not told: {e}");
+            (true, false)
+        }
+    };
+    if told {
+        round_trips.lock().unwrap_or_else(|p| p.into_inner()).level_told = Some(leader);
+    }
+    drop
 }
 
 #[cfg(test)]

@@ -162,6 +162,7 @@ where
                 Ok(RpcReply::SessionsQuiet { heard, serving_ms })
             }
             Rpc::Contact { window_ms } => self.answer_contact(&member, frame.from, window_ms),
+            Rpc::Level { level } => self.answer_level(&member, frame.from, level),
         }
     }
 

@@ -22,6 +22,10 @@ pub(crate) fn keepalive(
             "a keepalive names at most {MAX_UNMANAGED} unmanaged domains of 1 to 256 bytes"
         )));
     }
+    if stats.session_only && !stats.session_self_fence {
+        // The flags' encoding needs both (`NodeStats::session_only`).
+        return Err(ApplyError::Invalid("a keepalive self-fences on its session alone only with its session".into()));
+    }
     let node = own_record(state, name, *node_id)?;
     check_revision(format!("node {name}"), node.revision, op)?;
     node.stats = stats.clone();

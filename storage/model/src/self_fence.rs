@@ -7,8 +7,8 @@ use crate::types::*;
 
 /// Whether `node` has certainly self-fenced by leader time `now`, as `outcome` (a self-fence)
 /// claims: its policy self-fences, it is not fenced already, and either its last committed
-/// keepalive is older than the self-fence deadline + the watchdog + the margin (`SelfFenced`),
-/// or it self-fences on its session and the primary's evidence shows no coordinator can have
+/// keepalive is older than the self-fence deadline + the watchdog + the margin (`SelfFenced`; not
+/// for a node that self-fences on its session alone), or it self-fences on its session and the primary's evidence shows no coordinator can have
 /// acknowledged that session for as long, with no keepalive of it committed since the primary
 /// asked (`SessionsQuiet`).
 pub(crate) fn certainly_self_fenced(
@@ -45,6 +45,11 @@ pub(crate) fn certainly_self_fenced(
             }
         }
         _ => {
+            if node.stats.session_only {
+                return Err(ApplyError::Invalid(format!(
+                    "{name} self-fences on its session alone; its keepalive's age shows nothing, only the sessions' evidence can"
+                )));
+            }
             let age = node.last_keepalive_ms.map_or(u64::MAX, |k| now.saturating_sub(k));
             if age < wait {
                 return Err(ApplyError::Invalid(format!(

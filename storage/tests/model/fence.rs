@@ -194,6 +194,35 @@ fn sessions_quiet_needs_a_session_self_fence_the_full_wait_and_no_keepalive_sinc
 }
 
 #[test]
+fn a_node_that_self_fences_on_its_session_alone_is_never_recorded_self_fenced_on_its_keepalive() {
+    let mut s = cluster();
+    let p = s.nodes.get_mut("a").and_then(|n| n.fencing.as_mut()).expect("policy");
+    p.failed_fence = FailedFence::RecoverAfterSelfFence;
+    p.watchdog_timeout_ms = 10_000;
+    let a = s.nodes.get_mut("a").expect("a");
+    a.last_keepalive_ms = Some(1_000);
+    a.stats = std::mem::take(&mut a.stats).with_session_guard(true);
+    // Its keepalive is written only when its figures move: its age says nothing.
+    let refused = at(&mut s, 2, 500_000, done(FenceOutcome::SelfFenced));
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("session alone")), "{refused:?}");
+    assert_eq!(s.nodes["a"].daemon_state, DaemonState::Run);
+    // The sessions' evidence still can.
+    let quiet = FenceOutcome::SessionsQuiet { quiet_ms: 45_000, asked_ms: 499_000 };
+    assert_eq!(at(&mut s, 3, 500_000, done(quiet)), Ok(Reply::Done));
+    assert_eq!(s.nodes["a"].daemon_state, DaemonState::Fenced);
+}
+
+#[test]
+fn a_keepalive_on_the_session_alone_needs_the_session_flag_too() {
+    let mut s = cluster();
+    let stats = NodeStats { session_only: true, ..Default::default() };
+    let ka = |stats: NodeStats| Command::Keepalive { name: "a".into(), stats, node_id: None };
+    assert!(at(&mut s, 2, 100, ka(stats.clone())).is_err(), "one flag without the other cannot be encoded");
+    assert_eq!(at(&mut s, 3, 100, ka(stats.with_session_guard(true))), Ok(Reply::Done));
+    assert!(s.nodes["a"].stats.session_only);
+}
+
+#[test]
 fn maintenance_policy_and_validation_refusals() {
     let mut s = cluster();
     s.meta.as_mut().expect("meta").maintenance = true;
@@ -407,6 +436,24 @@ struct StatsBefore {
     unmanaged_domains: Vec<String>,
 }
 
+/// `NodeStats` as the version before `session_only` knew it.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Default, PartialEq)]
+#[serde(default)]
+struct StatsWithSessionFlag {
+    cpu_count: u32,
+    load_milli: u64,
+    mem_total_mib: u64,
+    mem_used_mib: u64,
+    vms_running: u32,
+    mem_allocated_mib: u64,
+    mem_provisioned_mib: u64,
+    vcpus_allocated: u32,
+    stale: bool,
+    unmanaged_domains: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    session_self_fence: bool,
+}
+
 #[test]
 fn statistics_without_the_session_flag_are_what_the_previous_version_reads_and_writes() {
     let stats =
@@ -418,8 +465,17 @@ fn statistics_without_the_session_flag_are_what_the_previous_version_reads_and_w
     let back: NodeStats = rmp_serde::from_slice(&bytes).expect("decode");
     assert_eq!(back, stats);
     // Set, it is one element more: only for a cluster whose members all run this version.
-    let flagged = NodeStats { session_self_fence: true, ..stats };
+    let flagged = NodeStats { session_self_fence: true, ..stats.clone() };
     let bytes = rmp_serde::to_vec(&flagged).expect("encode");
     assert!(rmp_serde::from_slice::<StatsBefore>(&bytes).is_err(), "the previous version cannot read the flag");
     assert_eq!(rmp_serde::from_slice::<NodeStats>(&bytes).expect("decode"), flagged);
+    // The session alone: one element more again, and the session flag read back too.
+    let alone = stats.clone().with_session_guard(true);
+    let bytes = rmp_serde::to_vec(&alone).expect("encode");
+    assert!(rmp_serde::from_slice::<StatsWithSessionFlag>(&bytes).is_err(), "the version before cannot read it");
+    assert_eq!(rmp_serde::from_slice::<NodeStats>(&bytes).expect("decode"), alone);
+    let flagged_bytes = rmp_serde::to_vec(&flagged).expect("encode");
+    let read: StatsWithSessionFlag =
+        rmp_serde::from_slice(&flagged_bytes).expect("the version before reads the session flag");
+    assert!(read.session_self_fence);
 }

@@ -37,6 +37,7 @@ fn stats(free: u64, prov: u64, load: u64, vcpus: u32, vms: u32) -> NodeStats {
         stale: false,
         unmanaged_domains: vec![],
         session_self_fence: false,
+        session_only: false,
     }
 }
 

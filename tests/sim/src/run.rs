@@ -350,8 +350,9 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
 }
 
 /// Whether the isolation scenario may start: once the node it isolates says, in a committed
-/// report, that it self-fences on its session (its guard armed the watchdog and the leader kept
-/// the flag) — else the primary could only judge it by its keepalive. At most 20 s after the
+/// report, that it self-fences on its session alone (its guard armed the watchdog and the
+/// leader kept the flag: every member told it their level) — else the primary could only judge
+/// it by its keepalive. At most 20 s after the
 /// start; the scenario's test then sees the keepalive record and says so. Always, without it.
 fn isolation_ready(world: &World, opts: &Options, now: Duration) -> bool {
     if opts.cut_followed {
@@ -366,7 +367,7 @@ fn isolation_ready(world: &World, opts: &Options, now: Duration) -> bool {
     w.machines
         .iter()
         .filter_map(|m| m.daemon.as_ref()?.node.member())
-        .any(|m| m.view.read().state.nodes.get(name).is_some_and(|n| n.stats.session_self_fence))
+        .any(|m| m.view.read().state.nodes.get(name).is_some_and(|n| n.stats.session_only))
 }
 
 /// The self-fence records in the most advanced state any running daemon applied.

@@ -48,6 +48,30 @@ pub struct NodeStats {
     /// structs as arrays: a node of that version refuses one longer than it knows).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub session_self_fence: bool,
+    /// The node self-fences on its session *alone* once a keepalive of it carrying this flag
+    /// committed: its keepalive is then written only when its figures move, and its age shows
+    /// nothing — the model refuses to record it self-fenced on that age (only the sessions'
+    /// evidence, `SessionsQuiet`, can). Set only with [`NodeStats::session_self_fence`] (the
+    /// wire encodes structs as arrays: this is the field after it, encoded only when set, so
+    /// the previous version — which would judge the node on its keepalive's age — cannot
+    /// decode a record that has it; the leader keeps it only once every member runs a
+    /// version that knows it). Use [`NodeStats::with_session_guard`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub session_only: bool,
+}
+
+impl NodeStats {
+    /// These figures as a client reports them: `armed` — its guard armed the watchdog, so it
+    /// self-fences on its session's acknowledgements, and (once its record says so) on them
+    /// alone. Sets both flags together, as their encoding needs.
+    pub fn with_session_guard(self, armed: bool) -> NodeStats {
+        NodeStats { session_self_fence: armed, session_only: armed, ..self }
+    }
+
+    /// These figures without either flag (toward a node that cannot decode them).
+    pub fn without_session_flags(self) -> NodeStats {
+        NodeStats { session_self_fence: false, session_only: false, ..self }
+    }
 }
 
 /// Bound on the unmanaged domain names one keepalive carries.
