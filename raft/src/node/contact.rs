@@ -101,6 +101,15 @@ impl RoundTrips {
         self.received.insert(from, Instant::now());
     }
 
+    /// On the leader of `term`: how long ago a member that asked nothing this office — and runs
+    /// a version that asks (one that knows `NodeStats::session_only`: no older member can
+    /// apply a record that has it) — certainly stopped serving: a previous leader answered its
+    /// asks until a window into this office at most, and an answer lasts a window more.
+    fn unasked_served_ago(&mut self, term: u64, window: Duration) -> Duration {
+        let office = self.office(term);
+        Instant::now().saturating_duration_since(office + 2 * window)
+    }
+
     /// On the leader of `term`: member `from` runs at `level`.
     fn note_level(&mut self, term: u64, from: NodeId, level: u32) {
         self.office(term);
@@ -224,6 +233,12 @@ where
     pub(super) fn served_ago(&self, term: u64, id: NodeId) -> Option<Duration> {
         let window = self.serve_contact_window();
         self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).served_ago(term, id, window)
+    }
+
+    /// On the leader (office `term`): [`RoundTrips::unasked_served_ago`].
+    pub(super) fn unasked_served_ago(&self, term: u64) -> Duration {
+        let window = self.serve_contact_window();
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).unasked_served_ago(term, window)
     }
 
     /// On the leader (office `term`): [`RoundTrips::others_served_ago`] for the coordinators
@@ -386,6 +401,31 @@ mod tests {
         assert_eq!(rt.served_ago(3, 5, WINDOW), None, "another member, never asked");
         // A new office forgets the asks of the last one.
         assert_eq!(rt.served_ago(4, 2, WINDOW), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_never_asked_counts_from_two_windows_into_the_office() {
+        let mut rt = RoundTrips::default();
+        assert_eq!(rt.unasked_served_ago(3, WINDOW), Duration::ZERO, "the office just began");
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(rt.unasked_served_ago(3, WINDOW), Duration::ZERO, "a previous leader's answer may still last");
+        tokio::time::advance(Duration::from_millis(3_000)).await;
+        assert_eq!(rt.unasked_served_ago(3, WINDOW), Duration::from_millis(2_500));
+        assert_eq!(rt.unasked_served_ago(4, WINDOW), Duration::ZERO, "a new office starts again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_tells_its_level_to_each_office() {
+        let mut rt = RoundTrips::default();
+        assert!(!rt.all_at(3, &[2, 4], 1), "no one told");
+        rt.note_level(3, 2, 1);
+        assert!(!rt.all_at(3, &[2, 4], 1), "4 did not");
+        rt.note_level(3, 4, 0);
+        assert!(!rt.all_at(3, &[2, 4], 1), "4 is below");
+        rt.note_level(3, 4, 2);
+        assert!(rt.all_at(3, &[2, 4], 1));
+        assert!(rt.all_at(3, &[], 1), "a leader alone");
+        assert!(!rt.all_at(4, &[2, 4], 1), "a new office forgets them");
     }
 
     #[tokio::test(start_paused = true)]

@@ -153,8 +153,13 @@ where
     /// the Raft membership, of its own word (when it last heard the client, or how long it has
     /// been up) or, when it does not answer within `timeout`, how long ago it stopped serving
     /// on a round trip with this leader (`contact.rs`). A coordinator that neither answers
-    /// nor asked this office for contact leaves no evidence (0). Empty when this node does not
-    /// lead.
+    /// nor asked this office for contact leaves no evidence (0) — it may run a version that
+    /// serves on appends alone — except about a client whose record says it self-fences on
+    /// its session alone: no member of such a version can apply that record, so that
+    /// coordinator served on round trips, the last with a previous leader at most two windows
+    /// into this office (without this, a coordinator dead since the office began would keep
+    /// such a client's VMs from ever being recovered: its keepalive's age counts for nothing).
+    /// Empty when this node does not lead.
     pub async fn sessions_quiet(&self, ids: &[NodeId], timeout: Duration) -> BTreeMap<NodeId, u64> {
         let Some(member) = self.member() else { return BTreeMap::new() };
         let (leading, term) = {
@@ -169,6 +174,10 @@ where
             return BTreeMap::new(); // a leader its quorum stopped acknowledging vouches for nothing
         }
         let (heard, serving_ms) = self.sessions_quiet_here(ids);
+        let alone: Vec<NodeId> = {
+            let g = member.view.read();
+            ids.iter().copied().filter(|id| g.state.node_by_id(*id).is_some_and(|n| n.stats.session_only)).collect()
+        };
         let members: Vec<NodeId> =
             member.raft.metrics().borrow_watched().membership_config.nodes().map(|(id, _)| *id).collect();
         // Coordinators that left, and any the leader cannot know of from before its office.
@@ -194,9 +203,11 @@ where
                     if let Err(e) = &other {
                         tracing::debug!(peer, "sessions-quiet not answered: {e}");
                     }
-                    let bound = self.served_ago(term, peer).map_or(0, clock::ms);
+                    let bound = self.served_ago(term, peer).map(clock::ms);
+                    let unasked = clock::ms(self.unasked_served_ago(term));
                     for id in ids {
-                        lower(&mut quiet, *id, bound);
+                        let b = bound.unwrap_or(if alone.contains(id) { unasked } else { 0 });
+                        lower(&mut quiet, *id, b);
                     }
                 }
             }

@@ -80,6 +80,9 @@ pub struct Outcome {
     /// How often the follower outside Raft moved to another coordinator after a failure, from
     /// the start of the faults.
     pub follower_moves: u64,
+    /// The isolation scenario: its node's committed record said it self-fences on its session
+    /// alone when the isolation began.
+    pub isolated_alone: bool,
 }
 
 thread_local! {
@@ -183,6 +186,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     let mut schedule: Vec<Scheduled> = Vec::new();
     // The follower's moves before the faults (a first poll refused during the setup moves it).
     let mut moves_before = 0;
+    let mut isolated_on_session_alone = false;
     let mut active: Vec<(Duration, Fault)> = Vec::new();
     let mut next = 0;
     let mut converged_after = None;
@@ -227,6 +231,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         match phase {
             Phase::Setup if world.lock().setup_done && isolation_ready(&world, opts, now) => {
                 let start = now + Duration::from_secs(1);
+                isolated_on_session_alone = isolated_alone(&world, opts);
                 let followed = world.lock().follower_acked.map(|(m, _, _)| m);
                 moves_before = world.lock().follower_acked.map_or(0, |(_, _, moves)| moves);
                 schedule = match (opts.isolate, followed) {
@@ -346,6 +351,7 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         converged_after,
         self_fenced,
         follower_moves,
+        isolated_alone: isolated_on_session_alone,
     }
 }
 
@@ -358,10 +364,16 @@ fn isolation_ready(world: &World, opts: &Options, now: Duration) -> bool {
     if opts.cut_followed {
         return world.lock().follower_acked.is_some();
     }
-    let Some(i) = opts.isolate else { return true };
-    if !opts.clients || now > Duration::from_secs(20) {
+    if opts.isolate.is_none() || !opts.clients || now > Duration::from_secs(20) {
         return true;
     }
+    isolated_alone(world, opts)
+}
+
+/// Whether the node the isolation scenario isolates has a committed report saying it
+/// self-fences on its session alone.
+fn isolated_alone(world: &World, opts: &Options) -> bool {
+    let Some(i) = opts.isolate else { return false };
     let w = world.lock();
     let name = &w.machines[i].name;
     w.machines

@@ -81,7 +81,7 @@ fn one_seed() {
         }
     }
     println!(
-        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={} self_fenced={} follower_moves={}",
+        "VERDICT seed={seed} hash={} violations={} faults={} simulated_s={:.1} wall_s={:.1} converged_ms={} self_fenced={} follower_moves={} isolated_alone={}",
         out.trace_hash,
         out.violations.len(),
         out.faults,
@@ -90,6 +90,7 @@ fn one_seed() {
         out.converged_after.map_or(-1, |d| d.as_millis() as i64),
         if out.self_fenced.is_empty() { "-".to_string() } else { out.self_fenced.join(",") },
         out.follower_moves,
+        out.isolated_alone,
     );
     for v in &out.violations {
         println!("VIOLATION {v}");
@@ -308,6 +309,7 @@ fn an_isolated_self_fencing_client_is_recorded_self_fenced_on_its_sessions_evide
             v.seed,
             v.line
         );
+        assert!(v.line.contains("isolated_alone=true"), "seed {}: h2 not on its session alone: {}", v.seed, v.line);
     }
 }
 
