@@ -228,7 +228,12 @@ async fn answer(
             }
         }
     };
-    // Encoded outside the lock: applying waits for readers.
+    // Other nodes' flags left out, as in the deltas; encoded outside the lock (applying waits
+    // for readers).
+    let state = match me {
+        Some(me) => state.without_others_flags(me),
+        None => state,
+    };
     let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
     Ok(answered(answers, me, RpcReply::State { last_applied, state }))
 }

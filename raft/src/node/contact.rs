@@ -52,6 +52,8 @@ pub(super) struct RoundTrips {
     levels: BTreeMap<NodeId, u32>,
     /// The leader (id, term) this member told its level to (or found of an older version).
     pub(super) level_told: Option<(NodeId, u64)>,
+    /// The leader (id, term) that took this member's level: it knows `session_only`.
+    pub(super) leader_knows_level: Option<(NodeId, u64)>,
 }
 
 impl RoundTrips {
@@ -203,6 +205,30 @@ where
                 if !all_asked {
                     *stats = std::mem::take(stats).without_session_flags();
                 } else if !all_level {
+                    stats.session_only = false;
+                }
+            }
+        }
+    }
+
+    /// On a member forwarding `req` to `leader` (id, term): what that leader can decode of a
+    /// client's flags — neither under a leader of the version before `Rpc::Contact`, not
+    /// `session_only` under one that did not take this member's level (a previous version: it
+    /// would refuse the whole request, and with it every keepalive this coordinator writes).
+    pub(super) fn readable_by_leader(&self, leader: (NodeId, u64), req: &mut herd_storage::model::Request) {
+        use herd_storage::model::Command;
+        let (old, knows_level) = {
+            let rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+            (rt.old_leader == Some(leader), rt.leader_knows_level == Some(leader))
+        };
+        if knows_level {
+            return;
+        }
+        for op in &mut req.ops {
+            if let Command::Keepalive { stats, .. } = &mut op.cmd {
+                if old {
+                    *stats = std::mem::take(stats).without_session_flags();
+                } else {
                     stats.session_only = false;
                 }
             }
@@ -373,7 +399,11 @@ async fn tell_level(
         }
     };
     if told {
-        round_trips.lock().unwrap_or_else(|p| p.into_inner()).level_told = Some(leader);
+        let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
+        rt.level_told = Some(leader);
+        if !drop {
+            rt.leader_knows_level = Some(leader);
+        }
     }
     drop
 }

@@ -111,6 +111,11 @@ where
             pool.pop()
         };
         let mut client = pooled.unwrap_or_else(|| self.client(addr.clone(), Some(leader), member.cluster_id.clone()));
+        let mut op = op;
+        if let LeaderOp::Write(req) = &mut op {
+            let term = member.raft.metrics().borrow_watched().current_term;
+            self.readable_by_leader((leader, term), req);
+        }
         let result = client.call(Rpc::Leader(op), timeout).await;
         let keep = match &result {
             Ok(_) => true,

@@ -127,7 +127,13 @@ impl Delta {
     /// (by id: a coordinator serving a session knows the id its certificate names, no lookup).
     pub fn for_node(&self, me: NodeId) -> Delta {
         if !self.stats_only {
-            return self.clone();
+            let mut d = self.clone();
+            // Other nodes' flags of how they self-fence are theirs alone, and a client of the
+            // previous version cannot decode the newest (`NodeStats::session_only`).
+            for n in d.nodes.iter_mut().filter(|n| n.id != me && flagged(n)) {
+                n.stats = std::mem::take(&mut n.stats).without_session_flags();
+            }
+            return d;
         }
         Delta {
             clock_ms: self.clock_ms,
@@ -139,7 +145,7 @@ impl Delta {
 
     /// Whether [`Delta::for_node`] gives every node the same delta.
     pub fn same_for_all(&self) -> bool {
-        !self.stats_only || self.nodes.is_empty()
+        self.nodes.is_empty() || (!self.stats_only && !self.nodes.iter().any(flagged))
     }
 
     /// Makes `state` what the request made it (as far as this delta was kept for a follower).
@@ -175,6 +181,15 @@ impl Delta {
 }
 
 impl State {
+    /// This state as a follower asking as node `me` receives it whole: other nodes' flags of
+    /// how they self-fence left out (as [`Delta::for_node`] leaves them out).
+    pub fn without_others_flags(mut self, me: NodeId) -> State {
+        for n in self.nodes.values_mut().filter(|n| n.id != me && flagged(n)) {
+            n.stats = std::mem::take(&mut n.stats).without_session_flags();
+        }
+        self
+    }
+
     /// What a follower speaking as node id `me` holds of this state (see the module doc): no
     /// request log, and other nodes' records without the figures their keepalives write.
     pub fn projected_for(&self, me: NodeId) -> State {
@@ -187,4 +202,9 @@ impl State {
         }
         s
     }
+}
+
+/// Whether a record carries a flag of how its node self-fences.
+fn flagged(n: &NodeRecord) -> bool {
+    n.stats.session_self_fence || n.stats.session_only
 }

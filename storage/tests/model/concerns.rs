@@ -66,3 +66,31 @@ fn a_removal_concerns_everyone_and_meta_or_events_nobody() {
     assert!(!meta.concerns(2, Some("b")), "meta (maintenance, tokens) and events can wait out a linger");
     assert!(!Delta::default().concerns(2, None));
 }
+
+/// A node's flags of how it self-fences reach that node only: a client of the previous
+/// version cannot decode the newest (`NodeStats::session_only`), so no other node gets them —
+/// in a delta or in a whole state — and a delta that carries them is made per node.
+#[test]
+fn a_nodes_self_fence_flags_reach_only_that_node() {
+    let mut s = nodes();
+    let flagged = NodeStats::default().with_session_guard(true);
+    s.nodes.get_mut("a").expect("a").stats = flagged.clone();
+    let before = s.clone();
+    let cordon = Command::SetDomainState { name: "a".into(), state: DomainState::Flush, node_id: None };
+    assert_eq!(run(&mut s, 5, cordon), Ok(Reply::Done));
+    let d = Delta::between(&before, &s, 5);
+    assert!(!d.same_for_all(), "a's flags: one delta per node");
+    let stats_of = |d: Delta| d.nodes.into_iter().find(|n| n.name == "a").map(|n| n.stats);
+    assert_eq!(stats_of(d.for_node(1)), Some(flagged.clone()), "a's own");
+    let to_b = stats_of(d.for_node(2)).expect("a's record");
+    assert!(!to_b.session_self_fence && !to_b.session_only, "b gets a's record without them");
+    let whole = s.clone().without_others_flags(2);
+    assert!(!whole.nodes["a"].stats.session_only, "nor in a whole state");
+    assert!(s.clone().without_others_flags(1).nodes["a"].stats.session_only, "a's own whole state keeps them");
+    // Without flags, one delta serves all.
+    s.nodes.get_mut("a").expect("a").stats = NodeStats::default();
+    let before = s.clone();
+    let back = Command::SetDomainState { name: "a".into(), state: DomainState::Unflush, node_id: None };
+    assert_eq!(run(&mut s, 6, back), Ok(Reply::Done));
+    assert!(Delta::between(&before, &s, 6).same_for_all());
+}
