@@ -22,7 +22,7 @@ use super::{
 };
 use crate::clock;
 use crate::follow::{Client, SessionSettings, CLIENT_WAIT};
-use crate::network::NetworkFactory;
+use crate::network::{CallError, NetworkFactory};
 use crate::tls;
 use crate::wire::{AddMemberReply, AddMemberRequest, JoinReply, JoinRequest, LeaderOp, Rpc, RpcError, RpcReply};
 
@@ -345,7 +345,7 @@ where
         a: AddMemberRequest,
         timeout: Duration,
     ) -> Result<RpcReply, RpcError> {
-        let record = {
+        let (record, alone) = {
             let g = member.view.read();
             let meta = g.state.meta.as_ref().ok_or_else(|| RpcError::Refused("cluster not initialised".into()))?;
             // The second phase of a join its first phase admitted: the token must still exist
@@ -354,11 +354,16 @@ where
             if !meta.join_token_hashes.contains(&hash) && !meta.join_tokens.contains_key(&hash) {
                 return Err(RpcError::BadToken);
             }
-            g.state
+            let record = g
+                .state
                 .node_by_id(a.node_id)
                 .cloned()
-                .ok_or_else(|| RpcError::Refused(format!("no registered node has id {}", a.node_id)))?
+                .ok_or_else(|| RpcError::Refused(format!("no registered node has id {}", a.node_id)))?;
+            (record, g.state.nodes.values().any(|n| n.stats.session_only))
         };
+        if alone {
+            self.knows_levels(member, &record.name, a.node_id, &record.cluster_addr, timeout).await?;
+        }
         let _guard = self.membership_lock.lock().await;
         let membership = member.raft.metrics().borrow_watched().membership_config.clone();
         if membership.get_node(&a.node_id).is_none() {
@@ -382,6 +387,31 @@ where
             voters.contains(&a.node_id)
         };
         Ok(RpcReply::MemberAdded(AddMemberReply { voter }))
+    }
+
+    /// Refuses a member that does not know `Rpc::Level` once a client self-fences on its
+    /// session alone (`NodeStats::session_only`): a version before it cannot apply that
+    /// record, and one before `Rpc::Contact` would serve sessions on appends alone, which the
+    /// sessions' evidence for such a client rules out. Asked at its cluster address; any
+    /// answer but `BadRequest` (it could not decode the question) shows it knows levels.
+    async fn knows_levels(
+        &self,
+        member: &Member,
+        name: &str,
+        id: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let mut c = self.client(addr.to_string(), Some(id), member.cluster_id.clone());
+        let ask = timeout.min(Duration::from_secs(5));
+        match c.call(Rpc::Level { level: crate::wire::LEVEL }, ask).await {
+            Err(CallError::Remote(RpcError::BadRequest(_))) => Err(RpcError::Refused(format!(
+                "{name} runs a version before this one's levels, and a client here self-fences on its \
+                 session alone (a record that version cannot apply): upgrade {name} first"
+            ))),
+            Ok(_) | Err(CallError::Remote(_)) => Ok(()),
+            Err(e) => Err(RpcError::Unavailable(format!("{name} did not say which version it runs: {e}"))),
+        }
     }
 
     pub(super) async fn remove_member(&self, member: &Member, name: &str, force: bool) -> Result<RpcReply, RpcError> {
