@@ -150,18 +150,7 @@ where
         from: Option<NodeId>,
         window_ms: u64,
     ) -> Result<RpcReply, RpcError> {
-        let (leading, leader, term, is_member) = {
-            let m = member.raft.metrics();
-            let m = m.borrow_watched();
-            let is_member = from.is_some_and(|f| m.membership_config.membership().get_node(&f).is_some());
-            (m.state == ServerState::Leader, m.current_leader, m.current_term, is_member)
-        };
-        if !leading {
-            return Err(RpcError::NotLeader { leader_id: leader, leader_addr: None });
-        }
-        let Some(from) = from.filter(|_| is_member) else {
-            return Err(RpcError::Refused("only a member of the Raft membership asks for contact".into()));
-        };
+        let (term, from) = leading_for_member(member, from, "asks for contact")?;
         let mine = clock::ms(self.serve_contact_window());
         if window_ms != mine {
             return Err(RpcError::Refused(format!(
@@ -200,14 +189,10 @@ where
             rt.office(term);
             (others.iter().all(|id| rt.received.contains_key(id)), rt.all_at(term, &others, 1))
         };
-        for op in &mut req.ops {
-            if let Command::Keepalive { stats, .. } = &mut op.cmd {
-                if !all_asked {
-                    *stats = std::mem::take(stats).without_session_flags();
-                } else if !all_level {
-                    stats.session_only = false;
-                }
-            }
+        if !all_asked {
+            strip_flags(req, true);
+        } else if !all_level {
+            strip_flags(req, false);
         }
     }
 
@@ -216,39 +201,18 @@ where
     /// `session_only` under one that did not take this member's level (a previous version: it
     /// would refuse the whole request, and with it every keepalive this coordinator writes).
     pub(super) fn readable_by_leader(&self, leader: (NodeId, u64), req: &mut herd_storage::model::Request) {
-        use herd_storage::model::Command;
         let (old, knows_level) = {
             let rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
             (rt.old_leader == Some(leader), rt.leader_knows_level == Some(leader))
         };
-        if knows_level {
-            return;
-        }
-        for op in &mut req.ops {
-            if let Command::Keepalive { stats, .. } = &mut op.cmd {
-                if old {
-                    *stats = std::mem::take(stats).without_session_flags();
-                } else {
-                    stats.session_only = false;
-                }
-            }
+        if !knows_level {
+            strip_flags(req, old);
         }
     }
 
     /// The leader's answer to a member's `Rpc::Level`.
     pub(super) fn answer_level(&self, member: &Member, from: Option<NodeId>, level: u32) -> Result<RpcReply, RpcError> {
-        let (leading, leader, term, is_member) = {
-            let m = member.raft.metrics();
-            let m = m.borrow_watched();
-            let is_member = from.is_some_and(|f| m.membership_config.membership().get_node(&f).is_some());
-            (m.state == ServerState::Leader, m.current_leader, m.current_term, is_member)
-        };
-        if !leading {
-            return Err(RpcError::NotLeader { leader_id: leader, leader_addr: None });
-        }
-        let Some(from) = from.filter(|_| is_member) else {
-            return Err(RpcError::Refused("only a member of the Raft membership tells its level".into()));
-        };
+        let (term, from) = leading_for_member(member, from, "tells its level")?;
         self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note_level(term, from, level);
         Ok(RpcReply::Done)
     }
@@ -368,6 +332,36 @@ where
                 }
             }
         });
+    }
+}
+
+/// On the leader: the term it leads in and `from`, a member of its Raft membership — else why
+/// not (`what` the member does, for the refusal).
+fn leading_for_member(member: &Member, from: Option<NodeId>, what: &str) -> Result<(u64, NodeId), RpcError> {
+    let m = member.raft.metrics();
+    let m = m.borrow_watched();
+    if m.state != ServerState::Leader {
+        return Err(RpcError::NotLeader { leader_id: m.current_leader, leader_addr: None });
+    }
+    let is_member = |f: &NodeId| m.membership_config.membership().get_node(f).is_some();
+    match from.filter(is_member) {
+        Some(from) => Ok((m.current_term, from)),
+        None => Err(RpcError::Refused(format!("only a member of the Raft membership {what}"))),
+    }
+}
+
+/// Drops the clients' self-fence flags from the keepalives in `req`: `session_only` alone, or
+/// `both`.
+fn strip_flags(req: &mut herd_storage::model::Request, both: bool) {
+    use herd_storage::model::Command;
+    for op in &mut req.ops {
+        if let Command::Keepalive { stats, .. } = &mut op.cmd {
+            if both {
+                *stats = std::mem::take(stats).without_session_flags();
+            } else {
+                stats.session_only = false;
+            }
+        }
     }
 }
 
