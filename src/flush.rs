@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_storage::model::{Command, DomainState, VmState};
+use herd_storage::model::{Command, DomainState, State, VmState};
 use tokio::time::Instant;
 
 use herd_raft::node::ClusterNode;
@@ -49,6 +49,15 @@ pub async fn follow(node: Arc<Node>, s: Settings) {
         if applied.changed().await.is_err() || node.is_removed() {
             return;
         }
+    }
+}
+
+/// The state a flush places its VMs by: this node's copy on a Raft member; on a client — whose
+/// copy has no figures of other nodes and other nodes' VMs as outlines — the leader's.
+async fn placing_state(node: &Node, member: &herd_raft::node::Local) -> Result<State, String> {
+    match node.session() {
+        None => Ok(member.view.read().state.clone()),
+        Some(c) => c.link.leader_state(WRITE_TIMEOUT).await.map(|(_, state)| state).map_err(|e| e.to_string()),
     }
 }
 
@@ -91,20 +100,21 @@ async fn move_all(node: &Node, s: &Settings, away: bool) {
             return;
         }
         let mut moving = Vec::new();
+        let mut placing = if away { Some(placing_state(node, &member).await) } else { None };
         for name in batch {
-            let target = {
-                let g = member.view.read();
-                let Some(vm) = g.state.vms.get(name) else { continue };
-                if away {
-                    herd_storage::model::place(
-                        &g.state,
-                        vm.spec.selector.unwrap_or_default(),
-                        &vm.spec.node_limit,
-                        Some(&me),
-                    )
-                } else {
-                    Ok(me.clone())
+            let target = match placing.as_mut() {
+                Some(Ok(state)) => {
+                    let Some(vm) = state.vms.get(name) else { continue };
+                    let (selector, limit) = (vm.spec.selector.unwrap_or_default(), vm.spec.node_limit.clone());
+                    let target = herd_storage::model::place(state, selector, &limit, Some(&me));
+                    // The next VM of the batch is placed counting this one where it goes.
+                    if let (Ok(t), Some(vm)) = (&target, state.vms.get_mut(name)) {
+                        vm.node = t.clone();
+                    }
+                    target.map_err(|e| e.to_string())
                 }
+                Some(Err(e)) => Err(e.clone()),
+                None => Ok(me.clone()),
             };
             let target = match target {
                 Ok(t) => t,

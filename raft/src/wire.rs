@@ -165,6 +165,16 @@ pub enum Rpc {
     Level {
         level: u32,
     },
+    /// As `Follow`, and other nodes' VMs as outlines (`VmRecord::outline`): a client gets whole
+    /// only the VMs that are its business, and of the others only a change of where they
+    /// belong. What clients of this version ask; a coordinator of a version before it answers
+    /// `BadRequest` and the client asks `Follow` for a while (`follow::REQUESTS_FOR`).
+    Outlined {
+        from: Option<u64>,
+        wait_ms: u64,
+        #[serde(default)]
+        stats: Option<herd_storage::model::NodeStats>,
+    },
 }
 
 /// What this version knows beyond [`PROTOCOL_VERSION`], told the leader by [`Rpc::Level`]:

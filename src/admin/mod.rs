@@ -82,7 +82,7 @@ pub async fn handle(d: &Daemon, req: AdminRequest) -> Result<Value, AdminError> 
         R::VmDefine { xml, node, selector, limit, autostart, method } => {
             vm::define(d, vm::Define { xml, node, selector, limit, autostart, method }).await
         }
-        R::VmList {} => vm::list(d),
+        R::VmList {} => vm::list(d).await,
         R::VmInfo { name, local } => vm::info(d, name, local).await,
         R::VmState { name, state } => vm::set_state(d, name, state).await,
         R::VmUndefine { name } => vm::undefine(d, name).await,

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use herd_storage::model::{place, Command, MigrationMethod, Op, Selector, VmState};
+use herd_storage::model::{place, Command, MigrationMethod, Op, Selector, VmRecord, VmState};
 
 use super::dto::{VmDetail, VmSummary};
 use super::{full_view, member, read_index, write, write_one, AdminError};
@@ -54,9 +54,33 @@ pub(super) async fn define(d: &Daemon, a: Define) -> Result<Value, AdminError> {
     Ok(json!({ "name": name, "node": target, "message": format!("{name} defined on {target}") }))
 }
 
-/// Every VM (local read).
-pub(super) fn list(d: &Daemon) -> Result<Value, AdminError> {
-    let member = member(d)?;
+/// The VMs as a read of them needs them: this node's copy (after a read barrier unless
+/// `local`) on a Raft member; on a client, whose copy holds only outlines of other nodes' VMs
+/// (`VmRecord::outline`), the leader's state unless `local`.
+async fn vm_view(d: &Daemon, local: bool) -> Result<herd_raft::node::Local, AdminError> {
+    if !local && d.node.session().is_some() {
+        return full_view(d, super::READ_TIMEOUT).await;
+    }
+    read_index(d, local).await?;
+    member(d)
+}
+
+/// The record of VM `name` in `state`; an outline (a client's `--local` read of another
+/// node's VM) is refused rather than shown as if it were the record.
+fn record<'a>(state: &'a herd_storage::model::State, name: &str) -> Result<&'a VmRecord, AdminError> {
+    let vm = state.vms.get(name).ok_or_else(|| no_vm(name))?;
+    if vm.is_outline() {
+        return Err(AdminError::invalid(format!(
+            "this client holds only an outline of {name} (it belongs to {}): ask without --local",
+            vm.node
+        )));
+    }
+    Ok(vm)
+}
+
+/// Every VM (this node's copy; on a client, the leader's state).
+pub(super) async fn list(d: &Daemon) -> Result<Value, AdminError> {
+    let member = if d.node.session().is_some() { full_view(d, super::READ_TIMEOUT).await? } else { member(d)? };
     let g = member.view.read();
     let vms: Vec<VmSummary> = g.state.vms.values().map(VmSummary::of).collect();
     Ok(json!(vms))
@@ -64,11 +88,9 @@ pub(super) fn list(d: &Daemon) -> Result<Value, AdminError> {
 
 /// One VM (linearizable unless `local`).
 pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
-    read_index(d, local).await?;
-    let member = member(d)?;
+    let member = vm_view(d, local).await?;
     let g = member.view.read();
-    let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
-    Ok(json!(VmDetail::of(vm)))
+    Ok(json!(VmDetail::of(record(&g.state, &name)?)))
 }
 
 /// start, stop, shutdown, restart or disable.
@@ -91,11 +113,10 @@ pub(super) async fn modify(d: &Daemon, name: String, xml: String) -> Result<Valu
             spec.name
         )));
     }
-    read_index(d, false).await?;
-    let member = member(d)?;
+    let member = vm_view(d, false).await?;
     let revision = {
         let g = member.view.read();
-        let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
+        let vm = record(&g.state, &name)?;
         if vm.spec.uuid != spec.uuid {
             return Err(AdminError::invalid(format!(
                 "the XML has uuid {}, {name} has {}: a VM keeps its uuid",
@@ -121,11 +142,12 @@ pub(super) async fn migrate(d: &Daemon, name: String, a: Migrate) -> Result<Valu
     if a.live && a.unmigrate {
         return Err(AdminError::invalid("--force-live is for vm migrate"));
     }
-    read_index(d, false).await?;
-    let member = member(d)?;
+    // On a client, the leader's state: its own copy has outlines of other nodes' VMs and no
+    // figures of other nodes to place by.
+    let member = vm_view(d, false).await?;
     let (target, how) = {
         let g = member.view.read();
-        let vm = g.state.vms.get(&name).ok_or_else(|| no_vm(&name))?;
+        let vm = record(&g.state, &name)?;
         if a.unmigrate {
             let home = vm
                 .last_node

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Delta, Request};
+use crate::model::{Delta, Reader, Request};
 use crate::types::LogId;
 
 /// Most changes the ring holds.
@@ -127,14 +127,17 @@ impl ChangeRing {
 
     /// The steps (deltas) from `from` on, up to about `max_bytes` (at least one when there is
     /// one); for node id `me`, as it follows them ([`Delta::for_node`]; `None`: every record).
-    pub fn steps_since(&self, from: u64, max_bytes: usize, me: Option<crate::model::NodeId>) -> Since<Step> {
+    pub fn steps_since(&self, from: u64, max_bytes: usize, reader: Reader<'_>) -> Since<Step> {
         self.collect(from, max_bytes, |e| {
-            let delta = match (me, &e.delta) {
-                (Some(me), Some(d)) => Some(d.for_node(me)),
-                (_, d) => d.clone(),
-            };
-            (Step { log_id: e.log_id, delta }, e.delta_size)
+            (Step { log_id: e.log_id, delta: e.delta.as_ref().map(|d| d.kept_for(reader)) }, e.delta_size)
         })
+    }
+
+    /// Whether node `me` (named `name`) follows the steps from `from` on with outlines
+    /// otherwise than a node they do not concern ([`Delta::outlined_differs_for`]): if not, one
+    /// answer serves it and every such node.
+    pub fn outlined_steps_differ_for(&self, from: u64, me: crate::model::NodeId, name: Option<&str>) -> bool {
+        self.deltas_since(from).is_none_or(|mut d| d.any(|d| d.outlined_differs_for(me, name)))
     }
 
     /// Whether the steps from `from` on are the same for every node (none is a request of
@@ -294,9 +297,9 @@ mod tests {
             Since::Changes(s) => s.into_iter().map(|s| s.delta.expect("a delta")).collect::<Vec<_>>(),
             Since::TooOld => panic!("too old"),
         };
-        assert_eq!(steps(None), vec![d1.clone(), d2.clone()], "no node: everything");
-        assert_eq!(steps(Some(1)), vec![d1.clone(), d2.clone()], "c1 (id 1): its own keepalive");
-        let other = steps(Some(2));
+        assert_eq!(steps(Reader::All), vec![d1.clone(), d2.clone()], "no node: everything");
+        assert_eq!(steps(Reader::Node(1)), vec![d1.clone(), d2.clone()], "c1 (id 1): its own keepalive");
+        let other = steps(Reader::Node(2));
         assert_eq!(other[0], d1);
         assert!(
             other[1].nodes.is_empty() && other[1].stats_only,

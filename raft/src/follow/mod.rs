@@ -61,11 +61,32 @@ pub enum Taken {
     Stale,
 }
 
-/// How long a follower asks a coordinator that did not know `Rpc::Follow` — one of the
-/// previous version, which answers it `BadRequest` — for requests instead, before it tries
-/// deltas again. Coordinators are upgraded first; a hypervisor upgraded before them must still
-/// follow (a client that cannot follow stops seeing its keepalives and self-fences).
+/// How long a follower asks a coordinator that did not know what it asked — one of a
+/// previous version, which answers it `BadRequest` — for the next older kind instead
+/// ([`Asks`]), before it tries its own again. Coordinators are upgraded first; a hypervisor
+/// upgraded before them must still follow (a client that cannot follow stops seeing its
+/// keepalives and self-fences).
 pub const REQUESTS_FOR: Duration = Duration::from_secs(60);
+
+/// What a follower asks for, oldest first: requests (`Rpc::Changes`), deltas (`Rpc::Follow`),
+/// deltas with other nodes' VMs as outlines (`Rpc::Outlined`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Asks {
+    Requests,
+    Deltas,
+    Outlined,
+}
+
+impl Asks {
+    /// What a coordinator that did not know this kind may know.
+    fn older(self) -> Option<Asks> {
+        match self {
+            Asks::Outlined => Some(Asks::Deltas),
+            Asks::Deltas => Some(Asks::Requests),
+            Asks::Requests => None,
+        }
+    }
+}
 
 /// A copy of the replicated state in a standalone [`StateView`], kept by applying a
 /// coordinator's changes in log order.
@@ -76,9 +97,11 @@ pub struct Follower {
     next: Option<u64>,
     /// Statistics sent with each ask (a client's report; `None`: a reader only).
     report: Option<model::NodeStats>,
-    /// Until when to ask for requests (`Rpc::Changes`) rather than deltas: a coordinator of
-    /// the previous version answered (see [`REQUESTS_FOR`]).
-    requests_until: Option<tokio::time::Instant>,
+    /// What it asks for.
+    asks: Asks,
+    /// An older kind to ask for until then: a coordinator of a previous version answered (see
+    /// [`REQUESTS_FOR`]).
+    older: Option<(Asks, tokio::time::Instant)>,
 }
 
 impl Default for Follower {
@@ -88,10 +111,17 @@ impl Default for Follower {
 }
 
 impl Follower {
-    /// A follower with nothing yet: its first answer is the whole state.
+    /// A follower with nothing yet: its first answer is the whole state. It asks with
+    /// outlines (a client: other nodes' VMs are not its business).
     pub fn new() -> Follower {
+        Follower::asking(Asks::Outlined)
+    }
+
+    /// A follower with nothing yet that asks for `asks` (and older kinds of a coordinator of a
+    /// previous version).
+    pub fn asking(asks: Asks) -> Follower {
         let (view, writer) = StateView::standalone();
-        Follower { view, writer, next: None, report: None, requests_until: None }
+        Follower { view, writer, next: None, report: None, asks, older: None }
     }
 
     /// The followed state, read like a member's (and its applied-index watch).
@@ -113,12 +143,22 @@ impl Follower {
     pub fn ask(&self, wait: Duration) -> Rpc {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let (from, stats) = (self.next, self.report.clone());
-        if self.requests_until.is_some_and(|t| tokio::time::Instant::now() < t) {
-            // A coordinator of a previous version cannot decode the flags (nor would it keep them).
-            let stats = stats.map(herd_storage::model::NodeStats::without_session_flags);
-            Rpc::Changes { from, wait_ms, stats }
-        } else {
-            Rpc::Follow { from, wait_ms, stats }
+        match self.asks_now() {
+            Asks::Requests => {
+                // A coordinator of a previous version cannot decode the flags (nor would it keep them).
+                let stats = stats.map(herd_storage::model::NodeStats::without_session_flags);
+                Rpc::Changes { from, wait_ms, stats }
+            }
+            Asks::Deltas => Rpc::Follow { from, wait_ms, stats },
+            Asks::Outlined => Rpc::Outlined { from, wait_ms, stats },
+        }
+    }
+
+    /// What it asks for now (an older kind for a while after a coordinator did not know its own).
+    pub fn asks_now(&self) -> Asks {
+        match self.older {
+            Some((older, until)) if tokio::time::Instant::now() < until => older,
+            _ => self.asks,
         }
     }
 
@@ -184,15 +224,16 @@ impl Follower {
     pub async fn poll(&mut self, client: &mut PeerClient, wait: Duration) -> Result<Taken, FollowError> {
         // The coordinator answers a margin before this call's timeout.
         let timeout = wait + Duration::from_secs(2);
-        let ask = self.ask(wait);
-        let deltas = matches!(ask, Rpc::Follow { .. });
-        let reply = match client.call(ask, timeout).await {
-            Err(CallError::Remote(RpcError::BadRequest(why))) if deltas => {
-                tracing::warn!(%why, "a coordinator of the previous version: following its requests for {REQUESTS_FOR:?}");
-                self.requests_until = Some(tokio::time::Instant::now() + REQUESTS_FOR);
-                client.call(self.ask(wait), timeout).await?
+        let reply = loop {
+            let asks = self.asks_now();
+            match client.call(self.ask(wait), timeout).await {
+                Err(CallError::Remote(RpcError::BadRequest(why))) if asks.older().is_some() => {
+                    let older = asks.older().unwrap_or(Asks::Requests);
+                    tracing::warn!(%why, "a coordinator of a previous version: asking {older:?} for {REQUESTS_FOR:?}");
+                    self.older = Some((older, tokio::time::Instant::now() + REQUESTS_FOR));
+                }
+                r => break r?,
             }
-            r => r?,
         };
         self.take(reply)
     }
@@ -468,6 +509,7 @@ mod tests {
         let mut f = Follower::new();
         assert_eq!(f.poll(&mut client, Duration::ZERO).await.expect("the whole state"), Taken::Whole);
         assert!(matches!(f.ask(Duration::ZERO), Rpc::Changes { .. }), "requests from now on");
+        assert_eq!(f.asks_now(), Asks::Requests, "outlines, then deltas, were refused");
         assert_eq!(f.view().read().state, view.read().state);
         writer.update(|sm| {
             model::apply(&mut sm.state, 4, &request(4));

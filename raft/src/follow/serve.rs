@@ -21,7 +21,13 @@ pub const MAX_REPLY_BYTES: usize = 4 << 20;
 #[derive(Clone, Copy, Debug)]
 pub enum Want {
     Requests,
-    Deltas { me: Option<model::NodeId> },
+    Deltas {
+        me: Option<model::NodeId>,
+    },
+    /// Deltas as node `me` follows them with outlines of other nodes' VMs (`Rpc::Outlined`).
+    Outlined {
+        me: model::NodeId,
+    },
 }
 
 impl Want {
@@ -29,6 +35,16 @@ impl Want {
         match self {
             Want::Requests => 0,
             Want::Deltas { .. } => 1,
+            Want::Outlined { .. } => 2,
+        }
+    }
+
+    /// The node asking as itself, if any.
+    fn me(self) -> Option<model::NodeId> {
+        match self {
+            Want::Requests => None,
+            Want::Deltas { me } => me,
+            Want::Outlined { me } => Some(me),
         }
     }
 }
@@ -41,7 +57,7 @@ impl Want {
 /// encoded per session; they are small (its own record).
 #[derive(Default)]
 pub struct Answers {
-    last: std::sync::Mutex<[Option<Answer>; 2]>,
+    last: std::sync::Mutex<[Option<Answer>; 3]>,
     /// When each node asking as itself was last answered changes (for [`LINGER`]); at most
     /// [`MAX_LINGERING`] nodes (when full, those answered longer than `LINGER` ago are
     /// forgotten; a node beyond that is not held).
@@ -170,10 +186,7 @@ async fn answer(
     let mut applied = view.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     let slot = want.slot();
-    let me = match want {
-        Want::Deltas { me } => me,
-        Want::Requests => None,
-    };
+    let me = want.me();
     // A node answered changes within LINGER waits out the rest for changes not its own.
     let mut linger = me.and_then(|me| answers.linger_until(me)).map(|t| t.min(deadline));
     // The asker's name, looked up once (a scan of the nodes), if a VM record needs it.
@@ -188,7 +201,19 @@ async fn answer(
             };
             if !hold {
                 linger = None;
-                if let Some(bytes) = from.and_then(|f| answers.get(slot, f, at)) {
+                // With outlines, a node the changes from `from` on do not concern (most, for
+                // most changes) gets what every such node gets: one answer serves them all.
+                let outlined = match (want, from) {
+                    (Want::Outlined { me }, Some(f)) => {
+                        let n = name.get_or_insert_with(|| name_of(&g, me)).as_deref();
+                        g.changes
+                            .outlined_steps_differ_for(f, me, n)
+                            .then_some(model::Reader::Outlined { me: Some(me), name: n })
+                    }
+                    _ => None,
+                };
+                let shared = from.filter(|_| outlined.is_none()).and_then(|f| answers.get(slot, f, at));
+                if let Some(bytes) = shared {
                     return Ok(answered(answers, me, RpcReply::Encoded(bytes)));
                 }
                 let Some(f) = from else { break (g.last_applied, g.state.clone()) };
@@ -198,12 +223,22 @@ async fn answer(
                         Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
                         Since::TooOld => break (g.last_applied, g.state.clone()),
                     },
-                    Want::Deltas { me } => match g.changes.steps_since(f, MAX_REPLY_BYTES, me) {
-                        Since::Changes(c) => {
-                            (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f)))
+                    Want::Deltas { me } => {
+                        let reader = me.map_or(model::Reader::All, model::Reader::Node);
+                        match g.changes.steps_since(f, MAX_REPLY_BYTES, reader) {
+                            Since::Changes(c) => {
+                                (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f)))
+                            }
+                            Since::TooOld => break (g.last_applied, g.state.clone()),
                         }
-                        Since::TooOld => break (g.last_applied, g.state.clone()),
-                    },
+                    }
+                    Want::Outlined { .. } => {
+                        let outsider = model::Reader::Outlined { me: None, name: None };
+                        match g.changes.steps_since(f, MAX_REPLY_BYTES, outlined.unwrap_or(outsider)) {
+                            Since::Changes(c) => (!c.is_empty()).then(|| (RpcReply::Steps(c), outlined.is_none())),
+                            Since::TooOld => break (g.last_applied, g.state.clone()),
+                        }
+                    }
                 };
                 drop(g);
                 if let Some((reply, shared)) = answer {
@@ -223,16 +258,17 @@ async fn answer(
             Ok(Err(_)) | Err(_) => {
                 return Ok(match want {
                     Want::Requests => RpcReply::Changes(Vec::new()),
-                    Want::Deltas { .. } => RpcReply::Steps(Vec::new()),
+                    Want::Deltas { .. } | Want::Outlined { .. } => RpcReply::Steps(Vec::new()),
                 })
             }
         }
     };
     // Other nodes' flags left out, as in the deltas; encoded outside the lock (applying waits
     // for readers).
-    let state = match me {
-        Some(me) => state.without_others_flags(me),
-        None => state,
+    let state = match want {
+        Want::Outlined { me } => state.outlined_whole_for(me),
+        Want::Deltas { me: Some(me) } => state.without_others_flags(me),
+        _ => state,
     };
     let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
     Ok(answered(answers, me, RpcReply::State { last_applied, state }))
@@ -247,9 +283,14 @@ fn concerns(g: &herd_storage::sm::SmState, from: u64, me: model::NodeId, name: &
         if d.vms.is_empty() {
             return d.concerns(me, None);
         }
-        let n = name.get_or_insert_with(|| g.state.node_by_id(me).map(|n| n.name.clone()));
+        let n = name.get_or_insert_with(|| name_of(g, me));
         d.concerns(me, n.as_deref())
     })
+}
+
+/// Node `me`'s name, as the applied state holds it (`None`: no node has that id).
+fn name_of(g: &herd_storage::sm::SmState, me: model::NodeId) -> Option<String> {
+    g.state.node_by_id(me).map(|n| n.name.clone())
 }
 
 /// Notes that node `me` was answered changes now (for [`LINGER`]); `reply` as it was.

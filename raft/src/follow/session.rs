@@ -88,6 +88,12 @@ impl Session {
         Session { follower, connector, cluster_id, me, seeds, settings, status, report: None }
     }
 
+    /// Asks for `asks` rather than outlines (a reader that keeps every VM whole).
+    pub fn asking(mut self, asks: super::Asks) -> Session {
+        self.follower = Follower::asking(asks);
+        self
+    }
+
     /// Sends what `report` holds with every poll (a client's statistics).
     pub fn with_report(mut self, report: Arc<Mutex<Option<NodeStats>>>) -> Session {
         self.report = Some(report);

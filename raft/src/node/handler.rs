@@ -153,6 +153,10 @@ where
                 let want = Want::Deltas { me: frame.from };
                 self.follow(&member, frame.from, (from, wait_ms, stats), timeout, want).await
             }
+            Rpc::Outlined { from, wait_ms, stats } => {
+                let want = frame.from.map_or(Want::Deltas { me: None }, |me| Want::Outlined { me });
+                self.follow(&member, frame.from, (from, wait_ms, stats), timeout, want).await
+            }
             Rpc::SessionsHeard { ids } | Rpc::SessionsQuiet { ids } if ids.len() > crate::wire::MAX_SESSIONS_ASKED => {
                 Err(RpcError::BadRequest(format!("at most {} ids per question", crate::wire::MAX_SESSIONS_ASKED)))
             }

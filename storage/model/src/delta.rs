@@ -47,6 +47,31 @@ pub struct Delta {
     /// `acked` entries changed or added; and gone.
     pub acked: Vec<(NodeId, Held)>,
     pub acked_gone: Vec<NodeId>,
+    /// What each VM of `vms` was before the request (same order), for outlines
+    /// ([`Delta::outlined_for`]): kept beside the delta where it was made, never sent.
+    #[serde(skip)]
+    pub vms_was: Vec<Option<VmWas>>,
+}
+
+/// What a changed VM was before the request, as far as outlines go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmWas {
+    /// The nodes whose business it was ([`VmRecord::concerns`]).
+    pub concerned: Vec<String>,
+    /// Whether its outline is what it was ([`VmRecord::outline`]).
+    pub same_outline: bool,
+}
+
+/// Whom a delta is kept for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader<'a> {
+    /// Everything (a peer that does not follow as a node).
+    All,
+    /// Node `me`, without other nodes' keepalives and self-fence flags (`Rpc::Follow`).
+    Node(NodeId),
+    /// As `Node`, and other nodes' VMs as outlines (`Rpc::Outlined`): `me` and its name;
+    /// `None` and `None` for any node the delta does not concern.
+    Outlined { me: Option<NodeId>, name: Option<&'a str> },
 }
 
 impl Delta {
@@ -54,6 +79,8 @@ impl Delta {
     pub fn between(before: &State, after: &State, index: u64) -> Delta {
         let meta = if before.meta != after.meta { after.meta.clone() } else { None };
         let changed = |old: Option<&NodeRecord>, new: &NodeRecord| old != Some(new);
+        let changed_vms: Vec<(&String, &VmRecord)> =
+            after.vms.iter().filter(|(k, v)| before.vms.get(*k) != Some(*v)).collect();
         Delta {
             clock_ms: after.clock_ms,
             stats_only: false,
@@ -65,7 +92,7 @@ impl Delta {
                 .map(|(_, v)| v.clone())
                 .collect(),
             nodes_gone: before.nodes.keys().filter(|k| !after.nodes.contains_key(*k)).cloned().collect(),
-            vms: after.vms.iter().filter(|(k, v)| before.vms.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect(),
+            vms: changed_vms.iter().map(|(_, v)| (*v).clone()).collect(),
             vms_gone: before.vms.keys().filter(|k| !after.vms.contains_key(*k)).cloned().collect(),
             events: after.events.iter().filter(|e| e.index == index).cloned().collect(),
             removed: after.removed.difference(&before.removed).copied().collect(),
@@ -76,6 +103,15 @@ impl Delta {
                 .map(|(k, v)| (*k, *v))
                 .collect(),
             acked_gone: before.acked.keys().filter(|k| !after.acked.contains_key(*k)).copied().collect(),
+            vms_was: changed_vms
+                .iter()
+                .map(|(k, v)| {
+                    before
+                        .vms
+                        .get(*k)
+                        .map(|b| VmWas { concerned: concerned_by(b), same_outline: b.outline() == v.outline() })
+                })
+                .collect(),
         }
     }
 
@@ -97,18 +133,11 @@ impl Delta {
     /// another node's record, meta, events, `acked` — a follower needs, but not within
     /// milliseconds (a coordinator may batch it: `herd_raft::follow::LINGER`).
     pub fn concerns(&self, me: NodeId, name: Option<&str>) -> bool {
-        let named = |n: &Option<String>| n.is_some() && n.as_deref() == name;
-        let vm = |v: &VmRecord| {
-            Some(v.node.as_str()) == name
-                || named(&v.last_node)
-                || named(&v.migrating_from)
-                || name.is_some_and(|n| v.seen_on.contains(n))
-        };
         !self.nodes_gone.is_empty()
             || !self.vms_gone.is_empty()
             || !self.removed.is_empty()
             || self.nodes.iter().any(|n| n.id == me)
-            || self.vms.iter().any(vm)
+            || name.is_some_and(|n| self.vms.iter().any(|v| v.concerns(n)))
     }
 
     /// The names a request of keepalives only names (`None` for any other request): its delta
@@ -126,21 +155,60 @@ impl Delta {
     /// The delta as node id `me` follows it: of a request of keepalives, only its own record
     /// (by id: a coordinator serving a session knows the id its certificate names, no lookup).
     pub fn for_node(&self, me: NodeId) -> Delta {
-        if !self.stats_only {
-            let mut d = self.clone();
-            // Other nodes' flags of how they self-fence are theirs alone, and a client of the
-            // previous version cannot decode the newest (`NodeStats::session_only`).
-            for n in d.nodes.iter_mut().filter(|n| n.id != me && flagged(n)) {
-                n.stats = std::mem::take(&mut n.stats).without_session_flags();
-            }
-            return d;
+        self.kept_for(Reader::Node(me))
+    }
+
+    /// The delta as `reader` follows it (see [`Reader`]).
+    pub fn kept_for(&self, reader: Reader<'_>) -> Delta {
+        let me = match reader {
+            Reader::All => return self.clone(),
+            Reader::Node(me) => Some(me),
+            Reader::Outlined { me, .. } => me,
+        };
+        if self.stats_only {
+            return Delta {
+                clock_ms: self.clock_ms,
+                stats_only: true,
+                nodes: self.nodes.iter().filter(|n| Some(n.id) == me).cloned().collect(),
+                ..Delta::default()
+            };
         }
-        Delta {
-            clock_ms: self.clock_ms,
-            stats_only: true,
-            nodes: self.nodes.iter().filter(|n| n.id == me).cloned().collect(),
-            ..Delta::default()
+        let mut d = Delta { vms_was: Vec::new(), ..self.clone() };
+        // Other nodes' flags of how they self-fence are theirs alone, and a client of the
+        // previous version cannot decode the newest (`NodeStats::session_only`).
+        for n in d.nodes.iter_mut().filter(|n| Some(n.id) != me && flagged(n)) {
+            n.stats = std::mem::take(&mut n.stats).without_session_flags();
         }
+        if let Reader::Outlined { name, .. } = reader {
+            d.vms = self.outlined_vms(name);
+        }
+        d
+    }
+
+    /// The VMs of this delta as node `name` follows them with outlines: its own business
+    /// whole; another's as its outline, and only when that changed or the VM was its business
+    /// before the request (an outline then replaces the whole record it held). A delta not
+    /// made here (`vms_was` unknown) sends every outline.
+    fn outlined_vms(&self, name: Option<&str>) -> Vec<VmRecord> {
+        let mine = |v: &VmRecord| name.is_some_and(|n| v.concerns(n));
+        self.vms
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match self.vms_was.get(i) {
+                _ if mine(v) => Some(v.clone()),
+                Some(Some(was)) if was.same_outline && !was_mine(was, name) => None,
+                _ => Some(v.outline()),
+            })
+            .collect()
+    }
+
+    /// Whether node `me` (named `name`) follows this delta with outlines otherwise than a node
+    /// it does not concern ([`Reader::Outlined`] with `None`, `None`): its own record in a
+    /// request of keepalives or with its flags, or a VM that is or was its business.
+    pub fn outlined_differs_for(&self, me: NodeId, name: Option<&str>) -> bool {
+        self.nodes.iter().any(|n| n.id == me && (self.stats_only || flagged(n)))
+            || name.is_some_and(|n| self.vms.iter().any(|v| v.concerns(n)))
+            || self.vms_was.iter().flatten().any(|w| was_mine(w, name))
     }
 
     /// Whether [`Delta::for_node`] gives every node the same delta.
@@ -190,6 +258,29 @@ impl State {
         self
     }
 
+    /// This state as a follower asking as node `me` with outlines receives it whole
+    /// ([`State::without_others_flags`], and VMs not its business as outlines).
+    pub fn outlined_whole_for(self, me: NodeId) -> State {
+        let mut s = self.without_others_flags(me);
+        s.outline_others(me);
+        s
+    }
+
+    /// What a follower with outlines as node `me` holds of this state: as
+    /// [`State::projected_for`], and VMs not its business as outlines.
+    pub fn outlined_for(&self, me: NodeId) -> State {
+        let mut s = self.projected_for(me);
+        s.outline_others(me);
+        s
+    }
+
+    fn outline_others(&mut self, me: NodeId) {
+        let name = self.node_by_id(me).map(|n| n.name.clone());
+        for v in self.vms.values_mut().filter(|v| !name.as_deref().is_some_and(|n| v.concerns(n))) {
+            *v = v.outline();
+        }
+    }
+
     /// What a follower speaking as node id `me` holds of this state (see the module doc): no
     /// request log, and other nodes' records without the figures their keepalives write.
     pub fn projected_for(&self, me: NodeId) -> State {
@@ -207,4 +298,22 @@ impl State {
 /// Whether a record carries a flag of how its node self-fences.
 fn flagged(n: &NodeRecord) -> bool {
     n.stats.session_self_fence || n.stats.session_only
+}
+
+/// The nodes whose business VM `v` is ([`VmRecord::concerns`]).
+fn concerned_by(v: &VmRecord) -> Vec<String> {
+    let mut names: Vec<String> = [Some(&v.node), v.last_node.as_ref(), v.migrating_from.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(&v.seen_on)
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Whether the VM `was` describes was node `name`'s business before.
+fn was_mine(was: &VmWas, name: Option<&str>) -> bool {
+    name.is_some_and(|n| was.concerned.iter().any(|c| c == n))
 }

@@ -45,7 +45,7 @@ pub use apply::{
     apply, validate_name as validate_node_name, validate_new_name as validate_new_node_name, Applied, MAX_EVENTS,
     MAX_KEEPALIVE_OPS, MAX_OPS, MAX_REMEMBERED_REQUESTS,
 };
-pub use delta::Delta;
+pub use delta::{Delta, Reader, VmWas};
 pub use fence::*;
 pub use maintenance::left_alone;
 pub use place::place;

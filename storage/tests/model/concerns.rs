@@ -94,3 +94,37 @@ fn a_nodes_self_fence_flags_reach_only_that_node() {
     assert_eq!(run(&mut s, 6, back), Ok(Reply::Done));
     assert!(Delta::between(&before, &s, 6).same_for_all());
 }
+
+/// With outlines (`Rpc::Outlined`), a VM reaches a node it does not concern as its outline,
+/// and only when that changes: a state change of another node's VM reaches no other client;
+/// a move does, as where the VM now belongs.
+#[test]
+fn other_nodes_vms_reach_a_client_as_outlines_and_only_when_they_move() {
+    let mut s = nodes();
+    let outsider = Reader::Outlined { me: None, name: None };
+    let step = |s: &mut State, index: u64, cmd: Command| {
+        let before = s.clone();
+        assert_eq!(run(s, index, cmd), Ok(Reply::Done));
+        Delta::between(&before, s, index)
+    };
+    let define = step(&mut s, 1, Command::DefineVm { spec: spec("web", 1), node: "a".into() });
+    assert!(define.outlined_differs_for(1, Some("a")) && !define.outlined_differs_for(3, Some("c")));
+    let to_c = define.kept_for(outsider);
+    assert_eq!(to_c.vms, vec![s.vms["web"].outline()], "c learns the VM's name, uuid and node");
+    assert!(to_c.vms[0].is_outline() && to_c.vms[0].spec.xml.is_empty());
+    assert_eq!(define.kept_for(Reader::Outlined { me: Some(1), name: Some("a") }).vms, vec![s.vms["web"].clone()]);
+    let stop = step(&mut s, 2, Command::SetVmState { name: "web".into(), state: VmState::Stop });
+    assert!(!stop.outlined_differs_for(3, Some("c")));
+    assert!(stop.kept_for(outsider).vms.is_empty(), "another node's VM stopping is not c's business");
+    assert_eq!(stop.kept_for(Reader::Node(3)).vms.len(), 1, "a follower of every VM gets it");
+    let away = step(
+        &mut s,
+        3,
+        Command::MigrateVm { name: "web".into(), to: "b".into(), state: VmState::Migrate, permanent: true },
+    );
+    assert_eq!(away.kept_for(outsider).vms, vec![s.vms["web"].outline()], "where it belongs changed");
+    assert_eq!(away.kept_for(outsider).vms[0].node, "b");
+    let whole = s.clone().outlined_whole_for(3);
+    assert!(whole.vms["web"].is_outline(), "c's whole state: an outline");
+    assert!(!s.clone().outlined_whole_for(2).vms["web"].is_outline(), "b's: the record");
+}

@@ -90,6 +90,51 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 node_id: None
             }),
         1 => any::<bool>().prop_map(|on| Command::SetMaintenance { on }),
+        8 => vm_command_strategy(),
+    ]
+}
+
+fn vm_name_strategy() -> impl Strategy<Value = String> {
+    (0..3u8).prop_map(|i| format!("v{i}"))
+}
+
+fn vm_state_strategy() -> impl Strategy<Value = VmState> {
+    use VmState::*;
+    proptest::sample::select(vec![Start, Restart, Shutdown, Stop, Disable, Fail, Migrate, MigrateLive, Unmigrate])
+}
+
+/// What happens to VMs: defined, commanded, moved, reported, released, seen elsewhere, gone;
+/// and the domain states that let nodes take them.
+fn vm_command_strategy() -> impl Strategy<Value = Command> {
+    let actual = proptest::sample::select(vec![ActualState::Running, ActualState::Shutoff, ActualState::Missing]);
+    prop_oneof![
+        3 => (vm_name_strategy(), name_strategy()).prop_map(|(name, node)| {
+            let uuid = format!("00000000-0000-4000-8000-00000000000{}", &name[1..]);
+            let xml = format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>");
+            let spec = VmSpec {
+                uuid,
+                name,
+                xml,
+                memory_mib: 512,
+                vcpus: 1,
+                selector: None,
+                node_limit: Vec::new(),
+                autostart: false,
+                migration_method: MigrationMethod::None,
+            };
+            Command::DefineVm { spec, node }
+        }),
+        2 => (vm_name_strategy(), vm_state_strategy()).prop_map(|(name, state)| Command::SetVmState { name, state }),
+        2 => (vm_name_strategy(), name_strategy(), vm_state_strategy(), any::<bool>())
+            .prop_map(|(name, to, state, permanent)| Command::MigrateVm { name, to, state, permanent }),
+        2 => (vm_name_strategy(), name_strategy(), actual)
+            .prop_map(|(name, node, actual)| Command::ReportVm { name, node, actual, failure: None, moved: None }),
+        2 => (vm_name_strategy(), name_strategy()).prop_map(|(name, node)| Command::ReleaseVm { name, node }),
+        1 => (vm_name_strategy(), name_strategy(), any::<bool>())
+            .prop_map(|(name, node, running)| Command::ReportStray { name, node, running }),
+        1 => vm_name_strategy().prop_map(|name| Command::UndefineVm { name }),
+        2 => (name_strategy(), proptest::sample::select(vec![DomainState::Ready, DomainState::Flush, DomainState::Unflush]))
+            .prop_map(|(name, state)| Command::SetDomainState { name, state, node_id: None }),
     ]
 }
 
@@ -306,6 +351,35 @@ proptest! {
                 prop_assert_eq!(
                     state.projected_for(*me),
                     s.after.projected_for(*me),
+                    "step {} ({}): follower {} differs", s.index, s.req, me
+                );
+            }
+            Ok(())
+        })?;
+    }
+
+    /// g. A follower with outlines (a client: other nodes' VMs as `VmRecord::outline`) holds
+    /// the leader's state as outlined for it, at every step — taking what a node the deltas do
+    /// not concern gets whenever its own would not differ, as a coordinator serves it.
+    #[test]
+    fn prop_outlined_deltas_follow_the_leader(reqs in sequence_strategy()) {
+        let mut followers: Vec<(NodeId, State)> = [1, 2, 3, 999].iter().map(|n| (*n, State::default())).collect();
+        run(&reqs, |s| {
+            let delta = match Delta::keepalives(s.req) {
+                Some(names) => Delta::of_keepalives(&s.after, names),
+                None => Delta::between(&s.before, &s.after, s.index),
+            };
+            for (me, state) in followers.iter_mut() {
+                let name = s.after.node_by_id(*me).map(|n| n.name.clone());
+                let reader = if delta.outlined_differs_for(*me, name.as_deref()) {
+                    Reader::Outlined { me: Some(*me), name: name.as_deref() }
+                } else {
+                    Reader::Outlined { me: None, name: None }
+                };
+                delta.kept_for(reader).apply_to(state);
+                prop_assert_eq!(
+                    state.outlined_for(*me),
+                    s.after.outlined_for(*me),
                     "step {} ({}): follower {} differs", s.index, s.req, me
                 );
             }

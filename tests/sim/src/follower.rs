@@ -40,7 +40,10 @@ pub async fn run(world: World) -> turmoil::Result {
         }
     };
     let settings = SessionSettings { wait: Duration::from_secs(1), ..SessionSettings::default() };
-    let session = Session::new(Arc::new(SimConnector), cluster_id, FOLLOWER_ID, seeds, settings);
+    // Every VM whole: the follower invariant then checks deltas of every VM record (the
+    // clients, with outlines, check theirs).
+    let session = Session::new(Arc::new(SimConnector), cluster_id, FOLLOWER_ID, seeds, settings)
+        .asking(herd_raft::follow::Asks::Deltas);
     world.lock().follower = Some((session.view(), session.status()));
     world.trace("follower: started");
     let mut status = session.status();

@@ -63,6 +63,56 @@ pub struct VmRecord {
     pub revision: u64,
 }
 
+impl VmRecord {
+    /// Whether this VM is node `name`'s business: assigned to it, at home there (`last_node`:
+    /// its unflush brings it back), moving away from it, or seen running on it.
+    pub fn concerns(&self, name: &str) -> bool {
+        self.node == name
+            || self.last_node.as_deref() == Some(name)
+            || self.migrating_from.as_deref() == Some(name)
+            || self.seen_on.contains(name)
+    }
+
+    /// What a client holds of a VM that is not its business (its stream carries outlines,
+    /// `Rpc::Outlined`): the name and uuid that tell one of its domains as this VM, where the
+    /// VM belongs and is moving from, and where it was seen running — all a reconciler reads of
+    /// another node's VM (a domain of it running here is a stray) — and nothing else: no XML,
+    /// no figures, state `stop`, revision 0 ([`VmRecord::is_outline`]). Other nodes' VMs change
+    /// state far more often than place, and such changes no longer reach every client.
+    pub fn outline(&self) -> VmRecord {
+        VmRecord {
+            spec: VmSpec {
+                uuid: self.spec.uuid.clone(),
+                name: self.spec.name.clone(),
+                xml: String::new(),
+                memory_mib: 0,
+                vcpus: 0,
+                selector: None,
+                node_limit: Vec::new(),
+                autostart: false,
+                migration_method: MigrationMethod::default(),
+            },
+            state: VmState::Stop,
+            node: self.node.clone(),
+            last_node: None,
+            failure_reason: None,
+            actual: ActualState::default(),
+            migrating_from: self.migrating_from.clone(),
+            waiting: None,
+            seen_on: self.seen_on.clone(),
+            desired_at: 0,
+            last_move: None,
+            revision: 0,
+        }
+    }
+
+    /// Whether this is an outline ([`VmRecord::outline`]): a VM of record always has a
+    /// revision (the index that defined it, at least 1).
+    pub fn is_outline(&self) -> bool {
+        self.revision == 0
+    }
+}
+
 /// A move of a VM that may have been running: from where to where, since when, and — once
 /// the target reports it running — how it went (live, or stopped there and started here),
 /// how long it took and, live, the guest's downtime as libvirt measured it.

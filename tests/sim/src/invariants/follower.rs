@@ -1,6 +1,7 @@
 //! A follower outside Raft holds, at each index it has applied, the state every member holds
 //! at that index, as projected for the node id it follows as (`State::projected_for`: no
-//! request log, no figures other nodes' keepalives write).
+//! request log, no figures other nodes' keepalives write; a client: `State::outlined_for`,
+//! other nodes' VMs as outlines too).
 //!
 //! Why: hypervisors follow the cluster's state without being Raft members (issue 22), and
 //! every decision they take (which VMs to run) reads that state. A follower takes the records
@@ -15,6 +16,24 @@ use std::time::Duration;
 use super::Violation;
 use crate::world::World;
 
+/// What a follower holds of the state, as node id `.0`.
+#[derive(Clone, Copy)]
+enum Projection {
+    /// Every VM whole (`State::projected_for`).
+    Whole(u64),
+    /// Other nodes' VMs as outlines (`State::outlined_for`): a client.
+    Outlined(u64),
+}
+
+impl Projection {
+    fn of(self, s: &herd_storage::model::State) -> herd_storage::model::State {
+        match self {
+            Projection::Whole(me) => s.projected_for(me),
+            Projection::Outlined(me) => s.outlined_for(me),
+        }
+    }
+}
+
 /// Compares each follower (the simulation's own, and every hypervisor that runs as a client)
 /// with each member once per index they share.
 #[derive(Default)]
@@ -27,19 +46,19 @@ impl FollowerAgrees {
     pub fn check(&mut self, world: &World, now: Duration) -> Vec<Violation> {
         let w = world.lock();
         // Who, and the node id it follows as (the simulation's own follower: one no node holds).
-        let mut followers: Vec<(String, u64, herd_storage::sm::StateView)> = w
+        let mut followers: Vec<(String, Projection, herd_storage::sm::StateView)> = w
             .follower
             .iter()
-            .map(|(v, _)| ("the follower".to_string(), crate::follower::FOLLOWER_ID, v.clone()))
+            .map(|(v, _)| ("the follower".to_string(), Projection::Whole(crate::follower::FOLLOWER_ID), v.clone()))
             .collect();
         for m in &w.machines {
             if let Some(c) = m.daemon.as_ref().and_then(|d| d.node.session()) {
-                followers.push((format!("client {}", m.name), c.id, c.view.clone()));
+                followers.push((format!("client {}", m.name), Projection::Outlined(c.id), c.view.clone()));
             }
         }
         let mut out = Vec::new();
-        for (who, me, view) in followers {
-            out.extend(self.compare(&w, &who, me, &view, now));
+        for (who, p, view) in followers {
+            out.extend(self.compare(&w, &who, p, &view, now));
         }
         out
     }
@@ -48,7 +67,7 @@ impl FollowerAgrees {
         &mut self,
         w: &crate::world::Inner,
         who: &str,
-        me: u64,
+        p: Projection,
         view: &herd_storage::sm::StateView,
         now: Duration,
     ) -> Vec<Violation> {
@@ -63,7 +82,7 @@ impl FollowerAgrees {
                 continue;
             }
             self.compared.insert(key, at.index);
-            let (theirs, mine) = (g.state.projected_for(me), f.state.projected_for(me));
+            let (theirs, mine) = (p.of(&g.state), p.of(&f.state));
             if theirs != mine {
                 let differs = [
                     ("vms", theirs.vms != mine.vms),
