@@ -29,6 +29,8 @@ pub enum Breakage {
     SelfFencedWithoutEvidence,
     /// A coordinator serves sessions as if always in contact with the leader.
     ServeWithoutContact,
+    /// Clients are never sent outlines of other nodes' VMs (where those now belong).
+    StaleOutlines,
 }
 
 #[cfg(feature = "breakage")]
@@ -41,6 +43,7 @@ thread_local! {
 pub fn set(b: Option<Breakage>) {
     ACTIVE.with(|a| a.set(b));
     herd_storage::changes::break_changes(b == Some(Breakage::ChangesWithoutRequests));
+    herd_storage::changes::break_outlines(b == Some(Breakage::StaleOutlines));
     herd_raft::node::break_contact(b == Some(Breakage::ServeWithoutContact));
 }
 

@@ -129,7 +129,15 @@ impl ChangeRing {
     /// one); for node id `me`, as it follows them ([`Delta::for_node`]; `None`: every record).
     pub fn steps_since(&self, from: u64, max_bytes: usize, reader: Reader<'_>) -> Since<Step> {
         self.collect(from, max_bytes, |e| {
-            (Step { log_id: e.log_id, delta: e.delta.as_ref().map(|d| d.kept_for(reader)) }, e.delta_size)
+            let delta = e.delta.as_ref().map(|d| d.kept_for(reader));
+            #[cfg(feature = "breakage")]
+            let delta = delta.map(|mut d| {
+                if BROKEN_OUTLINES.with(std::cell::Cell::get) {
+                    d.vms.retain(|v| !v.is_outline());
+                }
+                d
+            });
+            (Step { log_id: e.log_id, delta }, e.delta_size)
         })
     }
 
@@ -182,6 +190,18 @@ thread_local! {
 #[cfg(feature = "breakage")]
 pub fn break_changes(on: bool) {
     BROKEN.with(|b| b.set(on));
+}
+
+#[cfg(feature = "breakage")]
+thread_local! {
+    static BROKEN_OUTLINES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test-only (the simulation's `herd::breakage`): outlines of other nodes' VMs are never
+/// sent, so clients keep stale ones (the simulation shows its follower invariant catches that).
+#[cfg(feature = "breakage")]
+pub fn break_outlines(on: bool) {
+    BROKEN_OUTLINES.with(|b| b.set(on));
 }
 
 /// The size of `value` encoded (counted, not kept).

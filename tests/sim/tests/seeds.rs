@@ -27,6 +27,7 @@ fn breakage_from_env() -> Option<Breakage> {
         "ack-without-commit" => Some(Breakage::AckWithoutCommit),
         "fence-without-token" => Some(Breakage::FenceWithoutToken),
         "changes-without-requests" => Some(Breakage::ChangesWithoutRequests),
+        "stale-outlines" => Some(Breakage::StaleOutlines),
         "self-fenced-without-evidence" => Some(Breakage::SelfFencedWithoutEvidence),
         "serve-without-contact" => Some(Breakage::ServeWithoutContact),
         other => panic!("unknown HERD_SIM_BREAK {other:?}"),
@@ -273,6 +274,11 @@ fn broken_fence_token_is_caught() {
 #[test]
 fn broken_changes_are_caught() {
     caught("changes-without-requests", "follower");
+}
+
+#[test]
+fn broken_outlines_are_caught() {
+    caught("stale-outlines", "follower");
 }
 
 #[test]
