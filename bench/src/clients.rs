@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::failover::{admin, admin_within, wait};
-use crate::follow::{cluster_with, percentile, socket, ten_writes_a_second};
+use crate::follow::{cluster_with, percentile, socket, ten_writes_a_second_of};
 use crate::procs::{cpu_seconds, CpuMark};
 
 /// The heartbeat interval the scale step runs at by default (`[heartbeat] interval_ms`; the
@@ -212,15 +212,54 @@ fn join_daemon(p: &mut crate::procs::Procs, herd: &Path, extra: &str, token: &st
 
 /// `clients [N] [SECONDS] [HEARTBEAT_MS]`, with defaults 1000, 60 and [`HEARTBEAT_MS`].
 pub fn cli(herd: PathBuf, args: &[&str]) -> Result<Value> {
-    anyhow::ensure!(args.len() <= 3, "usage: clients [N] [SECONDS] [HEARTBEAT_MS]");
+    const USAGE: &str = "usage: clients [N] [SECONDS] [HEARTBEAT_MS] [maintenance|vms]";
+    anyhow::ensure!(args.len() <= 4, USAGE);
     let arg = |k: usize, default: u64, what: &str| -> Result<u64> {
         args.get(k).map_or(Ok(default), |a| a.parse().with_context(|| what.to_string()))
     };
     let n = usize::try_from(arg(0, 1000, "hypervisors")?)?;
-    run(herd, n, arg(1, 60, "seconds")?, arg(2, HEARTBEAT_MS, "heartbeat interval (ms)")?)
+    let writes = match args.get(3).copied() {
+        None | Some("maintenance") => Writes::Maintenance,
+        Some("vms") => Writes::VmStates,
+        Some(other) => anyhow::bail!("{other:?}: {USAGE}"),
+    };
+    run(herd, n, arg(1, 60, "seconds")?, arg(2, HEARTBEAT_MS, "heartbeat interval (ms)")?, writes)
 }
 
-pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<Value> {
+/// What the window's writes change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writes {
+    /// The maintenance flag, on and off: the cluster's meta, every client's business a
+    /// moment later.
+    Maintenance,
+    /// A VM's state, stop and start, over [`VMS`] VMs each on a hypervisor of its own: one
+    /// hypervisor's business (the others get an outline only when a VM changes node).
+    VmStates,
+}
+
+/// VMs defined for [`Writes::VmStates`], `b0` on `s0` and on.
+const VMS: usize = 100;
+
+/// A domain XML of the size a real one has (some 1.5 KB: disk, network, console, devices).
+fn domain_xml(k: usize) -> String {
+    format!(
+        "<domain type='kvm'><name>b{k}</name><uuid>00000000-0000-4000-8000-{k:012}</uuid>\
+         <memory unit='MiB'>512</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type>\
+         <boot dev='hd'/></os><features><acpi/><apic/></features><cpu mode='host-passthrough'/>\
+         <clock offset='utc'/><on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>\
+         <on_crash>destroy</on_crash><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none' io='native'/>\
+         <source file='/var/lib/herd/images/b{k}.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>\
+         <serial type='pty'><target port='0'/></serial><console type='pty'><target type='serial' port='0'/></console>\
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+         <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/><video><model type='virtio'/></video>\
+         <memballoon model='virtio'/><rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>\
+         </devices></domain>"
+    )
+}
+
+pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Writes) -> Result<Value> {
     anyhow::ensure!((1..=2000).contains(&n), "1 to 2000 hypervisors");
     anyhow::ensure!((100..=1000).contains(&heartbeat_ms), "a heartbeat interval of 100 to 1000 ms");
     crate::raise_fd_limit()?;
@@ -245,6 +284,19 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     let leader_sock = socket(&p.dir, li);
     wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.0 == n))?;
 
+    let vms = if what == Writes::VmStates { VMS.min(n) } else { 0 };
+    for k in 0..vms {
+        admin(&leader_sock, &json!({"op": "vm-define", "xml": domain_xml(k), "node": format!("s{k}")}))
+            .with_context(|| format!("vm b{k} defined on s{k}"))?;
+    }
+    let write = |i: usize| match what {
+        Writes::Maintenance => json!({"op": "maintenance", "on": i % 2 == 0}),
+        // b0 stop, b0 start, b1 stop, b1 start, …
+        Writes::VmStates => {
+            json!({"op": "vm-state", "name": format!("b{}", (i / 2) % vms.max(1)), "state": if i % 2 == 0 { "stop" } else { "start" }})
+        }
+    };
+
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
     let served0 = served(&p.dir)?;
     let mark = CpuMark::now(&pids)?;
@@ -254,7 +306,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
     let (sampling, sampler_stop) = watch::channel(false);
     let sampler = lowest_applied(sims.iter().map(|s| s.view.clone()).collect(), sampler_stop);
     let mut written: Vec<(u64, Instant)> = Vec::new();
-    let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
+    let mut writes = ten_writes_a_second_of(&leader_sock, seconds, write, |_| {
         let done = Instant::now();
         let info = admin(&leader_sock, &json!({"op": "cluster-info", "local": true}))?;
         written.push((info["applied_index"].as_u64().context("applied_index")?, done));
@@ -296,6 +348,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64) -> Result<V
         "scenario": "clients",
         "hypervisors": n,
         "heartbeat_interval_ms": heartbeat_ms,
+        "writes": if what == Writes::VmStates { format!("vm-state of {vms} VMs on as many hypervisors") } else { "maintenance".into() },
         "window_s": window,
         "join_ms": {"last_100_p50": percentile(&tail, 50), "last_100_max": percentile(&tail, 100),
                     "daemon_at_n": last_join.as_millis()},

@@ -116,6 +116,16 @@ impl Followers {
 pub(crate) fn ten_writes_a_second(
     sock: &Path,
     seconds: u64,
+    after: impl FnMut(Instant) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    ten_writes_a_second_of(sock, seconds, |i| json!({"op": "maintenance", "on": i % 2 == 0}), after)
+}
+
+/// [`ten_writes_a_second`], the `i`th write being the admin request `write(i)`.
+pub(crate) fn ten_writes_a_second_of(
+    sock: &Path,
+    seconds: u64,
+    write: impl Fn(usize) -> serde_json::Value,
     mut after: impl FnMut(Instant) -> Result<()>,
 ) -> Result<Vec<Duration>> {
     let t0 = Instant::now();
@@ -124,7 +134,7 @@ pub(crate) fn ten_writes_a_second(
         let due = t0 + Duration::from_millis(100) * u32::try_from(writes.len()).unwrap_or(u32::MAX);
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let w = Instant::now();
-        admin(sock, &json!({"op": "maintenance", "on": writes.len() % 2 == 0}))?;
+        admin(sock, &write(writes.len()))?;
         writes.push(w.elapsed());
         after(w)?;
     }

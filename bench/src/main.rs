@@ -22,7 +22,7 @@
 //! - `follow [FOLLOWERS] [SECONDS]`: see `follow.rs` — 3 coordinators serving the state to 1000
 //!   followers outside Raft (issue 22): bootstrap, write fan-out, coordinator CPU, a
 //!   coordinator's death.
-//! - `clients [N] [SECONDS] [HEARTBEAT_MS]`: see `clients.rs` — the scale step of issue 22: 3 coordinators and
+//! - `clients [N] [SECONDS] [HEARTBEAT_MS] [maintenance|vms]`: see `clients.rs` — the scale step of issue 22: 3 coordinators and
 //!   N (default 1000) simulated hypervisors outside Raft (the real client code and heartbeat
 //!   responders, in this process): coordinator CPU, joins, writes.
 //! - `all`: every scenario; also writes `docs/bench/latest.json` in the shape the docs use.
@@ -394,7 +394,7 @@ fn main() -> Result<()> {
             let busy = json!({"seconds": 600, "realtime": pick(&busy["realtime"]), "normal": pick(&busy["normal"])});
             let follow = follow::run(herd_binary()?, 1000, 60)?;
             let hypervisors = json!({
-                "scale": clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS)?,
+                "scale": clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS, clients::Writes::Maintenance)?,
                 "client": hypervisors::run(herd_binary()?, 64, 60, "client")?,
                 "learner": hypervisors::run(herd_binary()?, 64, 60, "learner")?,
             });
@@ -441,7 +441,7 @@ fn main() -> Result<()> {
         ["busy", secs, "normal"] => busy::one(secs.parse().context("seconds")?, false).map(|_| ()),
         ["responders", hosts, port] => rt.block_on(responders(hosts.parse()?, port.parse()?)),
         _ => bail!(
-            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | clients [N] [SECONDS] [HEARTBEAT_MS] | hypervisors [N] [SECONDS] [learner|client] | all"
+            "usage: herd-bench heartbeat [HOSTS...] | failover [REPS] | writes [SECONDS] | connections [N] [SECONDS] | busy [SECONDS [rt|normal]] | migration [REPS] | follow [FOLLOWERS] [SECONDS] | clients [N] [SECONDS] [HEARTBEAT_MS] [maintenance|vms] | hypervisors [N] [SECONDS] [learner|client] | all"
         ),
     }
 }
