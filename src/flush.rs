@@ -52,6 +52,26 @@ pub async fn follow(node: Arc<Node>, s: Settings) {
     }
 }
 
+/// How often a client asks the leader's state whether its batch of moves is done.
+const CLIENT_RECHECK: Duration = Duration::from_millis(500);
+
+/// The VMs of `moving` (name, target) not yet done: still moving, or not yet running on their
+/// target when they should.
+fn still_moving(state: &State, moving: &[(String, String)]) -> Vec<String> {
+    moving
+        .iter()
+        .filter(|(n, t)| {
+            state.vms.get(n).is_some_and(|v| {
+                v.node == *t
+                    && (v.migrating_from.is_some()
+                        || matches!(v.state, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate)
+                        || (v.state.wants_running() && v.actual != herd_storage::model::ActualState::Running))
+            })
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 /// The state a flush places its VMs by: this node's copy on a Raft member; on a client — whose
 /// copy has no figures of other nodes and other nodes' VMs as outlines — the leader's.
 async fn placing_state(node: &Node, member: &herd_raft::node::Local) -> Result<State, String> {
@@ -136,29 +156,32 @@ async fn move_all(node: &Node, s: &Settings, away: bool) {
             tracing::warn!("flush: this node's view did not catch up: {e}");
         }
         // Each move of the batch: done once the VM runs on its target (or stays stopped there).
+        // A client watches the leader's state: a VM that moved away and is no longer its
+        // business is only an outline in its own copy, which says nothing of how it runs.
         let deadline = Instant::now() + timeout;
         let mut applied = member.view.subscribe();
         loop {
-            let pending: Vec<String> = {
-                let g = member.view.read();
-                moving
-                    .iter()
-                    .filter(|(n, t)| {
-                        g.state.vms.get(n).is_some_and(|v| {
-                            v.node == *t
-                                && (v.migrating_from.is_some()
-                                    || matches!(v.state, VmState::Migrate | VmState::MigrateLive | VmState::Unmigrate)
-                                    || (v.state.wants_running()
-                                        && v.actual != herd_storage::model::ActualState::Running))
-                        })
-                    })
-                    .map(|(n, _)| n.clone())
-                    .collect()
+            let pending = match node.session() {
+                None => still_moving(&member.view.read().state, &moving),
+                Some(_) => match placing_state(node, &member).await {
+                    Ok(state) => still_moving(&state, &moving),
+                    Err(e) => {
+                        tracing::debug!("flush: the leader's state: {e}");
+                        moving.iter().map(|(n, _)| n.clone()).collect()
+                    }
+                },
             };
             if pending.is_empty() {
                 break;
             }
-            if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+            let next = match node.session() {
+                None => tokio::time::timeout_at(deadline, applied.changed()).await.is_ok(),
+                Some(_) => {
+                    tokio::time::sleep_until(deadline.min(Instant::now() + CLIENT_RECHECK)).await;
+                    Instant::now() < deadline
+                }
+            };
+            if !next {
                 record(node, s, "flush-stuck", format!("not moved within {timeout:?}: {}", pending.join(", "))).await;
                 break;
             }

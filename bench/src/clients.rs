@@ -259,6 +259,25 @@ fn domain_xml(k: usize) -> String {
     )
 }
 
+/// What the window writes, as the admin request of the `i`th write; for [`Writes::VmStates`]
+/// its VMs defined first (how many).
+fn writes(sock: &Path, what: Writes, n: usize) -> Result<(usize, impl Fn(usize) -> Value)> {
+    let vms = if what == Writes::VmStates { VMS.min(n) } else { 0 };
+    for k in 0..vms {
+        admin(sock, &json!({"op": "vm-define", "xml": domain_xml(k), "node": format!("s{k}")}))
+            .with_context(|| format!("vm b{k} defined on s{k}"))?;
+    }
+    let write = move |i: usize| match what {
+        Writes::Maintenance => json!({"op": "maintenance", "on": i.is_multiple_of(2)}),
+        // b0 stop, b0 start, b1 stop, b1 start, …
+        Writes::VmStates => {
+            let state = if i.is_multiple_of(2) { "stop" } else { "start" };
+            json!({"op": "vm-state", "name": format!("b{}", (i / 2) % vms.max(1)), "state": state})
+        }
+    };
+    Ok((vms, write))
+}
+
 pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Writes) -> Result<Value> {
     anyhow::ensure!((1..=2000).contains(&n), "1 to 2000 hypervisors");
     anyhow::ensure!((100..=1000).contains(&heartbeat_ms), "a heartbeat interval of 100 to 1000 ms");
@@ -284,18 +303,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     let leader_sock = socket(&p.dir, li);
     wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.0 == n))?;
 
-    let vms = if what == Writes::VmStates { VMS.min(n) } else { 0 };
-    for k in 0..vms {
-        admin(&leader_sock, &json!({"op": "vm-define", "xml": domain_xml(k), "node": format!("s{k}")}))
-            .with_context(|| format!("vm b{k} defined on s{k}"))?;
-    }
-    let write = |i: usize| match what {
-        Writes::Maintenance => json!({"op": "maintenance", "on": i % 2 == 0}),
-        // b0 stop, b0 start, b1 stop, b1 start, …
-        Writes::VmStates => {
-            json!({"op": "vm-state", "name": format!("b{}", (i / 2) % vms.max(1)), "state": if i % 2 == 0 { "stop" } else { "start" }})
-        }
-    };
+    let (vms, write) = writes(&leader_sock, what, n)?;
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
     let served0 = served(&p.dir)?;

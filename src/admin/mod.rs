@@ -103,9 +103,33 @@ fn member(d: &Daemon) -> Result<Local, AdminError> {
 /// leaves other nodes' keepalive figures out (`State::projected_for`) — the leader's, fetched
 /// within `timeout`.
 async fn full_view(d: &Daemon, timeout: Duration) -> Result<Local, AdminError> {
+    full_view_at(d, None, timeout).await
+}
+
+/// [`full_view`], on a client no older than log index `at` (a read index: what a
+/// linearizable read must reflect). A state that applied it holds every write acknowledged
+/// before the read index was taken; a deposed leader's older one is asked again, until
+/// `timeout`.
+async fn full_view_at(d: &Daemon, at: Option<u64>, timeout: Duration) -> Result<Local, AdminError> {
     let local = member(d)?;
     let Some(c) = d.node.session() else { return Ok(local) };
-    let (last_applied, state) = c.link.leader_state(timeout).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (last_applied, state) = loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (last_applied, state) = c.link.leader_state(remaining).await?;
+        let applied = last_applied.map_or(0, |l| l.index);
+        if at.is_none_or(|at| applied >= at) {
+            break (last_applied, state);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(herd_raft::node::NodeError::Refused(format!(
+                "the leader's state stands at index {applied}, not yet at the read index {}",
+                at.unwrap_or(0)
+            ))
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let (view, writer) = herd_storage::sm::StateView::standalone();
     writer.update(|sm| {
         sm.state = state;

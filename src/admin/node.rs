@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeRecord, Role, RouterState, State};
 
 use super::dto::{FencingView, NodeDetail, StatsView};
-use super::{full_view, member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
+use super::{full_view_at, member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
 use crate::daemon::Daemon;
 use crate::heartbeat::verdict::Verdict;
 
@@ -236,7 +236,8 @@ pub(super) async fn list(d: &Daemon) -> Value {
 pub(super) async fn info(d: &Daemon, name: String, local: bool) -> Result<Value, AdminError> {
     let index = read_index(d, local).await?;
     // Another node's figures, on a client, are the leader's to tell (unless `local`).
-    let member = if local || name == d.config.name { member(d)? } else { full_view(d, super::READ_TIMEOUT).await? };
+    let member =
+        if local || name == d.config.name { member(d)? } else { full_view_at(d, index, super::READ_TIMEOUT).await? };
     let (record, held) = {
         let g = member.view.read();
         let record = g.state.nodes.get(&name).cloned().ok_or_else(|| no_node(&name))?;

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use herd_storage::model::{place, Command, MigrationMethod, Op, Selector, VmRecord, VmState};
 
 use super::dto::{VmDetail, VmSummary};
-use super::{full_view, member, read_index, write, write_one, AdminError};
+use super::{full_view, full_view_at, member, read_index, write, write_one, AdminError};
 use crate::daemon::Daemon;
 
 /// `vm define`'s arguments.
@@ -56,13 +56,14 @@ pub(super) async fn define(d: &Daemon, a: Define) -> Result<Value, AdminError> {
 
 /// The VMs as a read of them needs them: this node's copy (after a read barrier unless
 /// `local`) on a Raft member; on a client, whose copy holds only outlines of other nodes' VMs
-/// (`VmRecord::outline`), the leader's state unless `local`.
+/// (`VmRecord::outline`), unless `local`, the leader's state once it applied the read index
+/// (still a linearizable read).
 async fn vm_view(d: &Daemon, local: bool) -> Result<herd_raft::node::Local, AdminError> {
-    if !local && d.node.session().is_some() {
-        return full_view(d, super::READ_TIMEOUT).await;
+    let at = read_index(d, local).await?;
+    if local || d.node.session().is_none() {
+        return member(d);
     }
-    read_index(d, local).await?;
-    member(d)
+    full_view_at(d, at, super::READ_TIMEOUT).await
 }
 
 /// The record of VM `name` in `state`; an outline (a client's `--local` read of another

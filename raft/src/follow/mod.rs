@@ -102,6 +102,10 @@ pub struct Follower {
     /// An older kind to ask for until then: a coordinator of a previous version answered (see
     /// [`REQUESTS_FOR`]).
     older: Option<(Asks, tokio::time::Instant)>,
+    /// What it asked last.
+    asked: Option<Asks>,
+    /// Ask for the whole state (the kind asked changed), still never older than the copy.
+    rebase: bool,
 }
 
 impl Default for Follower {
@@ -121,7 +125,7 @@ impl Follower {
     /// previous version).
     pub fn asking(asks: Asks) -> Follower {
         let (view, writer) = StateView::standalone();
-        Follower { view, writer, next: None, report: None, asks, older: None }
+        Follower { view, writer, next: None, report: None, asks, older: None, asked: None, rebase: false }
     }
 
     /// The followed state, read like a member's (and its applied-index watch).
@@ -142,7 +146,8 @@ impl Follower {
     /// The request that asks for what comes next, waiting up to `wait` for it.
     pub fn ask(&self, wait: Duration) -> Rpc {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let (from, stats) = (self.next, self.report.clone());
+        let from = if self.rebase { None } else { self.next };
+        let stats = self.report.clone();
         match self.asks_now() {
             Asks::Requests => {
                 // A coordinator of a previous version cannot decode the flags (nor would it keep them).
@@ -152,6 +157,17 @@ impl Follower {
             Asks::Deltas => Rpc::Follow { from, wait_ms, stats },
             Asks::Outlined => Rpc::Outlined { from, wait_ms, stats },
         }
+    }
+
+    /// What it asks for now, noted as asked. Each kind keeps a copy of its own (outlines,
+    /// every VM whole, or requests applied with the model, which needs every record whole):
+    /// a change of kind asks for a whole state, still never taking one older than the copy.
+    fn asking_now(&mut self) -> Asks {
+        let asks = self.asks_now();
+        if self.asked.replace(asks).is_some_and(|was| was != asks) {
+            self.rebase = true;
+        }
+        asks
     }
 
     /// What it asks for now (an older kind for a while after a coordinator did not know its own).
@@ -187,6 +203,7 @@ impl Follower {
                     sm.last_applied = last_applied;
                 });
                 self.next = Some(next);
+                self.rebase = false;
                 Ok(Taken::Whole)
             }
             other => Err(FollowError::Unexpected(format!("{other:?}").chars().take(120).collect())),
@@ -225,7 +242,7 @@ impl Follower {
         // The coordinator answers a margin before this call's timeout.
         let timeout = wait + Duration::from_secs(2);
         let reply = loop {
-            let asks = self.asks_now();
+            let asks = self.asking_now();
             match client.call(self.ask(wait), timeout).await {
                 Err(CallError::Remote(RpcError::BadRequest(why))) if asks.older().is_some() => {
                     let older = asks.older().unwrap_or(Asks::Requests);
@@ -458,6 +475,60 @@ mod tests {
         }
         let (took, got) = ask_while(2, 4, None).await;
         assert_eq!((took, got.len() as u64), (Duration::ZERO, held + 1), "a backlog: at once");
+    }
+
+    /// A follower whose kind of ask changes (a coordinator of a previous version answered)
+    /// asks for a whole state, and takes none older than its copy.
+    #[tokio::test]
+    async fn a_change_of_kind_starts_from_a_whole_state_never_an_older_one() {
+        let (view, writer) = StateView::standalone();
+        writer.update(|sm| {
+            sm.changes = ChangeRing::starting_at(1);
+            for i in 1..4 {
+                model::apply(&mut sm.state, i, &request(i));
+                sm.changes.push(id(i), Some(request(i)), None);
+                sm.last_applied = Some(id(i));
+            }
+        });
+        let answers = Answers::default();
+        let whole = |from| serve(&view, from, Duration::from_millis(10), &answers, Want::Deltas { me: Some(2) });
+        let mut f = Follower::new();
+        assert_eq!(f.asking_now(), Asks::Outlined);
+        assert_eq!(f.take(whole(None).await.expect("whole")).expect("taken"), Taken::Whole);
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Outlined { from: Some(4), .. }));
+        assert_eq!(f.asking_now(), Asks::Outlined, "the same kind: on from where it stands");
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Outlined { from: Some(4), .. }));
+        f.older = Some((Asks::Deltas, tokio::time::Instant::now() + REQUESTS_FOR));
+        assert_eq!(f.asking_now(), Asks::Deltas);
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Follow { from: None, .. }), "another kind: a whole state");
+        // A lagging coordinator's whole state, older than the copy, is not taken.
+        let (old_view, old_writer) = StateView::standalone();
+        old_writer.update(|sm| {
+            model::apply(&mut sm.state, 1, &request(1));
+            sm.last_applied = Some(id(1));
+        });
+        let old = serve(&old_view, None, Duration::from_millis(10), &answers, Want::Deltas { me: Some(2) }).await;
+        assert_eq!(f.take(old.expect("whole")).expect("answered"), Taken::Stale);
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Follow { from: None, .. }), "still asks for a whole state");
+        assert_eq!(f.take(whole(None).await.expect("whole")).expect("taken"), Taken::Whole);
+        assert!(matches!(f.ask(Duration::ZERO), Rpc::Follow { from: Some(4), .. }), "then on from there");
+    }
+
+    /// With outlines, which VMs are a node's business goes by its name: a node whose record the
+    /// member has not applied is refused (it asks again, or another), not sent outlines of all.
+    #[tokio::test]
+    async fn outlines_wait_for_the_askers_record() {
+        let (view, writer) = StateView::standalone();
+        writer.update(|sm| {
+            sm.changes = ChangeRing::starting_at(1);
+            model::apply(&mut sm.state, 1, &request(1));
+            sm.last_applied = Some(id(1));
+        });
+        let known = view.read().state.nodes.values().map(|n| n.id).next().expect("the first node");
+        let answers = Answers::default();
+        let ask = |me| serve(&view, None, Duration::from_millis(10), &answers, Want::Outlined { me });
+        assert!(matches!(ask(known).await, Ok(RpcReply::State { .. })));
+        assert!(matches!(ask(known + 40).await, Err(RpcError::Unavailable(_))), "no record of it here yet");
     }
 
     /// A coordinator of the previous version (it answers `Rpc::Follow` with `BadRequest`, as

@@ -191,6 +191,17 @@ async fn answer(
     let mut linger = me.and_then(|me| answers.linger_until(me)).map(|t| t.min(deadline));
     // The asker's name, looked up once (a scan of the nodes), if a VM record needs it.
     let mut name: Option<Option<String>> = None;
+    if let Want::Outlined { me } = want {
+        // Which VMs are its business goes by its name: a node whose record this member has not
+        // applied yet (a client that just joined, asking a lagging coordinator) would be sent
+        // every VM as an outline and keep them so; it asks another, or this one again.
+        let g = view.read();
+        match name_of(&g, me) {
+            Some(n) => name = Some(Some(n)),
+            None if g.state.removed.contains(&me) => name = Some(None),
+            None => return Err(RpcError::Unavailable(format!("node {me}'s record is not applied here yet"))),
+        }
+    }
     let (last_applied, state) = loop {
         {
             let g = view.read();
@@ -218,27 +229,8 @@ async fn answer(
                 }
                 let Some(f) = from else { break (g.last_applied, g.state.clone()) };
                 // The answer, and whether every session asking it gets the same.
-                let answer = match want {
-                    Want::Requests => match g.changes.since(f, MAX_REPLY_BYTES) {
-                        Since::Changes(c) => (!c.is_empty()).then_some((RpcReply::Changes(c), true)),
-                        Since::TooOld => break (g.last_applied, g.state.clone()),
-                    },
-                    Want::Deltas { me } => {
-                        let reader = me.map_or(model::Reader::All, model::Reader::Node);
-                        match g.changes.steps_since(f, MAX_REPLY_BYTES, reader) {
-                            Since::Changes(c) => {
-                                (!c.is_empty()).then(|| (RpcReply::Steps(c), g.changes.steps_same_for_all(f)))
-                            }
-                            Since::TooOld => break (g.last_applied, g.state.clone()),
-                        }
-                    }
-                    Want::Outlined { .. } => {
-                        let outsider = model::Reader::Outlined { me: None, name: None };
-                        match g.changes.steps_since(f, MAX_REPLY_BYTES, outlined.unwrap_or(outsider)) {
-                            Since::Changes(c) => (!c.is_empty()).then(|| (RpcReply::Steps(c), outlined.is_none())),
-                            Since::TooOld => break (g.last_applied, g.state.clone()),
-                        }
-                    }
+                let Some(answer) = changes_since(&g, want, f, outlined) else {
+                    break (g.last_applied, g.state.clone());
                 };
                 drop(g);
                 if let Some((reply, shared)) = answer {
@@ -272,6 +264,37 @@ async fn answer(
     };
     let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
     Ok(answered(answers, me, RpcReply::State { last_applied, state }))
+}
+
+/// What `want` gets from `from` on (with outlines, as `outlined` reads them, else as any node
+/// they do not concern), and whether every session asking the same gets the same: `Some(None)`
+/// when nothing new applied, `None` when `f` is older than the ring holds.
+fn changes_since(
+    g: &herd_storage::sm::SmState,
+    want: Want,
+    f: u64,
+    outlined: Option<model::Reader<'_>>,
+) -> Option<Option<(RpcReply, bool)>> {
+    let (steps, shared) = match want {
+        Want::Requests => {
+            return match g.changes.since(f, MAX_REPLY_BYTES) {
+                Since::Changes(c) => Some((!c.is_empty()).then_some((RpcReply::Changes(c), true))),
+                Since::TooOld => None,
+            }
+        }
+        Want::Deltas { me } => {
+            let reader = me.map_or(model::Reader::All, model::Reader::Node);
+            (g.changes.steps_since(f, MAX_REPLY_BYTES, reader), g.changes.steps_same_for_all(f))
+        }
+        Want::Outlined { .. } => {
+            let outsider = model::Reader::Outlined { me: None, name: None };
+            (g.changes.steps_since(f, MAX_REPLY_BYTES, outlined.unwrap_or(outsider)), outlined.is_none())
+        }
+    };
+    match steps {
+        Since::Changes(c) => Some((!c.is_empty()).then_some((RpcReply::Steps(c), shared))),
+        Since::TooOld => None,
+    }
 }
 
 /// Whether what applied from `from` on concerns node `me` ([`model::Delta::concerns`]); a

@@ -128,7 +128,8 @@ impl Delta {
     }
 
     /// Whether this delta concerns node `me` (named `name`, when it has a record) at once:
-    /// its own record, a VM assigned to it, coming from it, leaving it or seen on it, or a
+    /// its own record, a VM that is or was its business (assigned to it, at home there, coming
+    /// from it, leaving it or seen on it), or a
     /// removal (of a node or VM: rare, and whose it was is not in the delta). Anything else —
     /// another node's record, meta, events, `acked` — a follower needs, but not within
     /// milliseconds (a coordinator may batch it: `herd_raft::follow::LINGER`).
@@ -138,6 +139,7 @@ impl Delta {
             || !self.removed.is_empty()
             || self.nodes.iter().any(|n| n.id == me)
             || name.is_some_and(|n| self.vms.iter().any(|v| v.concerns(n)))
+            || self.vms_was.iter().flatten().any(|w| was_mine(w, name))
     }
 
     /// The names a request of keepalives only names (`None` for any other request): its delta
