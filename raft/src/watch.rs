@@ -167,6 +167,12 @@ impl ReplicationWatch {
         self.targets().iter().filter_map(|(id, t)| Some((*id, (t.boot, t.boot_acked?.min(committed))))).collect()
     }
 
+    /// The boot of follower `id`'s Raft, as its latest answer to this node's appends in this
+    /// term said (`None`: no answer yet).
+    pub fn boot_of(&self, id: NodeId) -> Option<u64> {
+        self.targets().get(&id).map(|t| t.boot).filter(|b| *b != 0)
+    }
+
     /// Forgets every target but the members in `keep` (a removed node's id is never used again).
     pub fn retain(&self, keep: &std::collections::BTreeSet<NodeId>) {
         self.targets().retain(|id, _| keep.contains(id));

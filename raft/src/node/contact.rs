@@ -34,6 +34,9 @@ use crate::wire::{Rpc, RpcError, RpcReply};
 /// How often a leader of the previous version is asked again (it may have been upgraded).
 const OLD_LEADER_ASK: Duration = Duration::from_secs(10);
 
+/// How often a member tells a leader that takes it its level again.
+const LEVEL_AGAIN: Duration = Duration::from_secs(5);
+
 /// What this node knows of round trips with the leader, both ends.
 #[derive(Default)]
 pub(super) struct RoundTrips {
@@ -48,10 +51,15 @@ pub(super) struct RoundTrips {
     office: Option<(u64, Instant)>,
     /// On the leader: when it received each member's last ask in this office.
     received: BTreeMap<NodeId, Instant>,
-    /// On the leader: the level each member told this office (`Rpc::Level`).
-    levels: BTreeMap<NodeId, u32>,
-    /// The leader (id, term) this member told its level to (or found of an older version).
-    pub(super) level_told: Option<(NodeId, u64)>,
+    /// On the leader: the boot of each member's Raft (as its answers to this leader's appends
+    /// said) when it last asked in this office: an ask speaks for that boot only.
+    asked_boot: BTreeMap<NodeId, Option<u64>>,
+    /// On the leader: the level each member told this office (`Rpc::Level`), and the boot of its
+    /// Raft then: a member restarted since (perhaps as an older version) must tell it again.
+    levels: BTreeMap<NodeId, (u32, Option<u64>)>,
+    /// The leader (id, term) this member told its level to (or found of an older version), and
+    /// when (told again every [`LEVEL_AGAIN`]).
+    pub(super) level_told: Option<((NodeId, u64), Instant)>,
     /// The leader (id, term) that took this member's level: it knows `session_only`.
     pub(super) leader_knows_level: Option<(NodeId, u64)>,
 }
@@ -65,6 +73,7 @@ impl RoundTrips {
                 let now = Instant::now();
                 self.office = Some((term, now));
                 self.received.clear();
+                self.asked_boot.clear();
                 self.levels.clear();
                 now
             }
@@ -103,6 +112,21 @@ impl RoundTrips {
         self.received.insert(from, Instant::now());
     }
 
+    /// On the leader of `term`: `from`, asking just now, runs the Raft boot `boot`.
+    fn note_boot(&mut self, term: u64, from: NodeId, boot: Option<u64>) {
+        self.office(term);
+        self.asked_boot.insert(from, boot);
+    }
+
+    /// On the leader of `term`: whether every one of `members` asked this office from the boot
+    /// it runs now (`boot_of`, from its answers to this leader's appends).
+    fn all_asked(&mut self, term: u64, members: &[NodeId], boot_of: impl Fn(NodeId) -> Option<u64>) -> bool {
+        self.office(term);
+        members.iter().all(|id| {
+            self.received.contains_key(id) && self.asked_boot.get(id).is_some_and(|b| b.is_some() && *b == boot_of(*id))
+        })
+    }
+
     /// On the leader of `term`: how long ago a member that asked nothing this office — and runs
     /// a version that asks (one that knows `NodeStats::session_only`: no older member can
     /// apply a record that has it) — certainly stopped serving: a previous leader answered its
@@ -112,17 +136,19 @@ impl RoundTrips {
         Instant::now().saturating_duration_since(office + 2 * window)
     }
 
-    /// On the leader of `term`: member `from` runs at `level`.
-    fn note_level(&mut self, term: u64, from: NodeId, level: u32) {
+    /// On the leader of `term`: member `from`, whose Raft runs boot `boot`, runs at `level`.
+    fn note_level(&mut self, term: u64, from: NodeId, level: u32, boot: Option<u64>) {
         self.office(term);
-        self.levels.insert(from, level);
+        self.levels.insert(from, (level, boot));
     }
 
     /// On the leader of `term`: whether every one of `members` told this office a level of at
-    /// least `level`.
-    fn all_at(&mut self, term: u64, members: &[NodeId], level: u32) -> bool {
+    /// least `level`, from the boot it runs now (`boot_of`).
+    fn all_at(&mut self, term: u64, members: &[NodeId], level: u32, boot_of: impl Fn(NodeId) -> Option<u64>) -> bool {
         self.office(term);
-        members.iter().all(|id| self.levels.get(id).is_some_and(|l| *l >= level))
+        members
+            .iter()
+            .all(|id| self.levels.get(id).is_some_and(|(l, b)| *l >= level && b.is_some() && *b == boot_of(*id)))
     }
 
     /// On the leader of `term`: how long ago member `id` certainly stopped serving sessions on
@@ -160,7 +186,10 @@ where
         if self.leader_contact_until().is_none() {
             return Err(RpcError::Unavailable("this leader's quorum has not acknowledged it lately".into()));
         }
-        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note(term, from);
+        let boot = self.replication_watch().boot_of(from);
+        let mut rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+        rt.note(term, from);
+        rt.note_boot(term, from, boot);
         Ok(RpcReply::Done)
     }
 
@@ -184,10 +213,13 @@ where
             let m = m.borrow_watched();
             (m.current_term, m.membership_config.nodes().map(|(id, _)| *id).filter(|id| *id != member.id).collect())
         };
+        // Each member's word speaks for the boot of its Raft that gave it: one restarted since
+        // (perhaps as a previous version, which cannot decode the flags) must give it again.
+        let watch = self.replication_watch();
+        let boot_of = |id: NodeId| watch.boot_of(id);
         let (all_asked, all_level) = {
             let mut rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
-            rt.office(term);
-            (others.iter().all(|id| rt.received.contains_key(id)), rt.all_at(term, &others, 1))
+            (rt.all_asked(term, &others, boot_of), rt.all_at(term, &others, 1, boot_of))
         };
         if !all_asked {
             strip_flags(req, true);
@@ -213,7 +245,8 @@ where
     /// The leader's answer to a member's `Rpc::Level`.
     pub(super) fn answer_level(&self, member: &Member, from: Option<NodeId>, level: u32) -> Result<RpcReply, RpcError> {
         let (term, from) = leading_for_member(member, from, "tells its level")?;
-        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note_level(term, from, level);
+        let boot = self.replication_watch().boot_of(from);
+        self.round_trips.lock().unwrap_or_else(|p| p.into_inner()).note_level(term, from, level, boot);
         Ok(RpcReply::Done)
     }
 
@@ -270,8 +303,15 @@ where
                     client = Some(c.from(Some(me)));
                 }
                 // Every member (a hypervisor learner too: it decodes every entry) tells each
-                // leader its level, once per term.
-                let told = round_trips.lock().unwrap_or_else(|p| p.into_inner()).level_told == Some((leader, term));
+                // leader its level, in each term and again every LEVEL_AGAIN while that leader
+                // takes it (the leader keeps a level only for the boot that told it, and may
+                // have seen this boot's first append answer only after the level).
+                let told = {
+                    let rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
+                    rt.level_told.is_some_and(|(l, at)| {
+                        l == (leader, term) && (at.elapsed() < LEVEL_AGAIN || rt.leader_knows_level != Some(l))
+                    })
+                };
                 if !told {
                     if let Some(c) = client.as_mut() {
                         if tell_level(c, &round_trips, (leader, term), timeout).await {
@@ -394,7 +434,7 @@ async fn tell_level(
     };
     if told {
         let mut rt = round_trips.lock().unwrap_or_else(|p| p.into_inner());
-        rt.level_told = Some(leader);
+        rt.level_told = Some((leader, Instant::now()));
         if !drop {
             rt.leader_knows_level = Some(leader);
         }
@@ -441,15 +481,36 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_member_tells_its_level_to_each_office() {
         let mut rt = RoundTrips::default();
-        assert!(!rt.all_at(3, &[2, 4], 1), "no one told");
-        rt.note_level(3, 2, 1);
-        assert!(!rt.all_at(3, &[2, 4], 1), "4 did not");
-        rt.note_level(3, 4, 0);
-        assert!(!rt.all_at(3, &[2, 4], 1), "4 is below");
-        rt.note_level(3, 4, 2);
-        assert!(rt.all_at(3, &[2, 4], 1));
-        assert!(rt.all_at(3, &[], 1), "a leader alone");
-        assert!(!rt.all_at(4, &[2, 4], 1), "a new office forgets them");
+        // Members 2 and 4 run boots 20 and 40 (as their append answers say).
+        let boots = |id: NodeId| Some(id * 10);
+        assert!(!rt.all_at(3, &[2, 4], 1, boots), "no one told");
+        rt.note_level(3, 2, 1, Some(20));
+        assert!(!rt.all_at(3, &[2, 4], 1, boots), "4 did not");
+        rt.note_level(3, 4, 0, Some(40));
+        assert!(!rt.all_at(3, &[2, 4], 1, boots), "4 is below");
+        rt.note_level(3, 4, 2, Some(40));
+        assert!(rt.all_at(3, &[2, 4], 1, boots));
+        assert!(rt.all_at(3, &[], 1, boots), "a leader alone");
+        // 4 restarted (boot 41), perhaps as a previous version: its level went with its boot.
+        let restarted = |id: NodeId| Some(if id == 4 { 41 } else { id * 10 });
+        assert!(!rt.all_at(3, &[2, 4], 1, restarted), "told by a boot that no longer runs");
+        rt.note_level(3, 4, 1, None);
+        assert!(!rt.all_at(3, &[2, 4], 1, restarted), "told before any answer of its boot: not yet");
+        rt.note_level(3, 4, 1, Some(41));
+        assert!(rt.all_at(3, &[2, 4], 1, restarted), "told again by the boot that runs");
+        assert!(!rt.all_at(4, &[2, 4], 1, restarted), "a new office forgets them");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ask_speaks_for_the_boot_that_made_it() {
+        let mut rt = RoundTrips::default();
+        let boots = |id: NodeId| Some(id * 10);
+        assert!(!rt.all_asked(3, &[2], boots));
+        rt.note(3, 2);
+        rt.note_boot(3, 2, Some(20));
+        assert!(rt.all_asked(3, &[2], boots));
+        assert!(!rt.all_asked(3, &[2], |_| Some(21)), "restarted since, and asked nothing");
+        assert!(!rt.all_asked(3, &[2], |_| None), "no answer of a boot this term");
     }
 
     #[tokio::test(start_paused = true)]
