@@ -282,6 +282,20 @@ mod tests {
         openraft::testing::log_id::<crate::TypeConfig>(1, 1, index)
     }
 
+    /// A member's view with requests 1 to `upto` applied, each in its ring (requests only).
+    fn with_requests(upto: u64) -> (StateView, ViewWriter) {
+        let (view, writer) = StateView::standalone();
+        writer.update(|sm| {
+            sm.changes = ChangeRing::starting_at(1);
+            for i in 1..=upto {
+                model::apply(&mut sm.state, i, &request(i));
+                sm.changes.push(id(i), Some(request(i)), None);
+                sm.last_applied = Some(id(i));
+            }
+        });
+        (view, writer)
+    }
+
     /// Applies `req` at `index` as the state machine does: the request, its delta in the ring,
     /// the applied index.
     fn apply_with_delta(writer: &ViewWriter, index: u64, req: Request) {
@@ -481,15 +495,7 @@ mod tests {
     /// asks for a whole state, and takes none older than its copy.
     #[tokio::test]
     async fn a_change_of_kind_starts_from_a_whole_state_never_an_older_one() {
-        let (view, writer) = StateView::standalone();
-        writer.update(|sm| {
-            sm.changes = ChangeRing::starting_at(1);
-            for i in 1..4 {
-                model::apply(&mut sm.state, i, &request(i));
-                sm.changes.push(id(i), Some(request(i)), None);
-                sm.last_applied = Some(id(i));
-            }
-        });
+        let (view, _writer) = with_requests(3);
         let answers = Answers::default();
         let whole = |from| serve(&view, from, Duration::from_millis(10), &answers, Want::Deltas { me: Some(2) });
         let mut f = Follower::new();
@@ -502,11 +508,7 @@ mod tests {
         assert_eq!(f.asking_now(), Asks::Deltas);
         assert!(matches!(f.ask(Duration::ZERO), Rpc::Follow { from: None, .. }), "another kind: a whole state");
         // A lagging coordinator's whole state, older than the copy, is not taken.
-        let (old_view, old_writer) = StateView::standalone();
-        old_writer.update(|sm| {
-            model::apply(&mut sm.state, 1, &request(1));
-            sm.last_applied = Some(id(1));
-        });
+        let (old_view, _old_writer) = with_requests(1);
         let old = serve(&old_view, None, Duration::from_millis(10), &answers, Want::Deltas { me: Some(2) }).await;
         assert_eq!(f.take(old.expect("whole")).expect("answered"), Taken::Stale);
         assert!(matches!(f.ask(Duration::ZERO), Rpc::Follow { from: None, .. }), "still asks for a whole state");
@@ -518,12 +520,7 @@ mod tests {
     /// member has not applied is refused (it asks again, or another), not sent outlines of all.
     #[tokio::test]
     async fn outlines_wait_for_the_askers_record() {
-        let (view, writer) = StateView::standalone();
-        writer.update(|sm| {
-            sm.changes = ChangeRing::starting_at(1);
-            model::apply(&mut sm.state, 1, &request(1));
-            sm.last_applied = Some(id(1));
-        });
+        let (view, _writer) = with_requests(1);
         let known = view.read().state.nodes.values().map(|n| n.id).next().expect("the first node");
         let answers = Answers::default();
         let ask = |me| serve(&view, None, Duration::from_millis(10), &answers, Want::Outlined { me });
@@ -560,15 +557,7 @@ mod tests {
                 })
             }
         }
-        let (view, writer) = StateView::standalone();
-        writer.update(|sm| {
-            sm.changes = ChangeRing::starting_at(1);
-            for i in 1..4 {
-                model::apply(&mut sm.state, i, &request(i));
-                sm.changes.push(id(i), Some(request(i)), None);
-                sm.last_applied = Some(id(i));
-            }
-        });
+        let (view, writer) = with_requests(3);
         let listener =
             crate::transport::TcpListener::bind("127.0.0.1:0".parse().expect("an address")).await.expect("bind");
         let addr = crate::transport::Listener::local_addr(&listener).expect("its address");

@@ -190,6 +190,14 @@ struct Step<'a> {
     applied: Applied,
 }
 
+/// The delta of a step, as a member's state machine makes it.
+fn delta_of(s: &Step<'_>) -> Delta {
+    match Delta::keepalives(s.req) {
+        Some(names) => Delta::of_keepalives(&s.after, names),
+        None => Delta::between(&s.before, &s.after, s.index),
+    }
+}
+
 /// Applies `reqs` at indexes 1, 2, ... to a fresh state, calling `check` after every step.
 fn run(
     reqs: &[Request],
@@ -342,10 +350,7 @@ proptest! {
         // Node ids 1 to 3 and one no node holds.
         let mut followers: Vec<(NodeId, State)> = [1, 2, 3, 999].iter().map(|n| (*n, State::default())).collect();
         run(&reqs, |s| {
-            let delta = match Delta::keepalives(s.req) {
-                Some(names) => Delta::of_keepalives(&s.after, names),
-                None => Delta::between(&s.before, &s.after, s.index),
-            };
+            let delta = delta_of(s);
             for (me, state) in followers.iter_mut() {
                 delta.for_node(*me).apply_to(state);
                 prop_assert_eq!(
@@ -365,10 +370,7 @@ proptest! {
     fn prop_outlined_deltas_follow_the_leader(reqs in sequence_strategy()) {
         let mut followers: Vec<(NodeId, State)> = [1, 2, 3, 999].iter().map(|n| (*n, State::default())).collect();
         run(&reqs, |s| {
-            let delta = match Delta::keepalives(s.req) {
-                Some(names) => Delta::of_keepalives(&s.after, names),
-                None => Delta::between(&s.before, &s.after, s.index),
-            };
+            let delta = delta_of(s);
             for (me, state) in followers.iter_mut() {
                 let name = s.after.node_by_id(*me).map(|n| n.name.clone());
                 let reader = if delta.outlined_differs_for(*me, name.as_deref()) {
