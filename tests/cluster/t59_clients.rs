@@ -111,6 +111,13 @@ fn hypervisors_as_clients() {
         })
     };
     settle(&mut c, true, "every VM running on h1");
+    // h2 holds h1's VMs, none of its business, as outlines (name, uuid, where they belong):
+    // `vm info` there answers from the leader's state, `--local` says it cannot.
+    let name = vms(c.node("c1"))[0]["name"].clone();
+    let info = c.node("h2").admin(json!({"op": "vm-info", "name": name}));
+    assert!(info["node"] == "h1" && info["xml"].as_str().is_some_and(|x| x.contains("<domain")), "{info}");
+    let local = c.node("h2").try_admin(&json!({"op": "vm-info", "name": name, "local": true}));
+    assert!(local.as_ref().is_err_and(|e| e.contains("outline")), "h2's own copy: {local:?}");
 
     // h1's herd killed and started again: it resumes as a client and adopts its domains.
     let ours = |d: &Libvirtd| -> Vec<(String, u32)> { d.running().into_iter().filter(|(n, _)| n != "test").collect() };
