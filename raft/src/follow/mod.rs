@@ -243,13 +243,12 @@ impl Follower {
         let timeout = wait + Duration::from_secs(2);
         let reply = loop {
             let asks = self.asking_now();
-            match client.call(self.ask(wait), timeout).await {
-                Err(CallError::Remote(RpcError::BadRequest(why))) if asks.older().is_some() => {
-                    let older = asks.older().unwrap_or(Asks::Requests);
+            match (client.call(self.ask(wait), timeout).await, asks.older()) {
+                (Err(CallError::Remote(RpcError::BadRequest(why))), Some(older)) => {
                     tracing::warn!(%why, "a coordinator of a previous version: asking {older:?} for {REQUESTS_FOR:?}");
                     self.older = Some((older, tokio::time::Instant::now() + REQUESTS_FOR));
                 }
-                r => break r?,
+                (r, _) => break r?,
             }
         };
         self.take(reply)

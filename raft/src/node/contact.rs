@@ -53,10 +53,10 @@ pub(super) struct RoundTrips {
     received: BTreeMap<NodeId, Instant>,
     /// On the leader: the boot of each member's Raft (as its answers to this leader's appends
     /// said) when it last asked in this office: an ask speaks for that boot only.
-    asked_boot: BTreeMap<NodeId, Option<u64>>,
+    asked_boot: BTreeMap<NodeId, u64>,
     /// On the leader: the level each member told this office (`Rpc::Level`), and the boot of its
     /// Raft then: a member restarted since (perhaps as an older version) must tell it again.
-    levels: BTreeMap<NodeId, (u32, Option<u64>)>,
+    levels: BTreeMap<NodeId, (u32, u64)>,
     /// The leader (id, term) this member told its level to (or found of an older version), and
     /// when (told again every [`LEVEL_AGAIN`]).
     pub(super) level_told: Option<((NodeId, u64), Instant)>,
@@ -106,25 +106,22 @@ impl RoundTrips {
         appended.zip(asked).map(|(a, r)| now.duration_since(a.min(r)))
     }
 
-    /// On the leader of `term`: `from` asked for contact just now.
-    fn note(&mut self, term: u64, from: NodeId) {
+    /// On the leader of `term`: `from`, whose Raft runs boot `boot` (`None`: no answer of it
+    /// to this leader's appends yet), asked for contact just now.
+    fn note(&mut self, term: u64, from: NodeId, boot: Option<u64>) {
         self.office(term);
         self.received.insert(from, Instant::now());
-    }
-
-    /// On the leader of `term`: `from`, asking just now, runs the Raft boot `boot`.
-    fn note_boot(&mut self, term: u64, from: NodeId, boot: Option<u64>) {
-        self.office(term);
-        self.asked_boot.insert(from, boot);
+        match boot {
+            Some(b) => self.asked_boot.insert(from, b),
+            None => self.asked_boot.remove(&from),
+        };
     }
 
     /// On the leader of `term`: whether every one of `members` asked this office from the boot
     /// it runs now (`boot_of`, from its answers to this leader's appends).
     fn all_asked(&mut self, term: u64, members: &[NodeId], boot_of: impl Fn(NodeId) -> Option<u64>) -> bool {
         self.office(term);
-        members.iter().all(|id| {
-            self.received.contains_key(id) && self.asked_boot.get(id).is_some_and(|b| b.is_some() && *b == boot_of(*id))
-        })
+        members.iter().all(|id| self.asked_boot.get(id).is_some_and(|b| Some(*b) == boot_of(*id)))
     }
 
     /// On the leader of `term`: how long ago a member that asked nothing this office — and runs
@@ -139,16 +136,17 @@ impl RoundTrips {
     /// On the leader of `term`: member `from`, whose Raft runs boot `boot`, runs at `level`.
     fn note_level(&mut self, term: u64, from: NodeId, level: u32, boot: Option<u64>) {
         self.office(term);
-        self.levels.insert(from, (level, boot));
+        match boot {
+            Some(b) => self.levels.insert(from, (level, b)),
+            None => self.levels.remove(&from),
+        };
     }
 
     /// On the leader of `term`: whether every one of `members` told this office a level of at
     /// least `level`, from the boot it runs now (`boot_of`).
     fn all_at(&mut self, term: u64, members: &[NodeId], level: u32, boot_of: impl Fn(NodeId) -> Option<u64>) -> bool {
         self.office(term);
-        members
-            .iter()
-            .all(|id| self.levels.get(id).is_some_and(|(l, b)| *l >= level && b.is_some() && *b == boot_of(*id)))
+        members.iter().all(|id| self.levels.get(id).is_some_and(|(l, b)| *l >= level && Some(*b) == boot_of(*id)))
     }
 
     /// On the leader of `term`: how long ago member `id` certainly stopped serving sessions on
@@ -188,8 +186,7 @@ where
         }
         let boot = self.replication_watch().boot_of(from);
         let mut rt = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
-        rt.note(term, from);
-        rt.note_boot(term, from, boot);
+        rt.note(term, from, boot);
         Ok(RpcReply::Done)
     }
 
@@ -452,13 +449,13 @@ mod tests {
     async fn a_member_stops_serving_a_window_after_its_last_ask_and_never_before_the_office_plus_one() {
         let mut rt = RoundTrips::default();
         assert_eq!(rt.served_ago(3, 2, WINDOW), None, "no ask this office: no evidence");
-        rt.note(3, 2);
+        rt.note(3, 2, None);
         // Received at the office's start: the previous leader may have answered until a
         // window into the office, and that answer lasts a window more.
         assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::ZERO));
         tokio::time::advance(Duration::from_millis(2_500)).await;
         assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::from_millis(500)));
-        rt.note(3, 2);
+        rt.note(3, 2, None);
         assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::ZERO), "a fresh ask: serving now");
         tokio::time::advance(Duration::from_millis(4_000)).await;
         assert_eq!(rt.served_ago(3, 2, WINDOW), Some(Duration::from_millis(3_000)));
@@ -506,8 +503,7 @@ mod tests {
         let mut rt = RoundTrips::default();
         let boots = |id: NodeId| Some(id * 10);
         assert!(!rt.all_asked(3, &[2], boots));
-        rt.note(3, 2);
-        rt.note_boot(3, 2, Some(20));
+        rt.note(3, 2, Some(20));
         assert!(rt.all_asked(3, &[2], boots));
         assert!(!rt.all_asked(3, &[2], |_| Some(21)), "restarted since, and asked nothing");
         assert!(!rt.all_asked(3, &[2], |_| None), "no answer of a boot this term");
@@ -516,16 +512,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_coordinator_gone_counts_from_its_last_ask_any_other_from_the_office() {
         let mut rt = RoundTrips::default();
-        rt.note(3, 2);
+        rt.note(3, 2, None);
         tokio::time::advance(Duration::from_millis(1_000)).await;
-        rt.note(3, 4);
+        rt.note(3, 4, None);
         tokio::time::advance(Duration::from_millis(4_000)).await;
         // No one gone: a coordinator removed before this office is bounded by its start.
         assert_eq!(rt.others_served_ago(3, &[1, 2, 4], WINDOW), Duration::from_millis(3_000));
         // 4 asked at 1 s and left: it served until 2 s at most.
         assert_eq!(rt.others_served_ago(3, &[1, 2], WINDOW), Duration::from_millis(3_000));
         tokio::time::advance(Duration::from_millis(1_000)).await;
-        rt.note(3, 4);
+        rt.note(3, 4, None);
         assert_eq!(rt.others_served_ago(3, &[1, 2], WINDOW), Duration::ZERO, "it asked just now, then left");
     }
 
