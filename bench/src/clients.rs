@@ -144,14 +144,23 @@ fn sample(sock: &Path) -> Result<(usize, (u64, u64), u64)> {
     Ok((running, (oldest, heard), s["term"].as_u64().unwrap_or(0)))
 }
 
-/// Answers and bytes each coordinator served its followers so far (`status.followers`).
-fn served(dir: &Path) -> Result<Vec<(u64, u64)>> {
-    (1..=3)
+/// Per coordinator: answers and bytes it served its followers so far, clients' keepalives it
+/// took for the leader's aggregate (`status.followers`).
+type Served = Vec<(u64, u64, u64)>;
+
+/// [`Served`], and the highest applied index.
+fn served(dir: &Path) -> Result<(Served, u64)> {
+    let mut index = 0;
+    let counts = (1..=3)
         .map(|i| {
-            let f = admin(&socket(dir, i), &json!({"op": "status"}))?["followers"].clone();
-            Ok((f["served_answers"].as_u64().unwrap_or(0), f["served_bytes"].as_u64().unwrap_or(0)))
+            let s = admin(&socket(dir, i), &json!({"op": "status"}))?;
+            index = index.max(s["applied_index"].as_u64().unwrap_or(0));
+            let f = &s["followers"];
+            let count = |k: &str| f[k].as_u64().unwrap_or(0);
+            Ok((count("served_answers"), count("served_bytes"), count("figures_taken")))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((counts, index))
 }
 
 /// Links a coordinator's own heartbeat view shows lost.
@@ -306,7 +315,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     let (vms, write) = writes(&leader_sock, what, n)?;
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
-    let served0 = served(&p.dir)?;
+    let (served0, index0) = served(&p.dir)?;
     let mark = CpuMark::now(&pids)?;
     let me0 = cpu_seconds(None)?;
     let (mut oldest, mut unheard, mut terms, mut lost, mut next_sample) =
@@ -334,9 +343,11 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     sampling.send_replace(true);
     let fanout = seen_by_all(&written, &sampler.join().map_err(|_| anyhow::anyhow!("the sampler panicked"))?);
     let per_s = |x: u64, y: u64| (x.saturating_sub(y) as f64 / window) as u64;
-    let served1 = served(&p.dir)?;
+    let (served1, index1) = served(&p.dir)?;
     let answers_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.0, a.0)).collect();
     let served_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.1, a.1)).collect();
+    let aggregated: u64 = served1.iter().zip(&served0).map(|(b, a)| b.2.saturating_sub(a.2)).sum();
+    let entries_per_s = index1.saturating_sub(index0) as f64 / window;
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
     writes.sort();
@@ -370,6 +381,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
         "stream_answers_per_s_per_coordinator": answers_per_s,
         "stream_bytes_per_s_per_coordinator": served_per_s,
         "stream_bytes_per_s_per_hypervisor": served_per_s.iter().sum::<u64>() / n as u64,
+        "log_entries_per_s": (entries_per_s * 10.0).round() / 10.0,
+        "keepalives_through_aggregate_per_s": aggregated as f64 / window,
         "elections_in_window": elections,
         "oldest_keepalive_ms": oldest,
         "oldest_heard_ms": unheard,

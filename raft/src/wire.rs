@@ -205,6 +205,12 @@ pub enum LeaderOp {
     /// The leader's whole applied state (`RpcReply::State`): for a client's reads that need
     /// every node's figures — its own copy leaves other nodes' keepalives out.
     State,
+    /// Clients' keepalives a coordinator heard, worth a log entry but not urgent: the leader
+    /// holds them (the latest per node) and writes them with its own in one request at its
+    /// next keepalive interval (`node::figures`). Only from a Raft member; only
+    /// `Command::Keepalive`s naming an id, at most `MAX_KEEPALIVE_OPS`. A leader of a version
+    /// before it answers `BadRequest` (the sender writes them itself).
+    Figures(Vec<herd_storage::model::Op>),
 }
 
 impl LeaderOp {
@@ -217,6 +223,7 @@ impl LeaderOp {
             LeaderOp::RemoveNode { .. } => "remove-node",
             LeaderOp::MovePrimary { .. } => "move-primary",
             LeaderOp::State => "state",
+            LeaderOp::Figures(_) => "figures",
         }
     }
 }

@@ -374,9 +374,11 @@ pub(super) async fn move_primary(d: &Daemon, name: String, secondary: bool, wait
 }
 
 /// The followers outside Raft this node serves (issue 22): how many asked for changes in the
-/// last minute, and the longest silence among them.
+/// last minute, the longest silence among them, and the clients' keepalives this node sent the
+/// leader for its aggregate and (while leading) took from other coordinators.
 fn followers(d: &Daemon) -> Value {
     let heard = d.node.followers_heard();
+    let (sent, taken) = d.node.figures_counts();
     let recent: Vec<&Duration> =
         heard.iter().map(|(_, ago)| ago).filter(|ago| **ago < Duration::from_secs(60)).collect();
     json!({
@@ -384,5 +386,7 @@ fn followers(d: &Daemon) -> Value {
         "longest_silence_ms": recent.iter().map(|d| d.as_millis()).max().unwrap_or(0),
         "served_answers": d.node.followers_served().0,
         "served_bytes": d.node.followers_served().1,
+        "figures_sent": sent,
+        "figures_taken": taken,
     })
 }

@@ -1,69 +1,73 @@
 //! Keepalives of clients outside Raft (issue 22): a client's statistics ride on its session's
-//! polls and it writes no keepalive of its own; every coordinator writes, each keepalive
-//! interval, in one request (up to [`MAX_KEEPALIVE_OPS`]; halved on a refusal until the refused
-//! one is alone), the keepalives of the clients whose sessions it heard in that interval —
-//! only those worth a log entry ([`worth_writing`]): liveness is not in the log (the heartbeat
-//! decides a node's death, the sessions show who is heard), so a client's keepalive is written
-//! when its figures moved enough to matter to placement, while it has a VM of record to start
-//! (it needs quorum contact for that: a client of the previous version gets it only so), and at
-//! least every [`REFRESH_INTERVALS`] intervals; only a client that self-fences (its guard, and
-//! any primary's keepalive rule, count on its committed keepalive) has one written every
-//! interval.
+//! polls and it writes no keepalive of its own. Every keepalive interval, each coordinator
+//! looks at the clients whose sessions it heard and keeps only the keepalives worth a log entry
+//! ([`worth_writing`]): liveness is not in the log (the heartbeat decides a node's death, the
+//! sessions show who is heard), so a client's keepalive is written when its figures moved
+//! enough to matter to placement, and at least every [`REFRESH_INTERVALS`] intervals — those go
+//! with the cluster's **aggregate**: a coordinator that does not lead sends them to the leader
+//! (`LeaderOp::Figures`), which writes them with its own clients' in one request at its next
+//! interval (design doc slice 14). Urgent ones a coordinator writes itself, every interval: a
+//! client that self-fences on its committed keepalive (its guard, and any primary's keepalive
+//! rule, count on it), and one with a VM of record to start (it needs quorum contact: a client
+//! of the previous version gets it only so). A request holds up to [`MAX_KEEPALIVE_OPS`]; one
+//! refused is halved until the refused keepalive is alone.
 //! A client takes each keepalive of its own that it sees committed in its followed state as its
 //! quorum contact, aged from the leader's stamp; one that must start VMs without it writes one
 //! itself (`reconcile::Looper`).
 //!
 //! ```text
-//!  client ──poll (stats)──▶ coordinator: heard_follower ─every interval, if worth it─▶ Keepalive × n ─▶ leader
-//!    ▲                                                                                       │ committed
-//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀──────────┘
+//!  client ──poll (stats)──▶ coordinator: heard_follower ─each interval, if worth it─┬─ urgent: Keepalive × n ─▶ leader
+//!                                                                                   └─ Figures ─▶ leader: held, written
+//!    ▲                                                                                 with its own: one request
+//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀── committed
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use herd_raft::node::NodeError;
-use herd_storage::model::{Command, FailedFence, NodeRecord, NodeStats, Op, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
+use herd_storage::model::{
+    Command, FailedFence, NodeRecord, NodeStats, Op, Role, State, MAX_KEEPALIVE_OPS, MAX_UNMANAGED,
+};
 use openraft::async_runtime::watch::WatchReceiver;
+use tokio::time::Instant;
 
 use super::Daemon;
 
 impl Daemon {
-    /// On a coordinator: writes the keepalives of the clients it heard, every interval.
+    /// On a coordinator: writes the keepalives of the clients it heard, every interval — the
+    /// urgent ones itself, the rest with the cluster's aggregate (the leader's, one request an
+    /// interval: it writes its own and those other coordinators sent it together).
     pub(super) async fn client_keepalives(self: Arc<Self>) {
         let (interval, mut ticker) = self.keepalive_ticker();
         // When this coordinator last wrote each client's keepalive (on its own clock).
-        let mut written: std::collections::HashMap<u64, tokio::time::Instant> = std::collections::HashMap::new();
+        let mut written = HashMap::new();
         loop {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
             let reports = self.node.client_reports(interval);
-            if reports.is_empty() {
+            // What other coordinators sent while this one led (two intervals old at most).
+            let held = self.node.take_figures(interval.saturating_mul(2));
+            if reports.is_empty() && held.is_empty() {
                 continue;
             }
-            let refresh = interval.saturating_mul(u32::try_from(REFRESH_INTERVALS).unwrap_or(u32::MAX));
-            let now = tokio::time::Instant::now();
-            written.retain(|_, t| now.duration_since(*t) < refresh);
-            let ops: Vec<Op> = {
+            let (mut now, later) = {
                 let g = member.view.read();
-                let starting = nodes_starting_vms(&g.state);
-                reports
-                    .into_iter()
-                    .filter_map(|(id, stats)| {
-                        let n = g.state.node_by_id(id).filter(|n| n.role == Role::Hypervisor)?;
-                        let stats = sanitized(stats);
-                        let why = Why { due: !written.contains_key(&id), starting: starting.contains(n.name.as_str()) };
-                        worth_writing(n, &stats, why).then(|| {
-                            written.insert(id, now);
-                            Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into()
-                        })
-                    })
-                    .collect()
+                keepalives_worth_writing(&g.state, reports, &mut written, interval)
             };
-            if ops.is_empty() {
-                continue;
+            let aggregate = merged(held, later, &now);
+            if self.node.leads() {
+                now.extend(aggregate);
+            } else {
+                for chunk in aggregate.chunks(MAX_KEEPALIVE_OPS) {
+                    if let Err(e) = self.node.send_figures(chunk.to_vec(), interval).await {
+                        tracing::debug!(clients = chunk.len(), "figures not taken by the leader ({e}): written here");
+                        now.extend_from_slice(chunk);
+                    }
+                }
             }
-            for chunk in ops.chunks(MAX_KEEPALIVE_OPS) {
+            for chunk in now.chunks(MAX_KEEPALIVE_OPS) {
                 self.write_keepalives(chunk, interval).await;
             }
         }
@@ -168,20 +172,84 @@ pub struct Why {
     pub starting: bool,
 }
 
-/// Whether a client's `report` is worth a log entry over its committed `record`: it
-/// self-fences on its committed keepalive (its guard and the primary's keepalive rule count on
-/// it: every interval — unless its record says it self-fences on its session alone, and its
-/// report still does), it has a VM to start, its figures moved enough to matter to placement,
-/// or its refresh is due.
-pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> bool {
+/// Whether, and how soon, a client's report is worth a log entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Worth {
+    /// Its committed record will do.
+    Nothing,
+    /// This interval, written by the coordinator that heard it: it self-fences on its
+    /// committed keepalive (its guard and any primary's keepalive rule count on it), or it has
+    /// a VM to start (quorum contact).
+    Now,
+    /// Its figures moved enough to matter to placement, or its refresh is due: with the
+    /// cluster's aggregate, the leader's next.
+    WithAggregate,
+}
+
+/// Whether a client's `report` is worth a log entry over its committed `record`, and how soon:
+/// every interval while it self-fences on its committed keepalive (unless its record says it
+/// self-fences on its session alone, and its report still does) or has a VM to start; with the
+/// aggregate when its figures moved enough to matter to placement or its refresh is due.
+pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> Worth {
     let self_fences = report.session_self_fence
         || record.fencing.as_ref().is_some_and(|p| p.failed_fence == FailedFence::RecoverAfterSelfFence);
     let on_session_alone = record.stats.session_only && report.session_only;
-    (self_fences && !on_session_alone) || why.due || why.starting || moved(&record.stats, report)
+    if (self_fences && !on_session_alone) || why.starting {
+        Worth::Now
+    } else if why.due || moved(&record.stats, report) {
+        Worth::WithAggregate
+    } else {
+        Worth::Nothing
+    }
+}
+
+/// The keepalives worth writing of the clients `reports` name (hypervisors of record): those
+/// due now, and those for the aggregate. Each one counts as written for its refresh.
+fn keepalives_worth_writing(
+    state: &State,
+    reports: Vec<(u64, NodeStats)>,
+    written: &mut HashMap<u64, Instant>,
+    interval: Duration,
+) -> (Vec<Op>, Vec<Op>) {
+    let refresh = interval.saturating_mul(u32::try_from(REFRESH_INTERVALS).unwrap_or(u32::MAX));
+    let now = Instant::now();
+    written.retain(|_, t| now.duration_since(*t) < refresh);
+    let starting = nodes_starting_vms(state);
+    let (mut urgent, mut aggregate) = (Vec::new(), Vec::new());
+    for (id, stats) in reports {
+        let Some(n) = state.node_by_id(id).filter(|n| n.role == Role::Hypervisor) else { continue };
+        let stats = sanitized(stats);
+        let why = Why { due: !written.contains_key(&id), starting: starting.contains(n.name.as_str()) };
+        let to = match worth_writing(n, &stats, why) {
+            Worth::Nothing => continue,
+            Worth::Now => &mut urgent,
+            Worth::WithAggregate => &mut aggregate,
+        };
+        written.insert(id, now);
+        to.push(Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into());
+    }
+    (urgent, aggregate)
+}
+
+/// One keepalive per node of `held` (from other coordinators) and `own` (this one's, which win),
+/// leaving out the nodes `urgent` writes anyway.
+fn merged(held: Vec<Op>, own: Vec<Op>, urgent: &[Op]) -> Vec<Op> {
+    let name = |op: &Op| match &op.cmd {
+        Command::Keepalive { name, .. } => Some(name.clone()),
+        _ => None,
+    };
+    let skip: BTreeSet<String> = urgent.iter().filter_map(name).collect();
+    let mut by_name = BTreeMap::new();
+    for op in held.into_iter().chain(own) {
+        if let Some(n) = name(&op).filter(|n| !skip.contains(n)) {
+            by_name.insert(n, op);
+        }
+    }
+    by_name.into_values().collect()
 }
 
 /// The nodes with a VM of record that should run there and does not run (yet).
-fn nodes_starting_vms(state: &herd_storage::model::State) -> std::collections::BTreeSet<&str> {
+fn nodes_starting_vms(state: &State) -> BTreeSet<&str> {
     use herd_storage::model::ActualState::{Paused, Running};
     state
         .vms
@@ -249,11 +317,11 @@ mod tests {
         };
         let rec = record(base.clone(), Some(100_000));
         let quiet = Why::default();
-        assert!(!worth_writing(&rec, &base, quiet), "unchanged, not due: nothing to write");
-        assert!(worth_writing(&rec, &base, Why { due: true, ..quiet }), "unchanged but due");
-        assert!(worth_writing(&rec, &base, Why { starting: true, ..quiet }), "a VM to start: contact needed");
+        assert_eq!(worth_writing(&rec, &base, quiet), Worth::Nothing, "unchanged, not due");
+        assert_eq!(worth_writing(&rec, &base, Why { due: true, ..quiet }), Worth::WithAggregate, "due");
+        assert_eq!(worth_writing(&rec, &base, Why { starting: true, ..quiet }), Worth::Now, "a VM to start");
         let small = NodeStats { load_milli: 1400, mem_used_mib: 11000, ..base.clone() };
-        assert!(!worth_writing(&rec, &small, quiet), "small moves wait for the refresh");
+        assert_eq!(worth_writing(&rec, &small, quiet), Worth::Nothing, "small moves wait for the refresh");
         for moved in [
             NodeStats { load_milli: 1500, ..base.clone() },
             NodeStats { mem_used_mib: 10000 + 1311, ..base.clone() },
@@ -261,17 +329,29 @@ mod tests {
             NodeStats { stale: true, ..base.clone() },
             NodeStats { unmanaged_domains: vec!["x".into()], ..base.clone() },
         ] {
-            assert!(worth_writing(&rec, &moved, quiet), "{moved:?}");
+            assert_eq!(worth_writing(&rec, &moved, quiet), Worth::WithAggregate, "{moved:?}");
         }
         let flagged = NodeStats { session_self_fence: true, ..base.clone() };
         let rec_flagged = record(flagged.clone(), Some(100_000));
-        assert!(worth_writing(&rec_flagged, &flagged, quiet), "a self-fencing client: every interval");
+        assert_eq!(worth_writing(&rec_flagged, &flagged, quiet), Worth::Now, "a self-fencing client: every interval");
         // On its session alone: its keepalive's age counts for nothing once its record says so.
         let alone = base.clone().with_session_guard(true);
-        assert!(worth_writing(&rec_flagged, &alone, quiet), "its record does not say so yet: written");
+        assert_eq!(worth_writing(&rec_flagged, &alone, quiet), Worth::Now, "its record does not say so yet");
         let rec_alone = record(alone.clone(), Some(100_000));
-        assert!(!worth_writing(&rec_alone, &alone, quiet), "on its session alone: on change only");
-        assert!(worth_writing(&rec_alone, &flagged, quiet), "its report no longer says so: every interval");
-        assert!(worth_writing(&rec_alone, &NodeStats { vms_running: 1, ..alone.clone() }, quiet), "moved");
+        assert_eq!(worth_writing(&rec_alone, &alone, quiet), Worth::Nothing, "on its session alone: on change");
+        assert_eq!(worth_writing(&rec_alone, &flagged, quiet), Worth::Now, "its report no longer says so");
+        let moved = NodeStats { vms_running: 1, ..alone.clone() };
+        assert_eq!(worth_writing(&rec_alone, &moved, quiet), Worth::WithAggregate, "moved");
+    }
+
+    #[test]
+    fn one_keepalive_per_node_goes_with_the_aggregate_this_coordinators_winning() {
+        let k = |name: &str, load: u64| -> Op {
+            let stats = NodeStats { load_milli: load, ..NodeStats::default() };
+            Command::Keepalive { name: name.into(), stats, node_id: Some(1) }.into()
+        };
+        let held = vec![k("h1", 1), k("h2", 2), k("h3", 3)];
+        let got = merged(held, vec![k("h2", 20)], &[k("h3", 30)]);
+        assert_eq!(got, vec![k("h1", 1), k("h2", 20)], "h2 as heard here; h3 written now anyway");
     }
 }

@@ -55,6 +55,42 @@ fn ok(out: &std::process::Output, what: &str) {
     assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Statistics as one aggregate an interval (design doc slice 14): a coordinator that serves a
+/// client's session but does not lead sends that client's keepalives to the leader, which
+/// writes them with its own. Checked wherever the sessions are: each serving coordinator's
+/// `followers.figures_sent` grows, or (the leader) its clients' keepalives keep coming; the
+/// leader's `figures_taken` grows when another coordinator serves one. A fresh keepalive is
+/// due at least every 12 intervals (12 s here), so this waits up to 30 s.
+fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
+    let coordinators = ["c1", "c2", "c3"];
+    let followers = |c: &mut Cluster, n: &str| -> Option<(String, u64, u64)> {
+        let s = c.node(n).try_admin(&json!({"op": "status"})).ok()?;
+        let f = &s["followers"];
+        Some((s["leader"].as_str()?.to_string(), f["figures_sent"].as_u64()?, f["figures_taken"].as_u64()?))
+    };
+    let serving: Vec<String> = ["h1", "h2"]
+        .iter()
+        .filter_map(|h| c.node(h).status()["session"]["coordinator"].as_str().map(str::to_string))
+        .collect();
+    let before: Vec<(String, u64, u64)> =
+        coordinators.iter().map(|n| followers(c, n).expect("a coordinator's followers")).collect();
+    let leader = before[0].0.clone();
+    let others_serve = serving.iter().any(|s| *s != leader);
+    let (sent, taken) =
+        wait_until("clients' keepalives through the leader's aggregate", Duration::from_secs(30), || {
+            let now: Vec<(String, u64, u64)> = coordinators.iter().map(|n| followers(c, n)).collect::<Option<_>>()?;
+            let grew = |i: usize| (now[i].1.saturating_sub(before[i].1), now[i].2.saturating_sub(before[i].2));
+            let sent: u64 = (0..3).filter(|i| coordinators[*i] != leader).map(|i| grew(i).0).sum();
+            let taken: u64 = (0..3).filter(|i| coordinators[*i] == leader).map(|i| grew(i).1).sum();
+            let same_leader = now.iter().all(|(l, ..)| *l == leader);
+            (same_leader && (!others_serve || (sent > 0 && taken > 0))).then_some((sent, taken))
+        });
+    eprintln!(
+        "t59: sessions at {serving:?}, leader {leader}: {sent} client keepalives sent to the leader's aggregate, \
+         {taken} taken by it"
+    );
+}
+
 #[test]
 fn hypervisors_as_clients() {
     let test = "hypervisors_as_clients";
@@ -176,6 +212,7 @@ fn hypervisors_as_clients() {
         "t59: clients heard within {heard} ms in 4 s (interval 1000 ms); keepalives written for them \
          on change: h2 (self-fences on its session alone) oldest {h2_keepalive} ms, h1 oldest {h1_keepalive} ms"
     );
+    figures_go_with_the_leaders_aggregate(&mut c);
     // A VM that stops behind h1's back is started again though h1's last keepalive is older
     // than its quorum contact (3 intervals): h1 writes one itself first, then starts it.
     let h1_row = |c: &mut Cluster| -> Option<Value> {

@@ -144,6 +144,10 @@ where
                 if let Some(id) = frame.from.filter(outside_raft) {
                     self.heard_request(id);
                 }
+                // Clients' figures come from the coordinators that heard them, never a client.
+                if matches!(op, LeaderOp::Figures(_)) && frame.from.is_none_or(|id| outside_raft(&id)) {
+                    return Err(RpcError::Refused("only a coordinator sends clients' figures".into()));
+                }
                 self.leader_op(&member, op, frame.to, timeout).await
             }
             Rpc::Changes { from, wait_ms, stats } => {
