@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::failover::{admin, admin_within, wait};
 use crate::follow::{cluster_with, percentile, socket, ten_writes_a_second_of};
+use crate::hypervisors::sample;
 use crate::procs::{cpu_seconds, CpuMark};
 
 /// The heartbeat interval the scale step runs at by default (`[heartbeat] interval_ms`; the
@@ -127,25 +128,8 @@ async fn join(dir: &Path, k: usize, token: &str, hb: &Params, stop: watch::Recei
     Ok(SimHypervisor { _node: node, _agent: agent, view: local.view.clone() })
 }
 
-/// From the leader's status: (hypervisors in `run`, the oldest hypervisor keepalive and the
-/// longest any went unheard, the term).
-fn sample(sock: &Path) -> Result<(usize, (u64, u64), u64)> {
-    let s = admin(sock, &json!({"op": "status"}))?;
-    let members = s["members"].as_array().cloned().unwrap_or_default();
-    let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
-    let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
-    // Liveness: a client's, when any coordinator last heard its session; a learner's, its keepalive.
-    let heard = hvs
-        .clone()
-        .filter_map(|m| m["last_heard_age_ms"].as_u64().or_else(|| m["last_keepalive_age_ms"].as_u64()))
-        .max()
-        .unwrap_or(0);
-    let running = hvs.filter(|m| m["daemon_state"] == "run").count();
-    Ok((running, (oldest, heard), s["term"].as_u64().unwrap_or(0)))
-}
-
-/// Per coordinator: answers and bytes it served its followers so far, clients' keepalives it
-/// took for the leader's aggregate (`status.followers`).
+/// Per coordinator: answers and bytes it served its followers so far, clients' figures it took
+/// from the others for the leader's aggregate (`status.followers`).
 type Served = Vec<(u64, u64, u64)>;
 
 /// [`Served`], and the highest applied index.
@@ -217,6 +201,27 @@ fn join_daemon(p: &mut crate::procs::Procs, herd: &Path, extra: &str, token: &st
     let t = Instant::now();
     admin_within(&d.join("admin.sock"), &req, Duration::from_secs(60)).context("the last hypervisor joins")?;
     Ok(t.elapsed())
+}
+
+/// `n` simulated hypervisors join one after the other: each, and how long its join took.
+fn join_all(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    n: usize,
+    token: &str,
+    hb: &Params,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(Vec<SimHypervisor>, Vec<Duration>)> {
+    let (mut sims, mut joins) = (Vec::new(), Vec::new());
+    for k in 0..n {
+        let t = Instant::now();
+        sims.push(rt.block_on(join(dir, k, token, hb, stopped.clone()))?);
+        joins.push(t.elapsed());
+        if (k + 1) % 100 == 0 {
+            eprintln!("{} joined; the last in {} ms", k + 1, t.elapsed().as_millis());
+        }
+    }
+    Ok((sims, joins))
 }
 
 /// `clients [N] [SECONDS] [HEARTBEAT_MS]`, with defaults 1000, 60 and [`HEARTBEAT_MS`].
@@ -299,18 +304,9 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     let token = created["token"].as_str().context("a join token")?.to_string();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (stop, stopped) = watch::channel(false);
-    let sims_dir = p.dir.join("sims");
-    let (mut sims, mut joins) = (Vec::new(), Vec::new());
-    for k in 0..n {
-        let t = Instant::now();
-        sims.push(rt.block_on(join(&sims_dir, k, &token, &hb, stopped.clone()))?);
-        joins.push(t.elapsed());
-        if (k + 1) % 100 == 0 {
-            eprintln!("{} joined; the last in {} ms", k + 1, t.elapsed().as_millis());
-        }
-    }
+    let (sims, joins) = join_all(&rt, &p.dir.join("sims"), n, &token, &hb, &stopped)?;
     let leader_sock = socket(&p.dir, li);
-    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.0 == n))?;
+    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.running == n))?;
 
     let (vms, write) = writes(&leader_sock, what, n)?;
 
@@ -318,8 +314,8 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     let (served0, index0) = served(&p.dir)?;
     let mark = CpuMark::now(&pids)?;
     let me0 = cpu_seconds(None)?;
-    let (mut oldest, mut unheard, mut terms, mut lost, mut next_sample) =
-        (0u64, 0u64, Vec::new(), 0usize, Instant::now());
+    let (mut oldest, mut unheard, mut stats, mut terms, mut lost, mut next_sample) =
+        (0u64, 0u64, 0u64, Vec::new(), 0usize, Instant::now());
     let (sampling, sampler_stop) = watch::channel(false);
     let sampler = lowest_applied(sims.iter().map(|s| s.view.clone()).collect(), sampler_stop);
     let mut written: Vec<(u64, Instant)> = Vec::new();
@@ -329,10 +325,11 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
         written.push((info["applied_index"].as_u64().context("applied_index")?, done));
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(5);
-            let (_, (age, heard), term) = sample(&leader_sock)?;
-            oldest = oldest.max(age);
-            unheard = unheard.max(heard);
-            terms.push(term);
+            let s = sample(&leader_sock)?;
+            oldest = oldest.max(s.keepalive_ms);
+            unheard = unheard.max(s.heard_ms);
+            stats = stats.max(s.stats_ms);
+            terms.push(s.term);
             lost = lost.max(lost_links(&leader_sock)?);
         }
         Ok(())
@@ -346,7 +343,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
     let (served1, index1) = served(&p.dir)?;
     let answers_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.0, a.0)).collect();
     let served_per_s: Vec<u64> = served1.iter().zip(&served0).map(|(b, a)| per_s(b.1, a.1)).collect();
-    let aggregated: u64 = served1.iter().zip(&served0).map(|(b, a)| b.2.saturating_sub(a.2)).sum();
+    let relayed: u64 = served1.iter().zip(&served0).map(|(b, a)| b.2.saturating_sub(a.2)).sum();
     let entries_per_s = index1.saturating_sub(index0) as f64 / window;
     let me = 100.0 * (cpu_seconds(None)? - me0) / window;
     admin(&leader_sock, &json!({"op": "maintenance", "on": false}))?;
@@ -382,10 +379,11 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, heartbeat_ms: u64, what: Write
         "stream_bytes_per_s_per_coordinator": served_per_s,
         "stream_bytes_per_s_per_hypervisor": served_per_s.iter().sum::<u64>() / n as u64,
         "log_entries_per_s": (entries_per_s * 10.0).round() / 10.0,
-        "keepalives_through_aggregate_per_s": aggregated as f64 / window,
+        "figures_relayed_to_leader_per_s": relayed as f64 / window,
         "elections_in_window": elections,
         "oldest_keepalive_ms": oldest,
         "oldest_heard_ms": unheard,
+        "oldest_stats_ms": stats,
         "heartbeat_links_lost_max": lost,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -35,21 +35,35 @@ fn hv_config(d: &Path, k: usize, membership: &str) -> String {
     )
 }
 
-/// The oldest keepalive among the hypervisors in the leader's status and the longest any went
-/// unheard, its term, and how many are in `run`.
-fn sample(sock: &Path) -> Result<((u64, u64), u64, usize)> {
+/// What the leader's status says of the hypervisors.
+pub struct Sample {
+    /// How many are in `run`.
+    pub running: usize,
+    /// The oldest keepalive of record among them.
+    pub keepalive_ms: u64,
+    /// The longest any went unheard: a client's, since any coordinator last heard its
+    /// session; a learner's, its keepalive.
+    pub heard_ms: u64,
+    /// The oldest figures the leader holds of any (`stats_age_ms`: a client's ride on its
+    /// session and are relayed to the leader).
+    pub stats_ms: u64,
+    /// The leader's term.
+    pub term: u64,
+}
+
+/// Samples the status of the leader at `sock`.
+pub fn sample(sock: &Path) -> Result<Sample> {
     let s = admin(sock, &json!({"op": "status"}))?;
     let members = s["members"].as_array().cloned().unwrap_or_default();
-    let hvs = members.iter().filter(|m| m["role"] == "hypervisor");
-    let oldest = hvs.clone().filter_map(|m| m["last_keepalive_age_ms"].as_u64()).max().unwrap_or(0);
-    // Liveness: a client's, when any coordinator last heard its session; a learner's, its keepalive.
-    let heard = hvs
-        .clone()
-        .filter_map(|m| m["last_heard_age_ms"].as_u64().or_else(|| m["last_keepalive_age_ms"].as_u64()))
-        .max()
-        .unwrap_or(0);
-    let running = hvs.filter(|m| m["daemon_state"] == "run").count();
-    Ok(((oldest, heard), s["term"].as_u64().unwrap_or(0), running))
+    let hvs: Vec<&Value> = members.iter().filter(|m| m["role"] == "hypervisor").collect();
+    let oldest = |f: &dyn Fn(&Value) -> Option<u64>| hvs.iter().filter_map(|m| f(m)).max().unwrap_or(0);
+    Ok(Sample {
+        running: hvs.iter().filter(|m| m["daemon_state"] == "run").count(),
+        keepalive_ms: oldest(&|m| m["last_keepalive_age_ms"].as_u64()),
+        heard_ms: oldest(&|m| m["last_heard_age_ms"].as_u64().or_else(|| m["last_keepalive_age_ms"].as_u64())),
+        stats_ms: oldest(&|m| m["stats_age_ms"].as_u64()),
+        term: s["term"].as_u64().unwrap_or(0),
+    })
 }
 
 pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Value> {
@@ -70,7 +84,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
         joins.push(t.elapsed());
     }
     let leader_sock = socket(&p.dir, li);
-    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.2 == n))?;
+    wait("every hypervisor in run", Duration::from_secs(120), || Ok(sample(&leader_sock)?.running == n))?;
     eprintln!("{n} hypervisors ({membership}) joined; last join {} ms", joins.last().map_or(0, Duration::as_millis));
 
     let pids: Vec<u32> = p.children.iter().map(std::process::Child::id).collect();
@@ -79,14 +93,16 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
     std::thread::sleep(IDLE);
     let (idle, idle_window) = quiet.percent()?;
     let busy = CpuMark::now(&pids)?;
-    let (mut oldest, mut unheard, mut terms, mut next_sample) = (0u64, 0u64, Vec::new(), Instant::now());
+    let (mut oldest, mut unheard, mut stats, mut terms, mut next_sample) =
+        (0u64, 0u64, 0u64, Vec::new(), Instant::now());
     let mut writes = ten_writes_a_second(&leader_sock, seconds, |_| {
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(1);
-            let ((age, heard), term, _) = sample(&leader_sock)?;
-            oldest = oldest.max(age);
-            unheard = unheard.max(heard);
-            terms.push(term);
+            let s = sample(&leader_sock)?;
+            oldest = oldest.max(s.keepalive_ms);
+            unheard = unheard.max(s.heard_ms);
+            stats = stats.max(s.stats_ms);
+            terms.push(s.term);
         }
         Ok(())
     })?;
@@ -116,6 +132,7 @@ pub fn run(herd: PathBuf, n: usize, seconds: u64, membership: &str) -> Result<Va
                                                  "max": idle[3..].iter().copied().fold(0.0, f64::max)}},
         "oldest_keepalive_ms": oldest,
         "oldest_heard_ms": unheard,
+        "oldest_stats_ms": stats,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(out)

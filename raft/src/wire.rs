@@ -205,12 +205,21 @@ pub enum LeaderOp {
     /// The leader's whole applied state (`RpcReply::State`): for a client's reads that need
     /// every node's figures — its own copy leaves other nodes' keepalives out.
     State,
-    /// Clients' keepalives a coordinator heard, worth a log entry but not urgent: the leader
-    /// holds them (the latest per node) and writes them with its own in one request at its
-    /// next keepalive interval (`node::figures`). Only from a Raft member; only
-    /// `Command::Keepalive`s naming an id, at most `MAX_KEEPALIVE_OPS`. A leader of a version
-    /// before it answers `BadRequest` (the sender writes them itself).
-    Figures(Vec<herd_storage::model::Op>),
+    /// The figures of the clients a coordinator heard this interval, relayed to the leader:
+    /// it keeps the latest per client and writes those worth a log entry with its own in one
+    /// request at its next keepalive interval (`node::figures`). Only from a Raft member; at
+    /// most `MAX_KEEPALIVE_OPS` clients a call. A leader of a version before it answers
+    /// `BadRequest` (the sender writes them itself).
+    Figures(Vec<ClientFigures>),
+}
+
+/// A client's figures as a coordinator heard them on its session's last poll.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFigures {
+    pub id: NodeId,
+    /// How long ago the poll that carried them came, when they were taken or sent.
+    pub age_ms: u64,
+    pub stats: herd_storage::model::NodeStats,
 }
 
 impl LeaderOp {

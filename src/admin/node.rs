@@ -7,7 +7,9 @@ use openraft::ServerState;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use herd_storage::model::{ApplyError, Command, DaemonState, DomainState, NodeRecord, Role, RouterState, State};
+use herd_storage::model::{
+    ApplyError, Command, DaemonState, DomainState, NodeRecord, NodeStats, Role, RouterState, State,
+};
 
 use super::dto::{FencingView, NodeDetail, StatsView};
 use super::{full_view_at, member, read_index, wait_for_state, write_one, AdminError, ErrorCode, WRITE_TIMEOUT};
@@ -43,7 +45,10 @@ struct MemberRow {
     address: String,
     heartbeat: Value,
     fencing: FencingView,
+    /// The freshest figures this node holds of it ([`shown_figures`]).
     stats: StatsView,
+    /// How old `stats` are.
+    stats_age_ms: Option<u64>,
     /// What keeps it out of Raft, as the leader found (`storage error: …`, `log went
     /// backwards: …`); null while it replicates.
     health: Option<String>,
@@ -133,24 +138,44 @@ fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -
         Some(_) => json!("alive"),
         None => Value::Null,
     };
-    let row = |n: &NodeRecord| MemberRow {
-        name: n.name.clone(),
-        id: n.id,
-        role: n.role,
-        voter: voters.contains(&n.id),
-        raft_member: voters.contains(&n.id) || learners.contains(&n.id),
-        daemon_state: n.daemon_state,
-        domain_state: n.domain_state,
-        router_state: n.router_state,
-        last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
-        last_heard_age_ms: d.node.client_heard_ms(n.id),
-        address: n.cluster_addr.clone(),
-        heartbeat: heartbeat(n.id),
-        fencing: FencingView::of(n),
-        stats: StatsView::of(&n.stats),
-        health: n.health.as_ref().map(|h| h.problem.clone()),
+    let row = |n: &NodeRecord| {
+        let (stats, stats_age_ms) = shown_figures(d, n, now);
+        MemberRow {
+            name: n.name.clone(),
+            id: n.id,
+            role: n.role,
+            voter: voters.contains(&n.id),
+            raft_member: voters.contains(&n.id) || learners.contains(&n.id),
+            daemon_state: n.daemon_state,
+            domain_state: n.domain_state,
+            router_state: n.router_state,
+            last_keepalive_age_ms: n.last_keepalive_ms.map(|t| now.saturating_sub(t)),
+            last_heard_age_ms: d.node.client_heard_ms(n.id),
+            address: n.cluster_addr.clone(),
+            heartbeat: heartbeat(n.id),
+            fencing: FencingView::of(n),
+            stats: StatsView::of(&stats),
+            stats_age_ms,
+            health: n.health.as_ref().map(|h| h.problem.clone()),
+        }
     };
     state.nodes.values().map(row).collect()
+}
+
+/// A node's figures as `status` shows them, and their age: a client's as its session's last
+/// poll here carried them or as relayed to this node (the leader) when fresher than its
+/// record's — they ride on its session; its record's are written only when they move enough
+/// to matter (`daemon/clients.rs`) — else its record's. The self-fence flags are always the
+/// record's: what the cluster acts on.
+fn shown_figures(d: &Daemon, n: &NodeRecord, now: u64) -> (NodeStats, Option<u64>) {
+    let of_record = n.last_keepalive_ms.map(|t| now.saturating_sub(t));
+    match d.node.client_figures(n.id) {
+        Some((age, heard)) if of_record.is_none_or(|r| age < r) => {
+            let flags = (n.stats.session_self_fence, n.stats.session_only);
+            (NodeStats { session_self_fence: flags.0, session_only: flags.1, ..heard }, Some(age))
+        }
+        _ => (n.stats.clone(), of_record),
+    }
 }
 
 /// The status of a client (a hypervisor outside Raft): its followed state and its session.

@@ -22,11 +22,12 @@
 //!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀── committed
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use herd_raft::node::NodeError;
+use herd_raft::wire::ClientFigures;
 use herd_storage::model::{
     Command, FailedFence, NodeRecord, NodeStats, Op, Role, State, MAX_KEEPALIVE_OPS, MAX_UNMANAGED,
 };
@@ -36,9 +37,9 @@ use tokio::time::Instant;
 use super::Daemon;
 
 impl Daemon {
-    /// On a coordinator: writes the keepalives of the clients it heard, every interval — the
-    /// urgent ones itself, the rest with the cluster's aggregate (the leader's, one request an
-    /// interval: it writes its own and those other coordinators sent it together).
+    /// On a coordinator: every interval, writes the urgent keepalives of the clients it heard
+    /// and relays all their figures to the leader; on the leader, writes those worth it of its
+    /// own clients and of those relayed in one request — the cluster's aggregate.
     pub(super) async fn client_keepalives(self: Arc<Self>) {
         let (interval, mut ticker) = self.keepalive_ticker();
         // When this coordinator last wrote each client's keepalive (on its own clock).
@@ -47,28 +48,36 @@ impl Daemon {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
             let reports = self.node.client_reports(interval);
-            // What other coordinators sent while this one led (two intervals old at most).
-            let held = self.node.take_figures(interval.saturating_mul(2));
-            if reports.is_empty() && held.is_empty() {
+            // What other coordinators relayed while this one led (two intervals old at most).
+            let relayed = self.node.relayed_figures(interval.saturating_mul(2));
+            let leads = self.node.leads();
+            if reports.is_empty() && (relayed.is_empty() || !leads) {
                 continue;
             }
-            let (mut now, later) = {
+            let (mut now, mut aggregate) = {
                 let g = member.view.read();
-                keepalives_worth_writing(&g.state, reports, &mut written, interval)
-            };
-            let aggregate = merged(held, later, &now);
-            if self.node.leads() {
-                now.extend(aggregate);
-            } else {
-                for chunk in aggregate.chunks(MAX_KEEPALIVE_OPS) {
-                    if let Err(e) = self.node.send_figures(chunk.to_vec(), interval).await {
-                        tracing::debug!(clients = chunk.len(), "figures not taken by the leader ({e}): written here");
-                        now.extend_from_slice(chunk);
-                    }
+                let (now, mut aggregate) = keepalives_worth_writing(&g.state, &reports, &mut written, interval, true);
+                if leads {
+                    // Urgent ones their own coordinator writes; a client heard here too, as here.
+                    let own: BTreeSet<u64> = reports.iter().map(|c| c.id).collect();
+                    let theirs: Vec<_> = relayed.into_iter().filter(|c| !own.contains(&c.id)).collect();
+                    aggregate.extend(keepalives_worth_writing(&g.state, &theirs, &mut written, interval, false).1);
                 }
+                (now, aggregate)
+            };
+            if leads {
+                now.append(&mut aggregate);
             }
             for chunk in now.chunks(MAX_KEEPALIVE_OPS) {
                 self.write_keepalives(chunk, interval).await;
+            }
+            if !leads {
+                if let Err(e) = self.node.relay_figures(reports, interval).await {
+                    tracing::debug!(clients = aggregate.len(), "figures not taken by the leader ({e}): written here");
+                    for chunk in aggregate.chunks(MAX_KEEPALIVE_OPS) {
+                        self.write_keepalives(chunk, interval).await;
+                    }
+                }
             }
         }
     }
@@ -204,48 +213,33 @@ pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> Worth
 }
 
 /// The keepalives worth writing of the clients `reports` name (hypervisors of record): those
-/// due now, and those for the aggregate. Each one counts as written for its refresh.
+/// due now (left out unless `urgent`: a relayed client's coordinator writes them), and those
+/// for the aggregate. Each one counts as written for its refresh.
 fn keepalives_worth_writing(
     state: &State,
-    reports: Vec<(u64, NodeStats)>,
+    reports: &[ClientFigures],
     written: &mut HashMap<u64, Instant>,
     interval: Duration,
+    urgent: bool,
 ) -> (Vec<Op>, Vec<Op>) {
     let refresh = interval.saturating_mul(u32::try_from(REFRESH_INTERVALS).unwrap_or(u32::MAX));
     let now = Instant::now();
     written.retain(|_, t| now.duration_since(*t) < refresh);
     let starting = nodes_starting_vms(state);
-    let (mut urgent, mut aggregate) = (Vec::new(), Vec::new());
-    for (id, stats) in reports {
-        let Some(n) = state.node_by_id(id).filter(|n| n.role == Role::Hypervisor) else { continue };
-        let stats = sanitized(stats);
-        let why = Why { due: !written.contains_key(&id), starting: starting.contains(n.name.as_str()) };
+    let (mut at_once, mut aggregate) = (Vec::new(), Vec::new());
+    for ClientFigures { id, stats, .. } in reports {
+        let Some(n) = state.node_by_id(*id).filter(|n| n.role == Role::Hypervisor) else { continue };
+        let stats = sanitized(stats.clone());
+        let why = Why { due: !written.contains_key(id), starting: starting.contains(n.name.as_str()) };
         let to = match worth_writing(n, &stats, why) {
-            Worth::Nothing => continue,
-            Worth::Now => &mut urgent,
+            Worth::Now if urgent => &mut at_once,
+            Worth::Nothing | Worth::Now => continue,
             Worth::WithAggregate => &mut aggregate,
         };
-        written.insert(id, now);
-        to.push(Command::Keepalive { name: n.name.clone(), stats, node_id: Some(id) }.into());
+        written.insert(*id, now);
+        to.push(Command::Keepalive { name: n.name.clone(), stats, node_id: Some(*id) }.into());
     }
-    (urgent, aggregate)
-}
-
-/// One keepalive per node of `held` (from other coordinators) and `own` (this one's, which win),
-/// leaving out the nodes `urgent` writes anyway.
-fn merged(held: Vec<Op>, own: Vec<Op>, urgent: &[Op]) -> Vec<Op> {
-    let name = |op: &Op| match &op.cmd {
-        Command::Keepalive { name, .. } => Some(name.clone()),
-        _ => None,
-    };
-    let skip: BTreeSet<String> = urgent.iter().filter_map(name).collect();
-    let mut by_name = BTreeMap::new();
-    for op in held.into_iter().chain(own) {
-        if let Some(n) = name(&op).filter(|n| !skip.contains(n)) {
-            by_name.insert(n, op);
-        }
-    }
-    by_name.into_values().collect()
+    (at_once, aggregate)
 }
 
 /// The nodes with a VM of record that should run there and does not run (yet).
@@ -342,16 +336,5 @@ mod tests {
         assert_eq!(worth_writing(&rec_alone, &flagged, quiet), Worth::Now, "its report no longer says so");
         let moved = NodeStats { vms_running: 1, ..alone.clone() };
         assert_eq!(worth_writing(&rec_alone, &moved, quiet), Worth::WithAggregate, "moved");
-    }
-
-    #[test]
-    fn one_keepalive_per_node_goes_with_the_aggregate_this_coordinators_winning() {
-        let k = |name: &str, load: u64| -> Op {
-            let stats = NodeStats { load_milli: load, ..NodeStats::default() };
-            Command::Keepalive { name: name.into(), stats, node_id: Some(1) }.into()
-        };
-        let held = vec![k("h1", 1), k("h2", 2), k("h3", 3)];
-        let got = merged(held, vec![k("h2", 20)], &[k("h3", 30)]);
-        assert_eq!(got, vec![k("h1", 1), k("h2", 20)], "h2 as heard here; h3 written now anyway");
     }
 }

@@ -56,11 +56,10 @@ fn ok(out: &std::process::Output, what: &str) {
 }
 
 /// Statistics as one aggregate an interval (design doc slice 14): a coordinator that serves a
-/// client's session but does not lead sends that client's keepalives to the leader, which
-/// writes them with its own. Checked wherever the sessions are: each serving coordinator's
-/// `followers.figures_sent` grows, or (the leader) its clients' keepalives keep coming; the
-/// leader's `figures_taken` grows when another coordinator serves one. A fresh keepalive is
-/// due at least every 12 intervals (12 s here), so this waits up to 30 s.
+/// client's session but does not lead relays that client's figures to the leader every
+/// interval, which writes those worth it with its own: the others' `followers.figures_sent`
+/// and the leader's `figures_taken` grow (with both sessions at the leader, the primary role
+/// and leadership move first); and the leader's status shows every client's figures fresh.
 fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
     let coordinators = ["c1", "c2", "c3"];
     let followers = |c: &mut Cluster, n: &str| -> Option<(String, u64, u64)> {
@@ -72,10 +71,18 @@ fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
         .iter()
         .filter_map(|h| c.node(h).status()["session"]["coordinator"].as_str().map(str::to_string))
         .collect();
+    let mut leader = followers(c, "c1").expect("c1's status").0;
+    if serving.iter().all(|s| *s == leader) {
+        // Both sessions at the leader: the primary role (and leadership) moves, so they are not.
+        let other = coordinators.into_iter().find(|n| *n != leader).expect("another coordinator");
+        c.node("c1").admin(json!({"op": "node-primary", "name": other, "wait": true}));
+        wait_until("leadership moved with the primary role", Duration::from_secs(10), || {
+            coordinators.iter().all(|n| followers(c, n).is_some_and(|f| f.0 == other)).then_some(())
+        });
+        leader = other.to_string();
+    }
     let before: Vec<(String, u64, u64)> =
         coordinators.iter().map(|n| followers(c, n).expect("a coordinator's followers")).collect();
-    let leader = before[0].0.clone();
-    let others_serve = serving.iter().any(|s| *s != leader);
     let (sent, taken) =
         wait_until("clients' keepalives through the leader's aggregate", Duration::from_secs(30), || {
             let now: Vec<(String, u64, u64)> = coordinators.iter().map(|n| followers(c, n)).collect::<Option<_>>()?;
@@ -83,11 +90,22 @@ fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
             let sent: u64 = (0..3).filter(|i| coordinators[*i] != leader).map(|i| grew(i).0).sum();
             let taken: u64 = (0..3).filter(|i| coordinators[*i] == leader).map(|i| grew(i).1).sum();
             let same_leader = now.iter().all(|(l, ..)| *l == leader);
-            (same_leader && (!others_serve || (sent > 0 && taken > 0))).then_some((sent, taken))
+            (same_leader && sent > 0 && taken > 0).then_some((sent, taken))
         });
+    // The leader holds every client's figures as they ride on its session, at most an
+    // interval (the relay) and a poll's wait (1 s) old — though their record's may be a minute old.
+    let (t, mut stats_age) = (Instant::now(), 0);
+    while t.elapsed() < Duration::from_secs(3) {
+        let s = c.node(&leader).status();
+        for m in s["members"].as_array().expect("members").iter().filter(|m| m["role"] == "hypervisor") {
+            stats_age = stats_age.max(m["stats_age_ms"].as_u64().expect("figures of every client"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stats_age <= 3000, "the leader's figures of a client {stats_age} ms old (interval 1000 ms)");
     eprintln!(
-        "t59: sessions at {serving:?}, leader {leader}: {sent} client keepalives sent to the leader's aggregate, \
-         {taken} taken by it"
+        "t59: sessions at {serving:?}, leader {leader}: {sent} clients' figures relayed to the leader, \
+         {taken} taken by it; its figures of every client at most {stats_age} ms old"
     );
 }
 

@@ -1,78 +1,86 @@
-//! Clients' figures as one aggregate per interval (issue 22, design doc slice 14). A coordinator
-//! that does not lead sends the leader the keepalives of its clients that are worth a log
-//! entry but not urgent (`LeaderOp::Figures`); the leader keeps them here, the latest per node,
-//! and writes them with its own clients' in one request at its next keepalive interval — one
-//! entry of statistics per interval for the whole cluster, not one per coordinator.
+//! Clients' figures as one aggregate an interval (issue 22, design doc slice 14). A client's
+//! figures ride on its session's polls; every keepalive interval, a coordinator that does not
+//! lead relays the figures of every client it heard to the leader (`LeaderOp::Figures`, in
+//! memory, not the log). The leader keeps the latest per client here, so it holds every
+//! client's figures no older than about an interval (`status` shows them, with their age), and
+//! writes those worth a log entry — its own clients' and the relayed — in one request at its
+//! next interval: one entry of statistics an interval for the whole cluster.
 //!
 //! ```text
-//!  coordinator ──Figures(keepalives)──▶ leader: Pending (latest per node, bounded, aged)
-//!                                          │ each interval: take ─▶ one request with its own
+//!  coordinator ──Figures(id, age, stats)×n──▶ leader: Relayed (latest per client, bounded, aged)
+//!                                           │ each interval: worth writing? ─▶ one request
+//!                                           └ status rows: the freshest figures, their age
 //! ```
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herd_storage::model::{Command, Op, MAX_KEEPALIVE_OPS};
+use herd_storage::model::{NodeId, NodeStats, MAX_KEEPALIVE_OPS};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::storage::RaftLogStorage;
 use tokio::time::Instant;
 
 use super::{ClusterNode, NodeError};
-use crate::wire::{LeaderOp, RpcError, RpcReply};
+use crate::clock;
+use crate::wire::{ClientFigures, LeaderOp, RpcError, RpcReply};
 
-/// Keepalives held for the next aggregate, at most (one per node: the cluster's clients).
-pub const MAX_PENDING: usize = 65_536;
+/// Clients whose relayed figures are kept, at most (one entry per client).
+pub const MAX_RELAYED: usize = 65_536;
 
-/// Keepalives other coordinators sent this node for its next aggregate, the latest per node,
-/// and how many it sent and took (for operators: `status`'s `followers`).
+/// The latest figures other coordinators relayed this node for each client, and how many it
+/// sent and took (for operators: `status`'s `followers`).
 #[derive(Default)]
-pub struct Pending {
-    held: BTreeMap<String, (Instant, Op)>,
-    /// Keepalives this node sent a leader.
+pub struct Relayed {
+    latest: BTreeMap<NodeId, (Instant, NodeStats)>,
+    /// Figures this node relayed a leader.
     pub sent: u64,
-    /// Keepalives this node took from other coordinators.
+    /// Figures this node took from other coordinators.
     pub taken: u64,
 }
 
-impl Pending {
-    /// Takes `ops` (each a client's keepalive naming its id) from another coordinator: the
-    /// latest per node replaces an earlier one. Refuses anything else, more than
-    /// [`MAX_KEEPALIVE_OPS`] at once, or more nodes than [`MAX_PENDING`] held.
-    pub fn add(&mut self, ops: Vec<Op>, now: Instant) -> Result<(), RpcError> {
-        if ops.len() > MAX_KEEPALIVE_OPS {
-            return Err(RpcError::BadRequest(format!("at most {MAX_KEEPALIVE_OPS} keepalives at once")));
+impl Relayed {
+    /// Takes `figures` relayed by another coordinator, dated by their age: a client's replace
+    /// those kept unless older. Refuses more than [`MAX_KEEPALIVE_OPS`] at once, or more
+    /// clients than [`MAX_RELAYED`] kept (those older than two intervals are forgotten each
+    /// interval).
+    pub fn add(&mut self, figures: Vec<ClientFigures>, now: Instant) -> Result<(), RpcError> {
+        if figures.len() > MAX_KEEPALIVE_OPS {
+            return Err(RpcError::BadRequest(format!("at most {MAX_KEEPALIVE_OPS} clients' figures at once")));
         }
-        let mut named = Vec::with_capacity(ops.len());
-        for op in ops {
-            match &op.cmd {
-                Command::Keepalive { name, node_id: Some(_), .. } if op.expect_revision.is_none() => {
-                    named.push((name.clone(), op));
-                }
-                other => {
-                    return Err(RpcError::BadRequest(format!(
-                        "figures carry clients' keepalives (naming their id) only, not {other:?}"
-                    )))
-                }
+        let new = figures.iter().filter(|f| !self.latest.contains_key(&f.id)).count();
+        if self.latest.len() + new > MAX_RELAYED {
+            return Err(RpcError::Refused(format!("figures of {MAX_RELAYED} clients already kept")));
+        }
+        self.taken += figures.len() as u64;
+        for f in figures {
+            let at = now.checked_sub(Duration::from_millis(f.age_ms)).unwrap_or(now);
+            if self.latest.get(&f.id).is_none_or(|(kept, _)| *kept <= at) {
+                self.latest.insert(f.id, (at, f.stats));
             }
         }
-        let new = named.iter().filter(|(name, _)| !self.held.contains_key(name)).count();
-        if self.held.len() + new > MAX_PENDING {
-            return Err(RpcError::Refused(format!("{MAX_PENDING} keepalives already held for the next aggregate")));
-        }
-        self.taken += named.len() as u64;
-        self.held.extend(named.into_iter().map(|(name, op)| (name, (now, op))));
         Ok(())
     }
 
-    /// Everything held, for this interval's aggregate; what waited longer than `max_age` is
-    /// dropped (its coordinator sends figures that still matter again).
-    pub fn take(&mut self, now: Instant, max_age: Duration) -> Vec<Op> {
-        std::mem::take(&mut self.held)
-            .into_values()
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= max_age)
-            .map(|(_, op)| op)
-            .collect()
+    /// Every client's latest figures no older than `max_age`, aged at `now` (older ones are
+    /// forgotten: their client is no longer heard, or not by a coordinator that relays).
+    pub fn fresh(&mut self, now: Instant, max_age: Duration) -> Vec<ClientFigures> {
+        self.forget(now, max_age);
+        let figures = |(id, (at, stats)): (&NodeId, &(Instant, NodeStats))| ClientFigures {
+            id: *id,
+            age_ms: clock::ms(now.saturating_duration_since(*at)),
+            stats: stats.clone(),
+        };
+        self.latest.iter().map(figures).collect()
+    }
+
+    /// Client `id`'s latest relayed figures, and how old they are.
+    pub fn of(&self, id: NodeId, now: Instant) -> Option<(Duration, NodeStats)> {
+        self.latest.get(&id).map(|(at, stats)| (now.saturating_duration_since(*at), stats.clone()))
+    }
+
+    fn forget(&mut self, now: Instant, max_age: Duration) {
+        self.latest.retain(|_, (at, _)| now.saturating_duration_since(*at) <= max_age);
     }
 }
 
@@ -85,35 +93,50 @@ where
         self.member().is_some_and(|m| m.raft.metrics().borrow_watched().current_leader == Some(m.id))
     }
 
-    /// Sends the leader `ops` (clients' keepalives) for its next aggregate; if this node leads,
-    /// holds them itself. A leader of a version before this answers `BadRequest`: the caller
-    /// writes them itself then.
-    pub async fn send_figures(&self, ops: Vec<Op>, timeout: Duration) -> Result<(), NodeError> {
-        let n = ops.len() as u64;
-        match self.leader_call(LeaderOp::Figures(ops), timeout).await? {
-            RpcReply::Done => {
-                self.figures.lock().unwrap_or_else(|p| p.into_inner()).sent += n;
-                Ok(())
+    /// Relays `figures` (clients heard here) to the leader (if this node leads, keeps them
+    /// itself), at most [`MAX_KEEPALIVE_OPS`] a call. A leader of a version before this
+    /// answers `BadRequest`: the caller writes what is worth writing itself then.
+    pub async fn relay_figures(&self, figures: Vec<ClientFigures>, timeout: Duration) -> Result<(), NodeError> {
+        let deadline = Instant::now() + timeout;
+        for chunk in figures.chunks(MAX_KEEPALIVE_OPS) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.leader_call(LeaderOp::Figures(chunk.to_vec()), left).await? {
+                RpcReply::Done => self.figures.lock().unwrap_or_else(|p| p.into_inner()).sent += chunk.len() as u64,
+                other => return Err(NodeError::Refused(format!("unexpected figures reply {other:?}"))),
             }
-            other => Err(NodeError::Refused(format!("unexpected figures reply {other:?}"))),
         }
+        Ok(())
     }
 
-    /// The keepalives other coordinators sent this node, for this interval's aggregate (none
-    /// older than `max_age`).
-    pub fn take_figures(&self, max_age: Duration) -> Vec<Op> {
-        self.figures.lock().unwrap_or_else(|p| p.into_inner()).take(Instant::now(), max_age)
+    /// The figures other coordinators relayed this node (while it led), the latest per client,
+    /// none older than `max_age` (older ones forgotten).
+    pub fn relayed_figures(&self, max_age: Duration) -> Vec<ClientFigures> {
+        self.figures.lock().unwrap_or_else(|p| p.into_inner()).fresh(Instant::now(), max_age)
     }
 
-    /// Keepalives this node sent a leader, and took from other coordinators, since it started.
+    /// The freshest figures this node holds of client `id` — from its own session's polls or
+    /// relayed to it — and their age in milliseconds.
+    pub fn client_figures(&self, id: NodeId) -> Option<(u64, NodeStats)> {
+        let now = Instant::now();
+        let relayed = self.figures.lock().unwrap_or_else(|p| p.into_inner()).of(id, now);
+        let own = self.polled_figures(id).map(|(at, stats)| (now.saturating_duration_since(at), stats));
+        let freshest = match (own, relayed) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        freshest.map(|(age, stats)| (clock::ms(age), stats))
+    }
+
+    /// Figures this node relayed a leader, and took from other coordinators, since it started.
     pub fn figures_counts(&self) -> (u64, u64) {
         let f = self.figures.lock().unwrap_or_else(|p| p.into_inner());
         (f.sent, f.taken)
     }
 
-    /// On the leader: `ops` from another coordinator, held for the next aggregate.
-    pub(super) fn hold_figures(&self, ops: Vec<Op>) -> Result<RpcReply, RpcError> {
-        self.figures.lock().unwrap_or_else(|p| p.into_inner()).add(ops, Instant::now())?;
+    /// On the leader: `figures` relayed by another coordinator, kept until its next interval
+    /// takes them.
+    pub(super) fn keep_figures(&self, figures: Vec<ClientFigures>) -> Result<RpcReply, RpcError> {
+        self.figures.lock().unwrap_or_else(|p| p.into_inner()).add(figures, Instant::now())?;
         Ok(RpcReply::Done)
     }
 }
@@ -121,66 +144,57 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herd_storage::model::NodeStats;
 
-    fn keepalive(name: &str, load: u64) -> Op {
-        let stats = NodeStats { load_milli: load, ..NodeStats::default() };
-        Command::Keepalive { name: name.into(), stats, node_id: Some(7) }.into()
+    fn figures(id: NodeId, load: u64) -> ClientFigures {
+        aged(id, load, 0)
     }
 
-    fn load_of(op: &Op) -> u64 {
-        match &op.cmd {
-            Command::Keepalive { stats, .. } => stats.load_milli,
-            _ => u64::MAX,
+    fn aged(id: NodeId, load: u64, age_ms: u64) -> ClientFigures {
+        ClientFigures { id, age_ms, stats: NodeStats { load_milli: load, ..NodeStats::default() } }
+    }
+
+    fn loads(f: &[ClientFigures]) -> Vec<(NodeId, u64)> {
+        f.iter().map(|c| (c.id, c.stats.load_milli)).collect()
+    }
+
+    #[test]
+    fn the_latest_figures_per_client_are_kept_until_too_old() {
+        let mut r = Relayed::default();
+        let t = Instant::now();
+        let second = Duration::from_secs(1);
+        r.add(vec![figures(1, 10), figures(2, 20)], t).expect("kept");
+        r.add(vec![figures(1, 11)], t + second).expect("kept");
+        assert_eq!(loads(&r.fresh(t + second, second * 2)), vec![(1, 11), (2, 20)], "the latest of 1");
+        assert_eq!(r.of(2, t + second).map(|(age, s)| (age, s.load_milli)), Some((second, 20)));
+        assert_eq!(loads(&r.fresh(t + second * 3, second * 2)), vec![(1, 11)], "2 not relayed for 3 s");
+        assert_eq!(r.of(2, t + second * 3), None, "forgotten");
+        assert_eq!(r.taken, 3);
+    }
+
+    #[test]
+    fn relayed_figures_are_dated_by_their_age_and_older_ones_do_not_replace_newer() {
+        let mut r = Relayed::default();
+        let t = Instant::now() + Duration::from_secs(10);
+        r.add(vec![aged(1, 10, 400)], t).expect("kept");
+        r.add(vec![aged(1, 11, 900)], t).expect("kept");
+        assert_eq!(r.of(1, t).map(|(age, s)| (age.as_millis(), s.load_milli)), Some((400, 10)), "the newer kept");
+        let fresh = r.fresh(t + Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(fresh.iter().map(|c| (c.age_ms, c.stats.load_milli)).collect::<Vec<_>>(), vec![(500, 10)]);
+    }
+
+    #[test]
+    fn too_many_figures_are_refused() {
+        let mut r = Relayed::default();
+        let t = Instant::now();
+        let many: Vec<_> = (0..=MAX_KEEPALIVE_OPS as u64).map(|i| figures(i, 1)).collect();
+        assert!(matches!(r.add(many, t), Err(RpcError::BadRequest(_))));
+        assert_eq!(r.taken, 0, "nothing of a refused batch kept");
+        let ids: Vec<NodeId> = (0..MAX_RELAYED as u64).collect();
+        for chunk in ids.chunks(MAX_KEEPALIVE_OPS) {
+            r.add(chunk.iter().map(|i| figures(*i, 1)).collect(), t).expect("kept");
         }
-    }
-
-    #[test]
-    fn the_latest_keepalive_per_node_is_held_until_taken() {
-        let mut p = Pending::default();
-        let t = Instant::now();
-        p.add(vec![keepalive("h1", 1), keepalive("h2", 2)], t).expect("held");
-        p.add(vec![keepalive("h1", 3)], t).expect("held");
-        let taken = p.take(t, Duration::from_secs(1));
-        assert_eq!(taken.iter().map(load_of).collect::<Vec<_>>(), vec![3, 2], "the latest of h1, then h2");
-        assert_eq!(p.taken, 3);
-        assert!(p.take(t, Duration::from_secs(1)).is_empty(), "taken once");
-    }
-
-    #[test]
-    fn figures_held_too_long_are_dropped() {
-        let mut p = Pending::default();
-        let t = Instant::now();
-        p.add(vec![keepalive("h1", 1)], t).expect("held");
-        p.add(vec![keepalive("h2", 2)], t + Duration::from_secs(3)).expect("held");
-        let taken = p.take(t + Duration::from_secs(4), Duration::from_secs(2));
-        assert_eq!(taken.iter().map(load_of).collect::<Vec<_>>(), vec![2]);
-    }
-
-    #[test]
-    fn anything_but_clients_keepalives_is_refused() {
-        let mut p = Pending::default();
-        let t = Instant::now();
-        let no_id: Op = Command::Keepalive { name: "h1".into(), stats: NodeStats::default(), node_id: None }.into();
-        let cas = Op { expect_revision: Some(3), ..keepalive("h1", 1) };
-        let other: Op = Command::RemoveNode { name: "h1".into() }.into();
-        for op in [no_id, cas, other] {
-            assert!(matches!(p.add(vec![op.clone()], t), Err(RpcError::BadRequest(_))), "{op:?}");
-        }
-        let many = vec![keepalive("h1", 1); MAX_KEEPALIVE_OPS + 1];
-        assert!(matches!(p.add(many, t), Err(RpcError::BadRequest(_))));
-        assert_eq!((p.taken, p.take(t, Duration::from_secs(1)).len()), (0, 0), "nothing of a refused batch held");
-    }
-
-    #[test]
-    fn at_most_max_pending_nodes_are_held() {
-        let mut p = Pending::default();
-        let t = Instant::now();
-        for chunk in (0..MAX_PENDING).collect::<Vec<_>>().chunks(MAX_KEEPALIVE_OPS) {
-            p.add(chunk.iter().map(|i| keepalive(&format!("h{i}"), 1)).collect(), t).expect("held");
-        }
-        assert!(matches!(p.add(vec![keepalive("one-more", 1)], t), Err(RpcError::Refused(_))));
-        p.add(vec![keepalive("h0", 2)], t).expect("a node already held is replaced");
-        assert_eq!(p.take(t, Duration::from_secs(1)).len(), MAX_PENDING);
+        assert!(matches!(r.add(vec![figures(u64::MAX, 1)], t), Err(RpcError::Refused(_))));
+        r.add(vec![figures(0, 2)], t).expect("a client already kept is replaced");
+        assert_eq!(r.fresh(t, Duration::from_secs(1)).len(), MAX_RELAYED);
     }
 }

@@ -134,22 +134,7 @@ where
                 ext.notify(kind, args).await.map_err(RpcError::Refused)?;
                 Ok(RpcReply::Done)
             }
-            Rpc::Leader(op) => {
-                // A client's own request (its writes, read barriers) is word from it as much as
-                // a poll: a client back from a power cycle writes `run` before its session's
-                // first poll may have arrived, and must not look silent then (t94: fenced again
-                // at once, on a power-off reading from before its boot).
-                let outside_raft =
-                    |id: &NodeId| raft.metrics().borrow_watched().membership_config.membership().get_node(id).is_none();
-                if let Some(id) = frame.from.filter(outside_raft) {
-                    self.heard_request(id);
-                }
-                // Clients' figures come from the coordinators that heard them, never a client.
-                if matches!(op, LeaderOp::Figures(_)) && frame.from.is_none_or(|id| outside_raft(&id)) {
-                    return Err(RpcError::Refused("only a coordinator sends clients' figures".into()));
-                }
-                self.leader_op(&member, op, frame.to, timeout).await
-            }
+            Rpc::Leader(op) => self.leader_op(&member, op, (frame.from, frame.to), timeout).await,
             Rpc::Changes { from, wait_ms, stats } => {
                 self.follow(&member, frame.from, (from, wait_ms, stats), timeout, Want::Requests).await
             }
@@ -263,14 +248,29 @@ where
         }
     }
 
-    /// A leader operation that reached this node: run here if it leads, else forwarded once.
+    /// A leader operation that reached this node, `from` the node its certificate names: run
+    /// here if it leads, else forwarded once (`to` set: it was forwarded already).
     async fn leader_op(
         &self,
         member: &Arc<Member>,
         op: LeaderOp,
-        to: Option<NodeId>,
+        (from, to): (Option<NodeId>, Option<NodeId>),
         timeout: Duration,
     ) -> Result<RpcReply, RpcError> {
+        let from_member = from
+            .filter(|id| member.raft.metrics().borrow_watched().membership_config.membership().get_node(id).is_some());
+        match from {
+            // A client's own request (its writes, read barriers) is word from it as much as a
+            // poll: a client back from a power cycle writes `run` before its session's first
+            // poll may have arrived, and must not look silent then (t94: fenced again at once,
+            // on a power-off reading from before its boot).
+            Some(id) if from_member.is_none() => self.heard_request(id),
+            _ => {}
+        }
+        // Clients' figures come from the coordinators that heard them, never from a client.
+        if matches!(op, LeaderOp::Figures(_)) && from_member.is_none() {
+            return Err(RpcError::Refused("only a coordinator relays clients' figures".into()));
+        }
         let leader = member.raft.metrics().borrow_watched().current_leader;
         if leader == Some(member.id) {
             self.execute(member, op, timeout).await

@@ -19,7 +19,7 @@
 //!                  connections), retry with backoff inside the deadline
 //!   handler.rs     NodeHandler: the cluster port's request handler (auth rules, dispatch)
 //!   sessions.rs    followers outside Raft as heard here, and asked of every coordinator
-//!   figures.rs     clients' keepalives other coordinators send the leader for its aggregate
+//!   figures.rs     clients' figures other coordinators relay the leader for its aggregate
 //!   cert.rs        certificate renewal (both ends) and a joiner's enrolment
 //!   policy.rs      JoinPolicy: what the leader writes for an admitted join (the caller's)
 //!   tokens.rs      join tokens, request ids, the (replaceable) random source
@@ -222,9 +222,9 @@ pub struct ClusterNode<LS> {
     followers: Mutex<std::collections::HashMap<NodeId, sessions::Heard>>,
     /// The last answer of changes to the followers, encoded once for all of them.
     answers: crate::follow::Answers,
-    /// Clients' keepalives other coordinators sent this node for its next aggregate (while it
-    /// leads), and how many it sent and took.
-    figures: Mutex<figures::Pending>,
+    /// The clients' figures other coordinators relayed this node (while it leads), and how
+    /// many it relayed and took.
+    figures: Mutex<figures::Relayed>,
 }
 
 /// Idle forwarding connections kept per node (the leader's server allows 32 per peer host).
@@ -280,7 +280,7 @@ where
             mark: std::sync::OnceLock::new(),
             followers: Mutex::new(std::collections::HashMap::new()),
             answers: crate::follow::Answers::default(),
-            figures: Mutex::new(figures::Pending::default()),
+            figures: Mutex::new(figures::Relayed::default()),
         })
     }
 

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::ClusterNode;
 use crate::clock;
 use crate::network::{CallError, PeerClient};
-use crate::wire::{Rpc, RpcError, RpcReply};
+use crate::wire::{ClientFigures, Rpc, RpcError, RpcReply};
 
 /// When a follower last asked for changes, when it was last heard at all (a poll or a leader
 /// op of its own), and the statistics it sent last.
@@ -63,17 +63,27 @@ where
         }
     }
 
-    /// The clients heard within `within` and the statistics each sent last: what this
-    /// coordinator writes as their keepalives.
-    pub fn client_reports(&self, within: Duration) -> Vec<(NodeId, NodeStats)> {
+    /// The clients that polled within `within` and the statistics each sent last: what this
+    /// coordinator writes as their keepalives, or relays to the leader.
+    pub fn client_reports(&self, within: Duration) -> Vec<ClientFigures> {
         let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(NodeId, NodeStats)> = f
+        let mut out: Vec<ClientFigures> = f
             .iter()
-            .filter(|(_, h)| h.polled.is_some_and(|p| p.elapsed() < within))
-            .filter_map(|(id, h)| Some((*id, h.stats.clone()?)))
+            .filter_map(|(id, h)| {
+                let age = h.polled?.elapsed();
+                (age < within)
+                    .then(|| Some(ClientFigures { id: *id, age_ms: clock::ms(age), stats: h.stats.clone()? }))?
+            })
             .collect();
-        out.sort_unstable_by_key(|(id, _)| *id);
+        out.sort_unstable_by_key(|c| c.id);
         out
+    }
+
+    /// Client `id`'s figures as its last poll here carried them, and when that poll came.
+    pub(crate) fn polled_figures(&self, id: NodeId) -> Option<(Instant, NodeStats)> {
+        let f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let h = f.get(&id)?;
+        Some((h.polled?, h.stats.clone()?))
     }
 
     /// Answers (changes, steps, whole states) this node served its followers since it
