@@ -166,12 +166,13 @@ fn rows(d: &Daemon, state: &State, voters: &[u64], learners: &[u64], now: u64) -
 /// poll here carried them or as relayed to this node (the leader) when fresher than its
 /// record's — they ride on its session; its record's are written only when they move enough
 /// to matter (`daemon/clients.rs`) — else its record's. The self-fence flags are always the
-/// record's: what the cluster acts on.
+/// record's: what the cluster acts on; unmanaged domains as the model would keep them.
 fn shown_figures(d: &Daemon, n: &NodeRecord, now: u64) -> (NodeStats, Option<u64>) {
     let of_record = n.last_keepalive_ms.map(|t| now.saturating_sub(t));
     match d.node.client_figures(n.id) {
         Some((age, heard)) if of_record.is_none_or(|r| age < r) => {
             let flags = (n.stats.session_self_fence, n.stats.session_only);
+            let heard = crate::daemon::clients::sanitized(heard);
             (NodeStats { session_self_fence: flags.0, session_only: flags.1, ..heard }, Some(age))
         }
         _ => (n.stats.clone(), of_record),

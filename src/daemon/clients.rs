@@ -1,25 +1,27 @@
 //! Keepalives of clients outside Raft (issue 22): a client's statistics ride on its session's
 //! polls and it writes no keepalive of its own. Every keepalive interval, each coordinator
-//! looks at the clients whose sessions it heard and keeps only the keepalives worth a log entry
+//! looks at the clients whose sessions it heard; only keepalives worth a log entry are written
 //! ([`worth_writing`]): liveness is not in the log (the heartbeat decides a node's death, the
 //! sessions show who is heard), so a client's keepalive is written when its figures moved
 //! enough to matter to placement, and at least every [`REFRESH_INTERVALS`] intervals — those go
-//! with the cluster's **aggregate**: a coordinator that does not lead sends them to the leader
-//! (`LeaderOp::Figures`), which writes them with its own clients' in one request at its next
-//! interval (design doc slice 14). Urgent ones a coordinator writes itself, every interval: a
-//! client that self-fences on its committed keepalive (its guard, and any primary's keepalive
-//! rule, count on it), and one with a VM of record to start (it needs quorum contact: a client
-//! of the previous version gets it only so). A request holds up to [`MAX_KEEPALIVE_OPS`]; one
-//! refused is halved until the refused keepalive is alone.
+//! with the cluster's **aggregate** (design doc slice 14): a coordinator that does not lead
+//! relays every client's figures to the leader (`LeaderOp::Figures`, in memory), and the leader
+//! writes those worth it, its own clients' and the relayed, in one request an interval (and
+//! holds every client's current figures: `status` shows them). Urgent ones the coordinator that
+//! heard the client writes itself, at once: a client that self-fences on its committed
+//! keepalive (its guard, and any primary's keepalive rule, count on it) and one with a VM of
+//! record to start (it needs quorum contact: a client of the previous version gets it only so).
+//! A request holds up to [`MAX_KEEPALIVE_OPS`]; one refused is halved until the refused
+//! keepalive is alone.
 //! A client takes each keepalive of its own that it sees committed in its followed state as its
 //! quorum contact, aged from the leader's stamp; one that must start VMs without it writes one
 //! itself (`reconcile::Looper`).
 //!
 //! ```text
-//!  client ──poll (stats)──▶ coordinator: heard_follower ─each interval, if worth it─┬─ urgent: Keepalive × n ─▶ leader
-//!                                                                                   └─ Figures ─▶ leader: held, written
-//!    ▲                                                                                 with its own: one request
-//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀── committed
+//!  client ──poll (stats)──▶ coordinator ─each interval─┬─ urgent: Keepalive × n ──────────────▶ leader
+//!                                                      └─ Figures (all) ─▶ leader: kept; worth it? ─┘ one request
+//!    ▲                                                                                 │ committed
+//!    └── its followed state: own last_keepalive_ms moved ─▶ Standing::committed_at ◀───┘
 //! ```
 
 use std::collections::{BTreeSet, HashMap};
@@ -268,7 +270,7 @@ fn moved(was: &NodeStats, now: &NodeStats) -> bool {
 
 /// `stats` as the model accepts them: at most [`MAX_UNMANAGED`] unmanaged domains, each of 1
 /// to 256 bytes (one client's bad figures must not get the whole request refused).
-fn sanitized(mut stats: NodeStats) -> NodeStats {
+pub(crate) fn sanitized(mut stats: NodeStats) -> NodeStats {
     stats.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= 256);
     stats.unmanaged_domains.truncate(MAX_UNMANAGED);
     stats
