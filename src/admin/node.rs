@@ -404,7 +404,7 @@ pub(super) async fn move_primary(d: &Daemon, name: String, secondary: bool, wait
 /// leader for its aggregate and (while leading) took from other coordinators.
 fn followers(d: &Daemon) -> Value {
     let heard = d.node.followers_heard();
-    let (sent, taken) = d.node.figures_counts();
+    let (sent, taken, written) = d.node.figures_counts();
     let recent: Vec<&Duration> =
         heard.iter().map(|(_, ago)| ago).filter(|ago| **ago < Duration::from_secs(60)).collect();
     json!({
@@ -414,5 +414,6 @@ fn followers(d: &Daemon) -> Value {
         "served_bytes": d.node.followers_served().1,
         "figures_sent": sent,
         "figures_taken": taken,
+        "keepalives_written": written,
     })
 }

@@ -44,8 +44,9 @@ impl Daemon {
     /// own clients and of those relayed in one request — the cluster's aggregate.
     pub(super) async fn client_keepalives(self: Arc<Self>) {
         let (interval, mut ticker) = self.keepalive_ticker();
-        // When this coordinator last wrote each client's keepalive (on its own clock).
-        let mut written = HashMap::new();
+        // When this coordinator last wrote each client's keepalive (on its own clock); a new
+        // leader starts afresh (while it did not lead, it wrote only when the leader did not).
+        let (mut written, mut led) = (HashMap::new(), false);
         loop {
             ticker.tick().await;
             let Some(member) = self.node.member() else { continue };
@@ -53,6 +54,10 @@ impl Daemon {
             // What other coordinators relayed while this one led (two intervals old at most).
             let relayed = self.node.relayed_figures(interval.saturating_mul(2));
             let leads = self.node.leads();
+            if leads && !led {
+                written.clear();
+            }
+            led = leads;
             if reports.is_empty() && (relayed.is_empty() || !leads) {
                 continue;
             }
@@ -118,7 +123,7 @@ impl Daemon {
         let mut pending = vec![ops];
         while let Some(ops) = pending.pop() {
             match self.node.write(ops.to_vec(), timeout).await {
-                Ok(_) => {}
+                Ok(_) => self.node.count_keepalives_written(ops.len()),
                 Err(NodeError::Apply(e)) if ops.len() > 1 => {
                     tracing::debug!(clients = ops.len(), "client keepalives refused together ({e}): in halves");
                     let (a, b) = ops.split_at(ops.len() / 2);
@@ -216,7 +221,9 @@ pub fn worth_writing(record: &NodeRecord, report: &NodeStats, why: Why) -> Worth
 
 /// The keepalives worth writing of the clients `reports` name (hypervisors of record): those
 /// due now (left out unless `urgent`: a relayed client's coordinator writes them), and those
-/// for the aggregate. Each one counts as written for its refresh.
+/// for the aggregate — only from a poll after the record's last keepalive (relayed figures
+/// are up to two intervals old), each against the record's revision. None from a poll before
+/// the node's last fence. Each one counts as written for its refresh.
 fn keepalives_worth_writing(
     state: &State,
     reports: &[ClientFigures],
@@ -228,20 +235,40 @@ fn keepalives_worth_writing(
     let now = Instant::now();
     written.retain(|_, t| now.duration_since(*t) < refresh);
     let starting = nodes_starting_vms(state);
+    let wall = herd_raft::clock::wall_ms();
+    let hypervisors: HashMap<u64, &NodeRecord> =
+        state.nodes.values().filter(|n| n.role == Role::Hypervisor).map(|n| (n.id, n)).collect();
     let (mut at_once, mut aggregate) = (Vec::new(), Vec::new());
-    for ClientFigures { id, stats, .. } in reports {
-        let Some(n) = state.node_by_id(*id).filter(|n| n.role == Role::Hypervisor) else { continue };
+    for ClientFigures { id, stats, age_ms } in reports {
+        let Some(n) = hypervisors.get(id).copied() else { continue };
+        let polled = wall.saturating_sub(*age_ms);
         let stats = sanitized(stats.clone());
         let why = Why { due: !written.contains_key(id), starting: starting.contains(n.name.as_str()) };
-        let to = match worth_writing(n, &stats, why) {
-            Worth::Now if urgent => &mut at_once,
+        let (to, op): (_, Op) = match worth_writing(n, &stats, why) {
+            Worth::Now if urgent && !before_fence(n, polled) => {
+                (&mut at_once, Command::Keepalive { name: n.name.clone(), stats, node_id: Some(*id) }.into())
+            }
             Worth::Nothing | Worth::Now => continue,
-            Worth::WithAggregate => &mut aggregate,
+            Worth::WithAggregate if before_fence(n, polled) || n.last_keepalive_ms.is_some_and(|k| polled <= k) => {
+                continue
+            }
+            // Against the record as read: figures older than a write that lands meanwhile (its
+            // coordinator's urgent one, say) are refused rather than put over it.
+            Worth::WithAggregate => {
+                let cmd = Command::Keepalive { name: n.name.clone(), stats, node_id: Some(*id) };
+                (&mut aggregate, Op { cmd, expect_revision: Some(n.revision) })
+            }
         };
         written.insert(*id, now);
-        to.push(Command::Keepalive { name: n.name.clone(), stats, node_id: Some(*id) }.into());
+        to.push(op);
     }
     (at_once, aggregate)
+}
+
+/// Whether figures from a poll at `polled` (wall ms) came before the node's last fence: written
+/// after it, they would say a powered-off node is back (`herd node ready` takes it).
+fn before_fence(n: &NodeRecord, polled: u64) -> bool {
+    n.fence.fenced_ms.is_some_and(|f| polled <= f)
 }
 
 /// The nodes with a VM of record that should run there and does not run (yet).
@@ -338,5 +365,35 @@ mod tests {
         assert_eq!(worth_writing(&rec_alone, &flagged, quiet), Worth::Now, "its report no longer says so");
         let moved = NodeStats { vms_running: 1, ..alone.clone() };
         assert_eq!(worth_writing(&rec_alone, &moved, quiet), Worth::WithAggregate, "moved");
+    }
+
+    #[test]
+    fn figures_older_than_the_record_or_the_fence_are_not_written() {
+        let wall = herd_raft::clock::wall_ms();
+        let base = NodeStats { cpu_count: 8, mem_total_mib: 65536, ..NodeStats::default() };
+        let mut state = State::default();
+        let moved = NodeStats { vms_running: 3, ..base.clone() };
+        let report = |age_ms: u64| vec![ClientFigures { id: 7, age_ms, stats: moved.clone() }];
+        let worth = |state: &State, age_ms: u64, urgent: bool| {
+            keepalives_worth_writing(state, &report(age_ms), &mut HashMap::new(), Duration::from_secs(1), urgent)
+        };
+        // Its record's keepalive 2 s ago (revision 1).
+        state.nodes.insert("hv1".into(), record(base.clone(), Some(wall - 2000)));
+        let (now, aggregate) = worth(&state, 500, false);
+        assert!(now.is_empty());
+        assert_eq!(aggregate.len(), 1, "figures polled after the record's keepalive");
+        assert_eq!(aggregate[0].expect_revision, Some(1), "written against the record as read");
+        assert!(worth(&state, 3000, false).1.is_empty(), "polled before the record's keepalive: not over it");
+        // Fenced 1 s ago: figures from before say nothing of it being back, even urgent ones.
+        let fenced = |rec: &mut NodeRecord| rec.fence.fenced_ms = Some(wall - 1000);
+        state.nodes.values_mut().for_each(fenced);
+        assert!(worth(&state, 1500, false).1.is_empty(), "polled before the fence");
+        assert_eq!(worth(&state, 500, false).1.len(), 1, "polled after the fence: it is back");
+        let flagged = NodeStats { session_self_fence: true, ..moved.clone() };
+        let urgent = |age_ms: u64| {
+            let report = vec![ClientFigures { id: 7, age_ms, stats: flagged.clone() }];
+            keepalives_worth_writing(&state, &report, &mut HashMap::new(), Duration::from_secs(1), true).0.len()
+        };
+        assert_eq!((urgent(1500), urgent(500)), (0, 1), "a self-fencing client's, only from after the fence");
     }
 }

@@ -57,23 +57,32 @@ fn ok(out: &std::process::Output, what: &str) {
 
 /// Statistics as one aggregate an interval (design doc slice 14): a coordinator that serves a
 /// client's session but does not lead relays that client's figures to the leader every
-/// interval, which writes those worth it with its own: the others' `followers.figures_sent`
-/// and the leader's `figures_taken` grow (with both sessions at the leader, the primary role
-/// and leadership move first); and the leader's status shows every client's figures fresh.
+/// interval, and the leader writes its keepalive (on change, or its refresh within 12
+/// intervals: 12 s here) — that coordinator writes none (`followers.keepalives_written`). With
+/// both sessions at the leader, the primary role and leadership move first. Then the leader's
+/// status shows every client's figures fresh.
 fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
     let coordinators = ["c1", "c2", "c3"];
-    let followers = |c: &mut Cluster, n: &str| -> Option<(String, u64, u64)> {
+    // (leader, figures sent, taken, keepalives written) as coordinator `n` tells.
+    let followers = |c: &mut Cluster, n: &str| -> Option<(String, u64, u64, u64)> {
         let s = c.node(n).try_admin(&json!({"op": "status"})).ok()?;
         let f = &s["followers"];
-        Some((s["leader"].as_str()?.to_string(), f["figures_sent"].as_u64()?, f["figures_taken"].as_u64()?))
+        let count = |k: &str| f[k].as_u64();
+        Some((
+            s["leader"].as_str()?.to_string(),
+            count("figures_sent")?,
+            count("figures_taken")?,
+            count("keepalives_written")?,
+        ))
     };
-    let serving: Vec<String> = ["h1", "h2"]
-        .iter()
-        .filter_map(|h| c.node(h).status()["session"]["coordinator"].as_str().map(str::to_string))
-        .collect();
+    let serving = |c: &mut Cluster| -> Vec<(&'static str, String)> {
+        ["h1", "h2"]
+            .into_iter()
+            .filter_map(|h| Some((h, c.node(h).status()["session"]["coordinator"].as_str()?.to_string())))
+            .collect()
+    };
     let mut leader = followers(c, "c1").expect("c1's status").0;
-    if serving.iter().all(|s| *s == leader) {
-        // Both sessions at the leader: the primary role (and leadership) moves, so they are not.
+    if serving(c).iter().all(|(_, s)| *s == leader) {
         let other = coordinators.into_iter().find(|n| *n != leader).expect("another coordinator");
         c.node("c1").admin(json!({"op": "node-primary", "name": other, "wait": true}));
         wait_until("leadership moved with the primary role", Duration::from_secs(10), || {
@@ -81,17 +90,24 @@ fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
         });
         leader = other.to_string();
     }
-    let before: Vec<(String, u64, u64)> =
-        coordinators.iter().map(|n| followers(c, n).expect("a coordinator's followers")).collect();
+    let sessions = serving(c);
+    let (client, by) = sessions.iter().find(|(_, s)| *s != leader).cloned().expect("a session away from the leader");
+    let before_by = followers(c, &by).expect("its coordinator's status");
+    let before_leader = followers(c, &leader).expect("the leader's status");
+    let start = Instant::now();
+    let keepalive_age = |c: &mut Cluster| -> Option<u64> {
+        let s = c.node(&leader).try_admin(&json!({"op": "status"})).ok()?;
+        s["members"].as_array()?.iter().find(|m| m["name"] == client)?["last_keepalive_age_ms"].as_u64()
+    };
     let (sent, taken) =
-        wait_until("clients' keepalives through the leader's aggregate", Duration::from_secs(30), || {
-            let now: Vec<(String, u64, u64)> = coordinators.iter().map(|n| followers(c, n)).collect::<Option<_>>()?;
-            let grew = |i: usize| (now[i].1.saturating_sub(before[i].1), now[i].2.saturating_sub(before[i].2));
-            let sent: u64 = (0..3).filter(|i| coordinators[*i] != leader).map(|i| grew(i).0).sum();
-            let taken: u64 = (0..3).filter(|i| coordinators[*i] == leader).map(|i| grew(i).1).sum();
-            let same_leader = now.iter().all(|(l, ..)| *l == leader);
-            (same_leader && sent > 0 && taken > 0).then_some((sent, taken))
+        wait_until("a client's keepalive written by the leader from relayed figures", Duration::from_secs(20), || {
+            let (by_now, leader_now) = (followers(c, &by)?, followers(c, &leader)?);
+            let committed_since = keepalive_age(c)? < start.elapsed().as_millis() as u64;
+            let (sent, taken) = (by_now.1.saturating_sub(before_by.1), leader_now.2.saturating_sub(before_leader.2));
+            (by_now.0 == leader && sent > 0 && taken > 0 && committed_since).then_some((sent, taken))
         });
+    let written_by = followers(c, &by).expect("its coordinator's status").3.saturating_sub(before_by.3);
+    assert_eq!(written_by, 0, "{by} serves {client} but does not lead: it writes no keepalive of it");
     // The leader holds every client's figures as they ride on its session, at most an
     // interval (the relay) and a poll's wait (1 s) old — though their record's may be a minute old.
     let (t, mut stats_age) = (Instant::now(), 0);
@@ -104,8 +120,8 @@ fn figures_go_with_the_leaders_aggregate(c: &mut Cluster) {
     }
     assert!(stats_age <= 3000, "the leader's figures of a client {stats_age} ms old (interval 1000 ms)");
     eprintln!(
-        "t59: sessions at {serving:?}, leader {leader}: {sent} clients' figures relayed to the leader, \
-         {taken} taken by it; its figures of every client at most {stats_age} ms old"
+        "t59: sessions {sessions:?}, leader {leader}: {sent} clients' figures relayed to it by {by}, {taken} taken, \
+         {client}'s keepalive written by the leader alone; its figures of every client at most {stats_age} ms old"
     );
 }
 

@@ -15,13 +15,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herd_storage::model::{NodeId, NodeStats, MAX_KEEPALIVE_OPS};
+use herd_storage::model::{NodeId, NodeStats, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::storage::RaftLogStorage;
 use tokio::time::Instant;
 
-use super::{ClusterNode, NodeError};
+use super::{ClusterNode, Member, NodeError};
 use crate::clock;
 use crate::wire::{ClientFigures, LeaderOp, RpcError, RpcReply};
 
@@ -35,6 +35,8 @@ pub struct Relayed {
     latest: BTreeMap<NodeId, (Instant, NodeStats)>,
     /// Figures this node relayed a leader.
     pub sent: u64,
+    /// Clients' keepalives this node wrote (the leader's aggregate, or urgent ones).
+    pub written: u64,
     /// Figures this node took from other coordinators.
     pub taken: u64,
 }
@@ -53,9 +55,12 @@ impl Relayed {
             return Err(RpcError::Refused(format!("figures of {MAX_RELAYED} clients already kept")));
         }
         self.taken += figures.len() as u64;
-        for f in figures {
-            let at = now.checked_sub(Duration::from_millis(f.age_ms)).unwrap_or(now);
+        for mut f in figures {
+            // Older than this clock can tell: of no use (and never as new).
+            let Some(at) = now.checked_sub(Duration::from_millis(f.age_ms)) else { continue };
             if self.latest.get(&f.id).is_none_or(|(kept, _)| *kept <= at) {
+                f.stats.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= 256);
+                f.stats.unmanaged_domains.truncate(MAX_UNMANAGED);
                 self.latest.insert(f.id, (at, f.stats));
             }
         }
@@ -127,15 +132,27 @@ where
         freshest.map(|(age, stats)| (clock::ms(age), stats))
     }
 
-    /// Figures this node relayed a leader, and took from other coordinators, since it started.
-    pub fn figures_counts(&self) -> (u64, u64) {
+    /// Figures this node relayed a leader, took from other coordinators, and clients'
+    /// keepalives it wrote, since it started.
+    pub fn figures_counts(&self) -> (u64, u64, u64) {
         let f = self.figures.lock().unwrap_or_else(|p| p.into_inner());
-        (f.sent, f.taken)
+        (f.sent, f.taken, f.written)
+    }
+
+    /// Counts `n` clients' keepalives this node wrote.
+    pub fn count_keepalives_written(&self, n: usize) {
+        self.figures.lock().unwrap_or_else(|p| p.into_inner()).written += n as u64;
     }
 
     /// On the leader: `figures` relayed by another coordinator, kept until its next interval
-    /// takes them.
-    pub(super) fn keep_figures(&self, figures: Vec<ClientFigures>) -> Result<RpcReply, RpcError> {
+    /// takes them — those of hypervisors of record (this node's applied state).
+    pub(super) fn keep_figures(&self, member: &Member, mut figures: Vec<ClientFigures>) -> Result<RpcReply, RpcError> {
+        {
+            let g = member.view.read();
+            let hypervisors: std::collections::HashSet<NodeId> =
+                g.state.nodes.values().filter(|n| n.role == Role::Hypervisor).map(|n| n.id).collect();
+            figures.retain(|f| hypervisors.contains(&f.id));
+        }
         self.figures.lock().unwrap_or_else(|p| p.into_inner()).add(figures, Instant::now())?;
         Ok(RpcReply::Done)
     }

@@ -166,7 +166,7 @@ where
                 let state = herd_storage::sm::encode_state(&state).map_err(|e| RpcError::Refused(e.to_string()))?;
                 Ok(RpcReply::State { last_applied, state })
             }
-            LeaderOp::Figures(figures) => self.keep_figures(figures),
+            LeaderOp::Figures(figures) => self.keep_figures(member, figures),
         }
     }
 

@@ -267,8 +267,12 @@ where
             Some(id) if from_member.is_none() => self.heard_request(id),
             _ => {}
         }
-        // Clients' figures come from the coordinators that heard them, never from a client.
-        if matches!(op, LeaderOp::Figures(_)) && from_member.is_none() {
+        // Clients' figures come from the coordinators that heard them (members of role
+        // coordinator: voters or standby), never from a client or a hypervisor learner.
+        let coordinator = |id: NodeId| {
+            member.view.read().state.node_by_id(id).is_some_and(|n| n.role == herd_storage::model::Role::Coordinator)
+        };
+        if matches!(op, LeaderOp::Figures(_)) && !from_member.is_some_and(coordinator) {
             return Err(RpcError::Refused("only a coordinator relays clients' figures".into()));
         }
         let leader = member.raft.metrics().borrow_watched().current_leader;
