@@ -395,8 +395,7 @@ fn main() -> Result<()> {
             let follow = follow::run(herd_binary()?, 1000, 60)?;
             let hypervisors = json!({
                 "scale": clients::run(herd_binary()?, 1000, 60, clients::HEARTBEAT_MS, clients::Writes::Maintenance)?,
-                // The issue-22 acceptance: 64 real hypervisors for 10 minutes.
-                "client": hypervisors::run(herd_binary()?, 64, 600, "client")?,
+                "client": hypervisors::run(herd_binary()?, 64, 600, "client")?, // issue 22: ten minutes
                 "learner": hypervisors::run(herd_binary()?, 64, 60, "learner")?,
             });
             let latest = json!({ "machine": machine(), "writes": writes, "failover": failover, "heartbeat": heartbeat,
