@@ -172,8 +172,7 @@ fn shown_figures(d: &Daemon, n: &NodeRecord, now: u64) -> (NodeStats, Option<u64
     match d.node.client_figures(n.id) {
         Some((age, heard)) if of_record.is_none_or(|r| age < r) => {
             let flags = (n.stats.session_self_fence, n.stats.session_only);
-            let heard = crate::daemon::clients::sanitized(heard);
-            (NodeStats { session_self_fence: flags.0, session_only: flags.1, ..heard }, Some(age))
+            (NodeStats { session_self_fence: flags.0, session_only: flags.1, ..heard.within_limits() }, Some(age))
         }
         _ => (n.stats.clone(), of_record),
     }

@@ -30,9 +30,7 @@ use std::time::Duration;
 
 use herd_raft::node::NodeError;
 use herd_raft::wire::ClientFigures;
-use herd_storage::model::{
-    Command, FailedFence, NodeRecord, NodeStats, Op, Role, State, MAX_KEEPALIVE_OPS, MAX_UNMANAGED,
-};
+use herd_storage::model::{Command, FailedFence, NodeRecord, NodeStats, Op, Role, State, MAX_KEEPALIVE_OPS};
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::time::Instant;
 
@@ -242,7 +240,7 @@ fn keepalives_worth_writing(
     for ClientFigures { id, stats, age_ms } in reports {
         let Some(n) = hypervisors.get(id).copied() else { continue };
         let polled = wall.saturating_sub(*age_ms);
-        let stats = sanitized(stats.clone());
+        let stats = stats.clone().within_limits();
         let why = Why { due: !written.contains_key(id), starting: starting.contains(n.name.as_str()) };
         let (to, op): (_, Op) = match worth_writing(n, &stats, why) {
             Worth::Now if urgent && !before_fence(n, polled) => {
@@ -293,14 +291,6 @@ fn moved(was: &NodeStats, now: &NodeStats) -> bool {
         || was.unmanaged_domains != now.unmanaged_domains
         || was.load_milli.abs_diff(now.load_milli) >= LOAD_STEP_MILLI
         || was.mem_used_mib.abs_diff(now.mem_used_mib) >= mem_step
-}
-
-/// `stats` as the model accepts them: at most [`MAX_UNMANAGED`] unmanaged domains, each of 1
-/// to 256 bytes (one client's bad figures must not get the whole request refused).
-pub(crate) fn sanitized(mut stats: NodeStats) -> NodeStats {
-    stats.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= 256);
-    stats.unmanaged_domains.truncate(MAX_UNMANAGED);
-    stats
 }
 
 #[cfg(test)]

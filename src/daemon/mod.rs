@@ -12,7 +12,7 @@
 //! The admin socket, metrics and signals are the production process's (`crate::run`); the
 //! simulation drives `start` directly.
 
-pub(crate) mod clients;
+mod clients;
 mod env;
 mod health;
 mod member;

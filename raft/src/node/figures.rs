@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use herd_storage::model::{NodeId, NodeStats, Role, MAX_KEEPALIVE_OPS, MAX_UNMANAGED};
+use herd_storage::model::{NodeId, NodeStats, Role, MAX_KEEPALIVE_OPS};
 use herd_storage::types::TypeConfig;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::storage::RaftLogStorage;
@@ -55,13 +55,11 @@ impl Relayed {
             return Err(RpcError::Refused(format!("figures of {MAX_RELAYED} clients already kept")));
         }
         self.taken += figures.len() as u64;
-        for mut f in figures {
+        for f in figures {
             // Older than this clock can tell: of no use (and never as new).
             let Some(at) = now.checked_sub(Duration::from_millis(f.age_ms)) else { continue };
             if self.latest.get(&f.id).is_none_or(|(kept, _)| *kept <= at) {
-                f.stats.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= 256);
-                f.stats.unmanaged_domains.truncate(MAX_UNMANAGED);
-                self.latest.insert(f.id, (at, f.stats));
+                self.latest.insert(f.id, (at, f.stats.within_limits()));
             }
         }
         Ok(())
@@ -213,5 +211,18 @@ mod tests {
         assert!(matches!(r.add(vec![figures(u64::MAX, 1)], t), Err(RpcError::Refused(_))));
         r.add(vec![figures(0, 2)], t).expect("a client already kept is replaced");
         assert_eq!(r.fresh(t, Duration::from_secs(1)).len(), MAX_RELAYED);
+    }
+
+    #[test]
+    fn relayed_figures_are_kept_within_the_models_limits() {
+        let mut r = Relayed::default();
+        let t = Instant::now();
+        let mut f = figures(1, 1);
+        f.stats.unmanaged_domains = vec![String::new(), "x".repeat(300)];
+        f.stats.unmanaged_domains.extend((0..100).map(|i| format!("d{i}")));
+        r.add(vec![f], t).expect("kept");
+        let kept = r.of(1, t).expect("figures of 1").1.unmanaged_domains;
+        assert_eq!(kept.len(), herd_storage::model::MAX_UNMANAGED, "{kept:?}");
+        assert!(kept.iter().all(|d| d.starts_with('d')), "no empty or overlong name: {kept:?}");
     }
 }

@@ -71,8 +71,8 @@ where
             .iter()
             .filter_map(|(id, h)| {
                 let age = h.polled?.elapsed();
-                (age < within)
-                    .then(|| Some(ClientFigures { id: *id, age_ms: clock::ms(age), stats: h.stats.clone()? }))?
+                let stats = h.stats.clone().filter(|_| age < within)?;
+                Some(ClientFigures { id: *id, age_ms: clock::ms(age), stats })
             })
             .collect();
         out.sort_unstable_by_key(|c| c.id);

@@ -16,10 +16,10 @@ pub(crate) fn keepalive(
 ) -> Result<Reply, ApplyError> {
     let At { index, now, op } = at;
     if stats.unmanaged_domains.len() > MAX_UNMANAGED
-        || stats.unmanaged_domains.iter().any(|d| d.is_empty() || d.len() > 256)
+        || stats.unmanaged_domains.iter().any(|d| d.is_empty() || d.len() > MAX_DOMAIN_NAME)
     {
         return Err(ApplyError::Invalid(format!(
-            "a keepalive names at most {MAX_UNMANAGED} unmanaged domains of 1 to 256 bytes"
+            "a keepalive names at most {MAX_UNMANAGED} unmanaged domains of 1 to {MAX_DOMAIN_NAME} bytes"
         )));
     }
     if stats.session_only && !stats.session_self_fence {

@@ -72,10 +72,22 @@ impl NodeStats {
     pub fn without_session_flags(self) -> NodeStats {
         NodeStats { session_self_fence: false, session_only: false, ..self }
     }
+
+    /// These figures as a keepalive may carry them: at most [`MAX_UNMANAGED`] unmanaged
+    /// domains, each of 1 to [`MAX_DOMAIN_NAME`] bytes (one client's bad figures must not get a
+    /// whole request of keepalives refused).
+    pub fn within_limits(mut self) -> NodeStats {
+        self.unmanaged_domains.retain(|d| !d.is_empty() && d.len() <= MAX_DOMAIN_NAME);
+        self.unmanaged_domains.truncate(MAX_UNMANAGED);
+        self
+    }
 }
 
 /// Bound on the unmanaged domain names one keepalive carries.
 pub const MAX_UNMANAGED: usize = 64;
+
+/// Bound on the length of an unmanaged domain name, in bytes.
+pub const MAX_DOMAIN_NAME: usize = 256;
 
 /// What a node tells the leader about itself when it joins.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
